@@ -1,0 +1,201 @@
+#include "attention_launch.h"
+
+#include <c10/util/Exception.h>
+
+namespace fast_attn {
+namespace {
+
+void check_qkv(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, "fast_attn: ", name, " must be 4-D, got ", t.sizes());
+  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, "fast_attn: ", name,
+              " must have a contiguous last dim, got strides ", t.strides());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "fast_attn: ", name, " must be floating point");
+}
+
+// Stride of a dim, or 0 where the dim is broadcast (size 1 in the tensor).
+int64_t broadcast_stride(const at::Tensor& t, int64_t dim) {
+  return t.size(dim) == 1 ? 0 : t.stride(dim);
+}
+
+}  // namespace
+
+at::ScalarType accumulation_dtype(at::ScalarType input_dtype) {
+  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_forward_inputs(const ForwardInputs& in) {
+  check_qkv(in.q, "q");
+  check_qkv(in.k, "k");
+  check_qkv(in.v, "v");
+  TORCH_CHECK(in.q.scalar_type() == in.k.scalar_type() && in.q.scalar_type() == in.v.scalar_type(),
+              "fast_attn: q, k, v must share a dtype");
+  TORCH_CHECK(in.q.device() == in.k.device() && in.q.device() == in.v.device(),
+              "fast_attn: q, k, v must be on one device");
+  TORCH_CHECK(in.k.sizes() == in.v.sizes(), "fast_attn: k and v must have the same shape");
+  TORCH_CHECK(in.q.size(0) == in.k.size(0) && in.q.size(3) == in.k.size(3),
+              "fast_attn: q and k must agree in batch and head dim, got ", in.q.sizes(), " and ",
+              in.k.sizes());
+  TORCH_CHECK(in.k.size(1) >= 1 && in.q.size(1) % in.k.size(1) == 0,
+              "fast_attn: Hq must be a multiple of Hkv, got ", in.q.sizes(), " and ", in.k.sizes());
+  TORCH_CHECK(in.causal >= 0 && in.causal <= 2, "fast_attn: causal must be 0, 1 or 2, got ", in.causal);
+  TORCH_CHECK(in.dropout_p >= 0.0 && in.dropout_p < 1.0, "fast_attn: dropout_p must be in [0, 1)");
+  if (in.bias) {
+    const at::Tensor& bias = *in.bias;
+    TORCH_CHECK(bias.dim() == 4, "fast_attn: bias must be 4-D, got ", bias.sizes());
+    TORCH_CHECK(bias.device() == in.q.device(), "fast_attn: bias must be on q's device");
+    TORCH_CHECK(bias.scalar_type() == in.q.scalar_type() || bias.scalar_type() == at::kFloat,
+                "fast_attn: bias must have q's dtype or float32, got ", bias.scalar_type());
+    const int64_t full[4] = {in.q.size(0), in.q.size(1), in.q.size(2), in.k.size(2)};
+    for (int64_t d = 0; d < 4; ++d) {
+      TORCH_CHECK(bias.size(d) == 1 || bias.size(d) == full[d], "fast_attn: bias of shape ",
+                  bias.sizes(), " does not broadcast to (B, Hq, Sq, Sk)");
+    }
+  }
+  if (in.key_mask) {
+    const at::Tensor& mask = *in.key_mask;
+    TORCH_CHECK(mask.scalar_type() == at::kBool, "fast_attn: key_mask must be bool");
+    TORCH_CHECK(mask.device() == in.q.device(), "fast_attn: key_mask must be on q's device");
+    TORCH_CHECK(mask.dim() == 2 && (mask.size(0) == 1 || mask.size(0) == in.q.size(0)) &&
+                    mask.size(1) == in.k.size(2),
+                "fast_attn: key_mask must have shape (B, Sk), got ", mask.sizes());
+  }
+  if (in.dropout_p > 0.0) {
+    TORCH_CHECK(in.dropout_seed.has_value(), "fast_attn: dropout_p > 0 needs a dropout_seed");
+  }
+  if (in.dropout_seed) {
+    const at::Tensor& seed = *in.dropout_seed;
+    TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1 && seed.device() == in.q.device(),
+                "fast_attn: dropout_seed must be one int64 on q's device");
+  }
+}
+
+at::Tensor empty_bshd_like(const at::Tensor& like) {
+  // Stored (B, S, H, D) so that (B, S, H * D) views are free, as models want.
+  return at::empty({like.size(0), like.size(2), like.size(1), like.size(3)}, like.options())
+      .transpose(1, 2);
+}
+
+std::tuple<at::Tensor, at::Tensor> allocate_forward_outputs(const at::Tensor& q) {
+  at::Tensor out = empty_bshd_like(q);
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)},
+                             q.options().dtype(accumulation_dtype(q.scalar_type())));
+  return {out, lse};
+}
+
+AttentionForwardParams make_forward_params(const ForwardInputs& in, const at::Tensor& out,
+                                           const at::Tensor& lse) {
+  AttentionForwardParams p{};
+  p.batch = in.q.size(0);
+  p.heads_q = in.q.size(1);
+  p.heads_kv = in.k.size(1);
+  p.seqlen_q = in.q.size(2);
+  p.seqlen_k = in.k.size(2);
+  p.head_dim = in.q.size(3);
+
+  p.q = in.q.data_ptr();
+  p.q_batch_stride = in.q.stride(0);
+  p.q_head_stride = in.q.stride(1);
+  p.q_row_stride = in.q.stride(2);
+  p.k = in.k.data_ptr();
+  p.k_batch_stride = in.k.stride(0);
+  p.k_head_stride = in.k.stride(1);
+  p.k_row_stride = in.k.stride(2);
+  p.v = in.v.data_ptr();
+  p.v_batch_stride = in.v.stride(0);
+  p.v_head_stride = in.v.stride(1);
+  p.v_row_stride = in.v.stride(2);
+  p.out = out.data_ptr();
+  p.out_batch_stride = out.stride(0);
+  p.out_head_stride = out.stride(1);
+  p.out_row_stride = out.stride(2);
+  p.lse = lse.data_ptr();
+
+  p.bias = nullptr;
+  if (in.bias) {
+    const at::Tensor& bias = *in.bias;
+    p.bias = bias.data_ptr();
+    p.bias_is_fp32 = bias.scalar_type() == at::kFloat && in.q.scalar_type() != at::kFloat;
+    p.bias_batch_stride = broadcast_stride(bias, 0);
+    p.bias_head_stride = broadcast_stride(bias, 1);
+    p.bias_row_stride = broadcast_stride(bias, 2);
+    p.bias_col_stride = broadcast_stride(bias, 3);
+  }
+
+  p.key_mask = nullptr;
+  if (in.key_mask) {
+    const at::Tensor& mask = *in.key_mask;
+    p.key_mask = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+    p.key_mask_batch_stride = broadcast_stride(mask, 0);
+    p.key_mask_col_stride = mask.stride(1);
+  }
+
+  p.scale = static_cast<float>(in.scale);
+  p.causal = in.causal != static_cast<int64_t>(CausalMode::kNone);
+  p.causal_offset =
+      in.causal == static_cast<int64_t>(CausalMode::kBottomRight) ? p.seqlen_k - p.seqlen_q : 0;
+
+  p.dropout_seed = nullptr;
+  p.dropout_keep_threshold = 0;
+  p.dropout_keep_scale = 1.0f;
+  if (in.dropout_p > 0.0) {
+    p.dropout_seed = in.dropout_seed->data_ptr<int64_t>();
+    p.dropout_keep_threshold = dropout_threshold(in.dropout_p);
+    p.dropout_keep_scale = static_cast<float>(1.0 / (1.0 - in.dropout_p));
+  }
+  return p;
+}
+
+AttentionBackwardParams make_backward_params(const ForwardInputs& in, const BackwardTensors& t) {
+  AttentionBackwardParams p{};
+  static_cast<AttentionForwardParams&>(p) = make_forward_params(in, t.out, t.lse);
+  p.grad_out = t.grad_out.data_ptr();
+  p.grad_out_batch_stride = t.grad_out.stride(0);
+  p.grad_out_head_stride = t.grad_out.stride(1);
+  p.grad_out_row_stride = t.grad_out.stride(2);
+  p.delta = t.delta.data_ptr();
+  p.dq = t.dq.data_ptr();
+  p.dq_batch_stride = t.dq.stride(0);
+  p.dq_head_stride = t.dq.stride(1);
+  p.dq_row_stride = t.dq.stride(2);
+  p.dk = t.dk.data_ptr();
+  p.dk_batch_stride = t.dk.stride(0);
+  p.dk_head_stride = t.dk.stride(1);
+  p.dk_row_stride = t.dk.stride(2);
+  p.dv = t.dv.data_ptr();
+  p.dv_batch_stride = t.dv.stride(0);
+  p.dv_head_stride = t.dv.stride(1);
+  p.dv_row_stride = t.dv.stride(2);
+  p.dbias = nullptr;
+  if (t.dbias_partials) {
+    const at::Tensor& partials = *t.dbias_partials;
+    p.dbias = partials.data_ptr();
+    p.dbias_num_splits = partials.size(0);
+    p.dbias_batch = partials.size(1);
+    p.dbias_heads = partials.size(2);
+    p.dbias_rows = partials.size(3);
+    p.dbias_cols = partials.size(4);
+  }
+  return p;
+}
+
+at::Tensor compute_delta(const at::Tensor& grad_out, const at::Tensor& out,
+                         const std::optional<at::Tensor>& grad_lse) {
+  const at::ScalarType acc = accumulation_dtype(out.scalar_type());
+  at::Tensor delta = (grad_out.to(acc) * out.to(acc)).sum(-1);
+  if (grad_lse) {
+    delta = delta - grad_lse->to(acc);
+  }
+  return delta.contiguous();
+}
+
+at::Tensor allocate_dbias_partials(const at::Tensor& bias, int64_t num_splits) {
+  return at::zeros({num_splits, bias.size(0), bias.size(1), bias.size(2), bias.size(3)},
+                   bias.options().dtype(accumulation_dtype(bias.scalar_type())));
+}
+
+at::Tensor finish_dbias(const at::Tensor& partials, const at::Tensor& bias) {
+  at::Tensor summed = partials.size(0) == 1 ? partials[0] : partials.sum(0);
+  return summed.to(bias.scalar_type()).contiguous();
+}
+
+}  // namespace fast_attn

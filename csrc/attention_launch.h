@@ -1,0 +1,66 @@
+// Host-side glue shared by the CPU and CUDA implementations of the fast_attn
+// ops: invariant checks, output allocation, and filling the params structs of
+// attention_params.h from tensors. Kernels never see an at::Tensor.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+#include "attention_params.h"
+
+namespace fast_attn {
+
+struct ForwardInputs {
+  const at::Tensor& q;  // (B, Hq, Sq, D)
+  const at::Tensor& k;  // (B, Hkv, Sk, D)
+  const at::Tensor& v;  // (B, Hkv, Sk, D)
+  const std::optional<at::Tensor>& bias;          // (Bb, Hb, Sqb, Skb), each dim 1 or full
+  const std::optional<at::Tensor>& key_mask;      // bool (B or 1, Sk)
+  const std::optional<at::Tensor>& dropout_seed;  // int64 (1,) on q's device
+  double scale;
+  int64_t causal;  // CausalMode
+  double dropout_p;
+};
+
+// Checks what a kernel relies on (ranks, shapes, dtypes, devices, unit last
+// stride). The Python layer establishes all of it with friendlier messages;
+// these checks keep a direct torch.ops call from reading out of bounds.
+void check_forward_inputs(const ForwardInputs& in);
+
+// The accumulation type's dtype of lse and delta: float64 for float64 inputs, else float32.
+at::ScalarType accumulation_dtype(at::ScalarType input_dtype);
+
+// out (B, Hq, Sq, D) stored (B, Sq, Hq, D)-contiguous, and lse (B, Hq, Sq) contiguous.
+std::tuple<at::Tensor, at::Tensor> allocate_forward_outputs(const at::Tensor& q);
+
+// A (B, H, S, D) tensor stored (B, S, H, D)-contiguous, like `like`'s shape.
+at::Tensor empty_bshd_like(const at::Tensor& like);
+
+AttentionForwardParams make_forward_params(const ForwardInputs& in, const at::Tensor& out, const at::Tensor& lse);
+
+struct BackwardTensors {
+  const at::Tensor& grad_out;  // (B, Hq, Sq, D), last dim contiguous
+  const at::Tensor& out;
+  const at::Tensor& lse;
+  const at::Tensor& delta;  // (B, Hq, Sq) accumulation dtype, filled by the backend
+  const at::Tensor& dq;
+  const at::Tensor& dk;
+  const at::Tensor& dv;
+  const std::optional<at::Tensor>& dbias_partials;  // (num_splits, Bb, Hb, Sqb, Skb)
+};
+
+AttentionBackwardParams make_backward_params(const ForwardInputs& in, const BackwardTensors& t);
+
+// delta = rowsum(grad_out * out) - grad_lse in the accumulation dtype, (B, Hq, Sq).
+at::Tensor compute_delta(const at::Tensor& grad_out, const at::Tensor& out,
+                         const std::optional<at::Tensor>& grad_lse);
+
+// Zeroed partial sums (num_splits, Bb, Hb, Sqb, Skb) in the accumulation dtype.
+at::Tensor allocate_dbias_partials(const at::Tensor& bias, int64_t num_splits);
+
+// Sums the splits in index order (deterministic) and casts to the bias's dtype and shape.
+at::Tensor finish_dbias(const at::Tensor& partials, const at::Tensor& bias);
+
+}  // namespace fast_attn

@@ -1,0 +1,117 @@
+// The one description of an attention problem that every C++ and CUDA kernel
+// reads. Plain C++ only (no ATen, no CUDA headers), so kernel translation units
+// that include it can be compiled by nvcc on a machine whose torch has no CUDA.
+//
+// Layout conventions (all strides in elements, not bytes):
+//   q, out, grad_out, dq : (B, Hq, Sq, D), last dim contiguous
+//   k, v, dk, dv         : (B, Hkv, Sk, D), last dim contiguous
+//   lse, delta           : (B, Hq, Sq) contiguous, float32 (float64 for float64 inputs)
+//   bias                 : read as (B, Hq, Sq, Sk) through four strides; a
+//                          broadcast dim has stride 0
+//   key_mask             : read as (B, Sk) bytes through two strides, 1 = attend
+//   dbias                : (num_splits, Bb, Hb, Sqb, Skb) contiguous partial sums in
+//                          the accumulation type, each dim either 1 (broadcast) or
+//                          full; the launcher sums the splits in a fixed order.
+#pragma once
+
+#include <cstdint>
+
+namespace fast_attn {
+
+// Causal masking: query i may attend key j iff j <= i + causal_offset, where
+// causal_offset is 0 for top-left alignment and Sk - Sq for bottom-right.
+enum class CausalMode : int64_t { kNone = 0, kTopLeft = 1, kBottomRight = 2 };
+
+struct AttentionForwardParams {
+  int64_t batch;
+  int64_t heads_q;
+  int64_t heads_kv;
+  int64_t seqlen_q;
+  int64_t seqlen_k;
+  int64_t head_dim;
+
+  const void* q;
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  const void* k;
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  const void* v;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+  void* out;
+  int64_t out_batch_stride, out_head_stride, out_row_stride;
+  void* lse;  // (B, Hq, Sq) contiguous
+
+  // Optional additive bias; nullptr when absent.
+  const void* bias;
+  bool bias_is_fp32;  // else the bias has the inputs' dtype
+  int64_t bias_batch_stride, bias_head_stride, bias_row_stride, bias_col_stride;
+
+  // Optional key-padding mask (bool bytes); nullptr when absent.
+  const uint8_t* key_mask;
+  int64_t key_mask_batch_stride, key_mask_col_stride;
+
+  float scale;  // multiplies q.k before the bias is added
+  bool causal;
+  int64_t causal_offset;
+
+  // Dropout on the attention probabilities; dropout_seed points at one int64
+  // seed in the inputs' memory space, nullptr when p == 0. A score is kept when
+  // its dropout_hash is >= dropout_keep_threshold, then scaled by 1 / (1 - p).
+  const int64_t* dropout_seed;
+  uint32_t dropout_keep_threshold;
+  float dropout_keep_scale;
+};
+
+struct AttentionBackwardParams : AttentionForwardParams {
+  const void* grad_out;
+  int64_t grad_out_batch_stride, grad_out_head_stride, grad_out_row_stride;
+  // delta = rowsum(grad_out * out) - grad_lse, (B, Hq, Sq) contiguous, lse's type.
+  void* delta;
+
+  void* dq;
+  int64_t dq_batch_stride, dq_head_stride, dq_row_stride;
+  void* dk;
+  int64_t dk_batch_stride, dk_head_stride, dk_row_stride;
+  void* dv;
+  int64_t dv_batch_stride, dv_head_stride, dv_row_stride;
+
+  // dbias partial sums, nullptr when the bias needs no gradient. Sizes of the
+  // bias's own dims (each 1 or full) give the reduction: a dim of size 1 that
+  // is larger in the problem is summed over.
+  void* dbias;
+  int64_t dbias_batch, dbias_heads, dbias_rows, dbias_cols;
+  int64_t dbias_num_splits;
+};
+
+// Dropout keep-decision shared bit for bit by every backend and by the Python
+// reference (fast_attn/dropout.py, dropout_keep_mask): a 32-bit hash of the
+// seed and the linear index ((b * Hq + h) * Sq + i) * Sk + j of the score.
+// The mixing function is the "lowbias32" integer hash (two multiply-xorshift rounds).
+#if defined(__CUDACC__)
+#define FAST_ATTN_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FAST_ATTN_HOST_DEVICE inline
+#endif
+
+FAST_ATTN_HOST_DEVICE uint32_t dropout_mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+FAST_ATTN_HOST_DEVICE uint32_t dropout_hash(uint64_t seed, uint64_t linear_index) {
+  uint32_t h = dropout_mix32(static_cast<uint32_t>(seed) ^ static_cast<uint32_t>(linear_index));
+  h = dropout_mix32(h ^ static_cast<uint32_t>(linear_index >> 32) ^ static_cast<uint32_t>(seed >> 32));
+  return h;
+}
+
+// Keep the score when its hash is at or above p * 2^32 (computed in double on
+// the host, as fast_attn/dropout.py does).
+inline uint32_t dropout_threshold(double dropout_p) {
+  const double t = dropout_p * 4294967296.0;
+  return t >= 4294967295.0 ? 0xffffffffU : static_cast<uint32_t>(t);
+}
+
+}  // namespace fast_attn

@@ -1,0 +1,196 @@
+"""The backend registry: the only module that chooses a kernel.
+
+Each backend declares what it supports and answers `not_supported_reasons`.
+"auto" takes the first backend with no reasons, in the order cuda, triton,
+cpu, reference; a backend named explicitly that cannot run the input raises
+with every reason. Decisions use static facts only (device, dtype, head dim,
+features, compute capability), so compiled graphs stay whole.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import _extension
+from .validation import AttentionProblem
+
+ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+AUTO_ORDER = ("cuda", "triton", "cpu", "reference")
+
+
+class BackendNotSupportedError(NotImplementedError):
+    """A named backend cannot run this input; the message lists every reason."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    device_types: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    supports_head_dim: Callable[[int], bool]
+    head_dims_text: str
+    supports_dropout: bool
+    min_capability: tuple[int, int] | None
+    availability: Callable[[], str | None]  # None when usable, else why not
+    run: Callable  # (problem, dropout_seed) -> (out, lse)
+
+    def not_supported_reasons(self, problem: AttentionProblem, explicit: bool = True) -> list[str]:
+        unavailable = self.availability()
+        if unavailable is not None:
+            return [unavailable]
+        reasons = []
+        device = problem.device
+        if device.type not in self.device_types:
+            reasons.append(f"runs on {'/'.join(self.device_types)} tensors, not {device.type}")
+        elif device.type == "cuda" and self.min_capability is not None:
+            capability = torch.cuda.get_device_capability(device)
+            if capability < self.min_capability:
+                need = ".".join(map(str, self.min_capability))
+                reasons.append(f"needs compute capability >= {need}, device has {capability[0]}.{capability[1]}")
+        if device.type == "cpu" and self.name == "triton":
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                reasons.append("runs on CPU tensors only under TRITON_INTERPRET=1")
+            elif not explicit:
+                reasons.append("the Triton interpreter is only used when backend='triton' is named")
+        if problem.dtype not in self.dtypes:
+            reasons.append(f"supports dtypes {[str(d).replace('torch.', '') for d in self.dtypes]}, not {problem.dtype}")
+        if not self.supports_head_dim(problem.head_dim):
+            reasons.append(f"supports head dims {self.head_dims_text}, not {problem.head_dim}")
+        if problem.dropout_p > 0.0 and not self.supports_dropout:
+            reasons.append("does not implement dropout yet (dropout_p > 0)")
+        return reasons
+
+
+def _extension_unavailable() -> str | None:
+    return _extension.load()[1]
+
+
+def _cuda_unavailable() -> str | None:
+    reason = _extension_unavailable()
+    if reason is not None:
+        return reason
+    if not _extension.build_info().get("with_cuda"):
+        return "this build of fast_attn has no CUDA kernels (built without CUDA)"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None
+
+
+def _triton_unavailable() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_head_dims() -> tuple[int, ...]:
+    return tuple(_extension.build_info().get("cuda_head_dims", ()))
+
+
+def _cuda_supports_head_dim(head_dim: int) -> bool:
+    # A head dim runs in the smallest compiled kernel that fits it, zero-padded.
+    compiled = _cuda_head_dims()
+    return head_dim % 8 == 0 and bool(compiled) and head_dim <= max(compiled)
+
+
+def _run_reference(problem: AttentionProblem, dropout_seed):
+    from .reference import reference_attention
+
+    return reference_attention(
+        problem.q, problem.k, problem.v, bias=problem.bias, key_mask=problem.key_mask,
+        causal=problem.causal, scale=problem.scale, dropout_p=problem.dropout_p, dropout_seed=dropout_seed,
+    )
+
+
+def _run_cpp(problem: AttentionProblem, dropout_seed):
+    from .ops.cpp_ops import attention_forward
+
+    return attention_forward(problem, dropout_seed)
+
+
+def _run_triton(problem: AttentionProblem, dropout_seed):
+    from .ops.triton_ops import attention_forward
+
+    return attention_forward(problem, dropout_seed)
+
+
+BACKENDS: dict[str, Backend] = {
+    "cuda": Backend(
+        name="cuda",
+        device_types=("cuda",),
+        dtypes=(torch.float16, torch.bfloat16),
+        supports_head_dim=_cuda_supports_head_dim,
+        head_dims_text="that are multiples of 8 up to the largest compiled one",
+        supports_dropout=True,
+        min_capability=(8, 0),
+        availability=_cuda_unavailable,
+        run=_run_cpp,
+    ),
+    "triton": Backend(
+        name="triton",
+        device_types=("cuda", "cpu"),
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        supports_head_dim=lambda d: 1 <= d <= 256,
+        head_dims_text="1..256",
+        supports_dropout=True,
+        min_capability=(8, 0),
+        availability=_triton_unavailable,
+        run=_run_triton,
+    ),
+    "cpu": Backend(
+        name="cpu",
+        device_types=("cpu",),
+        dtypes=ALL_DTYPES,
+        supports_head_dim=lambda d: 1 <= d <= 256,
+        head_dims_text="1..256",
+        supports_dropout=True,
+        min_capability=None,
+        availability=_extension_unavailable,
+        run=_run_cpp,
+    ),
+    "reference": Backend(
+        name="reference",
+        device_types=("cpu", "cuda"),
+        dtypes=ALL_DTYPES,
+        supports_head_dim=lambda d: d >= 1,
+        head_dims_text="any",
+        supports_dropout=True,
+        min_capability=None,
+        availability=lambda: None,
+        run=_run_reference,
+    ),
+}
+
+
+def select_backend(problem: AttentionProblem, backend: str = "auto") -> Backend:
+    """The backend that will run `problem`; raise if a named one cannot."""
+    if backend != "auto":
+        chosen = BACKENDS[backend]
+        reasons = chosen.not_supported_reasons(problem, explicit=True)
+        if reasons:
+            raise BackendNotSupportedError(
+                f"fast_attn backend '{backend}' cannot run this input: " + "; ".join(reasons)
+            )
+        return chosen
+    for name in AUTO_ORDER:
+        candidate = BACKENDS[name]
+        if not candidate.not_supported_reasons(problem, explicit=False):
+            return candidate
+    raise BackendNotSupportedError("no fast_attn backend can run this input")  # reference takes everything
+
+
+def available_backends() -> dict[str, str | None]:
+    """Each backend's name mapped to None if it can run on this machine, else why not."""
+    status = {}
+    for name, candidate in BACKENDS.items():
+        reason = candidate.availability()
+        if reason is None and name == "triton" and not torch.cuda.is_available():
+            reason = "no CUDA device (CPU tensors run only under TRITON_INTERPRET=1, for tests)"
+        status[name] = reason
+    return status
