@@ -9,7 +9,6 @@ features, compute capability), so compiled graphs stay whole.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -37,11 +36,11 @@ class Backend:
     head_dims_text: str
     supports_dropout: bool
     min_capability: tuple[int, int] | None
-    availability: Callable[[], str | None]  # None when usable, else why not
+    availability: Callable[[], str | None]  # None when usable, else why not; evaluated once at import
     run: Callable  # (problem, dropout_seed) -> (out, lse)
 
     def not_supported_reasons(self, problem: AttentionProblem, explicit: bool = True) -> list[str]:
-        unavailable = self.availability()
+        unavailable = UNAVAILABLE[self.name]
         if unavailable is not None:
             return [unavailable]
         reasons = []
@@ -71,11 +70,22 @@ def _extension_unavailable() -> str | None:
     return _extension.load()[1]
 
 
+def _cpu_unavailable() -> str | None:
+    from .ops.cpp_ops import has_kernel_for
+
+    reason = _extension_unavailable()
+    if reason is None and not has_kernel_for("CPU"):
+        reason = "this build of fast_attn registered no CPU kernel"
+    return reason
+
+
 def _cuda_unavailable() -> str | None:
+    from .ops.cpp_ops import has_kernel_for
+
     reason = _extension_unavailable()
     if reason is not None:
         return reason
-    if not _extension.build_info().get("with_cuda"):
+    if not _extension.build_info().get("with_cuda") or not has_kernel_for("CUDA"):
         return "this build of fast_attn has no CUDA kernels (built without CUDA)"
     if not torch.cuda.is_available():
         return "no CUDA device is available"
@@ -88,15 +98,12 @@ def _triton_unavailable() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_head_dims() -> tuple[int, ...]:
-    return tuple(_extension.build_info().get("cuda_head_dims", ()))
+CUDA_HEAD_DIMS: tuple[int, ...] = tuple(_extension.build_info().get("cuda_head_dims", ()))
 
 
 def _cuda_supports_head_dim(head_dim: int) -> bool:
     # A head dim runs in the smallest compiled kernel that fits it, zero-padded.
-    compiled = _cuda_head_dims()
-    return head_dim % 8 == 0 and bool(compiled) and head_dim <= max(compiled)
+    return head_dim % 8 == 0 and bool(CUDA_HEAD_DIMS) and head_dim <= max(CUDA_HEAD_DIMS)
 
 
 def _run_reference(problem: AttentionProblem, dropout_seed):
@@ -151,7 +158,7 @@ BACKENDS: dict[str, Backend] = {
         head_dims_text="1..256",
         supports_dropout=True,
         min_capability=None,
-        availability=_extension_unavailable,
+        availability=_cpu_unavailable,
         run=_run_cpp,
     ),
     "reference": Backend(
@@ -166,6 +173,11 @@ BACKENDS: dict[str, Backend] = {
         run=_run_reference,
     ),
 }
+
+
+# Availability is fixed for the process; evaluating it once keeps the checks
+# (extension loading, registered kernels) out of torch.compile's traced code.
+UNAVAILABLE: dict[str, str | None] = {name: backend.availability() for name, backend in BACKENDS.items()}
 
 
 def select_backend(problem: AttentionProblem, backend: str = "auto") -> Backend:
@@ -188,8 +200,8 @@ def select_backend(problem: AttentionProblem, backend: str = "auto") -> Backend:
 def available_backends() -> dict[str, str | None]:
     """Each backend's name mapped to None if it can run on this machine, else why not."""
     status = {}
-    for name, candidate in BACKENDS.items():
-        reason = candidate.availability()
+    for name in BACKENDS:
+        reason = UNAVAILABLE[name]
         if reason is None and name == "triton" and not torch.cuda.is_available():
             reason = "no CUDA device (CPU tensors run only under TRITON_INTERPRET=1, for tests)"
         status[name] = reason

@@ -1,0 +1,71 @@
+"""Pieces shared by every forward/backward op pair of the library (C++ and
+Triton): output layout, fake kernels, and the autograd formula wiring.
+
+Every forward op has the schema
+    (q, k, v, bias?, key_mask?, dropout_seed?, scale, causal, dropout_p) -> (out, lse)
+and every backward op
+    (grad_out, grad_lse?, q, k, v, bias?, key_mask?, dropout_seed?, out, lse,
+     scale, causal, dropout_p, compute_dbias, deterministic) -> (dq, dk, dv, dbias)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def empty_bshd_like(t: torch.Tensor) -> torch.Tensor:
+    """A (B, H, S, D) tensor stored (B, S, H, D)-contiguous, as the kernels return."""
+    batch, heads, seqlen, head_dim = t.shape
+    return t.new_empty((batch, seqlen, heads, head_dim)).transpose(1, 2)
+
+
+def forward_fake(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p):
+    out = empty_bshd_like(q)
+    lse = q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
+    return out, lse
+
+
+def backward_fake(
+    grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse, scale, causal, dropout_p,
+    compute_dbias, deterministic,
+):
+    dbias = bias.new_empty(bias.shape) if compute_dbias else q.new_empty((0,))
+    return empty_bshd_like(q), empty_bshd_like(k), empty_bshd_like(v), dbias
+
+
+def setup_context(ctx, inputs, output) -> None:
+    q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, key_mask, dropout_seed, out, lse)
+    ctx.scale, ctx.causal, ctx.dropout_p = scale, causal, dropout_p
+
+
+def make_backward(backward_op):
+    """The autograd backward of a forward op, computed by `backward_op`."""
+
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, bias, key_mask, dropout_seed, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        elif grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        compute_dbias = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = backward_op(
+            grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse,
+            ctx.scale, ctx.causal, ctx.dropout_p, compute_dbias,
+            torch.are_deterministic_algorithms_enabled(),
+        )
+        return dq, dk, dv, (dbias if compute_dbias else None), None, None, None, None, None
+
+    return backward
+
+
+def register(forward_name: str, backward_name: str, backward_op) -> None:
+    """Register fake kernels for both ops and autograd for the forward op."""
+    torch.library.register_fake(forward_name)(forward_fake)
+    torch.library.register_fake(backward_name)(backward_fake)
+    torch.library.register_autograd(forward_name, make_backward(backward_op), setup_context=setup_context)
