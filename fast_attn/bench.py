@@ -1,0 +1,312 @@
+"""`python -m fast_attn.bench`: throughput of fast_attn against PyTorch on this machine.
+
+Sweeps the protocol of DESIGN.md section 6 (on a GPU: bf16, 16k tokens per
+batch, hidden 2048, D 64 and 128, S 512..16384, causal and not), times every
+fast_attn backend and every SDPA backend available in the same run, and writes
+a table, JSON and a PNG plot. A short sweep by default, `--full` for all of it.
+On a CPU-only machine the default finishes in about a minute.
+
+    python -m fast_attn.bench                       # short sweep, results in ./bench_out
+    python -m fast_attn.bench --full --out results  # the whole protocol
+    python -m fast_attn.bench --bias t5 --mode fwd_bwd   # trainable (1, H, S, S) bias
+    python -m fast_attn.bench --compare .benchmarks/x.json  # table/plot of a pytest-benchmark run
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import bench_report
+from .dispatch import BACKENDS
+from .testing import attention_flops
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SDPA_BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "math": "MATH",
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked problem."""
+
+    batch: int
+    heads: int
+    seqlen: int
+    head_dim: int
+    causal: bool
+    dtype: str
+    mode: str  # fwd | bwd | fwd_bwd
+    bias: str  # none | t5 (a (1, H, S, S) bias that requires grad)
+
+    @property
+    def flops(self) -> float:
+        return attention_flops(self.batch, self.heads, self.seqlen, self.seqlen, self.head_dim, self.causal, self.mode)
+
+
+@dataclass
+class Result:
+    case: Case
+    implementation: str
+    median_ms: float | None
+    peak_memory_mb: float | None
+    error: str | None = None
+
+    @property
+    def throughput(self) -> float | None:
+        """TFLOP/s on a GPU, GFLOP/s on a CPU (the unit is in the report)."""
+        if self.median_ms is None:
+            return None
+        return self.case.flops / (self.median_ms * 1e-3) / 1e12
+
+
+def _protocol_cases(args, device: torch.device) -> list[Case]:
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    if args.seqlen:
+        seqlens = args.seqlen
+    elif device.type == "cuda":
+        seqlens = [512, 1024, 2048, 4096, 8192, 16384] if args.full else [1024, 4096, 16384]
+    else:
+        seqlens = [512, 1024, 2048, 4096] if args.full else [1024]
+    head_dims = args.head_dim or ([64, 128] if (args.full or device.type == "cuda") else [64])
+    causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
+    modes = args.mode or (["fwd", "bwd"] if device.type == "cuda" else ["fwd", "fwd_bwd"])
+    cases = []
+    for head_dim in head_dims:
+        for causal in causals:
+            for mode in modes:
+                for seqlen in seqlens:
+                    if device.type == "cuda":
+                        batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
+                    else:
+                        batch, heads = 1, 8
+                    cases.append(Case(batch, heads, seqlen, head_dim, causal, dtype, mode, args.bias))
+    return cases
+
+
+def _make_inputs(case: Case, device: torch.device):
+    dtype = DTYPES[case.dtype]
+    shape = (case.batch, case.heads, case.seqlen, case.head_dim)
+    needs_grad = case.mode != "fwd"
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=needs_grad) for _ in range(3))
+    bias = None
+    if case.bias == "t5":
+        bias = torch.randn(1, case.heads, case.seqlen, case.seqlen, device=device, dtype=dtype)
+        bias.requires_grad_(needs_grad)
+    return q, k, v, bias
+
+
+def _implementations(device: torch.device, chosen: list[str] | None) -> dict[str, Callable]:
+    """name -> fn(q, k, v, bias, causal) -> out, for everything runnable on `device`."""
+    impls: dict[str, Callable] = {}
+    from .dispatch import UNAVAILABLE
+
+    for name, backend in BACKENDS.items():
+        if name == "reference" or device.type not in backend.device_types or UNAVAILABLE[name] is not None:
+            continue
+        if name == "triton" and device.type != "cuda":
+            continue
+        impls[f"fast_attn:{name}"] = _fast_attn_fn(name)
+    sdpa_names = ["flash", "efficient", "cudnn", "math"] if device.type == "cuda" else ["flash", "math"]
+    for name in sdpa_names:
+        impls[f"sdpa:{name}"] = _sdpa_fn(name)
+    if chosen:
+        impls = {n: f for n, f in impls.items() if any(c in n for c in chosen)}
+    return impls
+
+
+def _fast_attn_fn(backend: str) -> Callable:
+    from .functional import attention
+
+    def run(q, k, v, bias, causal):
+        return attention(q, k, v, bias=bias, causal=causal, backend=backend)
+
+    return run
+
+
+def _sdpa_fn(name: str) -> Callable:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, SDPA_BACKENDS[name])
+
+    def run(q, k, v, bias, causal):
+        with sdpa_kernel(backend):
+            if bias is not None and causal:
+                # SDPA refuses attn_mask with is_causal: fold causality into the bias.
+                mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+                bias = bias.masked_fill(~mask, float("-inf"))
+                causal = False
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal)
+
+    return run
+
+
+def _timer(device: torch.device):
+    if device.type == "cuda":
+
+        def time_once(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+
+    else:
+
+        def time_once(fn):
+            begin = time.perf_counter()
+            fn()
+            return (time.perf_counter() - begin) * 1e3
+
+    return time_once
+
+
+def _median_ms(fn: Callable, device: torch.device, budget_ms: float) -> float:
+    time_once = _timer(device)
+    first = time_once(fn)  # also the warm-up (compilation, autotuning)
+    warm = [time_once(fn) for _ in range(2)]
+    estimate = max(min(warm), 1e-3)
+    repeats = int(min(100, max(3, budget_ms / estimate)))
+    del first
+    return statistics.median(time_once(fn) for _ in range(repeats))
+
+
+@contextlib.contextmanager
+def _peak_memory(device: torch.device):
+    """Yields a list that receives the peak extra memory (MB) of the block."""
+    box: list[float | None] = [None]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        yield box
+        torch.cuda.synchronize()
+        box[0] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        base = _reset_rss_peak()
+        yield box
+        peak = _rss_peak()
+        box[0] = None if base is None or peak is None else max(0.0, (peak - base) / 2**20)
+
+
+def _reset_rss_peak() -> float | None:
+    # Linux resets VmHWM (peak resident set) when "5" is written to clear_refs.
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _rss_peak()
+    except OSError:
+        return None
+
+
+def _rss_peak() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def run_case(case: Case, name: str, fn: Callable, device: torch.device, budget_ms: float) -> Result:
+    try:
+        q, k, v, bias = _make_inputs(case, device)
+        inputs = [t for t in (q, k, v, bias) if t is not None and t.requires_grad]
+        if case.mode == "fwd":
+            with torch.no_grad():
+                work = lambda: fn(q, k, v, bias, case.causal)  # noqa: E731
+                with _peak_memory(device) as peak:
+                    work()
+                median = _median_ms(work, device, budget_ms)
+        else:
+            out = fn(q, k, v, bias, case.causal)
+            grad = torch.randn_like(out)
+            if case.mode == "bwd":
+                work = lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)  # noqa: E731
+            else:
+                work = lambda: torch.autograd.grad(fn(q, k, v, bias, case.causal), inputs, grad)  # noqa: E731
+            with _peak_memory(device) as peak:
+                work()
+            median = _median_ms(work, device, budget_ms)
+        return Result(case, name, median, peak[0])
+    except (RuntimeError, NotImplementedError, ValueError, TypeError) as error:
+        message = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        return Result(case, name, None, None, error=message)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def sweep(cases: list[Case], impls: dict[str, Callable], device: torch.device, budget_ms: float) -> list[Result]:
+    results = []
+    total = len(cases) * len(impls)
+    done = 0
+    for case in cases:
+        for name, fn in impls.items():
+            if name == "sdpa:math" and case.seqlen * case.seqlen * case.batch * case.heads > 2**31:
+                continue  # the math path materializes (B, H, S, S) scores: skip what cannot fit
+            result = run_case(case, name, fn, device, budget_ms)
+            results.append(result)
+            done += 1
+            shown = f"{result.median_ms:8.3f} ms" if result.median_ms is not None else f"n/a ({result.error})"
+            print(
+                f"[{done}/{total}] {case.mode:7} S={case.seqlen:<6} D={case.head_dim:<4} "
+                f"causal={int(case.causal)} bias={case.bias:<4} {name:<18} {shown}",
+                file=sys.stderr,
+                flush=True,
+            )
+    return results
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fast_attn.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="sweep the whole protocol (S 512..16384, D 64 and 128)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on a CPU")
+    parser.add_argument("--causal", choices=["both", "true", "false"], default="both")
+    parser.add_argument("--head-dim", type=int, nargs="+", help="head dims, e.g. 64 128")
+    parser.add_argument("--seqlen", type=int, nargs="+", help="sequence lengths, e.g. 1024 4096")
+    parser.add_argument("--mode", choices=["fwd", "bwd", "fwd_bwd"], nargs="+", help="default: fwd and bwd (GPU)")
+    parser.add_argument("--bias", choices=["none", "t5"], default="none", help="t5: trainable (1, H, S, S) bias")
+    parser.add_argument("--backend", nargs="+", help="only implementations whose name contains one of these")
+    parser.add_argument("--budget-ms", type=float, default=None, help="timing budget per measurement")
+    parser.add_argument("--out", default="bench_out", help="folder for results.json, results.md and the plot")
+    parser.add_argument("--compare", help="a pytest-benchmark --benchmark-json file to tabulate and plot instead")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out_dir = Path(args.out)
+    if args.compare:
+        results = bench_report.load_pytest_benchmark(Path(args.compare))
+        bench_report.write_all(results, out_dir, title=f"pytest-benchmark {args.compare}")
+        return 0
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    budget_ms = args.budget_ms or (200.0 if device.type == "cuda" else 400.0)
+    impls = _implementations(device, args.backend)
+    cases = _protocol_cases(args, device)
+    card = bench_report.device_name(device)
+    print(f"fast_attn.bench on {card}: {len(cases)} cases x {len(impls)} implementations", file=sys.stderr)
+    results = sweep(cases, impls, device, budget_ms)
+    records = [bench_report.record(r, card, device.type) for r in results]
+    bench_report.write_all(records, out_dir, title=f"fast_attn.bench on {card}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
