@@ -85,15 +85,16 @@ def _protocol_cases(args, device: torch.device) -> list[Case]:
     causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
     modes = args.mode or (["fwd", "bwd"] if device.type == "cuda" else ["fwd", "fwd_bwd"])
     cases = []
-    for head_dim in head_dims:
-        for causal in causals:
-            for mode in modes:
-                for seqlen in seqlens:
-                    if device.type == "cuda":
-                        batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
-                    else:
-                        batch, heads = 1, 8
-                    cases.append(Case(batch, heads, seqlen, head_dim, causal, dtype, mode, args.bias))
+    for bias in args.bias:
+        for head_dim in head_dims:
+            for causal in causals:
+                for mode in modes:
+                    for seqlen in seqlens:
+                        if device.type == "cuda":
+                            batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
+                        else:
+                            batch, heads = 1, 8
+                        cases.append(Case(batch, heads, seqlen, head_dim, causal, dtype, mode, bias))
     return cases
 
 
@@ -280,7 +281,9 @@ def parse_args(argv=None):
     parser.add_argument("--head-dim", type=int, nargs="+", help="head dims, e.g. 64 128")
     parser.add_argument("--seqlen", type=int, nargs="+", help="sequence lengths, e.g. 1024 4096")
     parser.add_argument("--mode", choices=["fwd", "bwd", "fwd_bwd"], nargs="+", help="default: fwd and bwd (GPU)")
-    parser.add_argument("--bias", choices=["none", "t5"], default="none", help="t5: trainable (1, H, S, S) bias")
+    parser.add_argument(
+        "--bias", choices=["none", "t5"], nargs="+", default=["none"], help="t5: a trainable (1, H, S, S) bias"
+    )
     parser.add_argument("--backend", nargs="+", help="only implementations whose name contains one of these")
     parser.add_argument("--budget-ms", type=float, default=None, help="timing budget per measurement")
     parser.add_argument("--out", default="bench_out", help="folder for results.json, results.md and the plot")

@@ -18,6 +18,10 @@ HAS_CUDA = torch.cuda.is_available()
 
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+    parser.addoption(
+        "--fuzz-examples", type=int, default=0,
+        help="random examples per backend for tests/test_fuzz.py (default: a fixed CI set)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The GPU check: one command on the device machine (H100/H200, 16 cores, no network).
+# Builds the CUDA extension for this card, runs the GPU tests, benchmarks every
+# backend against SDPA, and runs compute-sanitizer on a small forward+backward.
+# Everything lands under $OUT (default ./gpu_out):
+#   gpu_check.log   the whole log        tests.xml   junit results of the GPU tests
+#   bench/results.{json,md} and bench/throughput.png   the benchmark
+# Each step has its own time limit so that a slow step cannot eat the others'.
+#
+#   OUT=/tmp/out bash benchmarks/gpu_check.sh            # everything
+#   STEPS="build bench" bash benchmarks/gpu_check.sh     # a subset
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(pwd)/gpu_out}
+STEPS=${STEPS:-"build tests bench sanitizer"}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+PY=${PYTHON:-python3}
+
+step() { echo "=== $1 [$(date +%T)]" | tee -a "$LOG"; }
+has_step() { [[ " $STEPS " == *" $1 "* ]]; }
+
+step "environment"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  nvcc --version | tail -1
+} 2>&1 | tee -a "$LOG"
+
+if has_step build; then
+  step "build (CUDA kernels for this card)"
+  arch=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')")
+  start=$(date +%s)
+  if ! MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} FAST_ATTN_BUILD_CUDA=1 \
+      timeout "${BUILD_TIMEOUT:-330}" $PY -m pip install --no-build-isolation --no-deps -e . >>"$LOG" 2>&1; then
+    echo "BUILD FAILED" | tee -a "$LOG"
+    grep -E "error|Error" "$LOG" | head -40
+    exit 1
+  fi
+  echo "build took $(( $(date +%s) - start )) s" | tee -a "$LOG"
+  $PY -m fast_attn.info 2>&1 | tee -a "$LOG"
+fi
+
+if has_step tests; then
+  step "GPU tests"
+  timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" \
+    ${TESTS:-tests/test_contract.py tests/test_cuda.py tests/test_triton.py} 2>&1 | tail -n 60 | tee -a "$LOG"
+fi
+
+if has_step bench; then
+  step "benchmark against SDPA"
+  timeout "${BENCH_TIMEOUT:-300}" $PY -m fast_attn.bench --out "$OUT/bench" \
+    --seqlen ${BENCH_SEQLENS:-1024 2048 4096 8192 16384} --head-dim 64 128 --mode fwd bwd \
+    --backend fast_attn sdpa:flash sdpa:efficient sdpa:cudnn 2>>"$LOG" | tee -a "$LOG"
+  step "benchmark: trainable T5 bias"
+  timeout "${BENCH_T5_TIMEOUT:-120}" $PY -m fast_attn.bench --out "$OUT/bench_t5" --bias t5 --causal false \
+    --seqlen 1024 2048 4096 --head-dim 64 --mode fwd_bwd \
+    --backend fast_attn sdpa:efficient sdpa:math 2>>"$LOG" | tee -a "$LOG"
+fi
+
+if has_step sanitizer; then
+  for tool in memcheck racecheck initcheck; do
+    step "compute-sanitizer $tool"
+    timeout "${SANITIZER_TIMEOUT:-150}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+      $PY benchmarks/sanitizer_case.py ${SANITIZE_BACKENDS:-cuda} 2>&1 | tail -n 25 | tee -a "$LOG"
+    echo "exit status ${PIPESTATUS[0]}" | tee -a "$LOG"
+  done
+fi
+step "done"
