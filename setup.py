@@ -27,6 +27,17 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).resolve().parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "fast_attn" / "version.py").read_text()).group(1)
 CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
+# nvcc flags of the CUDA kernels; tools/cuda_compile_check.py reads this literal too.
+NVCC_FLAGS = [
+    "-O3",
+    "--use_fast_math",
+    "-lineinfo",
+    "--expt-relaxed-constexpr",
+    "-U__CUDA_NO_HALF_OPERATORS__",
+    "-U__CUDA_NO_HALF_CONVERSIONS__",
+    "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+    "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+]
 
 
 def fail(message: str) -> None:
@@ -101,6 +112,8 @@ def cuda_sources(head_dims: list[int]) -> list[str]:
     sources = sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True) + glob.glob("csrc/cuda/**/*.cpp", recursive=True))
     selected = []
     for source in sources:
+        if "emulation" in Path(source).parts:  # the kernels' CPU emulation, built by the tests only
+            continue
         match = re.search(r"hdim(\d+)", os.path.basename(source))
         if match is None or int(match.group(1)) in head_dims:
             selected.append(source)
@@ -127,7 +140,9 @@ def extension_modules():
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs(with_cuda)))
     write_build_info(with_cuda, archs, head_dims)
 
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-g0"]
+    # The language standard is left to torch's cpp_extension, which adds the one
+    # its headers need (from torch 2.14 ATen refuses anything below C++20).
+    cxx_flags = ["-O3", "-fopenmp", "-g0"]
     macros = [
         ("FAST_ATTN_VERSION", f'"{VERSION}"'),
         ("FAST_ATTN_TORCH_VERSION", f'"{torch.__version__}"'),
@@ -155,27 +170,17 @@ def extension_modules():
         ("FAST_ATTN_WITH_CUDA", None),
         ("FAST_ATTN_CUDA_VERSION", f'"{torch.version.cuda}"'),
         ("FAST_ATTN_CUDA_ARCHS", f'"{archs}"'),
-        ("FAST_ATTN_CUDA_HEAD_DIMS", ",".join(str(d) for d in head_dims)),
     ]
-    nvcc_flags = [
-        "-O3",
-        "-std=c++17",
-        "--use_fast_math",
-        "-lineinfo",
-        "--expt-relaxed-constexpr",
-        "-U__CUDA_NO_HALF_OPERATORS__",
-        "-U__CUDA_NO_HALF_CONVERSIONS__",
-        "-U__CUDA_NO_BFLOAT16_OPERATORS__",
-        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-        "--threads",
-        os.environ.get("NVCC_THREADS", "4"),
-    ]
+    # FAST_ATTN_CUDA_HEAD_DIMS (read by the host launcher only) goes to the host
+    # compiler alone: nvcc splits -D values at commas.
+    cuda_cxx_flags = cxx_flags + ["-DFAST_ATTN_CUDA_HEAD_DIMS=" + ",".join(str(d) for d in head_dims)]
+    nvcc_flags = NVCC_FLAGS + ["--threads", os.environ.get("NVCC_THREADS", "4")]
     return [
         cpp_extension.CUDAExtension(
             "fast_attn._C",
             sources + cuda_sources(head_dims),
             define_macros=macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_compile_args={"cxx": cuda_cxx_flags, "nvcc": nvcc_flags},
             **common,
         )
     ]

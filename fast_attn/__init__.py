@@ -7,6 +7,7 @@ from .version import __version__
 
 _extension.load()  # registers torch.ops.fast_attn.* when the extension is built
 from .ops import cpp_ops as _cpp_ops  # noqa: E402,F401  (fake kernels and autograd)
+from .swap import swap_attention  # noqa: E402
 
 __all__ = [
     "BackendNotSupportedError",
@@ -14,4 +15,5 @@ __all__ = [
     "attention",
     "available_backends",
     "scaled_dot_product_attention",
+    "swap_attention",
 ]

@@ -252,7 +252,11 @@ def run_case(case: Case, name: str, fn: Callable, device: torch.device, budget_m
             torch.cuda.empty_cache()
 
 
-def sweep(cases: list[Case], impls: dict[str, Callable], device: torch.device, budget_ms: float) -> list[Result]:
+def sweep(
+    cases: list[Case], impls: dict[str, Callable], device: torch.device, budget_ms: float,
+    on_result: Callable[[list[Result]], None] | None = None,
+) -> list[Result]:
+    """Time every implementation on every case; `on_result` sees the results so far after each one."""
     results = []
     total = len(cases) * len(impls)
     done = 0
@@ -270,6 +274,8 @@ def sweep(cases: list[Case], impls: dict[str, Callable], device: torch.device, b
                 file=sys.stderr,
                 flush=True,
             )
+            if on_result is not None:
+                on_result(results)
     return results
 
 
@@ -305,9 +311,15 @@ def main(argv=None) -> int:
     cases = _protocol_cases(args, device)
     card = bench_report.device_name(device)
     print(f"fast_attn.bench on {card}: {len(cases)} cases x {len(impls)} implementations", file=sys.stderr)
-    results = sweep(cases, impls, device, budget_ms)
+    title = f"fast_attn.bench on {card}"
+
+    def save_so_far(results: list[Result]) -> None:
+        # A sweep stopped by a time limit still leaves what it measured.
+        bench_report.write_records([bench_report.record(r, card, device.type) for r in results], out_dir, title)
+
+    results = sweep(cases, impls, device, budget_ms, on_result=save_so_far)
     records = [bench_report.record(r, card, device.type) for r in results]
-    bench_report.write_all(records, out_dir, title=f"fast_attn.bench on {card}")
+    bench_report.write_all(records, out_dir, title=title)
     return 0
 
 

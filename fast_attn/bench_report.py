@@ -147,11 +147,17 @@ def plot(records: list[dict], path: Path, title: str) -> bool:
     return True
 
 
-def write_all(records: list[dict], out_dir: Path, title: str) -> None:
+def write_records(records: list[dict], out_dir: Path, title: str) -> str:
+    """results.json and results.md; returns the markdown table."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps({"title": title, "records": records}, indent=1))
     table = markdown_table(records, title)
     (out_dir / "results.md").write_text(table)
+    return table
+
+
+def write_all(records: list[dict], out_dir: Path, title: str) -> None:
+    table = write_records(records, out_dir, title)
     plotted = plot(records, out_dir / "throughput.png", title)
     print(table)
     print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}" + (f", {out_dir / 'throughput.png'}" if plotted else ""))

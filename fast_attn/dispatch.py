@@ -9,6 +9,7 @@ features, compute capability), so compiled graphs stay whole.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -95,6 +96,11 @@ def _cuda_unavailable() -> str | None:
 def _triton_unavailable() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
+    try:
+        # Registers the triton ops now, so compiled code never runs this import.
+        importlib.import_module("fast_attn.ops.triton_ops")
+    except ImportError as error:
+        return f"the Triton kernels failed to import: {error}"
     return None
 
 

@@ -1,0 +1,190 @@
+"""End-to-end model benchmarks: transformers' GPT-2, BERT and T5 with attention
+implementation "fast_attn" vs "sdpa" vs "eager", measured in the same run.
+
+    pytest benchmarks/test_bench_models.py --benchmark-group-by=group
+    pytest benchmarks/test_bench_models.py --benchmark-json=benchmarks/results/models-<card>-<date>.json
+
+Two workloads per model: a training step (forward + backward of the LM /
+masked loss, no optimizer) and greedy generation with the KV cache (GPT-2 and
+T5; BERT is an encoder). Each group holds the three implementations of one
+(model, workload), so pytest-benchmark's table compares them directly.
+
+Sizes depend on the device: on a GPU they are the models' real shapes in
+bfloat16 (GPT-2 small at 1024 tokens, BERT-base at 512, T5-small at 512/128,
+about 8k tokens per step; 64 generated tokens after 512-token prompts); on a
+CPU they are small float32 models that run in seconds. Weights are random
+(no download): attention cost does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+from fast_attn.integrations.transformers import register
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+IMPLEMENTATIONS = ["fast_attn", "sdpa", "eager"]
+VOCAB = 32000 if ON_GPU else 1000
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch: int
+    seqlen: int  # tokens per training sequence (the encoder's for T5)
+    target_len: int  # T5's decoder tokens in training
+    prompt_len: int
+    new_tokens: int
+    rounds: int
+
+
+# GPU: about 8k tokens per training step, each model at its usual context length; generation of
+# 64 tokens after a 512-token prompt. Few rounds: the whole file must fit a short GPU session
+# (about 3 minutes on an H100, model construction included).
+WORKLOADS = (
+    {
+        "gpt2": Workload(batch=8, seqlen=1024, target_len=0, prompt_len=512, new_tokens=64, rounds=5),
+        "bert": Workload(batch=16, seqlen=512, target_len=0, prompt_len=0, new_tokens=0, rounds=5),
+        "t5": Workload(batch=16, seqlen=512, target_len=128, prompt_len=512, new_tokens=64, rounds=5),
+    }
+    if ON_GPU
+    else {
+        "gpt2": Workload(batch=4, seqlen=128, target_len=0, prompt_len=32, new_tokens=16, rounds=3),
+        "bert": Workload(batch=4, seqlen=128, target_len=0, prompt_len=0, new_tokens=0, rounds=3),
+        "t5": Workload(batch=4, seqlen=128, target_len=32, prompt_len=32, new_tokens=16, rounds=3),
+    }
+)
+
+
+def config(kind: str):
+    if ON_GPU:  # the real sizes of GPT-2 small, BERT-base and T5-small
+        sizes = {
+            "gpt2": {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024},
+            "bert": {
+                "hidden_size": 768,
+                "num_hidden_layers": 12,
+                "num_attention_heads": 12,
+                "intermediate_size": 3072,
+                "max_position_embeddings": 512,
+            },
+            "t5": {"d_model": 512, "d_kv": 64, "num_heads": 8, "d_ff": 2048, "num_layers": 6},
+        }[kind]
+    else:
+        sizes = {
+            "gpt2": {"n_embd": 128, "n_layer": 2, "n_head": 4, "n_positions": 256},
+            "bert": {
+                "hidden_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "intermediate_size": 256,
+                "max_position_embeddings": 256,
+            },
+            "t5": {"d_model": 128, "d_kv": 32, "num_heads": 4, "d_ff": 256, "num_layers": 2},
+        }[kind]
+    no_dropout = {
+        "gpt2": {
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "bos_token_id": 0,
+            "eos_token_id": None,
+            "pad_token_id": 0,
+        },
+        "bert": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "pad_token_id": 0},
+        "t5": {"dropout_rate": 0.0, "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": None},
+    }[kind]
+    cls = {"gpt2": transformers.GPT2Config, "bert": transformers.BertConfig, "t5": transformers.T5Config}[
+        kind
+    ]
+    return cls(vocab_size=VOCAB, **sizes, **no_dropout)
+
+
+def build(kind: str, implementation: str):
+    if implementation == "fast_attn":
+        register()
+    auto = {"gpt2": "AutoModelForCausalLM", "bert": "AutoModelForMaskedLM", "t5": "AutoModelForSeq2SeqLM"}[
+        kind
+    ]
+    torch.manual_seed(0)
+    with torch.device(DEVICE):  # initialize on the device: random init of 100M+ weights is slow on CPU
+        model = getattr(transformers, auto).from_config(config(kind), attn_implementation=implementation)
+    return model.to(dtype=DTYPE)
+
+
+def synchronized(fn):
+    def run():
+        result = fn()
+        if ON_GPU:
+            torch.cuda.synchronize()
+        return result
+
+    return run
+
+
+def training_inputs(kind: str) -> dict:
+    w = WORKLOADS[kind]
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (w.batch, w.seqlen), generator=generator).to(DEVICE)
+    if kind == "gpt2":
+        return {"input_ids": ids, "labels": ids}
+    if kind == "bert":
+        # A quarter of the rows padded to half length: the padding mask is part of the workload.
+        mask = torch.ones_like(ids)
+        mask[: w.batch // 4, w.seqlen // 2 :] = 0
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids}
+    labels = torch.randint(1, VOCAB, (w.batch, w.target_len), generator=generator).to(DEVICE)
+    return {"input_ids": ids, "labels": labels}
+
+
+def describe(benchmark, kind: str, implementation: str, workload: str, tokens: int) -> None:
+    benchmark.group = f"{kind}-{workload}"
+    benchmark.extra_info.update(
+        {
+            "device": torch.cuda.get_device_name() if ON_GPU else "cpu",
+            "dtype": str(DTYPE).replace("torch.", ""),
+            "implementation": implementation,
+            "tokens_per_call": tokens,
+            "workload": WORKLOADS[kind].__dict__,
+        }
+    )
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "t5"])
+def test_training_step(benchmark, kind, implementation):
+    model = build(kind, implementation).train()
+    inputs = training_inputs(kind)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(**inputs).loss.backward()
+
+    w = WORKLOADS[kind]
+    describe(benchmark, kind, implementation, "train-step", w.batch * w.seqlen)
+    benchmark.pedantic(synchronized(step), rounds=w.rounds, warmup_rounds=1, iterations=1)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("kind", ["gpt2", "t5"])
+def test_greedy_generation(benchmark, kind, implementation):
+    model = build(kind, implementation).eval()
+    w = WORKLOADS[kind]
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, VOCAB, (w.batch, w.prompt_len), generator=generator).to(DEVICE)
+
+    @torch.no_grad()
+    def generate():
+        return model.generate(ids, max_new_tokens=w.new_tokens, min_new_tokens=w.new_tokens, do_sample=False)
+
+    describe(benchmark, kind, implementation, "generate", w.batch * w.new_tokens)
+    tokens = benchmark.pedantic(synchronized(generate), rounds=w.rounds, warmup_rounds=1, iterations=1)
+    assert tokens.shape[0] == w.batch

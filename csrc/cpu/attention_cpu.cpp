@@ -1,0 +1,269 @@
+// TORCH_LIBRARY_IMPL(fast_attn, CPU): host side of the fused CPU kernels.
+// Checks and allocates through attention_launch.h, plans the tasks (from
+// shapes only, so results do not depend on the thread count), picks the
+// instruction set at run time and runs the workers under at::parallel_for.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "attention_launch.h"
+#include "cpu/cpu_kernels.h"
+
+namespace fast_attn::cpu {
+namespace {
+
+// Backward parallelism: at least this many tasks when shapes allow, by
+// splitting key blocks (each split has its own dq accumulator). A constant, not
+// the thread count, so the result is the same on any machine setting.
+constexpr int64_t kMinBackwardTasks = 8;
+// Cap on the dq accumulators' memory from key splits (beyond one dq-sized one).
+constexpr int64_t kMaxDqAccumulatorBytes = int64_t{256} << 20;
+// When the bias is broadcast over batch or kv heads, units that share bias
+// elements are grouped into at most this many chunks, each with its own dbias
+// partial sum: bounds that memory to a few copies of the bias.
+constexpr int64_t kMaxDbiasChunks = 4;
+
+ElementType element_type(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return ElementType::kFloat32;
+    case at::kBFloat16: return ElementType::kBFloat16;
+    case at::kHalf: return ElementType::kFloat16;
+    case at::kDouble: return ElementType::kFloat64;
+    default: TORCH_CHECK(false, "fast_attn CPU: unsupported dtype ", dtype);
+  }
+}
+
+struct CpuFeatures {
+  bool avx512 = false;
+  bool avx512_bf16 = false;
+};
+
+CpuFeatures detect_cpu_features() {
+  __builtin_cpu_init();
+  CpuFeatures features;
+  features.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                    __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  features.avx512_bf16 = features.avx512 && __builtin_cpu_supports("avx512bf16");
+  return features;
+}
+
+// The instruction-set level a call may use: the CPU's, lowered by
+// FAST_ATTN_CPU_ISA ("generic": portable kernels, "avx512": no bf16 dot
+// products, anything else or unset: all the CPU has). Read on every call so
+// tests can cover each path on one machine.
+CpuFeatures allowed_features() {
+  static const CpuFeatures detected = detect_cpu_features();
+  CpuFeatures allowed = detected;
+  const char* forced = std::getenv("FAST_ATTN_CPU_ISA");
+  if (forced != nullptr && std::strcmp(forced, "generic") == 0) allowed = CpuFeatures{};
+  if (forced != nullptr && std::strcmp(forced, "avx512") == 0) allowed.avx512_bf16 = false;
+  return allowed;
+}
+
+const KernelSet& kernels_for(at::ScalarType dtype) {
+  if (dtype == at::kDouble || !allowed_features().avx512) return generic_kernels();
+  return avx512_kernels();
+}
+
+bool even_strides_and_aligned(const at::Tensor& t) {
+  return t.stride(0) % 2 == 0 && t.stride(1) % 2 == 0 && t.stride(2) % 2 == 0 &&
+         reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 == 0;
+}
+
+BackwardWorker backward_worker_for(const at::Tensor& q, const at::Tensor& grad_out) {
+  const bool pairs_readable = q.size(3) % 2 == 0 && even_strides_and_aligned(q) && even_strides_and_aligned(grad_out);
+  if (q.scalar_type() == at::kBFloat16 && allowed_features().avx512_bf16 && pairs_readable) {
+    return avx512_bf16_dot_backward();
+  }
+  return kernels_for(q.scalar_type()).backward;
+}
+
+// One worker per thread; workers take tasks from a shared counter.
+template <class Worker, class Params, class Plan>
+void run_workers(Worker worker, const Params& params, const Plan& plan) {
+  TaskCounter counter;
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), plan.num_tasks));
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) worker(params, plan, counter);
+  });
+}
+
+ExactScales exact_scales(double scale, double dropout_p) {
+  return ExactScales{scale, dropout_p > 0.0 ? 1.0 / (1.0 - dropout_p) : 1.0};
+}
+
+// A new buffer of tens of MiB costs one page fault per 4 KiB on first touch:
+// 13.7 ms for 32 MiB here, as long as the T5 case's whole backward math takes.
+// Asking for transparent huge pages before the first touch (THP "madvise"
+// mode) turns that into a few 2 MiB faults.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t aligned_begin = (begin + kHugePage - 1) / kHugePage * kHugePage;
+  const uintptr_t aligned_end = end / kHugePage * kHugePage;
+  if (aligned_end > aligned_begin) {
+    madvise(reinterpret_cast<void*>(aligned_begin), aligned_end - aligned_begin, MADV_HUGEPAGE);
+  }
+#else
+  (void)t;
+#endif
+}
+
+bool no_query_rows(const at::Tensor& q) { return q.size(0) * q.size(1) * q.size(2) == 0; }
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, const std::optional<at::Tensor>& bias,
+                                                         const std::optional<at::Tensor>& key_mask,
+                                                         const std::optional<at::Tensor>& dropout_seed, double scale,
+                                                         int64_t causal, double dropout_p) {
+  const ForwardInputs in{q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p};
+  check_forward_inputs(in);
+  auto [out, lse] = allocate_forward_outputs(q);
+  if (no_query_rows(q)) return {out, lse};
+  if (k.size(2) == 0) {  // no keys: every row is fully masked
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  const AttentionForwardParams params = make_forward_params(in, out, lse);
+  ForwardPlan plan{};
+  plan.dtype = element_type(q.scalar_type());
+  plan.scales = exact_scales(scale, dropout_p);
+  plan.num_q_blocks = ceil_div(q.size(2), kBlockM);
+  plan.num_tasks = q.size(0) * q.size(1) * plan.num_q_blocks;
+  run_workers(kernels_for(q.scalar_type()).forward, params, plan);
+  return {out, lse};
+}
+
+struct BackwardSetup {
+  BackwardPlan plan{};
+  at::Tensor dq_accum;  // undefined when dq itself accumulates
+  int64_t dbias_num_splits = 1;
+};
+
+BackwardSetup plan_backward(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& bias,
+                            bool compute_dbias, const at::Tensor& dq, ExactScales scales) {
+  const int64_t batch = q.size(0), heads_q = q.size(1), heads_kv = k.size(1);
+  BackwardSetup setup;
+  BackwardPlan& plan = setup.plan;
+  plan.dtype = element_type(q.scalar_type());
+  plan.scales = scales;
+  plan.num_kv_blocks = ceil_div(k.size(2), kBackwardBlockN);
+
+  const int64_t units = batch * heads_kv;
+  const bool units_share_bias =
+      compute_dbias && ((bias->size(0) == 1 && batch > 1) || (bias->size(1) == 1 && heads_kv > 1));
+  plan.num_chunks = units_share_bias ? std::min(units, kMaxDbiasChunks) : units;
+  plan.units_per_chunk = ceil_div(units, plan.num_chunks);
+  plan.num_chunks = ceil_div(units, plan.units_per_chunk);
+
+  const at::ScalarType acc = accumulation_dtype(q.scalar_type());
+  const int64_t dq_bytes = q.numel() * static_cast<int64_t>(c10::elementSize(acc));
+  int64_t kv_splits = std::min(ceil_div(kMinBackwardTasks, plan.num_chunks), plan.num_kv_blocks);
+  kv_splits = std::min(kv_splits, std::max<int64_t>(1, kMaxDqAccumulatorBytes / std::max<int64_t>(1, dq_bytes)));
+  plan.kv_splits = std::max<int64_t>(1, kv_splits);
+  plan.num_tasks = plan.num_chunks * plan.kv_splits;
+
+  plan.dbias_partial_per_chunk = units_share_bias;
+  plan.dbias_partial_per_kv_split = compute_dbias && bias->size(3) == 1 && plan.kv_splits > 1;
+  setup.dbias_num_splits = (plan.dbias_partial_per_chunk ? plan.num_chunks : 1) *
+                           (plan.dbias_partial_per_kv_split ? plan.kv_splits : 1);
+  plan.dbias_store_direct = compute_dbias && bias->size(0) == batch && bias->size(1) == heads_q &&
+                            bias->size(2) == q.size(2) && bias->size(3) == k.size(2);
+
+  if (plan.kv_splits == 1 && q.scalar_type() == acc) {
+    dq.zero_();
+    plan.dq_accum = dq.data_ptr();
+    plan.dq_accum_split_stride = 0;
+    plan.dq_accum_batch_stride = dq.stride(0);
+    plan.dq_accum_head_stride = dq.stride(1);
+    plan.dq_accum_row_stride = dq.stride(2);
+  } else {
+    setup.dq_accum = at::zeros({plan.kv_splits, batch, heads_q, q.size(2), q.size(3)}, q.options().dtype(acc));
+    plan.dq_accum = setup.dq_accum.data_ptr();
+    plan.dq_accum_split_stride = setup.dq_accum.stride(0);
+    plan.dq_accum_batch_stride = setup.dq_accum.stride(1);
+    plan.dq_accum_head_stride = setup.dq_accum.stride(2);
+    plan.dq_accum_row_stride = setup.dq_accum.stride(3);
+  }
+  return setup;
+}
+
+// dbias partial sums (num_splits, Bb, Hb, Sqb, Skb) in the accumulation type;
+// zeroed unless every element is stored directly.
+at::Tensor dbias_partials_for(const at::Tensor& bias, const BackwardSetup& setup) {
+  const at::Tensor partials =
+      at::empty({setup.dbias_num_splits, bias.size(0), bias.size(1), bias.size(2), bias.size(3)},
+                bias.options().dtype(accumulation_dtype(bias.scalar_type())));
+  advise_huge_pages(partials);
+  if (!setup.plan.dbias_store_direct) partials.zero_();
+  return partials;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& grad_out_in, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& dropout_seed,
+    const at::Tensor& out, const at::Tensor& lse, double scale, int64_t causal, double dropout_p,
+    bool compute_dbias, bool /*deterministic: this backward always is*/) {
+  const ForwardInputs in{q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p};
+  check_forward_inputs(in);
+  TORCH_CHECK(!compute_dbias || bias.has_value(), "fast_attn: compute_dbias needs a bias");
+  TORCH_CHECK(grad_out_in.sizes() == q.sizes() && out.sizes() == q.sizes(),
+              "fast_attn: grad_out and out must have q's shape ", q.sizes());
+  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3), "fast_attn: lse must have shape (B, Hq, Sq)");
+  const at::Tensor grad_out = grad_out_in.scalar_type() == q.scalar_type() && grad_out_in.stride(3) == 1
+                                  ? grad_out_in
+                                  : grad_out_in.to(q.scalar_type()).contiguous();
+
+  at::Tensor dq = empty_bshd_like(q);
+  at::Tensor dk = empty_bshd_like(k);
+  at::Tensor dv = empty_bshd_like(v);
+  if (no_query_rows(q) || k.size(2) == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    at::Tensor dbias = compute_dbias ? at::zeros(bias->sizes(), bias->options()) : q.new_empty({0});
+    return {dq, dk, dv, dbias};
+  }
+
+  const at::ScalarType acc = accumulation_dtype(q.scalar_type());
+  const at::Tensor delta = compute_delta(grad_out, out, grad_lse);
+  const at::Tensor lse_acc = lse.to(acc).contiguous();
+  BackwardSetup setup = plan_backward(q, k, bias, compute_dbias, dq, exact_scales(scale, dropout_p));
+  std::optional<at::Tensor> dbias_partials;
+  if (compute_dbias) dbias_partials = dbias_partials_for(*bias, setup);
+
+  const BackwardTensors tensors{grad_out, out, lse_acc, delta, dq, dk, dv, dbias_partials};
+  const AttentionBackwardParams params = make_backward_params(in, tensors);
+  run_workers(backward_worker_for(q, grad_out), params, setup.plan);
+
+  if (setup.dq_accum.defined()) {
+    dq.copy_(setup.plan.kv_splits == 1 ? setup.dq_accum[0] : setup.dq_accum.sum(0));
+  }
+  at::Tensor dbias = compute_dbias ? finish_dbias(*dbias_partials, *bias) : q.new_empty({0});
+  return {dq, dk, dv, dbias};
+}
+
+}  // namespace
+}  // namespace fast_attn::cpu
+
+TORCH_LIBRARY_IMPL(fast_attn, CPU, m) {
+  m.impl("attention_forward", &fast_attn::cpu::attention_forward_cpu);
+  m.impl("attention_backward", &fast_attn::cpu::attention_backward_cpu);
+}

@@ -1,0 +1,99 @@
+// Interface between the host code of the CPU ops (attention_cpu.cpp, which
+// uses ATen) and the kernels (kernels_<isa>.cpp, which must not: each is
+// compiled for one instruction set). Plain C++ only.
+//
+// Work is cut into independent tasks whose results do not depend on which
+// thread runs them or in what order; workers pull task indices from a shared
+// counter. So results are bitwise identical for any number of threads.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+
+#include "attention_params.h"
+
+namespace fast_attn::cpu {
+
+enum class ElementType { kFloat32, kBFloat16, kFloat16, kFloat64 };
+
+// Forward tiles: query rows per task and key rows per step. 64 x 64 float
+// tiles (16 KB) keep a forward task's working set (q^T, scores, output
+// accumulator) in L1/L2.
+constexpr int64_t kBlockM = 64;
+constexpr int64_t kBlockN = 64;
+// Backward tiles: query rows x key rows of one score tile.
+constexpr int64_t kBackwardBlockM = 64;
+constexpr int64_t kBackwardBlockN = 128;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The params struct holds scale and the dropout scale as float; the float64
+// kernels need them exact, so the plans carry them in double.
+struct ExactScales {
+  double scale;               // multiplies q.k
+  double dropout_keep_scale;  // 1 / (1 - dropout_p)
+};
+
+// Forward: one task per (batch, query head, block of kBlockM query rows).
+struct ForwardPlan {
+  ElementType dtype;
+  ExactScales scales;
+  int64_t num_q_blocks;
+  int64_t num_tasks;  // batch * heads_q * num_q_blocks
+};
+
+// Backward: units are (batch, kv head) pairs; a task takes a chunk of
+// consecutive units and one split of the key blocks (blocks s, s + kv_splits,
+// ...), computes dk/dv of those blocks over all query heads of the group, and
+// adds its share of dq to a float accumulator of its own split.
+struct BackwardPlan {
+  ElementType dtype;
+  ExactScales scales;
+  int64_t num_kv_blocks;
+  int64_t kv_splits;
+  int64_t units_per_chunk;
+  int64_t num_chunks;
+  int64_t num_tasks;  // num_chunks * kv_splits
+
+  // dq accumulator in the accumulation type, (kv_splits, B, Hq, Sq, D) through
+  // these strides (elements); it may be dq itself when kv_splits == 1.
+  void* dq_accum;
+  int64_t dq_accum_split_stride, dq_accum_batch_stride, dq_accum_head_stride, dq_accum_row_stride;
+
+  // Which dbias partial sum (params.dbias, params.dbias_num_splits of them) a
+  // task adds into: chunk index when chunks share bias elements (the bias is
+  // broadcast over batch or kv heads), times kv split when the bias is
+  // broadcast over keys. Tasks with the same partial never touch the same element.
+  bool dbias_partial_per_chunk;
+  bool dbias_partial_per_kv_split;
+  // The bias is broadcast along no dim: each dbias element belongs to exactly
+  // one tile, which stores it (no zero-fill, no read-modify-write); tiles that
+  // are skipped store zeros.
+  bool dbias_store_direct;
+};
+
+struct TaskCounter {
+  std::atomic<int64_t> next{0};
+};
+
+// Each worker runs tasks taken from `counter` until none is left.
+using ForwardWorker = void (*)(const AttentionForwardParams&, const ForwardPlan&, TaskCounter&);
+using BackwardWorker = void (*)(const AttentionBackwardParams&, const BackwardPlan&, TaskCounter&);
+
+struct KernelSet {
+  const char* isa;
+  ForwardWorker forward;
+  BackwardWorker backward;
+};
+
+// AVX-512 (float32, bfloat16, float16): needs avx512f/bw/vl/dq at run time.
+const KernelSet& avx512_kernels();
+// Portable code for every dtype, float64 included.
+const KernelSet& generic_kernels();
+
+// bfloat16 backward on AVX512-BF16 dot products (2x the float FMA rate): needs
+// avx512bf16 at run time, an even head dim, and q / grad_out with even strides
+// and 4-byte aligned data (their rows are read in place as bf16 pairs).
+BackwardWorker avx512_bf16_dot_backward();
+
+}  // namespace fast_attn::cpu

@@ -1,0 +1,313 @@
+// Fused attention forward on the CPU: one task = one (batch, query head,
+// block of kBlockM query rows); online softmax over blocks of kBlockN keys.
+//
+// The score tile is kept transposed, S^T (keys x queries): it is computed as
+// K (keys x D) times q^T (D x queries), so only the task's own q block is
+// transposed (once), keys are read in place, and the per-query softmax
+// statistics (running max, running sum) are plain vectors across queries.
+// Memory per task: q^T, S^T, the output accumulator and, for 16-bit inputs,
+// one converted key/value block: O(kBlockM * D + kBlockM * kBlockN), never O(S^2).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "aligned_buffer.h"
+#include "attention_params.h"
+#include "cpu_kernels.h"
+#include "tile_gemm.h"
+#include "tile_ops.h"
+
+namespace fast_attn::cpu {
+namespace {
+
+template <class V, class T>
+class ForwardKernel {
+  using acc_t = typename V::value_type;
+  static constexpr int W = V::kWidth;
+  static constexpr int64_t kM = kBlockM;
+  static constexpr int64_t kN = kBlockN;
+  static constexpr int kMaxQueryVectors = static_cast<int>(kM / W);
+  static constexpr bool kConvertInputs = !std::is_same<T, acc_t>::value;
+
+ public:
+  static size_t scratch_bytes(const AttentionForwardParams& p) {
+    ScratchCarver carver(nullptr);
+    Scratch s;
+    s.carve(carver, p.head_dim);
+    return carver.bytes();
+  }
+
+  ForwardKernel(const AttentionForwardParams& p, const ForwardPlan& plan, unsigned char* scratch)
+      : p_(p), plan_(plan) {
+    ScratchCarver carver(scratch);
+    s_.carve(carver, p.head_dim);
+  }
+
+  void run(int64_t task) {
+    const int64_t batch_heads = p_.batch * p_.heads_q;
+    const int64_t bh = task % batch_heads;
+    // Tasks are handed out last query block first: under a causal mask those
+    // see the most keys, so the long tasks start early (balanced finish).
+    const int64_t q_block = plan_.num_q_blocks - 1 - task / batch_heads;
+    run_block(bh / p_.heads_q, bh % p_.heads_q, q_block * kM);
+  }
+
+ private:
+  struct Scratch {
+    acc_t* q_t;        // (D, kM): scale * q^T of the block, zero-padded columns
+    acc_t* scores_t;   // (kN, kM): S^T, then P^T
+    acc_t* out_acc;    // (kM, D_padded): unnormalized output
+    acc_t* k_block;    // (kN, D) keys in acc_t (16-bit inputs only)
+    acc_t* v_block;    // (kN, D) values in acc_t (16-bit inputs only)
+    acc_t* key_flags;  // (kN): 1 = key visible
+    acc_t* row_max;    // (kM)
+    acc_t* row_sum;    // (kM)
+    acc_t* alpha;      // (kM): rescale factor of this key block
+    int64_t d_padded;
+
+    void carve(ScratchCarver& c, int64_t head_dim) {
+      d_padded = (head_dim + W - 1) / W * W;
+      q_t = c.take<acc_t>(head_dim * kM);
+      scores_t = c.take<acc_t>(kN * kM);
+      out_acc = c.take<acc_t>(kM * d_padded);
+      k_block = c.take<acc_t>(kConvertInputs ? kN * head_dim : 0);
+      v_block = c.take<acc_t>(kConvertInputs ? kN * head_dim : 0);
+      key_flags = c.take<acc_t>(kN);
+      row_max = c.take<acc_t>(kM);
+      row_sum = c.take<acc_t>(kM);
+      alpha = c.take<acc_t>(kM);
+    }
+  };
+
+  static constexpr acc_t neg_inf() { return -std::numeric_limits<acc_t>::infinity(); }
+
+  void run_block(int64_t b, int64_t h, int64_t i0) {
+    const int64_t head_dim = p_.head_dim;
+    const int64_t rows = std::min(kM, p_.seqlen_q - i0);
+    const int query_vectors = static_cast<int>((rows + W - 1) / W);
+    const int64_t kv_head = h / (p_.heads_q / p_.heads_kv);
+    const T* q = static_cast<const T*>(p_.q) + b * p_.q_batch_stride + h * p_.q_head_stride + i0 * p_.q_row_stride;
+    const T* k = static_cast<const T*>(p_.k) + b * p_.k_batch_stride + kv_head * p_.k_head_stride;
+    const T* v = static_cast<const T*>(p_.v) + b * p_.v_batch_stride + kv_head * p_.v_head_stride;
+
+    // Keys [0, kv_end) can be visible to some row of the block.
+    int64_t kv_end = p_.seqlen_k;
+    if (p_.causal) kv_end = std::clamp<int64_t>(i0 + rows + p_.causal_offset, 0, p_.seqlen_k);
+
+    pack_transposed<V>(s_.q_t, kM, query_vectors * W, q, p_.q_row_stride, rows, head_dim,
+                       static_cast<acc_t>(plan_.scales.scale));
+    std::fill(s_.out_acc, s_.out_acc + kM * s_.d_padded, acc_t(0));
+    for (int mv = 0; mv < query_vectors; ++mv) {
+      V::broadcast(neg_inf()).store(s_.row_max + mv * W);
+      V::zero().store(s_.row_sum + mv * W);
+    }
+
+    for (int64_t j0 = 0; j0 < kv_end; j0 += kN) {
+      const int64_t cols = std::min(kN, kv_end - j0);
+      if (p_.key_mask != nullptr) {
+        const uint8_t* mask_row = p_.key_mask + b * p_.key_mask_batch_stride;
+        if (load_key_flags<V>(s_.key_flags, mask_row, p_.key_mask_col_stride, j0, cols) == 0) continue;
+      }
+      const acc_t* k_rows = nullptr;
+      const acc_t* v_rows = nullptr;
+      int64_t k_ld = 0, v_ld = 0;
+      if constexpr (kConvertInputs) {
+        load_rows<V>(s_.k_block, head_dim, k + j0 * p_.k_row_stride, p_.k_row_stride, cols, head_dim, acc_t(1));
+        load_rows<V>(s_.v_block, head_dim, v + j0 * p_.v_row_stride, p_.v_row_stride, cols, head_dim, acc_t(1));
+        k_rows = s_.k_block;
+        v_rows = s_.v_block;
+        k_ld = v_ld = head_dim;
+      } else {
+        k_rows = k + j0 * p_.k_row_stride;
+        v_rows = v + j0 * p_.v_row_stride;
+        k_ld = p_.k_row_stride;
+        v_ld = p_.v_row_stride;
+      }
+
+      // S^T (cols x queries) = K_block (cols x D) * (scale q)^T (D x queries)
+      gemm<V, false>(cols, query_vectors * W, head_dim, k_rows, k_ld, s_.q_t, kM, s_.scores_t, kM, false);
+      if (p_.bias != nullptr) add_bias(b, h, i0, rows, j0, cols, query_vectors);
+      apply_masks(i0, j0, cols, query_vectors);
+      softmax_update(cols, query_vectors);
+      if (p_.dropout_seed != nullptr) apply_dropout(b * p_.heads_q + h, i0, j0, cols, query_vectors);
+      rescale_output(rows, query_vectors);
+      // out_acc (rows x D) += P (rows x cols) * V_block (cols x D); P is read from P^T.
+      gemm<V, true>(rows, head_dim, cols, s_.scores_t, kM, v_rows, v_ld, s_.out_acc, s_.d_padded, true);
+    }
+    store_outputs(b, h, i0, rows);
+  }
+
+  // S^T[n][m] += bias(b, h, i0 + m, j0 + n)
+  void add_bias(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, int query_vectors) {
+    if (p_.bias_is_fp32) {
+      add_bias_typed(static_cast<const float*>(p_.bias), b, h, i0, rows, j0, cols, query_vectors);
+    } else {
+      add_bias_typed(static_cast<const T*>(p_.bias), b, h, i0, rows, j0, cols, query_vectors);
+    }
+  }
+
+  template <class B>
+  void add_bias_typed(const B* bias, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+                      int query_vectors) {
+    const B* base = bias + b * p_.bias_batch_stride + h * p_.bias_head_stride + i0 * p_.bias_row_stride +
+                    j0 * p_.bias_col_stride;
+    const int64_t row_stride = p_.bias_row_stride;
+    const int64_t col_stride = p_.bias_col_stride;
+    if (row_stride == 0) {
+      // One value per key, the same for every query: a broadcast per S^T row.
+      for (int64_t n = 0; n < cols; ++n) {
+        const V value = V::broadcast(static_cast<acc_t>(to_float(base[n * col_stride])));
+        acc_t* s = s_.scores_t + n * kM;
+        for (int mv = 0; mv < query_vectors; ++mv) (V::load(s + mv * W) + value).store(s + mv * W);
+      }
+      return;
+    }
+    if (col_stride == 1) {
+      if (j0 + kN < p_.seqlen_k) {
+        // The same query rows in the next key block, during this block's softmax.
+        const int64_t next_cols = std::min(kN, p_.seqlen_k - j0 - kN);
+        bias_prefetch_.start(base + kN, row_stride * sizeof(B), rows, next_cols * sizeof(B));
+      }
+      // Keys contiguous: load 16 query rows x 16 keys, transpose in registers, add.
+      for (int mv = 0; mv < query_vectors; ++mv) {
+        const int64_t m0 = mv * W;
+        const int64_t valid_rows = std::min<int64_t>(W, rows - m0);
+        for (int64_t n0 = 0; n0 < cols; n0 += W) {
+          const int valid_cols = static_cast<int>(std::min<int64_t>(W, cols - n0));
+          V tile[W];
+          for (int r = 0; r < W; ++r) {
+            tile[r] = r < valid_rows ? V::load_first(base + (m0 + r) * row_stride + n0, valid_cols) : V::zero();
+          }
+          V::transpose(tile);
+          for (int c = 0; c < valid_cols; ++c) {
+            acc_t* s = s_.scores_t + (n0 + c) * kM + m0;
+            (V::load(s) + tile[c]).store(s);
+          }
+        }
+      }
+      return;
+    }
+    for (int64_t n = 0; n < cols; ++n) {
+      for (int64_t m = 0; m < rows; ++m) {
+        s_.scores_t[n * kM + m] += static_cast<acc_t>(to_float(base[m * row_stride + n * col_stride]));
+      }
+    }
+  }
+
+  // Masked scores become -inf: keys the key mask hides, and under a causal mask
+  // keys j > i + causal_offset (only blocks that cross the diagonal need it).
+  void apply_masks(int64_t i0, int64_t j0, int64_t cols, int query_vectors) {
+    if (p_.key_mask != nullptr) {
+      const V masked = V::broadcast(neg_inf());
+      for (int64_t n = 0; n < cols; ++n) {
+        if (s_.key_flags[n] != acc_t(0)) continue;
+        for (int mv = 0; mv < query_vectors; ++mv) masked.store(s_.scores_t + n * kM + mv * W);
+      }
+    }
+    if (p_.causal && j0 + cols - 1 > i0 + p_.causal_offset) {
+      for (int64_t n = 0; n < cols; ++n) {
+        // Query m sees key j0 + n iff m >= j0 + n - causal_offset - i0.
+        const int64_t hidden = j0 + n - p_.causal_offset - i0;
+        if (hidden <= 0) continue;
+        acc_t* s = s_.scores_t + n * kM;
+        for (int mv = 0; mv < query_vectors && hidden > mv * W; ++mv) {
+          V::load(s + mv * W)
+              .replace_lanes_below(static_cast<int>(std::min<int64_t>(hidden - mv * W, W)), neg_inf())
+              .store(s + mv * W);
+        }
+      }
+    }
+  }
+
+  // Online softmax across key blocks, one lane per query: new running max,
+  // P^T = exp(S^T - max), running sum rescaled by alpha = exp(old - new max).
+  // A max of -inf (nothing visible yet) is replaced by 0 so exp gives 0, not NaN.
+  void softmax_update(int64_t cols, int query_vectors) {
+    for (int mv = 0; mv < query_vectors; ++mv) {
+      acc_t* s = s_.scores_t + mv * W;
+      V block_max = V::broadcast(neg_inf());
+      for (int64_t n = 0; n < cols; ++n) block_max = V::max(block_max, V::load(s + n * kM));
+      const V old_max = V::load(s_.row_max + mv * W);
+      const V new_max = V::max(old_max, block_max);
+      const V shift = new_max.replace_neg_inf(acc_t(0));
+      const V alpha = (old_max - shift).exp();
+      V sum = V::zero();
+      for (int64_t n = 0; n < cols; ++n) {
+        const V prob = (V::load(s + n * kM) - shift).exp();
+        prob.store(s + n * kM);
+        sum = sum + prob;
+        bias_prefetch_.step();
+      }
+      V::fma(V::load(s_.row_sum + mv * W), alpha, sum).store(s_.row_sum + mv * W);
+      new_max.store(s_.row_max + mv * W);
+      alpha.store(s_.alpha + mv * W);
+    }
+    bias_prefetch_.finish();
+  }
+
+  // After the sums (lse is of the pre-dropout scores): P^T *= keep / (1 - p).
+  void apply_dropout(int64_t bh, int64_t i0, int64_t j0, int64_t cols, int query_vectors) {
+    const uint64_t seed = static_cast<uint64_t>(*p_.dropout_seed);
+    for (int64_t n = 0; n < cols; ++n) {
+      for (int mv = 0; mv < query_vectors; ++mv) {
+        const uint64_t first = static_cast<uint64_t>((bh * p_.seqlen_q + i0 + mv * W) * p_.seqlen_k + j0 + n);
+        const V keep = V::dropout_multiplier(seed, first, p_.seqlen_k, p_.dropout_keep_threshold,
+                                             static_cast<acc_t>(plan_.scales.dropout_keep_scale));
+        acc_t* s = s_.scores_t + n * kM + mv * W;
+        (V::load(s) * keep).store(s);
+      }
+    }
+  }
+
+  void rescale_output(int64_t rows, int query_vectors) {
+    bool unchanged = true;
+    for (int mv = 0; mv < query_vectors; ++mv) unchanged &= V::load(s_.alpha + mv * W).all_equal(acc_t(1));
+    if (unchanged) return;
+    for (int64_t m = 0; m < rows; ++m) {
+      const V factor = V::broadcast(s_.alpha[m]);
+      acc_t* o = s_.out_acc + m * s_.d_padded;
+      for (int64_t d = 0; d < s_.d_padded; d += W) (V::load(o + d) * factor).store(o + d);
+    }
+  }
+
+  // out = out_acc / sum and lse = max + log(sum); a row that saw no visible key
+  // (sum == 0) gets 0 and -inf. A NaN sum propagates.
+  void store_outputs(int64_t b, int64_t h, int64_t i0, int64_t rows) {
+    T* out = static_cast<T*>(p_.out) + b * p_.out_batch_stride + h * p_.out_head_stride + i0 * p_.out_row_stride;
+    acc_t* lse = static_cast<acc_t*>(p_.lse) + (b * p_.heads_q + h) * p_.seqlen_q + i0;
+    const int64_t head_dim = p_.head_dim;
+    for (int64_t m = 0; m < rows; ++m) {
+      const acc_t sum = s_.row_sum[m];
+      const bool empty = sum == acc_t(0);
+      const V inv = V::broadcast(empty ? acc_t(0) : acc_t(1) / sum);
+      lse[m] = empty ? neg_inf() : s_.row_max[m] + std::log(sum);
+      const acc_t* o = s_.out_acc + m * s_.d_padded;
+      T* dst = out + m * p_.out_row_stride;
+      int64_t d = 0;
+      for (; d + W <= head_dim; d += W) (V::load(o + d) * inv).store(dst + d);
+      if (d < head_dim) (V::load(o + d) * inv).store_first(dst + d, static_cast<int>(head_dim - d));
+    }
+  }
+
+  const AttentionForwardParams& p_;
+  const ForwardPlan& plan_;
+  Scratch s_;
+  LinePrefetcher bias_prefetch_;  // the next key block's bias tile
+};
+
+// Runs forward tasks from `counter` until none is left, with scratch of its own.
+template <class V, class T>
+void forward_worker(const AttentionForwardParams& p, const ForwardPlan& plan, TaskCounter& counter) {
+  AlignedBuffer scratch(ForwardKernel<V, T>::scratch_bytes(p));
+  ForwardKernel<V, T> kernel(p, plan, scratch.data());
+  for (int64_t task = counter.next.fetch_add(1); task < plan.num_tasks; task = counter.next.fetch_add(1)) {
+    kernel.run(task);
+  }
+}
+
+}  // namespace
+}  // namespace fast_attn::cpu

@@ -1,0 +1,257 @@
+#include "attention_cuda_host.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <iterator>
+#include <limits>
+
+#include "attention_launch.h"
+#include "backward_schedule.h"
+#include "kernel_api.h"
+#include "tile_configs.h"
+
+#ifndef FAST_ATTN_CUDA_HEAD_DIMS
+#define FAST_ATTN_CUDA_HEAD_DIMS 32, 64, 96, 128, 256
+#endif
+
+namespace fast_attn::cuda {
+namespace {
+
+constexpr int kCompiledHeadDims[] = {FAST_ATTN_CUDA_HEAD_DIMS};
+
+constexpr bool head_dim_compiled(int head_dim) {
+  for (int compiled : kCompiledHeadDims) {
+    if (compiled == head_dim) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// Kernels index query and key positions with 32-bit integers (plus a block of slack).
+constexpr int64_t kMaxSequenceLength = std::numeric_limits<int32_t>::max() - (1 << 16);
+// Query heads and batch are grid dims y and z of the forward and dQ kernels.
+constexpr int64_t kMaxGridDim = 65535;
+
+ElementType element_type(const at::Tensor& q) {
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "fast_attn CUDA kernels support float16 and bfloat16, got ", q.scalar_type());
+  return q.scalar_type() == at::kHalf ? ElementType::kFloat16 : ElementType::kBFloat16;
+}
+
+// The smallest compiled kernel head dim that holds head_dim (its extra columns are zero-filled).
+int kernel_head_dim(int64_t head_dim) {
+  TORCH_CHECK(head_dim % 8 == 0, "fast_attn CUDA kernels need a head dim that is a multiple of 8, got ", head_dim);
+  const std::vector<int> dims = compiled_head_dims();
+  const auto fits = std::find_if(dims.begin(), dims.end(), [&](int d) { return d >= head_dim; });
+  TORCH_CHECK(fits != dims.end(), "fast_attn CUDA kernels were compiled for head dims up to ", dims.back(), ", got ",
+              head_dim);
+  return *fits;
+}
+
+void check_sizes(const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK(q.size(2) <= kMaxSequenceLength && k.size(2) <= kMaxSequenceLength,
+              "fast_attn CUDA kernels support sequences shorter than ", kMaxSequenceLength, ", got Sq = ", q.size(2),
+              " and Sk = ", k.size(2));
+  TORCH_CHECK(q.size(0) <= kMaxGridDim && q.size(1) <= kMaxGridDim,
+              "fast_attn CUDA kernels support at most ", kMaxGridDim, " batches and query heads, got q ", q.sizes());
+}
+
+// cp.async and the 16-byte vector loads need a 16-byte aligned base and batch,
+// head and row strides that are multiples of 8 elements; anything else is
+// copied into a fresh (aligned, contiguous) tensor.
+at::Tensor aligned_for_vector_loads(const at::Tensor& t) {
+  bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d < 3; ++d) {
+    aligned = aligned && (t.size(d) == 1 || t.stride(d) % 8 == 0);
+  }
+  return aligned ? t : at::empty_like(t, at::MemoryFormat::Contiguous).copy_(t);
+}
+
+void check_launch(const LaunchStatus& status, const char* what) {
+  TORCH_CHECK(status.ok, "fast_attn CUDA ", what, " failed: ", status.message);
+}
+
+template <ElementType kElement, int kHeadDim>
+LaunchStatus forward_if_compiled(const AttentionForwardParams& params, cudaStream_t stream) {
+  if constexpr (head_dim_compiled(kHeadDim)) {
+    return run_attention_forward<kElement, kHeadDim>(params, stream);
+  } else {
+    return {false, "head dim not compiled"};
+  }
+}
+
+template <ElementType kElement>
+LaunchStatus forward_for(int head_dim, const AttentionForwardParams& params, cudaStream_t stream) {
+  switch (head_dim) {
+    case 32: return forward_if_compiled<kElement, 32>(params, stream);
+    case 64: return forward_if_compiled<kElement, 64>(params, stream);
+    case 96: return forward_if_compiled<kElement, 96>(params, stream);
+    case 128: return forward_if_compiled<kElement, 128>(params, stream);
+    case 256: return forward_if_compiled<kElement, 256>(params, stream);
+    default: return {false, "no kernel for this head dim"};
+  }
+}
+
+template <ElementType kElement, int kHeadDim>
+LaunchStatus backward_if_compiled(const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
+                                  bool deterministic, cudaStream_t stream) {
+  if constexpr (head_dim_compiled(kHeadDim)) {
+    LaunchStatus status = run_attention_backward_dkdv<kElement, kHeadDim>(params, workspace, stream);
+    if (status.ok && deterministic) {
+      status = run_attention_backward_dq<kElement, kHeadDim>(params, stream);
+    }
+    return status;
+  } else {
+    return {false, "head dim not compiled"};
+  }
+}
+
+template <ElementType kElement>
+LaunchStatus backward_for(int head_dim, const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
+                          bool deterministic, cudaStream_t stream) {
+  switch (head_dim) {
+    case 32: return backward_if_compiled<kElement, 32>(params, workspace, deterministic, stream);
+    case 64: return backward_if_compiled<kElement, 64>(params, workspace, deterministic, stream);
+    case 96: return backward_if_compiled<kElement, 96>(params, workspace, deterministic, stream);
+    case 128: return backward_if_compiled<kElement, 128>(params, workspace, deterministic, stream);
+    case 256: return backward_if_compiled<kElement, 256>(params, workspace, deterministic, stream);
+    default: return {false, "no kernel for this head dim"};
+  }
+}
+
+// The dK/dV kernel's dbias schedule without splits, for sizing them.
+DkdvSchedule unsplit_schedule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& bias, int head_dim) {
+  const int64_t block_n = dkdv_tile_config(head_dim).block_n;
+  return DkdvSchedule(q.size(0), k.size(1), (k.size(2) + block_n - 1) / block_n, true, bias.size(0), bias.size(1),
+                      bias.size(3), 1);
+}
+
+void check_like_q(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.sizes() == q.sizes() && t.scalar_type() == q.scalar_type() && t.device() == q.device(),
+              "fast_attn: ", name, " must match q (", q.sizes(), ", ", q.scalar_type(), "), got ", t.sizes(), ", ",
+              t.scalar_type());
+  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, "fast_attn: ", name, " must have a contiguous last dim");
+}
+
+void check_row_vector(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == q.size(0) && t.size(1) == q.size(1) && t.size(2) == q.size(2) &&
+                  t.scalar_type() == at::kFloat && t.device() == q.device(),
+              "fast_attn: ", name, " must be float32 (B, Hq, Sq) = (", q.size(0), ", ", q.size(1), ", ", q.size(2),
+              ") on q's device, got ", t.sizes(), " ", t.scalar_type());
+}
+
+}  // namespace
+
+std::vector<int> compiled_head_dims() {
+  std::vector<int> dims(std::begin(kCompiledHeadDims), std::end(kCompiledHeadDims));
+  std::sort(dims.begin(), dims.end());
+  return dims;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     const std::optional<at::Tensor>& key_mask,
+                                                     const std::optional<at::Tensor>& dropout_seed, double scale,
+                                                     int64_t causal, double dropout_p, const DeviceContext& device) {
+  const ForwardInputs in{q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p};
+  check_forward_inputs(in);
+  const ElementType element = element_type(q);
+  const int head_dim = kernel_head_dim(q.size(3));
+  check_sizes(q, k);
+  auto [out, lse] = allocate_forward_outputs(q);
+  if (q.numel() == 0) {
+    return {out, lse};
+  }
+  if (k.size(2) == 0) {  // no key at all: every row is fully masked
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  const at::Tensor q_ready = aligned_for_vector_loads(q);
+  const at::Tensor k_ready = aligned_for_vector_loads(k);
+  const at::Tensor v_ready = aligned_for_vector_loads(v);
+  const ForwardInputs ready{q_ready, k_ready, v_ready, bias, key_mask, dropout_seed, scale, causal, dropout_p};
+  const AttentionForwardParams params = make_forward_params(ready, out, lse);
+  const LaunchStatus status = element == ElementType::kFloat16
+                                  ? forward_for<ElementType::kFloat16>(head_dim, params, device.stream)
+                                  : forward_for<ElementType::kBFloat16>(head_dim, params, device.stream);
+  check_launch(status, "forward");
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask,
+    const std::optional<at::Tensor>& dropout_seed, const at::Tensor& out, const at::Tensor& lse, double scale,
+    int64_t causal, double dropout_p, bool compute_dbias, bool deterministic, const DeviceContext& device) {
+  const ForwardInputs in{q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p};
+  check_forward_inputs(in);
+  const ElementType element = element_type(q);
+  const int head_dim = kernel_head_dim(q.size(3));
+  check_sizes(q, k);
+  check_like_q(grad_out, q, "grad_out");
+  check_like_q(out, q, "out");
+  check_row_vector(lse, q, "lse");
+  if (grad_lse) {
+    check_row_vector(*grad_lse, q, "grad_lse");
+  }
+  TORCH_CHECK(!compute_dbias || bias.has_value(), "fast_attn: compute_dbias needs a bias");
+
+  at::Tensor dq = empty_bshd_like(q);
+  at::Tensor dk = empty_bshd_like(k);
+  at::Tensor dv = empty_bshd_like(v);
+  if (q.numel() == 0 || k.numel() == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    at::Tensor dbias = compute_dbias ? at::zeros_like(*bias, at::MemoryFormat::Contiguous) : q.new_empty({0});
+    return {dq, dk, dv, dbias};
+  }
+
+  const at::Tensor q_ready = aligned_for_vector_loads(q);
+  const at::Tensor k_ready = aligned_for_vector_loads(k);
+  const at::Tensor v_ready = aligned_for_vector_loads(v);
+  const at::Tensor grad_out_ready = aligned_for_vector_loads(grad_out);
+  const at::Tensor out_ready = aligned_for_vector_loads(out);
+  const at::Tensor lse_ready = lse.contiguous();
+  const std::optional<at::Tensor> grad_lse_ready =
+      grad_lse ? std::optional<at::Tensor>(grad_lse->contiguous()) : std::nullopt;
+  const at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  const at::Tensor dq_accum = deterministic ? at::Tensor()
+                                            : at::empty({q.size(0), q.size(1), q.size(2), q.size(3)},
+                                                        q.options().dtype(at::kFloat));
+  std::optional<at::Tensor> dbias_partials;
+  if (compute_dbias) {
+    const int64_t full_numel = q.size(0) * q.size(1) * q.size(2) * k.size(2);
+    const int64_t splits =
+        choose_dbias_splits(unsplit_schedule(q, k, *bias, head_dim), device.sm_count, bias->numel(), full_numel);
+    dbias_partials = allocate_dbias_partials(*bias, splits);
+  }
+
+  const ForwardInputs ready{q_ready, k_ready, v_ready, bias, key_mask, dropout_seed, scale, causal, dropout_p};
+  const BackwardTensors tensors{grad_out_ready, out_ready, lse_ready, delta, dq, dk, dv, dbias_partials};
+  const AttentionBackwardParams params = make_backward_params(ready, tensors);
+  BackwardWorkspace workspace{};
+  workspace.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
+  workspace.grad_lse = grad_lse_ready ? grad_lse_ready->data_ptr<float>() : nullptr;
+
+  const bool fp16 = element == ElementType::kFloat16;
+  check_launch(fp16 ? run_attention_backward_preprocess<ElementType::kFloat16>(params, workspace, device.stream)
+                    : run_attention_backward_preprocess<ElementType::kBFloat16>(params, workspace, device.stream),
+               "backward preprocess");
+  check_launch(fp16 ? backward_for<ElementType::kFloat16>(head_dim, params, workspace, deterministic, device.stream)
+                    : backward_for<ElementType::kBFloat16>(head_dim, params, workspace, deterministic, device.stream),
+               "backward");
+  if (!deterministic) {
+    check_launch(fp16 ? run_attention_backward_convert_dq<ElementType::kFloat16>(params, workspace, device.stream)
+                      : run_attention_backward_convert_dq<ElementType::kBFloat16>(params, workspace, device.stream),
+                 "backward dq conversion");
+  }
+  at::Tensor dbias = compute_dbias ? finish_dbias(*dbias_partials, *bias) : q.new_empty({0});
+  return {dq, dk, dv, dbias};
+}
+
+}  // namespace fast_attn::cuda

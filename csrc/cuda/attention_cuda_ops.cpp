@@ -1,0 +1,51 @@
+// TORCH_LIBRARY_IMPL(fast_attn, CUDA): the CUDA kernels behind the op schemas
+// of csrc/schema.cpp, on the current device and stream. Also the build-time
+// list of compiled head dims (csrc/build_config.h).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "attention_cuda_host.h"
+#include "build_config.h"
+
+namespace fast_attn {
+
+std::vector<int> build_config::cuda_head_dims() { return cuda::compiled_head_dims(); }
+
+namespace {
+
+cuda::DeviceContext device_context(const at::Tensor& q) {
+  TORCH_CHECK(q.is_cuda(), "fast_attn CUDA kernels need CUDA tensors, got q on ", q.device());
+  const cudaDeviceProp* properties = at::cuda::getDeviceProperties(q.get_device());
+  TORCH_CHECK(properties->major >= 8, "fast_attn CUDA kernels need compute capability 8.0 or newer, device ",
+              q.get_device(), " has ", properties->major, ".", properties->minor);
+  return {at::cuda::getCurrentCUDAStream(q.get_device()).stream(), properties->multiProcessorCount};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, const std::optional<at::Tensor>& bias,
+                                                          const std::optional<at::Tensor>& key_mask,
+                                                          const std::optional<at::Tensor>& dropout_seed, double scale,
+                                                          int64_t causal, double dropout_p) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  return cuda::attention_forward(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, device_context(q));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask,
+    const std::optional<at::Tensor>& dropout_seed, const at::Tensor& out, const at::Tensor& lse, double scale,
+    int64_t causal, double dropout_p, bool compute_dbias, bool deterministic) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  return cuda::attention_backward(grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse, scale, causal,
+                                  dropout_p, compute_dbias, deterministic, device_context(q));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fast_attn, CUDA, m) {
+  m.impl("attention_forward", &attention_forward_cuda);
+  m.impl("attention_backward", &attention_backward_cuda);
+}
+
+}  // namespace fast_attn

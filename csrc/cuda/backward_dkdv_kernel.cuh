@@ -1,0 +1,549 @@
+// Attention backward, dK/dV kernel (and dq by float atomics, and dbias).
+//
+// A CTA processes the units of its schedule (backward_schedule.h); a unit is
+// one key block (kBlockN keys) of one (batch, kv head). Each warp owns 16 keys
+// of the block and keeps their dK, dV in registers (all head-dim columns, or
+// half of them at D = 256 where two warps share 16 keys) while the CTA loops
+// over the query heads of the GQA group and their query blocks (kBlockM rows
+// per step). Within a step, chunks of kChunkM queries at a time:
+//   S^T  = K Q^T, dP^T = V dO^T     (16 keys x kChunkM queries per warp)
+//   P^T  = exp2(S^T - lse)          scores recomputed in log2 units with the forward's masks
+//   dS^T = P^T (dP^T Z - delta)     Z = dropout keep / (1 - p), 1 without dropout
+//   dV  += (P^T Z) dO,  dK += dS^T Q  (scale applied to dK once at the end)
+//   dbias partial sums += dS reduced over the bias's broadcast dims
+//   dS^T -> shared memory
+// then, per step, dq_accum += dS K with float atomics (scaled when converted).
+// dK and dV of a kv head sum over its query heads inside one CTA: no atomics,
+// deterministic. Q, dO, lse and delta of the next step are prefetched with
+// cp.async into the other of two stages while the current step computes.
+#pragma once
+
+#include "backward_schedule.h"
+#include "device_runtime.cuh"
+#include "score_context.cuh"
+#include "shared_tile.cuh"
+#include "tile_configs.h"
+
+namespace fast_attn::cuda {
+
+constexpr int largest_divisor_at_most(int n, int limit) {
+  int best = 1;
+  for (int d = 1; d <= limit; ++d) {
+    if (n % d == 0) {
+      best = d;
+    }
+  }
+  return best;
+}
+
+template <typename Element_, int kHeadDim_>
+struct DkdvTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr DkdvTileConfig kConfig = dkdv_tile_config(kHeadDim);
+  static constexpr int kBlockN = kConfig.block_n;
+  static constexpr int kBlockM = kConfig.block_m;
+  static constexpr int kChunkM = kConfig.chunk_m;
+  static constexpr int kWarps = kConfig.warps;
+  static constexpr int kThreads = kWarps * kWarpSize;
+  static constexpr int kMinBlocksPerSm = kConfig.min_blocks_per_sm;
+  static constexpr int kSplit = kConfig.split_head_dim;
+  static constexpr bool kKvInRegisters = kConfig.kv_in_registers;
+
+  static constexpr int kKeyWarps = kWarps / kSplit;  // warps along the key block
+  static constexpr int kPartDim = kHeadDim / kSplit;  // dK / dV columns per warp
+  static_assert(kBlockN == 16 * kKeyWarps, "each warp owns 16 keys");
+  static_assert(kPartDim % 16 == 0, "a warp's dK/dV columns are whole n16 pairs");
+  static constexpr int kPartTiles = kPartDim / 8;
+  static constexpr int kPartSteps = kPartDim / 16;
+  static constexpr int kDimSteps = kHeadDim / 16;    // k16 steps of K Q^T and V dO^T
+  static_assert(kBlockM % kChunkM == 0 && kChunkM % 16 == 0 && kChunkM <= 64, "query chunks");
+  static_assert(kBlockM <= kThreads, "one lse / delta / dbias row per thread");
+  static constexpr int kChunks = kBlockM / kChunkM;
+  static constexpr int kChunkTiles = kChunkM / 8;    // n8 tiles of a chunk of S^T
+  static constexpr int kChunkSteps = kChunkM / 16;
+
+  // dQ = dS K: the (kBlockM x kHeadDim) tile split over warps, 16 rows x kDqPartDim columns each.
+  static constexpr int kDqRowWarps = kBlockM / 16;
+  static constexpr int kDqColWarps = largest_divisor_at_most(kHeadDim / 16, kWarps / kDqRowWarps);
+  static constexpr int kDqWarps = kDqRowWarps * kDqColWarps;
+  static constexpr int kDqPartDim = kHeadDim / kDqColWarps;
+  static_assert(kDqRowWarps >= 1 && kDqWarps <= kWarps && kDqPartDim % 16 == 0, "dQ warp partition");
+  static constexpr int kDqPartTiles = kDqPartDim / 8;
+  static constexpr int kDqPartSteps = kDqPartDim / 16;
+
+  using KvTile = SharedTile<kBlockN, kHeadDim>;
+  using QTile = SharedTile<kBlockM, kHeadDim>;
+  using DsTile = SharedTile<kBlockN, kBlockM>;  // dS^T: rows keys, columns queries
+
+  // Element offsets: K, V, Q stages 0 and 1, dO stages 0 and 1, dS^T; then float offsets.
+  static constexpr int kVOffset = KvTile::kElements;
+  static constexpr int kQOffset = 2 * KvTile::kElements;
+  static constexpr int kDoOffset = kQOffset + 2 * QTile::kElements;
+  static constexpr int kDsOffset = kDoOffset + 2 * QTile::kElements;
+  static constexpr int kElementBytes = (kDsOffset + DsTile::kElements) * static_cast<int>(sizeof(Element));
+  static_assert(kElementBytes % 16 == 0, "float region stays 16-byte aligned");
+  // lse stages 0 and 1, delta stages 0 and 1 (kBlockM each), dbias scratch (kKeyWarps x kBlockM).
+  static constexpr int kLseOffset = 0;
+  static constexpr int kDeltaOffset = 2 * kBlockM;
+  static constexpr int kScratchOffset = 4 * kBlockM;
+  static constexpr int kFloats = kScratchOffset + kKeyWarps * kBlockM;
+  static constexpr size_t kSmemBytes = kElementBytes + kFloats * sizeof(float);
+};
+
+// How dbias reduces one step's dS (16 keys x kBlockM queries per warp): the
+// bias's rows (queries) and columns (keys) are each full or broadcast (1).
+// Every partial element is updated by one fixed thread of one CTA in a fixed
+// order, so the plain read-modify-writes are deterministic. Only the running
+// sums live in registers across the chunks; the rest is re-derived from the
+// parameters where used.
+struct DbiasStep {
+  float key_sum[2];  // rows broadcast, columns full: this thread's two keys, summed over queries
+  float total;       // both broadcast: this thread's sum
+
+  FA_DEVICE DbiasStep() : key_sum{0.0f, 0.0f}, total(0.0f) {}
+
+  static FA_DEVICE bool rows_full(const AttentionBackwardParams& p) { return p.dbias_rows == p.seqlen_q; }
+  static FA_DEVICE bool cols_full(const AttentionBackwardParams& p) { return p.dbias_cols == p.seqlen_k; }
+
+  // The (split, b', h') slice of the partial sums, (rows, cols) row-major.
+  static FA_DEVICE float* partial(const AttentionBackwardParams& p, int64_t split, int64_t batch, int64_t head) {
+    const int64_t bias_batch = p.dbias_batch == 1 ? 0 : batch;
+    const int64_t bias_head = p.dbias_heads == 1 ? 0 : head;
+    return static_cast<float*>(p.dbias) +
+           ((split * p.dbias_batch + bias_batch) * p.dbias_heads + bias_head) * p.dbias_rows * p.dbias_cols;
+  }
+
+  // One chunk of dS^T in C layout: element (j, e) is key key0 + 8 (e / 2),
+  // query q0 + pair + 8 j + e % 2. Called by every thread of the warp.
+  template <int kTiles>
+  FA_DEVICE void add_chunk(const AttentionBackwardParams& p, int64_t split, int64_t batch, int64_t head,
+                           const float (&ds)[kTiles][4], float* scratch_row, int key0, int q0, int query_local0,
+                           bool owner, int lane) {
+    const int pair = 2 * (lane % 4);
+    if (rows_full(p) && cols_full(p)) {
+      if (owner) {
+        float* slice = partial(p, split, batch, head);
+        FA_UNROLL
+        for (int j = 0; j < kTiles; ++j) {
+          FA_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            const int key = key0 + (e >> 1) * 8;
+            const int query = q0 + pair + j * 8 + (e & 1);
+            if (query < p.seqlen_q && key < p.seqlen_k) {
+              float* element = slice + query * p.dbias_cols + key;
+              store_global(element, load_global(element) + ds[j][e]);
+            }
+          }
+        }
+      }
+    } else if (!rows_full(p)) {
+      // Rows broadcast: keep per-key sums (columns full) and the total (both broadcast).
+      FA_UNROLL
+      for (int j = 0; j < kTiles; ++j) {
+        FA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          key_sum[e >> 1] += ds[j][e];
+          total += ds[j][e];
+        }
+      }
+    } else {
+      // Columns broadcast, rows full: sum over the warp's 16 keys (rows group
+      // and group + 8 in the thread, then the 8 groups), one value per query.
+      FA_UNROLL
+      for (int j = 0; j < kTiles; ++j) {
+        FA_UNROLL
+        for (int c = 0; c < 2; ++c) {
+          float v = ds[j][c] + ds[j][2 + c];
+          v += shfl_xor(v, 4);
+          v += shfl_xor(v, 8);
+          v += shfl_xor(v, 16);
+          if (owner && lane < 4) {
+            store_shared(scratch_row + query_local0 + pair + j * 8 + c, v);
+          }
+        }
+      }
+    }
+  }
+
+  // After the chunks: per-thread sums to shared memory (both broadcast) or to
+  // the partial sums (rows broadcast). Called by every thread; a barrier follows.
+  FA_DEVICE void publish(const AttentionBackwardParams& p, int64_t split, int64_t batch, int64_t head,
+                         float* scratch_row, int key0, bool owner, int lane) {
+    if (rows_full(p)) {
+      return;
+    }
+    if (cols_full(p)) {
+      float* slice = partial(p, split, batch, head);
+      FA_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        key_sum[r] += shfl_xor(key_sum[r], 1);
+        key_sum[r] += shfl_xor(key_sum[r], 2);
+        const int key = key0 + r * 8;
+        if (owner && lane % 4 == 0 && key < p.seqlen_k) {
+          store_global(slice + key, load_global(slice + key) + key_sum[r]);
+        }
+      }
+    } else {
+      FA_UNROLL
+      for (int mask = 1; mask < kWarpSize; mask *= 2) {
+        total += shfl_xor(total, mask);
+      }
+      if (owner && lane == 0) {
+        store_shared(scratch_row, total);
+      }
+    }
+  }
+
+  // After the barrier: sum the key warps' shared-memory values in warp order.
+  template <int kKeyWarps, int kBlockM>
+  static FA_DEVICE void finish(const AttentionBackwardParams& p, int64_t split, int64_t batch, int64_t head,
+                               const float* scratch, int m0) {
+    if (cols_full(p)) {
+      return;
+    }
+    const int tid = static_cast<int>(threadIdx.x);
+    float* slice = partial(p, split, batch, head);
+    if (rows_full(p)) {
+      if (tid < kBlockM && m0 + tid < p.seqlen_q) {
+        float sum = 0.0f;
+        for (int w = 0; w < kKeyWarps; ++w) {
+          sum += load_shared(scratch + w * kBlockM + tid);
+        }
+        float* element = slice + (m0 + tid) * p.dbias_cols;
+        store_global(element, load_global(element) + sum);
+      }
+    } else if (tid == 0) {
+      float sum = 0.0f;
+      for (int w = 0; w < kKeyWarps; ++w) {
+        sum += load_shared(scratch + w * kBlockM);
+      }
+      store_global(slice, load_global(slice) + sum);
+    }
+  }
+};
+
+template <typename Traits>
+FA_KERNEL(Traits::kThreads, Traits::kMinBlocksPerSm)
+void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const BackwardWorkspace workspace) {
+  using Element = typename Traits::Element;
+  using KvTile = typename Traits::KvTile;
+  using QTile = typename Traits::QTile;
+  using DsTile = typename Traits::DsTile;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kChunkM = Traits::kChunkM;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kThreads = Traits::kThreads;
+
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int group = lane / 4;
+  const int pair = 2 * (lane % 4);
+  const int key_warp = warp % Traits::kKeyWarps;  // keys key_warp * 16 .. + 15 of the block
+  const int part = warp / Traits::kKeyWarps;      // dK/dV columns part * kPartDim .. + kPartDim - 1
+  const bool owns_keys = part == 0;               // the one warp of its 16 keys that publishes dS
+  const int dq_row_warp = warp % Traits::kDqRowWarps;
+  const int dq_col_warp = warp / Traits::kDqRowWarps;
+
+  const int seqlen_q = static_cast<int>(params.seqlen_q);
+  const int seqlen_k = static_cast<int>(params.seqlen_k);
+  const int head_dim = static_cast<int>(params.head_dim);
+  const int64_t group_size = params.heads_q / params.heads_kv;
+  const int num_m_blocks = static_cast<int>(ceil_div(seqlen_q, kBlockM));
+  const bool atomic_dq = workspace.dq_accum != nullptr;
+  const bool with_dbias = params.dbias != nullptr;
+
+  const DkdvSchedule schedule(params.batch, params.heads_kv, ceil_div(seqlen_k, kBlockN), with_dbias,
+                              params.dbias_batch, params.dbias_heads, params.dbias_cols,
+                              with_dbias ? params.dbias_num_splits : 1);
+  const int64_t owner = static_cast<int64_t>(blockIdx.x) % schedule.owners();
+  const int64_t split = static_cast<int64_t>(blockIdx.x) / schedule.owners();
+
+  Element* smem = reinterpret_cast<Element*>(dynamic_shared_memory());
+  Element* k_smem = smem;
+  Element* v_smem = smem + Traits::kVOffset;
+  Element* q_smem = smem + Traits::kQOffset;
+  Element* do_smem = smem + Traits::kDoOffset;
+  Element* ds_smem = smem + Traits::kDsOffset;
+  float* float_smem = reinterpret_cast<float*>(dynamic_shared_memory() + Traits::kElementBytes);
+  float* lse_smem = float_smem + Traits::kLseOffset;
+  float* delta_smem = float_smem + Traits::kDeltaOffset;
+  float* scratch = float_smem + Traits::kScratchOffset;
+
+  for (int64_t unit_index = split; unit_index < schedule.units_per_owner(); unit_index += schedule.num_splits) {
+    const DkdvUnit unit = schedule.unit(owner, unit_index);
+    const int64_t batch = unit.batch;
+    const int n0 = static_cast<int>(unit.key_block) * kBlockN;
+    const int key0 = n0 + key_warp * 16 + group;  // this thread's keys: key0 and key0 + 8
+
+    // Query blocks that see some key of this block.
+    int first_query = 0;
+    if (params.causal) {
+      const int64_t first = n0 - params.causal_offset;
+      first_query = first > 0 ? (first < seqlen_q ? static_cast<int>(first) : seqlen_q) : 0;
+    }
+    const int m_begin = first_query >= seqlen_q ? num_m_blocks : first_query / kBlockM;
+    // Steps run over (query head of the group, query block), query blocks fastest.
+    const int steps_per_head = num_m_blocks - m_begin;
+    const int total_steps = static_cast<int>(group_size) * steps_per_head;
+    const int64_t first_head = unit.kv_head * group_size;
+
+    // Q, dO, lse, delta of (head, query block m0) into `stage`.
+    auto load_step = [&](int64_t head, int m0, int stage) {
+      const Element* q = static_cast<const Element*>(params.q) + batch * params.q_batch_stride +
+                         head * params.q_head_stride + m0 * params.q_row_stride;
+      const Element* grad_out = static_cast<const Element*>(params.grad_out) + batch * params.grad_out_batch_stride +
+                                head * params.grad_out_head_stride + m0 * params.grad_out_row_stride;
+      load_tile_async<kBlockM, kHeadDim, kThreads>(q_smem + stage * QTile::kElements, q, params.q_row_stride,
+                                                   seqlen_q - m0, head_dim, static_cast<const Element*>(params.q));
+      load_tile_async<kBlockM, kHeadDim, kThreads>(do_smem + stage * QTile::kElements, grad_out,
+                                                   params.grad_out_row_stride, seqlen_q - m0, head_dim,
+                                                   static_cast<const Element*>(params.grad_out));
+      const int64_t row_offset = (batch * params.heads_q + head) * seqlen_q + m0;
+      load_vector_async<kBlockM, kThreads>(lse_smem + stage * kBlockM, static_cast<const float*>(params.lse) + row_offset,
+                                           seqlen_q - m0, static_cast<const float*>(params.lse));
+      load_vector_async<kBlockM, kThreads>(delta_smem + stage * kBlockM,
+                                           static_cast<const float*>(params.delta) + row_offset, seqlen_q - m0,
+                                           static_cast<const float*>(params.delta));
+    };
+
+    float acc_dk[Traits::kPartTiles][4];
+    float acc_dv[Traits::kPartTiles][4];
+    zero_accumulators(acc_dk);
+    zero_accumulators(acc_dv);
+    uint32_t k_fragments[Traits::kKvInRegisters ? Traits::kDimSteps : 1][4];
+    uint32_t v_fragments[Traits::kKvInRegisters ? Traits::kDimSteps : 1][4];
+
+    block_sync();  // the previous unit's readers of every shared buffer are done
+    if (total_steps > 0) {
+      const Element* k = static_cast<const Element*>(params.k) + batch * params.k_batch_stride +
+                         unit.kv_head * params.k_head_stride;
+      const Element* v = static_cast<const Element*>(params.v) + batch * params.v_batch_stride +
+                         unit.kv_head * params.v_head_stride;
+      load_tile_async<kBlockN, kHeadDim, kThreads>(k_smem, k + n0 * params.k_row_stride, params.k_row_stride,
+                                                   seqlen_k - n0, head_dim, static_cast<const Element*>(params.k));
+      load_tile_async<kBlockN, kHeadDim, kThreads>(v_smem, v + n0 * params.v_row_stride, params.v_row_stride,
+                                                   seqlen_k - n0, head_dim, static_cast<const Element*>(params.v));
+      load_step(first_head, m_begin * kBlockM, 0);
+      cp_async_commit();
+    }
+
+    int64_t head = first_head;
+    int m_block = m_begin;
+    for (int step = 0; step < total_steps; ++step) {
+      const int stage = step & 1;
+      const int m0 = m_block * kBlockM;
+      cp_async_wait<0>();
+      block_sync();  // step's tiles landed; every warp is done with step - 1 (other stage, dS^T, scratch)
+      if (step + 1 < total_steps) {
+        const bool next_head = m_block + 1 == num_m_blocks;
+        load_step(next_head ? head + 1 : head, next_head ? m_begin * kBlockM : m0 + kBlockM, stage ^ 1);
+        cp_async_commit();
+      }
+      const Element* q_tile = q_smem + stage * QTile::kElements;
+      const Element* do_tile = do_smem + stage * QTile::kElements;
+      const float* lse_tile = lse_smem + stage * kBlockM;
+      const float* delta_tile = delta_smem + stage * kBlockM;
+      if constexpr (Traits::kKvInRegisters) {
+        if (step == 0) {
+          FA_UNROLL
+          for (int kk = 0; kk < Traits::kDimSteps; ++kk) {
+            load_a_operand<KvTile>(k_fragments[kk], k_smem, key_warp * 16, kk * 16, lane);
+            load_a_operand<KvTile>(v_fragments[kk], v_smem, key_warp * 16, kk * 16, lane);
+          }
+        }
+      }
+      const ScoreContext<Element> scores(params, batch, head);
+      const bool elementwise = scores.needs_elementwise(m0, kBlockM, n0, kBlockN);
+      DbiasStep dbias;
+
+      FA_NO_UNROLL
+      for (int chunk = 0; chunk < Traits::kChunks; ++chunk) {
+        const int cq = chunk * kChunkM;  // the chunk's first query, within the block
+        // S^T = K Q^T and dP^T = V dO^T. Element (j, e): key key0 + 8 (e / 2), query m0 + cq + 8 j + pair + e % 2.
+        float acc_s[Traits::kChunkTiles][4];
+        float acc_dp[Traits::kChunkTiles][4];
+        zero_accumulators(acc_s);
+        zero_accumulators(acc_dp);
+        FA_UNROLL
+        for (int kk = 0; kk < Traits::kDimSteps; ++kk) {
+          uint32_t a_k[4];
+          uint32_t a_v[4];
+          if constexpr (Traits::kKvInRegisters) {
+            FA_UNROLL
+            for (int i = 0; i < 4; ++i) {
+              a_k[i] = k_fragments[kk][i];
+              a_v[i] = v_fragments[kk][i];
+            }
+          } else {
+            load_a_operand<KvTile>(a_k, k_smem, key_warp * 16, kk * 16, lane);
+            load_a_operand<KvTile>(a_v, v_smem, key_warp * 16, kk * 16, lane);
+          }
+          FA_UNROLL
+          for (int nn = 0; nn < Traits::kChunkSteps; ++nn) {
+            uint32_t b[4];
+            load_b_operands_n_major<QTile>(b, q_tile, cq + nn * 16, kk * 16, lane);
+            mma_m16n8k16<Element>(acc_s[2 * nn], a_k, b[0], b[1]);
+            mma_m16n8k16<Element>(acc_s[2 * nn + 1], a_k, b[2], b[3]);
+            load_b_operands_n_major<QTile>(b, do_tile, cq + nn * 16, kk * 16, lane);
+            mma_m16n8k16<Element>(acc_dp[2 * nn], a_v, b[0], b[1]);
+            mma_m16n8k16<Element>(acc_dp[2 * nn + 1], a_v, b[2], b[3]);
+          }
+        }
+
+        // P^T = exp2(s - lse log2(e)); a row with lse = -inf saw no key, and +inf
+        // as its base makes all its probabilities 0 (never inf - inf).
+        // dS^T = P^T (dP^T Z - delta) into acc_dp; then acc_s = P^T Z.
+        const int q0 = m0 + cq;
+        const int query_base = q0 + pair;  // element (j, e): query query_base + 8 j + e % 2
+        FA_UNROLL
+        for (int j = 0; j < Traits::kChunkTiles; ++j) {
+          FA_UNROLL
+          for (int c = 0; c < 2; ++c) {
+            const float lse = load_shared(lse_tile + cq + pair + j * 8 + c);
+            const float base = lse == negative_infinity() ? -negative_infinity() : lse * kLog2e;
+            const float delta = load_shared(delta_tile + cq + pair + j * 8 + c);
+            FA_UNROLL
+            for (int r = 0; r < 2; ++r) {
+              const int e = 2 * r + c;
+              const int query = query_base + j * 8 + c;
+              const int key = key0 + r * 8;
+              const float score =
+                  elementwise ? scores.score_log2(acc_s[j][e], query, key) : acc_s[j][e] * scores.scale_log2();
+              const float probability = exp2f(score - base);
+              float dropout_factor = scores.dropout_keep_scale();
+              if (scores.dropout() && scores.in_bounds(query, key) && !scores.keeps(query, key)) {
+                dropout_factor = 0.0f;
+              }
+              acc_dp[j][e] = probability * (acc_dp[j][e] * dropout_factor - delta);
+              acc_s[j][e] = probability * dropout_factor;
+            }
+          }
+        }
+
+        if (with_dbias) {
+          dbias.add_chunk(params, split, batch, head, acc_dp, scratch + key_warp * kBlockM, key0, q0, cq, owns_keys,
+                          lane);
+        }
+
+        // dV += (P^T Z) dO and dK += dS^T Q over the chunk's queries. The 16-bit
+        // dS^T operand (register i: key row group + 8 (i % 2), query columns
+        // 16 kk + 8 (i / 2) + pair) is also published to shared memory for dQ = dS K.
+        FA_UNROLL
+        for (int kk = 0; kk < Traits::kChunkSteps; ++kk) {
+          uint32_t a_p[4];
+          uint32_t a_ds[4];
+          accumulators_to_a_operand<Element>(a_p, acc_s, kk);
+          accumulators_to_a_operand<Element>(a_ds, acc_dp, kk);
+          if (atomic_dq && owns_keys) {
+            FA_UNROLL
+            for (int i = 0; i < 4; ++i) {
+              const int key_local = key_warp * 16 + group + (i % 2) * 8;
+              const int query_local = cq + kk * 16 + (i / 2) * 8 + pair;
+              store_shared(reinterpret_cast<uint32_t*>(ds_smem + DsTile::offset(key_local, query_local)), a_ds[i]);
+            }
+          }
+          FA_UNROLL
+          for (int dn = 0; dn < Traits::kPartSteps; ++dn) {
+            const int col = part * Traits::kPartDim + dn * 16;
+            uint32_t b[4];
+            load_b_operands_k_major<QTile>(b, do_tile, cq + kk * 16, col, lane);
+            mma_m16n8k16<Element>(acc_dv[2 * dn], a_p, b[0], b[1]);
+            mma_m16n8k16<Element>(acc_dv[2 * dn + 1], a_p, b[2], b[3]);
+            load_b_operands_k_major<QTile>(b, q_tile, cq + kk * 16, col, lane);
+            mma_m16n8k16<Element>(acc_dk[2 * dn], a_ds, b[0], b[1]);
+            mma_m16n8k16<Element>(acc_dk[2 * dn + 1], a_ds, b[2], b[3]);
+          }
+        }
+      }
+
+      if (with_dbias) {
+        dbias.publish(params, split, batch, head, scratch + key_warp * kBlockM, key0, owns_keys, lane);
+      }
+      if (atomic_dq || with_dbias) {
+        block_sync();  // dS^T and the dbias scratch of every warp are written
+      }
+      if (with_dbias) {
+        DbiasStep::finish<Traits::kKeyWarps, kBlockM>(params, split, batch, head, scratch, m0);
+      }
+      if (atomic_dq && warp < Traits::kDqWarps) {
+        float acc_dq[Traits::kDqPartTiles][4];
+        zero_accumulators(acc_dq);
+        FA_UNROLL
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          uint32_t a[4];
+          load_a_operand_transposed<DsTile>(a, ds_smem, kk * 16, dq_row_warp * 16, lane);
+          FA_UNROLL
+          for (int dn = 0; dn < Traits::kDqPartSteps; ++dn) {
+            uint32_t b[4];
+            load_b_operands_k_major<KvTile>(b, k_smem, kk * 16, dq_col_warp * Traits::kDqPartDim + dn * 16, lane);
+            mma_m16n8k16<Element>(acc_dq[2 * dn], a, b[0], b[1]);
+            mma_m16n8k16<Element>(acc_dq[2 * dn + 1], a, b[2], b[3]);
+          }
+        }
+        const int col_base = dq_col_warp * Traits::kDqPartDim + pair;
+        const int cols_left = head_dim - col_base;
+        FA_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          const int query = m0 + dq_row_warp * 16 + group + r * 8;
+          if (query < seqlen_q) {
+            float* dq_row = workspace.dq_accum + ((batch * params.heads_q + head) * seqlen_q + query) * head_dim +
+                            col_base;  // column col_base + 8 j + c below
+            FA_UNROLL
+            for (int j = 0; j < Traits::kDqPartTiles; ++j) {
+              if (j * 8 < cols_left) {
+                atomic_add_global(dq_row + j * 8, acc_dq[j][2 * r]);
+                atomic_add_global(dq_row + j * 8 + 1, acc_dq[j][2 * r + 1]);
+              }
+            }
+          }
+        }
+      }
+      if (++m_block == num_m_blocks) {
+        m_block = m_begin;
+        ++head;
+      }
+    }
+
+    // dK = scale * sum dS^T Q, dV; stored for keys < Sk and columns < head_dim.
+    Element* dk = static_cast<Element*>(params.dk) + batch * params.dk_batch_stride +
+                  unit.kv_head * params.dk_head_stride;
+    Element* dv = static_cast<Element*>(params.dv) + batch * params.dv_batch_stride +
+                  unit.kv_head * params.dv_head_stride;
+    const int col_base = part * Traits::kPartDim + pair;
+    const int cols_left = head_dim - col_base;
+    FA_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      const int key = key0 + r * 8;
+      if (key >= seqlen_k) {
+        continue;
+      }
+      Element* dk_row = dk + key * params.dk_row_stride + col_base;  // column col_base + 8 j below
+      Element* dv_row = dv + key * params.dv_row_stride + col_base;
+      FA_UNROLL
+      for (int j = 0; j < Traits::kPartTiles; ++j) {
+        if (j * 8 < cols_left) {
+          store_global(reinterpret_cast<uint32_t*>(dk_row + j * 8),
+                       ElementOps<Element>::pack(acc_dk[j][2 * r] * params.scale, acc_dk[j][2 * r + 1] * params.scale));
+          store_global(reinterpret_cast<uint32_t*>(dv_row + j * 8),
+                       ElementOps<Element>::pack(acc_dv[j][2 * r], acc_dv[j][2 * r + 1]));
+        }
+      }
+    }
+  }
+}
+
+template <ElementType kElement, int kHeadDim>
+LaunchStatus run_attention_backward_dkdv(const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
+                                         cudaStream_t stream) {
+  using Traits = DkdvTraits<typename ElementOf<kElement>::type, kHeadDim>;
+  const bool with_dbias = params.dbias != nullptr;
+  const DkdvSchedule schedule(params.batch, params.heads_kv, ceil_div(params.seqlen_k, Traits::kBlockN), with_dbias,
+                              params.dbias_batch, params.dbias_heads, params.dbias_cols,
+                              with_dbias ? params.dbias_num_splits : 1);
+  return launch_kernel(attention_backward_dkdv_kernel<Traits>, dim3(static_cast<unsigned>(schedule.ctas())),
+                       dim3(Traits::kThreads), Traits::kSmemBytes, stream, params, workspace);
+}
+
+}  // namespace fast_attn::cuda

@@ -1,0 +1,245 @@
+// Attention backward, deterministic dQ kernel (the op's deterministic=True):
+// one CTA per (query block, query head, batch), warps own 16 query rows like
+// the forward, and dQ is accumulated in registers over the key tiles:
+//   S  = Q K^T -> P = exp2(S - lse)   (forward's masks, log2 units)
+//   dP = dO V^T
+//   dS = P (dP Z - delta)             Z = dropout keep / (1 - p)
+//   dQ += dS K                        (scale applied once at the end)
+// It recomputes S and dP that the dK/dV kernel also computes (two extra
+// matmuls of the five), the price of not accumulating dq with atomics.
+#pragma once
+
+#include "device_runtime.cuh"
+#include "score_context.cuh"
+#include "shared_tile.cuh"
+#include "tile_configs.h"
+
+namespace fast_attn::cuda {
+
+template <typename Element_, int kHeadDim_>
+struct DqTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr DqTileConfig kConfig = dq_tile_config(kHeadDim);
+  static constexpr int kBlockM = kConfig.block_m;
+  static constexpr int kBlockN = kConfig.block_n;
+  static constexpr int kWarps = kConfig.warps;
+  static constexpr int kThreads = kWarps * kWarpSize;
+  static constexpr bool kInRegisters = kConfig.q_do_in_registers;
+  static_assert(kBlockM == 16 * kWarps, "each warp owns 16 query rows");
+  static_assert(kBlockN % 16 == 0, "key tiles are a whole number of k16 steps");
+
+  static constexpr int kDimTiles = kHeadDim / 8;
+  static constexpr int kDimSteps = kHeadDim / 16;
+  static constexpr int kKeyTiles = kBlockN / 8;
+  static constexpr int kKeySteps = kBlockN / 16;
+
+  using QTile = SharedTile<kBlockM, kHeadDim>;
+  using KvTile = SharedTile<kBlockN, kHeadDim>;
+  // Q, dO, K stages 0 and 1, V stages 0 and 1.
+  static constexpr int kDoOffset = QTile::kElements;
+  static constexpr int kKOffset = 2 * QTile::kElements;
+  static constexpr int kVOffset = kKOffset + 2 * KvTile::kElements;
+  static constexpr size_t kSmemBytes = (kVOffset + 2 * KvTile::kElements) * sizeof(Element);
+};
+
+template <typename Traits>
+FA_KERNEL(Traits::kThreads, 1)
+void attention_backward_dq_kernel(const AttentionBackwardParams params) {
+  using Element = typename Traits::Element;
+  using QTile = typename Traits::QTile;
+  using KvTile = typename Traits::KvTile;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kThreads = Traits::kThreads;
+
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int group = lane / 4;
+  const int pair = 2 * (lane % 4);
+
+  const int64_t m_block = static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;
+  const int64_t head = blockIdx.y;
+  const int64_t batch = blockIdx.z;
+  const int64_t kv_head = head / (params.heads_q / params.heads_kv);
+  const int m0 = static_cast<int>(m_block) * kBlockM;
+  const int seqlen_q = static_cast<int>(params.seqlen_q);
+  const int seqlen_k = static_cast<int>(params.seqlen_k);
+  const int head_dim = static_cast<int>(params.head_dim);
+
+  int64_t key_end = seqlen_k;
+  if (params.causal) {
+    const int64_t last_row = (m0 + kBlockM < seqlen_q ? m0 + kBlockM : seqlen_q) - 1;
+    const int64_t causal_end = last_row + params.causal_offset + 1;
+    key_end = causal_end < key_end ? causal_end : key_end;
+  }
+  const int num_tiles = key_end > 0 ? static_cast<int>(ceil_div(key_end, kBlockN)) : 0;
+
+  const Element* q = static_cast<const Element*>(params.q) + batch * params.q_batch_stride + head * params.q_head_stride;
+  const Element* grad_out = static_cast<const Element*>(params.grad_out) + batch * params.grad_out_batch_stride +
+                            head * params.grad_out_head_stride;
+  const Element* k = static_cast<const Element*>(params.k) + batch * params.k_batch_stride + kv_head * params.k_head_stride;
+  const Element* v = static_cast<const Element*>(params.v) + batch * params.v_batch_stride + kv_head * params.v_head_stride;
+
+  Element* smem = reinterpret_cast<Element*>(dynamic_shared_memory());
+  Element* q_smem = smem;
+  Element* do_smem = smem + Traits::kDoOffset;
+  Element* k_smem = smem + Traits::kKOffset;
+  Element* v_smem = smem + Traits::kVOffset;
+
+  const ScoreContext<Element> scores(params, batch, head);
+
+  auto load_kv_tile = [&](int n_block, int stage) {
+    const int n0 = n_block * kBlockN;
+    load_tile_async<kBlockN, kHeadDim, kThreads>(k_smem + stage * KvTile::kElements, k + n0 * params.k_row_stride,
+                                                 params.k_row_stride, seqlen_k - n0, head_dim,
+                                                 static_cast<const Element*>(params.k));
+    load_tile_async<kBlockN, kHeadDim, kThreads>(v_smem + stage * KvTile::kElements, v + n0 * params.v_row_stride,
+                                                 params.v_row_stride, seqlen_k - n0, head_dim,
+                                                 static_cast<const Element*>(params.v));
+  };
+
+  const int row0 = m0 + warp * 16 + group;  // this thread's rows: row0 and row0 + 8
+  float lse_base[2];                            // lse in log2 units, +inf for rows that saw no key
+  float delta[2];
+  FA_UNROLL
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + r * 8;
+    const int64_t index = (batch * params.heads_q + head) * seqlen_q + row;
+    const float lse = row < seqlen_q ? load_global(static_cast<const float*>(params.lse) + index) : 0.0f;
+    lse_base[r] = lse == negative_infinity() ? -negative_infinity() : lse * kLog2e;
+    delta[r] = row < seqlen_q ? load_global(static_cast<const float*>(params.delta) + index) : 0.0f;
+  }
+
+  float acc_dq[Traits::kDimTiles][4];
+  zero_accumulators(acc_dq);
+  uint32_t q_fragments[Traits::kInRegisters ? Traits::kDimSteps : 1][4];
+  uint32_t do_fragments[Traits::kInRegisters ? Traits::kDimSteps : 1][4];
+
+  if (num_tiles > 0) {
+    load_tile_async<kBlockM, kHeadDim, kThreads>(q_smem, q + m0 * params.q_row_stride, params.q_row_stride,
+                                                 seqlen_q - m0, head_dim, static_cast<const Element*>(params.q));
+    load_tile_async<kBlockM, kHeadDim, kThreads>(do_smem, grad_out + m0 * params.grad_out_row_stride,
+                                                 params.grad_out_row_stride, seqlen_q - m0, head_dim,
+                                                 static_cast<const Element*>(params.grad_out));
+    load_kv_tile(num_tiles - 1, 0);
+    cp_async_commit();
+  }
+
+  for (int it = 0; it < num_tiles; ++it) {
+    const int n_block = num_tiles - 1 - it;
+    const int stage = it & 1;
+    cp_async_wait<0>();
+    block_sync();  // tile `it` has landed; every warp is done with tile it - 1
+    if (it + 1 < num_tiles) {
+      load_kv_tile(n_block - 1, stage ^ 1);
+      cp_async_commit();
+    }
+    const Element* k_tile = k_smem + stage * KvTile::kElements;
+    const Element* v_tile = v_smem + stage * KvTile::kElements;
+    if constexpr (Traits::kInRegisters) {
+      if (it == 0) {
+        FA_UNROLL
+        for (int kk = 0; kk < Traits::kDimSteps; ++kk) {
+          load_a_operand<QTile>(q_fragments[kk], q_smem, warp * 16, kk * 16, lane);
+          load_a_operand<QTile>(do_fragments[kk], do_smem, warp * 16, kk * 16, lane);
+        }
+      }
+    }
+
+    // S = Q K^T and dP = dO V^T, (16 x kBlockN) per warp.
+    float acc_s[Traits::kKeyTiles][4];
+    float acc_dp[Traits::kKeyTiles][4];
+    zero_accumulators(acc_s);
+    zero_accumulators(acc_dp);
+    FA_UNROLL
+    for (int kk = 0; kk < Traits::kDimSteps; ++kk) {
+      uint32_t a_q[4];
+      uint32_t a_do[4];
+      if constexpr (Traits::kInRegisters) {
+        FA_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          a_q[i] = q_fragments[kk][i];
+          a_do[i] = do_fragments[kk][i];
+        }
+      } else {
+        load_a_operand<QTile>(a_q, q_smem, warp * 16, kk * 16, lane);
+        load_a_operand<QTile>(a_do, do_smem, warp * 16, kk * 16, lane);
+      }
+      FA_UNROLL
+      for (int nn = 0; nn < Traits::kKeySteps; ++nn) {
+        uint32_t b[4];
+        load_b_operands_n_major<KvTile>(b, k_tile, nn * 16, kk * 16, lane);
+        mma_m16n8k16<Element>(acc_s[2 * nn], a_q, b[0], b[1]);
+        mma_m16n8k16<Element>(acc_s[2 * nn + 1], a_q, b[2], b[3]);
+        load_b_operands_n_major<KvTile>(b, v_tile, nn * 16, kk * 16, lane);
+        mma_m16n8k16<Element>(acc_dp[2 * nn], a_do, b[0], b[1]);
+        mma_m16n8k16<Element>(acc_dp[2 * nn + 1], a_do, b[2], b[3]);
+      }
+    }
+
+    // dS = P (dP Z - delta), into acc_s. Element (j, e): row row0 + 8 (e / 2), key key_base + 8 j + e % 2.
+    const int n0 = n_block * kBlockN;
+    const int key_base = n0 + pair;
+    const bool elementwise = scores.needs_elementwise(m0, kBlockM, n0, kBlockN);
+    FA_UNROLL
+    for (int j = 0; j < Traits::kKeyTiles; ++j) {
+      FA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int row = row0 + (e >> 1) * 8;
+        const int key = key_base + j * 8 + (e & 1);
+        const float score = elementwise ? scores.score_log2(acc_s[j][e], row, key) : acc_s[j][e] * scores.scale_log2();
+        const float probability = exp2f(score - lse_base[e >> 1]);
+        float dropout_factor = scores.dropout_keep_scale();
+        if (scores.dropout() && scores.in_bounds(row, key) && !scores.keeps(row, key)) {
+          dropout_factor = 0.0f;
+        }
+        acc_s[j][e] = probability * (acc_dp[j][e] * dropout_factor - delta[e >> 1]);
+      }
+    }
+
+    // dQ += dS K.
+    FA_UNROLL
+    for (int kk = 0; kk < Traits::kKeySteps; ++kk) {
+      uint32_t a[4];
+      accumulators_to_a_operand<Element>(a, acc_s, kk);
+      FA_UNROLL
+      for (int dn = 0; dn < Traits::kDimSteps; ++dn) {
+        uint32_t b[4];
+        load_b_operands_k_major<KvTile>(b, k_tile, kk * 16, dn * 16, lane);
+        mma_m16n8k16<Element>(acc_dq[2 * dn], a, b[0], b[1]);
+        mma_m16n8k16<Element>(acc_dq[2 * dn + 1], a, b[2], b[3]);
+      }
+    }
+  }
+
+  Element* dq = static_cast<Element*>(params.dq) + batch * params.dq_batch_stride + head * params.dq_head_stride;
+  FA_UNROLL
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + r * 8;
+    if (row >= seqlen_q) {
+      continue;
+    }
+    Element* dq_row = dq + row * params.dq_row_stride + pair;  // column pair + 8 j below
+    const int cols_left = head_dim - pair;
+    FA_UNROLL
+    for (int j = 0; j < Traits::kDimTiles; ++j) {
+      if (j * 8 < cols_left) {
+        store_global(reinterpret_cast<uint32_t*>(dq_row + j * 8),
+                     ElementOps<Element>::pack(acc_dq[j][2 * r] * params.scale, acc_dq[j][2 * r + 1] * params.scale));
+      }
+    }
+  }
+}
+
+template <ElementType kElement, int kHeadDim>
+LaunchStatus run_attention_backward_dq(const AttentionBackwardParams& params, cudaStream_t stream) {
+  using Traits = DqTraits<typename ElementOf<kElement>::type, kHeadDim>;
+  const dim3 grid(static_cast<unsigned>(ceil_div(params.seqlen_q, Traits::kBlockM)),
+                  static_cast<unsigned>(params.heads_q), static_cast<unsigned>(params.batch));
+  return launch_kernel(attention_backward_dq_kernel<Traits>, grid, dim3(Traits::kThreads), Traits::kSmemBytes, stream,
+                       params);
+}
+
+}  // namespace fast_attn::cuda

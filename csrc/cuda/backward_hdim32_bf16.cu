@@ -1,0 +1,10 @@
+// Instantiation: attention backward (dK/dV kernel and deterministic dQ kernel), bf16, head dim 32.
+#include "backward_dkdv_kernel.cuh"
+#include "backward_dq_kernel.cuh"
+
+namespace fast_attn::cuda {
+template LaunchStatus run_attention_backward_dkdv<ElementType::kBFloat16, 32>(const AttentionBackwardParams&,
+                                                                           const BackwardWorkspace&, cudaStream_t);
+template LaunchStatus run_attention_backward_dq<ElementType::kBFloat16, 32>(const AttentionBackwardParams&,
+                                                                         cudaStream_t);
+}  // namespace fast_attn::cuda

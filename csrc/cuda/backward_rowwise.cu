@@ -1,0 +1,139 @@
+// The row-wise kernels around the backward matmul kernels, for every head dim:
+// preprocess (delta = rowsum(dO * O) - grad_lse, zeroing dq_accum) and the
+// conversion of the float32 dq accumulator to the inputs' dtype.
+//
+// 16 threads per (batch, head, query) row, 16 rows per 256-thread CTA; each
+// thread moves 16-byte vectors (8 elements), so a row of D = 128 is one
+// vector per thread and the loads of a warp cover two rows contiguously.
+#include "device_runtime.cuh"
+
+namespace fast_attn::cuda {
+namespace {
+
+constexpr int kRowThreads = 256;
+constexpr int kThreadsPerRow = 16;
+constexpr int kRowsPerCta = kRowThreads / kThreadsPerRow;
+
+struct RowCoordinates {
+  int64_t row;  // (b * Hq + h) * Sq + i, the index into (B, Hq, Sq) tensors
+  int64_t batch, head, query;
+  bool valid;
+};
+
+FA_DEVICE RowCoordinates row_of_thread(const AttentionBackwardParams& params) {
+  RowCoordinates c;
+  c.row = static_cast<int64_t>(blockIdx.x) * kRowsPerCta + threadIdx.x / kThreadsPerRow;
+  c.valid = c.row < params.batch * params.heads_q * params.seqlen_q;
+  c.query = c.row % params.seqlen_q;
+  c.head = (c.row / params.seqlen_q) % params.heads_q;
+  c.batch = c.row / (params.seqlen_q * params.heads_q);
+  return c;
+}
+
+// Dot product of two vectors of 8 16-bit elements.
+template <typename Element>
+FA_DEVICE float dot8(const uint4& x, const uint4& y) {
+  uint16_t xs[8], ys[8];
+  std::memcpy(xs, &x, sizeof(xs));
+  std::memcpy(ys, &y, sizeof(ys));
+  float sum = 0.0f;
+  FA_UNROLL
+  for (int i = 0; i < 8; ++i) {
+    sum += ElementOps<Element>::bits_to_float(xs[i]) * ElementOps<Element>::bits_to_float(ys[i]);
+  }
+  return sum;
+}
+
+template <typename Element>
+FA_KERNEL(kRowThreads, 1)
+void attention_backward_preprocess_kernel(const AttentionBackwardParams params, const BackwardWorkspace workspace) {
+  const RowCoordinates c = row_of_thread(params);
+  const int sub = static_cast<int>(threadIdx.x) % kThreadsPerRow;
+  const int head_dim = static_cast<int>(params.head_dim);
+  float dot = 0.0f;
+  if (c.valid) {
+    const Element* out = static_cast<const Element*>(params.out) + c.batch * params.out_batch_stride +
+                         c.head * params.out_head_stride + c.query * params.out_row_stride;
+    const Element* grad_out = static_cast<const Element*>(params.grad_out) + c.batch * params.grad_out_batch_stride +
+                              c.head * params.grad_out_head_stride + c.query * params.grad_out_row_stride;
+    for (int col = sub * 8; col < head_dim; col += kThreadsPerRow * 8) {
+      dot += dot8<Element>(load_global(reinterpret_cast<const uint4*>(out + col)),
+                           load_global(reinterpret_cast<const uint4*>(grad_out + col)));
+    }
+  }
+  FA_UNROLL
+  for (int mask = kThreadsPerRow / 2; mask >= 1; mask /= 2) {
+    dot += shfl_xor(dot, mask);
+  }
+  if (!c.valid) {
+    return;
+  }
+  if (sub == 0) {
+    const float grad_lse = workspace.grad_lse == nullptr ? 0.0f : load_global(workspace.grad_lse + c.row);
+    store_global(static_cast<float*>(params.delta) + c.row, dot - grad_lse);
+  }
+  if (workspace.dq_accum != nullptr) {
+    float* dq_accum = workspace.dq_accum + c.row * head_dim;
+    for (int col = sub * 4; col < head_dim; col += kThreadsPerRow * 4) {
+      store_global(reinterpret_cast<float4*>(dq_accum + col), make_float4(0.0f, 0.0f, 0.0f, 0.0f));
+    }
+  }
+}
+
+template <typename Element>
+FA_KERNEL(kRowThreads, 1)
+void attention_backward_convert_dq_kernel(const AttentionBackwardParams params, const BackwardWorkspace workspace) {
+  const RowCoordinates c = row_of_thread(params);
+  if (!c.valid) {
+    return;
+  }
+  const int sub = static_cast<int>(threadIdx.x) % kThreadsPerRow;
+  const int head_dim = static_cast<int>(params.head_dim);
+  const float* dq_accum = workspace.dq_accum + c.row * head_dim;
+  Element* dq = static_cast<Element*>(params.dq) + c.batch * params.dq_batch_stride + c.head * params.dq_head_stride +
+                c.query * params.dq_row_stride;
+  for (int col = sub * 8; col < head_dim; col += kThreadsPerRow * 8) {
+    const float4 lo = load_global(reinterpret_cast<const float4*>(dq_accum + col));
+    const float4 hi = load_global(reinterpret_cast<const float4*>(dq_accum + col + 4));
+    const float s = params.scale;
+    uint4 packed;
+    packed.x = ElementOps<Element>::pack(lo.x * s, lo.y * s);
+    packed.y = ElementOps<Element>::pack(lo.z * s, lo.w * s);
+    packed.z = ElementOps<Element>::pack(hi.x * s, hi.y * s);
+    packed.w = ElementOps<Element>::pack(hi.z * s, hi.w * s);
+    store_global(reinterpret_cast<uint4*>(dq + col), packed);
+  }
+}
+
+dim3 row_grid(const AttentionBackwardParams& params) {
+  return dim3(static_cast<unsigned>(ceil_div(params.batch * params.heads_q * params.seqlen_q, kRowsPerCta)));
+}
+
+}  // namespace
+
+template <ElementType kElement>
+LaunchStatus run_attention_backward_preprocess(const AttentionBackwardParams& params,
+                                               const BackwardWorkspace& workspace, cudaStream_t stream) {
+  using Element = typename ElementOf<kElement>::type;
+  return launch_kernel(attention_backward_preprocess_kernel<Element>, row_grid(params), dim3(kRowThreads), 0, stream,
+                       params, workspace);
+}
+
+template <ElementType kElement>
+LaunchStatus run_attention_backward_convert_dq(const AttentionBackwardParams& params,
+                                               const BackwardWorkspace& workspace, cudaStream_t stream) {
+  using Element = typename ElementOf<kElement>::type;
+  return launch_kernel(attention_backward_convert_dq_kernel<Element>, row_grid(params), dim3(kRowThreads), 0, stream,
+                       params, workspace);
+}
+
+template LaunchStatus run_attention_backward_preprocess<ElementType::kFloat16>(const AttentionBackwardParams&,
+                                                                              const BackwardWorkspace&, cudaStream_t);
+template LaunchStatus run_attention_backward_preprocess<ElementType::kBFloat16>(const AttentionBackwardParams&,
+                                                                               const BackwardWorkspace&, cudaStream_t);
+template LaunchStatus run_attention_backward_convert_dq<ElementType::kFloat16>(const AttentionBackwardParams&,
+                                                                              const BackwardWorkspace&, cudaStream_t);
+template LaunchStatus run_attention_backward_convert_dq<ElementType::kBFloat16>(const AttentionBackwardParams&,
+                                                                               const BackwardWorkspace&, cudaStream_t);
+
+}  // namespace fast_attn::cuda

@@ -1,0 +1,108 @@
+// Test-only extension (built by tests/test_cuda.py with a host compiler,
+// FAST_ATTN_CUDA_EMULATION defined): the CUDA implementation of the fast_attn
+// ops (attention_cuda_host.cpp and the kernel sources) running on CPU tensors
+// through the warp emulator. Not part of the package and not a torch op.
+//
+// While a call runs, every CPU allocation goes through a tracking allocator
+// that fills it with NaN bytes (an output element the kernels never write
+// stays NaN) and registers it, so that the emulator can check each
+// global-memory access of the kernels against the allocations that exist.
+#include <c10/core/CPUAllocator.h>
+#include <torch/extension.h>
+
+#include <cstring>
+#include <initializer_list>
+#include <optional>
+
+#include "../attention_cuda_host.h"
+#include "emulated_device.h"
+
+namespace {
+
+struct TrackedAllocation {
+  at::DataPtr inner;
+};
+
+void delete_tracked(void* context) {
+  auto* tracked = static_cast<TrackedAllocation*>(context);
+  fast_attn::emu::unregister_global_range(tracked->inner.get());
+  delete tracked;
+}
+
+class TrackingAllocator final : public at::Allocator {
+ public:
+  explicit TrackingAllocator(at::Allocator* base) : base_(base) {}
+
+  at::DataPtr allocate(size_t bytes) override {
+    auto* tracked = new TrackedAllocation{base_->allocate(bytes)};
+    void* data = tracked->inner.get();
+    if (data != nullptr) {
+      std::memset(data, 0xff, bytes);  // NaN in every float format: an output element never written shows
+      fast_attn::emu::register_global_range(data, bytes);
+    }
+    return {data, tracked, &delete_tracked, at::Device(at::kCPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
+
+ private:
+  at::Allocator* base_;
+};
+
+// Routes CPU allocations through the tracker and registers the inputs'
+// storages for the duration of one call; afterwards no range stays registered.
+class TrackingScope {
+ public:
+  explicit TrackingScope(std::initializer_list<std::optional<at::Tensor>> inputs) {
+    static TrackingAllocator tracker(c10::GetDefaultCPUAllocator());
+    previous_ = c10::GetCPUAllocator();
+    c10::SetCPUAllocator(&tracker);
+    TORCH_CHECK(c10::GetCPUAllocator() == &tracker,
+                "fast_attn CUDA emulator: another CPU allocator has priority; cannot bounds-check");
+    for (const std::optional<at::Tensor>& t : inputs) {
+      if (t && t->defined() && t->storage().data() != nullptr) {
+        fast_attn::emu::register_global_range(t->storage().data(), t->storage().nbytes());
+      }
+    }
+  }
+  ~TrackingScope() {
+    c10::SetCPUAllocator(previous_);
+    fast_attn::emu::clear_global_ranges();
+  }
+  TrackingScope(const TrackingScope&) = delete;
+  TrackingScope& operator=(const TrackingScope&) = delete;
+
+ private:
+  at::Allocator* previous_;
+};
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const std::optional<at::Tensor>& bias,
+                                           const std::optional<at::Tensor>& key_mask,
+                                           const std::optional<at::Tensor>& dropout_seed, double scale, int64_t causal,
+                                           double dropout_p, int64_t sm_count) {
+  const TrackingScope scope({q, k, v, bias, key_mask, dropout_seed});
+  return fast_attn::cuda::attention_forward(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p,
+                                            {nullptr, static_cast<int>(sm_count)});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask,
+    const std::optional<at::Tensor>& dropout_seed, const at::Tensor& out, const at::Tensor& lse, double scale,
+    int64_t causal, double dropout_p, bool compute_dbias, bool deterministic, int64_t sm_count) {
+  const TrackingScope scope({grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse});
+  return fast_attn::cuda::attention_backward(grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse, scale,
+                                             causal, dropout_p, compute_dbias, deterministic,
+                                             {nullptr, static_cast<int>(sm_count)});
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fast_attn CUDA kernels on the CPU warp emulator (tests only)";
+  m.def("forward", &forward, "attention_forward of the CUDA implementation, emulated");
+  m.def("backward", &backward, "attention_backward of the CUDA implementation, emulated");
+  m.def("launch_count", &fast_attn::emu::launch_count, "kernel launches emulated so far");
+  m.def("compiled_head_dims", &fast_attn::cuda::compiled_head_dims, "head dims with kernels");
+}

@@ -1,0 +1,284 @@
+// Fused attention forward on tensor cores (sm_80+): one CTA per (query block,
+// query head, batch), 16 query rows per warp, online softmax in registers.
+//
+// Per K/V tile (descending, so the tiles that need masks come first):
+//   S = Q K^T          mma.m16n8k16, Q fragments in registers (or re-read at D = 256)
+//   S -> log2 units     scale, bias, causal / key / bound masks
+//   online softmax      row max over the quad (2 shuffles), rescale O and the row sums
+//   O += P V            P converted from C to A fragments in registers
+// K and V tiles are double-buffered with cp.async: the copy of tile i + 1 is
+// issued right after the barrier that opens tile i, so it overlaps all of tile
+// i's math, and one barrier per tile guards both stages.
+#pragma once
+
+#include "device_runtime.cuh"
+#include "score_context.cuh"
+#include "shared_tile.cuh"
+#include "tile_configs.h"
+
+namespace fast_attn::cuda {
+
+template <typename Element_, int kHeadDim_>
+struct ForwardTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr ForwardTileConfig kConfig = forward_tile_config(kHeadDim);
+  static constexpr int kBlockM = kConfig.block_m;
+  static constexpr int kBlockN = kConfig.block_n;
+  static constexpr int kWarps = kConfig.warps;
+  static constexpr int kThreads = kWarps * kWarpSize;
+  static constexpr int kMinBlocksPerSm = kConfig.min_blocks_per_sm;
+  static constexpr bool kQInRegisters = kConfig.q_in_registers;
+  static_assert(kBlockM == 16 * kWarps, "each warp owns 16 query rows");
+  static_assert(kBlockN % 16 == 0, "key tiles are a whole number of k16 steps");
+
+  static constexpr int kDimTiles = kHeadDim / 8;   // n8 tiles of O
+  static constexpr int kDimSteps = kHeadDim / 16;  // k16 steps of Q K^T
+  static constexpr int kKeyTiles = kBlockN / 8;    // n8 tiles of S
+  static constexpr int kKeySteps = kBlockN / 16;   // k16 steps of P V
+
+  using QTile = SharedTile<kBlockM, kHeadDim>;
+  using KvTile = SharedTile<kBlockN, kHeadDim>;
+  // Q, then K stages 0 and 1, then V stages 0 and 1.
+  static constexpr int kKOffset = QTile::kElements;
+  static constexpr int kVOffset = kKOffset + 2 * KvTile::kElements;
+  static constexpr size_t kSmemBytes = (kVOffset + 2 * KvTile::kElements) * sizeof(Element);
+};
+
+template <typename Traits>
+FA_KERNEL(Traits::kThreads, Traits::kMinBlocksPerSm)
+void attention_forward_kernel(const AttentionForwardParams params) {
+  using Element = typename Traits::Element;
+  using QTile = typename Traits::QTile;
+  using KvTile = typename Traits::KvTile;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kThreads = Traits::kThreads;
+
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int group = lane / 4;       // C fragment rows group, group + 8
+  const int pair = 2 * (lane % 4);  // C fragment columns pair, pair + 1
+
+  // Reversed so that the causal blocks with the most key tiles start first.
+  const int64_t m_block = static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;
+  const int64_t head = blockIdx.y;
+  const int64_t batch = blockIdx.z;
+  const int64_t kv_head = head / (params.heads_q / params.heads_kv);
+  const int m0 = static_cast<int>(m_block) * kBlockM;
+  const int seqlen_q = static_cast<int>(params.seqlen_q);
+  const int seqlen_k = static_cast<int>(params.seqlen_k);
+  const int head_dim = static_cast<int>(params.head_dim);
+
+  // Keys any row of this block may see; tiles past them are skipped entirely.
+  int64_t key_end = seqlen_k;
+  if (params.causal) {
+    const int64_t last_row = (m0 + kBlockM < seqlen_q ? m0 + kBlockM : seqlen_q) - 1;
+    const int64_t causal_end = last_row + params.causal_offset + 1;
+    key_end = causal_end < key_end ? causal_end : key_end;
+  }
+  const int num_tiles = key_end > 0 ? static_cast<int>(ceil_div(key_end, kBlockN)) : 0;
+
+  const Element* q = static_cast<const Element*>(params.q) + batch * params.q_batch_stride + head * params.q_head_stride;
+  const Element* k = static_cast<const Element*>(params.k) + batch * params.k_batch_stride + kv_head * params.k_head_stride;
+  const Element* v = static_cast<const Element*>(params.v) + batch * params.v_batch_stride + kv_head * params.v_head_stride;
+
+  Element* smem = reinterpret_cast<Element*>(dynamic_shared_memory());
+  Element* q_smem = smem;
+  Element* k_smem = smem + Traits::kKOffset;
+  Element* v_smem = smem + Traits::kVOffset;
+
+  const ScoreContext<Element> scores(params, batch, head);
+
+  auto load_kv_tile = [&](int n_block, int stage) {
+    const int n0 = n_block * kBlockN;
+    load_tile_async<kBlockN, kHeadDim, kThreads>(k_smem + stage * KvTile::kElements, k + n0 * params.k_row_stride,
+                                                 params.k_row_stride, seqlen_k - n0, head_dim,
+                                                 static_cast<const Element*>(params.k));
+    load_tile_async<kBlockN, kHeadDim, kThreads>(v_smem + stage * KvTile::kElements, v + n0 * params.v_row_stride,
+                                                 params.v_row_stride, seqlen_k - n0, head_dim,
+                                                 static_cast<const Element*>(params.v));
+  };
+
+  float acc_o[Traits::kDimTiles][4];
+  zero_accumulators(acc_o);
+  float row_max[2] = {negative_infinity(), negative_infinity()};  // log2 units, rows group and group + 8
+  float row_sum[2] = {0.0f, 0.0f};                                // this thread's columns only, until the end
+  uint32_t q_fragments[Traits::kQInRegisters ? Traits::kDimSteps : 1][4];
+
+  if (num_tiles > 0) {
+    load_tile_async<kBlockM, kHeadDim, kThreads>(q_smem, q + m0 * params.q_row_stride, params.q_row_stride,
+                                                 seqlen_q - m0, head_dim, static_cast<const Element*>(params.q));
+    load_kv_tile(num_tiles - 1, 0);
+    cp_async_commit();
+  }
+
+  const int row0 = m0 + warp * 16 + group;  // this thread's rows: row0 and row0 + 8
+
+  for (int it = 0; it < num_tiles; ++it) {
+    const int n_block = num_tiles - 1 - it;
+    const int stage = it & 1;
+    cp_async_wait<0>();
+    block_sync();  // tile `it` has landed; every warp is done with tile it - 1 (the other stage)
+    if (it + 1 < num_tiles) {
+      load_kv_tile(n_block - 1, stage ^ 1);
+      cp_async_commit();
+    }
+    const Element* k_tile = k_smem + stage * KvTile::kElements;
+    const Element* v_tile = v_smem + stage * KvTile::kElements;
+    if constexpr (Traits::kQInRegisters) {
+      if (it == 0) {
+        FA_UNROLL
+        for (int kk = 0; kk < Traits::kDimSteps; ++kk) {
+          load_a_operand<QTile>(q_fragments[kk], q_smem, warp * 16, kk * 16, lane);
+        }
+      }
+    }
+
+    // S = Q K^T, (16 x kBlockN) per warp.
+    float acc_s[Traits::kKeyTiles][4];
+    zero_accumulators(acc_s);
+    FA_UNROLL
+    for (int kk = 0; kk < Traits::kDimSteps; ++kk) {
+      uint32_t a[4];
+      if constexpr (Traits::kQInRegisters) {
+        FA_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          a[i] = q_fragments[kk][i];
+        }
+      } else {
+        load_a_operand<QTile>(a, q_smem, warp * 16, kk * 16, lane);
+      }
+      FA_UNROLL
+      for (int nn = 0; nn < Traits::kKeySteps; ++nn) {
+        uint32_t b[4];
+        load_b_operands_n_major<KvTile>(b, k_tile, nn * 16, kk * 16, lane);
+        mma_m16n8k16<Element>(acc_s[2 * nn], a, b[0], b[1]);
+        mma_m16n8k16<Element>(acc_s[2 * nn + 1], a, b[2], b[3]);
+      }
+    }
+
+    // Scores in log2 units; element (j, e) is row row0 + 8 (e / 2), key key_base + 8 j + e % 2.
+    const int n0 = n_block * kBlockN;
+    const int key_base = n0 + pair;
+    if (scores.needs_elementwise(m0, kBlockM, n0, kBlockN)) {
+      FA_UNROLL
+      for (int j = 0; j < Traits::kKeyTiles; ++j) {
+        FA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          acc_s[j][e] = scores.score_log2(acc_s[j][e], row0 + (e >> 1) * 8, key_base + j * 8 + (e & 1));
+        }
+      }
+    } else {
+      FA_UNROLL
+      for (int j = 0; j < Traits::kKeyTiles; ++j) {
+        FA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          acc_s[j][e] *= scores.scale_log2();
+        }
+      }
+    }
+
+    // Online softmax. A row whose scores are all -inf so far keeps max -inf and
+    // uses 0 as its exponent base, so that no -inf - -inf (NaN) is formed.
+    float tile_max[2] = {negative_infinity(), negative_infinity()};
+    FA_UNROLL
+    for (int j = 0; j < Traits::kKeyTiles; ++j) {
+      FA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], acc_s[j][e]);
+      }
+    }
+    float base[2];
+    FA_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 2));
+      const float new_max = fmaxf(row_max[r], tile_max[r]);
+      base[r] = new_max == negative_infinity() ? 0.0f : new_max;
+      const float correction = exp2f(row_max[r] - base[r]);
+      row_max[r] = new_max;
+      row_sum[r] *= correction;
+      FA_UNROLL
+      for (int j = 0; j < Traits::kDimTiles; ++j) {
+        acc_o[j][2 * r] *= correction;
+        acc_o[j][2 * r + 1] *= correction;
+      }
+    }
+    FA_UNROLL
+    for (int j = 0; j < Traits::kKeyTiles; ++j) {
+      FA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const float probability = exp2f(acc_s[j][e] - base[e >> 1]);
+        row_sum[e >> 1] += probability;  // the softmax denominator counts dropped scores too
+        acc_s[j][e] = probability;
+      }
+    }
+    if (scores.dropout()) {
+      FA_UNROLL
+      for (int j = 0; j < Traits::kKeyTiles; ++j) {
+        FA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int row = row0 + (e >> 1) * 8;
+          const int key = key_base + j * 8 + (e & 1);
+          if (scores.in_bounds(row, key) && !scores.keeps(row, key)) {
+            acc_s[j][e] = 0.0f;  // kept ones are scaled by 1 / (1 - p) once, at the end
+          }
+        }
+      }
+    }
+
+    // O += P V, P (16 x kBlockN) from registers.
+    FA_UNROLL
+    for (int kk = 0; kk < Traits::kKeySteps; ++kk) {
+      uint32_t a[4];
+      accumulators_to_a_operand<Element>(a, acc_s, kk);
+      FA_UNROLL
+      for (int dn = 0; dn < Traits::kDimSteps; ++dn) {
+        uint32_t b[4];
+        load_b_operands_k_major<KvTile>(b, v_tile, kk * 16, dn * 16, lane);
+        mma_m16n8k16<Element>(acc_o[2 * dn], a, b[0], b[1]);
+        mma_m16n8k16<Element>(acc_o[2 * dn + 1], a, b[2], b[3]);
+      }
+    }
+  }
+
+  // out = O / rowsum (0 for rows with no visible key), lse = ln(sum exp(s)).
+  Element* out = static_cast<Element*>(params.out) + batch * params.out_batch_stride + head * params.out_head_stride;
+  float* lse = static_cast<float*>(params.lse) + (batch * params.heads_q + head) * seqlen_q;
+  FA_UNROLL
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += shfl_xor(row_sum[r], 1);
+    row_sum[r] += shfl_xor(row_sum[r], 2);
+    const int row = row0 + r * 8;
+    if (row >= seqlen_q) {
+      continue;
+    }
+    const float out_scale = row_sum[r] == 0.0f ? 0.0f : scores.dropout_keep_scale() / row_sum[r];
+    Element* out_row = out + row * params.out_row_stride + pair;  // column pair + 8 j below
+    const int cols_left = head_dim - pair;
+    FA_UNROLL
+    for (int j = 0; j < Traits::kDimTiles; ++j) {
+      if (j * 8 < cols_left) {
+        store_global(reinterpret_cast<uint32_t*>(out_row + j * 8),
+                     ElementOps<Element>::pack(acc_o[j][2 * r] * out_scale, acc_o[j][2 * r + 1] * out_scale));
+      }
+    }
+    if (lane % 4 == 0) {
+      const float base = row_max[r] == negative_infinity() ? 0.0f : row_max[r];
+      store_global(lse + row, row_sum[r] == 0.0f ? negative_infinity() : (base + log2f(row_sum[r])) * kLn2);
+    }
+  }
+}
+
+template <ElementType kElement, int kHeadDim>
+LaunchStatus run_attention_forward(const AttentionForwardParams& params, cudaStream_t stream) {
+  using Traits = ForwardTraits<typename ElementOf<kElement>::type, kHeadDim>;
+  const dim3 grid(static_cast<unsigned>(ceil_div(params.seqlen_q, Traits::kBlockM)),
+                  static_cast<unsigned>(params.heads_q), static_cast<unsigned>(params.batch));
+  return launch_kernel(attention_forward_kernel<Traits>, grid, dim3(Traits::kThreads), Traits::kSmemBytes, stream,
+                       params);
+}
+
+}  // namespace fast_attn::cuda

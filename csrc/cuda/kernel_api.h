@@ -1,0 +1,59 @@
+// The plain-function boundary between the ATen launcher (attention_cuda_host.cpp,
+// compiled by the host compiler) and the kernel translation units (*.cu,
+// compiled by nvcc with no ATen). Nothing here needs torch, so the kernels can
+// be compiled with `nvcc -c` on a machine whose torch has no CUDA, and a future
+// Hopper path (wgmma/TMA) can add its own run_* functions beside these.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "attention_params.h"
+
+namespace fast_attn::cuda {
+
+enum class ElementType : int { kFloat16 = 0, kBFloat16 = 1 };
+
+// What a launch reports back: ok, or the CUDA (or emulator) error text.
+struct LaunchStatus {
+  bool ok;
+  const char* message;  // static string; nullptr when ok
+};
+
+inline LaunchStatus launch_ok() { return {true, nullptr}; }
+
+// Buffers of the backward pass that the contract's params struct does not name.
+struct BackwardWorkspace {
+  // (B, Hq, Sq, head_dim) float32 contiguous: dq accumulated with atomics by the
+  // dK/dV kernel (zeroed by the preprocess kernel), nullptr in deterministic mode.
+  float* dq_accum;
+  // (B, Hq, Sq) float32 contiguous gradient of lse, nullptr when absent.
+  const float* grad_lse;
+};
+
+// Forward: out and lse of params. kHeadDim is the compiled kernel head dim
+// (>= params.head_dim; the columns beyond params.head_dim are zero-filled).
+template <ElementType kElement, int kHeadDim>
+LaunchStatus run_attention_forward(const AttentionForwardParams& params, cudaStream_t stream);
+
+// Backward step 1: delta = rowsum(grad_out * out) - grad_lse, and zero dq_accum.
+template <ElementType kElement>
+LaunchStatus run_attention_backward_preprocess(const AttentionBackwardParams& params,
+                                               const BackwardWorkspace& workspace, cudaStream_t stream);
+
+// Backward step 2: dk, dv (and dbias partials; and dq_accum unless deterministic).
+template <ElementType kElement, int kHeadDim>
+LaunchStatus run_attention_backward_dkdv(const AttentionBackwardParams& params,
+                                         const BackwardWorkspace& workspace, cudaStream_t stream);
+
+// Backward step 3 (deterministic mode): dq without atomics, one CTA per query block.
+template <ElementType kElement, int kHeadDim>
+LaunchStatus run_attention_backward_dq(const AttentionBackwardParams& params, cudaStream_t stream);
+
+// Backward step 3 (default mode): dq = scale * dq_accum in the inputs' dtype.
+template <ElementType kElement>
+LaunchStatus run_attention_backward_convert_dq(const AttentionBackwardParams& params,
+                                               const BackwardWorkspace& workspace, cudaStream_t stream);
+
+}  // namespace fast_attn::cuda

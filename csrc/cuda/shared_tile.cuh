@@ -1,0 +1,150 @@
+// Shared-memory tiles and the tensor-core operand loads from them.
+//
+// Layout: row-major with a padded pitch of kCols + 8 elements (16 extra bytes
+// per row). kCols is a multiple of 16, so the pitch is an odd number of
+// 16-byte units: the 8 row addresses of one ldmatrix 8x8 matrix (same 16-byte
+// column, 8 consecutive rows) then fall on 8 distinct 16-byte bank groups, and
+// every ldmatrix phase is free of bank conflicts for every head dim (32..256)
+// without an XOR swizzle. (cp.async writes of a D = 32 tile, 4 chunks per row,
+// have one 2-way conflict per 8-thread phase; the other dims have none.)
+//
+// Operand loads (one warp, m16n8k16, per PTX ISA "Matrix Fragments for
+// mma.m16n8k16 with floating point type"): with g = lane / 4, t = lane % 4,
+//   A (16x16, row): a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..], a[3] = A[g+8][2t+8..]
+//   B (16x8, col):  b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g]
+//   C (16x8, f32):  c[0..1] = C[g][2t..2t+1], c[2..3] = C[g+8][2t..2t+1]
+#pragma once
+
+#include "device_runtime.cuh"
+
+namespace fast_attn::cuda {
+
+template <int kRows, int kCols>
+struct SharedTile {
+  static_assert(kCols % 16 == 0, "tile columns must be a multiple of 16 (odd 16-byte pitch)");
+  static_assert(kRows % 16 == 0, "tile rows must be a multiple of 16");
+  static constexpr int kPitch = kCols + 8;  // elements
+  static constexpr int kElements = kRows * kPitch;
+
+  static FA_DEVICE constexpr int offset(int row, int col) { return row * kPitch + col; }
+};
+
+// Copies rows [0, kRows) x columns [0, kCols) of a row-major global tile into
+// shared memory with cp.async, 16 bytes per copy. Rows >= valid_rows and
+// columns >= valid_cols (a multiple of 8) are zero-filled without being read:
+// padded head dims and rows past the sequence end contribute exact zeros (and
+// never NaN) to every product. `fallback` is any readable address, handed to
+// the zero-filling copies. The caller commits the group.
+//
+// Thread t copies column chunk t % kSlots of rows t / kSlots + p * kRowsPerPass
+// (kSlots: chunks per row rounded up to a power of two; slots past the row
+// copy nothing): one source pointer advanced by a fixed stride, so that no
+// per-pass address stays live in registers across the caller's loops.
+template <int kRows, int kCols, int kThreads, typename Element>
+FA_DEVICE void load_tile_async(Element* smem, const Element* gmem, int64_t row_stride, int64_t valid_rows,
+                               int valid_cols, const Element* fallback) {
+  using Tile = SharedTile<kRows, kCols>;
+  constexpr int kChunksPerRow = kCols / 8;
+  constexpr int kSlots = kChunksPerRow <= 4 ? 4 : kChunksPerRow <= 8 ? 8 : kChunksPerRow <= 16 ? 16 : 32;
+  static_assert(kChunksPerRow <= 32 && kThreads % kSlots == 0, "whole rows per pass");
+  constexpr int kRowsPerPass = kThreads / kSlots;
+  constexpr int kPasses = (kRows + kRowsPerPass - 1) / kRowsPerPass;
+  const int row = static_cast<int>(threadIdx.x) / kSlots;
+  const int chunk = static_cast<int>(threadIdx.x) % kSlots;
+  if (kSlots != kChunksPerRow && chunk >= kChunksPerRow) {
+    return;
+  }
+  const int col = chunk * 8;
+  const bool col_valid = col < valid_cols;
+  const Element* src = gmem + row * row_stride + col;
+  Element* dst = smem + Tile::offset(row, col);
+  FA_UNROLL
+  for (int p = 0; p < kPasses; ++p) {
+    if (kRows % kRowsPerPass == 0 || row + p * kRowsPerPass < kRows) {
+      const bool valid = col_valid && row + p * kRowsPerPass < valid_rows;
+      cp_async_16(dst + p * kRowsPerPass * Tile::kPitch, valid ? src : fallback, valid);
+    }
+    src += kRowsPerPass * row_stride;
+  }
+}
+
+// Copies n floats (a per-row vector such as lse or delta) into shared memory
+// with 4-byte cp.async; entries >= valid are zero-filled.
+template <int kCount, int kThreads>
+FA_DEVICE void load_vector_async(float* smem, const float* gmem, int64_t valid, const float* fallback) {
+  static_assert(kCount <= kThreads, "one element per thread");
+  const int i = static_cast<int>(threadIdx.x);
+  if (i < kCount) {
+    const bool fill = i < valid;
+    cp_async_4(smem + i, fill ? gmem + i : fallback, fill);
+  }
+}
+
+// A operand, A[r][c] = tile[row0 + r][col0 + c] (tile stored row-major along k).
+// Matrix i of ldmatrix.x4 is register a[i]: rows row0 + 8 (i & 1), columns col0 + 8 (i >> 1).
+template <typename Tile, typename Element>
+FA_DEVICE void load_a_operand(uint32_t (&a)[4], const Element* tile, int row0, int col0, int lane) {
+  const int matrix = lane / 8;
+  const int row = row0 + (matrix & 1) * 8 + lane % 8;
+  const int col = col0 + (matrix >> 1) * 8;
+  ldmatrix_x4(a, tile + Tile::offset(row, col));
+}
+
+// A operand of a transposed tile, A[r][c] = tile[row0 + c][col0 + r].
+// Register a[i] covers A rows 8 (i & 1), A columns 8 (i >> 1): stored rows
+// row0 + 8 (i >> 1), stored columns col0 + 8 (i & 1), read transposed.
+template <typename Tile, typename Element>
+FA_DEVICE void load_a_operand_transposed(uint32_t (&a)[4], const Element* tile, int row0, int col0, int lane) {
+  const int matrix = lane / 8;
+  const int row = row0 + (matrix >> 1) * 8 + lane % 8;
+  const int col = col0 + (matrix & 1) * 8;
+  ldmatrix_x4_trans(a, tile + Tile::offset(row, col));
+}
+
+// B operands of two adjacent n8 tiles from a tile stored with n along rows and
+// k along columns: B[k][n] = tile[n0 + n][k0 + k] (K of S = Q K^T).
+// b[0], b[1]: n tile n0; b[2], b[3]: n tile n0 + 8.
+// Matrix i: stored rows n0 + 8 (i >> 1), stored columns k0 + 8 (i & 1).
+template <typename Tile, typename Element>
+FA_DEVICE void load_b_operands_n_major(uint32_t (&b)[4], const Element* tile, int n0, int k0, int lane) {
+  const int matrix = lane / 8;
+  const int row = n0 + (matrix >> 1) * 8 + lane % 8;
+  const int col = k0 + (matrix & 1) * 8;
+  ldmatrix_x4(b, tile + Tile::offset(row, col));
+}
+
+// B operands of two adjacent n8 tiles from a tile stored with k along rows and
+// n along columns: B[k][n] = tile[k0 + k][n0 + n] (V of O = P V), read transposed.
+// b[0], b[1]: n tile n0; b[2], b[3]: n tile n0 + 8.
+// Matrix i: stored rows k0 + 8 (i & 1), stored columns n0 + 8 (i >> 1).
+template <typename Tile, typename Element>
+FA_DEVICE void load_b_operands_k_major(uint32_t (&b)[4], const Element* tile, int k0, int n0, int lane) {
+  const int matrix = lane / 8;
+  const int row = k0 + (matrix & 1) * 8 + lane % 8;
+  const int col = n0 + (matrix >> 1) * 8;
+  ldmatrix_x4_trans(b, tile + Tile::offset(row, col));
+}
+
+// The A operand for k step kk of a product whose left factor is held as C
+// accumulators acc[n8 tile][4] (16 rows x 8 columns each): columns 16 kk .. 16 kk + 15
+// are n8 tiles 2 kk and 2 kk + 1, and the C layout of a pair of n8 tiles is the A layout.
+template <typename Element, int kTiles>
+FA_DEVICE void accumulators_to_a_operand(uint32_t (&a)[4], const float (&acc)[kTiles][4], int kk) {
+  a[0] = ElementOps<Element>::pack(acc[2 * kk][0], acc[2 * kk][1]);
+  a[1] = ElementOps<Element>::pack(acc[2 * kk][2], acc[2 * kk][3]);
+  a[2] = ElementOps<Element>::pack(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+  a[3] = ElementOps<Element>::pack(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+}
+
+template <int kTiles>
+FA_DEVICE void zero_accumulators(float (&acc)[kTiles][4]) {
+  FA_UNROLL
+  for (int j = 0; j < kTiles; ++j) {
+    FA_UNROLL
+    for (int e = 0; e < 4; ++e) {
+      acc[j][e] = 0.0f;
+    }
+  }
+}
+
+}  // namespace fast_attn::cuda

@@ -1,0 +1,84 @@
+// Tile shapes of the CUDA kernels, one set per compiled head dim. Plain C++:
+// the host launcher sizes the dbias schedule from them, the kernels derive
+// every loop bound from them.
+//
+// Every kernel gives each warp 16 rows of the MMA M dimension (one m16 tile),
+// which keeps the fragment bookkeeping to a single pattern. Why these sizes
+// (to be re-tuned on the H100 by measurement):
+// - forward: 8 warps = 128 query rows per CTA so that each K/V tile fetched
+//   from L2 serves 128 rows (with 64 rows, K/V re-reads at S = 16k need about
+//   6 TB/s of L2 bandwidth at 400 TFLOP/s; with 128 rows half of that).
+//   Q fragments stay in registers for D <= 128 (32 registers at D = 128);
+//   at D = 256 they would take 64 and are re-read from shared memory instead.
+// - dK/dV: each warp owns 16 keys of the CTA's key block and keeps their dK and
+//   dV in registers (2 * D / 2 floats per thread at 16 x D per warp); at D = 256
+//   that is 256 registers, so two warps share 16 keys and each keeps half of
+//   the head dim (split_head_dim = 2), both computing the 16 x block_m scores.
+// - dQ (deterministic mode): like the forward, warps own query rows.
+#pragma once
+
+namespace fast_attn::cuda {
+
+struct ForwardTileConfig {
+  int block_m;  // query rows per CTA = 16 * warps
+  int block_n;  // keys per K/V tile
+  int warps;
+  int min_blocks_per_sm;
+  bool q_in_registers;
+};
+
+constexpr ForwardTileConfig forward_tile_config(int head_dim) {
+  switch (head_dim) {
+    case 32: return {128, 128, 8, 1, true};
+    case 64: return {128, 128, 8, 1, true};
+    case 96: return {128, 64, 8, 1, true};
+    case 128: return {128, 64, 8, 1, true};
+    case 256: return {128, 32, 8, 1, false};
+    default: return {0, 0, 0, 0, false};
+  }
+}
+
+struct DkdvTileConfig {
+  int block_n;         // keys per CTA = 16 * warps / split_head_dim
+  int block_m;         // query rows per step of the loop over queries (one barrier, one prefetch)
+  int chunk_m;         // query rows whose S^T, dP^T are live at once within a step
+  int warps;
+  int split_head_dim;  // warps sharing 16 keys, each owning head_dim / split columns of dK, dV
+  int min_blocks_per_sm;
+  bool kv_in_registers;  // K and V fragments of the warp's keys held in registers for the whole loop
+};
+
+// chunk_m bounds the registers: a warp holds dK and dV (16 x D / split each,
+// D / split / 4 floats per thread) plus S^T and dP^T of one chunk (chunk_m / 4
+// floats each). At D = 128 a chunk of 32 still spills at 255 registers (with
+// masks, bias and dropout compiled in); 16 does not.
+constexpr DkdvTileConfig dkdv_tile_config(int head_dim) {
+  switch (head_dim) {
+    case 32: return {128, 64, 32, 8, 1, 1, true};
+    case 64: return {128, 64, 16, 8, 1, 1, true};
+    case 96: return {128, 64, 16, 8, 1, 1, false};
+    case 128: return {128, 64, 16, 8, 1, 1, false};
+    case 256: return {64, 32, 16, 8, 2, 1, false};
+    default: return {0, 0, 0, 0, 0, 0, false};
+  }
+}
+
+struct DqTileConfig {
+  int block_m;  // query rows per CTA = 16 * warps
+  int block_n;  // keys per K/V tile
+  int warps;
+  bool q_do_in_registers;  // Q and dO fragments of the warp's rows held in registers
+};
+
+constexpr DqTileConfig dq_tile_config(int head_dim) {
+  switch (head_dim) {
+    case 32: return {128, 64, 8, true};
+    case 64: return {128, 64, 8, true};
+    case 96: return {128, 32, 8, false};
+    case 128: return {128, 32, 8, false};
+    case 256: return {64, 16, 4, false};
+    default: return {0, 0, 0, false};
+  }
+}
+
+}  // namespace fast_attn::cuda

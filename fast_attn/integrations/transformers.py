@@ -1,0 +1,208 @@
+"""fast_attn as a transformers attention implementation named "fast_attn".
+
+    import fast_attn.integrations.transformers as fa_hf
+    fa_hf.register()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="fast_attn")
+
+Two functions are registered (transformers >= 5 needs both; without the mask
+function a model silently receives no padding mask):
+
+* `attention_forward`, called by every attention layer with q/k/v as
+  (B, H, S, D) views of (B, S, H, D) memory. It maps transformers' arguments
+  onto `fast_attn.attention`: `scaling`, `dropout`, GQA (k/v keep their own
+  head count, never expanded), T5's `position_bias` (a bias whose gradient
+  flows back to the relative-position embedding), causality from `is_causal`
+  or `module.is_causal` when no mask is given.
+
+* `build_attention_mask`, called once per forward to build the mask. Where the mask
+  is plain key padding (bidirectional attention, or causal attention aligned
+  bottom-right as with a dynamic KV cache) it returns the padding itself as a
+  (B, 1, 1 or Sq, Sk) bool view instead of a (Sq, Sk) pattern, and the
+  attention function hands it to the kernel as `key_mask` (applied in-kernel,
+  nothing built). Any other pattern (sliding windows, packed sequences, static
+  caches, custom mask functions) is built by transformers' own `sdpa_mask` and
+  reaches the kernel as a -inf bias.
+
+Conventions of the masks this module returns (what `attention_forward` reads):
+  None                       no mask; causal (top-left, as SDPA) when the module is causal and Sq > 1
+  bool (B, 1, 1, Sk)         key padding; a causal module adds its causal mask aligned bottom-right
+  bool (B, 1, Sq, Sk), stride 0 on Sq
+                             key padding of a bidirectional layer (exactly the mask SDPA would get)
+  any other bool mask        True = attend, applied as a -inf bias
+  float mask                 added to the scores, as a bias
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..functional import attention
+
+IMPLEMENTATION_NAME = "fast_attn"
+
+
+def _causal_flag(module: torch.nn.Module, is_causal: bool | None) -> bool:
+    # The same precedence as transformers' SDPA integration: the call's is_causal, then the module's.
+    return bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", True))
+
+
+def _is_key_padding(mask: torch.Tensor) -> bool:
+    """A bool (B, 1|H, 1|Sq, Sk) mask that only varies along batch and keys."""
+    if mask.dtype != torch.bool or mask.dim() != 4:
+        return False
+    return all(mask.shape[d] == 1 or mask.stride(d) == 0 for d in (1, 2))
+
+
+def _mask_arguments(
+    mask: torch.Tensor | None,
+    position_bias: torch.Tensor | None,
+    causal_module: bool,
+    seqlen_q: int,
+    seqlen_k: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, bool | str]:
+    """Map transformers' (mask, position_bias, causality) onto fast_attn's (bias, key_mask, causal)."""
+    if mask is None:
+        return position_bias, None, ("top_left" if causal_module and seqlen_q > 1 else False)
+    if mask.shape[-1] > seqlen_k:
+        # Eager attention slices a longer mask to the keys it has; do the same.
+        mask = mask[..., :seqlen_k]
+    if _is_key_padding(mask):
+        key_mask = mask[:, 0, 0, :]  # (B, Sk)
+        # Only this module's own causal mask function returns a single query row for Sq > 1.
+        causal = "bottom_right" if causal_module and mask.shape[2] == 1 and seqlen_q > 1 else False
+        return position_bias, key_mask, causal
+    if mask.dtype == torch.bool:
+        visible_bias = (
+            position_bias if position_bias is not None else torch.zeros((), dtype=dtype, device=mask.device)
+        )
+        return torch.where(mask, visible_bias, float("-inf")), None, False
+    return (mask if position_bias is None else position_bias + mask), None, False
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    position_bias: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The transformers attention function: q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) -> out (B, Sq, Hq, D)."""
+    if kwargs.get("output_attentions", False):
+        warnings.warn(
+            "fast_attn does not return attention weights (output_attentions=True); "
+            "use attn_implementation='eager' to get them",
+            stacklevel=2,
+        )
+    if value.shape[-1] != query.shape[-1]:
+        raise ValueError(
+            f"fast_attn needs the value head dim to equal the query head dim in "
+            f"{type(module).__name__}, got query {tuple(query.shape)} and value {tuple(value.shape)}"
+        )
+    seqlen_q, seqlen_k = query.shape[2], key.shape[2]
+    if attention_mask is not None and attention_mask.shape[-1] < seqlen_k:
+        raise ValueError(
+            f"{type(module).__name__}: attention mask covers {attention_mask.shape[-1]} keys "
+            f"but there are {seqlen_k} (mask shape {tuple(attention_mask.shape)})"
+        )
+    bias, key_mask, causal = _mask_arguments(
+        attention_mask, position_bias, _causal_flag(module, is_causal), seqlen_q, seqlen_k, query.dtype
+    )
+    out = attention(
+        query, key, value, bias=bias, key_mask=key_mask, causal=causal, scale=scaling, dropout_p=dropout
+    )  # (B, Hq, Sq, D)
+    return out.transpose(1, 2), None
+
+
+def _keys_visible(
+    padding: torch.Tensor | None, batch_size: int, kv_length: int, kv_offset: int
+) -> torch.Tensor | None:
+    """The 2-D padding mask (B, seen tokens) cut to the keys [kv_offset, kv_offset + kv_length): (B, Sk)."""
+    if padding is None:
+        return None
+    padding = padding.to(torch.bool)
+    missing = kv_offset + kv_length - padding.shape[-1]
+    if missing > 0:
+        # As transformers does: keys the 2-D mask does not cover are not attended.
+        padding = torch.nn.functional.pad(padding, (0, missing), value=False)
+    return padding[:, kv_offset : kv_offset + kv_length].expand(batch_size, kv_length)
+
+
+def _is_tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def build_attention_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    allow_is_causal_skip: bool = True,
+    allow_is_bidirectional_skip: bool = False,
+    use_vmap: bool = False,
+    local_size: int | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """The transformers mask function of "fast_attn" (see the module docstring for what it returns)."""
+    from transformers import masking_utils
+
+    if mask_function is None:
+        mask_function = masking_utils.causal_mask_function
+    plain_offsets = isinstance(q_offset, int) and isinstance(kv_offset, int)
+    bidirectional = mask_function is masking_utils.bidirectional_mask_function
+    causal_bottom_right = (
+        mask_function is masking_utils.causal_mask_function
+        and plain_offsets
+        and q_offset - kv_offset == kv_length - q_length
+        # A caller that forbids skipping wants a materialized (Sq, Sk) pattern, e.g. to concatenate it.
+        and (allow_is_causal_skip or q_length == 1)
+    )
+    if use_vmap or local_size is not None or not (bidirectional or causal_bottom_right):
+        return masking_utils.sdpa_mask(
+            batch_size=batch_size,
+            q_length=q_length,
+            kv_length=kv_length,
+            q_offset=q_offset,
+            kv_offset=kv_offset,
+            mask_function=mask_function,
+            attention_mask=attention_mask,
+            allow_is_causal_skip=allow_is_causal_skip,
+            allow_is_bidirectional_skip=allow_is_bidirectional_skip,
+            use_vmap=use_vmap,
+            local_size=local_size,
+            **kwargs,
+        )
+    device = kwargs.get("device", "cpu")
+    keys = _keys_visible(attention_mask, batch_size, kv_length, kv_offset)  # (B, Sk) or None
+    # Reading the mask's values syncs with the device, as SDPA's mask skipping does; never while tracing.
+    no_padding = keys is None or (not _is_tracing() and bool(keys.all()))
+    if no_padding:
+        if bidirectional and allow_is_bidirectional_skip:
+            return None
+        if causal_bottom_right and allow_is_causal_skip and q_length in (1, kv_length):
+            return None
+    if keys is None:
+        keys = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
+    if bidirectional:
+        return keys[:, None, None, :].expand(batch_size, 1, q_length, kv_length)
+    return keys[:, None, None, :]
+
+
+def register() -> str:
+    """Register "fast_attn" with transformers (attention and mask functions); idempotent. Returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(IMPLEMENTATION_NAME, attention_forward)
+    AttentionMaskInterface.register(IMPLEMENTATION_NAME, build_attention_mask)
+    return IMPLEMENTATION_NAME

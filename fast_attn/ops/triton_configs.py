@@ -1,0 +1,330 @@
+"""Launch configurations of the Triton kernels: block sizes, warps and pipeline
+stages per GPU generation and head-dim block, pruned to a handful per launch so
+autotuning stays short (each candidate is compiled and timed once per shape bucket).
+
+The tables hold what is known to work for FlashAttention-style kernels in Triton:
+forward BLOCK_M 128 with BLOCK_N 64-128, 4-8 warps and 3-4 stages on Hopper; the
+backward with 64-128 keys per dK/dV program. Every entry was compiled for
+sm_80 and sm_90 (tests/test_triton_compile.py) and dropped if it spilled registers
+or did not fit in shared memory. Under TRITON_INTERPRET=1 one small fixed
+configuration keeps CPU tests fast (the interpreter costs ~2.5 ms per tile).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M is the query block and BLOCK_N the
+# key block in every kernel. Keys of each table: head-dim block (16..256 rounded up to
+# a power of two; the smallest entry >= it applies).
+#
+# Chosen from a compile sweep with triton 3.8 (GPUTarget, no GPU): each entry compiles
+# without register spills (no stack frame) both plain (causal) and with a bf16 bias,
+# for its head-dim block; the first entry of each list is the one used when
+# autotuning is off (FAST_ATTN_TRITON_AUTOTUNE=0). On sm_90 every 16-bit entry with
+# BLOCK_M (forward, dQ, dbias) or BLOCK_N (dK/dV) >= 64 per warpgroup lowers its dots
+# to wgmma. Rejected examples: forward (128, 64, 4 warps, 3) at D 128 spills 336 B on
+# sm_90; dK/dV (64, 128, 8, 2) at D 64 spills with a bias; every 4-warp dK/dV config at
+# D >= 128 spills (dK and dV accumulators alone take 128 registers per thread).
+# The kernels keep Triton's default specialization of int arguments (== 1, divisible
+# by 16): with do_not_specialize on the sequence sizes, 9 of the 50 compile-test cases
+# spilled 8-72 B with these tables, so a new sequence-length class (Sq == 1, S % 16
+# == 0, other) costs one more compile instead.
+Config = tuple[int, int, int, int]
+
+_INTERPRETER_CONFIG: Config = (32, 32, 4, 1)
+
+_FORWARD_16BIT = {
+    "sm90": {
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)],
+        256: [(64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
+    },
+    "sm80": {
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+        128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3)],
+        256: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)],
+    },
+}
+_DKDV_16BIT = {
+    "sm90": {
+        64: [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2)],
+        128: [(16, 128, 8, 2), (32, 64, 8, 2), (32, 128, 8, 2)],
+        256: [(32, 32, 8, 2), (16, 32, 8, 2)],
+    },
+    "sm80": {
+        64: [(16, 128, 8, 2), (32, 128, 8, 2), (32, 128, 8, 3)],
+        128: [(32, 64, 8, 2), (16, 128, 8, 2), (64, 64, 8, 2)],
+        256: [(16, 32, 8, 2), (32, 32, 8, 2)],
+    },
+}
+_DQ_16BIT = {
+    "sm90": {
+        64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3)],
+        128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 2)],
+        256: [(64, 32, 8, 2), (32, 32, 4, 2)],
+    },
+    "sm80": {
+        64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
+        128: [(64, 64, 4, 3), (128, 32, 8, 2)],
+        256: [(64, 32, 8, 2), (64, 64, 8, 2)],
+    },
+}
+_DBIAS_16BIT = {
+    "sm90": {
+        64: [(128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3)],
+        128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 3)],
+        256: [(64, 32, 8, 2)],
+    },
+    "sm80": {
+        64: [(128, 32, 8, 3)],
+        128: [(64, 32, 8, 3), (64, 32, 8, 2)],
+        256: [(32, 64, 8, 2)],
+    },
+}
+# Launches with dropout (a 32-bit hash per score) or a float32 bias on 16-bit inputs
+# need more registers per score: these lists hold the entries that compile without
+# spills for those too (swept with causal + float32 bias + key mask + dropout + GQA).
+# Known exceptions: dbias on sm_80, and dbias at head-dim block 256, still spill a
+# little (32-264 B) in that heaviest combination.
+_HEAVY_16BIT = {
+    "forward": {
+        "sm90": {
+            64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 8, 2)],
+            128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
+            256: [(128, 32, 8, 2), (64, 32, 8, 2)],
+        },
+        "sm80": {
+            64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 8, 2)],
+            128: [(128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 8, 2)],
+            256: [(64, 32, 8, 2), (32, 64, 4, 2)],
+        },
+    },
+    "dkdv": {
+        "sm90": {
+            64: [(16, 128, 8, 2), (16, 64, 8, 2)],
+            128: [(16, 32, 8, 2), (16, 32, 4, 2)],
+            256: [(16, 32, 8, 2)],
+        },
+        "sm80": {
+            64: [(16, 128, 8, 2), (16, 64, 8, 2)],
+            128: [(16, 64, 8, 2), (16, 32, 8, 2)],
+            256: [(16, 32, 8, 2)],
+        },
+    },
+    "dq": {
+        "sm90": {
+            64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 8, 2)],
+            128: [(128, 64, 8, 3), (128, 32, 8, 2), (64, 32, 8, 2)],
+            256: [(32, 64, 4, 2)],
+        },
+        "sm80": {
+            64: [(128, 64, 8, 3), (64, 32, 8, 2), (32, 64, 4, 2)],
+            128: [(64, 32, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)],
+            256: [(32, 32, 4, 2), (64, 32, 8, 2)],
+        },
+    },
+    "dbias": {
+        "sm90": {
+            64: [(128, 32, 8, 3), (64, 32, 8, 2)],
+            128: [(128, 32, 8, 2), (64, 32, 8, 2)],
+            256: [(64, 32, 8, 2)],
+        },
+        "sm80": {64: [(128, 32, 8, 3), (64, 32, 8, 2)], 128: [(64, 32, 8, 2)], 256: [(32, 64, 8, 2)]},
+    },
+}
+# float32 runs "ieee" dots on CUDA cores (no tensor cores), whose operand layouts need
+# far more registers: small tiles only.
+_FLOAT32 = {
+    "forward": {
+        64: [(16, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)],
+        128: [(16, 16, 4, 2), (32, 16, 4, 2)],
+        256: [(16, 16, 4, 2), (16, 16, 4, 1)],
+    },
+    "dkdv": {64: [(16, 32, 4, 2)], 128: [(16, 32, 4, 2), (32, 16, 4, 2)], 256: [(16, 16, 4, 1)]},
+    "dq": {
+        64: [(32, 32, 4, 2), (16, 32, 4, 2), (32, 16, 4, 2)],
+        128: [(16, 16, 4, 2), (16, 32, 4, 2)],
+        256: [(16, 16, 4, 1), (16, 16, 4, 2)],
+    },
+    "dbias": {64: [(32, 16, 4, 1)], 128: [(16, 16, 4, 2)], 256: [(16, 16, 4, 2), (16, 32, 4, 1)]},
+}
+_TABLES = {"forward": _FORWARD_16BIT, "dkdv": _DKDV_16BIT, "dq": _DQ_16BIT, "dbias": _DBIAS_16BIT}
+KERNEL_NAMES = tuple(_TABLES)
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def head_dim_block(head_dim: int) -> int:
+    """The head-dim tile: a power of two >= 16 (tl.dot's smallest K); padding is masked."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+@functools.lru_cache(maxsize=None)
+def device_arch(device: torch.device) -> str:
+    """Which config tables apply: "interpret", "sm90" (Hopper and later) or "sm80" (others)."""
+    if interpreting() or device.type != "cuda":
+        return "interpret"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm90" if major >= 9 else "sm80"
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessor_count(device: torch.device) -> int:
+    """SMs to fill; the interpreter pretends 4 so CPU tests exercise dbias splits."""
+    if device_arch(device) == "interpret":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def is_heavy(
+    dtype: torch.dtype, bias_dtype: torch.dtype | None, dropout_p: float, stores_dbias: bool = False
+) -> bool:
+    """Whether a launch takes the _HEAVY_16BIT candidates (see there). A dQ launch that
+    also stores dbias (full-shape bias) counts too: (128, 64, 8, 3) spills 24 B on sm_80."""
+    wide_bias = bias_dtype == torch.float32 and dtype != torch.float32
+    return dropout_p > 0.0 or wide_bias or stores_dbias
+
+
+def table_configs(
+    kernel: str, arch: str, block_d: int, dtype: torch.dtype, heavy: bool = False
+) -> list[Config]:
+    """Every candidate of `kernel` for an architecture, head-dim block and dtype."""
+    if arch == "interpret":
+        return [_INTERPRETER_CONFIG]
+    if dtype == torch.float32:
+        by_head_dim = _FLOAT32[kernel]
+    elif heavy:
+        by_head_dim = _HEAVY_16BIT[kernel][arch]
+    else:
+        by_head_dim = _TABLES[kernel][arch]
+    fitting = [d for d in sorted(by_head_dim) if d >= block_d]
+    return list(by_head_dim[fitting[0] if fitting else max(by_head_dim)])
+
+
+# Shared memory one block may use (bytes, opt-in maximum): H100 227 KiB, A100 163 KiB.
+_SHARED_MEMORY_BYTES = {"sm90": 232448, "sm80": 166912}
+
+
+def shared_memory_estimate(
+    kernel: str, config: Config, block_d: int, dtype: torch.dtype, bias_dtype: torch.dtype | None
+) -> int:
+    """Bytes of shared memory a configuration needs: the pipelined tiles of each loop
+    iteration times the stages (the bias tile with one stage less), plus the tiles
+    loaded once. Matches what triton 3.8 allocates for the forward on sm_90 exactly
+    (e.g. 65536 B for (128, 64, _, 3) at D 64; 98304 B with a bf16 bias)."""
+    block_m, block_n, _, stages = config
+    element = torch.empty((), dtype=dtype).element_size()
+    bias_tile = (
+        0 if bias_dtype is None else block_m * block_n * torch.empty((), dtype=bias_dtype).element_size()
+    )
+    if kernel == "dkdv":  # k, v held; q and grad_out streamed
+        return (
+            2 * block_n * block_d * element
+            + stages * 2 * block_m * block_d * element
+            + (stages - 1) * bias_tile
+        )
+    held_rows = block_m * block_d * element * (1 if kernel == "forward" else 2)  # q (and grad_out)
+    return held_rows + stages * 2 * block_n * block_d * element + (stages - 1) * bias_tile
+
+
+def prune_configs(
+    configs: list[Config],
+    arch: str,
+    kernel: str,
+    block_d: int,
+    dtype: torch.dtype,
+    bias_dtype: torch.dtype | None,
+    seqlen_q: int,
+    seqlen_k: int,
+) -> tuple[Config, ...]:
+    """The candidates worth timing: those that fit in shared memory, without blocks
+    larger than the sequences they tile (a 128-row block for 20 queries only wastes
+    work). Never empty: the smallest candidate stays."""
+    useful_m = max(16, triton.next_power_of_2(seqlen_q))
+    useful_n = max(16, triton.next_power_of_2(seqlen_k))
+    limit = _SHARED_MEMORY_BYTES.get(arch)
+    pruned = [
+        c
+        for c in configs
+        if c[0] <= useful_m
+        and c[1] <= useful_n
+        and (limit is None or shared_memory_estimate(kernel, c, block_d, dtype, bias_dtype) <= limit)
+    ]
+    if not pruned:
+        smallest = min(c[0] * c[1] * c[3] for c in configs)
+        pruned = [c for c in configs if c[0] * c[1] * c[3] == smallest][:1]
+    if not autotuning_enabled():
+        pruned = pruned[:1]
+    return tuple(dict.fromkeys(pruned))
+
+
+def autotuning_enabled() -> bool:
+    """Whether launches time their candidates and keep the fastest.
+
+    Off (the first candidate only) with FAST_ATTN_TRITON_AUTOTUNE=0, for test runs on
+    a GPU where compiling every candidate of every kernel variant dominates the time,
+    and under torch.use_deterministic_algorithms(True): timing noise can make two
+    processes pick different tiles, hence different summation orders and bits; a fixed
+    tile gives the same bits in every process. (Within one process the tuned choice is
+    cached, so results repeat either way.)
+    """
+    if torch.are_deterministic_algorithms_enabled():
+        return False
+    return os.environ.get("FAST_ATTN_TRITON_AUTOTUNE", "1") != "0"
+
+
+def launch_configs(
+    kernel: str,
+    device: torch.device,
+    head_dim: int,
+    dtype: torch.dtype,
+    seqlen_q: int,
+    seqlen_k: int,
+    bias_dtype: torch.dtype | None = None,
+    dropout_p: float = 0.0,
+    stores_dbias: bool = False,
+) -> tuple[Config, ...]:
+    """The candidates autotuned for one launch of `kernel` ("forward", "dkdv", "dq", "dbias")."""
+    arch = device_arch(device)
+    block_d = head_dim_block(head_dim)
+    heavy = is_heavy(dtype, bias_dtype, dropout_p, stores_dbias)
+    configs = table_configs(kernel, arch, block_d, dtype, heavy)
+    return prune_configs(configs, arch, kernel, block_d, dtype, bias_dtype, seqlen_q, seqlen_k)
+
+
+@functools.lru_cache(maxsize=None)
+def autotuned(kernel: triton.runtime.JITFunction, configs: tuple[Config, ...]) -> triton.runtime.Autotuner:
+    """`kernel` autotuned over `configs` (BLOCK_M, BLOCK_N, warps, stages).
+
+    One Autotuner per candidate list: the lists already encode the shape bucket,
+    so the tuner's own key is empty (it still separates dtypes). Kernels only
+    write their outputs (no read-modify-write), so timing runs need no reset.
+    """
+    return triton.autotune(
+        configs=[
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+            for m, n, warps, stages in configs
+        ],
+        key=[],
+    )(kernel)
+
+
+MAX_DBIAS_SPLITS = 16
+
+
+def dbias_splits(programs: int, pairs_per_slice: int, device: torch.device) -> int:
+    """How many partial sums the dbias reduction is cut into: enough programs to fill
+    the GPU twice over, at most one per (batch, head) pair and MAX_DBIAS_SPLITS (each
+    split costs one fp32 copy of the bias)."""
+    target = 2 * multiprocessor_count(device)
+    if programs >= target:
+        return 1
+    return max(1, min(pairs_per_slice, MAX_DBIAS_SPLITS, triton.cdiv(target, max(programs, 1))))

@@ -1,0 +1,425 @@
+"""The Triton backend as torch ops: fast_attn::triton_attention_forward and
+fast_attn::triton_attention_backward, with the argument lists of the C++ ops
+(fast_attn/ops/autograd.py), registered with torch.library.triton_op so that
+torch.compile sees the kernels, and with autograd from the shared formula.
+
+Each op allocates its outputs, fills the kernels' arguments (the *_arguments
+functions, also used by tests/test_triton_compile.py to compile the kernels for
+GPU targets without a GPU) and launches the autotuned kernels of fast_attn/triton.
+Everything is deterministic: every output element is written by one program,
+and dbias partial sums are added in a fixed order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import triton_op, wrap_triton
+
+from ..dropout import dropout_threshold
+from ..triton.backward_dbias import attention_backward_dbias_kernel
+from ..triton.backward_dkdv import attention_backward_dkdv_kernel
+from ..triton.backward_dq import attention_backward_dq_kernel
+from ..triton.backward_preprocess import attention_backward_preprocess_kernel
+from ..triton.forward import attention_forward_kernel
+from . import autograd
+from .autograd import empty_bshd_like
+from .triton_configs import autotuned, dbias_splits, head_dim_block, interpreting, launch_configs
+
+FORWARD_OP = "fast_attn::triton_attention_forward"
+BACKWARD_OP = "fast_attn::triton_attention_backward"
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+# Rows of out / grad_out per preprocess program: 8192 elements keep it at ~64 registers of data per thread.
+PREPROCESS_TILE_ELEMENTS = 8192
+
+
+def _check_inputs(q: torch.Tensor, dropout_p: float, dropout_seed: torch.Tensor | None) -> None:
+    # What the kernels cannot survive when the op is called directly (fast_attn.attention
+    # validates everything else before dispatching here).
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"fast_attn triton ops support float16, bfloat16 and float32 inputs, got {q.dtype}")
+    if dropout_p > 0.0 and dropout_seed is None:
+        raise ValueError("fast_attn triton ops: dropout_p > 0 needs a dropout_seed tensor")
+
+
+def _shapes_only(q: torch.Tensor) -> bool:
+    """Tracing with fake tensors under the interpreter: wrap_triton cannot capture an
+    interpreted kernel (it would run it on tensors without data), so the op returns
+    its allocated outputs, which is all fake-tensor propagation needs. On a GPU the
+    kernels are captured and this is never taken."""
+    return interpreting() and is_fake(q)
+
+
+def _dtype_of(t: torch.Tensor | None) -> torch.dtype | None:
+    return None if t is None else t.dtype
+
+
+def _broadcast_stride(t: torch.Tensor, dim: int) -> int:
+    # A broadcast dim (size 1) is read with stride 0, so every index lands on its one element.
+    return 0 if t.shape[dim] == 1 else t.stride(dim)
+
+
+def _causal_offset(causal: int, seqlen_q: int, seqlen_k: int) -> int:
+    # Query i sees key j iff j <= i + offset: 0 top-left, Sk - Sq bottom-right.
+    return seqlen_k - seqlen_q if causal == 2 else 0
+
+
+def _shared_arguments(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p):
+    """Arguments every attention kernel takes, in its order, and its shared constexprs.
+
+    Absent optional tensors are replaced by q as a never-read placeholder pointer
+    (the HAS_* constexprs compile their reads out).
+    """
+    batch, heads_q, seqlen_q, head_dim = q.shape
+    heads_kv, seqlen_k = k.shape[1], k.shape[2]
+    tensors = (
+        q,
+        k,
+        v,
+        q if bias is None else bias,
+        q if key_mask is None else key_mask,
+        q if dropout_seed is None else dropout_seed,
+    )
+    strides = (
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *((0, 0, 0, 0) if bias is None else (_broadcast_stride(bias, d) for d in range(4))),
+        *((0, 0) if key_mask is None else (_broadcast_stride(key_mask, 0), key_mask.stride(1))),
+    )
+    has_dropout = dropout_p > 0.0
+    constexprs = dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=head_dim_block(head_dim),
+        CAUSAL=causal != 0,
+        HAS_BIAS=bias is not None,
+        HAS_KEY_MASK=key_mask is not None,
+        HAS_DROPOUT=has_dropout,
+        UPCAST_OPERANDS=interpreting() and q.dtype == torch.bfloat16,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    sizes = (heads_q, seqlen_q, seqlen_k, heads_q // heads_kv)
+    dropout = (dropout_threshold(dropout_p) if has_dropout else 0, 1.0 / (1.0 - dropout_p))
+    masking = (scale * LOG2E, _causal_offset(causal, seqlen_q, seqlen_k))
+    return tensors, strides, sizes, masking, dropout, constexprs
+
+
+def forward_arguments(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, out, lse):
+    """(positional args, constexprs) of attention_forward_kernel, without the tuned blocks."""
+    tensors, strides, sizes, masking, dropout, constexprs = _shared_arguments(
+        q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p
+    )
+    args = (*tensors, out, lse, *strides, *out.stride()[:3], *sizes, *masking, *dropout)
+    return args, constexprs
+
+
+def preprocess_arguments(out, grad_out, grad_lse, delta):
+    """(positional args, constexprs) of attention_backward_preprocess_kernel, blocks included."""
+    head_dim = out.shape[3]
+    block_d = head_dim_block(head_dim)
+    grad_lse_strides = (0, 0, 0) if grad_lse is None else grad_lse.stride()
+    args = (
+        out,
+        grad_out,
+        out if grad_lse is None else grad_lse,
+        delta,
+        *out.stride()[:3],
+        *grad_out.stride()[:3],
+        *grad_lse_strides,
+        out.shape[1],
+        out.shape[2],
+    )
+    constexprs = dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        HAS_GRAD_LSE=grad_lse is not None,
+        BLOCK_M=max(16, min(128, PREPROCESS_TILE_ELEMENTS // block_d)),
+    )
+    return args, constexprs
+
+
+def dkdv_arguments(
+    q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, grad_out, lse, delta, dk, dv
+):
+    """(positional args, constexprs) of attention_backward_dkdv_kernel, without the tuned blocks."""
+    tensors, strides, sizes, masking, dropout, constexprs = _shared_arguments(
+        q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p
+    )
+    args = (
+        *tensors,
+        grad_out,
+        lse,
+        delta,
+        dk,
+        dv,
+        *strides,
+        *grad_out.stride()[:3],
+        *dk.stride()[:3],
+        *dv.stride()[:3],
+        *sizes,
+        scale,
+        *masking,
+        *dropout,
+    )
+    return args, constexprs
+
+
+def dq_arguments(
+    q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, grad_out, lse, delta, dq, full_dbias
+):
+    """(positional args, constexprs) of attention_backward_dq_kernel, without the tuned blocks.
+    full_dbias: None, or the (B, Hq, Sq, Sk) contiguous zeroed dbias the kernel writes."""
+    tensors, strides, sizes, masking, dropout, constexprs = _shared_arguments(
+        q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p
+    )
+    args = (
+        *tensors,
+        grad_out,
+        lse,
+        delta,
+        dq,
+        q if full_dbias is None else full_dbias,
+        *strides,
+        *grad_out.stride()[:3],
+        *dq.stride()[:3],
+        *sizes,
+        scale,
+        *masking,
+        *dropout,
+    )
+    return args, dict(constexprs, STORE_DBIAS=full_dbias is not None)
+
+
+def dbias_slices(bias: torch.Tensor, batch: int, heads_q: int) -> tuple[int, int]:
+    """(heads_per_slice, pairs_per_slice): how many query heads, and (batch, head)
+    pairs, read each (batch, head) slice of the bias."""
+    heads_per_slice = heads_q if bias.shape[1] == 1 else 1
+    return heads_per_slice, (batch if bias.shape[0] == 1 else 1) * heads_per_slice
+
+
+def dbias_arguments(
+    q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, grad_out, lse, delta, partials
+):
+    """(positional args, constexprs) of attention_backward_dbias_kernel, without the tuned
+    blocks. partials: (num_splits, *bias.shape) float32, fully written by the kernel."""
+    tensors, strides, sizes, masking, dropout, constexprs = _shared_arguments(
+        q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p
+    )
+    heads_per_slice, pairs_per_slice = dbias_slices(bias, q.shape[0], q.shape[1])
+    pairs_per_split = triton.cdiv(pairs_per_slice, partials.shape[0])
+    args = (
+        *tensors,
+        grad_out,
+        lse,
+        delta,
+        partials,
+        *strides,
+        *grad_out.stride()[:3],
+        *partials.stride()[:4],
+        *sizes,
+        *masking,
+        *dropout,
+        heads_per_slice,
+        pairs_per_slice,
+        pairs_per_split,
+    )
+    del constexprs["HAS_BIAS"]
+    constexprs.update(ROWS_FULL=bias.shape[2] == q.shape[2], COLS_FULL=bias.shape[3] == k.shape[2])
+    return args, constexprs
+
+
+@triton_op(FORWARD_OP, mutates_args=())
+def triton_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    key_mask: Optional[torch.Tensor],
+    dropout_seed: Optional[torch.Tensor],
+    scale: float,
+    causal: int,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, Hq, Sq, D) stored (B, Sq, Hq, D)-contiguous and lse (B, Hq, Sq) float32."""
+    _check_inputs(q, dropout_p, dropout_seed)
+    batch, heads_q, seqlen_q, head_dim = q.shape
+    seqlen_k = k.shape[2]
+    out = empty_bshd_like(q)
+    lse = q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
+    if out.numel() == 0 or _shapes_only(q):
+        return out, lse
+    if seqlen_k == 0:  # no key at all: every row is fully masked
+        out.zero_()
+        lse.fill_(-math.inf)
+        return out, lse
+    args, constexprs = forward_arguments(
+        q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, out, lse
+    )
+    forward_kernel = autotuned(
+        attention_forward_kernel,
+        launch_configs(
+            "forward", q.device, head_dim, q.dtype, seqlen_q, seqlen_k, _dtype_of(bias), dropout_p
+        ),
+    )
+    wrap_triton(forward_kernel)[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads_q, batch)](
+        *args, **constexprs
+    )
+    return out, lse
+
+
+def _sum_splits(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # In split order, one element-wise add per split: the same bits every run.
+    total = partials[0]
+    if partials.shape[0] > 1:
+        total = total.clone()
+        for split in range(1, partials.shape[0]):
+            total += partials[split]
+    return total.to(dtype)
+
+
+@triton_op(BACKWARD_OP, mutates_args=())
+def triton_attention_backward(
+    grad_out: torch.Tensor,
+    grad_lse: Optional[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    key_mask: Optional[torch.Tensor],
+    dropout_seed: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    causal: int,
+    dropout_p: float,
+    compute_dbias: bool,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv like q, k, v (stored (B, S, H, D)-contiguous) and dbias in the bias's
+    shape and dtype (an empty tensor without compute_dbias). Always deterministic."""
+    _check_inputs(q, dropout_p, dropout_seed)
+    batch, heads_q, seqlen_q, head_dim = q.shape
+    heads_kv, seqlen_k = k.shape[1], k.shape[2]
+    dq, dk, dv = empty_bshd_like(q), empty_bshd_like(k), empty_bshd_like(v)
+    want_dbias = compute_dbias and bias is not None
+    dbias = q.new_empty((0,))
+    if _shapes_only(q):
+        if want_dbias:
+            dbias = torch.empty_like(bias, memory_format=torch.contiguous_format)
+        return dq, dk, dv, dbias
+    if dq.numel() == 0 or dk.numel() == 0:
+        # No score exists: every gradient is zero (or empty).
+        dq.zero_()
+        dk.zero_()
+        dv.zero_()
+        if want_dbias:
+            dbias = torch.zeros_like(bias, memory_format=torch.contiguous_format)
+        return dq, dk, dv, dbias
+
+    lse = lse.contiguous()  # the kernels index (B, Hq, Sq) rows directly
+    delta = q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
+    args, constexprs = preprocess_arguments(out, grad_out, grad_lse, delta)
+    wrap_triton(attention_backward_preprocess_kernel)[
+        (triton.cdiv(seqlen_q, constexprs["BLOCK_M"]), heads_q, batch)
+    ](*args, **constexprs)
+
+    inputs = (q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, grad_out, lse, delta)
+    args, constexprs = dkdv_arguments(*inputs, dk, dv)
+    dkdv_kernel = autotuned(
+        attention_backward_dkdv_kernel,
+        launch_configs("dkdv", q.device, head_dim, q.dtype, seqlen_q, seqlen_k, _dtype_of(bias), dropout_p),
+    )
+    wrap_triton(dkdv_kernel)[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), heads_kv, batch)](
+        *args, **constexprs
+    )
+
+    # A bias of the problem's full shape gets dS itself, written by the dQ programs;
+    # a broadcast one is reduced by the dbias kernel.
+    full_dbias = None
+    if want_dbias and tuple(bias.shape) == (batch, heads_q, seqlen_q, seqlen_k):
+        full_dbias = torch.zeros(bias.shape, dtype=bias.dtype, device=bias.device)
+    args, constexprs = dq_arguments(*inputs, dq, full_dbias)
+    dq_kernel = autotuned(
+        attention_backward_dq_kernel,
+        launch_configs(
+            "dq",
+            q.device,
+            head_dim,
+            q.dtype,
+            seqlen_q,
+            seqlen_k,
+            _dtype_of(bias),
+            dropout_p,
+            full_dbias is not None,
+        ),
+    )
+    wrap_triton(dq_kernel)[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads_q, batch)](
+        *args, **constexprs
+    )
+
+    if full_dbias is not None:
+        dbias = full_dbias
+    elif want_dbias:
+        dbias = _reduce_dbias(inputs, bias)
+    return dq, dk, dv, dbias
+
+
+# Tile size assumed when choosing the number of dbias splits: the split count must
+# not depend on the tuned tile, which the autotuner picks after the split is fixed.
+_DBIAS_NOMINAL_TILE = 64
+
+
+def _reduce_dbias(inputs, bias: torch.Tensor) -> torch.Tensor:
+    """dbias of a broadcast bias through attention_backward_dbias_kernel."""
+    q, k, dropout_p = inputs[0], inputs[1], inputs[8]
+    batch, heads_q, seqlen_q, head_dim = q.shape
+    seqlen_k = k.shape[2]
+    bias_batch, bias_heads, bias_rows, bias_cols = bias.shape
+    rows_full, cols_full = bias_rows == seqlen_q, bias_cols == seqlen_k
+    nominal_tiles = (triton.cdiv(seqlen_q, _DBIAS_NOMINAL_TILE) if rows_full else 1) * (
+        triton.cdiv(seqlen_k, _DBIAS_NOMINAL_TILE) if cols_full else 1
+    )
+    pairs_per_slice = dbias_slices(bias, batch, heads_q)[1]
+    num_splits = dbias_splits(nominal_tiles * bias_heads * bias_batch, pairs_per_slice, q.device)
+    num_splits = triton.cdiv(pairs_per_slice, triton.cdiv(pairs_per_slice, num_splits))  # no empty split
+    partials = q.new_empty((num_splits, *bias.shape), dtype=torch.float32)
+    args, constexprs = dbias_arguments(*inputs, partials)
+
+    def grid(meta):
+        row_tiles = triton.cdiv(seqlen_q, meta["BLOCK_M"]) if rows_full else 1
+        col_tiles = triton.cdiv(seqlen_k, meta["BLOCK_N"]) if cols_full else 1
+        return (row_tiles * col_tiles * num_splits, bias_heads, bias_batch)
+
+    dbias_kernel = autotuned(
+        attention_backward_dbias_kernel,
+        launch_configs("dbias", q.device, head_dim, q.dtype, seqlen_q, seqlen_k, bias.dtype, dropout_p),
+    )
+    wrap_triton(dbias_kernel)[grid](*args, **constexprs)
+    return _sum_splits(partials, bias.dtype)
+
+
+torch.library.register_autograd(
+    FORWARD_OP,
+    autograd.make_backward(torch.ops.fast_attn.triton_attention_backward),
+    setup_context=autograd.setup_context,
+)
+
+
+def attention_forward(problem, dropout_seed):
+    """Run the Triton forward op on a validated AttentionProblem; returns (out, lse)."""
+    return torch.ops.fast_attn.triton_attention_forward(
+        problem.q,
+        problem.k,
+        problem.v,
+        problem.bias,
+        problem.key_mask,
+        dropout_seed,
+        problem.scale,
+        int(problem.causal),
+        problem.dropout_p,
+    )

@@ -1,0 +1,16 @@
+"""@triton.jit kernels of the Triton backend, one concern per module.
+
+forward              out and lse (online softmax over key blocks)
+backward_preprocess  delta = rowsum(grad_out * out) - grad_lse
+backward_dkdv        dK and dV: one program per key block, looping over query blocks
+                     and over the query heads that share the kv head (GQA)
+backward_dq          dQ: one program per query block, looping over key blocks; also
+                     writes dbias directly when the bias has the problem's full shape
+backward_dbias       dbias of a broadcast bias: each program owns one tile of the bias
+                     and sums the score gradients of every (batch, head) that reads it
+block_ranges         which tiles a program visits, and which of them need masks
+scores               q.k products turned into masked, biased scores in the log2 domain
+dropout              the contract's dropout hash, bit-identical to fast_attn/dropout.py
+
+The launchers (grids, autotuning, allocation) live in fast_attn/ops/triton_ops.py.
+"""

@@ -1,0 +1,228 @@
+"""Backward kernel for the gradient of a broadcast bias.
+
+A bias of shape (Bb, Hb, Sqb, Skb), each dim 1 or full, receives the score
+gradient dS summed over every (batch, head, row, key) that reads each of its
+elements. Writing dS per (batch, head) and reducing afterwards would materialize
+(B, Hq, Sq, Sk); accumulating into the bias from the dK/dV or dQ programs would
+need atomics or a fp32 read-modify-write per tile and (batch, head): 8 bytes of
+traffic per score. Estimated for an H100 (not measured): a 128 x 64 tile at D 64
+does ~4 MFLOP of products in the dK/dV loop, ~1.4 us of one SM's share of 400
+TFLOP/s, against 64 KB of read-modify-write, ~2.8 us of its share of 3 TB/s.
+
+Instead each program owns one tile of the bias (rows and keys of one block, or
+all of them along a broadcast dim) and loops over every (batch, head) pair that
+reads it, recomputing dS (two matrix products per tile: q.k and dO.v, +2/7 on the
+backward's seven) and summing it in registers; it writes its tile once. The pairs may be cut into a few splits
+(chosen by the launcher to fill the GPU) whose partial sums the launcher adds in
+a fixed order, so the result has the same bits every run.
+"""
+
+import triton
+import triton.language as tl
+
+from .backward_dq import score_gradient_tile
+from .block_ranges import key_blocks_for_query_block
+from .dropout import dropout_row_offsets, load_dropout_seed
+from .scores import load_rows, lse_to_log2
+
+
+@triton.jit
+def attention_backward_dbias_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bias_ptr,
+    key_mask_ptr,
+    dropout_seed_ptr,
+    grad_out_ptr,
+    lse_ptr,
+    delta_ptr,
+    dbias_partials_ptr,
+    q_batch_stride,
+    q_head_stride,
+    q_row_stride,
+    k_batch_stride,
+    k_head_stride,
+    k_row_stride,
+    v_batch_stride,
+    v_head_stride,
+    v_row_stride,
+    bias_batch_stride,
+    bias_head_stride,
+    bias_row_stride,
+    bias_col_stride,
+    key_mask_batch_stride,
+    key_mask_col_stride,
+    grad_out_batch_stride,
+    grad_out_head_stride,
+    grad_out_row_stride,
+    partials_split_stride,
+    partials_batch_stride,
+    partials_head_stride,
+    partials_row_stride,
+    heads_q,
+    seqlen_q,
+    seqlen_k,
+    kv_group_size,
+    scale_log2,
+    causal_offset,
+    dropout_keep_threshold,
+    dropout_keep_scale,
+    heads_per_slice,
+    pairs_per_slice,
+    pairs_per_split,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    ROWS_FULL: tl.constexpr,
+    COLS_FULL: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Grid (row tiles * key tiles * num_splits, Hb, Bb); row tiles: cdiv(Sq, BLOCK_M)
+    with ROWS_FULL, else 1; key tiles: cdiv(Sk, BLOCK_N) with COLS_FULL, else 1.
+
+    dbias_partials (num_splits, Bb, Hb, Sqb, Skb) contiguous float32, fully written.
+    A bias slice (bb, hb) is read by the pairs p in [0, pairs_per_slice):
+    batch bb + p // heads_per_slice, head hb + p % heads_per_slice (heads_per_slice
+    is Hq when the bias broadcasts over heads, else 1; pairs_per_slice adds a
+    factor B when it broadcasts over the batch). ROWS_FULL / COLS_FULL: Sqb == Sq /
+    Skb == Sk (else the dim has size 1 and is summed over).
+    """
+    num_row_tiles = 1
+    if ROWS_FULL:
+        num_row_tiles = tl.cdiv(seqlen_q, BLOCK_M)
+    num_col_tiles = 1
+    if COLS_FULL:
+        num_col_tiles = tl.cdiv(seqlen_k, BLOCK_N)
+    num_tiles = num_row_tiles * num_col_tiles
+    tile = tl.program_id(0) % num_tiles
+    split = tl.program_id(0) // num_tiles
+    bias_head = tl.program_id(1)
+    bias_batch = tl.program_id(2)
+    row_tile = tile // num_col_tiles
+    col_tile = tile % num_col_tiles
+
+    if ROWS_FULL:
+        rows_begin = row_tile * BLOCK_M
+        rows_end = tl.minimum(rows_begin + BLOCK_M, seqlen_q)
+    else:
+        rows_begin = 0
+        rows_end = seqlen_q
+    seed_low = 0
+    seed_high = 0
+    if HAS_DROPOUT:
+        seed_low, seed_high = load_dropout_seed(dropout_seed_ptr)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # dS summed over pairs (and broadcast rows / keys)
+    pair_begin = split * pairs_per_split
+    pair_end = tl.minimum(pair_begin + pairs_per_split, pairs_per_slice)
+    for pair in range(pair_begin, pair_end):
+        batch = (bias_batch + pair // heads_per_slice).to(tl.int64)
+        head = (bias_head + pair % heads_per_slice).to(tl.int64)
+        kv_head = head // kv_group_size
+        head_row = (batch * heads_q + head) * seqlen_q  # row of (b, h, 0) in (B, Hq, Sq)
+        q_head_ptr = q_ptr + batch * q_batch_stride + head * q_head_stride
+        grad_out_head_ptr = grad_out_ptr + batch * grad_out_batch_stride + head * grad_out_head_stride
+        k_head_ptr = k_ptr + batch * k_batch_stride + kv_head * k_head_stride
+        v_head_ptr = v_ptr + batch * v_batch_stride + kv_head * v_head_stride
+        bias_head_ptr = bias_ptr + batch * bias_batch_stride + head * bias_head_stride
+        key_mask_row_ptr = key_mask_ptr
+        if HAS_KEY_MASK:
+            key_mask_row_ptr = key_mask_ptr + batch * key_mask_batch_stride
+        for start_m in range(rows_begin, rows_end, BLOCK_M):
+            query_index = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+            in_rows = query_index < seqlen_q
+            q = load_rows(q_head_ptr, query_index, q_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, True)
+            grad_out = load_rows(
+                grad_out_head_ptr, query_index, grad_out_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, True
+            )
+            lse2 = lse_to_log2(tl.load(lse_ptr + head_row + query_index, mask=in_rows, other=float("-inf")))
+            delta = tl.load(delta_ptr + head_row + query_index, mask=in_rows, other=0.0)
+            dropout_row_low = 0
+            dropout_row_high = 0
+            if HAS_DROPOUT:
+                dropout_row_low, dropout_row_high = dropout_row_offsets(head_row, query_index, seqlen_k)
+            full_end, end = key_blocks_for_query_block(
+                start_m, seqlen_q, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N
+            )
+            if COLS_FULL:
+                keys_begin = col_tile * BLOCK_N
+                keys_end = tl.minimum(keys_begin + BLOCK_N, end)
+            else:
+                keys_begin = 0
+                keys_end = end
+            for phase in tl.static_range(2):
+                # Key blocks every row sees in full without masks, then the others with masks.
+                if phase == 0:
+                    lo = keys_begin
+                    hi = tl.minimum(keys_end, full_end)
+                else:
+                    lo = tl.maximum(keys_begin, full_end)
+                    hi = keys_end
+                for start_n in range(lo, hi, BLOCK_N):
+                    ds, k = score_gradient_tile(
+                        q,
+                        grad_out,
+                        lse2,
+                        delta,
+                        query_index,
+                        dropout_row_low,
+                        dropout_row_high,
+                        start_n,
+                        k_head_ptr,
+                        v_head_ptr,
+                        k_row_stride,
+                        v_row_stride,
+                        bias_head_ptr,
+                        bias_row_stride,
+                        bias_col_stride,
+                        key_mask_row_ptr,
+                        key_mask_col_stride,
+                        seed_low,
+                        seed_high,
+                        dropout_keep_threshold,
+                        dropout_keep_scale,
+                        seqlen_q,
+                        seqlen_k,
+                        causal_offset,
+                        scale_log2,
+                        HEAD_DIM,
+                        BLOCK_D,
+                        BLOCK_M,
+                        BLOCK_N,
+                        CAUSAL,
+                        True,
+                        HAS_KEY_MASK,
+                        HAS_DROPOUT,
+                        UPCAST_OPERANDS,
+                        DOT_PRECISION,
+                        phase == 1,
+                    )
+                    acc += ds
+
+    partials_ptr = (
+        dbias_partials_ptr
+        + split.to(tl.int64) * partials_split_stride
+        + bias_batch.to(tl.int64) * partials_batch_stride
+        + bias_head.to(tl.int64) * partials_head_stride
+    )
+    row_index = rows_begin + tl.arange(0, BLOCK_M)
+    col_index = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    if ROWS_FULL:
+        if COLS_FULL:
+            ptrs = partials_ptr + row_index.to(tl.int64)[:, None] * partials_row_stride + col_index[None, :]
+            tl.store(ptrs, acc, mask=(row_index < seqlen_q)[:, None] & (col_index < seqlen_k)[None, :])
+        else:
+            tl.store(
+                partials_ptr + row_index * partials_row_stride, tl.sum(acc, 1), mask=row_index < seqlen_q
+            )
+    else:
+        if COLS_FULL:
+            tl.store(partials_ptr + col_index, tl.sum(acc, 0), mask=col_index < seqlen_k)
+        else:
+            tl.store(partials_ptr, tl.sum(tl.sum(acc, 1), 0))

@@ -1,0 +1,274 @@
+"""Backward kernel for dK and dV.
+
+One program per (key block, kv head, batch): it keeps its K and V tiles and the
+dK, dV accumulators on chip and loops over the query heads that share the
+kv head (GQA: their contributions are summed in a fixed order, no atomics) and,
+for each, over the query blocks that see the key block (block_ranges: causally
+hidden blocks are skipped; blocks seen in full run without masks).
+
+Per query block, with transposed tiles (keys along rows):
+    P^T  = exp2(s2^T - lse2)                 recomputed from q, k and the saved lse
+    dV  += (P^T * Z^T) dO                     Z: dropout keep mask (1/(1-p) at the end)
+    dP^T = Z^T * (V dO^T) / (1 - p)
+    dS^T = P^T * (dP^T - delta)
+    dK  += dS^T q                             (times scale at the end)
+"""
+
+import triton
+import triton.language as tl
+
+from .block_ranges import query_blocks_for_key_block
+from .dropout import dropout_keep, dropout_row_offsets, load_dropout_seed
+from .scores import load_key_allowed, load_rows, lse_to_log2, masked_scores, mma, store_rows
+
+
+@triton.jit
+def _accumulate_query_blocks(
+    dk,
+    dv,
+    k,
+    v,
+    key_index,
+    key_allowed,
+    head_row,
+    q_head_ptr,
+    grad_out_head_ptr,
+    q_row_stride,
+    grad_out_row_stride,
+    lse_row_ptr,
+    delta_row_ptr,
+    bias_head_ptr,
+    bias_row_stride,
+    bias_col_stride,
+    seed_low,
+    seed_high,
+    dropout_keep_threshold,
+    dropout_keep_scale,
+    seqlen_q,
+    seqlen_k,
+    causal_offset,
+    scale_log2,
+    block_begin,
+    block_end,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    offs_m = tl.arange(0, BLOCK_M)
+    for start_m in range(block_begin, block_end, BLOCK_M):
+        query_index = start_m + offs_m  # (BLOCK_M,)
+        q = load_rows(
+            q_head_ptr, query_index, q_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, MASKED
+        )  # (BLOCK_M, BLOCK_D)
+        grad_out = load_rows(
+            grad_out_head_ptr, query_index, grad_out_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, MASKED
+        )
+        if MASKED:
+            lse = tl.load(lse_row_ptr + query_index, mask=query_index < seqlen_q, other=float("-inf"))
+            delta = tl.load(delta_row_ptr + query_index, mask=query_index < seqlen_q, other=0.0)
+        else:
+            lse = tl.load(lse_row_ptr + query_index)
+            delta = tl.load(delta_row_ptr + query_index)
+        qk_t = mma(k, tl.trans(q), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), UPCAST_OPERANDS, DOT_PRECISION)
+        scores_t = masked_scores(
+            qk_t,
+            query_index[None, :],
+            key_index[:, None],
+            scale_log2,
+            bias_head_ptr,
+            bias_row_stride,
+            bias_col_stride,
+            key_allowed,
+            seqlen_q,
+            seqlen_k,
+            causal_offset,
+            HAS_BIAS,
+            HAS_KEY_MASK,
+            CAUSAL,
+            MASKED,
+        )  # (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(scores_t - lse_to_log2(lse)[None, :])
+        dp_t = mma(
+            v, tl.trans(grad_out), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), UPCAST_OPERANDS, DOT_PRECISION
+        )
+        if HAS_DROPOUT:
+            row_low, row_high = dropout_row_offsets(head_row, query_index, seqlen_k)  # (BLOCK_M,)
+            keep_t = dropout_keep(
+                seed_low,
+                seed_high,
+                row_low[None, :],
+                row_high[None, :],
+                key_index[:, None],
+                dropout_keep_threshold,
+            )
+            dv = mma(
+                tl.where(keep_t, p_t, 0.0).to(grad_out.dtype), grad_out, dv, UPCAST_OPERANDS, DOT_PRECISION
+            )
+            dp_t = tl.where(keep_t, dp_t * dropout_keep_scale, 0.0)
+        else:
+            dv = mma(p_t.to(grad_out.dtype), grad_out, dv, UPCAST_OPERANDS, DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = mma(ds_t.to(q.dtype), q, dk, UPCAST_OPERANDS, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def attention_backward_dkdv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bias_ptr,
+    key_mask_ptr,
+    dropout_seed_ptr,
+    grad_out_ptr,
+    lse_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,
+    q_batch_stride,
+    q_head_stride,
+    q_row_stride,
+    k_batch_stride,
+    k_head_stride,
+    k_row_stride,
+    v_batch_stride,
+    v_head_stride,
+    v_row_stride,
+    bias_batch_stride,
+    bias_head_stride,
+    bias_row_stride,
+    bias_col_stride,
+    key_mask_batch_stride,
+    key_mask_col_stride,
+    grad_out_batch_stride,
+    grad_out_head_stride,
+    grad_out_row_stride,
+    dk_batch_stride,
+    dk_head_stride,
+    dk_row_stride,
+    dv_batch_stride,
+    dv_head_stride,
+    dv_row_stride,
+    heads_q,
+    seqlen_q,
+    seqlen_k,
+    kv_group_size,
+    scale,
+    scale_log2,
+    causal_offset,
+    dropout_keep_threshold,
+    dropout_keep_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(Sk, BLOCK_N), Hkv, B). dk, dv (B, Hkv, Sk, D) through their strides;
+    lse and delta (B, Hq, Sq) contiguous float32."""
+    start_n = tl.program_id(0) * BLOCK_N
+    kv_head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+
+    key_index = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    k_head_ptr = k_ptr + batch * k_batch_stride + kv_head.to(tl.int64) * k_head_stride
+    v_head_ptr = v_ptr + batch * v_batch_stride + kv_head.to(tl.int64) * v_head_stride
+    k = load_rows(
+        k_head_ptr, key_index, k_row_stride, seqlen_k, HEAD_DIM, BLOCK_D, True
+    )  # (BLOCK_N, BLOCK_D)
+    v = load_rows(v_head_ptr, key_index, v_row_stride, seqlen_k, HEAD_DIM, BLOCK_D, True)
+    if HAS_KEY_MASK:
+        key_allowed = load_key_allowed(
+            key_mask_ptr + batch * key_mask_batch_stride, key_index, key_mask_col_stride, seqlen_k
+        )[:, None]
+    else:
+        key_allowed = False
+    seed_low = 0
+    seed_high = 0
+    if HAS_DROPOUT:
+        seed_low, seed_high = load_dropout_seed(dropout_seed_ptr)
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    begin, full_begin, full_end = query_blocks_for_key_block(
+        start_n, seqlen_q, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N
+    )
+    for group_index in range(kv_group_size):
+        head = (kv_head * kv_group_size + group_index).to(tl.int64)
+        q_head_ptr = q_ptr + batch * q_batch_stride + head * q_head_stride
+        grad_out_head_ptr = grad_out_ptr + batch * grad_out_batch_stride + head * grad_out_head_stride
+        head_row = (batch * heads_q + head) * seqlen_q  # row of (b, h, 0) in (B, Hq, Sq)
+        bias_head_ptr = bias_ptr
+        if HAS_BIAS:
+            bias_head_ptr = bias_ptr + batch * bias_batch_stride + head * bias_head_stride
+        for phase in tl.static_range(3):
+            # Rows [begin, full_begin) and [full_end, Sq) with masks, [full_begin, full_end) without.
+            if phase == 0:
+                lo = begin
+                hi = full_begin
+            elif phase == 1:
+                lo = full_begin
+                hi = full_end
+            else:
+                lo = full_end
+                hi = seqlen_q
+            dk, dv = _accumulate_query_blocks(
+                dk,
+                dv,
+                k,
+                v,
+                key_index,
+                key_allowed,
+                head_row,
+                q_head_ptr,
+                grad_out_head_ptr,
+                q_row_stride,
+                grad_out_row_stride,
+                lse_ptr + head_row,
+                delta_ptr + head_row,
+                bias_head_ptr,
+                bias_row_stride,
+                bias_col_stride,
+                seed_low,
+                seed_high,
+                dropout_keep_threshold,
+                dropout_keep_scale,
+                seqlen_q,
+                seqlen_k,
+                causal_offset,
+                scale_log2,
+                lo,
+                hi,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_M,
+                BLOCK_N,
+                CAUSAL,
+                HAS_BIAS,
+                HAS_KEY_MASK,
+                HAS_DROPOUT,
+                UPCAST_OPERANDS,
+                DOT_PRECISION,
+                phase != 1,
+            )
+
+    dk *= scale  # s = scale * q.k + bias
+    if HAS_DROPOUT:
+        dv *= dropout_keep_scale
+    dk_head_ptr = dk_ptr + batch * dk_batch_stride + kv_head.to(tl.int64) * dk_head_stride
+    dv_head_ptr = dv_ptr + batch * dv_batch_stride + kv_head.to(tl.int64) * dv_head_stride
+    store_rows(dk_head_ptr, key_index, dk_row_stride, seqlen_k, dk, HEAD_DIM, BLOCK_D)
+    store_rows(dv_head_ptr, key_index, dv_row_stride, seqlen_k, dv, HEAD_DIM, BLOCK_D)

@@ -1,0 +1,365 @@
+"""Backward kernel for dQ (and dbias when the bias has the problem's full shape).
+
+One program per (query block, query head, batch): it keeps q, grad_out, lse and
+delta of its rows and the dQ accumulator in registers and loops over the key
+blocks its rows see (block_ranges), recomputing the score gradient
+
+    P  = exp2(s2 - lse2),  dP = Z * (dO V^T) / (1 - p),  dS = P * (dP - delta)
+    dQ += dS K                                          (times scale at the end)
+
+Every dQ row is owned by one program: no atomics, the same bits every run. When
+every score maps to its own bias element (bias shape (B, Hq, Sq, Sk)), the
+program also stores dS as dbias; a broadcast bias is reduced by backward_dbias.
+"""
+
+import triton
+import triton.language as tl
+
+from .block_ranges import key_blocks_for_query_block
+from .dropout import dropout_keep, dropout_row_offsets, load_dropout_seed
+from .scores import load_key_allowed, load_rows, lse_to_log2, masked_scores, mma, store_rows
+
+
+@triton.jit
+def score_gradient_tile(
+    q,
+    grad_out,
+    lse2,
+    delta,
+    query_index,
+    dropout_row_low,
+    dropout_row_high,
+    start_n,
+    k_head_ptr,
+    v_head_ptr,
+    k_row_stride,
+    v_row_stride,
+    bias_head_ptr,
+    bias_row_stride,
+    bias_col_stride,
+    key_mask_row_ptr,
+    key_mask_col_stride,
+    seed_low,
+    seed_high,
+    dropout_keep_threshold,
+    dropout_keep_scale,
+    seqlen_q,
+    seqlen_k,
+    causal_offset,
+    scale_log2,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """dS (BLOCK_M, BLOCK_N) of the query rows against keys [start_n, start_n + BLOCK_N),
+    and that key block's K tile (BLOCK_N, BLOCK_D)."""
+    key_index = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    k = load_rows(
+        k_head_ptr, key_index, k_row_stride, seqlen_k, HEAD_DIM, BLOCK_D, MASKED
+    )  # (BLOCK_N, BLOCK_D)
+    v = load_rows(v_head_ptr, key_index, v_row_stride, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
+    if HAS_KEY_MASK:
+        key_allowed = load_key_allowed(key_mask_row_ptr, key_index, key_mask_col_stride, seqlen_k)[None, :]
+    else:
+        key_allowed = False
+    qk = mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST_OPERANDS, DOT_PRECISION)
+    scores = masked_scores(
+        qk,
+        query_index[:, None],
+        key_index[None, :],
+        scale_log2,
+        bias_head_ptr,
+        bias_row_stride,
+        bias_col_stride,
+        key_allowed,
+        seqlen_q,
+        seqlen_k,
+        causal_offset,
+        HAS_BIAS,
+        HAS_KEY_MASK,
+        CAUSAL,
+        MASKED,
+    )  # (BLOCK_M, BLOCK_N)
+    p = tl.exp2(scores - lse2[:, None])
+    dp = mma(grad_out, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST_OPERANDS, DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = dropout_keep(
+            seed_low,
+            seed_high,
+            dropout_row_low[:, None],
+            dropout_row_high[:, None],
+            key_index[None, :],
+            dropout_keep_threshold,
+        )
+        dp = tl.where(keep, dp * dropout_keep_scale, 0.0)
+    return p * (dp - delta[:, None]), k
+
+
+@triton.jit
+def _accumulate_key_blocks(
+    dq,
+    q,
+    grad_out,
+    lse2,
+    delta,
+    query_index,
+    dropout_row_low,
+    dropout_row_high,
+    k_head_ptr,
+    v_head_ptr,
+    k_row_stride,
+    v_row_stride,
+    bias_head_ptr,
+    bias_row_stride,
+    bias_col_stride,
+    key_mask_row_ptr,
+    key_mask_col_stride,
+    dbias_head_ptr,
+    dbias_row_stride,
+    seed_low,
+    seed_high,
+    dropout_keep_threshold,
+    dropout_keep_scale,
+    seqlen_q,
+    seqlen_k,
+    causal_offset,
+    scale_log2,
+    block_begin,
+    block_end,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    STORE_DBIAS: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    for start_n in range(block_begin, block_end, BLOCK_N):
+        ds, k = score_gradient_tile(
+            q,
+            grad_out,
+            lse2,
+            delta,
+            query_index,
+            dropout_row_low,
+            dropout_row_high,
+            start_n,
+            k_head_ptr,
+            v_head_ptr,
+            k_row_stride,
+            v_row_stride,
+            bias_head_ptr,
+            bias_row_stride,
+            bias_col_stride,
+            key_mask_row_ptr,
+            key_mask_col_stride,
+            seed_low,
+            seed_high,
+            dropout_keep_threshold,
+            dropout_keep_scale,
+            seqlen_q,
+            seqlen_k,
+            causal_offset,
+            scale_log2,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_M,
+            BLOCK_N,
+            CAUSAL,
+            HAS_BIAS,
+            HAS_KEY_MASK,
+            HAS_DROPOUT,
+            UPCAST_OPERANDS,
+            DOT_PRECISION,
+            MASKED,
+        )
+        if STORE_DBIAS:
+            key_index = start_n + tl.arange(0, BLOCK_N)
+            dbias_ptrs = (
+                dbias_head_ptr + query_index.to(tl.int64)[:, None] * dbias_row_stride + key_index[None, :]
+            )
+            dbias_tile = ds.to(dbias_head_ptr.dtype.element_ty)
+            if MASKED:
+                tl.store(
+                    dbias_ptrs,
+                    dbias_tile,
+                    mask=(query_index < seqlen_q)[:, None] & (key_index < seqlen_k)[None, :],
+                )
+            else:
+                tl.store(dbias_ptrs, dbias_tile)
+        dq = mma(ds.to(k.dtype), k, dq, UPCAST_OPERANDS, DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def attention_backward_dq_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bias_ptr,
+    key_mask_ptr,
+    dropout_seed_ptr,
+    grad_out_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    dbias_ptr,
+    q_batch_stride,
+    q_head_stride,
+    q_row_stride,
+    k_batch_stride,
+    k_head_stride,
+    k_row_stride,
+    v_batch_stride,
+    v_head_stride,
+    v_row_stride,
+    bias_batch_stride,
+    bias_head_stride,
+    bias_row_stride,
+    bias_col_stride,
+    key_mask_batch_stride,
+    key_mask_col_stride,
+    grad_out_batch_stride,
+    grad_out_head_stride,
+    grad_out_row_stride,
+    dq_batch_stride,
+    dq_head_stride,
+    dq_row_stride,
+    heads_q,
+    seqlen_q,
+    seqlen_k,
+    kv_group_size,
+    scale,
+    scale_log2,
+    causal_offset,
+    dropout_keep_threshold,
+    dropout_keep_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    STORE_DBIAS: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(Sq, BLOCK_M), Hq, B). dq (B, Hq, Sq, D) through its strides; with
+    STORE_DBIAS, dbias (B, Hq, Sq, Sk) contiguous, zero-initialized (tiles no row
+    sees are not written)."""
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m  # longest programs first
+    start_m = pid_m * BLOCK_M
+    kv_head = (head // kv_group_size).to(tl.int64)
+    head = head.to(tl.int64)
+
+    query_index = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    head_row = (batch * heads_q + head) * seqlen_q  # row of (b, h, 0) in (B, Hq, Sq)
+    q_head_ptr = q_ptr + batch * q_batch_stride + head * q_head_stride
+    grad_out_head_ptr = grad_out_ptr + batch * grad_out_batch_stride + head * grad_out_head_stride
+    k_head_ptr = k_ptr + batch * k_batch_stride + kv_head * k_head_stride
+    v_head_ptr = v_ptr + batch * v_batch_stride + kv_head * v_head_stride
+    bias_head_ptr = bias_ptr
+    if HAS_BIAS:
+        bias_head_ptr = bias_ptr + batch * bias_batch_stride + head * bias_head_stride
+    key_mask_row_ptr = key_mask_ptr
+    if HAS_KEY_MASK:
+        key_mask_row_ptr = key_mask_ptr + batch * key_mask_batch_stride
+    dbias_head_ptr = dbias_ptr
+    if STORE_DBIAS:
+        dbias_head_ptr = dbias_ptr + head_row * seqlen_k
+    seed_low = 0
+    seed_high = 0
+    dropout_row_low = 0
+    dropout_row_high = 0
+    if HAS_DROPOUT:
+        seed_low, seed_high = load_dropout_seed(dropout_seed_ptr)
+        dropout_row_low, dropout_row_high = dropout_row_offsets(head_row, query_index, seqlen_k)  # (BLOCK_M,)
+
+    in_rows = query_index < seqlen_q
+    q = load_rows(
+        q_head_ptr, query_index, q_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, True
+    )  # (BLOCK_M, BLOCK_D)
+    grad_out = load_rows(
+        grad_out_head_ptr, query_index, grad_out_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, True
+    )
+    lse2 = lse_to_log2(tl.load(lse_ptr + head_row + query_index, mask=in_rows, other=float("-inf")))
+    delta = tl.load(delta_ptr + head_row + query_index, mask=in_rows, other=0.0)
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    full_end, end = key_blocks_for_query_block(
+        start_m, seqlen_q, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N
+    )
+    for phase in tl.static_range(2):
+        # Keys [0, full_end) without masks, then [full_end, end) with masks.
+        if phase == 0:
+            lo = 0
+            hi = full_end
+        else:
+            lo = full_end
+            hi = end
+        dq = _accumulate_key_blocks(
+            dq,
+            q,
+            grad_out,
+            lse2,
+            delta,
+            query_index,
+            dropout_row_low,
+            dropout_row_high,
+            k_head_ptr,
+            v_head_ptr,
+            k_row_stride,
+            v_row_stride,
+            bias_head_ptr,
+            bias_row_stride,
+            bias_col_stride,
+            key_mask_row_ptr,
+            key_mask_col_stride,
+            dbias_head_ptr,
+            seqlen_k,
+            seed_low,
+            seed_high,
+            dropout_keep_threshold,
+            dropout_keep_scale,
+            seqlen_q,
+            seqlen_k,
+            causal_offset,
+            scale_log2,
+            lo,
+            hi,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_M,
+            BLOCK_N,
+            CAUSAL,
+            HAS_BIAS,
+            HAS_KEY_MASK,
+            HAS_DROPOUT,
+            STORE_DBIAS,
+            UPCAST_OPERANDS,
+            DOT_PRECISION,
+            phase == 1,
+        )
+
+    dq *= scale  # s = scale * q.k + bias
+    dq_head_ptr = dq_ptr + batch * dq_batch_stride + head * dq_head_stride
+    store_rows(dq_head_ptr, query_index, dq_row_stride, seqlen_q, dq, HEAD_DIM, BLOCK_D)

@@ -1,0 +1,259 @@
+"""Forward kernel: out = softmax(scale * q k^T + bias) v and its row log-sum-exp.
+
+One program per (query block, query head, batch). It keeps the query tile in
+registers and streams key/value blocks through an online softmax (running row
+max m, running row sum l, unnormalized output acc), FlashAttention-style, in the
+log2 domain. The key loop runs in two phases (block_ranges): blocks every row
+sees in full without any index mask, then the causal-diagonal / end-of-sequence
+blocks with masks; blocks no row sees are skipped.
+
+Rows with no visible key keep m = -inf; the running max is replaced by 0 in the
+exponent (exp2(-inf - 0) = 0), so they end with l = 0, out 0 and lse -inf.
+"""
+
+import triton
+import triton.language as tl
+
+from .block_ranges import key_blocks_for_query_block
+from .dropout import dropout_keep, dropout_row_offsets, load_dropout_seed
+from .scores import LN2, load_key_allowed, load_rows, masked_scores, mma, store_rows
+
+
+@triton.jit
+def _accumulate_key_blocks(
+    acc,
+    m_i,
+    l_i,
+    q,
+    query_index,
+    dropout_row_low,
+    dropout_row_high,
+    k_head_ptr,
+    v_head_ptr,
+    k_row_stride,
+    v_row_stride,
+    bias_head_ptr,
+    bias_row_stride,
+    bias_col_stride,
+    key_mask_row_ptr,
+    key_mask_col_stride,
+    seed_low,
+    seed_high,
+    dropout_keep_threshold,
+    seqlen_q,
+    seqlen_k,
+    causal_offset,
+    scale_log2,
+    block_begin,
+    block_end,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(block_begin, block_end, BLOCK_N):
+        key_index = start_n + offs_n  # (BLOCK_N,)
+        k = load_rows(
+            k_head_ptr, key_index, k_row_stride, seqlen_k, HEAD_DIM, BLOCK_D, MASKED
+        )  # (BLOCK_N, BLOCK_D)
+        v = load_rows(v_head_ptr, key_index, v_row_stride, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
+        if HAS_KEY_MASK:
+            key_allowed = load_key_allowed(key_mask_row_ptr, key_index, key_mask_col_stride, seqlen_k)[
+                None, :
+            ]
+        else:
+            key_allowed = False
+        qk = mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST_OPERANDS, DOT_PRECISION)
+        scores = masked_scores(
+            qk,
+            query_index[:, None],
+            key_index[None, :],
+            scale_log2,
+            bias_head_ptr,
+            bias_row_stride,
+            bias_col_stride,
+            key_allowed,
+            seqlen_q,
+            seqlen_k,
+            causal_offset,
+            HAS_BIAS,
+            HAS_KEY_MASK,
+            CAUSAL,
+            MASKED,
+        )  # (BLOCK_M, BLOCK_N), log2 domain
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.exp2(scores - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)  # lse is of the scores before dropout
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = dropout_keep(
+                seed_low,
+                seed_high,
+                dropout_row_low[:, None],
+                dropout_row_high[:, None],
+                key_index[None, :],
+                dropout_keep_threshold,
+            )
+            p = tl.where(keep, p, 0.0)  # 1 / (1 - p) is applied once, at the end
+        acc = mma(p.to(v.dtype), v, acc, UPCAST_OPERANDS, DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def attention_forward_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bias_ptr,
+    key_mask_ptr,
+    dropout_seed_ptr,
+    out_ptr,
+    lse_ptr,
+    q_batch_stride,
+    q_head_stride,
+    q_row_stride,
+    k_batch_stride,
+    k_head_stride,
+    k_row_stride,
+    v_batch_stride,
+    v_head_stride,
+    v_row_stride,
+    bias_batch_stride,
+    bias_head_stride,
+    bias_row_stride,
+    bias_col_stride,
+    key_mask_batch_stride,
+    key_mask_col_stride,
+    out_batch_stride,
+    out_head_stride,
+    out_row_stride,
+    heads_q,
+    seqlen_q,
+    seqlen_k,
+    kv_group_size,
+    scale_log2,
+    causal_offset,
+    dropout_keep_threshold,
+    dropout_keep_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(Sq, BLOCK_M), Hq, B). out (B, Hq, Sq, D) through its strides; lse
+    (B, Hq, Sq) contiguous float32, natural log."""
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
+    if CAUSAL:
+        # Later query blocks see more keys: start them first so the tail of the
+        # grid is made of short programs.
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    kv_head = head // kv_group_size
+    batch64 = batch.to(tl.int64)
+
+    query_index = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    q_head_ptr = q_ptr + batch64 * q_batch_stride + head.to(tl.int64) * q_head_stride
+    k_head_ptr = k_ptr + batch64 * k_batch_stride + kv_head.to(tl.int64) * k_head_stride
+    v_head_ptr = v_ptr + batch64 * v_batch_stride + kv_head.to(tl.int64) * v_head_stride
+    bias_head_ptr = bias_ptr
+    if HAS_BIAS:
+        bias_head_ptr = bias_ptr + batch64 * bias_batch_stride + head.to(tl.int64) * bias_head_stride
+    key_mask_row_ptr = key_mask_ptr
+    if HAS_KEY_MASK:
+        key_mask_row_ptr = key_mask_ptr + batch64 * key_mask_batch_stride
+    seed_low = 0
+    seed_high = 0
+    dropout_row_low = 0
+    dropout_row_high = 0
+    if HAS_DROPOUT:
+        seed_low, seed_high = load_dropout_seed(dropout_seed_ptr)
+        head_row = (batch64 * heads_q + head) * seqlen_q
+        dropout_row_low, dropout_row_high = dropout_row_offsets(head_row, query_index, seqlen_k)  # (BLOCK_M,)
+
+    q = load_rows(
+        q_head_ptr, query_index, q_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, True
+    )  # (BLOCK_M, BLOCK_D)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max, log2 domain
+    l_i = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2(s - m)
+
+    full_end, end = key_blocks_for_query_block(
+        start_m, seqlen_q, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N
+    )
+    for phase in tl.static_range(2):
+        # Keys [0, full_end) without masks, then [full_end, end) with masks.
+        if phase == 0:
+            lo = 0
+            hi = full_end
+        else:
+            lo = full_end
+            hi = end
+        acc, m_i, l_i = _accumulate_key_blocks(
+            acc,
+            m_i,
+            l_i,
+            q,
+            query_index,
+            dropout_row_low,
+            dropout_row_high,
+            k_head_ptr,
+            v_head_ptr,
+            k_row_stride,
+            v_row_stride,
+            bias_head_ptr,
+            bias_row_stride,
+            bias_col_stride,
+            key_mask_row_ptr,
+            key_mask_col_stride,
+            seed_low,
+            seed_high,
+            dropout_keep_threshold,
+            seqlen_q,
+            seqlen_k,
+            causal_offset,
+            scale_log2,
+            lo,
+            hi,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_M,
+            BLOCK_N,
+            CAUSAL,
+            HAS_BIAS,
+            HAS_KEY_MASK,
+            HAS_DROPOUT,
+            UPCAST_OPERANDS,
+            DOT_PRECISION,
+            phase == 1,
+        )
+
+    # l = 0 only for rows with no visible key (otherwise the max term alone gives 1);
+    # NaN scores make l NaN and propagate to out and lse, as in the reference.
+    no_key = l_i == 0.0
+    inv_l = tl.where(no_key, 0.0, dropout_keep_scale / tl.where(no_key, 1.0, l_i))
+    out = acc * inv_l[:, None]
+    lse = tl.where(no_key, float("-inf"), (m_i + tl.log2(tl.where(no_key, 1.0, l_i))) * LN2)
+
+    out_head_ptr = out_ptr + batch64 * out_batch_stride + head.to(tl.int64) * out_head_stride
+    store_rows(out_head_ptr, query_index, out_row_stride, seqlen_q, out, HEAD_DIM, BLOCK_D)
+    lse_row_ptr = lse_ptr + (batch64 * heads_q + head) * seqlen_q
+    tl.store(lse_row_ptr + query_index, lse, mask=query_index < seqlen_q)

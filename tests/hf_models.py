@@ -1,0 +1,196 @@
+"""Tiny transformers models (GPT-2, BERT, T5) built from random configs, and the
+error rule the model tests hold fast_attn to.
+
+The rule (DESIGN.md section 5, with the factor 3 the model task asks for): a
+result's max error against transformers' eager run in float64 is at most 3x
+the error of transformers' own eager run in the same dtype, plus a floor.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fast_attn.testing import ERROR_FLOOR, assert_error_rule, max_abs_error
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+MODEL_ERROR_FACTOR = 3.0
+
+# (dtype, device) of the model checks: float32 on the CPU (CI), bf16 and fp16 on a GPU (marker `gpu`).
+# float32 stays on the CPU even where a GPU exists: GPU kernels may compute float32 dots in TF32,
+# which the float32 error rule (against float32 eager) is not meant for.
+DTYPES_DEVICES = [
+    pytest.param(torch.float32, "cpu", id="float32-cpu"),
+    pytest.param(torch.bfloat16, "cuda", marks=pytest.mark.gpu, id="bfloat16-cuda"),
+    pytest.param(torch.float16, "cuda", marks=pytest.mark.gpu, id="float16-cuda"),
+]
+
+VOCAB = 97
+
+
+def gpt2_config(**overrides):
+    # initializer_range well above GPT-2's 0.02 so that greedy decoding of a random
+    # model does not collapse to one repeated token (the generation tests compare tokens).
+    config = {
+        "vocab_size": VOCAB,
+        "n_positions": 64,
+        "n_embd": 64,
+        "n_layer": 2,
+        "n_head": 4,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "initializer_range": 0.2,
+        "bos_token_id": 0,
+        "eos_token_id": None,
+        "pad_token_id": 0,
+    }
+    config.update(overrides)
+    return transformers.GPT2Config(**config)
+
+
+def bert_config(**overrides):
+    config = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "max_position_embeddings": 64,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.2,
+        "pad_token_id": 0,
+    }
+    config.update(overrides)
+    return transformers.BertConfig(**config)
+
+
+def t5_config(**overrides):
+    # T5 v1.1's gated GELU by default: the ReLU of the original T5 makes gradients jump wherever a
+    # pre-activation crosses 0, so half-precision rounding alone can move them far (see test_models).
+    config = {
+        "vocab_size": VOCAB,
+        "d_model": 64,
+        "d_kv": 16,
+        "num_heads": 4,
+        "d_ff": 128,
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+        "relative_attention_num_buckets": 8,
+        "relative_attention_max_distance": 20,
+        "dropout_rate": 0.0,
+        "initializer_factor": 1.0,
+        "feed_forward_proj": "gated-gelu",
+        "decoder_start_token_id": 0,
+        "pad_token_id": 0,
+        "eos_token_id": None,
+    }
+    config.update(overrides)
+    return transformers.T5Config(**config)
+
+
+def llama_config(**overrides):
+    # Grouped-query attention: 4 query heads share 2 key/value heads.
+    config = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "initializer_range": 0.2,
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "eos_token_id": None,
+        "pad_token_id": 0,
+    }
+    config.update(overrides)
+    return transformers.LlamaConfig(**config)
+
+
+AUTO_CLASSES = {
+    "gpt2": "AutoModelForCausalLM",
+    "bert": "AutoModel",
+    "t5": "AutoModelForSeq2SeqLM",
+    "llama": "AutoModelForCausalLM",
+}
+CONFIGS = {"gpt2": gpt2_config, "bert": bert_config, "t5": t5_config, "llama": llama_config}
+
+
+def build(
+    kind: str,
+    implementation: str,
+    *,
+    dtype=torch.float32,
+    device="cpu",
+    seed: int | None = None,
+    untie_lm_head: bool = False,
+    **overrides,
+):
+    """A tiny transformers model of `kind` ("gpt2", "bert", "t5", "llama") with the given attention implementation.
+
+    The weights depend only on `seed` (default: the seed the test started with, see conftest), so models
+    built in one test with different implementations and dtypes hold the same weights (rounded to their
+    dtype); building does not advance the test's random stream. untie_lm_head (T5) gives the LM head its
+    own random weights: with the head tied to the embedding, a random T5 decoder predicts the token it was
+    fed, so greedy decoding repeats one token and a generation test would compare little.
+    """
+    if implementation == "fast_attn":
+        from fast_attn.integrations.transformers import register
+
+        register()
+    auto = getattr(transformers, AUTO_CLASSES[kind])
+    extra = {"add_pooling_layer": False} if kind == "bert" else {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch.initial_seed() if seed is None else seed)
+        model = auto.from_config(CONFIGS[kind](**overrides), attn_implementation=implementation, **extra)
+        if untie_lm_head:
+            model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    return model.to(device=device, dtype=dtype)
+
+
+def random_ids(batch: int, length: int, device="cpu", generator=None) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (batch, length), generator=generator).to(device)
+
+
+def padding_mask(batch: int, length: int, pads: dict[int, int], *, left: bool, device="cpu") -> torch.Tensor:
+    """(B, S) int mask, 1 = real token; row b has pads[b] padding tokens on the left or the right."""
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for row, count in pads.items():
+        if count:
+            if left:
+                mask[row, :count] = 0
+            else:
+                mask[row, length - count :] = 0
+    return mask.to(device)
+
+
+def assert_model_error(name: str, actual, eager_same_dtype, eager_float64, dtype) -> None:
+    """The model error rule for one tensor (see module docstring)."""
+    assert_error_rule(name, actual, eager_float64, eager_same_dtype, dtype, factor=MODEL_ERROR_FACTOR)
+
+
+def assert_grads_rule(actual: dict, eager_same_dtype: dict, eager_float64: dict, dtype) -> None:
+    """The rule for every parameter gradient, by transformers' parameter name."""
+    assert set(actual) == set(eager_float64), sorted(set(actual) ^ set(eager_float64))
+    grad_scale = max(float(g.abs().max()) for g in eager_float64.values())
+    for name, exact in eager_float64.items():
+        assert actual[name] is not None, f"{name}: no gradient"
+        if float(exact.abs().max()) <= 1e-9 * grad_scale:
+            # Identically zero: a key bias adds q.b to all of a query's scores, which softmax cancels. What
+            # gets computed is the rounding noise of terms as large as the other gradients, so the floor
+            # scales with those (the kernels' delta = rowsum(dO * O) uses the rounded output: more noise).
+            ours_error = max_abs_error(actual[name], exact)
+            bound = MODEL_ERROR_FACTOR * max(
+                max_abs_error(eager_same_dtype[name], exact), ERROR_FLOOR[dtype] * grad_scale
+            )
+            assert ours_error <= bound, f"grad {name} (exactly 0): error {ours_error:.3e} > {bound:.3e}"
+        else:
+            assert_model_error(f"grad {name}", actual[name], eager_same_dtype[name], exact, dtype)

@@ -1,0 +1,355 @@
+"""The "fast_attn" transformers attention implementation (fast_attn.integrations.transformers).
+
+Models built with attn_implementation="fast_attn" must give eager's logits and
+parameter gradients (within 3x eager's own error against float64), in training
+mode and in generation with the KV cache; padding must reach the kernel as a
+key mask; the mask conventions must mean exactly what transformers' own masks mean.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import (
+    DTYPES_DEVICES,
+    assert_grads_rule,
+    assert_model_error,
+    build,
+    padding_mask,
+    random_ids,
+    transformers,
+)
+
+import fast_attn.integrations.transformers as integration
+from fast_attn.reference import reference_attention
+
+masking_utils = pytest.importorskip("transformers.masking_utils")
+
+
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """Every fast_attn.attention call the integration makes: the arguments it passed."""
+    calls = []
+    real_attention = integration.attention
+
+    def spy(q, k, v, **kwargs):
+        calls.append({"q": q, "k": k, **kwargs})
+        return real_attention(q, k, v, **kwargs)
+
+    monkeypatch.setattr(integration, "attention", spy)
+    return calls
+
+
+def run_with_grads(model, call, weights):
+    model.zero_grad(set_to_none=True)
+    out = call(model)
+    (out * weights.to(out.dtype)).sum().backward()
+    return out.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+def assert_matches_eager(kind, call, weights, dtype, device, **overrides):
+    """fast_attn vs eager (same dtype) vs eager float64 on outputs and every parameter gradient."""
+    results = {}
+    for key, implementation, run_dtype in (
+        ("ours", "fast_attn", dtype),
+        ("same", "eager", dtype),
+        ("float64", "eager", torch.float64),
+    ):
+        model = build(kind, implementation, dtype=run_dtype, device=device, **overrides).train()
+        results[key] = run_with_grads(model, call, weights)
+    visible = weights != 0
+    (ours, ours_grads), (same, same_grads), (exact, exact_grads) = (
+        results[k] for k in ("ours", "same", "float64")
+    )
+    assert_model_error("logits", ours[visible], same[visible], exact[visible], dtype)
+    assert_grads_rule(ours_grads, same_grads, exact_grads, dtype)
+
+
+def test_register_is_idempotent_and_registers_both_functions():
+    assert integration.register() == integration.register() == "fast_attn"
+    assert transformers.AttentionInterface._global_mapping["fast_attn"] is integration.attention_forward
+    assert (
+        masking_utils.AttentionMaskInterface._global_mapping["fast_attn"] is integration.build_attention_mask
+    )
+
+
+@pytest.mark.parametrize("dtype,device", DTYPES_DEVICES)
+def test_gpt2_training_matches_eager(dtype, device):
+    ids = random_ids(3, 10, device)
+    mask = padding_mask(3, 10, {0: 3, 2: 1}, left=True, device=device)
+    weights = torch.randn(3, 10, 97, device=device) * mask[..., None]  # padded rows see no key: not compared
+    assert_matches_eager("gpt2", lambda m: m(ids, attention_mask=mask).logits, weights, dtype, device)
+
+
+@pytest.mark.parametrize("dtype,device", DTYPES_DEVICES)
+def test_bert_with_padding_training_matches_eager(dtype, device):
+    ids = random_ids(3, 12, device)
+    mask = padding_mask(3, 12, {1: 5, 2: 2}, left=False, device=device)
+    weights = torch.randn(3, 12, 64, device=device)
+    assert_matches_eager(
+        "bert", lambda m: m(ids, attention_mask=mask).last_hidden_state, weights, dtype, device
+    )
+
+
+@pytest.mark.parametrize("dtype,device", DTYPES_DEVICES)
+def test_t5_encoder_decoder_cross_training_matches_eager(dtype, device):
+    ids, decoder_ids = random_ids(2, 11, device), random_ids(2, 6, device)
+    mask = padding_mask(2, 11, {0: 4}, left=False, device=device)
+    decoder_mask = padding_mask(2, 6, {1: 2}, left=False, device=device)
+    weights = torch.randn(2, 6, 97, device=device)
+
+    def call(model):
+        return model(
+            input_ids=ids,
+            attention_mask=mask,
+            decoder_input_ids=decoder_ids,
+            decoder_attention_mask=decoder_mask,
+        ).logits
+
+    # Includes the gradient of both relative_attention_bias embeddings (through position_bias).
+    assert_matches_eager("t5", call, weights, dtype, device)
+
+
+@pytest.mark.parametrize("dtype,device", DTYPES_DEVICES)
+def test_llama_gqa_training_matches_eager(dtype, device):
+    ids = random_ids(2, 9, device)
+    mask = padding_mask(2, 9, {1: 2}, left=True, device=device)
+    weights = torch.randn(2, 9, 97, device=device) * mask[..., None]
+    assert_matches_eager("llama", lambda m: m(ids, attention_mask=mask).logits, weights, dtype, device)
+
+
+def test_llama_passes_kv_heads_unexpanded(attention_calls):
+    model = build("llama", "fast_attn")
+    model(random_ids(2, 7))
+    assert attention_calls and all(c["q"].shape[1] == 4 and c["k"].shape[1] == 2 for c in attention_calls)
+
+
+def test_bert_padding_reaches_kernel_as_key_mask(attention_calls):
+    model = build("bert", "fast_attn")
+    mask = padding_mask(2, 8, {1: 3}, left=False)
+    model(random_ids(2, 8), attention_mask=mask)
+    assert len(attention_calls) == 2
+    for call in attention_calls:
+        assert call["bias"] is None and call["causal"] is False
+        assert torch.equal(call["key_mask"], mask.bool())
+
+
+def test_gpt2_padding_reaches_kernel_as_key_mask_with_causal(attention_calls):
+    model = build("gpt2", "fast_attn")
+    mask = padding_mask(2, 8, {0: 3}, left=True)
+    model(random_ids(2, 8), attention_mask=mask)
+    for call in attention_calls:
+        assert call["bias"] is None and call["causal"] == "bottom_right"
+        assert torch.equal(call["key_mask"], mask.bool())
+    attention_calls.clear()
+    model(random_ids(2, 8))  # no padding: no mask at all, the kernel's causal mask only
+    assert all(
+        c["key_mask"] is None and c["bias"] is None and c["causal"] == "top_left" for c in attention_calls
+    )
+
+
+def test_t5_position_bias_is_a_bias_and_padding_a_key_mask(attention_calls):
+    model = build("t5", "fast_attn").train()
+    mask = padding_mask(2, 9, {1: 4}, left=False)
+    model(input_ids=random_ids(2, 9), attention_mask=mask, decoder_input_ids=random_ids(2, 5))
+    encoder_calls, decoder_calls = attention_calls[:2], attention_calls[2:]
+    for call in encoder_calls:
+        assert tuple(call["bias"].shape) == (1, 4, 9, 9) and call["bias"].requires_grad
+        assert torch.equal(call["key_mask"], mask.bool()) and call["scale"] == 1.0
+    self_calls, cross_calls = decoder_calls[0::2], decoder_calls[1::2]
+    assert all(c["causal"] == "top_left" and c["key_mask"] is None for c in self_calls)
+    assert all(torch.equal(c["key_mask"], mask.bool()) and c["causal"] is False for c in cross_calls)
+
+
+def test_gpt2_generate_matches_eager_with_kv_cache(attention_calls):
+    ids = random_ids(3, 6)
+    mask = padding_mask(3, 6, {0: 2, 1: 1}, left=True)
+    expected = build("gpt2", "eager").generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    tokens = build("gpt2", "fast_attn").generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert len(set(expected[:, 6:].flatten().tolist())) > 3, "degenerate generation tests nothing"
+    assert torch.equal(tokens, expected)
+    decode_steps = [c for c in attention_calls if c["q"].shape[2] == 1]
+    assert decode_steps and all(c["k"].shape[2] > 6 and c["key_mask"] is not None for c in decode_steps)
+
+
+def test_t5_generate_matches_eager_with_kv_cache():
+    ids = random_ids(3, 9)
+    mask = padding_mask(3, 9, {1: 3}, left=False)
+    expected = build("t5", "eager", untie_lm_head=True).generate(
+        ids, attention_mask=mask, max_new_tokens=12, do_sample=False
+    )
+    tokens = build("t5", "fast_attn", untie_lm_head=True).generate(
+        ids, attention_mask=mask, max_new_tokens=12, do_sample=False
+    )
+    assert len(set(expected[:, 1:].flatten().tolist())) > 3, "degenerate generation tests nothing"
+    assert torch.equal(tokens, expected)
+
+
+def decode_logits(model, ids, mask, new_tokens, **kwargs):
+    """Greedy generate with the KV cache; the tokens and the logits of every decoding step (B, new, V)."""
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("dtype,device", DTYPES_DEVICES)
+def test_gpt2_kv_cache_decoding_logits_match_eager(dtype, device):
+    """fast_attn's prefill + cached decode steps against eager's full forward over the same tokens."""
+    ids = random_ids(3, 7, device)
+    mask = padding_mask(3, 7, {0: 3, 1: 1}, left=True, device=device)
+    tokens, step_logits = decode_logits(build("gpt2", "fast_attn", dtype=dtype, device=device), ids, mask, 8)
+    full_mask = torch.cat([mask, mask.new_ones(3, 8)], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)  # what generate() uses for left padding
+    expected = {}
+    for key, run_dtype in (("same", dtype), ("float64", torch.float64)):
+        model = build("gpt2", "eager", dtype=run_dtype, device=device)
+        with torch.no_grad():
+            logits = model(tokens, attention_mask=full_mask, position_ids=positions).logits
+        expected[key] = logits[:, 6:-1]  # the predictions of the 8 generated tokens
+    assert_model_error("decode logits", step_logits, expected["same"], expected["float64"], dtype)
+
+
+@pytest.mark.parametrize("dtype,device", DTYPES_DEVICES)
+def test_t5_kv_cache_decoding_logits_match_eager(dtype, device):
+    ids = random_ids(2, 9, device)
+    mask = padding_mask(2, 9, {1: 3}, left=False, device=device)
+    model = build("t5", "fast_attn", dtype=dtype, device=device, untie_lm_head=True)
+    tokens, step_logits = decode_logits(model, ids, mask, 8)
+    expected = {}
+    for key, run_dtype in (("same", dtype), ("float64", torch.float64)):
+        eager = build("t5", "eager", dtype=run_dtype, device=device, untie_lm_head=True)
+        with torch.no_grad():
+            expected[key] = eager(input_ids=ids, attention_mask=mask, decoder_input_ids=tokens[:, :-1]).logits
+    assert_model_error("decode logits", step_logits, expected["same"], expected["float64"], dtype)
+
+
+def test_dropout_reaches_the_kernel_in_training_only(attention_calls):
+    model = build("bert", "fast_attn", attention_probs_dropout_prob=0.25)
+    ids = random_ids(2, 8)
+    model.train()(ids)
+    assert all(c["dropout_p"] == 0.25 for c in attention_calls)
+    attention_calls.clear()
+    model.eval()(ids)
+    assert all(c["dropout_p"] == 0.0 for c in attention_calls)
+
+
+def test_output_attentions_warns():
+    module = torch.nn.Module()
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.warns(UserWarning, match="attention weights"):
+        out, weights = integration.attention_forward(module, q, q, q, None, output_attentions=True)
+    assert weights is None and out.shape == (1, 3, 2, 8)
+
+
+@pytest.mark.parametrize(
+    "module_causal,call_causal", [(True, None), (False, None), (True, False), (False, True)]
+)
+def test_causality_without_mask_follows_the_call_then_the_module(module_causal, call_causal):
+    module = torch.nn.Module()
+    module.is_causal = module_causal
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    out, _ = integration.attention_forward(module, q, k, v, None, is_causal=call_causal)
+    causal = module_causal if call_causal is None else call_causal
+    expected, _ = reference_attention(q, k, v, causal=causal)
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=2e-6, rtol=2e-5)
+
+
+def test_custom_float_mask_is_added_like_eager():
+    module = torch.nn.Module()
+    module.is_causal = True  # a given mask replaces the module's causality, as in eager and SDPA
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    mask = torch.randn(2, 1, 5, 7)
+    out, _ = integration.attention_forward(module, q, k, v, mask, scaling=0.3)
+    expected = torch.softmax(q @ k.transpose(-1, -2) * 0.3 + mask, dim=-1) @ v
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=2e-6, rtol=2e-5)
+
+
+MASK_CASES = {
+    # name: (causal, q_length, kv_length, q_offset, left padding per row)
+    "causal-prefill": (True, 6, 6, 0, (0, 2)),
+    "causal-prefill-no-padding": (True, 6, 6, 0, (0, 0)),
+    "causal-decode-step": (True, 1, 9, 8, (3, 0)),
+    "causal-chunked-prefill": (True, 3, 9, 6, (0, 4)),
+    "causal-chunked-no-padding": (True, 3, 9, 6, (0, 0)),
+    "causal-static-cache-prefill": (True, 4, 10, 0, (1, 0)),
+    "bidirectional": (False, 5, 5, 0, (0, 2)),
+    "bidirectional-no-padding": (False, 5, 5, 0, (0, 0)),
+}
+
+
+@pytest.mark.parametrize("case", list(MASK_CASES), ids=list(MASK_CASES))
+@pytest.mark.parametrize("allow_skip", [True, False])
+def test_mask_conventions_mean_what_transformers_masks_mean(case, allow_skip):
+    """attention_forward with our mask == plain attention with the full mask transformers' sdpa_mask builds."""
+    causal, q_length, kv_length, q_offset, pads = MASK_CASES[case]
+    batch = len(pads)
+    padding = padding_mask(batch, q_offset + q_length, dict(enumerate(pads)), left=True)
+    mask_function = (
+        masking_utils.causal_mask_function if causal else masking_utils.bidirectional_mask_function
+    )
+    arguments = {
+        "batch_size": batch,
+        "q_length": q_length,
+        "kv_length": kv_length,
+        "q_offset": q_offset,
+        "kv_offset": 0,
+        "mask_function": mask_function,
+        "attention_mask": padding.bool() if any(pads) else None,
+    }
+    skip = {"allow_is_causal_skip": allow_skip, "allow_is_bidirectional_skip": allow_skip}
+    ours_mask = integration.build_attention_mask(**arguments, **skip)
+    full_mask = masking_utils.sdpa_mask(
+        **arguments, allow_is_causal_skip=False
+    )  # (B, 1, Sq, Sk), True = attend
+
+    module = torch.nn.Module()
+    module.is_causal = causal
+    q = torch.randn(batch, 4, q_length, 8, dtype=torch.float64)
+    k, v = (
+        torch.randn(batch, 2, kv_length, 8, dtype=torch.float64),
+        torch.randn(batch, 2, kv_length, 8, dtype=torch.float64),
+    )
+    out, _ = integration.attention_forward(module, q, k, v, ours_mask)
+    expected, _ = reference_attention(
+        q, k, v, key_mask=None, bias=torch.zeros(()).double().masked_fill(~full_mask, float("-inf"))
+    )
+    torch.testing.assert_close(out, expected.transpose(1, 2))
+
+
+def test_mask_function_returns_key_padding_views_not_patterns():
+    padding = padding_mask(2, 9, {1: 3}, left=True).bool()
+    causal = integration.build_attention_mask(
+        batch_size=2,
+        q_length=3,
+        kv_length=9,
+        q_offset=6,
+        mask_function=masking_utils.causal_mask_function,
+        attention_mask=padding,
+    )
+    assert tuple(causal.shape) == (2, 1, 1, 9)
+    bidirectional = integration.build_attention_mask(
+        batch_size=2,
+        q_length=5,
+        kv_length=9,
+        mask_function=masking_utils.bidirectional_mask_function,
+        attention_mask=padding,
+        allow_is_bidirectional_skip=True,
+    )
+    assert tuple(bidirectional.shape) == (2, 1, 5, 9) and bidirectional.stride(2) == 0
+
+
+def test_other_patterns_fall_back_to_transformers_masks():
+    padding = padding_mask(2, 8, {0: 2}, left=True).bool()
+    arguments = {"batch_size": 2, "q_length": 8, "kv_length": 8, "attention_mask": padding}
+    window = masking_utils.sliding_window_causal_mask_function(3)
+    ours = integration.build_attention_mask(mask_function=window, local_size=3, **arguments)
+    theirs = masking_utils.sdpa_mask(mask_function=window, local_size=3, **arguments)
+    assert torch.equal(ours, theirs) and tuple(ours.shape) == (2, 1, 8, 8)

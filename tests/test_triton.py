@@ -1,0 +1,537 @@
+"""The Triton backend against the float64 reference.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 (conftest) on small
+problems: blocks of 32, sequences <= 128, so every case still spans several
+blocks with partial last blocks. The interpreter costs ~2.5 ms per tile, so the
+cases below are chosen to cover each feature (dtypes, odd head dims, GQA, both
+causal alignments, bias shapes and dtypes, key masks, fully masked rows,
+strided inputs, grad_lse, dropout, empty problems) with few tiles each.
+
+Every check uses fast_attn.testing's error rule: the kernel's max error against
+float64 is at most 2x torch's error doing the same math in the kernel's dtype,
+plus a floor. Allocations are poisoned (deterministic mode fills torch.empty with
+NaN), so an output element a kernel forgets to write fails the check.
+
+On a GPU (marker gpu) the same tests run on the real kernels, plus the shape grid
+of DESIGN.md section 5, opcheck and torch.compile(fullgraph=True).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+import fast_attn  # noqa: E402
+from fast_attn.dropout import dropout_hash, dropout_threshold, new_dropout_seed  # noqa: E402
+from fast_attn.ops import triton_configs, triton_ops  # noqa: E402
+from fast_attn.reference import reference_attention  # noqa: E402
+from fast_attn.testing import assert_error_rule, random_key_mask, random_qkv  # noqa: E402
+from fast_attn.triton.dropout import dropout_keep, dropout_row_offsets, load_dropout_seed  # noqa: E402
+
+pytestmark = [
+    pytest.mark.triton,
+    # numpy warns about the intended uint32 wrap-around of the dropout hash in the interpreter.
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:Deterministic behavior was enabled:UserWarning"),
+]
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocations():
+    """torch.empty returns NaN-filled memory while deterministic algorithms are on
+    (warn_only: the float64 reference's cuBLAS matmuls only warn on a GPU)."""
+    enabled, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@dataclass
+class Case:
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seqlen_q: int
+    seqlen_k: int
+    head_dim: int
+    dtype: torch.dtype
+    causal: object = False
+    bias_shape: tuple | None = None
+    bias_dtype: torch.dtype | None = None  # None: q's dtype
+    bias_fill: str = "random"  # "random", or "some-inf": some -inf entries and one fully -inf row
+    key_mask: bool = False
+    empty_mask_rows: tuple[int, ...] = ()
+    # "bhsd"; "bshd": (B, H, S, D) views of (B, S, H, D) memory; "packed": q, k, v views of one qkv tensor
+    layout: str = "bhsd"
+    grad_lse: bool = False
+    grads: tuple[str, ...] = ("q", "k", "v", "bias")
+    scale: float | None = None
+    dropout_p: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def make_inputs(self) -> dict:
+        if self.layout == "packed":
+            assert self.heads_q == self.heads_kv and self.seqlen_q == self.seqlen_k
+            qkv = torch.randn(self.batch, self.seqlen_q, 3, self.heads_q, self.head_dim).to(
+                DEVICE, self.dtype
+            )
+            q, k, v = (qkv[:, :, i].transpose(1, 2).detach() for i in range(3))
+        else:
+            q, k, v = random_qkv(
+                self.batch,
+                self.heads_q,
+                self.heads_kv,
+                self.seqlen_q,
+                self.seqlen_k,
+                self.head_dim,
+                dtype=self.dtype,
+                device=DEVICE,
+                layout=self.layout,
+            )
+        inputs = {"q": q, "k": k, "v": v, "bias": None, "key_mask": None}
+        if self.bias_shape is not None:
+            bias = torch.randn(self.bias_shape, device=DEVICE)
+            if self.bias_fill == "some-inf":
+                bias = bias.masked_fill(torch.rand(self.bias_shape, device=DEVICE) < 0.2, -math.inf)
+                bias[..., 0, :] = -math.inf  # query row 0 sees nothing
+            inputs["bias"] = bias.to(self.bias_dtype or self.dtype)
+        if self.key_mask:
+            inputs["key_mask"] = random_key_mask(
+                self.batch, self.seqlen_k, device=DEVICE, empty_rows=self.empty_mask_rows
+            )
+        for name in self.grads:
+            if inputs.get(name) is not None:
+                inputs[name].requires_grad_(True)
+        return inputs
+
+
+def reference(inputs: dict, case: Case, grad_out, grad_lse, compute_dtype, dropout_seed=None):
+    """(out, lse, grads) of the reference in compute_dtype; grads of
+    sum(out * grad_out) + sum(lse * grad_lse) over rows with a finite lse."""
+    copies = {
+        name: (
+            t
+            if t is None or not t.is_floating_point()
+            else t.detach().to(compute_dtype).requires_grad_(t.requires_grad)
+        )
+        for name, t in inputs.items()
+    }
+    out, lse = reference_attention(
+        copies["q"],
+        copies["k"],
+        copies["v"],
+        bias=copies["bias"],
+        key_mask=copies["key_mask"],
+        causal=case.causal,
+        scale=case.scale,
+        dropout_p=case.dropout_p,
+        dropout_seed=dropout_seed,
+        compute_dtype=compute_dtype,
+    )
+    wanted = {n: t for n, t in copies.items() if t is not None and t.is_floating_point() and t.requires_grad}
+    loss = (out.to(compute_dtype) * grad_out.to(compute_dtype)).sum()
+    if grad_lse is not None:
+        loss = loss + (torch.where(torch.isfinite(lse), lse, 0.0) * grad_lse.to(compute_dtype)).sum()
+    grads = dict(zip(wanted, torch.autograd.grad(loss, list(wanted.values())))) if wanted else {}
+    return out, lse, grads
+
+
+def run_triton(inputs: dict, case: Case, grad_out, grad_lse, dropout_seed=None):
+    """(out, lse, grads) of the Triton op through autograd."""
+    if dropout_seed is None:
+        out, lse = fast_attn.attention(
+            inputs["q"],
+            inputs["k"],
+            inputs["v"],
+            bias=inputs["bias"],
+            key_mask=inputs["key_mask"],
+            causal=case.causal,
+            scale=case.scale,
+            return_lse=True,
+            backend="triton",
+        )
+    else:  # the op itself, to choose the seed
+        problem = fast_attn.validation.build_problem(
+            inputs["q"],
+            inputs["k"],
+            inputs["v"],
+            bias=inputs["bias"],
+            key_mask=inputs["key_mask"],
+            causal=case.causal,
+            scale=case.scale,
+            dropout_p=case.dropout_p,
+        )
+        out, lse = triton_ops.attention_forward(problem, dropout_seed)
+    wanted = {n: t for n, t in inputs.items() if t is not None and t.is_floating_point() and t.requires_grad}
+    loss = (out.float() * grad_out.float()).sum()
+    if grad_lse is not None:
+        loss = loss + (torch.where(torch.isfinite(lse), lse, 0.0) * grad_lse).sum()
+    grads = dict(zip(wanted, torch.autograd.grad(loss, list(wanted.values())))) if wanted else {}
+    return out, lse, grads
+
+
+def check_case(case: Case, dropout_seed=None) -> None:
+    inputs = case.make_inputs()
+    out_shape = (case.batch, case.heads_q, case.seqlen_q, case.head_dim)
+    grad_out = torch.randn(out_shape, device=DEVICE).to(case.dtype)
+    grad_lse = torch.randn(out_shape[:3], device=DEVICE) if case.grad_lse else None
+    out, lse, grads = run_triton(inputs, case, grad_out, grad_lse, dropout_seed)
+    exact_out, exact_lse, exact_grads = reference(
+        inputs, case, grad_out, grad_lse, torch.float64, dropout_seed
+    )
+    same_out, same_lse, same_grads = reference(inputs, case, grad_out, grad_lse, case.dtype, dropout_seed)
+
+    assert out.shape == out_shape and out.dtype == case.dtype
+    assert lse.shape == out_shape[:3] and lse.dtype == torch.float32
+    assert_error_rule("out", out, exact_out, same_out, case.dtype)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(exact_lse)), "rows with lse = -inf differ"
+    assert_error_rule("lse", lse, exact_lse, same_lse.float(), case.dtype)
+    assert set(grads) == set(exact_grads)
+    for name, grad in grads.items():
+        assert grad.shape == inputs[name].shape and grad.dtype == inputs[name].dtype, name
+        assert not torch.isnan(grad).any(), f"d{name} has NaN"
+        assert_error_rule(f"d{name}", grad, exact_grads[name], same_grads[name], case.dtype)
+
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+# Each case: (B, Hq, Hkv, Sq, Sk, D, dtype) plus the features it covers.
+CPU_CASES = {
+    # GQA, a bias shared by the batch (dbias summed over batches), key padding, D 40.
+    "fp32-gqa-batch-bias-mask": Case(2, 4, 2, 37, 50, 40, F32, bias_shape=(1, 4, 37, 50), key_mask=True),
+    # Top-left causal with Sq > Sk, a full-shape bias (dbias written by the dQ programs), D 16.
+    "fp16-causal-full-bias": Case(1, 2, 2, 65, 33, 16, F16, causal=True, bias_shape=(1, 2, 65, 33)),
+    # Bottom-right causal with Sk > Sq, padding, (B, S, H, D) memory, bf16 (interpreter upcast).
+    "bf16-bottom-right-mask-bshd": Case(
+        1, 2, 2, 33, 70, 64, BF16, causal="bottom_right", key_mask=True, layout="bshd"
+    ),
+    # The smallest problem.
+    "fp32-one-by-one-d1": Case(1, 1, 1, 1, 1, 1, F32),
+    # Bottom-right with Sq > Sk: rows 0..49 see no key (out 0, lse -inf, zero grads); MQA; grad_lse.
+    "fp32-mqa-empty-rows-grad-lse": Case(
+        2, 2, 1, 70, 20, 24, F32, causal="bottom_right", bias_shape=(2, 2, 70, 20), grad_lse=True
+    ),
+    # A per-query bias (1, 1, Sq, 1) in float32 with fp16 inputs: dbias summed over batch, heads and keys.
+    "fp16-row-bias-fp32": Case(2, 4, 2, 45, 30, 32, F16, bias_shape=(1, 1, 45, 1), bias_dtype=F32),
+    # A per-key bias per batch (B, 1, 1, Sk) (ALiBi-like), causal, D 80, (B, S, H, D) memory.
+    "fp32-key-bias-causal-d80": Case(
+        2, 4, 2, 45, 30, 80, F32, causal=True, bias_shape=(2, 1, 1, 30), layout="bshd"
+    ),
+    # A scalar bias (1, 1, 1, 1), D 8.
+    "fp32-scalar-bias": Case(3, 2, 2, 20, 20, 8, F32, causal=True, bias_shape=(1, 1, 1, 1)),
+    # D 96 (padded to 128), causal, GQA, grad_lse.
+    "fp16-d96-causal-gqa-grad-lse": Case(1, 2, 1, 97, 97, 96, F16, causal=True, grad_lse=True),
+    # D 200 (padded to 256), Sk > Sq top-left: key blocks no query sees get zero dK/dV.
+    "bf16-d200-top-left-long-keys": Case(1, 1, 1, 17, 128, 200, BF16, causal=True),
+    # -inf entries in the bias mask scores, and row 0 is masked entirely by it.
+    "fp32-inf-bias": Case(
+        2, 2, 2, 40, 36, 32, F32, bias_shape=(1, 2, 40, 36), bias_fill="some-inf", scale=0.3
+    ),
+    # A batch row whose key mask is all False: its rows see nothing.
+    "fp16-empty-key-mask-row": Case(2, 2, 2, 33, 40, 64, F16, key_mask=True, empty_mask_rows=(1,)),
+    # q, k, v strided views of one packed (B, S, 3, H, D) tensor.
+    "fp32-packed-qkv": Case(2, 2, 2, 40, 40, 32, F32, layout="packed", causal=True),
+    # Causal offsets one and two below a block boundary (Sk - Sq = 31, 30 with blocks of 32):
+    # the first key block a row sees only partly must take the masked path.
+    "fp32-bottom-right-offset-31": Case(1, 2, 1, 50, 81, 16, F32, causal="bottom_right"),
+    "fp32-bottom-right-offset-30": Case(1, 1, 1, 34, 64, 16, F32, causal="bottom_right", grad_lse=True),
+    # Gradients for a subset of the inputs.
+    "fp32-grads-q-only": Case(1, 2, 1, 40, 50, 32, F32, bias_shape=(1, 2, 40, 50), grads=("q",)),
+    "fp16-grads-bias-only": Case(2, 2, 2, 40, 50, 32, F16, bias_shape=(1, 2, 40, 50), grads=("bias",)),
+}
+
+
+@pytest.mark.parametrize("name", list(CPU_CASES))
+def test_matches_reference(name):
+    check_case(CPU_CASES[name])
+
+
+DROPOUT_CASES = {
+    "fp32-gqa-causal-bias": Case(
+        2, 4, 2, 40, 45, 32, F32, causal=True, bias_shape=(1, 4, 40, 45), dropout_p=0.3
+    ),
+    "bf16-mask": Case(1, 2, 2, 33, 64, 64, BF16, key_mask=True, dropout_p=0.5, grad_lse=True),
+    "fp16-row-bias": Case(2, 2, 1, 30, 40, 16, F16, bias_shape=(2, 1, 30, 1), dropout_p=0.1),
+}
+
+
+@pytest.mark.parametrize("name", list(DROPOUT_CASES))
+def test_dropout_matches_reference_with_the_same_seed(name):
+    # The reference drops exactly the scores the kernels drop (fast_attn/dropout.py), so
+    # out and every gradient follow the same error rule as without dropout.
+    check_case(
+        DROPOUT_CASES[name], dropout_seed=torch.tensor([0x5EED_0123_4567], dtype=torch.int64, device=DEVICE)
+    )
+
+
+@triton.jit
+def _dropout_keep_kernel(
+    seed_ptr, keep_ptr, head_row, seqlen_k, threshold, ROWS: tl.constexpr, KEYS: tl.constexpr
+):
+    seed_low, seed_high = load_dropout_seed(seed_ptr)
+    rows, keys = tl.arange(0, ROWS), tl.arange(0, KEYS)
+    row_low, row_high = dropout_row_offsets(head_row.to(tl.int64), rows, seqlen_k)
+    keep = dropout_keep(seed_low, seed_high, row_low[:, None], row_high[:, None], keys[None, :], threshold)
+    tl.store(keep_ptr + rows[:, None] * KEYS + keys[None, :], keep)
+
+
+def test_dropout_hash_is_bit_identical_to_the_python_reference():
+    # Rows whose linear index crosses 2^32 inside a key block exercise the carry of the
+    # kernels' 32-bit index arithmetic; seeds with the high half set and negative.
+    for seed in (12345, 2**62 - 17, -5):
+        for head_row, seqlen_k in ((0, 64), (2**32 // 64 - 3, 64), (2**26 + 7, 100), (3, 2**31 - 5)):
+            for dropout_p in (0.1, 0.9):
+                keep = torch.empty(16, 64, dtype=torch.bool, device=DEVICE)
+                threshold = dropout_threshold(dropout_p)
+                seed_tensor = torch.tensor([seed], device=DEVICE)
+                _dropout_keep_kernel[(1,)](seed_tensor, keep, head_row, seqlen_k, threshold, ROWS=16, KEYS=64)
+                index = (head_row + torch.arange(16))[:, None] * seqlen_k + torch.arange(64)[None, :]
+                expected = dropout_hash(seed, index) >= threshold
+                assert torch.equal(keep.cpu(), expected), (seed, head_row, dropout_p)
+
+
+def test_dropout_through_attention_uses_torch_generator():
+    q, k, v = random_qkv(1, 2, 2, 33, 40, 32, device=DEVICE)
+    torch.manual_seed(1234)
+    out = fast_attn.attention(q, k, v, dropout_p=0.25, backend="triton")
+    torch.manual_seed(1234)
+    seed = new_dropout_seed(q.device)
+    expected, _ = reference_attention(q.double(), k.double(), v.double(), dropout_p=0.25, dropout_seed=seed)
+    without, _ = reference_attention(q.double(), k.double(), v.double())
+    assert_error_rule(
+        "out",
+        out,
+        expected,
+        reference_attention(q, k, v, dropout_p=0.25, dropout_seed=seed)[0],
+        torch.float32,
+    )
+    assert (out.double() - without).abs().max() > 0.05  # dropout did drop
+
+
+def test_backward_is_deterministic():
+    # GQA (dK/dV summed over the group) and a batch-shared bias reduced in several
+    # splits: two runs give the same bits.
+    case = Case(
+        2, 4, 2, 45, 50, 32, F32, causal=True, bias_shape=(1, 4, 45, 50), key_mask=True, dropout_p=0.2
+    )
+    inputs = case.make_inputs()
+    grad_out = torch.randn(2, 4, 45, 32, device=DEVICE)
+    seed = torch.tensor([77], dtype=torch.int64, device=DEVICE)
+    first = run_triton(inputs, case, grad_out, None, seed)
+    second = run_triton(inputs, case, grad_out, None, seed)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    for name in first[2]:
+        assert torch.equal(first[2][name], second[2][name]), f"d{name} differs between runs"
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_dbias_split_count_does_not_change_the_result(monkeypatch, num_splits):
+    # The split count only regroups the (batch, head) pairs of the reduction; each must
+    # give dbias within the error rule (3 splits of 8 pairs leaves a short last split).
+    monkeypatch.setattr(triton_ops, "dbias_splits", lambda programs, pairs, device: num_splits)
+    check_case(Case(2, 4, 2, 36, 30, 16, F32, bias_shape=(1, 1, 36, 30), grads=("bias",)))
+
+
+def test_dbias_splits_fill_the_device():
+    sms = triton_configs.multiprocessor_count(torch.device(DEVICE))
+    assert triton_configs.dbias_splits(programs=4 * sms, pairs_per_slice=64, device=torch.device(DEVICE)) == 1
+    assert triton_configs.dbias_splits(programs=1, pairs_per_slice=3, device=torch.device(DEVICE)) == 3
+    splits = triton_configs.dbias_splits(programs=1, pairs_per_slice=1000, device=torch.device(DEVICE))
+    assert splits == min(triton_configs.MAX_DBIAS_SPLITS, 2 * sms)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+def test_nan_inputs_propagate_like_the_reference():
+    q, k, v = random_qkv(1, 2, 2, 40, 40, 16, device=DEVICE)
+    q[0, 1, 7, 3] = math.nan
+    out, lse = fast_attn.attention(q, k, v, return_lse=True, backend="triton")
+    expected, expected_lse = reference_attention(q.double(), k.double(), v.double())
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    assert torch.equal(torch.isnan(lse), torch.isnan(expected_lse))
+    assert torch.isnan(out[0, 1, 7]).all() and not torch.isnan(out[0, 0]).any()
+
+
+@pytest.mark.parametrize(
+    "shape", [(0, 2, 2, 16, 16), (2, 2, 2, 0, 16), (2, 2, 2, 16, 0)], ids=["batch0", "seqlen_q0", "seqlen_k0"]
+)
+def test_empty_problems(shape):
+    batch, heads_q, heads_kv, seqlen_q, seqlen_k = shape
+    q, k, v = random_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, 16, device=DEVICE, requires_grad=True)
+    bias = torch.randn(1, heads_q, seqlen_q, seqlen_k, device=DEVICE, requires_grad=True)
+    out, lse = fast_attn.attention(q, k, v, bias=bias, return_lse=True, backend="triton")
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    assert (out == 0).all() and torch.isneginf(lse).all()  # vacuous when empty; all masked when Sk == 0
+    grads = torch.autograd.grad(out.sum(), (q, k, v, bias), allow_unused=False)
+    for tensor, grad in zip((q, k, v, bias), grads):
+        assert grad.shape == tensor.shape and (grad == 0).all()
+
+
+def test_opcheck_under_the_interpreter_or_gpu():
+    q, k, v = random_qkv(1, 2, 1, 20, 24, 16, device=DEVICE, requires_grad=True)
+    bias = torch.randn(1, 2, 20, 24, device=DEVICE, requires_grad=True)
+    key_mask = random_key_mask(1, 24, device=DEVICE)
+    forward_args = (q, k, v, bias, key_mask, None, 0.25, 1, 0.0)
+    # Under the interpreter, wrap_triton cannot capture kernels, so the AOT tests
+    # (which compare against a traced graph) run on a GPU only (see test_opcheck_gpu).
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(
+        torch.ops.fast_attn.triton_attention_forward.default, forward_args, test_utils=utils
+    )
+    out, lse = torch.ops.fast_attn.triton_attention_forward(*forward_args)
+    backward_args = (
+        torch.randn_like(out),
+        torch.randn_like(lse),
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        bias.detach(),
+        key_mask,
+        None,
+        out.detach(),
+        lse.detach(),
+        0.25,
+        1,
+        0.0,
+        True,
+        True,
+    )
+    torch.library.opcheck(
+        torch.ops.fast_attn.triton_attention_backward.default,
+        backward_args,
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+def test_launch_configs_are_few_and_pruned_to_the_problem(monkeypatch):
+    for kernel in triton_configs.KERNEL_NAMES:
+        for arch in ("sm80", "sm90"):
+            for block_d in (16, 32, 64, 128, 256):
+                for dtype in (F16, BF16, F32):
+                    for heavy in (False, True):
+                        assert (
+                            1 <= len(triton_configs.table_configs(kernel, arch, block_d, dtype, heavy)) <= 6
+                        )
+    assert triton_configs.table_configs("forward", "interpret", 64, F16) == [(32, 32, 4, 1)]
+    candidates = triton_configs.table_configs("forward", "sm90", 64, BF16)
+
+    def prune(*args, **kwargs):
+        return triton_configs.prune_configs(candidates, "sm90", "forward", 64, BF16, *args, **kwargs)
+
+    # Deterministic mode (on in this file) and FAST_ATTN_TRITON_AUTOTUNE=0 keep one candidate.
+    assert prune(None, seqlen_q=4096, seqlen_k=4096) == (candidates[0],)
+    torch.use_deterministic_algorithms(False)
+    assert set(prune(None, seqlen_q=4096, seqlen_k=4096)) == set(candidates)
+    assert len(prune(None, seqlen_q=1, seqlen_k=4096)) == 1  # no 16-row tile in the table: the smallest stays
+    monkeypatch.setenv("FAST_ATTN_TRITON_AUTOTUNE", "0")
+    assert prune(None, seqlen_q=4096, seqlen_k=4096) == (candidates[0],)
+    monkeypatch.delenv("FAST_ATTN_TRITON_AUTOTUNE")
+    # Shared memory: a float32 (128, 128) bias tile does not fit three stages at D 128.
+    assert triton_configs.shared_memory_estimate("forward", (128, 64, 4, 3), 64, BF16, None) == 65536
+    assert triton_configs.prune_configs(
+        [(128, 128, 8, 3), (64, 64, 4, 2)], "sm90", "forward", 128, BF16, F32, 4096, 4096
+    ) == ((64, 64, 4, 2),)
+
+
+# ---------------------------------------------------------------- GPU only
+
+GRID_SEQLENS = (1, 17, 97, 128, 257, 1025)
+GRID_HEAD_DIMS = (16, 32, 40, 64, 80, 96, 128, 256)
+GRID_PAIRS = [(seqlen_q, seqlen_k) for seqlen_q in GRID_SEQLENS for seqlen_k in GRID_SEQLENS]
+GRID_DTYPES = {"bf16": BF16, "fp16": F16, "fp32": F32}
+GRID_TESTS = [(name, head_dim) for name in GRID_DTYPES for head_dim in GRID_HEAD_DIMS]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name,head_dim", GRID_TESTS, ids=[f"{n}-d{d}" for n, d in GRID_TESTS])
+def test_gpu_grid(dtype_name, head_dim):
+    # The (Sq, Sk) pairs of DESIGN.md section 5 spread over the dtype x head-dim tests:
+    # four pairs each (every pair lands in two tests), the causal mode rotating. Each new
+    # pair can cost kernel compiles (Triton specializes Sq == 1 and S % 16 == 0), so the
+    # whole product is test_gpu_full_grid (slow).
+    test_index = GRID_TESTS.index((dtype_name, head_dim))
+    modes = (False, True, "bottom_right")
+    for offset in range(4):
+        pair_index = (test_index * 4 + offset) * 7 % len(GRID_PAIRS)  # 7 is coprime with 36
+        seqlen_q, seqlen_k = GRID_PAIRS[pair_index]
+        causal = modes[(test_index + offset) % 3]
+        check_case(
+            Case(2, 4, 2, seqlen_q, seqlen_k, head_dim, GRID_DTYPES[dtype_name], causal=causal, layout="bshd")
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [BF16, F16, F32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("head_dim", GRID_HEAD_DIMS)
+@pytest.mark.parametrize("causal", [False, True, "bottom_right"], ids=["full", "top_left", "bottom_right"])
+def test_gpu_full_grid(dtype, head_dim, causal):
+    for seqlen_q in GRID_SEQLENS:
+        for seqlen_k in GRID_SEQLENS:
+            check_case(Case(1, 2, 1, seqlen_q, seqlen_k, head_dim, dtype, causal=causal))
+
+
+@pytest.mark.gpu
+def test_opcheck_gpu():
+    q, k, v = random_qkv(2, 4, 2, 130, 150, 64, dtype=BF16, device="cuda", requires_grad=True)
+    bias = torch.randn(1, 4, 130, 150, device="cuda", dtype=BF16, requires_grad=True)
+    key_mask = random_key_mask(2, 150, device="cuda")
+    seed = torch.tensor([3], dtype=torch.int64, device="cuda")
+    forward_args = (q, k, v, bias, key_mask, seed, 0.125, 2, 0.1)
+    torch.library.opcheck(torch.ops.fast_attn.triton_attention_forward.default, forward_args)
+    out, lse = torch.ops.fast_attn.triton_attention_forward(*forward_args)
+    backward_args = (
+        torch.randn_like(out),
+        torch.randn_like(lse),
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        bias.detach(),
+        key_mask,
+        seed,
+        out.detach(),
+        lse.detach(),
+        0.125,
+        2,
+        0.1,
+        True,
+        True,
+    )
+    torch.library.opcheck(torch.ops.fast_attn.triton_attention_backward.default, backward_args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "bias"])
+def test_torch_compile_fullgraph_forward_and_backward(with_bias):
+    q, k, v = random_qkv(2, 4, 2, 200, 200, 64, dtype=BF16, device="cuda", requires_grad=True)
+    bias = torch.randn(1, 4, 200, 200, device="cuda", dtype=BF16, requires_grad=True) if with_bias else None
+
+    def step(q, k, v, bias):
+        out = fast_attn.attention(q, k, v, bias=bias, causal=True, backend="triton")
+        return (out.float() ** 2).sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    inputs = [t for t in (q, k, v, bias) if t is not None]
+    loss = compiled(q, k, v, bias)
+    grads = torch.autograd.grad(loss, inputs)
+    expected_loss = step(q, k, v, bias)
+    expected_grads = torch.autograd.grad(expected_loss, inputs)
+    # Inductor autotunes the user kernels itself and may pick other blocks than the
+    # eager autotuner (another summation order), so compare within bf16 rounding.
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-3, atol=1e-2)
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected, rtol=2e-2, atol=2e-2)

@@ -1,0 +1,321 @@
+#!/usr/bin/env python3
+"""Compile every CUDA kernel translation unit and check ptxas's resource report.
+
+Each csrc/cuda/*.cu is compiled with `nvcc -c -Xptxas -v` for sm_80 and
+sm_90a with the flags setup.py gives nvcc (NVCC_FLAGS, read from setup.py,
+plus torch's default CUDA extension flags when torch is importable), in
+parallel. The run fails (exit status 1) on:
+  - a compile error,
+  - spill stores or loads, a stack frame or cumulative stack (local memory),
+    unless the kernel is listed in INTENDED_LOCAL_MEMORY with the reason (empty),
+  - dynamic shared memory above what the arch allows one CTA,
+  - registers x threads of one CTA above the SM's register file.
+It writes csrc/cuda/PTXAS_REPORT.md: per kernel and arch, registers, spills,
+stack, shared memory, threads and the CTAs per SM they allow.
+
+Dynamic shared memory and threads per CTA come from the kernels' own traits:
+a small host program including the kernel headers prints them.
+
+    python tools/cuda_compile_check.py [--jobs N] [--report PATH | --no-report]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import concurrent.futures
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_DIR = ROOT / "csrc" / "cuda"
+DEFAULT_REPORT = CUDA_DIR / "PTXAS_REPORT.md"
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    gencode: str
+    max_dynamic_smem: int  # per CTA, with the opt-in attribute
+    smem_per_sm: int
+    registers_per_sm: int = 65536
+    max_threads_per_sm: int = 2048
+
+
+ARCHS = (
+    Arch("sm_80", "arch=compute_80,code=sm_80", max_dynamic_smem=166912, smem_per_sm=167936),
+    Arch("sm_90a", "arch=compute_90a,code=sm_90a", max_dynamic_smem=232448, smem_per_sm=233472),
+)
+
+# Kernels allowed a stack frame or spills, each with why (none: every byte of
+# local memory is a finding).
+INTENDED_LOCAL_MEMORY: dict[str, str] = {}
+
+TRAITS = ("ForwardTraits", "DkdvTraits", "DqTraits")
+HEAD_DIMS = (32, 64, 96, 128, 256)
+ELEMENTS = ("__half", "__nv_bfloat16")
+
+
+@dataclass
+class KernelReport:
+    mangled: str
+    arch: str
+    registers: int = 0
+    stack_frame: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+    cumulative_stack: int = 0
+    static_smem: int = 0
+    name: str = ""
+    traits: str | None = None
+
+
+@dataclass
+class CompileResult:
+    source: Path
+    arch: Arch
+    returncode: int
+    output: str
+    kernels: list[KernelReport] = field(default_factory=list)
+
+
+def setup_nvcc_flags() -> list[str]:
+    """The NVCC_FLAGS list literal of setup.py (without running setup.py)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NVCC_FLAGS" for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    raise SystemExit("cuda_compile_check: setup.py has no NVCC_FLAGS list")
+
+
+def torch_nvcc_flags() -> list[str]:
+    """The flags torch's CUDAExtension puts before the project's (empty without torch)."""
+    try:
+        from torch.utils import cpp_extension
+    except ImportError:
+        return []
+    return list(getattr(cpp_extension, "COMMON_NVCC_FLAGS", []))
+
+
+def nvcc_command(nvcc: str, flags: list[str], source: Path, arch: Arch, output: Path) -> list[str]:
+    return [nvcc, "-c", "-std=c++17", *flags, f"-I{ROOT / 'csrc'}", "-gencode", arch.gencode, "-Xptxas", "-v",
+            str(source), "-o", str(output)]
+
+
+ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\w+)'")
+PROPERTIES = re.compile(r"Function properties for (\S+)")
+FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+USED = re.compile(r"Used (\d+) registers")
+CUMULATIVE = re.compile(r"(\d+) bytes cumulative stack size")
+SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def parse_ptxas(output: str, arch: str) -> list[KernelReport]:
+    kernels: dict[str, KernelReport] = {}
+    current: KernelReport | None = None
+    pending_properties: str | None = None
+    for line in output.splitlines():
+        if match := ENTRY.search(line):
+            current = kernels.setdefault(match.group(1), KernelReport(match.group(1), arch))
+        elif match := PROPERTIES.search(line):
+            pending_properties = match.group(1)
+        elif (match := FRAME.search(line)) and pending_properties in kernels:
+            report = kernels[pending_properties]
+            report.stack_frame, report.spill_stores, report.spill_loads = map(int, match.groups())
+            pending_properties = None
+        elif (match := USED.search(line)) and current is not None:
+            current.registers = int(match.group(1))
+            if cumulative := CUMULATIVE.search(line):
+                current.cumulative_stack = int(cumulative.group(1))
+            if smem := SMEM.search(line):
+                current.static_smem = int(smem.group(1))
+    return list(kernels.values())
+
+
+def demangle(names: list[str]) -> dict[str, str]:
+    cxxfilt = shutil.which("c++filt")
+    if cxxfilt is None or not names:
+        return {n: n for n in names}
+    result = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True, check=True)
+    return dict(zip(names, result.stdout.splitlines()))
+
+
+def short_name(demangled: str) -> tuple[str, str | None]:
+    """('forward<bf16, 64>', 'ForwardTraits<__nv_bfloat16, 64>') from a demangled kernel name."""
+    base = re.search(r"(\w+)_kernel", demangled)
+    kernel = base.group(1).replace("attention_", "") if base else demangled
+    traits = re.search(r"(\w+Traits<[^<>]*>)", demangled)
+    element = "bf16" if "bfloat16" in demangled else "fp16" if "__half" in demangled else "?"
+    if traits:
+        head_dim = re.search(r", (\d+)>", traits.group(1)).group(1)
+        return f"{kernel}<{element}, {head_dim}>", traits.group(1)
+    return f"{kernel}<{element}>", None
+
+
+def traits_launch_shapes(nvcc: str, flags: list[str], workdir: Path) -> dict[str, tuple[int, int]]:
+    """{'ForwardTraits<__half, 64>': (threads, dynamic smem bytes), ...} printed by the traits themselves."""
+    source = workdir / "traits_sizes.cu"
+    lines = [
+        '#include <cstdio>',
+        '#include "cuda/forward_kernel.cuh"',
+        '#include "cuda/backward_dkdv_kernel.cuh"',
+        '#include "cuda/backward_dq_kernel.cuh"',
+        "using namespace fast_attn::cuda;",
+        "int main() {",
+    ]
+    for traits in TRAITS:
+        for element in ELEMENTS:
+            for head_dim in HEAD_DIMS:
+                t = f"{traits}<{element}, {head_dim}>"
+                lines.append(f'  std::printf("%s|%d|%zu\\n", "{t}", {t}::kThreads, static_cast<size_t>({t}::kSmemBytes));')
+    lines += ["  return 0;", "}"]
+    source.write_text("\n".join(lines) + "\n")
+    binary = workdir / "traits_sizes"
+    compile_cmd = [nvcc, "-std=c++17", *flags, f"-I{ROOT / 'csrc'}", str(source), "-o", str(binary)]
+    subprocess.run(compile_cmd, check=True, capture_output=True, text=True)
+    printed = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
+    shapes = {}
+    for line in printed.splitlines():
+        name, threads, smem = line.split("|")
+        shapes[name] = (int(threads), int(smem))
+    return shapes
+
+
+def compile_one(nvcc: str, flags: list[str], source: Path, arch: Arch, workdir: Path) -> CompileResult:
+    output = workdir / f"{source.stem}.{arch.name}.o"
+    proc = subprocess.run(nvcc_command(nvcc, flags, source, arch, output), capture_output=True, text=True, check=False)
+    text = proc.stdout + proc.stderr
+    return CompileResult(source, arch, proc.returncode, text, parse_ptxas(text, arch.name))
+
+
+def ctas_per_sm(arch: Arch, registers: int, threads: int, smem: int) -> tuple[int, int]:
+    """(CTAs an SM holds by registers, by shared memory); registers are allocated per warp in units of 256."""
+    warps = (threads + 31) // 32
+    registers_per_warp = (registers * 32 + 255) // 256 * 256
+    by_registers = arch.registers_per_sm // (registers_per_warp * warps) if registers else 0
+    by_threads = arch.max_threads_per_sm // threads
+    by_smem = arch.smem_per_sm // (smem + 1024) if smem else 32  # 1 KiB per CTA is reserved by the driver
+    return min(by_registers, by_threads), by_smem
+
+
+def check(results: list[CompileResult], shapes: dict[str, tuple[int, int]]) -> list[str]:
+    failures = []
+    for result in results:
+        where = f"{result.source.relative_to(ROOT)} ({result.arch.name})"
+        if result.returncode != 0:
+            failures.append(f"{where}: nvcc failed:\n{result.output.strip()}")
+            continue
+        if not result.kernels:
+            failures.append(f"{where}: no kernel in ptxas's report")
+        for kernel in result.kernels:
+            local = kernel.stack_frame or kernel.spill_stores or kernel.spill_loads or kernel.cumulative_stack
+            if local and kernel.name not in INTENDED_LOCAL_MEMORY:
+                failures.append(
+                    f"{where}: {kernel.name} uses local memory: {kernel.stack_frame} bytes stack frame, "
+                    f"{kernel.spill_stores} bytes spill stores, {kernel.spill_loads} bytes spill loads, "
+                    f"{kernel.cumulative_stack} bytes cumulative stack"
+                )
+            if kernel.traits in shapes:
+                threads, smem = shapes[kernel.traits]
+                if smem > result.arch.max_dynamic_smem:
+                    failures.append(f"{where}: {kernel.name} needs {smem} bytes of shared memory, "
+                                    f"{result.arch.name} allows {result.arch.max_dynamic_smem}")
+                if ctas_per_sm(result.arch, kernel.registers, threads, smem)[0] < 1:
+                    failures.append(f"{where}: {kernel.name}: {kernel.registers} registers x {threads} threads "
+                                    f"exceed the register file")
+    return failures
+
+
+def nvcc_version(nvcc: str) -> str:
+    text = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False).stdout
+    match = re.search(r"release ([\d.]+), (V[\d.]+)", text)
+    return f"{match.group(1)} ({match.group(2)})" if match else "unknown"
+
+
+def write_report(path: Path, results: list[CompileResult], shapes: dict[str, tuple[int, int]], nvcc: str,
+                 flags: list[str]) -> None:
+    lines = [
+        "# ptxas resource report of the CUDA kernels",
+        "",
+        (
+            "Generated by `python tools/cuda_compile_check.py`; do not edit. "
+            f"nvcc {nvcc_version(nvcc)}, flags `{' '.join(flags)}`."
+        ),
+        "",
+        (
+            "Dynamic shared memory and threads are the kernels' launch configuration (their traits); "
+            "CTAs/SM is what registers (and threads) and shared memory each allow."
+        ),
+        "",
+    ]
+    for arch in ARCHS:
+        lines += [
+            f"## {arch.name}",
+            "",
+            (
+                "| kernel | registers | spill stores / loads (bytes) | stack (bytes) | dynamic smem (bytes) "
+                "| threads | CTAs/SM by registers | by smem |"
+            ),
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        kernels = sorted((k for r in results if r.arch is arch for k in r.kernels), key=lambda k: k.name)
+        for k in kernels:
+            threads, smem = shapes.get(k.traits, (0, 0))
+            smem += k.static_smem
+            by_regs, by_smem = ctas_per_sm(arch, k.registers, threads, smem) if threads else ("-", "-")
+            lines.append(
+                f"| {k.name} | {k.registers} | {k.spill_stores} / {k.spill_loads} | "
+                f"{max(k.stack_frame, k.cumulative_stack)} | {smem} | {threads or '-'} | {by_regs} | {by_smem} |"
+            )
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel nvcc processes")
+    parser.add_argument("--nvcc", default=os.environ.get("NVCC", "nvcc"))
+    parser.add_argument("--report", type=Path, default=DEFAULT_REPORT)
+    parser.add_argument("--no-report", action="store_true", help="check only")
+    args = parser.parse_args()
+
+    nvcc = shutil.which(args.nvcc) or args.nvcc
+    if not shutil.which(nvcc):
+        print(f"cuda_compile_check: nvcc not found ({args.nvcc})", file=sys.stderr)
+        return 1
+    flags = torch_nvcc_flags() + setup_nvcc_flags()
+    sources = sorted(CUDA_DIR.glob("*.cu"))
+    with tempfile.TemporaryDirectory(prefix="fast_attn_ptxas_") as tmp:
+        workdir = Path(tmp)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            shapes_future = pool.submit(traits_launch_shapes, nvcc, flags, workdir)
+            futures = [pool.submit(compile_one, nvcc, flags, s, a, workdir) for s in sources for a in ARCHS]
+            results = [f.result() for f in futures]
+            shapes = shapes_future.result()
+    names = demangle(sorted({k.mangled for r in results for k in r.kernels}))
+    for result in results:
+        for kernel in result.kernels:
+            kernel.name, kernel.traits = short_name(names[kernel.mangled])
+    failures = check(results, shapes)
+    if not args.no_report:
+        write_report(args.report, results, shapes, nvcc, flags)
+    kernels = sum(len(r.kernels) for r in results)
+    if failures:
+        print(f"cuda_compile_check: {len(failures)} finding(s) in {len(sources)} files x {len(ARCHS)} archs:",
+              file=sys.stderr)
+        for failure in failures:
+            print(f"  - {failure}", file=sys.stderr)
+        return 1
+    print(f"cuda_compile_check: {len(sources)} files x {len(ARCHS)} archs, {kernels} kernels, no local memory, "
+          f"shared memory and registers within limits")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
