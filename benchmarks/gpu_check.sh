@@ -45,16 +45,16 @@ fi
 if has_step tests; then
   step "GPU tests"
   # The CUDA emulator tests are CI's (CPU) business: deselected here.
-  timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -p no:cacheprovider --tb=short -rfE -k "not emulated" \
+  timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -v -p no:cacheprovider --tb=short -rfE -k "not emulated" \
     --junitxml="$OUT/tests.xml" ${TESTS:-tests/test_cuda.py tests/test_contract.py tests/test_triton.py} \
     >>"$LOG" 2>&1
   echo "pytest exit status $?" | tee -a "$LOG"
-  grep -E "passed|failed|FAILED|ERROR" "$LOG" | tail -n 40
+  grep -E "FAILED|ERROR|passed|failed" "$LOG" | grep -v "PASSED" | tail -n 40
 fi
 
 if has_step bench; then
   step "benchmark against SDPA"
-  timeout "${BENCH_TIMEOUT:-300}" $PY -m fast_attn.bench --out "$OUT/bench" \
+  timeout "${BENCH_TIMEOUT:-300}" $PY -m fast_attn.bench --out "$OUT/bench" --budget-ms "${BENCH_BUDGET_MS:-200}" \
     --seqlen ${BENCH_SEQLENS:-1024 2048 4096 8192 16384} --head-dim ${BENCH_HEAD_DIMS:-64 128} --mode fwd bwd \
     --backend ${BENCH_IMPLS:-fast_attn sdpa:flash sdpa:efficient sdpa:cudnn} 2>>"$LOG" | tee -a "$LOG"
 fi
@@ -62,12 +62,12 @@ fi
 if has_step bench_t5; then
   step "benchmark: trainable T5 bias"
   timeout "${BENCH_T5_TIMEOUT:-120}" $PY -m fast_attn.bench --out "$OUT/bench_t5" --bias t5 --causal false \
-    --seqlen 1024 2048 4096 --head-dim 64 --mode fwd_bwd \
-    --backend fast_attn sdpa:efficient sdpa:math 2>>"$LOG" | tee -a "$LOG"
+    --seqlen 1024 2048 4096 --head-dim 64 --mode fwd_bwd --budget-ms "${BENCH_BUDGET_MS:-200}" \
+    --backend ${BENCH_T5_IMPLS:-fast_attn sdpa:efficient sdpa:math} 2>>"$LOG" | tee -a "$LOG"
 fi
 
 if has_step sanitizer; then
-  for tool in memcheck racecheck initcheck; do
+  for tool in ${SANITIZER_TOOLS:-memcheck racecheck initcheck}; do
     step "compute-sanitizer $tool"
     timeout "${SANITIZER_TIMEOUT:-150}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
       $PY benchmarks/sanitizer_case.py ${SANITIZE_BACKENDS:-cuda} 2>&1 | tail -n 25 | tee -a "$LOG"

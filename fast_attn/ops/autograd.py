@@ -49,8 +49,8 @@ def make_backward(backward_op):
 
     def backward(ctx, grad_out, grad_lse):
         q, k, v, bias, key_mask, dropout_seed, out, lse = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
+        if grad_out is None or grad_out.numel() == 0:
+            grad_out = torch.zeros_like(out)  # out's layout: a contiguous last dim even when empty
         elif grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
         compute_dbias = bias is not None and ctx.needs_input_grad[3]
