@@ -168,6 +168,18 @@ def run_case(benchmark, impl: str, case: Case, mode: str) -> None:
         device=cpu_name(),
         threads=torch.get_num_threads(),
         torch=torch.__version__,
+        # The record fields of fast_attn.bench_report, for `python -m fast_attn.bench --compare`.
+        card=f"CPU {cpu_name()} x{torch.get_num_threads()} threads",
+        device_type="cpu",
+        mode=mode,
+        dtype=case.dtype,
+        bias="t5" if case.t5_bias else "key-padding" if case.key_padding else "none",
+        head_dim=case.head_dim,
+        causal=case.causal,
+        batch=case.batch,
+        heads=case.heads,
+        seqlen=case.seqlen,
+        flops=case.flops(mode),
     )
 
 

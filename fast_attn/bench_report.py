@@ -70,13 +70,21 @@ def ratio_columns(impls: list[str]) -> list[tuple[str, str]]:
     return [(a, b) for a in ours for b in theirs]
 
 
+def short_name(impl: str) -> str:
+    """"fast_attn:cpu" -> "cpu", "sdpa_flash" -> "flash", "fast_attn" stays."""
+    for prefix in ("fast_attn:", "sdpa:", "sdpa_"):
+        if impl.startswith(prefix):
+            return impl[len(prefix):]
+    return impl
+
+
 def markdown_table(records: list[dict], title: str) -> str:
     cases = grouped(records)
     impls = sorted({r["implementation"] for r in records}, key=lambda n: (not n.startswith("fast_attn"), n))
     ratios = ratio_columns(impls)
     header = ["mode", "dtype", "bias", "D", "causal", "B x H", "S"]
     header += [f"{i} {unit(records)}" for i in impls]
-    header += [f"{a.split(':')[1]}/{b.split(':')[1]}" for a, b in ratios]
+    header += [f"{short_name(a)}/{short_name(b)}" for a, b in ratios]
     header += ["peak MB (fast_attn)"]
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, by_impl in cases.items():

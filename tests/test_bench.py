@@ -1,0 +1,44 @@
+"""The benchmark command: runs, writes its table/JSON/plot, and tabulates
+pytest-benchmark JSON with ratios to SDPA."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from fast_attn import bench_report
+
+
+def test_bench_command_writes_results(tmp_path):
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [sys.executable, "-m", "fast_attn.bench", "--seqlen", "128", "--head-dim", "32", "--causal", "true",
+         "--mode", "fwd", "--device", "cpu", "--budget-ms", "20", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = json.loads((out / "results.json").read_text())["records"]
+    impls = {r["implementation"] for r in records}
+    assert {"fast_attn:cpu", "sdpa:flash", "sdpa:math"} <= impls
+    assert all(r["median_ms"] > 0 for r in records)
+    table = (out / "results.md").read_text()
+    assert "cpu/flash" in table and "GFLOP/s" in table
+    assert (out / "throughput.png").stat().st_size > 1000
+
+
+def test_compare_tabulates_pytest_benchmark_json(tmp_path):
+    case = dict(mode="fwd", dtype="fp32", bias="none", head_dim=64, causal=True, batch=1, heads=8, seqlen=1024,
+                flops=2e9, card="CPU test", device_type="cpu")
+    data = {"benchmarks": [
+        {"extra_info": dict(case, implementation="fast_attn"), "stats": {"median": 0.010}},
+        {"extra_info": dict(case, implementation="sdpa_flash"), "stats": {"median": 0.020}},
+        {"extra_info": {"unrelated": 1}, "stats": {"median": 1.0}},
+    ]}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(data))
+    records = bench_report.load_pytest_benchmark(path)
+    assert len(records) == 2
+    table = bench_report.markdown_table(records, "t")
+    row = [line for line in table.splitlines() if line.startswith("| fwd")][0]
+    assert "200.0" in row and "100.0" in row and "2.00x" in row

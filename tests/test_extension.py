@@ -1,0 +1,46 @@
+"""The compiled extension: build information, and a clear refusal when it was
+built against another torch (instead of an undefined-symbol error or a crash)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+import fast_attn
+
+
+def test_build_info_describes_this_build():
+    info = fast_attn._extension.build_info()
+    assert info["built"] is True
+    assert info["version"] == fast_attn.__version__
+    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+    assert info["with_cuda"] == (info["cuda_version"] != "")
+
+
+def test_an_extension_built_for_another_torch_is_refused_clearly():
+    code = textwrap.dedent(
+        """
+        import fast_attn._build_info as build
+        build.TORCH_VERSION = "1.13.1"
+        from fast_attn import _extension
+        _extension.load.cache_clear()
+        try:
+            _extension.load()
+        except ImportError as error:
+            print(error)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    message = done.stdout
+    assert "built against torch 1.13.1" in message and torch.__version__ in message and "rebuild" in message
+
+
+def test_info_command_lists_every_backend():
+    done = subprocess.run([sys.executable, "-m", "fast_attn.info"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("cuda", "triton", "cpu", "reference"):
+        assert f"\n{name} " in done.stdout
