@@ -12,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(pwd)/gpu_out}
-STEPS=${STEPS:-"build tests bench bench_t5 sanitizer"}
+STEPS=${STEPS:-"build tests bench bench_t5 sanitizer wheel"}
 if [[ -n "${TESTS:-}" ]]; then
   TEST_GROUPS=("$TESTS")
 else
@@ -90,5 +90,10 @@ if has_step sanitizer; then
       $PY benchmarks/sanitizer_case.py ${SANITIZE_BACKENDS:-cuda} 2>&1 | tail -n 25 | tee -a "$LOG"
     echo "exit status ${PIPESTATUS[0]}" | tee -a "$LOG"
   done
+fi
+if has_step wheel; then
+  step "CUDA wheel: build, install into a fresh venv, smoke test"
+  WHEEL_REUSE_TORCH=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+    timeout "${WHEEL_TIMEOUT:-300}" bash tools/check_wheel.sh "$(mktemp -d)" 2>&1 | tail -n 20 | tee -a "$LOG"
 fi
 step "done"

@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
 # Build the wheel against the installed torch, install it into a fresh venv
 # (same torch), and run a smoke test from outside the source tree.
+# WHEEL_REUSE_TORCH=1: no new venv; the wheel is unpacked into a folder on
+# PYTHONPATH in front of the current environment's torch (for machines without
+# a package registry, like the GPU machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
 work=${1:-$(mktemp -d)}
 mkdir -p "$work"
-torch_version=$(python -c 'import torch; print(torch.__version__.split("+")[0])')
-python -m build --wheel --no-isolation --outdir "$work/dist" >"$work/build.log" 2>&1 || { tail -40 "$work/build.log"; exit 1; }
+torch_version=$($PY -c 'import torch; print(torch.__version__.split("+")[0])')
+$PY -m build --wheel --no-isolation --outdir "$work/dist" >"$work/build.log" 2>&1 || { tail -40 "$work/build.log"; exit 1; }
 wheel=$(ls "$work"/dist/fast_attn-*.whl)
 echo "wheel: $(basename "$wheel"), $(du -k "$wheel" | cut -f1) KiB"
-python -m venv "$work/venv"
-"$work/venv/bin/pip" install -q "torch==$torch_version" "$wheel"
+if [[ "${WHEEL_REUSE_TORCH:-0}" == 1 ]]; then
+  $PY -m pip install -q --no-deps --target "$work/site" "$wheel"
+  export PYTHONPATH="$work/site"
+  run_python=$PY
+else
+  $PY -m venv "$work/venv"
+  "$work/venv/bin/pip" install -q "torch==$torch_version" "$wheel"
+  run_python="$work/venv/bin/python"
+fi
 cd "$work"
-"$work/venv/bin/python" - <<'PY'
+"$run_python" - <<'PY'
 import torch
 import fast_attn
 from fast_attn.reference import reference_attention
 
+assert "site-packages" in fast_attn.__file__ or "/site/" in fast_attn.__file__, fast_attn.__file__
 print(fast_attn.__file__)
 build = fast_attn._extension.build_info()
 print("build info:", {k: build[k] for k in ("version", "torch_version", "cuda_version", "cuda_archs")})
@@ -30,4 +42,4 @@ error = (out.float() - expected.float()).abs().max().item()
 assert error < (3e-2 if dtype == torch.bfloat16 else 1e-4), error
 print(f"smoke test on {device}: max error {error:.2e}, grads finite:", all(t.grad.isfinite().all().item() for t in (q, k, v)))
 PY
-"$work/venv/bin/python" -m fast_attn.info
+"$run_python" -m fast_attn.info
