@@ -12,21 +12,25 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(pwd)/gpu_out}
-STEPS=${STEPS:-"build tests bench bench_t5 sanitizer wheel"}
+STEPS=${STEPS:-"build probe overhead tests bench bench_t5 sanitizer wheel"}
+PY=${PYTHON:-python3}
+# Test groups compiling many Triton variants run in parallel workers when
+# pytest-xdist is there (compilation is CPU-bound; the 16 cores share one GPU).
+PARALLEL=""
+if $PY -c "import xdist" 2>/dev/null; then PARALLEL="-n ${TEST_WORKERS:-8}"; fi
 if [[ -n "${TESTS:-}" ]]; then
-  TEST_GROUPS=("$TESTS")
+  IFS=';' read -r -a TEST_GROUPS <<< "$TESTS"   # groups separated by ';'
 else
   TEST_GROUPS=(
     "-m gpu tests/test_cuda.py"
-    "tests/test_contract.py tests/test_robustness.py tests/test_fuzz.py"
+    "$PARALLEL tests/test_contract.py tests/test_robustness.py tests/test_fuzz.py"
     "-m gpu tests/test_nn.py tests/test_models.py tests/test_integrations.py"
-    "-m gpu tests/test_triton.py"
+    "$PARALLEL -m gpu tests/test_triton.py"
   )
 fi
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-PY=${PYTHON:-python3}
 
 step() { echo "=== $1 [$(date +%T)]" | tee -a "$LOG"; }
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -50,6 +54,25 @@ if has_step build; then
   fi
   echo "build took $(( $(date +%s) - start )) s" | tee -a "$LOG"
   $PY -m fast_attn.info 2>&1 | tee -a "$LOG"
+fi
+
+if has_step probe; then
+  # Direct op calls with broken invariants, one by one; on a crash, a native backtrace.
+  step "direct op calls with broken invariants"
+  $PY tests/test_robustness.py > "$OUT/direct_op_probe.py"
+  timeout 90 $PY -X faulthandler "$OUT/direct_op_probe.py" 2>&1 | tail -n 30 | tee -a "$LOG"
+  status=${PIPESTATUS[0]}
+  echo "exit status $status" | tee -a "$LOG"
+  if (( status != 0 )) && command -v cuda-gdb >/dev/null; then
+    timeout 120 cuda-gdb -batch -ex run -ex bt -ex "info sharedlibrary" --args $PY "$OUT/direct_op_probe.py" \
+      > "$OUT/direct_op_probe.gdb.txt" 2>&1
+    grep -E "^#|signal|SIG" "$OUT/direct_op_probe.gdb.txt" | head -n 40 | tee -a "$LOG"
+  fi
+fi
+
+if has_step overhead; then
+  step "host time per call (launch overhead)"
+  timeout 90 $PY benchmarks/launch_overhead.py 2>&1 | tee -a "$LOG"
 fi
 
 if has_step tests; then

@@ -155,35 +155,38 @@ def _sdpa_fn(name: str) -> Callable:
     return run
 
 
-def _timer(device: torch.device):
+# Each timed sample runs calls back to back until it lasts about this long, so that
+# a call's Python launch cost overlaps the previous call's GPU work, as it does in a
+# training loop (one synchronizing call per sample would add the launch cost of every
+# call to its time, which hides kernel speed at short sequences).
+SAMPLE_MS = 5.0
+MAX_CALLS_PER_SAMPLE = 50
+
+
+def _time_calls(fn: Callable, device: torch.device, calls: int) -> float:
+    """Milliseconds for `calls` back-to-back calls of fn (events on a GPU)."""
     if device.type == "cuda":
-
-        def time_once(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(calls):
             fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-
-    else:
-
-        def time_once(fn):
-            begin = time.perf_counter()
-            fn()
-            return (time.perf_counter() - begin) * 1e3
-
-    return time_once
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - begin) * 1e3
 
 
 def _median_ms(fn: Callable, device: torch.device, budget_ms: float) -> float:
-    time_once = _timer(device)
-    first = time_once(fn)  # also the warm-up (compilation, autotuning)
-    warm = [time_once(fn) for _ in range(2)]
-    estimate = max(min(warm), 1e-3)
-    repeats = int(min(100, max(3, budget_ms / estimate)))
-    del first
-    return statistics.median(time_once(fn) for _ in range(repeats))
+    """Median time of one call of an already warmed-up fn, over samples of
+    back-to-back calls (see SAMPLE_MS), within about budget_ms."""
+    estimate = max(_time_calls(fn, device, 2) / 2, 1e-3)
+    calls = int(min(MAX_CALLS_PER_SAMPLE, max(1, SAMPLE_MS / estimate)))
+    samples = int(min(30, max(3, budget_ms / (estimate * calls))))
+    return statistics.median(_time_calls(fn, device, calls) / calls for _ in range(samples))
 
 
 @contextlib.contextmanager
@@ -230,6 +233,7 @@ def run_case(case: Case, name: str, fn: Callable, device: torch.device, budget_m
         if case.mode == "fwd":
             with torch.no_grad():
                 work = lambda: fn(q, k, v, bias, case.causal)  # noqa: E731
+                work()  # warm-up: compilation and autotuning stay out of time and memory
                 with _peak_memory(device) as peak:
                     work()
                 median = _median_ms(work, device, budget_ms)
@@ -240,6 +244,7 @@ def run_case(case: Case, name: str, fn: Callable, device: torch.device, budget_m
                 work = lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)  # noqa: E731
             else:
                 work = lambda: torch.autograd.grad(fn(q, k, v, bias, case.causal), inputs, grad)  # noqa: E731
+            work()  # warm-up: compilation and autotuning stay out of time and memory
             with _peak_memory(device) as peak:
                 work()
             median = _median_ms(work, device, budget_ms)

@@ -43,15 +43,20 @@ DIRECT_OP_CALLS = {
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
+    # faulthandler: a crash prints the Python line it happened on to stderr.
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120,
-        cwd=Path(__file__).resolve().parents[1],
+        [sys.executable, "-X", "faulthandler", "-c", textwrap.dedent(code)], capture_output=True, text=True,
+        timeout=120, cwd=Path(__file__).resolve().parents[1],
     )
 
 
-def test_direct_op_calls_with_broken_invariants_raise_instead_of_crashing():
+def direct_op_script() -> str:
+    """A program that makes every DIRECT_OP_CALLS call (naming each on stderr first,
+    so that a crash points at its call), then a good call, and prints the dict of
+    exception type names. benchmarks/gpu_check.sh runs it alone too (under a
+    debugger if it crashes): `python tests/test_robustness.py`."""
     lines = [
-        "import torch, fast_attn",
+        "import sys, torch, fast_attn",
         "op = torch.ops.fast_attn.attention_forward",
         f"DEV = {DEVICE!r}; DT = {DTYPE}",
         "q = torch.randn(2, 4, 5, 8, device=DEV, dtype=DT); k = torch.randn(2, 2, 7, 8, device=DEV, dtype=DT)",
@@ -60,6 +65,7 @@ def test_direct_op_calls_with_broken_invariants_raise_instead_of_crashing():
     ]
     for name, call in DIRECT_OP_CALLS.items():
         lines += [
+            f"print('calling', {name!r}, file=sys.stderr, flush=True)",
             "try:",
             f"    {call}",
             f"    results[{name!r}] = 'no error'",
@@ -67,13 +73,19 @@ def test_direct_op_calls_with_broken_invariants_raise_instead_of_crashing():
             f"    results[{name!r}] = type(e).__name__",
         ]
     lines += [
+        "print('calling the good op', file=sys.stderr, flush=True)",
         "good, _ = op(q, k, v, None, None, None, 0.5, 0, 0.0)",  # state survives the bad calls
         "from fast_attn.reference import reference_attention",
         "ref, _ = reference_attention(q, k, v, scale=0.5)",
         f"assert torch.allclose(good.float(), ref.float(), atol={TOLERANCE}), 'a good call after bad ones is wrong'",
-        "print(results)",
+        "print(results, flush=True)",
+        "print('exiting', file=sys.stderr, flush=True)",
     ]
-    done = run_python("\n".join(lines))
+    return "\n".join(lines)
+
+
+def test_direct_op_calls_with_broken_invariants_raise_instead_of_crashing():
+    done = run_python(direct_op_script())
     assert done.returncode == 0, f"process died (exit {done.returncode}):\n{done.stderr[-3000:]}"
     results = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 (our own printed dict)
     assert results == {name: "RuntimeError" for name in DIRECT_OP_CALLS}, results
@@ -220,3 +232,7 @@ def test_more_than_two_to_the_31_elements_uses_64_bit_offsets():
             )
             torch.testing.assert_close(out[b : b + 1, -2:].double(), expected.out, atol=3e-2, rtol=3e-2)
         del out
+
+
+if __name__ == "__main__":
+    print(direct_op_script())

@@ -304,17 +304,23 @@ def launch_configs(
 def autotuned(kernel: triton.runtime.JITFunction, configs: tuple[Config, ...]) -> triton.runtime.Autotuner:
     """`kernel` autotuned over `configs` (BLOCK_M, BLOCK_N, warps, stages).
 
-    One Autotuner per candidate list: the lists already encode the shape bucket,
-    so the tuner's own key is empty (it still separates dtypes). Kernels only
-    write their outputs (no read-modify-write), so timing runs need no reset.
+    One Autotuner per candidate list: the lists already encode the shape bucket.
+    The tuner's key holds the masking features (it also separates dtypes), so a
+    causal launch does not inherit the tile timed on a full one, whose work per
+    program differs. Kernels only write their outputs (no read-modify-write), so
+    timing runs need no reset.
     """
     return triton.autotune(
         configs=[
             triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
             for m, n, warps, stages in configs
         ],
-        key=[],
+        key=list(TUNING_KEY),
     )(kernel)
+
+
+# Constexprs of every tuned kernel that change the work per tile.
+TUNING_KEY = ("CAUSAL", "HAS_KEY_MASK", "HAS_DROPOUT")
 
 
 MAX_DBIAS_SPLITS = 16

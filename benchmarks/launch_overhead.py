@@ -1,0 +1,64 @@
+"""Host time per call: what one attention call costs the CPU before the GPU has work.
+
+On a problem so small that the GPU finishes each kernel at once, back-to-back calls
+run at the speed of the Python and C++ launch path; the wall time per call is that
+cost. It bounds how short a sequence can be before a model becomes CPU-bound, and
+it is what a synchronizing timer adds to every call. Prints one line per
+implementation and mode, then where the time of the Triton forward goes (cProfile).
+
+    python benchmarks/launch_overhead.py            # on a CUDA machine
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fast_attn
+from fast_attn.dispatch import UNAVAILABLE
+
+CALLS = 300
+
+
+def _per_call_us(fn) -> float:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    for _ in range(CALLS):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - begin) / CALLS * 1e6
+
+
+def main() -> None:
+    q, k, v = (torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad = torch.randn_like(q)
+    impls = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+    for backend in ("cuda", "triton"):
+        if UNAVAILABLE[backend] is None:
+            impls[f"fast_attn:{backend}"] = (
+                lambda backend=backend: fast_attn.attention(q, k, v, causal=True, backend=backend)
+            )
+    print(f"{'implementation':<18} {'fwd us':>8} {'fwd+bwd us':>11}")
+    for name, fn in impls.items():
+        with torch.no_grad():
+            forward = _per_call_us(fn)
+        both = _per_call_us(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), grad))
+        print(f"{name:<18} {forward:8.1f} {both:11.1f}", flush=True)
+    if "fast_attn:triton" in impls:
+        profile = cProfile.Profile()
+        with torch.no_grad():
+            profile.runcall(lambda: [impls["fast_attn:triton"]() for _ in range(CALLS)])
+        report = io.StringIO()
+        pstats.Stats(profile, stream=report).sort_stats("tottime").print_stats(12)
+        print(report.getvalue())
+
+
+if __name__ == "__main__":
+    main()
