@@ -151,7 +151,10 @@ def extension_modules():
     sources = ["csrc/bindings.cpp", "csrc/schema.cpp", "csrc/attention_launch.cpp"]
     sources += sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [str(ROOT / "csrc")]
-    common = dict(include_dirs=include_dirs, extra_link_args=["-fopenmp", "-s"])
+    # The shared C++ runtime is named first, so that nothing is taken from libstdc++.a
+    # where a toolchain offers only the archive: a private copy of its locale
+    # machinery crashes the first error message formatted in the extension.
+    common = dict(include_dirs=include_dirs, extra_link_args=["-fopenmp", "-s", "-l:libstdc++.so.6"])
 
     if not with_cuda:
         return [

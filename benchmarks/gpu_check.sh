@@ -53,6 +53,11 @@ if has_step build; then
     exit 1
   fi
   echo "build took $(( $(date +%s) - start )) s" | tee -a "$LOG"
+  {
+    echo "host compiler: $(c++ --version | head -n 1); its libstdc++.so: $(c++ -print-file-name=libstdc++.so)"
+    echo "C++ runtime symbols defined by the extension (must be 0):" \
+      "$(nm -DC --defined-only fast_attn/_C*.so | grep -c -E 'std::(locale::|codecvt<|basic_ostream<|ios_base::)')"
+  } 2>&1 | tee -a "$LOG"
   $PY -m fast_attn.info 2>&1 | tee -a "$LOG"
 fi
 

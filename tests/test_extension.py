@@ -1,12 +1,16 @@
-"""The compiled extension: build information, and a clear refusal when it was
-built against another torch (instead of an undefined-symbol error or a crash)."""
+"""The compiled extension: build information, a clear refusal when it was built
+against another torch (instead of an undefined-symbol error or a crash), and
+no private copy of the C++ runtime inside it."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+import pytest
 import torch
 
 import fast_attn
@@ -44,3 +48,22 @@ def test_info_command_lists_every_backend():
     assert done.returncode == 0, done.stderr[-2000:]
     for name in ("cuda", "triton", "cpu", "reference"):
         assert f"\n{name} " in done.stdout
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
+def test_extension_uses_the_shared_cpp_runtime():
+    # An extension that links pieces of libstdc++.a carries its own, never
+    # initialized, locale: formatting an error message (TORCH_CHECK(..., sizes))
+    # then crashes the process. Seen on the GPU machine (SIGSEGV in
+    # basic_ostream::_M_insert<long>); setup.py links the shared runtime first.
+    module, why_not = fast_attn._extension.load()
+    assert module is not None, why_not
+    library = Path(module.__file__)
+    symbols = subprocess.run(
+        ["nm", "-DC", "--defined-only", str(library)], capture_output=True, text=True, check=True
+    ).stdout
+    runtime = [
+        line for line in symbols.splitlines()
+        if any(name in line for name in ("std::locale::", "std::codecvt<", "std::basic_ostream<", "std::ios_base::"))
+    ]
+    assert not runtime, f"{library.name} defines C++ runtime symbols:\n" + "\n".join(runtime[:10])
