@@ -5,6 +5,7 @@
 # Everything lands under $OUT (default ./gpu_out):
 #   gpu_check.log   the whole log (every test by name, the build, the sanitizer)
 #   bench/results.{json,md} and bench/throughput.png   the benchmark
+#   bench_models.json, longest_sequence.json   end-to-end models, longest sequences
 # Each step has its own time limit so that a slow step cannot eat the others'.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh            # everything
@@ -12,7 +13,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(pwd)/gpu_out}
-STEPS=${STEPS:-"build probe overhead tests bench bench_t5 sanitizer wheel"}
+STEPS=${STEPS:-"build probe overhead tests bench bench_t5 bench_models longest sanitizer wheel"}
 PY=${PYTHON:-python3}
 # Test groups compiling many Triton variants run in parallel workers when
 # pytest-xdist is there (compilation is CPU-bound; the 16 cores share one GPU).
@@ -109,6 +110,19 @@ if has_step bench_t5; then
   timeout "${BENCH_T5_TIMEOUT:-120}" $PY -m fast_attn.bench --out "$OUT/bench_t5" --bias t5 --causal false \
     --seqlen 1024 2048 4096 --head-dim 64 --mode fwd_bwd --budget-ms "${BENCH_BUDGET_MS:-200}" \
     --backend ${BENCH_T5_IMPLS:-fast_attn sdpa:efficient sdpa:math} 2>>"$LOG" | tee -a "$LOG"
+fi
+
+if has_step bench_models; then
+  step "benchmark: transformers models end to end (fast_attn vs sdpa vs eager)"
+  timeout "${BENCH_MODELS_TIMEOUT:-300}" $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_models.py \
+    --benchmark-only --benchmark-group-by=group --benchmark-columns=median,rounds \
+    --benchmark-json "$OUT/bench_models.json" 2>&1 | tail -n 60 | tee -a "$LOG"
+fi
+
+if has_step longest; then
+  step "longest sequence per backend"
+  timeout "${LONGEST_TIMEOUT:-150}" $PY benchmarks/longest_sequence.py --out "$OUT/longest_sequence.json" \
+    --max-seqlen "${LONGEST_MAX_SEQLEN:-262144}" 2>&1 | tee -a "$LOG"
 fi
 
 if has_step sanitizer; then

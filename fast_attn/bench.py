@@ -124,6 +124,8 @@ def _implementations(device: torch.device, chosen: list[str] | None) -> dict[str
     sdpa_names = ["flash", "efficient", "cudnn", "math"] if device.type == "cuda" else ["flash", "math"]
     for name in sdpa_names:
         impls[f"sdpa:{name}"] = _sdpa_fn(name)
+    if chosen and any("flex" in c for c in chosen) and _has_flex_attention():
+        impls["flex"] = _flex_fn()  # opt-in: it compiles every new shape (seconds to tens of seconds)
     if chosen:
         impls = {n: f for n, f in impls.items() if any(c in n for c in chosen)}
     return impls
@@ -151,6 +153,56 @@ def _sdpa_fn(name: str) -> Callable:
                 bias = bias.masked_fill(~mask, float("-inf"))
                 causal = False
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal)
+
+    return run
+
+
+def _has_flex_attention() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# Every (shape, mask, bias) case compiles FlexAttention anew: allow them all.
+FLEX_RECOMPILE_LIMIT = 256
+
+
+def _flex_fn() -> Callable:
+    """FlexAttention compiled by torch.compile: causality as a block mask (fully
+    masked tiles skipped), a bias as a score_mod that reads it (its gradient
+    flows). Block masks and score_mods are built once per case and reused, so
+    only the warm-up call compiles. torch has no FlexAttention backward on CPU."""
+    import torch._dynamo.config
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    block_masks: dict[tuple, object] = {}
+    last_bias: list = [None, None]  # (bias, its score_mod) of the latest case only
+
+    def causal_mask(batch, head, q_index, kv_index):
+        return q_index >= kv_index
+
+    def score_mod_for(bias: torch.Tensor) -> Callable:
+        if last_bias[0] is not bias:
+
+            def add_bias(score, batch, head, q_index, kv_index):
+                return score + bias[0, head, q_index, kv_index]  # bias (1, H, Sq, Sk)
+
+            last_bias[:] = [bias, add_bias]
+        return last_bias[1]
+
+    def run(q, k, v, bias, causal):
+        block_mask = None
+        if causal:
+            key = (q.shape[2], k.shape[2], q.device)
+            if key not in block_masks:
+                block_masks[key] = create_block_mask(causal_mask, None, None, q.shape[2], k.shape[2], device=q.device)
+            block_mask = block_masks[key]
+        score_mod = None if bias is None else score_mod_for(bias)
+        return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
     return run
 
@@ -295,7 +347,10 @@ def parse_args(argv=None):
     parser.add_argument(
         "--bias", choices=["none", "t5"], nargs="+", default=["none"], help="t5: a trainable (1, H, S, S) bias"
     )
-    parser.add_argument("--backend", nargs="+", help="only implementations whose name contains one of these")
+    parser.add_argument(
+        "--backend", nargs="+",
+        help="only implementations whose name contains one of these; 'flex' adds FlexAttention (compiled)",
+    )
     parser.add_argument("--budget-ms", type=float, default=None, help="timing budget per measurement")
     parser.add_argument("--out", default="bench_out", help="folder for results.json, results.md and the plot")
     parser.add_argument("--compare", help="a pytest-benchmark --benchmark-json file to tabulate and plot instead")

@@ -7,7 +7,11 @@ import json
 import subprocess
 import sys
 
-from fast_attn import bench_report
+import pytest
+import torch
+
+from fast_attn import bench, bench_report
+from fast_attn.reference import reference_attention
 
 
 def test_bench_command_writes_results(tmp_path):
@@ -42,3 +46,14 @@ def test_compare_tabulates_pytest_benchmark_json(tmp_path):
     table = bench_report.markdown_table(records, "t")
     row = [line for line in table.splitlines() if line.startswith("| fwd")][0]
     assert "200.0" in row and "100.0" in row and "2.00x" in row
+
+
+def test_flex_attention_is_compared_when_asked_for():
+    if not bench._has_flex_attention():
+        pytest.skip("this torch has no FlexAttention")
+    impls = bench._implementations(torch.device("cpu"), ["fast_attn", "sdpa", "flex"])
+    assert "flex" in impls and "flex" not in bench._implementations(torch.device("cpu"), None)
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    bias = torch.randn(1, 2, 40, 40)
+    expected, _ = reference_attention(q, k, v, bias=bias, causal=True)
+    torch.testing.assert_close(impls["flex"](q, k, v, bias, True), expected.float(), atol=1e-5, rtol=1e-5)

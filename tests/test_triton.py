@@ -423,9 +423,10 @@ def test_launch_configs_are_few_and_pruned_to_the_problem(monkeypatch):
             for block_d in (16, 32, 64, 128, 256):
                 for dtype in (F16, BF16, F32):
                     for heavy in (False, True):
-                        assert (
-                            1 <= len(triton_configs.table_configs(kernel, arch, block_d, dtype, heavy)) <= 6
-                        )
+                        configs = triton_configs.table_configs(kernel, arch, block_d, dtype, heavy)
+                        assert 1 <= len(configs) <= 6
+                        # launch_configs caches lengths clamped to _LONGEST_PRUNED: no block may exceed it
+                        assert max(max(c[0], c[1]) for c in configs) <= triton_configs._LONGEST_PRUNED
     assert triton_configs.table_configs("forward", "interpret", 64, F16) == [(32, 32, 4, 1)]
     candidates = triton_configs.table_configs("forward", "sm90", 64, BF16)
 

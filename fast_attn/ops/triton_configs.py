@@ -293,9 +293,28 @@ def launch_configs(
     stores_dbias: bool = False,
 ) -> tuple[Config, ...]:
     """The candidates autotuned for one launch of `kernel` ("forward", "dkdv", "dq", "dbias")."""
-    arch = device_arch(device)
-    block_d = head_dim_block(head_dim)
-    heavy = is_heavy(dtype, bias_dtype, dropout_p, stores_dbias)
+    # No table block exceeds _LONGEST_PRUNED (tests/test_triton.py), so all longer
+    # sequences prune alike: clamping keeps the cache small. Cached because it runs
+    # on every launch (host time per call).
+    return _launch_configs(
+        kernel,
+        device_arch(device),
+        head_dim_block(head_dim),
+        dtype,
+        bias_dtype,
+        is_heavy(dtype, bias_dtype, dropout_p, stores_dbias),
+        min(seqlen_q, _LONGEST_PRUNED),
+        min(seqlen_k, _LONGEST_PRUNED),
+        autotuning_enabled(),
+    )
+
+
+_LONGEST_PRUNED = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_configs(kernel, arch, block_d, dtype, bias_dtype, heavy, seqlen_q, seqlen_k, autotune):
+    del autotune  # part of the cache key only: prune_configs reads it
     configs = table_configs(kernel, arch, block_d, dtype, heavy)
     return prune_configs(configs, arch, kernel, block_d, dtype, bias_dtype, seqlen_q, seqlen_k)
 
