@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fast_attn.dropout import dropout_hash, dropout_keep_mask, dropout_threshold
 from fast_attn.reference import reference_attention
-from fast_attn.testing import random_key_mask, random_qkv
+from fast_attn.testing import random_key_mask, random_qkv, rounded_output_reference
 
 F64 = torch.float64
 
@@ -135,3 +135,24 @@ def test_dropout_mask_keeps_about_one_minus_p_and_scales():
     # Same seed, same mask: dropout is a function of the seed alone.
     again, _ = reference_attention(q, k, v, dropout_p=0.25, dropout_seed=seed)
     assert torch.equal(dropped, again)
+
+
+def test_rounded_output_reference_is_the_flash_backward_with_a_rounded_output():
+    # Written out: P exact, O rounded to bf16 for delta only, dS = P (dP - delta).
+    q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64) * 3 for _ in range(3))
+    bias = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    grad_out = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    scale = 0.7
+    p = torch.softmax(q @ k.transpose(-1, -2) * scale + bias, dim=-1)
+    out = p @ v
+    delta = (grad_out * out.to(torch.bfloat16).double()).sum(-1, keepdim=True)
+    ds = p * (grad_out @ v.transpose(-1, -2) - delta)
+    expected = {"q": ds @ k * scale, "k": ds.transpose(-1, -2) @ q * scale, "v": p.transpose(-1, -2) @ grad_out,
+                "bias": ds}
+    inputs = {name: t.clone().requires_grad_() for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias))}
+    inputs["key_mask"] = None
+    model = rounded_output_reference(inputs, out_dtype=torch.bfloat16, grad_out=grad_out, scale=scale)
+    for name, grad in expected.items():
+        torch.testing.assert_close(model.grads[name], grad, rtol=1e-10, atol=1e-10)
+    exact_ds = p * (grad_out @ v.transpose(-1, -2) - (grad_out * out).sum(-1, keepdim=True))
+    assert (model.grads["bias"] - exact_ds).abs().max() > 1e-4  # the rounding does show
