@@ -164,6 +164,9 @@ def extension_modules():
         ]
 
     os.environ.setdefault("CUDA_HOME", cuda_toolkit_home())
+    if (ROOT / "csrc" / "cuda" / "tile_overrides.h").exists():
+        print("fast_attn: csrc/cuda/tile_overrides.h exists: building TUNING tile configs "
+              "(benchmarks/cuda_tile_sweep.py); delete it for the released ones", file=sys.stderr)
     # pip's CUDA torch brings the cuBLAS/cuSPARSE headers that a bare nvcc toolkit may lack.
     for site_dir in site.getsitepackages():
         extra = Path(site_dir) / "nvidia" / f"cu{torch.version.cuda.split('.')[0]}" / "include"

@@ -6,6 +6,7 @@
 #   gpu_check.log   the whole log (every test by name, the build, the sanitizer)
 #   bench/results.{json,md} and bench/throughput.png   the benchmark
 #   bench_models.json, longest_sequence.json   end-to-end models, longest sequences
+#   cuda_sweep/cuda_tile_sweep.json   candidate CUDA tiles (step cuda_sweep, not in the default STEPS)
 # Each step has its own time limit so that a slow step cannot eat the others'.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh            # everything
@@ -123,6 +124,13 @@ if has_step longest; then
   step "longest sequence per backend"
   timeout "${LONGEST_TIMEOUT:-150}" $PY benchmarks/longest_sequence.py --out "$OUT/longest_sequence.json" \
     --max-seqlen "${LONGEST_MAX_SEQLEN:-262144}" 2>&1 | tee -a "$LOG"
+fi
+
+if has_step cuda_sweep; then
+  # Opt-in (about 6 minutes): candidate CUDA tiles, built and timed; rebuilds released tiles at the end.
+  step "CUDA tile sweep"
+  timeout "${SWEEP_TIMEOUT:-540}" $PY benchmarks/cuda_tile_sweep.py --out "$OUT/cuda_sweep" \
+    --head-dim ${SWEEP_HEAD_DIMS:-64 128} 2>&1 | tee -a "$LOG"
 fi
 
 if has_step sanitizer; then

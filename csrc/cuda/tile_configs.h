@@ -15,6 +15,10 @@
 //   that is 256 registers, so two warps share 16 keys and each keeps half of
 //   the head dim (split_head_dim = 2), both computing the 16 x block_m scores.
 // - dQ (deterministic mode): like the forward, warps own query rows.
+//
+// Tuning: benchmarks/cuda_tile_sweep.py writes csrc/cuda/tile_overrides.h (never
+// committed, see .gitignore) defining forward_tile_override and dkdv_tile_override,
+// builds, measures and deletes it. An override with warps == 0 means "none".
 #pragma once
 
 namespace fast_attn::cuda {
@@ -27,17 +31,6 @@ struct ForwardTileConfig {
   bool q_in_registers;
 };
 
-constexpr ForwardTileConfig forward_tile_config(int head_dim) {
-  switch (head_dim) {
-    case 32: return {128, 128, 8, 1, true};
-    case 64: return {128, 128, 8, 1, true};
-    case 96: return {128, 64, 8, 1, true};
-    case 128: return {128, 64, 8, 1, true};
-    case 256: return {128, 32, 8, 1, false};
-    default: return {0, 0, 0, 0, false};
-  }
-}
-
 struct DkdvTileConfig {
   int block_n;         // keys per CTA = 16 * warps / split_head_dim
   int block_m;         // query rows per step of the loop over queries (one barrier, one prefetch)
@@ -48,11 +41,48 @@ struct DkdvTileConfig {
   bool kv_in_registers;  // K and V fragments of the warp's keys held in registers for the whole loop
 };
 
+struct DqTileConfig {
+  int block_m;  // query rows per CTA = 16 * warps
+  int block_n;  // keys per K/V tile
+  int warps;
+  bool q_do_in_registers;  // Q and dO fragments of the warp's rows held in registers
+};
+
+}  // namespace fast_attn::cuda
+
+#if __has_include("tile_overrides.h")
+#include "tile_overrides.h"
+#define FAST_ATTN_TILE_OVERRIDES 1
+#endif
+
+namespace fast_attn::cuda {
+
+constexpr ForwardTileConfig forward_tile_config(int head_dim) {
+#ifdef FAST_ATTN_TILE_OVERRIDES
+  if (forward_tile_override(head_dim).warps != 0) {
+    return forward_tile_override(head_dim);
+  }
+#endif
+  switch (head_dim) {
+    case 32: return {128, 128, 8, 1, true};
+    case 64: return {128, 128, 8, 1, true};
+    case 96: return {128, 64, 8, 1, true};
+    case 128: return {128, 64, 8, 1, true};
+    case 256: return {128, 32, 8, 1, false};
+    default: return {0, 0, 0, 0, false};
+  }
+}
+
 // chunk_m bounds the registers: a warp holds dK and dV (16 x D / split each,
 // D / split / 4 floats per thread) plus S^T and dP^T of one chunk (chunk_m / 4
 // floats each). At D = 128 a chunk of 32 still spills at 255 registers (with
 // masks, bias and dropout compiled in); 16 does not.
 constexpr DkdvTileConfig dkdv_tile_config(int head_dim) {
+#ifdef FAST_ATTN_TILE_OVERRIDES
+  if (dkdv_tile_override(head_dim).warps != 0) {
+    return dkdv_tile_override(head_dim);
+  }
+#endif
   switch (head_dim) {
     case 32: return {128, 64, 32, 8, 1, 1, true};
     case 64: return {128, 64, 16, 8, 1, 1, true};
@@ -62,13 +92,6 @@ constexpr DkdvTileConfig dkdv_tile_config(int head_dim) {
     default: return {0, 0, 0, 0, 0, 0, false};
   }
 }
-
-struct DqTileConfig {
-  int block_m;  // query rows per CTA = 16 * warps
-  int block_n;  // keys per K/V tile
-  int warps;
-  bool q_do_in_registers;  // Q and dO fragments of the warp's rows held in registers
-};
 
 constexpr DqTileConfig dq_tile_config(int head_dim) {
   switch (head_dim) {
