@@ -36,24 +36,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ROOT / "csrc" / "cuda" / "tile_overrides.h"
 
-# ForwardTileConfig: (block_m, block_n, warps, min_blocks_per_sm, q_in_registers), block_m = 16 * warps.
-# Released first. Four warps with two CTAs per SM give the SM two independent barriers;
-# other key-tile widths trade shared-memory traffic against registers. Every variant was
-# checked here (2026-11-26): ptxas clean for sm_80 and sm_90a, except variant 3's dK/dV
-# at D 64 (8 B of spills on sm_80 only), and the CPU warp emulator's 51 cases pass.
+# ForwardTileConfig: (block_m, block_n, warps, min_blocks_per_sm, q_in_registers, warp_m_tiles),
+# block_m = 16 * warp_m_tiles * warps. Released first. Four warps with two CTAs per SM give the
+# SM two independent barriers; other key-tile widths trade shared-memory traffic against
+# registers; two m16 tiles per warp (the last variant) halve the shared-memory reads per MMA.
+# Every variant was checked here (2026-11-26): ptxas clean for sm_90a, and for sm_80 except
+# variant 3's dK/dV and variant 4's forward at D 64 (8 and 20 B of spills); the CPU warp
+# emulator's 51 cases pass. Variant 4 runs at 246 registers, two CTAs per SM on sm_90a.
 FORWARD_CANDIDATES = {
-    64: [(128, 128, 8, 1, True), (64, 128, 4, 2, True), (128, 64, 8, 1, True), (64, 64, 4, 2, True)],
-    128: [(128, 64, 8, 1, True), (64, 64, 4, 2, True), (128, 32, 8, 1, True), (64, 32, 4, 2, True)],
+    64: [(128, 128, 8, 1, True, 1), (64, 128, 4, 2, True, 1), (128, 64, 8, 1, True, 1), (64, 64, 4, 2, True, 1),
+         (128, 64, 4, 2, True, 2)],
+    128: [(128, 64, 8, 1, True, 1), (64, 64, 4, 2, True, 1), (128, 32, 8, 1, True, 1), (64, 32, 4, 2, True, 1),
+          (128, 32, 4, 2, False, 2)],
 }
 # DkdvTileConfig: (block_n, block_m, chunk_m, warps, split_head_dim, min_blocks_per_sm, kv_in_registers),
 # block_n = 16 * warps / split. Released first; repeated where a variant has no dK/dV candidate.
 DKDV_CANDIDATES = {
     64: [(128, 64, 16, 8, 1, 1, True), (64, 64, 16, 4, 1, 2, True), (128, 128, 16, 8, 1, 1, True),
-         (128, 64, 32, 8, 1, 1, True)],
+         (128, 64, 32, 8, 1, 1, True), (128, 64, 16, 8, 1, 1, True)],
     # At D 128, four warps spill (16-80 B: each warp takes more dQ columns), so does a chunk
     # of 32, and 128 query rows per step need 244 KiB of shared memory.
     128: [(128, 64, 16, 8, 1, 1, False), (128, 64, 16, 8, 1, 1, False), (128, 32, 16, 8, 1, 1, False),
-          (128, 64, 16, 8, 1, 1, False)],
+          (128, 64, 16, 8, 1, 1, False), (128, 64, 16, 8, 1, 1, False)],
 }
 SEQLEN, TOKENS, HIDDEN = 4096, 16384, 2048
 

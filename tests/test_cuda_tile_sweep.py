@@ -36,8 +36,8 @@ def test_variant_zero_is_the_released_configuration():
 
 def test_candidates_keep_the_kernels_shape_rules():
     for head_dim, candidates in sweep.FORWARD_CANDIDATES.items():
-        for block_m, block_n, warps, min_blocks, _ in candidates:
-            assert block_m == 16 * warps and block_n % 16 == 0 and warps * 32 * min_blocks <= 1024
+        for block_m, block_n, warps, min_blocks, _, m_tiles in candidates:
+            assert block_m == 16 * m_tiles * warps and block_n % 16 == 0 and warps * 32 * min_blocks <= 1024
     for head_dim, candidates in sweep.DKDV_CANDIDATES.items():
         for block_n, block_m, chunk_m, warps, split, _, _ in candidates:
             assert block_n == 16 * warps // split and block_m % chunk_m == 0 and chunk_m % 16 == 0

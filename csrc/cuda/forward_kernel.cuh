@@ -1,5 +1,7 @@
 // Fused attention forward on tensor cores (sm_80+): one CTA per (query block,
-// query head, batch), 16 query rows per warp, online softmax in registers.
+// query head, batch), 16 x warp_m_tiles query rows per warp, online softmax in
+// registers. With two m16 tiles per warp each K/V fragment read from shared
+// memory feeds two MMAs, halving shared-memory traffic per FLOP.
 //
 // Per K/V tile (descending, so the tiles that need masks come first):
 //   S = Q K^T          mma.m16n8k16, Q fragments in registers (or re-read at D = 256)
@@ -29,7 +31,9 @@ struct ForwardTraits {
   static constexpr int kThreads = kWarps * kWarpSize;
   static constexpr int kMinBlocksPerSm = kConfig.min_blocks_per_sm;
   static constexpr bool kQInRegisters = kConfig.q_in_registers;
-  static_assert(kBlockM == 16 * kWarps, "each warp owns 16 query rows");
+  static constexpr int kMTiles = kConfig.warp_m_tiles;  // m16 tiles of query rows per warp
+  static constexpr int kWarpRows = 16 * kMTiles;
+  static_assert(kBlockM == kWarpRows * kWarps, "each warp owns 16 x warp_m_tiles query rows");
   static_assert(kBlockN % 16 == 0, "key tiles are a whole number of k16 steps");
 
   static constexpr int kDimTiles = kHeadDim / 8;   // n8 tiles of O
@@ -101,11 +105,17 @@ void attention_forward_kernel(const AttentionForwardParams params) {
                                                  static_cast<const Element*>(params.v));
   };
 
-  float acc_o[Traits::kDimTiles][4];
-  zero_accumulators(acc_o);
-  float row_max[2] = {negative_infinity(), negative_infinity()};  // log2 units, rows group and group + 8
-  float row_sum[2] = {0.0f, 0.0f};                                // this thread's columns only, until the end
-  uint32_t q_fragments[Traits::kQInRegisters ? Traits::kDimSteps : 1][4];
+  constexpr int kMTiles = Traits::kMTiles;
+  float acc_o[kMTiles][Traits::kDimTiles][4];
+  float row_max[kMTiles][2];  // log2 units, rows group and group + 8 of each m16 tile
+  float row_sum[kMTiles][2];  // this thread's columns only, until the end
+  FA_UNROLL
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    zero_accumulators(acc_o[mt]);
+    row_max[mt][0] = row_max[mt][1] = negative_infinity();
+    row_sum[mt][0] = row_sum[mt][1] = 0.0f;
+  }
+  uint32_t q_fragments[kMTiles][Traits::kQInRegisters ? Traits::kDimSteps : 1][4];
 
   if (num_tiles > 0) {
     load_tile_async<kBlockM, kHeadDim, kThreads>(q_smem, q + m0 * params.q_row_stride, params.q_row_stride,
@@ -114,7 +124,9 @@ void attention_forward_kernel(const AttentionForwardParams params) {
     cp_async_commit();
   }
 
-  const int row0 = m0 + warp * 16 + group;  // this thread's rows: row0 and row0 + 8
+  const int warp_row0 = warp * Traits::kWarpRows;  // the warp's first row in the block
+  // This thread's rows in m16 tile mt: row0 + 16 mt and row0 + 16 mt + 8.
+  const int row0 = m0 + warp_row0 + group;
 
   for (int it = 0; it < num_tiles; ++it) {
     const int n_block = num_tiles - 1 - it;
@@ -130,116 +142,144 @@ void attention_forward_kernel(const AttentionForwardParams params) {
     if constexpr (Traits::kQInRegisters) {
       if (it == 0) {
         FA_UNROLL
-        for (int kk = 0; kk < Traits::kDimSteps; ++kk) {
-          load_a_operand<QTile>(q_fragments[kk], q_smem, warp * 16, kk * 16, lane);
-        }
-      }
-    }
-
-    // S = Q K^T, (16 x kBlockN) per warp.
-    float acc_s[Traits::kKeyTiles][4];
-    zero_accumulators(acc_s);
-    FA_UNROLL
-    for (int kk = 0; kk < Traits::kDimSteps; ++kk) {
-      uint32_t a[4];
-      if constexpr (Traits::kQInRegisters) {
-        FA_UNROLL
-        for (int i = 0; i < 4; ++i) {
-          a[i] = q_fragments[kk][i];
-        }
-      } else {
-        load_a_operand<QTile>(a, q_smem, warp * 16, kk * 16, lane);
-      }
-      FA_UNROLL
-      for (int nn = 0; nn < Traits::kKeySteps; ++nn) {
-        uint32_t b[4];
-        load_b_operands_n_major<KvTile>(b, k_tile, nn * 16, kk * 16, lane);
-        mma_m16n8k16<Element>(acc_s[2 * nn], a, b[0], b[1]);
-        mma_m16n8k16<Element>(acc_s[2 * nn + 1], a, b[2], b[3]);
-      }
-    }
-
-    // Scores in log2 units; element (j, e) is row row0 + 8 (e / 2), key key_base + 8 j + e % 2.
-    const int n0 = n_block * kBlockN;
-    const int key_base = n0 + pair;
-    if (scores.needs_elementwise(m0, kBlockM, n0, kBlockN)) {
-      FA_UNROLL
-      for (int j = 0; j < Traits::kKeyTiles; ++j) {
-        FA_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          acc_s[j][e] = scores.score_log2(acc_s[j][e], row0 + (e >> 1) * 8, key_base + j * 8 + (e & 1));
-        }
-      }
-    } else {
-      FA_UNROLL
-      for (int j = 0; j < Traits::kKeyTiles; ++j) {
-        FA_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          acc_s[j][e] *= scores.scale_log2();
-        }
-      }
-    }
-
-    // Online softmax. A row whose scores are all -inf so far keeps max -inf and
-    // uses 0 as its exponent base, so that no -inf - -inf (NaN) is formed.
-    float tile_max[2] = {negative_infinity(), negative_infinity()};
-    FA_UNROLL
-    for (int j = 0; j < Traits::kKeyTiles; ++j) {
-      FA_UNROLL
-      for (int e = 0; e < 4; ++e) {
-        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], acc_s[j][e]);
-      }
-    }
-    float base[2];
-    FA_UNROLL
-    for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 2));
-      const float new_max = fmaxf(row_max[r], tile_max[r]);
-      base[r] = new_max == negative_infinity() ? 0.0f : new_max;
-      const float correction = exp2f(row_max[r] - base[r]);
-      row_max[r] = new_max;
-      row_sum[r] *= correction;
-      FA_UNROLL
-      for (int j = 0; j < Traits::kDimTiles; ++j) {
-        acc_o[j][2 * r] *= correction;
-        acc_o[j][2 * r + 1] *= correction;
-      }
-    }
-    FA_UNROLL
-    for (int j = 0; j < Traits::kKeyTiles; ++j) {
-      FA_UNROLL
-      for (int e = 0; e < 4; ++e) {
-        const float probability = exp2f(acc_s[j][e] - base[e >> 1]);
-        row_sum[e >> 1] += probability;  // the softmax denominator counts dropped scores too
-        acc_s[j][e] = probability;
-      }
-    }
-    if (scores.dropout()) {
-      FA_UNROLL
-      for (int j = 0; j < Traits::kKeyTiles; ++j) {
-        FA_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          const int row = row0 + (e >> 1) * 8;
-          const int key = key_base + j * 8 + (e & 1);
-          if (scores.in_bounds(row, key) && !scores.keeps(row, key)) {
-            acc_s[j][e] = 0.0f;  // kept ones are scaled by 1 / (1 - p) once, at the end
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          FA_UNROLL
+          for (int kk = 0; kk < Traits::kDimSteps; ++kk) {
+            load_a_operand<QTile>(q_fragments[mt][kk], q_smem, warp_row0 + mt * 16, kk * 16, lane);
           }
         }
       }
     }
 
-    // O += P V, P (16 x kBlockN) from registers.
+    // S = Q K^T, (kWarpRows x kBlockN) per warp: each K fragment serves every m16 tile.
+    float acc_s[kMTiles][Traits::kKeyTiles][4];
+    FA_UNROLL
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      zero_accumulators(acc_s[mt]);
+    }
+    FA_UNROLL
+    for (int kk = 0; kk < Traits::kDimSteps; ++kk) {
+      uint32_t a[kMTiles][4];
+      FA_UNROLL
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        if constexpr (Traits::kQInRegisters) {
+          FA_UNROLL
+          for (int i = 0; i < 4; ++i) {
+            a[mt][i] = q_fragments[mt][kk][i];
+          }
+        } else {
+          load_a_operand<QTile>(a[mt], q_smem, warp_row0 + mt * 16, kk * 16, lane);
+        }
+      }
+      FA_UNROLL
+      for (int nn = 0; nn < Traits::kKeySteps; ++nn) {
+        uint32_t b[4];
+        load_b_operands_n_major<KvTile>(b, k_tile, nn * 16, kk * 16, lane);
+        FA_UNROLL
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          mma_m16n8k16<Element>(acc_s[mt][2 * nn], a[mt], b[0], b[1]);
+          mma_m16n8k16<Element>(acc_s[mt][2 * nn + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+
+    // Scores in log2 units; element (mt, j, e) is row row0 + 16 mt + 8 (e / 2), key key_base + 8 j + e % 2.
+    const int n0 = n_block * kBlockN;
+    const int key_base = n0 + pair;
+    if (scores.needs_elementwise(m0, kBlockM, n0, kBlockN)) {
+      FA_UNROLL
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        FA_UNROLL
+        for (int j = 0; j < Traits::kKeyTiles; ++j) {
+          FA_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            acc_s[mt][j][e] =
+                scores.score_log2(acc_s[mt][j][e], row0 + mt * 16 + (e >> 1) * 8, key_base + j * 8 + (e & 1));
+          }
+        }
+      }
+    } else {
+      FA_UNROLL
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        FA_UNROLL
+        for (int j = 0; j < Traits::kKeyTiles; ++j) {
+          FA_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            acc_s[mt][j][e] *= scores.scale_log2();
+          }
+        }
+      }
+    }
+
+    // Online softmax, per m16 tile. A row whose scores are all -inf so far keeps
+    // max -inf and uses 0 as its exponent base, so that no -inf - -inf (NaN) is formed.
+    FA_UNROLL
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      float tile_max[2] = {negative_infinity(), negative_infinity()};
+      FA_UNROLL
+      for (int j = 0; j < Traits::kKeyTiles; ++j) {
+        FA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          tile_max[e >> 1] = fmaxf(tile_max[e >> 1], acc_s[mt][j][e]);
+        }
+      }
+      float base[2];
+      FA_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 1));
+        tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 2));
+        const float new_max = fmaxf(row_max[mt][r], tile_max[r]);
+        base[r] = new_max == negative_infinity() ? 0.0f : new_max;
+        const float correction = exp2f(row_max[mt][r] - base[r]);
+        row_max[mt][r] = new_max;
+        row_sum[mt][r] *= correction;
+        FA_UNROLL
+        for (int j = 0; j < Traits::kDimTiles; ++j) {
+          acc_o[mt][j][2 * r] *= correction;
+          acc_o[mt][j][2 * r + 1] *= correction;
+        }
+      }
+      FA_UNROLL
+      for (int j = 0; j < Traits::kKeyTiles; ++j) {
+        FA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const float probability = exp2f(acc_s[mt][j][e] - base[e >> 1]);
+          row_sum[mt][e >> 1] += probability;  // the softmax denominator counts dropped scores too
+          acc_s[mt][j][e] = probability;
+        }
+      }
+      if (scores.dropout()) {
+        FA_UNROLL
+        for (int j = 0; j < Traits::kKeyTiles; ++j) {
+          FA_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            const int row = row0 + mt * 16 + (e >> 1) * 8;
+            const int key = key_base + j * 8 + (e & 1);
+            if (scores.in_bounds(row, key) && !scores.keeps(row, key)) {
+              acc_s[mt][j][e] = 0.0f;  // kept ones are scaled by 1 / (1 - p) once, at the end
+            }
+          }
+        }
+      }
+    }
+
+    // O += P V, P (kWarpRows x kBlockN) from registers: each V fragment serves every m16 tile.
     FA_UNROLL
     for (int kk = 0; kk < Traits::kKeySteps; ++kk) {
-      uint32_t a[4];
-      accumulators_to_a_operand<Element>(a, acc_s, kk);
+      uint32_t a[kMTiles][4];
+      FA_UNROLL
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        accumulators_to_a_operand<Element>(a[mt], acc_s[mt], kk);
+      }
       FA_UNROLL
       for (int dn = 0; dn < Traits::kDimSteps; ++dn) {
         uint32_t b[4];
         load_b_operands_k_major<KvTile>(b, v_tile, kk * 16, dn * 16, lane);
-        mma_m16n8k16<Element>(acc_o[2 * dn], a, b[0], b[1]);
-        mma_m16n8k16<Element>(acc_o[2 * dn + 1], a, b[2], b[3]);
+        FA_UNROLL
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          mma_m16n8k16<Element>(acc_o[mt][2 * dn], a[mt], b[0], b[1]);
+          mma_m16n8k16<Element>(acc_o[mt][2 * dn + 1], a[mt], b[2], b[3]);
+        }
       }
     }
   }
@@ -248,26 +288,30 @@ void attention_forward_kernel(const AttentionForwardParams params) {
   Element* out = static_cast<Element*>(params.out) + batch * params.out_batch_stride + head * params.out_head_stride;
   float* lse = static_cast<float*>(params.lse) + (batch * params.heads_q + head) * seqlen_q;
   FA_UNROLL
-  for (int r = 0; r < 2; ++r) {
-    row_sum[r] += shfl_xor(row_sum[r], 1);
-    row_sum[r] += shfl_xor(row_sum[r], 2);
-    const int row = row0 + r * 8;
-    if (row >= seqlen_q) {
-      continue;
-    }
-    const float out_scale = row_sum[r] == 0.0f ? 0.0f : scores.dropout_keep_scale() / row_sum[r];
-    Element* out_row = out + row * params.out_row_stride + pair;  // column pair + 8 j below
-    const int cols_left = head_dim - pair;
+  for (int mt = 0; mt < kMTiles; ++mt) {
     FA_UNROLL
-    for (int j = 0; j < Traits::kDimTiles; ++j) {
-      if (j * 8 < cols_left) {
-        store_global(reinterpret_cast<uint32_t*>(out_row + j * 8),
-                     ElementOps<Element>::pack(acc_o[j][2 * r] * out_scale, acc_o[j][2 * r + 1] * out_scale));
+    for (int r = 0; r < 2; ++r) {
+      float sum = row_sum[mt][r];
+      sum += shfl_xor(sum, 1);
+      sum += shfl_xor(sum, 2);
+      const int row = row0 + mt * 16 + r * 8;
+      if (row >= seqlen_q) {
+        continue;
       }
-    }
-    if (lane % 4 == 0) {
-      const float base = row_max[r] == negative_infinity() ? 0.0f : row_max[r];
-      store_global(lse + row, row_sum[r] == 0.0f ? negative_infinity() : (base + log2f(row_sum[r])) * kLn2);
+      const float out_scale = sum == 0.0f ? 0.0f : scores.dropout_keep_scale() / sum;
+      Element* out_row = out + row * params.out_row_stride + pair;  // column pair + 8 j below
+      const int cols_left = head_dim - pair;
+      FA_UNROLL
+      for (int j = 0; j < Traits::kDimTiles; ++j) {
+        if (j * 8 < cols_left) {
+          store_global(reinterpret_cast<uint32_t*>(out_row + j * 8),
+                       ElementOps<Element>::pack(acc_o[mt][j][2 * r] * out_scale, acc_o[mt][j][2 * r + 1] * out_scale));
+        }
+      }
+      if (lane % 4 == 0) {
+        const float base = row_max[mt][r] == negative_infinity() ? 0.0f : row_max[mt][r];
+        store_global(lse + row, sum == 0.0f ? negative_infinity() : (base + log2f(sum)) * kLn2);
+      }
     }
   }
 }

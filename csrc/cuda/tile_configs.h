@@ -2,8 +2,9 @@
 // the host launcher sizes the dbias schedule from them, the kernels derive
 // every loop bound from them.
 //
-// Every kernel gives each warp 16 rows of the MMA M dimension (one m16 tile),
-// which keeps the fragment bookkeeping to a single pattern. Why these sizes
+// The backward kernels give each warp 16 rows of the MMA M dimension (one m16
+// tile); the forward may give it two (warp_m_tiles), so that every K/V fragment
+// read from shared memory feeds two MMAs. Why these sizes
 // (to be re-tuned on the H100 by measurement):
 // - forward: 8 warps = 128 query rows per CTA so that each K/V tile fetched
 //   from L2 serves 128 rows (with 64 rows, K/V re-reads at S = 16k need about
@@ -24,11 +25,12 @@
 namespace fast_attn::cuda {
 
 struct ForwardTileConfig {
-  int block_m;  // query rows per CTA = 16 * warps
+  int block_m;  // query rows per CTA = 16 * warp_m_tiles * warps
   int block_n;  // keys per K/V tile
   int warps;
   int min_blocks_per_sm;
   bool q_in_registers;
+  int warp_m_tiles;  // m16 tiles of query rows per warp (1 or 2)
 };
 
 struct DkdvTileConfig {
@@ -64,12 +66,12 @@ constexpr ForwardTileConfig forward_tile_config(int head_dim) {
   }
 #endif
   switch (head_dim) {
-    case 32: return {128, 128, 8, 1, true};
-    case 64: return {128, 128, 8, 1, true};
-    case 96: return {128, 64, 8, 1, true};
-    case 128: return {128, 64, 8, 1, true};
-    case 256: return {128, 32, 8, 1, false};
-    default: return {0, 0, 0, 0, false};
+    case 32: return {128, 128, 8, 1, true, 1};
+    case 64: return {128, 128, 8, 1, true, 1};
+    case 96: return {128, 64, 8, 1, true, 1};
+    case 128: return {128, 64, 8, 1, true, 1};
+    case 256: return {128, 32, 8, 1, false, 1};
+    default: return {0, 0, 0, 0, false, 0};
   }
 }
 
