@@ -17,9 +17,10 @@ emulator: correct results):
     python tools/cuda_compile_check.py --no-report && pytest tests/test_cuda.py -k emulated
     python benchmarks/cuda_tile_sweep.py --write 0      # back to released
 
-On the GPU machine (about 45 s per build and measurement):
+On the GPU machine (about 45 s per build and measurement, so about 4 minutes per
+head dim; `STEPS="build cuda_sweep" SWEEP_HEAD_DIMS=64 bash benchmarks/gpu_check.sh`):
 
-    python benchmarks/cuda_tile_sweep.py --out $OUT/cuda_sweep
+    python benchmarks/cuda_tile_sweep.py --head-dim 128 --out $OUT/cuda_sweep
 """
 
 from __future__ import annotations
