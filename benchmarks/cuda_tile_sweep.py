@@ -18,7 +18,7 @@ emulator: correct results):
     python benchmarks/cuda_tile_sweep.py --write 0      # back to released
 
 On the GPU machine (about 45 s per build and measurement, so about 4 minutes per
-head dim; `STEPS="build cuda_sweep" SWEEP_HEAD_DIMS=64 bash benchmarks/gpu_check.sh`):
+head dim; `STEPS=cuda_sweep SWEEP_HEAD_DIMS=64 bash benchmarks/gpu_check.sh`; it builds by itself):
 
     python benchmarks/cuda_tile_sweep.py --head-dim 128 --out $OUT/cuda_sweep
 """
