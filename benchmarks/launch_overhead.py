@@ -4,7 +4,8 @@ On a problem so small that the GPU finishes each kernel at once, back-to-back ca
 run at the speed of the Python and C++ launch path; the wall time per call is that
 cost. It bounds how short a sequence can be before a model becomes CPU-bound, and
 it is what a synchronizing timer adds to every call. Prints one line per
-implementation and mode, then where the time of the Triton forward goes (cProfile).
+implementation and mode, then where the host time of the Triton forward and
+forward+backward goes (cProfile).
 
     python benchmarks/launch_overhead.py            # on a CUDA machine
 """
@@ -52,12 +53,19 @@ def main() -> None:
         both = _per_call_us(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), grad))
         print(f"{name:<18} {forward:8.1f} {both:11.1f}", flush=True)
     if "fast_attn:triton" in impls:
-        profile = cProfile.Profile()
+        triton_forward = impls["fast_attn:triton"]
         with torch.no_grad():
-            profile.runcall(lambda: [impls["fast_attn:triton"]() for _ in range(CALLS)])
-        report = io.StringIO()
-        pstats.Stats(profile, stream=report).sort_stats("tottime").print_stats(12)
-        print(report.getvalue())
+            _print_profile("triton forward", lambda: triton_forward())
+        _print_profile("triton forward+backward", lambda: torch.autograd.grad(triton_forward(), (q, k, v), grad))
+
+
+def _print_profile(title: str, fn) -> None:
+    """Where the host time of CALLS calls goes, by own time (cProfile)."""
+    profile = cProfile.Profile()
+    profile.runcall(lambda: [fn() for _ in range(CALLS)])
+    report = io.StringIO()
+    pstats.Stats(profile, stream=report).sort_stats("tottime").print_stats(14)
+    print(f"--- {title}\n{report.getvalue()}")
 
 
 if __name__ == "__main__":
