@@ -55,7 +55,7 @@ def main() -> None:
     if "fast_attn:triton" in impls:
         triton_forward = impls["fast_attn:triton"]
         with torch.no_grad():
-            _print_profile("triton forward", lambda: triton_forward())
+            _print_profile("triton forward", triton_forward)
         _print_profile("triton forward+backward", lambda: torch.autograd.grad(triton_forward(), (q, k, v), grad))
 
 
