@@ -4,10 +4,11 @@ counts, and the error rule every kernel is held to.
 The error rule (DESIGN.md section 5): a kernel's max abs error against the
 float64 reference is at most 2x the error of the same math done by PyTorch in
 the kernel's dtype, plus a small floor. For gradients, "the same math" may also
-be the float64 math of a flash-style backward fed the output as returned, rounded
-to the output dtype (rounded_output_reference): every fused backward, SDPA's
-flash kernels included, computes delta_i = dO_i . O_i from that output, and in a
-sharply peaked softmax this alone can cost more than unfused math in 16 bits.
+be the float64 math of a flash-style backward whose delta_i = dO_i . O_i is summed
+in float32 from the output as returned (rounded_output_reference): every fused
+backward, FlashAttention-2's included, computes delta that way, and in a sharply
+peaked softmax its rounding can cost more than unfused math in the same dtype
+(which cancels exactly where a row sees one key).
 """
 
 from __future__ import annotations
@@ -133,14 +134,16 @@ def run_reference(
 def rounded_output_reference(
     inputs: dict[str, torch.Tensor | None], *, out_dtype: torch.dtype, grad_out: torch.Tensor, **kwargs
 ) -> ReferenceResults:
-    """Float64 gradients of a flash-style backward whose delta_i = dO_i . O_i uses
-    the output rounded to out_dtype while P is recomputed exactly. That changes
-    dS_ij = P_ij (dP_ij - delta_i) by -P_ij dO_i . (round(O_i) - O_i), which is
-    what a gradient -dO_i . (round(O_i) - O_i) on lse_i adds (d lse_i / d s_ij
-    = P_ij): so this is the float64 reference with that lse gradient."""
+    """Float64 gradients of a flash-style backward whose delta_i = dO_i . O_i is
+    summed in the kernels' accumulation precision from the output rounded to
+    out_dtype, while P is recomputed exactly. That changes dS_ij = P_ij (dP_ij -
+    delta_i) by -P_ij (delta_i - exact delta_i), which is what that gradient on
+    lse_i adds (d lse_i / d s_ij = P_ij): so this is the float64 reference with
+    it as lse's gradient."""
     exact_out = run_reference(inputs, compute_dtype=torch.float64, **kwargs).out  # (B, H, Sq, D)
-    rounding = exact_out.to(out_dtype).double() - exact_out
-    grad_lse = -(grad_out.double() * rounding).sum(-1)  # (B, H, Sq)
+    accumulate = torch.float64 if out_dtype == torch.float64 else torch.float32
+    delta = (grad_out.to(accumulate) * exact_out.to(out_dtype).to(accumulate)).sum(-1).double()  # (B, H, Sq)
+    grad_lse = (grad_out.double() * exact_out).sum(-1) - delta
     return run_reference(inputs, compute_dtype=torch.float64, grad_out=grad_out, grad_lse=grad_lse, **kwargs)
 
 

@@ -163,6 +163,37 @@ def test_peaked_softmax_gradients_in_16_bits(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gradients_of_rows_with_one_visible_key(backend):
+    # Found by tests/test_fuzz.py (--fuzz-examples 600, the CPU kernels in fp32): with one
+    # visible key per row the softmax is exactly one-hot, unfused math cancels dS exactly
+    # (zero error), and a fused backward's dP_ij - delta_i leaves its summation rounding:
+    # dK erred by 2-4e-5 against a 2e-5 floor. rounded_output_reference models it.
+    dtype = supported_float(backend)
+    require(backend, dtype)
+    generator = torch.Generator().manual_seed(5)  # drawn on the CPU: the same inputs on every machine
+
+    def draw(*shape):
+        return torch.randn(shape, generator=generator).to(DEVICE, dtype).requires_grad_()
+
+    q, k, v = draw(1, 3, 97, 72), draw(1, 1, 3, 72), draw(1, 1, 3, 72)
+    key_mask = torch.tensor([[False, True, False]], device=DEVICE)
+    grad_out = torch.randn(1, 3, 97, 72, generator=generator).to(DEVICE, dtype)
+    kwargs = dict(scale=1.0)
+    inputs = {"q": q, "k": k, "v": v, "bias": None, "key_mask": key_mask}
+    exact = run_reference(inputs, compute_dtype=torch.float64, grad_out=grad_out, **kwargs)
+    unfused = run_reference(inputs, compute_dtype=dtype, grad_out=grad_out, **kwargs)
+    rounded = rounded_output_reference(inputs, out_dtype=dtype, grad_out=grad_out, **kwargs)
+    assert max_abs_error(unfused.grads["k"], exact.grads["k"]) == 0.0  # the exact cancellation
+    assert max_abs_error(rounded.grads["k"], exact.grads["k"]) > 0.0  # what the rule measures instead
+
+    out = fast_attn.attention(q, k, v, key_mask=key_mask, backend=backend, **kwargs)
+    for name, grad in zip("qkv", torch.autograd.grad(out, (q, k, v), grad_out)):
+        assert_error_rule(
+            f"d{name}", grad, exact.grads[name], unfused.grads[name], dtype, rounded_output=rounded.grads[name]
+        )
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 2, 2, 5, 5), (1, 2, 2, 0, 5), (1, 2, 2, 5, 0)])
 def test_empty_problems(backend, shape):
     dtype = supported_float(backend)

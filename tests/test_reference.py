@@ -138,14 +138,14 @@ def test_dropout_mask_keeps_about_one_minus_p_and_scales():
 
 
 def test_rounded_output_reference_is_the_flash_backward_with_a_rounded_output():
-    # Written out: P exact, O rounded to bf16 for delta only, dS = P (dP - delta).
+    # Written out: P exact, delta summed in float32 from O rounded to bf16, dS = P (dP - delta).
     q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64) * 3 for _ in range(3))
     bias = torch.randn(1, 2, 5, 5, dtype=torch.float64)
     grad_out = torch.randn(1, 2, 5, 8, dtype=torch.float64)
     scale = 0.7
     p = torch.softmax(q @ k.transpose(-1, -2) * scale + bias, dim=-1)
     out = p @ v
-    delta = (grad_out * out.to(torch.bfloat16).double()).sum(-1, keepdim=True)
+    delta = (grad_out.float() * out.to(torch.bfloat16).float()).sum(-1, keepdim=True).double()
     ds = p * (grad_out @ v.transpose(-1, -2) - delta)
     expected = {"q": ds @ k * scale, "k": ds.transpose(-1, -2) @ q * scale, "v": p.transpose(-1, -2) @ grad_out,
                 "bias": ds}
