@@ -11,14 +11,17 @@ SDPA's flash backend. The header is deleted at the end whatever happens, and the
 extension is rebuilt with the released tiles for the swept head dims only.
 
 Candidates are checked without a GPU first (ptxas: no spills; the CPU warp
-emulator: correct results):
+emulator: correct results; its cached build does not notice a new header, so its
+folder goes first):
 
     python benchmarks/cuda_tile_sweep.py --write 1      # variant 1 for every head dim
-    python tools/cuda_compile_check.py --no-report && pytest tests/test_cuda.py -k emulated
+    python tools/cuda_compile_check.py --no-report
+    rm -rf "${TMPDIR:-/tmp}"/fast_attn_cuda_emulator_torch* && pytest tests/test_cuda.py -k emulated
     python benchmarks/cuda_tile_sweep.py --write 0      # back to released
 
-On the GPU machine (about 45 s per build and measurement, so about 4 minutes per
-head dim; `STEPS=cuda_sweep SWEEP_HEAD_DIMS=64 bash benchmarks/gpu_check.sh`; it builds by itself):
+On the GPU machine it builds by itself, about 45 s per build and measurement, so
+about 4 minutes per head dim (`STEPS=cuda_sweep SWEEP_HEAD_DIMS=64 bash
+benchmarks/gpu_check.sh`):
 
     python benchmarks/cuda_tile_sweep.py --head-dim 128 --out $OUT/cuda_sweep
 """
