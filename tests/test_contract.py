@@ -167,7 +167,7 @@ def test_gradients_of_rows_with_one_visible_key(backend):
     # Found by tests/test_fuzz.py (--fuzz-examples 600, the CPU kernels in fp32): with one
     # visible key per row the softmax is exactly one-hot, unfused math cancels dS exactly
     # (zero error), and a fused backward's dP_ij - delta_i leaves its summation rounding:
-    # dK erred by 2-4e-5 against a 2e-5 floor. rounded_output_reference models it.
+    # dK erred by 2-10e-5 against a 2e-5 floor. rounded_output_reference models it.
     dtype = supported_float(backend)
     require(backend, dtype)
     generator = torch.Generator().manual_seed(5)  # drawn on the CPU: the same inputs on every machine
