@@ -175,11 +175,7 @@ void attention_forward_kernel(const AttentionForwardParams params) {
       for (int nn = 0; nn < Traits::kKeySteps; ++nn) {
         uint32_t b[4];
         load_b_operands_n_major<KvTile>(b, k_tile, nn * 16, kk * 16, lane);
-        FA_UNROLL
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          mma_m16n8k16<Element>(acc_s[mt][2 * nn], a[mt], b[0], b[1]);
-          mma_m16n8k16<Element>(acc_s[mt][2 * nn + 1], a[mt], b[2], b[3]);
-        }
+        mma_pair_each_m_tile<Element>(acc_s, a, b, nn);
       }
     }
 
@@ -275,11 +271,7 @@ void attention_forward_kernel(const AttentionForwardParams params) {
       for (int dn = 0; dn < Traits::kDimSteps; ++dn) {
         uint32_t b[4];
         load_b_operands_k_major<KvTile>(b, v_tile, kk * 16, dn * 16, lane);
-        FA_UNROLL
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          mma_m16n8k16<Element>(acc_o[mt][2 * dn], a[mt], b[0], b[1]);
-          mma_m16n8k16<Element>(acc_o[mt][2 * dn + 1], a[mt], b[2], b[3]);
-        }
+        mma_pair_each_m_tile<Element>(acc_o, a, b, dn);
       }
     }
   }

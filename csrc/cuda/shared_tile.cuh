@@ -136,6 +136,18 @@ FA_DEVICE void accumulators_to_a_operand(uint32_t (&a)[4], const float (&acc)[kT
   a[3] = ElementOps<Element>::pack(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
 }
 
+// acc[mt][2 n], acc[mt][2 n + 1] += A of m16 tile mt times the n8 pair b (from
+// load_b_operands_*), for every m16 tile: one B fragment read serves them all.
+template <typename Element, int kMTiles, int kTiles>
+FA_DEVICE void mma_pair_each_m_tile(float (&acc)[kMTiles][kTiles][4], const uint32_t (&a)[kMTiles][4],
+                                    const uint32_t (&b)[4], int n) {
+  FA_UNROLL
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    mma_m16n8k16<Element>(acc[mt][2 * n], a[mt], b[0], b[1]);
+    mma_m16n8k16<Element>(acc[mt][2 * n + 1], a[mt], b[2], b[3]);
+  }
+}
+
 template <int kTiles>
 FA_DEVICE void zero_accumulators(float (&acc)[kTiles][4]) {
   FA_UNROLL
