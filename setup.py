@@ -148,7 +148,7 @@ def extension_modules():
         ("FAST_ATTN_TORCH_VERSION", f'"{torch.__version__}"'),
         ("FAST_ATTN_CXX_FLAGS", f'"{" ".join(cxx_flags)}"'),
     ]
-    sources = ["csrc/bindings.cpp", "csrc/schema.cpp", "csrc/attention_launch.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/schema.cpp", "csrc/attention_autograd.cpp", "csrc/attention_launch.cpp"]
     sources += sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [str(ROOT / "csrc")]
     # The shared C++ runtime is named first, so that nothing is taken from libstdc++.a

@@ -5,9 +5,10 @@ run at the speed of the Python and C++ launch path; the wall time per call is th
 cost. It bounds how short a sequence can be before a model becomes CPU-bound, and
 it is what a synchronizing timer adds to every call. Prints one line per
 implementation and mode, then where the host time of the Triton forward and
-forward+backward goes (cProfile).
+forward+backward goes (cProfile). Without a GPU it times the CPU backend on
+one thread against SDPA's CPU kernel, the kernels' own work being tiny there too.
 
-    python benchmarks/launch_overhead.py            # on a CUDA machine
+    python benchmarks/launch_overhead.py
 """
 
 from __future__ import annotations
@@ -26,22 +27,32 @@ from fast_attn.dispatch import UNAVAILABLE
 CALLS = 300
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _per_call_us(fn) -> float:
     for _ in range(20):
         fn()
-    torch.cuda.synchronize()
+    _synchronize()
     begin = time.perf_counter()
     for _ in range(CALLS):
         fn()
-    torch.cuda.synchronize()
+    _synchronize()
     return (time.perf_counter() - begin) / CALLS * 1e6
 
 
 def main() -> None:
-    q, k, v = (torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    if torch.cuda.is_available():
+        device, dtype, backends = "cuda", torch.bfloat16, ("cuda", "triton")
+    else:
+        device, dtype, backends = "cpu", torch.float32, ("cpu",)
+        torch.set_num_threads(1)
+    q, k, v = (torch.randn(1, 2, 64, 64, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn_like(q)
     impls = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
-    for backend in ("cuda", "triton"):
+    for backend in backends:
         if UNAVAILABLE[backend] is None:
             impls[f"fast_attn:{backend}"] = (
                 lambda backend=backend: fast_attn.attention(q, k, v, causal=True, backend=backend)

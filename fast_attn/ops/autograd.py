@@ -1,5 +1,8 @@
 """Pieces shared by every forward/backward op pair of the library (C++ and
-Triton): output layout, fake kernels, and the autograd formula wiring.
+Triton): output layout, fake kernels, and the autograd formula. The Triton ops
+register this formula; the C++ ops carry the same one in C++
+(csrc/attention_autograd.cpp), so that their training steps run no Python in
+autograd. A change to one is a change to both.
 
 Every forward op has the schema
     (q, k, v, bias?, key_mask?, dropout_seed?, scale, causal, dropout_p) -> (out, lse)
@@ -64,8 +67,7 @@ def make_backward(backward_op):
     return backward
 
 
-def register(forward_name: str, backward_name: str, backward_op) -> None:
-    """Register fake kernels for both ops and autograd for the forward op."""
+def register_fakes(forward_name: str, backward_name: str) -> None:
+    """Register the fake kernels (output shapes for tracing) of an op pair."""
     torch.library.register_fake(forward_name)(forward_fake)
     torch.library.register_fake(backward_name)(backward_fake)
-    torch.library.register_autograd(forward_name, make_backward(backward_op), setup_context=setup_context)

@@ -1,9 +1,10 @@
-"""Fake kernels and autograd for the C++ ops declared in csrc/schema.cpp.
+"""Fake kernels for the C++ ops declared in csrc/schema.cpp.
 
 torch.ops.fast_attn.attention_forward / attention_backward have a CPU
-implementation (csrc/cpu) and, when built with CUDA, a CUDA one (csrc/cuda).
-Registering their fake kernels and autograd here makes them usable under
-torch.compile(fullgraph=True) and in training.
+implementation (csrc/cpu) and, when built with CUDA, a CUDA one (csrc/cuda);
+the forward's autograd is registered in C++ (csrc/attention_autograd.cpp).
+Registering their fake kernels here makes them usable under
+torch.compile(fullgraph=True).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def has_kernel_for(dispatch_key: str) -> bool:
 
 
 if _extension.load()[0] is not None:
-    autograd.register(FORWARD_OP, BACKWARD_OP, torch.ops.fast_attn.attention_backward)
+    autograd.register_fakes(FORWARD_OP, BACKWARD_OP)
 
 
 def attention_forward(problem, dropout_seed):

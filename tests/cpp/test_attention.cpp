@@ -3,6 +3,7 @@
 #include <fast_attn/fast_attn.h>
 
 #include <ATen/ATen.h>
+#include <torch/autograd.h>
 
 #include <cmath>
 #include <cstdio>
@@ -10,12 +11,13 @@
 
 namespace {
 
-at::Tensor naive_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
-                           const at::Tensor& key_mask, bool causal_bottom_right) {
+// Scores scale * q k^T + bias with -inf where the key mask (or bottom-right causal) hides a key.
+at::Tensor naive_scores(const at::Tensor& q, const at::Tensor& k, const at::Tensor& bias, const at::Tensor& key_mask,
+                        bool causal_bottom_right) {
   const int64_t group = q.size(1) / k.size(1);
-  at::Tensor kk = k.repeat_interleave(group, 1);
-  at::Tensor vv = v.repeat_interleave(group, 1);
-  at::Tensor scores = at::matmul(q, kk.transpose(-1, -2)) / std::sqrt(static_cast<double>(q.size(-1))) + bias;
+  at::Tensor scores =
+      at::matmul(q, k.repeat_interleave(group, 1).transpose(-1, -2)) / std::sqrt(static_cast<double>(q.size(-1))) +
+      bias;
   at::Tensor visible = key_mask.view({key_mask.size(0), 1, 1, key_mask.size(1)});
   if (causal_bottom_right) {
     const int64_t sq = q.size(2), sk = k.size(2);
@@ -23,8 +25,14 @@ at::Tensor naive_attention(const at::Tensor& q, const at::Tensor& k, const at::T
     at::Tensor cols = at::arange(sk, q.options().dtype(at::kLong)).view({1, sk});
     visible = at::logical_and(visible, cols <= rows + (sk - sq));
   }
-  scores = scores.masked_fill(at::logical_not(visible), -std::numeric_limits<double>::infinity());
-  return at::matmul(at::softmax(scores, -1), vv);
+  return scores.masked_fill(at::logical_not(visible), -std::numeric_limits<double>::infinity());
+}
+
+at::Tensor naive_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+                           const at::Tensor& key_mask, bool causal_bottom_right) {
+  const int64_t group = q.size(1) / k.size(1);
+  return at::matmul(at::softmax(naive_scores(q, k, bias, key_mask, causal_bottom_right), -1),
+                    v.repeat_interleave(group, 1));
 }
 
 int check(const char* name, const at::Tensor& actual, const at::Tensor& expected, double tolerance) {
@@ -53,6 +61,21 @@ int main() {
                                                      bias.to(at::kFloat), key_mask);
   failures += check("float32 bias+mask+GQA", out32.to(at::kDouble), naive_attention(q, k, v, bias, key_mask, false),
                     1e-4);
+
+  // Gradients through the operators' autograd (csrc/attention_autograd.cpp), of out
+  // and lse both, against autograd through the plain formulation.
+  for (at::Tensor* t : {&q, &k, &v, &bias}) t->requires_grad_(true);
+  const at::Tensor grad_out = at::randn_like(out);
+  const at::Tensor grad_lse = at::randn_like(lse);
+  auto [out_g, lse_g] = fast_attn::attention_forward(q, k, v, bias, key_mask, fast_attn::Causal::kBottomRight);
+  const at::Tensor loss = (out_g * grad_out).sum() + (lse_g * grad_lse).sum();
+  const auto grads = torch::autograd::grad({loss}, {q, k, v, bias});
+  const at::Tensor expected_out = naive_attention(q, k, v, bias, key_mask, true);
+  const at::Tensor expected_lse = at::logsumexp(naive_scores(q, k, bias, key_mask, true), -1);
+  const at::Tensor expected_loss = (expected_out * grad_out).sum() + (expected_lse * grad_lse).sum();
+  const auto expected = torch::autograd::grad({expected_loss}, {q, k, v, bias});
+  const char* names[] = {"float64 dq", "float64 dk", "float64 dv", "float64 dbias (summed over batch)"};
+  for (int i = 0; i < 4; ++i) failures += check(names[i], grads[i], expected[i], 1e-10);
   std::printf(failures == 0 ? "all checks passed\n" : "%d check(s) failed\n", failures);
   return failures == 0 ? 0 : 1;
 }

@@ -20,6 +20,7 @@ enum class Causal : int64_t { kNone = 0, kTopLeft = 1, kBottomRight = 2 };
 
 // out (B, Hq, Sq, D) and lse (B, Hq, Sq) for q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D).
 // bias: 4-D with each dim 1 or full; key_mask: bool (B, Sk), true = attend.
+// Differentiable: out and lse carry libtorch autograd to q, k, v and bias.
 inline std::tuple<at::Tensor, at::Tensor> attention_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& bias = std::nullopt,

@@ -1,0 +1,116 @@
+// TORCH_LIBRARY_IMPL(fast_attn, Autograd): the gradient of fast_attn::attention_forward
+// through fast_attn::attention_backward, for every device the ops are built for.
+//
+// It is the formula of fast_attn/ops/autograd.py (which the Triton ops use), written
+// in C++ so that a training step through the C++ ops runs no Python in autograd:
+// torch's generic Python wrapper for register_autograd cost more host time than the
+// CPU kernels of a small problem (benchmarks/launch_overhead.py). C++ (libtorch) users
+// get the same gradients. torch.compile traces it like any autograd kernel.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fast_attn {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::tuple<at::Tensor, at::Tensor> call_forward_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   const std::optional<at::Tensor>& bias,
+                                                   const std::optional<at::Tensor>& key_mask,
+                                                   const std::optional<at::Tensor>& dropout_seed, double scale,
+                                                   int64_t causal, double dropout_p) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fast_attn::attention_forward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                 const std::optional<at::Tensor>&, double, int64_t, double)>();
+  return op.call(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_backward_op(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask,
+    const std::optional<at::Tensor>& dropout_seed, const at::Tensor& out, const at::Tensor& lse, double scale,
+    int64_t causal, double dropout_p, bool compute_dbias, bool deterministic) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fast_attn::attention_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, double, int64_t, double, bool,
+              bool)>();
+  return op.call(grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse, scale, causal, dropout_p,
+                 compute_dbias, deterministic);
+}
+
+std::optional<at::Tensor> present(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+ public:
+  // Returns {out, lse}; both are differentiable (lse's gradient enters through delta).
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask,
+                               const std::optional<at::Tensor>& dropout_seed, double scale, int64_t causal,
+                               double dropout_p) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, lse] = call_forward_op(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p);
+    ctx->save_for_backward({q, k, v, bias.value_or(at::Tensor()), key_mask.value_or(at::Tensor()),
+                            dropout_seed.value_or(at::Tensor()), out, lse});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    // An unused output's gradient stays undefined instead of a tensor of zeros:
+    // grad_lse is absent unless lse was used.
+    ctx->set_materialize_grads(false);
+    return {out, lse};
+  }
+
+  // One gradient per forward argument: dq, dk, dv, dbias, then none for
+  // key_mask, dropout_seed, scale, causal and dropout_p.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[6], &lse = saved[7];
+    const std::optional<at::Tensor> bias = present(saved[3]);
+    at::Tensor grad_out = grads[0];
+    // Sizes through sym_* accessors: under torch.compile they may be symbolic.
+    if (!grad_out.defined() || grad_out.sym_numel() == 0) {
+      grad_out = at::zeros_like(out);  // out's layout: a contiguous last dim even when empty
+    } else if (grad_out.sym_stride(-1) != 1) {
+      grad_out = grad_out.contiguous();
+    }
+    // Edges exist for the tensors given: q, k, v, then bias at index 3 when there is one.
+    const bool compute_dbias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3);
+    auto [dq, dk, dv, dbias] = call_backward_op(
+        grad_out, present(grads[1]), q, k, v, bias, present(saved[4]), present(saved[5]), out, lse,
+        ctx->saved_data["scale"].toDouble(), ctx->saved_data["causal"].toInt(),
+        ctx->saved_data["dropout_p"].toDouble(), compute_dbias, at::globalContext().deterministicAlgorithms());
+    return {dq, dk, dv, compute_dbias ? dbias : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& dropout_seed, double scale,
+    int64_t causal, double dropout_p) {
+  variable_list outputs = AttentionFunction::apply(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p);
+  return {outputs[0], outputs[1]};
+}
+
+}  // namespace
+}  // namespace fast_attn
+
+TORCH_LIBRARY_IMPL(fast_attn, Autograd, m) {
+  m.impl("attention_forward", &fast_attn::attention_forward_autograd);
+}
