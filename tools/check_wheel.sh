@@ -10,7 +10,13 @@ PY=${PYTHON:-python3}
 work=${1:-$(mktemp -d)}
 mkdir -p "$work"
 torch_version=$($PY -c 'import torch; print(torch.__version__.split("+")[0])')
+# A wheel build writes its build info into the build directory, never over the one
+# an editable install of this checkout reads (that one may be for another torch).
+source_info=fast_attn/_build_info.py
+info_before=$(stat -c %Y "$source_info" 2>/dev/null || echo absent)
 $PY -m build --wheel --no-isolation --outdir "$work/dist" >"$work/build.log" 2>&1 || { tail -40 "$work/build.log"; exit 1; }
+info_after=$(stat -c %Y "$source_info" 2>/dev/null || echo absent)
+[[ "$info_before" == "$info_after" ]] || { echo "the wheel build rewrote $source_info"; exit 1; }
 wheel=$(ls "$work"/dist/fast_attn-*.whl)
 echo "wheel: $(basename "$wheel"), $(du -k "$wheel" | cut -f1) KiB"
 if [[ "${WHEEL_REUSE_TORCH:-0}" == 1 ]]; then
