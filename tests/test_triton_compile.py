@@ -173,6 +173,7 @@ DBIAS_CASES = {
     "fp16-d128-all-features": BACKWARD_CASES["fp16-d128-all-features"],
     "fp32-d40-bias": BACKWARD_CASES["fp32-d40-bias"],
     "bf16-t5-d64": dict(dtype=torch.bfloat16, head_dim=64, bias_shape=(1, 4, 128, 128)),
+    "bf16-t5-d128-causal": dict(dtype=torch.bfloat16, head_dim=128, causal=1, bias_shape=(1, 4, 128, 128)),
     "bf16-rows-d128-causal": dict(dtype=torch.bfloat16, head_dim=128, causal=1, bias_shape=(1, 4, 1, 128)),
 }
 PREPROCESS_CASES = {

@@ -77,7 +77,7 @@ _DQ_16BIT = {
 _DBIAS_16BIT = {
     "sm90": {
         64: [(128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3)],
-        128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 3)],
+        128: [(128, 32, 8, 2), (64, 64, 8, 3)],
         256: [(64, 32, 8, 2)],
     },
     "sm80": {
@@ -131,7 +131,7 @@ _HEAVY_16BIT = {
     "dbias": {
         "sm90": {
             64: [(128, 32, 8, 3), (64, 32, 8, 2)],
-            128: [(128, 32, 8, 2), (64, 32, 8, 2)],
+            128: [(64, 32, 8, 2)],
             256: [(64, 32, 8, 2)],
         },
         "sm80": {64: [(128, 32, 8, 3), (64, 32, 8, 2)], 128: [(64, 32, 8, 2)], 256: [(32, 64, 8, 2)]},
@@ -219,7 +219,8 @@ def shared_memory_estimate(
     """Bytes of shared memory a configuration needs: the pipelined tiles of each loop
     iteration times the stages (the bias tile with one stage less), plus the tiles
     loaded once. Matches what triton 3.8 allocates for the forward on sm_90 exactly
-    (e.g. 65536 B for (128, 64, _, 3) at D 64; 98304 B with a bf16 bias)."""
+    (e.g. 65536 B for (128, 64, _, 3) at D 64; 98304 B with a bf16 bias); for dbias
+    it is an upper bound (its loop over pairs streams q, grad_out, k and v)."""
     block_m, block_n, _, stages = config
     element = torch.empty((), dtype=dtype).element_size()
     bias_tile = (
@@ -231,6 +232,8 @@ def shared_memory_estimate(
             + stages * 2 * block_m * block_d * element
             + (stages - 1) * bias_tile
         )
+    if kernel == "dbias":  # q, grad_out, k and v streamed
+        return stages * 2 * (block_m + block_n) * block_d * element + (stages - 1) * bias_tile
     held_rows = block_m * block_d * element * (1 if kernel == "forward" else 2)  # q (and grad_out)
     return held_rows + stages * 2 * block_n * block_d * element + (stages - 1) * bias_tile
 

@@ -15,6 +15,12 @@ reads it, recomputing dS (two matrix products per tile: q.k and dO.v, +2/7 on th
 backward's seven) and summing it in registers; it writes its tile once. The pairs may be cut into a few splits
 (chosen by the launcher to fill the GPU) whose partial sums the launcher adds in
 a fixed order, so the result has the same bits every run.
+
+A bias with full rows and keys (T5's (1, H, Sq, Sk)) gives each program one tile,
+so its only loop runs over the pairs, and Triton pipelines that loop's loads. (In
+a loop nest with the pairs outermost, as for a broadcast bias, that case's inner
+loops run once each and every load waits unhidden; with the pairs innermost in
+the nest, the T5 tile spilled 288 B on sm_90.)
 """
 
 import triton
@@ -24,6 +30,81 @@ from .backward_dq import score_gradient_tile
 from .block_ranges import key_blocks_for_query_block
 from .dropout import dropout_row_offsets, load_dropout_seed
 from .scores import load_rows, lse_to_log2
+
+
+@triton.jit
+def _pair_of_slice(
+    pair,
+    bias_batch,
+    bias_head,
+    heads_per_slice,
+    heads_q,
+    seqlen_q,
+    kv_group_size,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bias_ptr,
+    key_mask_ptr,
+    grad_out_ptr,
+    q_batch_stride,
+    q_head_stride,
+    k_batch_stride,
+    k_head_stride,
+    v_batch_stride,
+    v_head_stride,
+    bias_batch_stride,
+    bias_head_stride,
+    key_mask_batch_stride,
+    grad_out_batch_stride,
+    grad_out_head_stride,
+    HAS_KEY_MASK: tl.constexpr,
+):
+    """Row of (b, h, 0) in (B, Hq, Sq) and the (b, h) slices of every input, for the
+    pair-th (batch, head) pair that reads bias slice (bias_batch, bias_head)."""
+    batch = (bias_batch + pair // heads_per_slice).to(tl.int64)
+    head = (bias_head + pair % heads_per_slice).to(tl.int64)
+    kv_head = head // kv_group_size
+    head_row = (batch * heads_q + head) * seqlen_q
+    q_head_ptr = q_ptr + batch * q_batch_stride + head * q_head_stride
+    grad_out_head_ptr = grad_out_ptr + batch * grad_out_batch_stride + head * grad_out_head_stride
+    k_head_ptr = k_ptr + batch * k_batch_stride + kv_head * k_head_stride
+    v_head_ptr = v_ptr + batch * v_batch_stride + kv_head * v_head_stride
+    bias_head_ptr = bias_ptr + batch * bias_batch_stride + head * bias_head_stride
+    key_mask_row_ptr = key_mask_ptr
+    if HAS_KEY_MASK:
+        key_mask_row_ptr = key_mask_ptr + batch * key_mask_batch_stride
+    return head_row, q_head_ptr, grad_out_head_ptr, k_head_ptr, v_head_ptr, bias_head_ptr, key_mask_row_ptr
+
+
+@triton.jit
+def _query_rows(
+    query_index,
+    head_row,
+    q_head_ptr,
+    grad_out_head_ptr,
+    q_row_stride,
+    grad_out_row_stride,
+    lse_ptr,
+    delta_ptr,
+    seqlen_q,
+    seqlen_k,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+):
+    """q, grad_out (R, BLOCK_D), lse2 and delta (R,) and the dropout row offsets of rows
+    `query_index` of one (b, h)."""
+    in_rows = query_index < seqlen_q
+    q = load_rows(q_head_ptr, query_index, q_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, True)
+    grad_out = load_rows(grad_out_head_ptr, query_index, grad_out_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, True)
+    lse2 = lse_to_log2(tl.load(lse_ptr + head_row + query_index, mask=in_rows, other=float("-inf")))
+    delta = tl.load(delta_ptr + head_row + query_index, mask=in_rows, other=0.0)
+    dropout_row_low = 0
+    dropout_row_high = 0
+    if HAS_DROPOUT:
+        dropout_row_low, dropout_row_high = dropout_row_offsets(head_row, query_index, seqlen_k)
+    return q, grad_out, lse2, delta, dropout_row_low, dropout_row_high
 
 
 @triton.jit
@@ -121,50 +202,70 @@ def attention_backward_dbias_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # dS summed over pairs (and broadcast rows / keys)
     pair_begin = split * pairs_per_split
     pair_end = tl.minimum(pair_begin + pairs_per_split, pairs_per_slice)
-    for pair in range(pair_begin, pair_end):
-        batch = (bias_batch + pair // heads_per_slice).to(tl.int64)
-        head = (bias_head + pair % heads_per_slice).to(tl.int64)
-        kv_head = head // kv_group_size
-        head_row = (batch * heads_q + head) * seqlen_q  # row of (b, h, 0) in (B, Hq, Sq)
-        q_head_ptr = q_ptr + batch * q_batch_stride + head * q_head_stride
-        grad_out_head_ptr = grad_out_ptr + batch * grad_out_batch_stride + head * grad_out_head_stride
-        k_head_ptr = k_ptr + batch * k_batch_stride + kv_head * k_head_stride
-        v_head_ptr = v_ptr + batch * v_batch_stride + kv_head * v_head_stride
-        bias_head_ptr = bias_ptr + batch * bias_batch_stride + head * bias_head_stride
-        key_mask_row_ptr = key_mask_ptr
-        if HAS_KEY_MASK:
-            key_mask_row_ptr = key_mask_ptr + batch * key_mask_batch_stride
-        for start_m in range(rows_begin, rows_end, BLOCK_M):
-            query_index = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-            in_rows = query_index < seqlen_q
-            q = load_rows(q_head_ptr, query_index, q_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, True)
-            grad_out = load_rows(
-                grad_out_head_ptr, query_index, grad_out_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, True
-            )
-            lse2 = lse_to_log2(tl.load(lse_ptr + head_row + query_index, mask=in_rows, other=float("-inf")))
-            delta = tl.load(delta_ptr + head_row + query_index, mask=in_rows, other=0.0)
-            dropout_row_low = 0
-            dropout_row_high = 0
-            if HAS_DROPOUT:
-                dropout_row_low, dropout_row_high = dropout_row_offsets(head_row, query_index, seqlen_k)
-            full_end, end = key_blocks_for_query_block(
-                start_m, seqlen_q, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N
-            )
-            if COLS_FULL:
-                keys_begin = col_tile * BLOCK_N
-                keys_end = tl.minimum(keys_begin + BLOCK_N, end)
-            else:
-                keys_begin = 0
-                keys_end = end
-            for phase in tl.static_range(2):
-                # Key blocks every row sees in full without masks, then the others with masks.
-                if phase == 0:
-                    lo = keys_begin
-                    hi = tl.minimum(keys_end, full_end)
-                else:
-                    lo = tl.maximum(keys_begin, full_end)
-                    hi = keys_end
-                for start_n in range(lo, hi, BLOCK_N):
+    if ROWS_FULL and COLS_FULL:
+        # One tile per program: its masks (or none) are the same for every pair, and
+        # a tile no row sees keeps its zero sum. The pair loop is the only loop, so
+        # Triton pipelines its loads (q, dO, k and v of the next pairs arrive while
+        # the current pair computes).
+        query_index = rows_begin + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+        start_n = col_tile * BLOCK_N
+        full_end, end = key_blocks_for_query_block(
+            rows_begin, seqlen_q, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N
+        )
+        for phase in tl.static_range(2):
+            # Unmasked when every score of the tile is visible and in bounds, else masked.
+            if (phase == 0 and start_n < full_end) or (phase == 1 and start_n >= full_end and start_n < end):
+                for pair in range(pair_begin, pair_end):
+                    (
+                        head_row,
+                        q_head_ptr,
+                        grad_out_head_ptr,
+                        k_head_ptr,
+                        v_head_ptr,
+                        bias_head_ptr,
+                        key_mask_row_ptr,
+                    ) = _pair_of_slice(
+                        pair,
+                        bias_batch,
+                        bias_head,
+                        heads_per_slice,
+                        heads_q,
+                        seqlen_q,
+                        kv_group_size,
+                        q_ptr,
+                        k_ptr,
+                        v_ptr,
+                        bias_ptr,
+                        key_mask_ptr,
+                        grad_out_ptr,
+                        q_batch_stride,
+                        q_head_stride,
+                        k_batch_stride,
+                        k_head_stride,
+                        v_batch_stride,
+                        v_head_stride,
+                        bias_batch_stride,
+                        bias_head_stride,
+                        key_mask_batch_stride,
+                        grad_out_batch_stride,
+                        grad_out_head_stride,
+                        HAS_KEY_MASK,
+                    )
+                    q, grad_out, lse2, delta, dropout_row_low, dropout_row_high = _query_rows(
+                        query_index,
+                        head_row,
+                        q_head_ptr,
+                        grad_out_head_ptr,
+                        q_row_stride,
+                        grad_out_row_stride,
+                        lse_ptr,
+                        delta_ptr,
+                        seqlen_q,
+                        seqlen_k,
+                        HEAD_DIM,
+                        BLOCK_D,
+                        HAS_DROPOUT,
+                    )
                     ds, k = score_gradient_tile(
                         q,
                         grad_out,
@@ -204,6 +305,119 @@ def attention_backward_dbias_kernel(
                         phase == 1,
                     )
                     acc += ds
+    else:
+        # Rows or keys broadcast: each pair sums a strip of tiles, loading its q and dO
+        # once per row block.
+        for pair in range(pair_begin, pair_end):
+            (
+                head_row,
+                q_head_ptr,
+                grad_out_head_ptr,
+                k_head_ptr,
+                v_head_ptr,
+                bias_head_ptr,
+                key_mask_row_ptr,
+            ) = _pair_of_slice(
+                pair,
+                bias_batch,
+                bias_head,
+                heads_per_slice,
+                heads_q,
+                seqlen_q,
+                kv_group_size,
+                q_ptr,
+                k_ptr,
+                v_ptr,
+                bias_ptr,
+                key_mask_ptr,
+                grad_out_ptr,
+                q_batch_stride,
+                q_head_stride,
+                k_batch_stride,
+                k_head_stride,
+                v_batch_stride,
+                v_head_stride,
+                bias_batch_stride,
+                bias_head_stride,
+                key_mask_batch_stride,
+                grad_out_batch_stride,
+                grad_out_head_stride,
+                HAS_KEY_MASK,
+            )
+            for start_m in range(rows_begin, rows_end, BLOCK_M):
+                query_index = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+                q, grad_out, lse2, delta, dropout_row_low, dropout_row_high = _query_rows(
+                    query_index,
+                    head_row,
+                    q_head_ptr,
+                    grad_out_head_ptr,
+                    q_row_stride,
+                    grad_out_row_stride,
+                    lse_ptr,
+                    delta_ptr,
+                    seqlen_q,
+                    seqlen_k,
+                    HEAD_DIM,
+                    BLOCK_D,
+                    HAS_DROPOUT,
+                )
+                full_end, end = key_blocks_for_query_block(
+                    start_m, seqlen_q, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N
+                )
+                if COLS_FULL:
+                    keys_begin = col_tile * BLOCK_N
+                    keys_end = tl.minimum(keys_begin + BLOCK_N, end)
+                else:
+                    keys_begin = 0
+                    keys_end = end
+                for phase in tl.static_range(2):
+                    # Key blocks every row sees in full without masks, then the others with masks.
+                    if phase == 0:
+                        lo = keys_begin
+                        hi = tl.minimum(keys_end, full_end)
+                    else:
+                        lo = tl.maximum(keys_begin, full_end)
+                        hi = keys_end
+                    for start_n in range(lo, hi, BLOCK_N):
+                        ds, k = score_gradient_tile(
+                            q,
+                            grad_out,
+                            lse2,
+                            delta,
+                            query_index,
+                            dropout_row_low,
+                            dropout_row_high,
+                            start_n,
+                            k_head_ptr,
+                            v_head_ptr,
+                            k_row_stride,
+                            v_row_stride,
+                            bias_head_ptr,
+                            bias_row_stride,
+                            bias_col_stride,
+                            key_mask_row_ptr,
+                            key_mask_col_stride,
+                            seed_low,
+                            seed_high,
+                            dropout_keep_threshold,
+                            dropout_keep_scale,
+                            seqlen_q,
+                            seqlen_k,
+                            causal_offset,
+                            scale_log2,
+                            HEAD_DIM,
+                            BLOCK_D,
+                            BLOCK_M,
+                            BLOCK_N,
+                            CAUSAL,
+                            True,
+                            HAS_KEY_MASK,
+                            HAS_DROPOUT,
+                            UPCAST_OPERANDS,
+                            DOT_PRECISION,
+                            phase == 1,
+                        )
+                        acc += ds
 
     partials_ptr = (
         dbias_partials_ptr
