@@ -30,6 +30,10 @@ import triton
 # to wgmma. Rejected examples: forward (128, 64, 4 warps, 3) at D 128 spills 336 B on
 # sm_90; dK/dV (64, 128, 8, 2) at D 64 spills with a bias; every 4-warp dK/dV config at
 # D >= 128 spills (dK and dV accumulators alone take 128 registers per thread).
+# With a full (1, H, S, S) bias some later candidates spill (the worst: dK/dV
+# (16, 128, 8, 2) at D 128 on sm_80, 184 B); they stay for the autotuner to time,
+# and so do two first entries with 8 B each: dQ at D 128 on sm_80 and the float32
+# forward at D 64 on sm_80 (swept 2026-11-26 with the batch-first grid).
 # The kernels keep Triton's default specialization of int arguments (== 1, divisible
 # by 16): with do_not_specialize on the sequence sizes, 9 of the 50 compile-test cases
 # spilled 8-72 B with these tables, so a new sequence-length class (Sq == 1, S % 16
@@ -145,7 +149,7 @@ _FLOAT32 = {
         128: [(16, 16, 4, 2), (32, 16, 4, 2)],
         256: [(16, 16, 4, 2), (16, 16, 4, 1)],
     },
-    "dkdv": {64: [(16, 32, 4, 2)], 128: [(16, 32, 4, 2), (32, 16, 4, 2)], 256: [(16, 16, 4, 1)]},
+    "dkdv": {64: [(16, 16, 8, 2)], 128: [(16, 32, 4, 2), (32, 16, 4, 2)], 256: [(16, 16, 4, 1)]},
     "dq": {
         64: [(32, 32, 4, 2), (16, 32, 4, 2), (32, 16, 4, 2)],
         128: [(16, 16, 4, 2), (16, 32, 4, 2)],
@@ -327,9 +331,9 @@ def autotuned(kernel: triton.runtime.JITFunction, configs: tuple[Config, ...]) -
     """`kernel` autotuned over `configs` (BLOCK_M, BLOCK_N, warps, stages).
 
     One Autotuner per candidate list: the lists already encode the shape bucket.
-    The tuner's key holds the masking features (it also separates dtypes), so a
-    causal launch does not inherit the tile timed on a full one, whose work per
-    program differs. Kernels only write their outputs (no read-modify-write), so
+    The tuner's key holds the masking features and the grid order (TUNING_KEY; it
+    also separates dtypes), so a causal launch, or one with a bias, does not
+    inherit the tile timed on a plain one, whose work per program differs. Kernels only write their outputs (no read-modify-write), so
     timing runs need no reset.
     """
     return triton.autotune(
@@ -341,8 +345,9 @@ def autotuned(kernel: triton.runtime.JITFunction, configs: tuple[Config, ...]) -
     )(kernel)
 
 
-# Constexprs of every tuned kernel that change the work per tile.
-TUNING_KEY = ("CAUSAL", "HAS_KEY_MASK", "HAS_DROPOUT")
+# Constexprs of every tuned kernel that change the work per tile (a bias adds a load
+# per score) or the order of the programs.
+TUNING_KEY = ("CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "HAS_DROPOUT", "BATCH_FASTEST")
 
 
 MAX_DBIAS_SPLITS = 16

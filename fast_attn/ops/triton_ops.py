@@ -69,6 +69,17 @@ def _causal_offset(causal: int, seqlen_q: int, seqlen_k: int) -> int:
     return seqlen_k - seqlen_q if causal == 2 else 0
 
 
+def _batch_fastest(q: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the forward, dK/dV and dQ grids put the batch first (fast_attn/triton/grid.py):
+    for a bias that several batches read."""
+    return bias is not None and bias.shape[0] == 1 and q.shape[0] > 1
+
+
+def launch_grid(blocks: int, heads: int, batch: int, batch_fastest: bool) -> tuple[int, int, int]:
+    """The grid of a kernel whose programs are (block, head, batch) (fast_attn/triton/grid.py)."""
+    return (batch, blocks, heads) if batch_fastest else (blocks, heads, batch)
+
+
 def _shared_arguments(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p):
     """Arguments every attention kernel takes, in its order, and its shared constexprs.
 
@@ -100,6 +111,7 @@ def _shared_arguments(q, k, v, bias, key_mask, dropout_seed, scale, causal, drop
         HAS_BIAS=bias is not None,
         HAS_KEY_MASK=key_mask is not None,
         HAS_DROPOUT=has_dropout,
+        BATCH_FASTEST=_batch_fastest(q, bias),
         UPCAST_OPERANDS=interpreting() and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
@@ -228,7 +240,7 @@ def dbias_arguments(
         pairs_per_slice,
         pairs_per_split,
     )
-    del constexprs["HAS_BIAS"]
+    del constexprs["HAS_BIAS"], constexprs["BATCH_FASTEST"]
     constexprs.update(ROWS_FULL=bias.shape[2] == q.shape[2], COLS_FULL=bias.shape[3] == k.shape[2])
     return args, constexprs
 
@@ -266,9 +278,11 @@ def triton_attention_forward(
             "forward", q.device, head_dim, q.dtype, seqlen_q, seqlen_k, _dtype_of(bias), dropout_p
         ),
     )
-    wrap_triton(forward_kernel)[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads_q, batch)](
-        *args, **constexprs
-    )
+    wrap_triton(forward_kernel)[
+        lambda meta: launch_grid(
+            triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads_q, batch, constexprs["BATCH_FASTEST"]
+        )
+    ](*args, **constexprs)
     return out, lse
 
 
@@ -334,9 +348,11 @@ def triton_attention_backward(
         attention_backward_dkdv_kernel,
         launch_configs("dkdv", q.device, head_dim, q.dtype, seqlen_q, seqlen_k, _dtype_of(bias), dropout_p),
     )
-    wrap_triton(dkdv_kernel)[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), heads_kv, batch)](
-        *args, **constexprs
-    )
+    wrap_triton(dkdv_kernel)[
+        lambda meta: launch_grid(
+            triton.cdiv(seqlen_k, meta["BLOCK_N"]), heads_kv, batch, constexprs["BATCH_FASTEST"]
+        )
+    ](*args, **constexprs)
 
     # A bias of the problem's full shape gets dS itself, written by the dQ programs;
     # a broadcast one is reduced by the dbias kernel.
@@ -358,9 +374,11 @@ def triton_attention_backward(
             full_dbias is not None,
         ),
     )
-    wrap_triton(dq_kernel)[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads_q, batch)](
-        *args, **constexprs
-    )
+    wrap_triton(dq_kernel)[
+        lambda meta: launch_grid(
+            triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads_q, batch, constexprs["BATCH_FASTEST"]
+        )
+    ](*args, **constexprs)
 
     if full_dbias is not None:
         dbias = full_dbias

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .block_ranges import query_blocks_for_key_block
 from .dropout import dropout_keep, dropout_row_offsets, load_dropout_seed
+from .grid import program_coordinates
 from .scores import load_key_allowed, load_rows, lse_to_log2, masked_scores, mma, store_rows
 
 
@@ -172,16 +173,18 @@ def attention_backward_dkdv_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    BATCH_FASTEST: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(Sk, BLOCK_N), Hkv, B). dk, dv (B, Hkv, Sk, D) through their strides;
-    lse and delta (B, Hq, Sq) contiguous float32."""
-    start_n = tl.program_id(0) * BLOCK_N
-    kv_head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
+    """Grid (cdiv(Sk, BLOCK_N), Hkv, B), or (B, cdiv(Sk, BLOCK_N), Hkv) with BATCH_FASTEST
+    (grid.py). dk, dv (B, Hkv, Sk, D) through their strides; lse and delta (B, Hq, Sq)
+    contiguous float32."""
+    pid_n, kv_head, batch, _ = program_coordinates(BATCH_FASTEST)
+    start_n = pid_n * BLOCK_N
+    batch = batch.to(tl.int64)
 
     key_index = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     k_head_ptr = k_ptr + batch * k_batch_stride + kv_head.to(tl.int64) * k_head_stride

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from .block_ranges import key_blocks_for_query_block
 from .dropout import dropout_keep, dropout_row_offsets, load_dropout_seed
+from .grid import program_coordinates
 from .scores import load_key_allowed, load_rows, lse_to_log2, masked_scores, mma, store_rows
 
 
@@ -254,19 +255,20 @@ def attention_backward_dq_kernel(
     HAS_KEY_MASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     STORE_DBIAS: tl.constexpr,
+    BATCH_FASTEST: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(Sq, BLOCK_M), Hq, B). dq (B, Hq, Sq, D) through its strides; with
+    """Grid (cdiv(Sq, BLOCK_M), Hq, B), or (B, cdiv(Sq, BLOCK_M), Hq) with BATCH_FASTEST
+    (grid.py). dq (B, Hq, Sq, D) through its strides; with
     STORE_DBIAS, dbias (B, Hq, Sq, Sk) contiguous, zero-initialized (tiles no row
     sees are not written)."""
-    pid_m = tl.program_id(0)
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
+    pid_m, head, batch, num_m_blocks = program_coordinates(BATCH_FASTEST)
+    batch = batch.to(tl.int64)
     if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m  # longest programs first
+        pid_m = num_m_blocks - 1 - pid_m  # longest programs first
     start_m = pid_m * BLOCK_M
     kv_head = (head // kv_group_size).to(tl.int64)
     head = head.to(tl.int64)

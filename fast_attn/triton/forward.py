@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .block_ranges import key_blocks_for_query_block
 from .dropout import dropout_keep, dropout_row_offsets, load_dropout_seed
+from .grid import program_coordinates
 from .scores import LN2, load_key_allowed, load_rows, masked_scores, mma, store_rows
 
 
@@ -152,20 +153,20 @@ def attention_forward_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    BATCH_FASTEST: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(Sq, BLOCK_M), Hq, B). out (B, Hq, Sq, D) through its strides; lse
+    """Grid (cdiv(Sq, BLOCK_M), Hq, B), or (B, cdiv(Sq, BLOCK_M), Hq) with BATCH_FASTEST
+    (grid.py). out (B, Hq, Sq, D) through its strides; lse
     (B, Hq, Sq) contiguous float32, natural log."""
-    pid_m = tl.program_id(0)
-    head = tl.program_id(1)
-    batch = tl.program_id(2)
+    pid_m, head, batch, num_m_blocks = program_coordinates(BATCH_FASTEST)
     if CAUSAL:
         # Later query blocks see more keys: start them first so the tail of the
         # grid is made of short programs.
-        pid_m = tl.num_programs(0) - 1 - pid_m
+        pid_m = num_m_blocks - 1 - pid_m
     start_m = pid_m * BLOCK_M
     kv_head = head // kv_group_size
     batch64 = batch.to(tl.int64)
