@@ -218,7 +218,8 @@ def dbias_arguments(
     q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, grad_out, lse, delta, partials
 ):
     """(positional args, constexprs) of attention_backward_dbias_kernel, without the tuned
-    blocks. partials: (num_splits, *bias.shape) float32, fully written by the kernel."""
+    blocks. partials: (num_splits, *bias.shape), fully written by the kernel: float32 sums,
+    or with one split dbias itself in the bias's dtype."""
     tensors, strides, sizes, masking, dropout, constexprs = _shared_arguments(
         q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p
     )
@@ -288,11 +289,9 @@ def triton_attention_forward(
 
 def _sum_splits(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # In split order, one element-wise add per split: the same bits every run.
-    total = partials[0]
-    if partials.shape[0] > 1:
-        total = total.clone()
-        for split in range(1, partials.shape[0]):
-            total += partials[split]
+    total = partials[0].clone()
+    for split in range(1, partials.shape[0]):
+        total += partials[split]
     return total.to(dtype)
 
 
@@ -405,7 +404,10 @@ def _reduce_dbias(inputs, bias: torch.Tensor) -> torch.Tensor:
     pairs_per_slice = dbias_slices(bias, batch, heads_q)[1]
     num_splits = dbias_splits(nominal_tiles * bias_heads * bias_batch, pairs_per_slice, q.device)
     num_splits = triton.cdiv(pairs_per_slice, triton.cdiv(pairs_per_slice, num_splits))  # no empty split
-    partials = q.new_empty((num_splits, *bias.shape), dtype=torch.float32)
+    # One split writes dbias itself, rounded once from its float32 sums; several write
+    # float32 partial sums, added afterwards.
+    partials_dtype = bias.dtype if num_splits == 1 else torch.float32
+    partials = q.new_empty((num_splits, *bias.shape), dtype=partials_dtype)
     args, constexprs = dbias_arguments(*inputs, partials)
 
     def grid(meta):
@@ -418,7 +420,7 @@ def _reduce_dbias(inputs, bias: torch.Tensor) -> torch.Tensor:
         launch_configs("dbias", q.device, head_dim, q.dtype, seqlen_q, seqlen_k, bias.dtype, dropout_p),
     )
     wrap_triton(dbias_kernel)[grid](*args, **constexprs)
-    return _sum_splits(partials, bias.dtype)
+    return partials[0] if num_splits == 1 else _sum_splits(partials, bias.dtype)
 
 
 torch.library.register_autograd(

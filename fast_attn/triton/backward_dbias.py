@@ -97,7 +97,9 @@ def _query_rows(
     `query_index` of one (b, h)."""
     in_rows = query_index < seqlen_q
     q = load_rows(q_head_ptr, query_index, q_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, True)
-    grad_out = load_rows(grad_out_head_ptr, query_index, grad_out_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, True)
+    grad_out = load_rows(
+        grad_out_head_ptr, query_index, grad_out_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, True
+    )
     lse2 = lse_to_log2(tl.load(lse_ptr + head_row + query_index, mask=in_rows, other=float("-inf")))
     delta = tl.load(delta_ptr + head_row + query_index, mask=in_rows, other=0.0)
     dropout_row_low = 0
@@ -167,7 +169,8 @@ def attention_backward_dbias_kernel(
     """Grid (row tiles * key tiles * num_splits, Hb, Bb); row tiles: cdiv(Sq, BLOCK_M)
     with ROWS_FULL, else 1; key tiles: cdiv(Sk, BLOCK_N) with COLS_FULL, else 1.
 
-    dbias_partials (num_splits, Bb, Hb, Sqb, Skb) contiguous float32, fully written.
+    dbias_partials (num_splits, Bb, Hb, Sqb, Skb) contiguous, fully written: float32
+    partial sums, or with one split dbias itself in the bias's dtype.
     A bias slice (bb, hb) is read by the pairs p in [0, pairs_per_slice):
     batch bb + p // heads_per_slice, head hb + p % heads_per_slice (heads_per_slice
     is Hq when the bias broadcasts over heads, else 1; pairs_per_slice adds a
@@ -425,18 +428,25 @@ def attention_backward_dbias_kernel(
         + bias_batch.to(tl.int64) * partials_batch_stride
         + bias_head.to(tl.int64) * partials_head_stride
     )
+    out_dtype = dbias_partials_ptr.dtype.element_ty
     row_index = rows_begin + tl.arange(0, BLOCK_M)
     col_index = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     if ROWS_FULL:
         if COLS_FULL:
             ptrs = partials_ptr + row_index.to(tl.int64)[:, None] * partials_row_stride + col_index[None, :]
-            tl.store(ptrs, acc, mask=(row_index < seqlen_q)[:, None] & (col_index < seqlen_k)[None, :])
+            tl.store(
+                ptrs,
+                acc.to(out_dtype),
+                mask=(row_index < seqlen_q)[:, None] & (col_index < seqlen_k)[None, :],
+            )
         else:
             tl.store(
-                partials_ptr + row_index * partials_row_stride, tl.sum(acc, 1), mask=row_index < seqlen_q
+                partials_ptr + row_index * partials_row_stride,
+                tl.sum(acc, 1).to(out_dtype),
+                mask=row_index < seqlen_q,
             )
     else:
         if COLS_FULL:
-            tl.store(partials_ptr + col_index, tl.sum(acc, 0), mask=col_index < seqlen_k)
+            tl.store(partials_ptr + col_index, tl.sum(acc, 0).to(out_dtype), mask=col_index < seqlen_k)
         else:
-            tl.store(partials_ptr, tl.sum(tl.sum(acc, 1), 0))
+            tl.store(partials_ptr, tl.sum(tl.sum(acc, 1), 0).to(out_dtype))
