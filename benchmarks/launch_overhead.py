@@ -4,8 +4,9 @@ On a problem so small that the GPU finishes each kernel at once, back-to-back ca
 run at the speed of the Python and C++ launch path; the wall time per call is that
 cost. It bounds how short a sequence can be before a model becomes CPU-bound, and
 it is what a synchronizing timer adds to every call. Prints one line per
-implementation and mode, then where the host time of the Triton forward and
-forward+backward goes (cProfile). Without a GPU it times the CPU backend on
+implementation and mode, then the time per call of a decoding step (one query
+against a KV cache, where the host path competes with the kernel), then where the
+host time of the Triton forward and forward+backward goes (cProfile). Without a GPU it times the CPU backend on
 one thread against SDPA's CPU kernel, the kernels' own work being tiny there too.
 
     python benchmarks/launch_overhead.py
@@ -63,11 +64,36 @@ def main() -> None:
             forward = _per_call_us(fn)
         both = _per_call_us(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), grad))
         print(f"{name:<18} {forward:8.1f} {both:11.1f}", flush=True)
+    _print_decode_step(device, dtype, backends)
     if "fast_attn:triton" in impls:
         triton_forward = impls["fast_attn:triton"]
         with torch.no_grad():
             _print_profile("triton forward", triton_forward)
         _print_profile("triton forward+backward", lambda: torch.autograd.grad(triton_forward(), (q, k, v), grad))
+
+
+def _print_decode_step(device: str, dtype: torch.dtype, backends: tuple[str, ...]) -> None:
+    """Time per call of one decoding step: one new query per sequence against a KV cache
+    (batch 4, 16 heads, head dim 128), at cache lengths where the host path or the
+    kernel may dominate. This is what generation pays per layer and token."""
+    print(f"decoding step (B 4, H 16, Sq 1, D 128), us per call:\n{'implementation':<18}", end="")
+    cache_lengths = (128, 1024, 8192)
+    print("".join(f" {'Sk ' + str(n):>9}" for n in cache_lengths))
+    rows: dict[str, list[float]] = {}
+    for cache_length in cache_lengths:
+        q = torch.randn(4, 16, 1, 128, device=device, dtype=dtype)
+        k, v = (torch.randn(4, 16, cache_length, 128, device=device, dtype=dtype) for _ in range(2))
+        impls = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+        for backend in backends:
+            if UNAVAILABLE[backend] is None:
+                impls[f"fast_attn:{backend}"] = lambda backend=backend: fast_attn.attention(
+                    q, k, v, causal="bottom_right", backend=backend
+                )
+        with torch.no_grad():
+            for name, fn in impls.items():
+                rows.setdefault(name, []).append(_per_call_us(fn))
+    for name, times in rows.items():
+        print(f"{name:<18}" + "".join(f" {t:9.1f}" for t in times), flush=True)
 
 
 def _print_profile(title: str, fn) -> None:

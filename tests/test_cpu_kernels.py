@@ -257,11 +257,27 @@ def test_nan_inputs_propagate_like_the_reference():
     assert torch.isnan(out[0, 0, 4]).all() and not torch.isnan(out[0, 0, 5]).any()
 
 
+@pytest.mark.parametrize("isa", ["auto", "generic"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_blocks_of_few_queries(isa, dtype, monkeypatch):
+    # Decoding (1 to 4 new queries against a cache) and a last query block of 4 rows
+    # (68 = 64 + 4) take dot products along D for their scores; D 40 ends in a partial
+    # vector (AVX-512: 16 floats; generic: 8).
+    monkeypatch.setenv("FAST_ATTN_CPU_ISA", isa)
+    for seqlen_q in (1, 3, 4, 5, 68):
+        q, k, v = random_problem(dtype, 2, 4, 2, seqlen_q, 70, 40)
+        bias = make_bias((1, 4, seqlen_q, 70), accumulation(dtype) if dtype == torch.float64 else dtype)
+        key_mask = random_key_mask(2, 70)
+        check_against_reference(q, k, v, bias=bias, key_mask=key_mask, causal="bottom_right")
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=str)
 @pytest.mark.parametrize("causal", [0, 2])
-def test_dropout_matches_reference_with_the_same_seed(dtype, causal):
-    q, k, v = random_problem(dtype, 2, 4, 2, 70, 97, 32)
-    bias = make_bias((1, 4, 70, 97), accumulation(dtype))
+@pytest.mark.parametrize("seqlen_q", [70, 2])
+def test_dropout_matches_reference_with_the_same_seed(dtype, causal, seqlen_q):
+    # Sq 2: a block of few queries (dot products along D for its scores).
+    q, k, v = random_problem(dtype, 2, 4, 2, seqlen_q, 97, 32)
+    bias = make_bias((1, 4, seqlen_q, 97), accumulation(dtype))
     key_mask = random_key_mask(2, 97)
     seed = torch.tensor([(1 << 40) + 12345], dtype=torch.int64)  # high seed bits used too
     dropout_p, scale = 0.3, 0.2

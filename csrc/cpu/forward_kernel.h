@@ -32,6 +32,10 @@ class ForwardKernel {
   static constexpr int64_t kN = kBlockN;
   static constexpr int kMaxQueryVectors = static_cast<int>(kM / W);
   static constexpr bool kConvertInputs = !std::is_same<T, acc_t>::value;
+  // Blocks of at most this many queries (decoding, or a sequence's last rows) get
+  // their scores from dot products along D (few_query_scores).
+  static constexpr int64_t kFewQueries = 4;
+  static_assert(kFewQueries <= W, "a block of few queries fits one query vector");
 
  public:
   static size_t scratch_bytes(const AttentionForwardParams& p) {
@@ -59,6 +63,7 @@ class ForwardKernel {
  private:
   struct Scratch {
     acc_t* q_t;        // (D, kM): scale * q^T of the block, zero-padded columns
+    acc_t* q_rows;     // (kFewQueries, D_padded): scale * q rows, zero-padded, for blocks of few queries
     acc_t* scores_t;   // (kN, kM): S^T, then P^T
     acc_t* out_acc;    // (kM, D_padded): unnormalized output
     acc_t* k_block;    // (kN, D) keys in acc_t (16-bit inputs only)
@@ -72,6 +77,7 @@ class ForwardKernel {
     void carve(ScratchCarver& c, int64_t head_dim) {
       d_padded = (head_dim + W - 1) / W * W;
       q_t = c.take<acc_t>(head_dim * kM);
+      q_rows = c.take<acc_t>(kFewQueries * d_padded);
       scores_t = c.take<acc_t>(kN * kM);
       out_acc = c.take<acc_t>(kM * d_padded);
       k_block = c.take<acc_t>(kConvertInputs ? kN * head_dim : 0);
@@ -100,6 +106,13 @@ class ForwardKernel {
 
     pack_transposed<V>(s_.q_t, kM, query_vectors * W, q, p_.q_row_stride, rows, head_dim,
                        static_cast<acc_t>(plan_.scales.scale));
+    const bool few_queries = rows <= kFewQueries;
+    if (few_queries) {
+      std::fill(s_.q_rows, s_.q_rows + kFewQueries * s_.d_padded, acc_t(0));
+      for (int64_t m = 0; m < rows; ++m) {
+        for (int64_t d = 0; d < head_dim; ++d) s_.q_rows[m * s_.d_padded + d] = s_.q_t[d * kM + m];
+      }
+    }
     std::fill(s_.out_acc, s_.out_acc + kM * s_.d_padded, acc_t(0));
     for (int mv = 0; mv < query_vectors; ++mv) {
       V::broadcast(neg_inf()).store(s_.row_max + mv * W);
@@ -129,7 +142,11 @@ class ForwardKernel {
       }
 
       // S^T (cols x queries) = K_block (cols x D) * (scale q)^T (D x queries)
-      gemm<V, false>(cols, query_vectors * W, head_dim, k_rows, k_ld, s_.q_t, kM, s_.scores_t, kM, false);
+      if (few_queries) {
+        few_query_scores(rows, cols, head_dim, k_rows, k_ld);
+      } else {
+        gemm<V, false>(cols, query_vectors * W, head_dim, k_rows, k_ld, s_.q_t, kM, s_.scores_t, kM, false);
+      }
       if (p_.bias != nullptr) add_bias(b, h, i0, rows, j0, cols, query_vectors);
       apply_masks(i0, j0, cols, query_vectors);
       softmax_update(cols, query_vectors);
@@ -139,6 +156,27 @@ class ForwardKernel {
       gemm<V, true>(rows, head_dim, cols, s_.scores_t, kM, v_rows, v_ld, s_.out_acc, s_.d_padded, true);
     }
     store_outputs(b, h, i0, rows);
+  }
+
+  // S^T of a block of at most kFewQueries queries: one dot product along D per (key,
+  // query), vectorized over D. The tile product vectorizes over W query columns, all
+  // but `rows` of them padding here (16x the work at one query). Columns rows..W-1
+  // get 0, what the product with the zero-padded q^T gives.
+  void few_query_scores(int64_t rows, int64_t cols, int64_t head_dim, const acc_t* k_rows, int64_t k_ld) {
+    const int64_t full = head_dim / W * W;
+    const int tail = static_cast<int>(head_dim - full);
+    for (int64_t n = 0; n < cols; ++n) {
+      const acc_t* key = k_rows + n * k_ld;
+      acc_t* scores = s_.scores_t + n * kM;
+      V::zero().store(scores);
+      for (int64_t m = 0; m < rows; ++m) {
+        const acc_t* query = s_.q_rows + m * s_.d_padded;
+        V dot = V::zero();
+        for (int64_t d = 0; d < full; d += W) dot = V::fma(V::load(key + d), V::load(query + d), dot);
+        if (tail > 0) dot = V::fma(V::load_first(key + full, tail), V::load(query + full), dot);
+        scores[m] = dot.reduce_add();
+      }
+    }
   }
 
   // S^T[n][m] += bias(b, h, i0 + m, j0 + n)
