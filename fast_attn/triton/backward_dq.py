@@ -18,7 +18,7 @@ import triton.language as tl
 from .block_ranges import key_blocks_for_query_block
 from .dropout import dropout_keep, dropout_row_offsets, load_dropout_seed
 from .grid import program_coordinates
-from .scores import load_key_allowed, load_rows, lse_to_log2, masked_scores, mma, store_rows
+from .scores import key_block_scores, load_rows, lse_to_log2, mma, store_rows
 
 
 @triton.jit
@@ -63,30 +63,32 @@ def score_gradient_tile(
     """dS (BLOCK_M, BLOCK_N) of the query rows against keys [start_n, start_n + BLOCK_N),
     and that key block's K tile (BLOCK_N, BLOCK_D)."""
     key_index = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-    k = load_rows(
-        k_head_ptr, key_index, k_row_stride, seqlen_k, HEAD_DIM, BLOCK_D, MASKED
-    )  # (BLOCK_N, BLOCK_D)
-    v = load_rows(v_head_ptr, key_index, v_row_stride, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
-    if HAS_KEY_MASK:
-        key_allowed = load_key_allowed(key_mask_row_ptr, key_index, key_mask_col_stride, seqlen_k)[None, :]
-    else:
-        key_allowed = False
-    qk = mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST_OPERANDS, DOT_PRECISION)
-    scores = masked_scores(
-        qk,
-        query_index[:, None],
-        key_index[None, :],
-        scale_log2,
+    k, v, scores = key_block_scores(
+        q,
+        query_index,
+        key_index,
+        k_head_ptr,
+        v_head_ptr,
+        k_row_stride,
+        v_row_stride,
         bias_head_ptr,
         bias_row_stride,
         bias_col_stride,
-        key_allowed,
+        key_mask_row_ptr,
+        key_mask_col_stride,
         seqlen_q,
         seqlen_k,
         causal_offset,
+        scale_log2,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_M,
+        BLOCK_N,
+        CAUSAL,
         HAS_BIAS,
         HAS_KEY_MASK,
-        CAUSAL,
+        UPCAST_OPERANDS,
+        DOT_PRECISION,
         MASKED,
     )  # (BLOCK_M, BLOCK_N)
     p = tl.exp2(scores - lse2[:, None])

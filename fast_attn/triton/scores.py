@@ -121,6 +121,65 @@ def masked_scores(
 
 
 @triton.jit
+def key_block_scores(
+    q,  # (BLOCK_M, BLOCK_D) query rows
+    query_index,  # (BLOCK_M,) int32 positions of those rows
+    key_index,  # (BLOCK_N,) int32 positions of the keys
+    k_head_ptr,
+    v_head_ptr,
+    k_row_stride,
+    v_row_stride,
+    bias_head_ptr,
+    bias_row_stride,
+    bias_col_stride,
+    key_mask_row_ptr,
+    key_mask_col_stride,
+    seqlen_q,
+    seqlen_k,
+    causal_offset,
+    scale_log2,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """For keys `key_index` of one (b, kv head): K and V tiles (BLOCK_N, BLOCK_D), and the
+    scores (BLOCK_M, BLOCK_N) of the query rows against them (log2 domain, -inf where
+    masked). The forward and dQ kernels' key loops."""
+    k = load_rows(k_head_ptr, key_index, k_row_stride, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
+    v = load_rows(v_head_ptr, key_index, v_row_stride, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
+    if HAS_KEY_MASK:
+        key_allowed = load_key_allowed(key_mask_row_ptr, key_index, key_mask_col_stride, seqlen_k)[None, :]
+    else:
+        key_allowed = False
+    qk = mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST_OPERANDS, DOT_PRECISION)
+    scores = masked_scores(
+        qk,
+        query_index[:, None],
+        key_index[None, :],
+        scale_log2,
+        bias_head_ptr,
+        bias_row_stride,
+        bias_col_stride,
+        key_allowed,
+        seqlen_q,
+        seqlen_k,
+        causal_offset,
+        HAS_BIAS,
+        HAS_KEY_MASK,
+        CAUSAL,
+        MASKED,
+    )
+    return k, v, scores
+
+
+@triton.jit
 def lse_to_log2(lse):
     """Row log-sum-exp (natural log) as the log2-domain offset of exp2(s2 - offset).
 
