@@ -420,6 +420,15 @@ def test_opcheck_under_the_interpreter_or_gpu():
     )
 
 
+def test_host_integer_helpers_match_triton():
+    # Plain-Python stand-ins for triton's constexpr functions on the launch path.
+    for n in (1, 2, 3, 15, 16, 17, 100, 1024, 1025):
+        assert triton_configs.next_power_of_2(n) == triton.next_power_of_2(n)
+    for a in (0, 1, 5, 16, 17, 1000):
+        for b in (1, 7, 16, 64):
+            assert triton_configs.cdiv(a, b) == triton.cdiv(a, b)
+
+
 def test_launch_configs_are_few_and_pruned_to_the_problem(monkeypatch):
     for kernel in triton_configs.KERNEL_NAMES:
         for arch in ("sm80", "sm90"):

@@ -161,6 +161,17 @@ _TABLES = {"forward": _FORWARD_16BIT, "dkdv": _DKDV_16BIT, "dq": _DQ_16BIT, "dbi
 KERNEL_NAMES = tuple(_TABLES)
 
 
+# Host-side integer helpers. triton.cdiv and triton.next_power_of_2 are constexpr
+# functions whose Python calls cost ~2 us each (triton 3.6 and 3.8), several times
+# per launch: launches are host-bound for small problems.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def interpreting() -> bool:
     """Whether Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -168,7 +179,7 @@ def interpreting() -> bool:
 
 def head_dim_block(head_dim: int) -> int:
     """The head-dim tile: a power of two >= 16 (tl.dot's smallest K); padding is masked."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 @functools.lru_cache(maxsize=None)
@@ -255,8 +266,8 @@ def prune_configs(
     """The candidates worth timing: those that fit in shared memory, without blocks
     larger than the sequences they tile (a 128-row block for 20 queries only wastes
     work). Never empty: the smallest candidate stays."""
-    useful_m = max(16, triton.next_power_of_2(seqlen_q))
-    useful_n = max(16, triton.next_power_of_2(seqlen_k))
+    useful_m = max(16, next_power_of_2(seqlen_q))
+    useful_n = max(16, next_power_of_2(seqlen_k))
     limit = _SHARED_MEMORY_BYTES.get(arch)
     pruned = [
         c
@@ -360,4 +371,4 @@ def dbias_splits(programs: int, pairs_per_slice: int, device: torch.device) -> i
     target = 2 * multiprocessor_count(device)
     if programs >= target:
         return 1
-    return max(1, min(pairs_per_slice, MAX_DBIAS_SPLITS, triton.cdiv(target, max(programs, 1))))
+    return max(1, min(pairs_per_slice, MAX_DBIAS_SPLITS, cdiv(target, max(programs, 1))))

@@ -16,7 +16,6 @@ import math
 from typing import Optional
 
 import torch
-import triton
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
@@ -28,7 +27,7 @@ from ..triton.backward_preprocess import attention_backward_preprocess_kernel
 from ..triton.forward import attention_forward_kernel
 from . import autograd
 from .autograd import empty_bshd_like
-from .triton_configs import autotuned, dbias_splits, head_dim_block, interpreting, launch_configs
+from .triton_configs import autotuned, cdiv, dbias_splits, head_dim_block, interpreting, launch_configs
 
 FORWARD_OP = "fast_attn::triton_attention_forward"
 BACKWARD_OP = "fast_attn::triton_attention_backward"
@@ -224,7 +223,7 @@ def dbias_arguments(
         q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p
     )
     heads_per_slice, pairs_per_slice = dbias_slices(bias, q.shape[0], q.shape[1])
-    pairs_per_split = triton.cdiv(pairs_per_slice, partials.shape[0])
+    pairs_per_split = cdiv(pairs_per_slice, partials.shape[0])
     args = (
         *tensors,
         grad_out,
@@ -281,7 +280,7 @@ def triton_attention_forward(
     )
     wrap_triton(forward_kernel)[
         lambda meta: launch_grid(
-            triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads_q, batch, constexprs["BATCH_FASTEST"]
+            cdiv(seqlen_q, meta["BLOCK_M"]), heads_q, batch, constexprs["BATCH_FASTEST"]
         )
     ](*args, **constexprs)
     return out, lse
@@ -338,7 +337,7 @@ def triton_attention_backward(
     delta = q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
     args, constexprs = preprocess_arguments(out, grad_out, grad_lse, delta)
     wrap_triton(attention_backward_preprocess_kernel)[
-        (triton.cdiv(seqlen_q, constexprs["BLOCK_M"]), heads_q, batch)
+        (cdiv(seqlen_q, constexprs["BLOCK_M"]), heads_q, batch)
     ](*args, **constexprs)
 
     inputs = (q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, grad_out, lse, delta)
@@ -349,7 +348,7 @@ def triton_attention_backward(
     )
     wrap_triton(dkdv_kernel)[
         lambda meta: launch_grid(
-            triton.cdiv(seqlen_k, meta["BLOCK_N"]), heads_kv, batch, constexprs["BATCH_FASTEST"]
+            cdiv(seqlen_k, meta["BLOCK_N"]), heads_kv, batch, constexprs["BATCH_FASTEST"]
         )
     ](*args, **constexprs)
 
@@ -375,7 +374,7 @@ def triton_attention_backward(
     )
     wrap_triton(dq_kernel)[
         lambda meta: launch_grid(
-            triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads_q, batch, constexprs["BATCH_FASTEST"]
+            cdiv(seqlen_q, meta["BLOCK_M"]), heads_q, batch, constexprs["BATCH_FASTEST"]
         )
     ](*args, **constexprs)
 
@@ -398,12 +397,12 @@ def _reduce_dbias(inputs, bias: torch.Tensor) -> torch.Tensor:
     seqlen_k = k.shape[2]
     bias_batch, bias_heads, bias_rows, bias_cols = bias.shape
     rows_full, cols_full = bias_rows == seqlen_q, bias_cols == seqlen_k
-    nominal_tiles = (triton.cdiv(seqlen_q, _DBIAS_NOMINAL_TILE) if rows_full else 1) * (
-        triton.cdiv(seqlen_k, _DBIAS_NOMINAL_TILE) if cols_full else 1
+    nominal_tiles = (cdiv(seqlen_q, _DBIAS_NOMINAL_TILE) if rows_full else 1) * (
+        cdiv(seqlen_k, _DBIAS_NOMINAL_TILE) if cols_full else 1
     )
     pairs_per_slice = dbias_slices(bias, batch, heads_q)[1]
     num_splits = dbias_splits(nominal_tiles * bias_heads * bias_batch, pairs_per_slice, q.device)
-    num_splits = triton.cdiv(pairs_per_slice, triton.cdiv(pairs_per_slice, num_splits))  # no empty split
+    num_splits = cdiv(pairs_per_slice, cdiv(pairs_per_slice, num_splits))  # no empty split
     # One split writes dbias itself, rounded once from its float32 sums; several write
     # float32 partial sums, added afterwards.
     partials_dtype = bias.dtype if num_splits == 1 else torch.float32
@@ -411,8 +410,8 @@ def _reduce_dbias(inputs, bias: torch.Tensor) -> torch.Tensor:
     args, constexprs = dbias_arguments(*inputs, partials)
 
     def grid(meta):
-        row_tiles = triton.cdiv(seqlen_q, meta["BLOCK_M"]) if rows_full else 1
-        col_tiles = triton.cdiv(seqlen_k, meta["BLOCK_N"]) if cols_full else 1
+        row_tiles = cdiv(seqlen_q, meta["BLOCK_M"]) if rows_full else 1
+        col_tiles = cdiv(seqlen_k, meta["BLOCK_N"]) if cols_full else 1
         return (row_tiles * col_tiles * num_splits, bias_heads, bias_batch)
 
     dbias_kernel = autotuned(
