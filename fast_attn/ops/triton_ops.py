@@ -74,7 +74,7 @@ def _batch_fastest(q: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return bias is not None and bias.shape[0] == 1 and q.shape[0] > 1
 
 
-def launch_grid(blocks: int, heads: int, batch: int, batch_fastest: bool) -> tuple[int, int, int]:
+def _launch_grid(blocks: int, heads: int, batch: int, batch_fastest: bool) -> tuple[int, int, int]:
     """The grid of a kernel whose programs are (block, head, batch) (fast_attn/triton/grid.py)."""
     return (batch, blocks, heads) if batch_fastest else (blocks, heads, batch)
 
@@ -279,7 +279,7 @@ def triton_attention_forward(
         ),
     )
     wrap_triton(forward_kernel)[
-        lambda meta: launch_grid(
+        lambda meta: _launch_grid(
             cdiv(seqlen_q, meta["BLOCK_M"]), heads_q, batch, constexprs["BATCH_FASTEST"]
         )
     ](*args, **constexprs)
@@ -347,7 +347,7 @@ def triton_attention_backward(
         launch_configs("dkdv", q.device, head_dim, q.dtype, seqlen_q, seqlen_k, _dtype_of(bias), dropout_p),
     )
     wrap_triton(dkdv_kernel)[
-        lambda meta: launch_grid(
+        lambda meta: _launch_grid(
             cdiv(seqlen_k, meta["BLOCK_N"]), heads_kv, batch, constexprs["BATCH_FASTEST"]
         )
     ](*args, **constexprs)
@@ -373,7 +373,7 @@ def triton_attention_backward(
         ),
     )
     wrap_triton(dq_kernel)[
-        lambda meta: launch_grid(
+        lambda meta: _launch_grid(
             cdiv(seqlen_q, meta["BLOCK_M"]), heads_q, batch, constexprs["BATCH_FASTEST"]
         )
     ](*args, **constexprs)
