@@ -243,7 +243,15 @@ def test_minus_inf_bias_counts_as_masked():
     assert torch.all(grads["bias"][0, 1, :, 5:9] == 0) and not torch.isnan(grads["q"]).any()
 
 
-def test_nan_inputs_propagate_like_the_reference():
+# The instruction-set paths this machine can take (FAST_ATTN_CPU_ISA); "auto" is the
+# fastest, AVX-512 with bf16 dot products on the dev and CI machines.
+ISAS = ["auto", "avx512", "avx2", "generic"]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_nan_inputs_propagate_like_the_reference(isa, monkeypatch):
+    # Each path's exp: NaN stays NaN, -inf (a masked score) gives exactly 0.
+    monkeypatch.setenv("FAST_ATTN_CPU_ISA", isa)
     q, k, v = random_problem(torch.float32, 1, 1, 1, 20, 70, 16, grads=())
     q = q.detach().clone()
     q[0, 0, 4, 2] = math.nan
@@ -257,15 +265,15 @@ def test_nan_inputs_propagate_like_the_reference():
     assert torch.isnan(out[0, 0, 4]).all() and not torch.isnan(out[0, 0, 5]).any()
 
 
-@pytest.mark.parametrize("isa", ["auto", "generic"])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_blocks_of_few_queries(isa, dtype, monkeypatch):
     # Decoding (1 to 4 new queries against a cache) and a last query block of 4 rows
-    # (68 = 64 + 4) take dot products along D for their scores; D 40 ends in a partial
-    # vector (AVX-512: 16 floats; generic: 8).
+    # (68 = 64 + 4) take dot products along D for their scores; D 44 ends in a partial
+    # vector for every width (16 floats for AVX-512 and generic, 8 for AVX2).
     monkeypatch.setenv("FAST_ATTN_CPU_ISA", isa)
     for seqlen_q in (1, 3, 4, 5, 68):
-        q, k, v = random_problem(dtype, 2, 4, 2, seqlen_q, 70, 40)
+        q, k, v = random_problem(dtype, 2, 4, 2, seqlen_q, 70, 44)
         bias = make_bias((1, 4, seqlen_q, 70), accumulation(dtype) if dtype == torch.float64 else dtype)
         key_mask = random_key_mask(2, 70)
         check_against_reference(q, k, v, bias=bias, key_mask=key_mask, causal="bottom_right")
@@ -351,7 +359,7 @@ def poison_allocator(*tensors_like):
         torch.full((t.numel() + 64,), math.nan, dtype=t.dtype)
 
 
-@pytest.mark.parametrize("isa", ["auto", "avx512", "generic"])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 def test_outputs_fully_written(isa, dtype, monkeypatch):
     # "auto": bf16 dot products for bfloat16 on CPUs with AVX512-BF16.
@@ -370,14 +378,18 @@ def test_outputs_fully_written(isa, dtype, monkeypatch):
 
 @pytest.mark.parametrize(
     "isa,dtype",
-    [("generic", dtype) for dtype in ALL_DTYPES] + [("avx512", torch.bfloat16)],
+    [("generic", dtype) for dtype in ALL_DTYPES]
+    + [("avx2", dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+    + [("avx512", torch.bfloat16)],
     ids=str,
 )
 def test_each_instruction_set_path(isa, dtype, monkeypatch):
-    # "generic": the portable kernels (CPUs without AVX-512; float64 always).
+    # "generic": the portable kernels (CPUs without AVX2; float64 always).
+    # "avx2": 8-float vectors (x86 CPUs without AVX-512).
     # "avx512" for bfloat16: float products instead of bf16 dot products.
+    # D 44: a partial last vector for every width.
     monkeypatch.setenv("FAST_ATTN_CPU_ISA", isa)
-    q, k, v = random_problem(dtype, 2, 4, 2, 97, 70, 40)
+    q, k, v = random_problem(dtype, 2, 4, 2, 97, 70, 44)
     bias = make_bias((1, 4, 97, 70), accumulation(dtype) if dtype == torch.float64 else dtype)
     key_mask = random_key_mask(2, 70)
     check_against_reference(q, k, v, bias=bias, key_mask=key_mask, causal="bottom_right")

@@ -46,6 +46,7 @@ ElementType element_type(at::ScalarType dtype) {
 }
 
 struct CpuFeatures {
+  bool avx2 = false;
   bool avx512 = false;
   bool avx512_bf16 = false;
 };
@@ -53,29 +54,32 @@ struct CpuFeatures {
 CpuFeatures detect_cpu_features() {
   __builtin_cpu_init();
   CpuFeatures features;
-  features.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                    __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  features.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  features.avx512 = features.avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   features.avx512_bf16 = features.avx512 && __builtin_cpu_supports("avx512bf16");
   return features;
 }
 
 // The instruction-set level a call may use: the CPU's, lowered by
-// FAST_ATTN_CPU_ISA ("generic": portable kernels, "avx512": no bf16 dot
-// products, anything else or unset: all the CPU has). Read on every call so
-// tests can cover each path on one machine.
+// FAST_ATTN_CPU_ISA ("generic": portable kernels, "avx2": no AVX-512,
+// "avx512": no bf16 dot products, anything else or unset: all the CPU has).
+// Read on every call so tests can cover each path on one machine.
 CpuFeatures allowed_features() {
   static const CpuFeatures detected = detect_cpu_features();
   CpuFeatures allowed = detected;
   const char* forced = std::getenv("FAST_ATTN_CPU_ISA");
   if (forced != nullptr && std::strcmp(forced, "generic") == 0) allowed = CpuFeatures{};
+  if (forced != nullptr && std::strcmp(forced, "avx2") == 0) allowed.avx512 = allowed.avx512_bf16 = false;
   if (forced != nullptr && std::strcmp(forced, "avx512") == 0) allowed.avx512_bf16 = false;
   return allowed;
 }
 
 const KernelSet& kernels_for(at::ScalarType dtype) {
-  if (dtype == at::kDouble || !allowed_features().avx512) return generic_kernels();
-  return avx512_kernels();
+  const CpuFeatures allowed = allowed_features();
+  if (dtype == at::kDouble) return generic_kernels();
+  if (allowed.avx512) return avx512_kernels();
+  return allowed.avx2 ? avx2_kernels() : generic_kernels();
 }
 
 bool even_strides_and_aligned(const at::Tensor& t) {

@@ -88,6 +88,8 @@ struct KernelSet {
 
 // AVX-512 (float32, bfloat16, float16): needs avx512f/bw/vl/dq at run time.
 const KernelSet& avx512_kernels();
+// AVX2 + FMA + F16C (float32, bfloat16, float16), for x86 CPUs without AVX-512.
+const KernelSet& avx2_kernels();
 // Portable code for every dtype, float64 included.
 const KernelSet& generic_kernels();
 

@@ -23,48 +23,15 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
 
-#include "cpu/backward_kernel.h"
-#include "cpu/backward_products.h"
-#include "cpu/forward_kernel.h"
 #include "cpu/vec_avx512.h"
-
-namespace fast_attn::cpu {
-namespace {
-
-void forward_avx512(const AttentionForwardParams& p, const ForwardPlan& plan, TaskCounter& counter) {
-  switch (plan.dtype) {
-    case ElementType::kFloat32: return forward_worker<VecAvx512, float>(p, plan, counter);
-    case ElementType::kBFloat16: return forward_worker<VecAvx512, BFloat16Bits>(p, plan, counter);
-    case ElementType::kFloat16: return forward_worker<VecAvx512, Float16Bits>(p, plan, counter);
-    case ElementType::kFloat64: break;  // float64 runs the portable kernels
-  }
-  std::abort();
-}
-
-template <class T>
-void backward_float_products(const AttentionBackwardParams& p, const BackwardPlan& plan, TaskCounter& counter) {
-  backward_worker<VecAvx512, T, AccumulationTypeProducts<VecAvx512, T>>(p, plan, counter);
-}
-
-void backward_avx512(const AttentionBackwardParams& p, const BackwardPlan& plan, TaskCounter& counter) {
-  switch (plan.dtype) {
-    case ElementType::kFloat32: return backward_float_products<float>(p, plan, counter);
-    case ElementType::kBFloat16: return backward_float_products<BFloat16Bits>(p, plan, counter);
-    case ElementType::kFloat16: return backward_float_products<Float16Bits>(p, plan, counter);
-    case ElementType::kFloat64: break;
-  }
-  std::abort();
-}
-
-}  // namespace
-}  // namespace fast_attn::cpu
+#include "cpu/vector_workers.h"
 
 #pragma GCC pop_options
 
 namespace fast_attn::cpu {
 
 const KernelSet& avx512_kernels() {
-  static const KernelSet kernels{"avx512", &forward_avx512, &backward_avx512};
+  static const KernelSet kernels{"avx512", &forward_on<VecAvx512>, &backward_on<VecAvx512>};
   return kernels;
 }
 

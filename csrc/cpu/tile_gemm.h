@@ -20,7 +20,7 @@ namespace fast_attn::cpu {
 namespace {
 
 constexpr int kTileRows = 6;
-constexpr int kTileVectors = 4;
+constexpr int kTileVectors = 4;  // the most; a vector type may use fewer (V::kTileVectors)
 
 // One register tile: MR rows x NV vectors (MR <= 6, NV <= 4); the last vector
 // holds `last_lanes` valid columns (1..W): only those are read from B and
@@ -134,7 +134,7 @@ void gemm(int64_t rows, int64_t cols, int64_t kdim, const typename V::value_type
           const typename V::value_type* b, int64_t ldb, typename V::value_type* c, int64_t ldc,
           bool accumulate) {
   constexpr int W = V::kWidth;
-  constexpr int64_t kPanel = kTileVectors * W;
+  constexpr int64_t kPanel = V::kTileVectors * W;
   for (int64_t c0 = 0; c0 < cols; c0 += kPanel) {
     const int64_t panel = std::min(kPanel, cols - c0);
     const int nv = static_cast<int>((panel + W - 1) / W);

@@ -19,6 +19,7 @@ struct VecAvx512 {
   using value_type = float;
   using Mask = __mmask16;
   static constexpr int kWidth = 16;
+  static constexpr int kTileVectors = 4;  // register tile of the matrix products: 6 rows x 4 vectors
   __m512 v;
 
   static __mmask16 first_lanes(int count) {
