@@ -160,7 +160,7 @@ class ForwardKernel {
 
   // S^T of a block of at most kFewQueries queries: one dot product along D per (key,
   // query), vectorized over D. The tile product vectorizes over W query columns, all
-  // but `rows` of them padding here (16x the work at one query). Columns rows..W-1
+  // but `rows` of them padding here (W times the work at one query). Columns rows..W-1
   // get 0, what the product with the zero-padded q^T gives.
   void few_query_scores(int64_t rows, int64_t cols, int64_t head_dim, const acc_t* k_rows, int64_t k_ld) {
     const int64_t full = head_dim / W * W;
