@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "build_config.h"
+#include "cpu/cpu_kernels.h"
 
 namespace {
 
@@ -21,6 +22,7 @@ pybind11::dict build_info() {
   }
   info["cuda_head_dims"] = head_dims;
   info["cxx_flags"] = FAST_ATTN_CXX_FLAGS;
+  info["cpu_instruction_set"] = fast_attn::cpu::instruction_set_in_use();
   return info;
 }
 

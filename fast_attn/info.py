@@ -27,6 +27,7 @@ def describe() -> str:
             f"CUDA {build['cuda_version'] or 'none'}, archs {build['cuda_archs'] or 'none'}, "
             f"CUDA head dims {build['cuda_head_dims'] or 'none'}"
         )
+        lines.append(f"CPU kernels: {build['cpu_instruction_set']} instructions")
     else:
         lines.append(f"extension: {build['reason']}")
     lines.append("")

@@ -24,6 +24,14 @@ def test_build_info_describes_this_build():
     assert info["with_cuda"] == (info["cuda_version"] != "")
 
 
+def test_build_info_names_the_cpu_instruction_set_in_use(monkeypatch):
+    assert fast_attn._extension.build_info()["cpu_instruction_set"] in ("avx512+bf16", "avx512", "avx2", "generic")
+    monkeypatch.setenv("FAST_ATTN_CPU_ISA", "generic")
+    assert fast_attn._extension.build_info()["cpu_instruction_set"] == "generic"
+    monkeypatch.setenv("FAST_ATTN_CPU_ISA", "avx2")
+    assert fast_attn._extension.build_info()["cpu_instruction_set"] in ("avx2", "generic")  # generic: no AVX2
+
+
 def test_an_extension_built_for_another_torch_is_refused_clearly():
     code = textwrap.dedent(
         """

@@ -267,6 +267,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
 }  // namespace
 }  // namespace fast_attn::cpu
 
+namespace fast_attn::cpu {
+
+const char* instruction_set_in_use() {
+  return allowed_features().avx512_bf16 ? "avx512+bf16" : kernels_for(at::kFloat).isa;
+}
+
+}  // namespace fast_attn::cpu
+
 TORCH_LIBRARY_IMPL(fast_attn, CPU, m) {
   m.impl("attention_forward", &fast_attn::cpu::attention_forward_cpu);
   m.impl("attention_backward", &fast_attn::cpu::attention_backward_cpu);

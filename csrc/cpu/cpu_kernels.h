@@ -93,6 +93,10 @@ const KernelSet& avx2_kernels();
 // Portable code for every dtype, float64 included.
 const KernelSet& generic_kernels();
 
+// The instruction set the CPU kernels use for float32 and 16-bit inputs on this CPU
+// (under FAST_ATTN_CPU_ISA): "avx512+bf16", "avx512", "avx2" or "generic".
+const char* instruction_set_in_use();
+
 // bfloat16 backward on AVX512-BF16 dot products (2x the float FMA rate): needs
 // avx512bf16 at run time, an even head dim, and q / grad_out with even strides
 // and 4-byte aligned data (their rows are read in place as bf16 pairs).
