@@ -16,6 +16,7 @@
 #include <cstring>
 
 #include "attention_params.h"
+#include "exp_polynomial.h"
 #include "storage_types.h"
 
 namespace fast_attn::cpu {
@@ -101,23 +102,19 @@ struct VecAvx2 {
   static VecAvx2 fma(VecAvx2 a, VecAvx2 b, VecAvx2 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
   static VecAvx2 max(VecAvx2 a, VecAvx2 b) { return {_mm256_max_ps(a.v, b.v)}; }
 
-  // VecAvx512::exp's reduction and polynomial. AVX2 has no scalef: 2^n is built
-  // in the exponent field as two halves, 2^(n/2) 2^(n - n/2), each a normal
+  // The reduction and polynomial of exp_polynomial.h, as VecAvx512::exp. AVX2
+  // has no scalef: 2^n is built in the exponent field as two halves, 2^(n/2) 2^(n - n/2), each a normal
   // float for n in [-150, 128], so that results below FLT_MIN become denormals
   // or 0 exactly as scaling by 2^n would (e^-inf = 0).
   VecAvx2 exp() const {
-    const __m256 x = _mm256_min_ps(_mm256_set1_ps(88.8f), _mm256_max_ps(_mm256_set1_ps(-104.0f), v));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+    using E = ExpPolynomial;
+    const __m256 x = _mm256_min_ps(_mm256_set1_ps(E::kMaxInput), _mm256_max_ps(_mm256_set1_ps(E::kMinInput), v));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(E::kLog2e)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-    __m256 p = _mm256_set1_ps(1.381461325e-03f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.368709981e-03f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166838737e-02f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666652069e-01f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.999999345e-01f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(E::kLn2High), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(E::kLn2Low), r);
+    __m256 p = _mm256_set1_ps(E::kCoefficients[0]);
+    for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(E::kCoefficients[i]));
     const __m256i exponent = _mm256_cvtps_epi32(n);
     const __m256i half = _mm256_srai_epi32(exponent, 1);
     const __m256i rest = _mm256_sub_epi32(exponent, half);

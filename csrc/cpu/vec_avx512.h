@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "exp_polynomial.h"
 #include "storage_types.h"
 
 namespace fast_attn::cpu {
@@ -104,23 +105,17 @@ struct VecAvx512 {
   // Lane-wise maximum; a NaN in b is returned (vmaxps returns its second source on NaN).
   static VecAvx512 max(VecAvx512 a, VecAvx512 b) { return {_mm512_max_ps(a.v, b.v)}; }
 
-  // e^x within ~1.2 ulp: x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6
-  // polynomial (coefficients fitted for minimal relative error on that range,
-  // 3e-9), then scaled by 2^n. Clamping first keeps -inf -> 0 and +inf -> inf
-  // without NaN; NaN passes through the clamps (it is their second source).
+  // e^x within ~1.2 ulp (exp_polynomial.h). NaN passes through the clamps (it
+  // is their second source).
   VecAvx512 exp() const {
-    const __m512 x = _mm512_min_ps(_mm512_set1_ps(88.8f), _mm512_max_ps(_mm512_set1_ps(-104.0f), v));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+    using E = ExpPolynomial;
+    const __m512 x = _mm512_min_ps(_mm512_set1_ps(E::kMaxInput), _mm512_max_ps(_mm512_set1_ps(E::kMinInput), v));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(E::kLog2e)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.381461325e-03f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.368709981e-03f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166838737e-02f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666652069e-01f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.999999345e-01f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(E::kLn2High), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(E::kLn2Low), r);
+    __m512 p = _mm512_set1_ps(E::kCoefficients[0]);
+    for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(E::kCoefficients[i]));
     return {_mm512_scalef_ps(p, n)};
   }
 
