@@ -295,6 +295,13 @@ BIAS_CASES = [
     Case(2, 2, 2, 65, 70, 64, bias=(1, 2, 65, 70), bias_masks=True, key_mask=True),
     Case(1, 2, 2, 97, 97, 128, bias=(1, 2, 97, 97), causal=2, deterministic=True),
     Case(2, 2, 2, 40, 33, 256, bias=(2, 1, 1, 33), bias_fp32=True),
+    # Full rows and columns (the dbias kernel) at each of its tile shapes: summed over
+    # batch and heads with GQA and an odd Sk (neighbouring 16-bit stores of two CTAs),
+    # not summed with fully masked causal tiles, a single query row, bottom-right at D 256.
+    Case(2, 4, 2, 33, 47, 32, bias=(1, 1, 33, 47), dtype=torch.float16),
+    Case(2, 2, 2, 130, 100, 96, bias=(2, 2, 130, 100), causal=1),
+    Case(3, 2, 2, 1, 50, 64, bias=(1, 2, 1, 50)),
+    Case(1, 2, 2, 70, 45, 256, bias=(1, 2, 70, 45), causal=2, bias_masks=True),
 ]
 
 DROPOUT_CASES = [

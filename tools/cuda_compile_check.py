@@ -7,7 +7,7 @@ plus torch's default CUDA extension flags when torch is importable), in
 parallel. The run fails (exit status 1) on:
   - a compile error,
   - spill stores or loads, a stack frame or cumulative stack (local memory),
-    unless the kernel is listed in INTENDED_LOCAL_MEMORY with the reason (empty),
+    unless the kernel is listed in INTENDED_LOCAL_MEMORY with the reason,
   - dynamic shared memory above what the arch allows one CTA,
   - registers x threads of one CTA above the SM's register file.
 It writes csrc/cuda/PTXAS_REPORT.md: per kernel and arch, registers, spills,
@@ -53,11 +53,19 @@ ARCHS = (
     Arch("sm_90a", "arch=compute_90a,code=sm_90a", max_dynamic_smem=232448, smem_per_sm=233472),
 )
 
-# Kernels allowed a stack frame or spills, each with why (none: every byte of
+# Kernels allowed a stack frame or spills, each with why (any other byte of
 # local memory is a finding).
-INTENDED_LOCAL_MEMORY: dict[str, str] = {}
+_DKDV_256_DBIAS = (
+    "8 bytes spilled on sm_90a: the dK/dV kernel at D 256 holds 128 registers of dK, dV per thread and ptxas "
+    "runs out at 255 with the dbias reduction of a row- or column-broadcast bias compiled in; only that rare "
+    "variant (a bias of full rows and columns has its own kernel) and only at D 256"
+)
+INTENDED_LOCAL_MEMORY: dict[str, str] = {
+    "backward_dkdv<bf16, 256, dbias>": _DKDV_256_DBIAS,
+    "backward_dkdv<fp16, 256, dbias>": _DKDV_256_DBIAS,
+}
 
-TRAITS = ("ForwardTraits", "DkdvTraits", "DqTraits")
+TRAITS = ("ForwardTraits", "DkdvTraits", "DqTraits", "DbiasTraits")
 HEAD_DIMS = (32, 64, 96, 128, 256)
 ELEMENTS = ("__half", "__nv_bfloat16")
 
@@ -154,7 +162,8 @@ def short_name(demangled: str) -> tuple[str, str | None]:
     element = "bf16" if "bfloat16" in demangled else "fp16" if "__half" in demangled else "?"
     if traits:
         head_dim = re.search(r", (\d+)>", traits.group(1)).group(1)
-        return f"{kernel}<{element}, {head_dim}>", traits.group(1)
+        variant = ", dbias" if re.search(r"Traits<[^<>]*>, true>", demangled) else ""
+        return f"{kernel}<{element}, {head_dim}{variant}>", traits.group(1)
     return f"{kernel}<{element}>", None
 
 
@@ -166,6 +175,7 @@ def traits_launch_shapes(nvcc: str, flags: list[str], workdir: Path) -> dict[str
         '#include "cuda/forward_kernel.cuh"',
         '#include "cuda/backward_dkdv_kernel.cuh"',
         '#include "cuda/backward_dq_kernel.cuh"',
+        '#include "cuda/backward_dbias_kernel.cuh"',
         "using namespace fast_attn::cuda;",
         "int main() {",
     ]
@@ -254,6 +264,10 @@ def write_report(path: Path, results: list[CompileResult], shapes: dict[str, tup
         ),
         "",
     ]
+    if INTENDED_LOCAL_MEMORY:
+        lines += ["Local memory allowed (`INTENDED_LOCAL_MEMORY`; any other is a CI failure):", ""]
+        lines += [f"- {name}: {why}" for name, why in INTENDED_LOCAL_MEMORY.items()]
+        lines += [""]
     for arch in ARCHS:
         lines += [
             f"## {arch.name}",
@@ -312,8 +326,9 @@ def main() -> int:
         for failure in failures:
             print(f"  - {failure}", file=sys.stderr)
         return 1
-    print(f"cuda_compile_check: {len(sources)} files x {len(ARCHS)} archs, {kernels} kernels, no local memory, "
-          f"shared memory and registers within limits")
+    allowed = f" beyond the {len(INTENDED_LOCAL_MEMORY)} allowed" if INTENDED_LOCAL_MEMORY else ""
+    print(f"cuda_compile_check: {len(sources)} files x {len(ARCHS)} archs, {kernels} kernels, no local memory"
+          f"{allowed}, shared memory and registers within limits")
     return 0
 
 

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <iterator>
 #include <limits>
+#include <optional>
 
 #include "attention_launch.h"
 #include "backward_schedule.h"
@@ -95,13 +96,18 @@ LaunchStatus forward_for(int head_dim, const AttentionForwardParams& params, cud
   }
 }
 
+// dK, dV (and dq) by the dK/dV kernel, or the dQ kernel when deterministic, then
+// dbias by its own kernel when `dbias` is given (a bias of full rows and columns).
 template <ElementType kElement, int kHeadDim>
 LaunchStatus backward_if_compiled(const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
-                                  bool deterministic, cudaStream_t stream) {
+                                  const DbiasTiles* dbias, bool deterministic, cudaStream_t stream) {
   if constexpr (head_dim_compiled(kHeadDim)) {
     LaunchStatus status = run_attention_backward_dkdv<kElement, kHeadDim>(params, workspace, stream);
     if (status.ok && deterministic) {
       status = run_attention_backward_dq<kElement, kHeadDim>(params, stream);
+    }
+    if (status.ok && dbias != nullptr) {
+      status = run_attention_backward_dbias<kElement, kHeadDim>(params, *dbias, stream);
     }
     return status;
   } else {
@@ -111,13 +117,13 @@ LaunchStatus backward_if_compiled(const AttentionBackwardParams& params, const B
 
 template <ElementType kElement>
 LaunchStatus backward_for(int head_dim, const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
-                          bool deterministic, cudaStream_t stream) {
+                          const DbiasTiles* dbias, bool deterministic, cudaStream_t stream) {
   switch (head_dim) {
-    case 32: return backward_if_compiled<kElement, 32>(params, workspace, deterministic, stream);
-    case 64: return backward_if_compiled<kElement, 64>(params, workspace, deterministic, stream);
-    case 96: return backward_if_compiled<kElement, 96>(params, workspace, deterministic, stream);
-    case 128: return backward_if_compiled<kElement, 128>(params, workspace, deterministic, stream);
-    case 256: return backward_if_compiled<kElement, 256>(params, workspace, deterministic, stream);
+    case 32: return backward_if_compiled<kElement, 32>(params, workspace, dbias, deterministic, stream);
+    case 64: return backward_if_compiled<kElement, 64>(params, workspace, dbias, deterministic, stream);
+    case 96: return backward_if_compiled<kElement, 96>(params, workspace, dbias, deterministic, stream);
+    case 128: return backward_if_compiled<kElement, 128>(params, workspace, dbias, deterministic, stream);
+    case 256: return backward_if_compiled<kElement, 256>(params, workspace, dbias, deterministic, stream);
     default: return {false, "no kernel for this head dim"};
   }
 }
@@ -223,8 +229,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   const at::Tensor dq_accum = deterministic ? at::Tensor()
                                             : at::empty({q.size(0), q.size(1), q.size(2), q.size(3)},
                                                         q.options().dtype(at::kFloat));
+  // A bias of full rows and columns (T5's) gets its gradient from the dbias
+  // kernel, in its own dtype; any other from partial sums of the dK/dV kernel.
+  const bool dbias_by_tiles = compute_dbias && bias->size(2) == q.size(2) && bias->size(3) == k.size(2);
+  at::Tensor dbias_tiles;
   std::optional<at::Tensor> dbias_partials;
-  if (compute_dbias) {
+  if (dbias_by_tiles) {
+    dbias_tiles = at::empty(bias->sizes(), bias->options().memory_format(at::MemoryFormat::Contiguous));
+  } else if (compute_dbias) {
     const int64_t full_numel = q.size(0) * q.size(1) * q.size(2) * k.size(2);
     const int64_t splits =
         choose_dbias_splits(unsplit_schedule(q, k, *bias, head_dim), device.sm_count, bias->numel(), full_numel);
@@ -242,13 +254,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   check_launch(fp16 ? run_attention_backward_preprocess<ElementType::kFloat16>(params, workspace, device.stream)
                     : run_attention_backward_preprocess<ElementType::kBFloat16>(params, workspace, device.stream),
                "backward preprocess");
-  check_launch(fp16 ? backward_for<ElementType::kFloat16>(head_dim, params, workspace, deterministic, device.stream)
-                    : backward_for<ElementType::kBFloat16>(head_dim, params, workspace, deterministic, device.stream),
+  std::optional<DbiasTiles> tiles;
+  if (dbias_by_tiles) {
+    tiles = DbiasTiles{dbias_tiles.data_ptr(), bias->size(0), bias->size(1)};
+  }
+  const DbiasTiles* dbias_kernel_output = tiles ? &*tiles : nullptr;
+  check_launch(fp16 ? backward_for<ElementType::kFloat16>(head_dim, params, workspace, dbias_kernel_output,
+                                                          deterministic, device.stream)
+                    : backward_for<ElementType::kBFloat16>(head_dim, params, workspace, dbias_kernel_output,
+                                                           deterministic, device.stream),
                "backward");
   if (!deterministic) {
     check_launch(fp16 ? run_attention_backward_convert_dq<ElementType::kFloat16>(params, workspace, device.stream)
                       : run_attention_backward_convert_dq<ElementType::kBFloat16>(params, workspace, device.stream),
                  "backward dq conversion");
+  }
+  if (dbias_by_tiles) {
+    return {dq, dk, dv, dbias_tiles};
   }
   at::Tensor dbias = compute_dbias ? finish_dbias(*dbias_partials, *bias) : q.new_empty({0});
   return {dq, dk, dv, dbias};

@@ -10,7 +10,8 @@
 //   P^T  = exp2(S^T - lse)          scores recomputed in log2 units with the forward's masks
 //   dS^T = P^T (dP^T Z - delta)     Z = dropout keep / (1 - p), 1 without dropout
 //   dV  += (P^T Z) dO,  dK += dS^T Q  (scale applied to dK once at the end)
-//   dbias partial sums += dS reduced over the bias's broadcast dims
+//   dbias partial sums += dS reduced over the bias's broadcast dims (a bias of
+//                         full rows and columns has its own kernel instead)
 //   dS^T -> shared memory
 // then, per step, dq_accum += dS K with float atomics (scaled when converted).
 // dK and dV of a kv head sum over its query heads inside one CTA: no atomics,
@@ -92,16 +93,16 @@ struct DkdvTraits {
 };
 
 // How dbias reduces one step's dS (16 keys x kBlockM queries per warp): the
-// bias's rows (queries) and columns (keys) are each full or broadcast (1).
+// bias's rows (queries) and columns (keys) are each full or broadcast (1), not
+// both full (such a bias has its own kernel, backward_dbias_kernel.cuh).
 // Every partial element is updated by one fixed thread of one CTA in a fixed
 // order, so the plain read-modify-writes are deterministic. Only the running
 // sums live in registers across the chunks; the rest is re-derived from the
 // parameters where used.
 struct DbiasStep {
-  float key_sum[2];  // rows broadcast, columns full: this thread's two keys, summed over queries
-  float total;       // both broadcast: this thread's sum
+  float key_sum[2];  // rows broadcast: this thread's two keys, summed over queries
 
-  FA_DEVICE DbiasStep() : key_sum{0.0f, 0.0f}, total(0.0f) {}
+  FA_DEVICE DbiasStep() : key_sum{0.0f, 0.0f} {}
 
   static FA_DEVICE bool rows_full(const AttentionBackwardParams& p) { return p.dbias_rows == p.seqlen_q; }
   static FA_DEVICE bool cols_full(const AttentionBackwardParams& p) { return p.dbias_cols == p.seqlen_k; }
@@ -114,37 +115,20 @@ struct DbiasStep {
            ((split * p.dbias_batch + bias_batch) * p.dbias_heads + bias_head) * p.dbias_rows * p.dbias_cols;
   }
 
-  // One chunk of dS^T in C layout: element (j, e) is key key0 + 8 (e / 2),
-  // query q0 + pair + 8 j + e % 2. Called by every thread of the warp.
+  // One chunk of dS^T in C layout: element (j, e) is the warp's key
+  // group + 8 (e / 2), the step's query query_local0 + pair + 8 j + e % 2.
+  // Called by every thread of the warp.
   template <int kTiles>
-  FA_DEVICE void add_chunk(const AttentionBackwardParams& p, int64_t split, int64_t batch, int64_t head,
-                           const float (&ds)[kTiles][4], float* scratch_row, int key0, int q0, int query_local0,
-                           bool owner, int lane) {
+  FA_DEVICE void add_chunk(const AttentionBackwardParams& p, const float (&ds)[kTiles][4], float* scratch_row,
+                           int query_local0, bool owner, int lane) {
     const int pair = 2 * (lane % 4);
-    if (rows_full(p) && cols_full(p)) {
-      if (owner) {
-        float* slice = partial(p, split, batch, head);
-        FA_UNROLL
-        for (int j = 0; j < kTiles; ++j) {
-          FA_UNROLL
-          for (int e = 0; e < 4; ++e) {
-            const int key = key0 + (e >> 1) * 8;
-            const int query = q0 + pair + j * 8 + (e & 1);
-            if (query < p.seqlen_q && key < p.seqlen_k) {
-              float* element = slice + query * p.dbias_cols + key;
-              store_global(element, load_global(element) + ds[j][e]);
-            }
-          }
-        }
-      }
-    } else if (!rows_full(p)) {
-      // Rows broadcast: keep per-key sums (columns full) and the total (both broadcast).
+    if (!rows_full(p)) {
+      // Rows broadcast: per-key sums (the total of both, when columns are broadcast too).
       FA_UNROLL
       for (int j = 0; j < kTiles; ++j) {
         FA_UNROLL
         for (int e = 0; e < 4; ++e) {
           key_sum[e >> 1] += ds[j][e];
-          total += ds[j][e];
         }
       }
     } else {
@@ -185,6 +169,7 @@ struct DbiasStep {
         }
       }
     } else {
+      float total = key_sum[0] + key_sum[1];
       FA_UNROLL
       for (int mask = 1; mask < kWarpSize; mask *= 2) {
         total += shfl_xor(total, mask);
@@ -223,7 +208,7 @@ struct DbiasStep {
   }
 };
 
-template <typename Traits>
+template <typename Traits, bool kWithDbias>
 FA_KERNEL(Traits::kThreads, Traits::kMinBlocksPerSm)
 void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const BackwardWorkspace workspace) {
   using Element = typename Traits::Element;
@@ -252,13 +237,14 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
   const int64_t group_size = params.heads_q / params.heads_kv;
   const int num_m_blocks = static_cast<int>(ceil_div(seqlen_q, kBlockM));
   const bool atomic_dq = workspace.dq_accum != nullptr;
-  const bool with_dbias = params.dbias != nullptr;
+  constexpr bool with_dbias = kWithDbias;
 
   const DkdvSchedule schedule(params.batch, params.heads_kv, ceil_div(seqlen_k, kBlockN), with_dbias,
                               params.dbias_batch, params.dbias_heads, params.dbias_cols,
                               with_dbias ? params.dbias_num_splits : 1);
-  const int64_t owner = static_cast<int64_t>(blockIdx.x) % schedule.owners();
-  const int64_t split = static_cast<int64_t>(blockIdx.x) / schedule.owners();
+  const int owners = static_cast<int>(schedule.owners());  // at most the grid's x extent
+  const int owner = static_cast<int>(blockIdx.x) % owners;
+  const int split = static_cast<int>(blockIdx.x) / owners;
 
   Element* smem = reinterpret_cast<Element*>(dynamic_shared_memory());
   Element* k_smem = smem;
@@ -422,9 +408,8 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
           }
         }
 
-        if (with_dbias) {
-          dbias.add_chunk(params, split, batch, head, acc_dp, scratch + key_warp * kBlockM, key0, q0, cq, owns_keys,
-                          lane);
+        if constexpr (with_dbias) {
+          dbias.add_chunk(params, acc_dp, scratch + key_warp * kBlockM, cq, owns_keys, lane);
         }
 
         // dV += (P^T Z) dO and dK += dS^T Q over the chunk's queries. The 16-bit
@@ -458,13 +443,13 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
         }
       }
 
-      if (with_dbias) {
+      if constexpr (with_dbias) {
         dbias.publish(params, split, batch, head, scratch + key_warp * kBlockM, key0, owns_keys, lane);
       }
       if (atomic_dq || with_dbias) {
         block_sync();  // dS^T and the dbias scratch of every warp are written
       }
-      if (with_dbias) {
+      if constexpr (with_dbias) {
         DbiasStep::finish<Traits::kKeyWarps, kBlockM>(params, split, batch, head, scratch, m0);
       }
       if (atomic_dq && warp < Traits::kDqWarps) {
@@ -542,8 +527,13 @@ LaunchStatus run_attention_backward_dkdv(const AttentionBackwardParams& params, 
   const DkdvSchedule schedule(params.batch, params.heads_kv, ceil_div(params.seqlen_k, Traits::kBlockN), with_dbias,
                               params.dbias_batch, params.dbias_heads, params.dbias_cols,
                               with_dbias ? params.dbias_num_splits : 1);
-  return launch_kernel(attention_backward_dkdv_kernel<Traits>, dim3(static_cast<unsigned>(schedule.ctas())),
-                       dim3(Traits::kThreads), Traits::kSmemBytes, stream, params, workspace);
+  const dim3 grid(static_cast<unsigned>(schedule.ctas()));
+  if (with_dbias) {
+    return launch_kernel(attention_backward_dkdv_kernel<Traits, true>, grid, dim3(Traits::kThreads),
+                         Traits::kSmemBytes, stream, params, workspace);
+  }
+  return launch_kernel(attention_backward_dkdv_kernel<Traits, false>, grid, dim3(Traits::kThreads),
+                       Traits::kSmemBytes, stream, params, workspace);
 }
 
 }  // namespace fast_attn::cuda

@@ -1,4 +1,5 @@
-// Instantiation: attention backward (dK/dV kernel and deterministic dQ kernel), bf16, head dim 64.
+// Instantiation: attention backward (dK/dV kernel, deterministic dQ kernel, dbias kernel), bf16, head dim 64.
+#include "backward_dbias_kernel.cuh"
 #include "backward_dkdv_kernel.cuh"
 #include "backward_dq_kernel.cuh"
 
@@ -7,4 +8,6 @@ template LaunchStatus run_attention_backward_dkdv<ElementType::kBFloat16, 64>(co
                                                                            const BackwardWorkspace&, cudaStream_t);
 template LaunchStatus run_attention_backward_dq<ElementType::kBFloat16, 64>(const AttentionBackwardParams&,
                                                                          cudaStream_t);
+template LaunchStatus run_attention_backward_dbias<ElementType::kBFloat16, 64>(const AttentionBackwardParams&,
+                                                                            const DbiasTiles&, cudaStream_t);
 }  // namespace fast_attn::cuda

@@ -28,10 +28,12 @@ struct DkdvUnit {
 
 struct DkdvSchedule {
   // Each dim (batch, kv head, key block) is split into an owner extent and a
-  // per-owner unit extent; one of the two is 1.
-  int64_t owner_batches, owner_heads, owner_blocks;
-  int64_t unit_batches, unit_heads, unit_blocks;
-  int64_t num_splits;
+  // per-owner unit extent; one of the two is 1. 32-bit (the launcher bounds
+  // batch and heads by the grid limits and sequences below 2^31): the kernel
+  // keeps them in registers across its whole loop.
+  int32_t owner_batches, owner_heads, owner_blocks;
+  int32_t unit_batches, unit_heads, unit_blocks;
+  int32_t num_splits;
 
   FAST_ATTN_HOST_DEVICE DkdvSchedule(int64_t batch, int64_t heads_kv, int64_t key_blocks, bool dbias,
                                      int64_t dbias_batch, int64_t dbias_heads, int64_t dbias_cols,
@@ -39,17 +41,21 @@ struct DkdvSchedule {
     const bool reduce_batch = dbias && dbias_batch == 1;
     const bool reduce_heads = dbias && dbias_heads == 1;
     const bool reduce_blocks = dbias && dbias_cols == 1;
-    owner_batches = reduce_batch ? 1 : batch;
-    unit_batches = reduce_batch ? batch : 1;
-    owner_heads = reduce_heads ? 1 : heads_kv;
-    unit_heads = reduce_heads ? heads_kv : 1;
-    owner_blocks = reduce_blocks ? 1 : key_blocks;
-    unit_blocks = reduce_blocks ? key_blocks : 1;
-    num_splits = splits;
+    owner_batches = static_cast<int32_t>(reduce_batch ? 1 : batch);
+    unit_batches = static_cast<int32_t>(reduce_batch ? batch : 1);
+    owner_heads = static_cast<int32_t>(reduce_heads ? 1 : heads_kv);
+    unit_heads = static_cast<int32_t>(reduce_heads ? heads_kv : 1);
+    owner_blocks = static_cast<int32_t>(reduce_blocks ? 1 : key_blocks);
+    unit_blocks = static_cast<int32_t>(reduce_blocks ? key_blocks : 1);
+    num_splits = static_cast<int32_t>(splits);
   }
 
-  FAST_ATTN_HOST_DEVICE int64_t owners() const { return owner_batches * owner_heads * owner_blocks; }
-  FAST_ATTN_HOST_DEVICE int64_t units_per_owner() const { return unit_batches * unit_heads * unit_blocks; }
+  FAST_ATTN_HOST_DEVICE int64_t owners() const {
+    return static_cast<int64_t>(owner_batches) * owner_heads * owner_blocks;
+  }
+  FAST_ATTN_HOST_DEVICE int64_t units_per_owner() const {
+    return static_cast<int64_t>(unit_batches) * unit_heads * unit_blocks;
+  }
   FAST_ATTN_HOST_DEVICE int64_t ctas() const { return owners() * num_splits; }
 
   // Owner index: key block fastest, so that neighbouring CTAs share the Q and

@@ -61,6 +61,7 @@ struct ElementOps<__half> {
     return bits;
   }
   static FA_DEVICE float to_float(__half x) { return __half2float(x); }
+  static FA_DEVICE __half from_float(float x) { return __float2half_rn(x); }
   static FA_DEVICE float bits_to_float(uint16_t bits) {
     __half_raw raw;
     raw.x = bits;
@@ -78,6 +79,7 @@ struct ElementOps<__nv_bfloat16> {
     return bits;
   }
   static FA_DEVICE float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static FA_DEVICE __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
   static FA_DEVICE float bits_to_float(uint16_t bits) {
     __nv_bfloat16_raw raw;
     raw.x = bits;

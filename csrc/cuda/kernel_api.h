@@ -32,6 +32,16 @@ struct BackwardWorkspace {
   const float* grad_lse;
 };
 
+// The output of the dbias kernel: the gradient of a bias with full rows and
+// columns, (batch, heads, Sq, Sk) contiguous in the bias's dtype (float32 when
+// params.bias_is_fp32, else the inputs' dtype). batch is 1 or B and heads is 1
+// or Hq; a 1 where the problem is larger is summed over.
+struct DbiasTiles {
+  void* data;
+  int64_t batch;
+  int64_t heads;
+};
+
 // Forward: out and lse of params. kHeadDim is the compiled kernel head dim
 // (>= params.head_dim; the columns beyond params.head_dim are zero-filled).
 template <ElementType kElement, int kHeadDim>
@@ -46,6 +56,12 @@ LaunchStatus run_attention_backward_preprocess(const AttentionBackwardParams& pa
 template <ElementType kElement, int kHeadDim>
 LaunchStatus run_attention_backward_dkdv(const AttentionBackwardParams& params,
                                          const BackwardWorkspace& workspace, cudaStream_t stream);
+
+// Backward, for a bias with full rows and columns (params.dbias is then nullptr
+// and the dK/dV kernel leaves dbias alone): dbias, one CTA per tile of it.
+template <ElementType kElement, int kHeadDim>
+LaunchStatus run_attention_backward_dbias(const AttentionBackwardParams& params, const DbiasTiles& dbias,
+                                          cudaStream_t stream);
 
 // Backward step 3 (deterministic mode): dq without atomics, one CTA per query block.
 template <ElementType kElement, int kHeadDim>

@@ -42,10 +42,16 @@ struct ScoreContext {
   FA_DEVICE float dropout_keep_scale() const { return dropout() ? params.dropout_keep_scale : 1.0f; }
 
   // Whether some score of the tile [q0, q0 + rows) x [k0, k0 + cols) is masked
-  // or biased (else every score is just the scaled dot product).
-  FA_DEVICE bool needs_elementwise(int q0, int rows, int k0, int cols) const {
-    return bias != nullptr || key_mask != nullptr || q0 + rows > params.seqlen_q || k0 + cols > params.seqlen_k ||
+  // (sequence bounds, causal, key mask).
+  FA_DEVICE bool needs_mask(int q0, int rows, int k0, int cols) const {
+    return key_mask != nullptr || q0 + rows > params.seqlen_q || k0 + cols > params.seqlen_k ||
            (params.causal && k0 + cols - 1 > q0 + params.causal_offset);
+  }
+
+  // Whether some score of the tile is masked or biased (else every score is
+  // just the scaled dot product).
+  FA_DEVICE bool needs_elementwise(int q0, int rows, int k0, int cols) const {
+    return bias != nullptr || needs_mask(q0, rows, k0, cols);
   }
 
   FA_DEVICE float bias_value(int query, int key) const {

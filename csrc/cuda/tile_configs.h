@@ -43,6 +43,12 @@ struct DkdvTileConfig {
   bool kv_in_registers;  // K and V fragments of the warp's keys held in registers for the whole loop
 };
 
+struct DbiasTileConfig {
+  int block_m;  // query rows per CTA = 16 * warps
+  int block_n;  // keys per CTA
+  int warps;
+};
+
 struct DqTileConfig {
   int block_m;  // query rows per CTA = 16 * warps
   int block_n;  // keys per K/V tile
@@ -103,6 +109,21 @@ constexpr DqTileConfig dq_tile_config(int head_dim) {
     case 128: return {128, 32, 8, false};
     case 256: return {64, 16, 4, false};
     default: return {0, 0, 0, false};
+  }
+}
+
+// Two stages of Q, dO (block_m rows each), K and V (block_n rows each) must fit
+// the 163 KiB an A100 gives a CTA: 139 KiB at D = 128, 135 KiB at D = 256.
+// A warp holds three 16 x block_n float tiles (the sums, S and dP) and the bias
+// tile. Not yet tuned on a GPU.
+constexpr DbiasTileConfig dbias_tile_config(int head_dim) {
+  switch (head_dim) {
+    case 32: return {128, 64, 8};
+    case 64: return {128, 64, 8};
+    case 96: return {64, 64, 4};
+    case 128: return {64, 64, 4};
+    case 256: return {32, 32, 2};
+    default: return {0, 0, 0};
   }
 }
 

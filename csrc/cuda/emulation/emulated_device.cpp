@@ -92,6 +92,10 @@ struct SharedShadow {
   }
 };
 
+// Global writes are tracked per 2 bytes, the smallest store of the kernels (one
+// 16-bit element): CTAs may write neighbouring 16-bit elements.
+constexpr uintptr_t kWriteGrain = 2;
+
 struct WordOwner {
   uint64_t cta;
   bool atomic_only;
@@ -587,13 +591,13 @@ void check_global_read(const void* address, size_t bytes) {
   if (rt.written_words.empty()) {
     return;
   }
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(address) & ~uintptr_t{3};
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(address) & ~(kWriteGrain - 1);
   const uintptr_t end = reinterpret_cast<uintptr_t>(address) + bytes;
-  for (uintptr_t word = begin; word < end; word += 4) {
+  for (uintptr_t word = begin; word < end; word += kWriteGrain) {
     auto it = rt.written_words.find(word);
     if (it != rt.written_words.end() && it->second.cta != rt.cta) {
       fail("global read at " + hex(reinterpret_cast<void*>(word)) +
-           " of a word another CTA of this launch wrote (race)");
+           " of bytes another CTA of this launch wrote (race)");
     }
   }
 }
@@ -601,13 +605,13 @@ void check_global_read(const void* address, size_t bytes) {
 void check_global_write(const void* address, size_t bytes, bool atomic) {
   check_global_range(address, bytes, atomic ? "global atomic add" : "global write");
   Runtime& rt = g_runtime;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(address) & ~uintptr_t{3};
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(address) & ~(kWriteGrain - 1);
   const uintptr_t end = reinterpret_cast<uintptr_t>(address) + bytes;
-  for (uintptr_t word = begin; word < end; word += 4) {
+  for (uintptr_t word = begin; word < end; word += kWriteGrain) {
     auto [it, inserted] = rt.written_words.try_emplace(word, WordOwner{rt.cta, atomic});
     if (!inserted) {
       if (it->second.cta != rt.cta && !(atomic && it->second.atomic_only)) {
-        fail("global word " + hex(reinterpret_cast<void*>(word)) +
+        fail("global bytes at " + hex(reinterpret_cast<void*>(word)) +
              " written by two CTAs of one launch without atomics (race)");
       }
       it->second.atomic_only = it->second.atomic_only && atomic;

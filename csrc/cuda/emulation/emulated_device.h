@@ -13,7 +13,7 @@
 //     read since the last __syncthreads, a read of bytes with a copy in flight,
 //   - shared or global accesses out of bounds (global: outside every
 //     registered allocation), misaligned ldmatrix / cp.async addresses,
-//   - two CTAs of one launch writing the same global word without atomics, or
+//   - two CTAs of one launch writing the same global bytes without atomics, or
 //     one reading what another wrote,
 //   - barriers or collectives that not all threads reach, divergent
 //     collectives, cp.async groups left in flight at exit,
