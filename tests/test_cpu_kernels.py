@@ -396,7 +396,8 @@ def test_each_instruction_set_path(isa, dtype, monkeypatch):
 
 
 def test_bfloat16_odd_head_dim_and_odd_strides():
-    # Odd D or odd strides rule out reading bf16 pairs in place: float products run.
+    # Odd D, or odd strides of the tensors read in place as bf16 pairs (forward: k;
+    # backward: q, grad_out), rule out the bf16 dot products: float products run.
     q, k, v = random_problem(torch.bfloat16, 2, 2, 1, 33, 40, 17)
     check_against_reference(q, k, v, causal=True)
     base = torch.randn(2, 2, 33, 65).to(torch.bfloat16)
@@ -404,6 +405,11 @@ def test_bfloat16_odd_head_dim_and_odd_strides():
     k, v = (torch.randn(2, 1, 40, 32).to(torch.bfloat16).requires_grad_(True) for _ in range(2))
     assert q.stride(2) % 2 == 1
     check_against_reference(q, k, v)
+    # A block of few queries reads its q rows in place (unaligned here) with bf16 dot products.
+    check_against_reference(base[:, :, :3, 1:33].requires_grad_(True), k, v)
+    k_odd = torch.randn(2, 1, 40, 33).to(torch.bfloat16)[..., 1:].requires_grad_(True)
+    assert k_odd.stride(2) % 2 == 1
+    check_against_reference(q, k_odd, v)
 
 
 def test_empty_inputs():

@@ -87,6 +87,14 @@ bool even_strides_and_aligned(const at::Tensor& t) {
          reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 == 0;
 }
 
+ForwardWorker forward_worker_for(const at::Tensor& q, const at::Tensor& k) {
+  const bool pairs_readable = q.size(3) % 2 == 0 && even_strides_and_aligned(k);
+  if (q.scalar_type() == at::kBFloat16 && allowed_features().avx512_bf16 && pairs_readable) {
+    return avx512_bf16_dot_forward();
+  }
+  return kernels_for(q.scalar_type()).forward;
+}
+
 BackwardWorker backward_worker_for(const at::Tensor& q, const at::Tensor& grad_out) {
   const bool pairs_readable = q.size(3) % 2 == 0 && even_strides_and_aligned(q) && even_strides_and_aligned(grad_out);
   if (q.scalar_type() == at::kBFloat16 && allowed_features().avx512_bf16 && pairs_readable) {
@@ -150,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
   plan.scales = exact_scales(scale, dropout_p);
   plan.num_q_blocks = ceil_div(q.size(2), kBlockM);
   plan.num_tasks = q.size(0) * q.size(1) * plan.num_q_blocks;
-  run_workers(kernels_for(q.scalar_type()).forward, params, plan);
+  run_workers(forward_worker_for(q, k), params, plan);
   return {out, lse};
 }
 

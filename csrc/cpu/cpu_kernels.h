@@ -97,9 +97,11 @@ const KernelSet& generic_kernels();
 // (under FAST_ATTN_CPU_ISA): "avx512+bf16", "avx512", "avx2" or "generic".
 const char* instruction_set_in_use();
 
-// bfloat16 backward on AVX512-BF16 dot products (2x the float FMA rate): needs
-// avx512bf16 at run time, an even head dim, and q / grad_out with even strides
-// and 4-byte aligned data (their rows are read in place as bf16 pairs).
+// bfloat16 forward and backward on AVX512-BF16 dot products (2x the float FMA
+// rate): need avx512bf16 at run time, an even head dim, and even strides and
+// 4-byte aligned data for the tensors whose rows are read in place as bf16
+// pairs (forward: k; backward: q and grad_out).
+ForwardWorker avx512_bf16_dot_forward();
 BackwardWorker avx512_bf16_dot_backward();
 
 }  // namespace fast_attn::cpu

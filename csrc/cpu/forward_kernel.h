@@ -5,43 +5,39 @@
 // K (keys x D) times q^T (D x queries), so only the task's own q block is
 // transposed (once), keys are read in place, and the per-query softmax
 // statistics (running max, running sum) are plain vectors across queries.
-// Memory per task: q^T, S^T, the output accumulator and, for 16-bit inputs,
-// one converted key/value block: O(kBlockM * D + kBlockM * kBlockN), never O(S^2).
+// The two matrix products (S^T and P V) come from a products policy
+// (forward_products.h, forward_products_bf16.h), which owns the packed operands.
+// Memory per task: the policy's packed q and key/value blocks, S^T and the
+// output accumulator: O(kBlockM * D + kBlockM * kBlockN), never O(S^2).
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 
 #include "aligned_buffer.h"
 #include "attention_params.h"
 #include "cpu_kernels.h"
-#include "tile_gemm.h"
 #include "tile_ops.h"
 
 namespace fast_attn::cpu {
 namespace {
 
-template <class V, class T>
+template <class V, class T, class Products>
 class ForwardKernel {
   using acc_t = typename V::value_type;
   static constexpr int W = V::kWidth;
   static constexpr int64_t kM = kBlockM;
   static constexpr int64_t kN = kBlockN;
-  static constexpr int kMaxQueryVectors = static_cast<int>(kM / W);
-  static constexpr bool kConvertInputs = !std::is_same<T, acc_t>::value;
-  // Blocks of at most this many queries (decoding, or a sequence's last rows) get
-  // their scores from dot products along D (few_query_scores).
-  static constexpr int64_t kFewQueries = 4;
-  static_assert(kFewQueries <= W, "a block of few queries fits one query vector");
 
  public:
   static size_t scratch_bytes(const AttentionForwardParams& p) {
     ScratchCarver carver(nullptr);
     Scratch s;
     s.carve(carver, p.head_dim);
+    Products products;
+    products.carve(carver, p.head_dim);
     return carver.bytes();
   }
 
@@ -49,6 +45,7 @@ class ForwardKernel {
       : p_(p), plan_(plan) {
     ScratchCarver carver(scratch);
     s_.carve(carver, p.head_dim);
+    products_.carve(carver, p.head_dim);
   }
 
   void run(int64_t task) {
@@ -62,12 +59,8 @@ class ForwardKernel {
 
  private:
   struct Scratch {
-    acc_t* q_t;        // (D, kM): scale * q^T of the block, zero-padded columns
-    acc_t* q_rows;     // (kFewQueries, D_padded): scale * q rows, zero-padded, for blocks of few queries
     acc_t* scores_t;   // (kN, kM): S^T, then P^T
     acc_t* out_acc;    // (kM, D_padded): unnormalized output
-    acc_t* k_block;    // (kN, D) keys in acc_t (16-bit inputs only)
-    acc_t* v_block;    // (kN, D) values in acc_t (16-bit inputs only)
     acc_t* key_flags;  // (kN): 1 = key visible
     acc_t* row_max;    // (kM)
     acc_t* row_sum;    // (kM)
@@ -76,12 +69,8 @@ class ForwardKernel {
 
     void carve(ScratchCarver& c, int64_t head_dim) {
       d_padded = (head_dim + W - 1) / W * W;
-      q_t = c.take<acc_t>(head_dim * kM);
-      q_rows = c.take<acc_t>(kFewQueries * d_padded);
       scores_t = c.take<acc_t>(kN * kM);
       out_acc = c.take<acc_t>(kM * d_padded);
-      k_block = c.take<acc_t>(kConvertInputs ? kN * head_dim : 0);
-      v_block = c.take<acc_t>(kConvertInputs ? kN * head_dim : 0);
       key_flags = c.take<acc_t>(kN);
       row_max = c.take<acc_t>(kM);
       row_sum = c.take<acc_t>(kM);
@@ -92,7 +81,6 @@ class ForwardKernel {
   static constexpr acc_t neg_inf() { return -std::numeric_limits<acc_t>::infinity(); }
 
   void run_block(int64_t b, int64_t h, int64_t i0) {
-    const int64_t head_dim = p_.head_dim;
     const int64_t rows = std::min(kM, p_.seqlen_q - i0);
     const int query_vectors = static_cast<int>((rows + W - 1) / W);
     const int64_t kv_head = h / (p_.heads_q / p_.heads_kv);
@@ -104,15 +92,7 @@ class ForwardKernel {
     int64_t kv_end = p_.seqlen_k;
     if (p_.causal) kv_end = std::clamp<int64_t>(i0 + rows + p_.causal_offset, 0, p_.seqlen_k);
 
-    pack_transposed<V>(s_.q_t, kM, query_vectors * W, q, p_.q_row_stride, rows, head_dim,
-                       static_cast<acc_t>(plan_.scales.scale));
-    const bool few_queries = rows <= kFewQueries;
-    if (few_queries) {
-      std::fill(s_.q_rows, s_.q_rows + kFewQueries * s_.d_padded, acc_t(0));
-      for (int64_t m = 0; m < rows; ++m) {
-        for (int64_t d = 0; d < head_dim; ++d) s_.q_rows[m * s_.d_padded + d] = s_.q_t[d * kM + m];
-      }
-    }
+    products_.load_query_block(q, p_.q_row_stride, rows, query_vectors, static_cast<acc_t>(plan_.scales.scale));
     std::fill(s_.out_acc, s_.out_acc + kM * s_.d_padded, acc_t(0));
     for (int mv = 0; mv < query_vectors; ++mv) {
       V::broadcast(neg_inf()).store(s_.row_max + mv * W);
@@ -125,58 +105,19 @@ class ForwardKernel {
         const uint8_t* mask_row = p_.key_mask + b * p_.key_mask_batch_stride;
         if (load_key_flags<V>(s_.key_flags, mask_row, p_.key_mask_col_stride, j0, cols) == 0) continue;
       }
-      const acc_t* k_rows = nullptr;
-      const acc_t* v_rows = nullptr;
-      int64_t k_ld = 0, v_ld = 0;
-      if constexpr (kConvertInputs) {
-        load_rows<V>(s_.k_block, head_dim, k + j0 * p_.k_row_stride, p_.k_row_stride, cols, head_dim, acc_t(1));
-        load_rows<V>(s_.v_block, head_dim, v + j0 * p_.v_row_stride, p_.v_row_stride, cols, head_dim, acc_t(1));
-        k_rows = s_.k_block;
-        v_rows = s_.v_block;
-        k_ld = v_ld = head_dim;
-      } else {
-        k_rows = k + j0 * p_.k_row_stride;
-        v_rows = v + j0 * p_.v_row_stride;
-        k_ld = p_.k_row_stride;
-        v_ld = p_.v_row_stride;
-      }
-
-      // S^T (cols x queries) = K_block (cols x D) * (scale q)^T (D x queries)
-      if (few_queries) {
-        few_query_scores(rows, cols, head_dim, k_rows, k_ld);
-      } else {
-        gemm<V, false>(cols, query_vectors * W, head_dim, k_rows, k_ld, s_.q_t, kM, s_.scores_t, kM, false);
-      }
+      products_.load_key_block(k + j0 * p_.k_row_stride, p_.k_row_stride, v + j0 * p_.v_row_stride,
+                               p_.v_row_stride, cols);
+      // S^T (cols x queries) = scale * K_block (cols x D) q^T (D x queries)
+      products_.scores(s_.scores_t, cols);
       if (p_.bias != nullptr) add_bias(b, h, i0, rows, j0, cols, query_vectors);
       apply_masks(i0, j0, cols, query_vectors);
       softmax_update(cols, query_vectors);
       if (p_.dropout_seed != nullptr) apply_dropout(b * p_.heads_q + h, i0, j0, cols, query_vectors);
       rescale_output(rows, query_vectors);
       // out_acc (rows x D) += P (rows x cols) * V_block (cols x D); P is read from P^T.
-      gemm<V, true>(rows, head_dim, cols, s_.scores_t, kM, v_rows, v_ld, s_.out_acc, s_.d_padded, true);
+      products_.accumulate_output(s_.scores_t, cols, s_.out_acc, s_.d_padded);
     }
     store_outputs(b, h, i0, rows);
-  }
-
-  // S^T of a block of at most kFewQueries queries: one dot product along D per (key,
-  // query), vectorized over D. The tile product vectorizes over W query columns, all
-  // but `rows` of them padding here (W times the work at one query). Columns rows..W-1
-  // get 0, what the product with the zero-padded q^T gives.
-  void few_query_scores(int64_t rows, int64_t cols, int64_t head_dim, const acc_t* k_rows, int64_t k_ld) {
-    const int64_t full = head_dim / W * W;
-    const int tail = static_cast<int>(head_dim - full);
-    for (int64_t n = 0; n < cols; ++n) {
-      const acc_t* key = k_rows + n * k_ld;
-      acc_t* scores = s_.scores_t + n * kM;
-      V::zero().store(scores);
-      for (int64_t m = 0; m < rows; ++m) {
-        const acc_t* query = s_.q_rows + m * s_.d_padded;
-        V dot = V::zero();
-        for (int64_t d = 0; d < full; d += W) dot = V::fma(V::load(key + d), V::load(query + d), dot);
-        if (tail > 0) dot = V::fma(V::load_first(key + full, tail), V::load(query + full), dot);
-        scores[m] = dot.reduce_add();
-      }
-    }
   }
 
   // S^T[n][m] += bias(b, h, i0 + m, j0 + n)
@@ -334,14 +275,15 @@ class ForwardKernel {
   const AttentionForwardParams& p_;
   const ForwardPlan& plan_;
   Scratch s_;
+  Products products_;
   LinePrefetcher bias_prefetch_;  // the next key block's bias tile
 };
 
 // Runs forward tasks from `counter` until none is left, with scratch of its own.
-template <class V, class T>
+template <class V, class T, class Products>
 void forward_worker(const AttentionForwardParams& p, const ForwardPlan& plan, TaskCounter& counter) {
-  AlignedBuffer scratch(ForwardKernel<V, T>::scratch_bytes(p));
-  ForwardKernel<V, T> kernel(p, plan, scratch.data());
+  AlignedBuffer scratch(ForwardKernel<V, T, Products>::scratch_bytes(p));
+  ForwardKernel<V, T, Products> kernel(p, plan, scratch.data());
   for (int64_t task = counter.next.fetch_add(1); task < plan.num_tasks; task = counter.next.fetch_add(1)) {
     kernel.run(task);
   }

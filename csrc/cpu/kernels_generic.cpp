@@ -12,6 +12,7 @@
 #include "cpu/backward_products.h"
 #include "cpu/cpu_kernels.h"
 #include "cpu/forward_kernel.h"
+#include "cpu/forward_products.h"
 #include "cpu/vec_generic.h"
 
 namespace fast_attn::cpu {
@@ -20,12 +21,17 @@ namespace {
 using VecFloat = VecGeneric<float>;
 using VecDouble = VecGeneric<double>;
 
+template <class V, class T>
+void forward_float_products(const AttentionForwardParams& p, const ForwardPlan& plan, TaskCounter& counter) {
+  forward_worker<V, T, AccumulationTypeForwardProducts<V, T>>(p, plan, counter);
+}
+
 void forward_generic(const AttentionForwardParams& p, const ForwardPlan& plan, TaskCounter& counter) {
   switch (plan.dtype) {
-    case ElementType::kFloat32: return forward_worker<VecFloat, float>(p, plan, counter);
-    case ElementType::kBFloat16: return forward_worker<VecFloat, BFloat16Bits>(p, plan, counter);
-    case ElementType::kFloat16: return forward_worker<VecFloat, Float16Bits>(p, plan, counter);
-    case ElementType::kFloat64: return forward_worker<VecDouble, double>(p, plan, counter);
+    case ElementType::kFloat32: return forward_float_products<VecFloat, float>(p, plan, counter);
+    case ElementType::kBFloat16: return forward_float_products<VecFloat, BFloat16Bits>(p, plan, counter);
+    case ElementType::kFloat16: return forward_float_products<VecFloat, Float16Bits>(p, plan, counter);
+    case ElementType::kFloat64: return forward_float_products<VecDouble, double>(p, plan, counter);
   }
   std::abort();
 }

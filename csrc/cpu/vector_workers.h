@@ -12,16 +12,22 @@
 #include "cpu/backward_products.h"
 #include "cpu/cpu_kernels.h"
 #include "cpu/forward_kernel.h"
+#include "cpu/forward_products.h"
 
 namespace fast_attn::cpu {
 namespace {
 
+template <class V, class T>
+void forward_float_products(const AttentionForwardParams& p, const ForwardPlan& plan, TaskCounter& counter) {
+  forward_worker<V, T, AccumulationTypeForwardProducts<V, T>>(p, plan, counter);
+}
+
 template <class V>
 void forward_on(const AttentionForwardParams& p, const ForwardPlan& plan, TaskCounter& counter) {
   switch (plan.dtype) {
-    case ElementType::kFloat32: return forward_worker<V, float>(p, plan, counter);
-    case ElementType::kBFloat16: return forward_worker<V, BFloat16Bits>(p, plan, counter);
-    case ElementType::kFloat16: return forward_worker<V, Float16Bits>(p, plan, counter);
+    case ElementType::kFloat32: return forward_float_products<V, float>(p, plan, counter);
+    case ElementType::kBFloat16: return forward_float_products<V, BFloat16Bits>(p, plan, counter);
+    case ElementType::kFloat16: return forward_float_products<V, Float16Bits>(p, plan, counter);
     case ElementType::kFloat64: break;
   }
   std::abort();

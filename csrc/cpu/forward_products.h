@@ -1,0 +1,124 @@
+// The two matrix products of one forward key block in the accumulation type
+// (float, or double for float64 inputs): the products policy of ForwardKernel
+// for every dtype and ISA. (forward_products_bf16.h is the bfloat16 one on
+// AVX512-BF16 dot products.)
+//
+//   S^T = K_block (scale q)^T     keys x queries, q scaled while packed
+//   O  += P V_block               P read from P^T
+//
+// 16-bit inputs are converted: the query block once, each key block once.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "aligned_buffer.h"
+#include "cpu_kernels.h"
+#include "tile_gemm.h"
+#include "tile_ops.h"
+
+namespace fast_attn::cpu {
+namespace {
+
+template <class V, class T>
+class AccumulationTypeForwardProducts {
+  using acc_t = typename V::value_type;
+  static constexpr int W = V::kWidth;
+  static constexpr int64_t kM = kBlockM;
+  static constexpr int64_t kN = kBlockN;
+  static constexpr bool kConvertInputs = !std::is_same<T, acc_t>::value;
+
+ public:
+  // Blocks of at most this many queries (decoding, or a sequence's last rows) get
+  // their scores from dot products along D (few_query_scores).
+  static constexpr int64_t kFewQueries = 4;
+  static_assert(kFewQueries <= W, "a block of few queries fits one query vector");
+
+  void carve(ScratchCarver& c, int64_t head_dim) {
+    head_dim_ = head_dim;
+    d_padded_ = (head_dim + W - 1) / W * W;
+    q_t_ = c.take<acc_t>(head_dim * kM);
+    q_rows_ = c.take<acc_t>(kFewQueries * d_padded_);
+    k_block_ = c.take<acc_t>(kConvertInputs ? kN * head_dim : 0);
+    v_block_ = c.take<acc_t>(kConvertInputs ? kN * head_dim : 0);
+  }
+
+  // The block's rows of q (rows x D, row stride q_ld); query columns up to
+  // query_vectors * W are padding.
+  void load_query_block(const T* q, int64_t q_ld, int64_t rows, int query_vectors, acc_t scale) {
+    rows_ = rows;
+    query_columns_ = query_vectors * W;
+    pack_transposed<V>(q_t_, kM, query_columns_, q, q_ld, rows, head_dim_, scale);
+    if (rows <= kFewQueries) {
+      std::fill(q_rows_, q_rows_ + kFewQueries * d_padded_, acc_t(0));
+      for (int64_t m = 0; m < rows; ++m) {
+        for (int64_t d = 0; d < head_dim_; ++d) q_rows_[m * d_padded_ + d] = q_t_[d * kM + m];
+      }
+    }
+  }
+
+  // Keys and values of one block (cols x D each).
+  void load_key_block(const T* k, int64_t k_ld, const T* v, int64_t v_ld, int64_t cols) {
+    if constexpr (kConvertInputs) {
+      load_rows<V>(k_block_, head_dim_, k, k_ld, cols, head_dim_, acc_t(1));
+      load_rows<V>(v_block_, head_dim_, v, v_ld, cols, head_dim_, acc_t(1));
+      k_rows_ = k_block_;
+      v_rows_ = v_block_;
+      k_ld_ = v_ld_ = head_dim_;
+    } else {
+      k_rows_ = k;
+      v_rows_ = v;
+      k_ld_ = k_ld;
+      v_ld_ = v_ld;
+    }
+  }
+
+  // scores_t (cols x query columns, row stride kM) = S^T of the block.
+  void scores(acc_t* scores_t, int64_t cols) {
+    if (rows_ <= kFewQueries) {
+      few_query_scores(scores_t, cols);
+    } else {
+      gemm<V, false>(cols, query_columns_, head_dim_, k_rows_, k_ld_, q_t_, kM, scores_t, kM, false);
+    }
+  }
+
+  // out_acc (rows x D, row stride ld_out) += P V_block; P^T in probs_t (cols x kM).
+  void accumulate_output(const acc_t* probs_t, int64_t cols, acc_t* out_acc, int64_t ld_out) {
+    gemm<V, true>(rows_, head_dim_, cols, probs_t, kM, v_rows_, v_ld_, out_acc, ld_out, true);
+  }
+
+ private:
+  // S^T of a block of at most kFewQueries queries: one dot product along D per (key,
+  // query), vectorized over D. The tile product vectorizes over W query columns, all
+  // but `rows` of them padding here (W times the work at one query). Columns rows..W-1
+  // get 0, what the product with the zero-padded q^T gives.
+  void few_query_scores(acc_t* scores_t, int64_t cols) {
+    const int64_t full = head_dim_ / W * W;
+    const int tail = static_cast<int>(head_dim_ - full);
+    for (int64_t n = 0; n < cols; ++n) {
+      const acc_t* key = k_rows_ + n * k_ld_;
+      acc_t* scores = scores_t + n * kM;
+      V::zero().store(scores);
+      for (int64_t m = 0; m < rows_; ++m) {
+        const acc_t* query = q_rows_ + m * d_padded_;
+        V dot = V::zero();
+        for (int64_t d = 0; d < full; d += W) dot = V::fma(V::load(key + d), V::load(query + d), dot);
+        if (tail > 0) dot = V::fma(V::load_first(key + full, tail), V::load(query + full), dot);
+        scores[m] = dot.reduce_add();
+      }
+    }
+  }
+
+  int64_t head_dim_ = 0, d_padded_ = 0, rows_ = 0, query_columns_ = 0;
+  acc_t* q_t_ = nullptr;      // (D, kM): scale * q^T of the block, zero-padded columns
+  acc_t* q_rows_ = nullptr;   // (kFewQueries, D_padded): scale * q rows, zero-padded, for blocks of few queries
+  acc_t* k_block_ = nullptr;  // (kN, D) keys in acc_t (16-bit inputs only)
+  acc_t* v_block_ = nullptr;  // (kN, D) values in acc_t (16-bit inputs only)
+  const acc_t* k_rows_ = nullptr;
+  const acc_t* v_rows_ = nullptr;
+  int64_t k_ld_ = 0, v_ld_ = 0;
+};
+
+}  // namespace
+}  // namespace fast_attn::cpu
