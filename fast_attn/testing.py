@@ -132,19 +132,26 @@ def run_reference(
 
 
 def rounded_output_reference(
-    inputs: dict[str, torch.Tensor | None], *, out_dtype: torch.dtype, grad_out: torch.Tensor, **kwargs
+    inputs: dict[str, torch.Tensor | None], *, out_dtype: torch.dtype, grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None = None, fed_out: torch.Tensor | None = None, **kwargs,
 ) -> ReferenceResults:
     """Float64 gradients of a flash-style backward whose delta_i = dO_i . O_i is
     summed in the kernels' accumulation precision from the output rounded to
-    out_dtype, while P is recomputed exactly. That changes dS_ij = P_ij (dP_ij -
-    delta_i) by -P_ij (delta_i - exact delta_i), which is what that gradient on
-    lse_i adds (d lse_i / d s_ij = P_ij): so this is the float64 reference with
-    it as lse's gradient."""
+    out_dtype (or from fed_out, the forward's own output, which is what a
+    backward kernel receives), while P is recomputed exactly. That changes
+    dS_ij = P_ij (dP_ij - delta_i) by -P_ij (delta_i - exact delta_i), which is
+    what that gradient on lse_i adds (d lse_i / d s_ij = P_ij): so this is the
+    float64 reference with it as lse's gradient (added to grad_lse, the
+    problem's own, when given)."""
     exact_out = run_reference(inputs, compute_dtype=torch.float64, **kwargs).out  # (B, H, Sq, D)
     accumulate = torch.float64 if out_dtype == torch.float64 else torch.float32
-    delta = (grad_out.to(accumulate) * exact_out.to(out_dtype).to(accumulate)).sum(-1).double()  # (B, H, Sq)
-    grad_lse = (grad_out.double() * exact_out).sum(-1) - delta
-    return run_reference(inputs, compute_dtype=torch.float64, grad_out=grad_out, grad_lse=grad_lse, **kwargs)
+    rounded_out = exact_out.to(out_dtype) if fed_out is None else fed_out.detach().to(out_dtype)
+    delta = (grad_out.to(accumulate) * rounded_out.to(accumulate)).sum(-1).double()  # (B, H, Sq)
+    rounding_grad_lse = (grad_out.double() * exact_out).sum(-1) - delta
+    if grad_lse is not None:
+        rounding_grad_lse = rounding_grad_lse + grad_lse.double()
+    return run_reference(inputs, compute_dtype=torch.float64, grad_out=grad_out, grad_lse=rounding_grad_lse,
+                         **kwargs)
 
 
 def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

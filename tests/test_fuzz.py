@@ -26,7 +26,7 @@ if not HAS_CUDA and importlib.util.find_spec("triton") is not None:
     BACKENDS.append("triton")
 
 LENGTHS = [1, 2, 3, 5, 7, 13, 17, 31, 64, 97]
-BIAS_SHAPES = ["none", "full", "1HSS", "B11S", "SS", "111S", "1H1S"]
+BIAS_SHAPES = ["none", "full", "1HSS", "B11S", "SS", "111S", "1H1S", "1HS1", "1111"]
 
 
 def bias_shape(kind: str, batch: int, heads: int, sq: int, sk: int) -> tuple[int, ...] | None:
@@ -38,6 +38,8 @@ def bias_shape(kind: str, batch: int, heads: int, sq: int, sk: int) -> tuple[int
         "SS": (sq, sk),
         "111S": (1, 1, 1, sk),
         "1H1S": (1, heads, 1, sk),
+        "1HS1": (1, heads, sq, 1),  # constant along the keys: its exact gradient is 0 (without lse's)
+        "1111": (1, 1, 1, 1),
     }[kind]
 
 
@@ -99,8 +101,9 @@ def check_problem(backend: str, p: dict) -> None:
     assert_error_rule("lse", lse, exact.lse, same.lse, p["dtype"])
     wanted = [n for n in ("q", "k", "v", "bias") if inputs[n] is not None and inputs[n].requires_grad]
     if wanted:
-        # The rounded-output baseline: found by this test (bf16, scale 1, a peaked softmax).
-        rounded = rounded_output_reference(inputs, out_dtype=p["dtype"], grad_out=grad_out, **kwargs)
+        # The rounded-output baseline, fed the kernel's own output: found by this test
+        # (bf16, scale 1, a peaked softmax; biases constant along the keys).
+        rounded = rounded_output_reference(inputs, out_dtype=p["dtype"], grad_out=grad_out, fed_out=out, **kwargs)
         grads = torch.autograd.grad(out, [inputs[n] for n in wanted], grad_out)
         for name, grad in zip(wanted, grads):
             assert_error_rule(
