@@ -53,17 +53,9 @@ ARCHS = (
     Arch("sm_90a", "arch=compute_90a,code=sm_90a", max_dynamic_smem=232448, smem_per_sm=233472),
 )
 
-# Kernels allowed a stack frame or spills, each with why (any other byte of
+# Kernels allowed a stack frame or spills, each with why (none: every byte of
 # local memory is a finding).
-_DKDV_256_DBIAS = (
-    "8 bytes spilled on sm_90a: the dK/dV kernel at D 256 holds 128 registers of dK, dV per thread and ptxas "
-    "runs out at 255 with the dbias reduction of a row- or column-broadcast bias compiled in; only that rare "
-    "variant (a bias of full rows and columns has its own kernel) and only at D 256"
-)
-INTENDED_LOCAL_MEMORY: dict[str, str] = {
-    "backward_dkdv<bf16, 256, dbias>": _DKDV_256_DBIAS,
-    "backward_dkdv<fp16, 256, dbias>": _DKDV_256_DBIAS,
-}
+INTENDED_LOCAL_MEMORY: dict[str, str] = {}
 
 TRAITS = ("ForwardTraits", "DkdvTraits", "DqTraits", "DbiasTraits")
 HEAD_DIMS = (32, 64, 96, 128, 256)

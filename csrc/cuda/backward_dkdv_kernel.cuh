@@ -84,11 +84,13 @@ struct DkdvTraits {
   static constexpr int kDsOffset = kDoOffset + 2 * QTile::kElements;
   static constexpr int kElementBytes = (kDsOffset + DsTile::kElements) * static_cast<int>(sizeof(Element));
   static_assert(kElementBytes % 16 == 0, "float region stays 16-byte aligned");
-  // lse stages 0 and 1, delta stages 0 and 1 (kBlockM each), dbias scratch (kKeyWarps x kBlockM).
+  // lse stages 0 and 1, delta stages 0 and 1 (kBlockM each), dbias scratch (kKeyWarps x kBlockM),
+  // dbias key sums (2 x kThreads, thread t's at t and kThreads + t).
   static constexpr int kLseOffset = 0;
   static constexpr int kDeltaOffset = 2 * kBlockM;
   static constexpr int kScratchOffset = 4 * kBlockM;
-  static constexpr int kFloats = kScratchOffset + kKeyWarps * kBlockM;
+  static constexpr int kKeySumOffset = kScratchOffset + kKeyWarps * kBlockM;
+  static constexpr int kFloats = kKeySumOffset + 2 * kThreads;
   static constexpr size_t kSmemBytes = kElementBytes + kFloats * sizeof(float);
 };
 
@@ -96,13 +98,15 @@ struct DkdvTraits {
 // bias's rows (queries) and columns (keys) are each full or broadcast (1), not
 // both full (such a bias has its own kernel, backward_dbias_kernel.cuh).
 // Every partial element is updated by one fixed thread of one CTA in a fixed
-// order, so the plain read-modify-writes are deterministic. Only the running
-// sums live in registers across the chunks; the rest is re-derived from the
-// parameters where used.
+// order, so the plain read-modify-writes are deterministic. The running sums
+// across chunks live in shared memory that only their thread touches, not in
+// registers (which the dK/dV accumulators need); the rest is re-derived from
+// the parameters where used.
 struct DbiasStep {
-  float key_sum[2];  // rows broadcast: this thread's two keys, summed over queries
-
-  FA_DEVICE DbiasStep() : key_sum{0.0f, 0.0f} {}
+  // Rows broadcast: this thread's two keys summed over the step's queries so
+  // far, key r at key_sums[r * stride].
+  float* key_sums;
+  int stride;
 
   static FA_DEVICE bool rows_full(const AttentionBackwardParams& p) { return p.dbias_rows == p.seqlen_q; }
   static FA_DEVICE bool cols_full(const AttentionBackwardParams& p) { return p.dbias_cols == p.seqlen_k; }
@@ -120,16 +124,22 @@ struct DbiasStep {
   // Called by every thread of the warp.
   template <int kTiles>
   FA_DEVICE void add_chunk(const AttentionBackwardParams& p, const float (&ds)[kTiles][4], float* scratch_row,
-                           int query_local0, bool owner, int lane) {
+                           int query_local0, bool first_chunk, bool owner, int lane) const {
     const int pair = 2 * (lane % 4);
     if (!rows_full(p)) {
       // Rows broadcast: per-key sums (the total of both, when columns are broadcast too).
+      float chunk_sum[2] = {0.0f, 0.0f};
       FA_UNROLL
       for (int j = 0; j < kTiles; ++j) {
         FA_UNROLL
         for (int e = 0; e < 4; ++e) {
-          key_sum[e >> 1] += ds[j][e];
+          chunk_sum[e >> 1] += ds[j][e];
         }
+      }
+      FA_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        float* sum = key_sums + r * stride;
+        store_shared(sum, first_chunk ? chunk_sum[r] : load_shared(sum) + chunk_sum[r]);
       }
     } else {
       // Columns broadcast, rows full: sum over the warp's 16 keys (rows group
@@ -153,10 +163,11 @@ struct DbiasStep {
   // After the chunks: per-thread sums to shared memory (both broadcast) or to
   // the partial sums (rows broadcast). Called by every thread; a barrier follows.
   FA_DEVICE void publish(const AttentionBackwardParams& p, int64_t split, int64_t batch, int64_t head,
-                         float* scratch_row, int key0, bool owner, int lane) {
+                         float* scratch_row, int key0, bool owner, int lane) const {
     if (rows_full(p)) {
       return;
     }
+    float key_sum[2] = {load_shared(key_sums), load_shared(key_sums + stride)};
     if (cols_full(p)) {
       float* slice = partial(p, split, batch, head);
       FA_UNROLL
@@ -342,7 +353,7 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
       }
       const ScoreContext<Element> scores(params, batch, head);
       const bool elementwise = scores.needs_elementwise(m0, kBlockM, n0, kBlockN);
-      DbiasStep dbias;
+      const DbiasStep dbias{float_smem + Traits::kKeySumOffset + threadIdx.x, kThreads};
 
       FA_NO_UNROLL
       for (int chunk = 0; chunk < Traits::kChunks; ++chunk) {
@@ -409,7 +420,7 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
         }
 
         if constexpr (with_dbias) {
-          dbias.add_chunk(params, acc_dp, scratch + key_warp * kBlockM, cq, owns_keys, lane);
+          dbias.add_chunk(params, acc_dp, scratch + key_warp * kBlockM, cq, chunk == 0, owns_keys, lane);
         }
 
         // dV += (P^T Z) dO and dK += dS^T Q over the chunk's queries. The 16-bit
