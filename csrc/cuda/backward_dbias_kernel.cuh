@@ -184,25 +184,13 @@ void attention_backward_dbias_kernel(const AttentionBackwardParams params, const
       // S = Q K^T and dP = dO V^T, (16 x kBlockN) per warp.
       float acc_s[Traits::kKeyTiles][4];
       float acc_dp[Traits::kKeyTiles][4];
-      zero_accumulators(acc_s);
-      zero_accumulators(acc_dp);
-      FA_UNROLL
-      for (int kk = 0; kk < Traits::kDimSteps; ++kk) {
-        uint32_t a_q[4];
-        uint32_t a_do[4];
-        load_a_operand<QTile>(a_q, q_tile, warp * 16, kk * 16, lane);
-        load_a_operand<QTile>(a_do, do_tile, warp * 16, kk * 16, lane);
-        FA_UNROLL
-        for (int nn = 0; nn < kBlockN / 16; ++nn) {
-          uint32_t b[4];
-          load_b_operands_n_major<KvTile>(b, k_tile, nn * 16, kk * 16, lane);
-          mma_m16n8k16<Element>(acc_s[2 * nn], a_q, b[0], b[1]);
-          mma_m16n8k16<Element>(acc_s[2 * nn + 1], a_q, b[2], b[3]);
-          load_b_operands_n_major<KvTile>(b, v_tile, nn * 16, kk * 16, lane);
-          mma_m16n8k16<Element>(acc_dp[2 * nn], a_do, b[0], b[1]);
-          mma_m16n8k16<Element>(acc_dp[2 * nn + 1], a_do, b[2], b[3]);
-        }
-      }
+      scores_and_dprobs<KvTile, Traits::kDimSteps>(
+          acc_s, acc_dp,
+          [&](int kk, uint32_t(&a_q)[4], uint32_t(&a_do)[4]) {
+            load_a_operand<QTile>(a_q, q_tile, warp * 16, kk * 16, lane);
+            load_a_operand<QTile>(a_do, do_tile, warp * 16, kk * 16, lane);
+          },
+          k_tile, v_tile, lane);
 
       // lse in log2 units, +inf for rows that saw no key (their probabilities are all 0, never inf - inf).
       float lse_base[2];

@@ -159,4 +159,31 @@ FA_DEVICE void zero_accumulators(float (&acc)[kTiles][4]) {
   }
 }
 
+// S = Q K^T and dP = dO V^T for one warp's 16 query rows against a K/V tile
+// (kTiles n8 tiles of keys, stored with keys along rows): a_operands(kk, a_q,
+// a_do) gives the warp's Q and dO fragments of k16 step kk of the head dim
+// (from registers or shared memory). Each K and V fragment read feeds two MMAs.
+template <typename KvTile, int kDimSteps, typename Element, int kTiles, typename AOperands>
+FA_DEVICE void scores_and_dprobs(float (&acc_s)[kTiles][4], float (&acc_dp)[kTiles][4], AOperands a_operands,
+                                 const Element* k_tile, const Element* v_tile, int lane) {
+  zero_accumulators(acc_s);
+  zero_accumulators(acc_dp);
+  FA_UNROLL
+  for (int kk = 0; kk < kDimSteps; ++kk) {
+    uint32_t a_q[4];
+    uint32_t a_do[4];
+    a_operands(kk, a_q, a_do);
+    FA_UNROLL
+    for (int nn = 0; nn < kTiles / 2; ++nn) {
+      uint32_t b[4];
+      load_b_operands_n_major<KvTile>(b, k_tile, nn * 16, kk * 16, lane);
+      mma_m16n8k16<Element>(acc_s[2 * nn], a_q, b[0], b[1]);
+      mma_m16n8k16<Element>(acc_s[2 * nn + 1], a_q, b[2], b[3]);
+      load_b_operands_n_major<KvTile>(b, v_tile, nn * 16, kk * 16, lane);
+      mma_m16n8k16<Element>(acc_dp[2 * nn], a_do, b[0], b[1]);
+      mma_m16n8k16<Element>(acc_dp[2 * nn + 1], a_do, b[2], b[3]);
+    }
+  }
+}
+
 }  // namespace fast_attn::cuda
