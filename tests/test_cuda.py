@@ -384,7 +384,7 @@ def fuzz_cases(draw) -> Case:
         bias = tuple(n if draw(st.booleans()) else 1 for n in full)
     return Case(
         batch, heads_q, heads_kv, seqlen_q, seqlen_k,
-        head_dim=draw(st.sampled_from([32, 40, 64, 96, 128])),
+        head_dim=draw(st.sampled_from([32, 40, 64, 96, 128, 200, 256])),
         dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
         causal=draw(st.sampled_from([0, 1, 2])),
         bias=bias,
