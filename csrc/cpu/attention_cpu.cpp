@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -87,20 +88,21 @@ bool even_strides_and_aligned(const at::Tensor& t) {
          reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 == 0;
 }
 
+// Whether the bfloat16 dot-product kernels run: bfloat16 inputs, a CPU allowed
+// AVX512-BF16, an even head dim, and the tensors whose rows they read in place
+// as bf16 pairs with even strides and aligned data.
+bool bf16_dot_products_apply(const at::Tensor& q, std::initializer_list<at::Tensor> read_as_pairs) {
+  if (q.scalar_type() != at::kBFloat16 || !allowed_features().avx512_bf16 || q.size(3) % 2 != 0) return false;
+  return std::all_of(read_as_pairs.begin(), read_as_pairs.end(), even_strides_and_aligned);
+}
+
 ForwardWorker forward_worker_for(const at::Tensor& q, const at::Tensor& k) {
-  const bool pairs_readable = q.size(3) % 2 == 0 && even_strides_and_aligned(k);
-  if (q.scalar_type() == at::kBFloat16 && allowed_features().avx512_bf16 && pairs_readable) {
-    return avx512_bf16_dot_forward();
-  }
-  return kernels_for(q.scalar_type()).forward;
+  return bf16_dot_products_apply(q, {k}) ? avx512_bf16_dot_forward() : kernels_for(q.scalar_type()).forward;
 }
 
 BackwardWorker backward_worker_for(const at::Tensor& q, const at::Tensor& grad_out) {
-  const bool pairs_readable = q.size(3) % 2 == 0 && even_strides_and_aligned(q) && even_strides_and_aligned(grad_out);
-  if (q.scalar_type() == at::kBFloat16 && allowed_features().avx512_bf16 && pairs_readable) {
-    return avx512_bf16_dot_backward();
-  }
-  return kernels_for(q.scalar_type()).backward;
+  return bf16_dot_products_apply(q, {q, grad_out}) ? avx512_bf16_dot_backward()
+                                                   : kernels_for(q.scalar_type()).backward;
 }
 
 // One worker per thread; workers take tasks from a shared counter.

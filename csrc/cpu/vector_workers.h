@@ -1,8 +1,9 @@
-// The forward and backward workers of one vector type of floats (VecAvx512 or
-// VecAvx2) for float32, bfloat16 and float16; float64 runs the portable kernels
-// (kernels_generic.cpp). Included inside the target region of the translation unit
-// that compiles that vector type, so every instantiation has internal linkage and
-// that unit's instruction set.
+// The forward and backward workers of one vector type of floats (VecAvx512,
+// VecAvx2 or the portable VecGeneric<float>) for float32, bfloat16 and float16;
+// float64 runs the portable kernels' VecGeneric<double> (kernels_generic.cpp).
+// Included inside the target region of the translation unit that compiles that
+// vector type (if any), so every instantiation has internal linkage and that
+// unit's instruction set.
 #pragma once
 
 #include <cstdlib>

@@ -6,7 +6,6 @@
 #include <cstdint>
 #include <iterator>
 #include <limits>
-#include <optional>
 
 #include "attention_launch.h"
 #include "backward_schedule.h"
@@ -97,17 +96,17 @@ LaunchStatus forward_for(int head_dim, const AttentionForwardParams& params, cud
 }
 
 // dK, dV (and dq) by the dK/dV kernel, or the dQ kernel when deterministic, then
-// dbias by its own kernel when `dbias` is given (a bias of full rows and columns).
+// dbias by its own kernel when dbias.data is set (a bias of full rows and columns).
 template <ElementType kElement, int kHeadDim>
 LaunchStatus backward_if_compiled(const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
-                                  const DbiasTiles* dbias, bool deterministic, cudaStream_t stream) {
+                                  const DbiasTiles& dbias, bool deterministic, cudaStream_t stream) {
   if constexpr (head_dim_compiled(kHeadDim)) {
     LaunchStatus status = run_attention_backward_dkdv<kElement, kHeadDim>(params, workspace, stream);
     if (status.ok && deterministic) {
       status = run_attention_backward_dq<kElement, kHeadDim>(params, stream);
     }
-    if (status.ok && dbias != nullptr) {
-      status = run_attention_backward_dbias<kElement, kHeadDim>(params, *dbias, stream);
+    if (status.ok && dbias.data != nullptr) {
+      status = run_attention_backward_dbias<kElement, kHeadDim>(params, dbias, stream);
     }
     return status;
   } else {
@@ -117,7 +116,7 @@ LaunchStatus backward_if_compiled(const AttentionBackwardParams& params, const B
 
 template <ElementType kElement>
 LaunchStatus backward_for(int head_dim, const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
-                          const DbiasTiles* dbias, bool deterministic, cudaStream_t stream) {
+                          const DbiasTiles& dbias, bool deterministic, cudaStream_t stream) {
   switch (head_dim) {
     case 32: return backward_if_compiled<kElement, 32>(params, workspace, dbias, deterministic, stream);
     case 64: return backward_if_compiled<kElement, 64>(params, workspace, dbias, deterministic, stream);
@@ -254,15 +253,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   check_launch(fp16 ? run_attention_backward_preprocess<ElementType::kFloat16>(params, workspace, device.stream)
                     : run_attention_backward_preprocess<ElementType::kBFloat16>(params, workspace, device.stream),
                "backward preprocess");
-  std::optional<DbiasTiles> tiles;
-  if (dbias_by_tiles) {
-    tiles = DbiasTiles{dbias_tiles.data_ptr(), bias->size(0), bias->size(1)};
-  }
-  const DbiasTiles* dbias_kernel_output = tiles ? &*tiles : nullptr;
-  check_launch(fp16 ? backward_for<ElementType::kFloat16>(head_dim, params, workspace, dbias_kernel_output,
-                                                          deterministic, device.stream)
-                    : backward_for<ElementType::kBFloat16>(head_dim, params, workspace, dbias_kernel_output,
-                                                           deterministic, device.stream),
+  const DbiasTiles tiles{dbias_by_tiles ? dbias_tiles.data_ptr() : nullptr, bias ? bias->size(0) : 1,
+                         bias ? bias->size(1) : 1};
+  check_launch(fp16 ? backward_for<ElementType::kFloat16>(head_dim, params, workspace, tiles, deterministic,
+                                                          device.stream)
+                    : backward_for<ElementType::kBFloat16>(head_dim, params, workspace, tiles, deterministic,
+                                                           device.stream),
                "backward");
   if (!deterministic) {
     check_launch(fp16 ? run_attention_backward_convert_dq<ElementType::kFloat16>(params, workspace, device.stream)

@@ -37,7 +37,7 @@ struct BackwardWorkspace {
 // params.bias_is_fp32, else the inputs' dtype). batch is 1 or B and heads is 1
 // or Hq; a 1 where the problem is larger is summed over.
 struct DbiasTiles {
-  void* data;
+  void* data;  // nullptr: no dbias kernel (no bias gradient, or the dK/dV kernel reduces it)
   int64_t batch;
   int64_t heads;
 };
