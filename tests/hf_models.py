@@ -115,13 +115,53 @@ def llama_config(**overrides):
     return transformers.LlamaConfig(**config)
 
 
+def decoder_config(config_class: str, **overrides):
+    """A small GQA decoder of a Llama-like family (Mistral, Gemma 2, gpt-oss, ...) with llama's sizes."""
+    config = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 64,
+        "initializer_range": 0.2,
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "eos_token_id": None,
+        "pad_token_id": 0,
+    }
+    config.update(overrides)
+    return getattr(transformers, config_class)(**config)
+
+
+def bloom_config(**overrides):
+    config = {"vocab_size": VOCAB, "hidden_size": 64, "n_layer": 2, "n_head": 4, "pad_token_id": 0}
+    config.update(overrides)
+    return transformers.BloomConfig(**config)
+
+
 AUTO_CLASSES = {
     "gpt2": "AutoModelForCausalLM",
     "bert": "AutoModel",
     "t5": "AutoModelForSeq2SeqLM",
     "llama": "AutoModelForCausalLM",
+    "mistral": "AutoModelForCausalLM",
+    "gemma2": "AutoModelForCausalLM",
+    "gpt_oss": "AutoModelForCausalLM",
+    "bloom": "AutoModelForCausalLM",
 }
-CONFIGS = {"gpt2": gpt2_config, "bert": bert_config, "t5": t5_config, "llama": llama_config}
+CONFIGS = {
+    "gpt2": gpt2_config,
+    "bert": bert_config,
+    "t5": t5_config,
+    "llama": llama_config,
+    "mistral": lambda **o: decoder_config("MistralConfig", **o),
+    "gemma2": lambda **o: decoder_config("Gemma2Config", **o),
+    "gpt_oss": lambda **o: decoder_config("GptOssConfig", num_local_experts=4, num_experts_per_tok=2, **o),
+    "bloom": bloom_config,
+}
 
 
 def build(
@@ -134,7 +174,7 @@ def build(
     untie_lm_head: bool = False,
     **overrides,
 ):
-    """A tiny transformers model of `kind` ("gpt2", "bert", "t5", "llama") with the given attention implementation.
+    """A tiny transformers model of `kind` (a key of CONFIGS) with the given attention implementation.
 
     The weights depend only on `seed` (default: the seed the test started with, see conftest), so models
     built in one test with different implementations and dtypes hold the same weights (rounded to their

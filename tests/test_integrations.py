@@ -241,6 +241,52 @@ def test_dropout_reaches_the_kernel_in_training_only(attention_calls):
     assert all(c["dropout_p"] == 0.0 for c in attention_calls)
 
 
+class NamedAttention(torch.nn.Module):
+    """Stands for a model's attention layer: the refusals name its class."""
+
+
+def test_an_argument_never_seen_is_refused_naming_model_and_argument():
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match=r"NamedAttention.*'never_seen_before'.*1\.5"):
+        integration.attention_forward(NamedAttention(), q, q, q, None, never_seen_before=1.5)
+    # None means "not given", and the documented result-neutral arguments pass.
+    out, _ = integration.attention_forward(
+        NamedAttention(), q, q, q, None, never_seen_before=None, position_ids=torch.arange(3)[None], use_cache=True
+    )
+    expected, _ = reference_attention(q, q, q, causal=True)
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=2e-6, rtol=2e-5)
+
+
+@pytest.mark.parametrize("kind,argument", [("gemma2", "softcap"), ("gpt_oss", "s_aux")])
+def test_models_with_unimplemented_score_modifiers_are_refused(kind, argument):
+    model = build(kind, "fast_attn")
+    with pytest.raises(ValueError, match=rf"Attention.*'{argument}'"):
+        model(random_ids(2, 6))
+
+
+def test_a_window_the_mask_does_not_carry_is_refused():
+    q, k = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 9, 8)
+    padding = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    with pytest.raises(ValueError, match="NamedAttention: sliding_window=4 over 9 keys"):
+        integration.attention_forward(NamedAttention(), q, k, k, padding, sliding_window=4)
+
+
+def test_mistral_sliding_window_matches_eager():
+    ids = random_ids(2, 12)
+    mask = padding_mask(2, 12, {1: 3}, left=True)
+    weights = torch.randn(2, 12, 97) * mask[..., None]
+    assert_matches_eager(
+        "mistral", lambda m: m(ids, attention_mask=mask).logits, weights, torch.float32, "cpu", sliding_window=4
+    )
+
+
+def test_a_model_computing_attention_itself_is_refused():
+    # Bloom adds the mask it is given to its scores itself: fast_attn's compact masks would lose causality.
+    model = build("bloom", "fast_attn")
+    with pytest.raises(ValueError, match="BloomModel computes attention in its own code"):
+        model(random_ids(2, 6))
+
+
 def test_output_attentions_warns():
     module = torch.nn.Module()
     q = torch.randn(1, 2, 3, 8)

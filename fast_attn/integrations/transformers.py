@@ -23,6 +23,17 @@ function a model silently receives no padding mask):
   caches, custom mask functions) is built by transformers' own `sdpa_mask` and
   reaches the kernel as a -inf bias.
 
+Every keyword argument that reaches `attention_forward` is honoured, or on the
+list of arguments that do not change what attention computes
+(`RESULT_NEUTRAL_KWARGS`), or refused with a ValueError naming the model class
+and the argument: an argument fast_attn does not implement never changes the
+result silently. An argument whose value is None is not in effect and passes.
+
+Models whose attention layers compute attention themselves instead of calling
+transformers' AttentionInterface (Bloom, MPT, GPT-J, Falcon) would add the
+masks of this module to their scores as numbers; the mask function refuses
+them with the model class named.
+
 Conventions of the masks this module returns (what `attention_forward` reads):
   None                       no mask; causal (top-left, as SDPA) when the module is causal and Sq > 1
   bool (B, 1, 1, Sk)         key padding; a causal module adds its causal mask aligned bottom-right
@@ -42,6 +53,22 @@ from ..functional import attention
 
 IMPLEMENTATION_NAME = "fast_attn"
 
+# Keyword arguments transformers passes down to the attention function that do not change its result.
+RESULT_NEUTRAL_KWARGS = frozenset(
+    {
+        "position_ids",  # consumed by the rotary embedding before attention
+        "cache_position",
+        "use_cache",
+        "past_key_values",
+        "output_attentions",  # weights are never returned: a warning says so
+        "output_hidden_states",
+        "output_router_logits",
+        "return_dict",
+        "num_items_in_batch",
+        "deterministic",  # ModernBERT: fast_attn's results do not depend on it beyond rounding
+    }
+)
+
 
 def _causal_flag(module: torch.nn.Module, is_causal: bool | None) -> bool:
     # The same precedence as transformers' SDPA integration: the call's is_causal, then the module's.
@@ -53,6 +80,32 @@ def _is_key_padding(mask: torch.Tensor) -> bool:
     if mask.dtype != torch.bool or mask.dim() != 4:
         return False
     return all(mask.shape[d] == 1 or mask.stride(d) == 0 for d in (1, 2))
+
+
+def _refuse_unimplemented(
+    module: torch.nn.Module, mask: torch.Tensor | None, seqlen_k: int, sliding_window: object, kwargs: dict
+) -> None:
+    """Raise for every argument that would change the result and that this function does not apply."""
+    model = type(module).__name__
+    for name, value in kwargs.items():
+        if value is not None and name not in RESULT_NEUTRAL_KWARGS:
+            raise ValueError(
+                f"{model}: fast_attn's transformers attention does not implement the argument "
+                f"{name!r} (got {_describe(value)}); use attn_implementation='eager' for this model"
+            )
+    # A window reaches the kernel through the mask transformers builds for it (a -inf bias), never
+    # through a key-padding mask or no mask, which this module returns only for full attention.
+    if sliding_window is not None and seqlen_k > sliding_window and (mask is None or _is_key_padding(mask)):
+        raise ValueError(
+            f"{model}: sliding_window={sliding_window} over {seqlen_k} keys, but the attention mask does not "
+            f"carry the window (mask {None if mask is None else tuple(mask.shape)})"
+        )
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return repr(value)
 
 
 def _mask_arguments(
@@ -92,9 +145,11 @@ def attention_forward(
     scaling: float | None = None,
     is_causal: bool | None = None,
     position_bias: torch.Tensor | None = None,
+    sliding_window: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The transformers attention function: q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) -> out (B, Sq, Hq, D)."""
+    _refuse_unimplemented(module, attention_mask, key.shape[2], sliding_window, kwargs)
     if kwargs.get("output_attentions", False):
         warnings.warn(
             "fast_attn does not return attention weights (output_attentions=True); "
@@ -139,6 +194,22 @@ def _is_tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
+def _refuse_own_attention_models(config) -> None:
+    """Refuse a model whose attention layers do not call the attention function (they would add our masks)."""
+    if config is None:
+        return
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    class_name = MODEL_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    model_class = getattr(transformers, class_name, None) if isinstance(class_name, str) else None
+    if model_class is not None and not model_class._can_set_attn_implementation():
+        raise ValueError(
+            f"{model_class.__name__} computes attention in its own code instead of calling transformers' "
+            f"AttentionInterface, so attn_implementation='fast_attn' cannot run it; use 'eager' or 'sdpa'"
+        )
+
+
 def build_attention_mask(
     batch_size: int,
     q_length: int,
@@ -156,6 +227,7 @@ def build_attention_mask(
     """The transformers mask function of "fast_attn" (see the module docstring for what it returns)."""
     from transformers import masking_utils
 
+    _refuse_own_attention_models(kwargs.get("config"))
     if mask_function is None:
         mask_function = masking_utils.causal_mask_function
     plain_offsets = isinstance(q_offset, int) and isinstance(kv_offset, int)
