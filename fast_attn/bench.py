@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from . import bench_report
 from .dispatch import BACKENDS
+from .masks import bias_from_mask
 from .testing import attention_flops
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -150,7 +151,7 @@ def _sdpa_fn(name: str) -> Callable:
             if bias is not None and causal:
                 # SDPA refuses attn_mask with is_causal: fold causality into the bias.
                 mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-                bias = bias.masked_fill(~mask, float("-inf"))
+                bias = bias_from_mask(mask, bias.dtype, bias)
                 causal = False
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal)
 

@@ -6,6 +6,7 @@ import torch
 
 from . import dispatch
 from .dropout import new_dropout_seed
+from .masks import bias_from_mask
 from .validation import build_problem, validate_backend_name
 
 
@@ -57,8 +58,7 @@ def _sdpa_mask_arguments(attn_mask: torch.Tensor, query: torch.Tensor, seqlen_k:
     if mask4.shape[1] == 1 and mask4.shape[2] == 1 and mask4.shape[3] == seqlen_k:
         if mask4.shape[0] in (1, query.shape[0]):
             return None, mask4[:, 0, 0, :]
-    bias = torch.zeros(attn_mask.shape, dtype=query.dtype, device=attn_mask.device)
-    return bias.masked_fill(~attn_mask, float("-inf")), None
+    return bias_from_mask(attn_mask, query.dtype), None
 
 
 def scaled_dot_product_attention(

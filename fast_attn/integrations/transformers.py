@@ -50,6 +50,7 @@ import warnings
 import torch
 
 from ..functional import attention
+from ..masks import bias_from_mask
 
 IMPLEMENTATION_NAME = "fast_attn"
 
@@ -128,10 +129,8 @@ def _mask_arguments(
         causal = "bottom_right" if causal_module and mask.shape[2] == 1 and seqlen_q > 1 else False
         return position_bias, key_mask, causal
     if mask.dtype == torch.bool:
-        visible_bias = (
-            position_bias if position_bias is not None else torch.zeros((), dtype=dtype, device=mask.device)
-        )
-        return torch.where(mask, visible_bias, float("-inf")), None, False
+        bias_dtype = dtype if position_bias is None else position_bias.dtype
+        return bias_from_mask(mask, bias_dtype, position_bias), None, False
     return (mask if position_bias is None else position_bias + mask), None, False
 
 

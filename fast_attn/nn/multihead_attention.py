@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..functional import attention
+from ..masks import bias_from_mask
 
 
 def _check_mask_dtype(name: str, mask: torch.Tensor | None) -> None:
@@ -68,7 +69,7 @@ def _attn_mask_as_bias(
             f"attn_mask must be 2-D (L, S) or 3-D (N * num_heads, L, S), got {tuple(attn_mask.shape)}"
         )
     if mask4.dtype == torch.bool:
-        return torch.zeros(mask4.shape, dtype=dtype, device=mask4.device).masked_fill_(mask4, float("-inf"))
+        return bias_from_mask(~mask4, dtype)  # torch's bool attn_mask: True = not allowed
     return mask4
 
 
