@@ -1,13 +1,21 @@
-"""fast_attn: fused attention kernels for PyTorch (CUDA, Triton, C++ CPU) behind one contract."""
+"""fast_attn: fused attention kernels for PyTorch (CUDA, Triton, C++ CPU) behind one contract.
+
+Importing fast_attn registers the ops, in this order, each on its line below:
+1. the compiled extension fast_attn._C is loaded: the C++ ops torch.ops.fast_attn.attention_forward /
+   attention_backward, their CPU and CUDA kernels and their C++ autograd;
+2. the C++ ops' fake kernels are registered (for torch.compile);
+3. dispatch evaluates each backend's availability once, which imports triton when it is installed and
+   registers the Triton ops (fast_attn.ops.triton_ops); compiled code then never imports anything.
+"""
 
 from . import _extension
-from .dispatch import BackendNotSupportedError, available_backends
-from .functional import attention, scaled_dot_product_attention
-from .version import __version__
 
-_extension.load()  # registers torch.ops.fast_attn.* when the extension is built
-from .ops import cpp_ops as _cpp_ops  # noqa: E402,F401  (fake kernels and autograd)
+_extension.load()  # 1.
+from .ops import cpp_ops as _cpp_ops  # noqa: E402,F401  2.
+from .dispatch import BackendNotSupportedError, available_backends  # noqa: E402  3.
+from .functional import attention, scaled_dot_product_attention  # noqa: E402
 from .swap import swap_attention  # noqa: E402
+from .version import __version__  # noqa: E402
 
 __all__ = [
     "BackendNotSupportedError",

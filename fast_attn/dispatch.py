@@ -18,12 +18,11 @@ from typing import Callable
 import torch
 
 from . import _extension
-from .validation import AttentionProblem
+from .validation import SUPPORTED_DTYPES, AttentionProblem
 
-ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Triton first on GPUs: on an H100 (bf16, 16k tokens, benchmarks/results/h100-20261126.md)
-# it ran 1.0-1.5x SDPA flash while the mma.sync CUDA kernels ran 0.4-0.8x forward
-# and 0.25-0.6x backward; both are held to the same contract tests.
+# it ran 1.09-1.34x SDPA flash forward and 0.999-1.24x backward, while the mma.sync CUDA
+# kernels ran 0.53-0.79x forward and 0.38-0.58x backward; both are held to the same contract tests.
 AUTO_ORDER = ("triton", "cuda", "cpu", "reference")
 
 
@@ -42,6 +41,10 @@ class Backend:
     min_capability: tuple[int, int] | None
     availability: Callable[[], str | None]  # None when usable, else why not; evaluated once at import
     run: Callable  # (problem, dropout_seed) -> (out, lse)
+    # Reasons of this backend's own beyond the declared facts: (problem, explicit) -> reasons.
+    extra_reasons: Callable[[AttentionProblem, bool], list[str]] = lambda problem, explicit: []
+    # Why a backend that is available cannot serve this machine's devices in practice (info only).
+    machine_note: Callable[[], str | None] = lambda: None
 
     def not_supported_reasons(self, problem: AttentionProblem, explicit: bool = True) -> list[str]:
         unavailable = UNAVAILABLE[self.name]
@@ -56,18 +59,13 @@ class Backend:
             if capability < self.min_capability:
                 need = ".".join(map(str, self.min_capability))
                 reasons.append(f"needs compute capability >= {need}, device has {capability[0]}.{capability[1]}")
-        if device.type == "cpu" and self.name == "triton":
-            if os.environ.get("TRITON_INTERPRET") != "1":
-                reasons.append("runs on CPU tensors only under TRITON_INTERPRET=1")
-            elif not explicit:
-                reasons.append("the Triton interpreter is only used when backend='triton' is named")
         if problem.dtype not in self.dtypes:
             reasons.append(f"supports dtypes {[str(d).replace('torch.', '') for d in self.dtypes]}, not {problem.dtype}")
         if not self.supports_head_dim(problem.head_dim):
             reasons.append(f"supports head dims {self.head_dims_text}, not {problem.head_dim}")
         if problem.dropout_p > 0.0 and not self.supports_dropout:
             reasons.append("does not implement dropout yet (dropout_p > 0)")
-        return reasons
+        return reasons + self.extra_reasons(problem, explicit)
 
 
 def _extension_unavailable() -> str | None:
@@ -94,6 +92,23 @@ def _cuda_unavailable() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device is available"
     return None
+
+
+def _triton_on_cpu_reasons(problem: AttentionProblem, explicit: bool) -> list[str]:
+    # On CPU tensors the Triton kernels run in the interpreter, which only tests use.
+    if problem.device.type != "cpu":
+        return []
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return ["runs on CPU tensors only under TRITON_INTERPRET=1"]
+    if not explicit:
+        return ["the Triton interpreter is only used when backend='triton' is named"]
+    return []
+
+
+def _triton_machine_note() -> str | None:
+    if torch.cuda.is_available():
+        return None
+    return "no CUDA device (CPU tensors run only under TRITON_INTERPRET=1, for tests)"
 
 
 def _triton_unavailable() -> str | None:
@@ -158,11 +173,13 @@ BACKENDS: dict[str, Backend] = {
         min_capability=(8, 0),
         availability=_triton_unavailable,
         run=_run_triton,
+        extra_reasons=_triton_on_cpu_reasons,
+        machine_note=_triton_machine_note,
     ),
     "cpu": Backend(
         name="cpu",
         device_types=("cpu",),
-        dtypes=ALL_DTYPES,
+        dtypes=SUPPORTED_DTYPES,
         supports_head_dim=lambda d: 1 <= d <= 256,
         head_dims_text="1..256",
         supports_dropout=True,
@@ -173,7 +190,7 @@ BACKENDS: dict[str, Backend] = {
     "reference": Backend(
         name="reference",
         device_types=("cpu", "cuda"),
-        dtypes=ALL_DTYPES,
+        dtypes=SUPPORTED_DTYPES,
         supports_head_dim=lambda d: d >= 1,
         head_dims_text="any",
         supports_dropout=True,
@@ -208,10 +225,4 @@ def select_backend(problem: AttentionProblem, backend: str = "auto") -> Backend:
 
 def available_backends() -> dict[str, str | None]:
     """Each backend's name mapped to None if it can run on this machine, else why not."""
-    status = {}
-    for name in BACKENDS:
-        reason = UNAVAILABLE[name]
-        if reason is None and name == "triton" and not torch.cuda.is_available():
-            reason = "no CUDA device (CPU tensors run only under TRITON_INTERPRET=1, for tests)"
-        status[name] = reason
-    return status
+    return {name: UNAVAILABLE[name] or backend.machine_note() for name, backend in BACKENDS.items()}

@@ -66,10 +66,6 @@ class AttentionProblem:
         return self.q.dtype
 
     @property
-    def is_empty(self) -> bool:
-        return self.q.numel() == 0 or self.k.numel() == 0
-
-    @property
     def needs_grad(self) -> bool:
         tensors = (self.q, self.k, self.v, self.bias)
         return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
