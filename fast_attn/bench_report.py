@@ -97,7 +97,11 @@ def markdown_table(records: list[dict], title: str) -> str:
             ta = throughput(by_impl[a]) if a in by_impl else None
             tb = throughput(by_impl[b]) if b in by_impl else None
             row.append(f"{ta / tb:.2f}x" if ta and tb else "n/a")
-        peaks = [r["peak_memory_mb"] for n, r in by_impl.items() if n.startswith("fast_attn") and r["peak_memory_mb"]]
+        peaks = [
+            r["peak_memory_mb"]
+            for n, r in by_impl.items()
+            if n.startswith("fast_attn") and r["peak_memory_mb"] is not None
+        ]
         row.append(f"{max(peaks):.0f}" if peaks else "n/a")
         lines.append("| " + " | ".join(row) + " |")
     errors = [r for r in records if r.get("error")]
