@@ -26,6 +26,29 @@ from .validation import SUPPORTED_DTYPES, AttentionProblem
 AUTO_ORDER = ("triton", "cuda", "cpu", "reference")
 
 
+# The optional features of the contract a backend may lack, and how a refusal names them.
+FEATURES = {
+    "dropout": "dropout (dropout_p > 0)",
+    "window": "window_size",
+    "softcap": "softcap",
+    "alibi": "alibi_slopes",
+    "sinks": "sinks",
+}
+ALL_FEATURES = frozenset(FEATURES)
+
+
+def asked_features(problem: AttentionProblem) -> set[str]:
+    """The optional features this problem uses."""
+    asked = {
+        "dropout": problem.dropout_p > 0.0,
+        "window": problem.window is not None,
+        "softcap": problem.softcap is not None,
+        "alibi": problem.alibi_slopes is not None,
+        "sinks": problem.sinks is not None,
+    }
+    return {feature for feature, used in asked.items() if used}
+
+
 class BackendNotSupportedError(NotImplementedError):
     """A named backend cannot run this input; the message lists every reason."""
 
@@ -37,7 +60,7 @@ class Backend:
     dtypes: tuple[torch.dtype, ...]
     supports_head_dim: Callable[[int], bool]
     head_dims_text: str
-    supports_dropout: bool
+    features: frozenset[str]  # the optional features of the contract it implements (see FEATURES)
     min_capability: tuple[int, int] | None
     availability: Callable[[], str | None]  # None when usable, else why not; evaluated once at import
     run: Callable  # (problem, dropout_seed) -> (out, lse)
@@ -63,8 +86,8 @@ class Backend:
             reasons.append(f"supports dtypes {[str(d).replace('torch.', '') for d in self.dtypes]}, not {problem.dtype}")
         if not self.supports_head_dim(problem.head_dim):
             reasons.append(f"supports head dims {self.head_dims_text}, not {problem.head_dim}")
-        if problem.dropout_p > 0.0 and not self.supports_dropout:
-            reasons.append("does not implement dropout yet (dropout_p > 0)")
+        for feature in asked_features(problem) - self.features:
+            reasons.append(f"does not implement {FEATURES[feature]} yet")
         return reasons + self.extra_reasons(problem, explicit)
 
 
@@ -135,17 +158,33 @@ def _run_reference(problem: AttentionProblem, dropout_seed):
 
     return reference_attention(
         problem.q, problem.k, problem.v, bias=problem.bias, key_mask=problem.key_mask,
-        causal=problem.causal, scale=problem.scale, dropout_p=problem.dropout_p, dropout_seed=dropout_seed,
+        causal=problem.causal, window_size=problem.window, softcap=problem.softcap,
+        alibi_slopes=problem.alibi_slopes, sinks=problem.sinks, scale=problem.scale,
+        dropout_p=problem.dropout_p, dropout_seed=dropout_seed,
     )
 
 
-def _run_cpp(problem: AttentionProblem, dropout_seed):
+def _with_sinks(kernel_forward: Callable) -> Callable:
+    """A kernel backend's run: its forward op, then the sinks (fast_attn/ops/sinks.py) when asked for."""
+
+    def run(problem: AttentionProblem, dropout_seed):
+        out, lse = kernel_forward(problem, dropout_seed)
+        if problem.sinks is None:
+            return out, lse
+        from .ops.sinks import apply_sinks
+
+        return apply_sinks(out, lse, problem.sinks)
+
+    return run
+
+
+def _cpp_forward(problem: AttentionProblem, dropout_seed):
     from .ops.cpp_ops import attention_forward
 
     return attention_forward(problem, dropout_seed)
 
 
-def _run_triton(problem: AttentionProblem, dropout_seed):
+def _triton_forward(problem: AttentionProblem, dropout_seed):
     from .ops.triton_ops import attention_forward
 
     return attention_forward(problem, dropout_seed)
@@ -158,10 +197,10 @@ BACKENDS: dict[str, Backend] = {
         dtypes=(torch.float16, torch.bfloat16),
         supports_head_dim=_cuda_supports_head_dim,
         head_dims_text=f"8..{max(CUDA_HEAD_DIMS)} step 8" if CUDA_HEAD_DIMS else "none compiled",
-        supports_dropout=True,
+        features=frozenset({"dropout", "sinks"}),
         min_capability=(8, 0),
         availability=_cuda_unavailable,
-        run=_run_cpp,
+        run=_with_sinks(_cpp_forward),
     ),
     "triton": Backend(
         name="triton",
@@ -169,10 +208,10 @@ BACKENDS: dict[str, Backend] = {
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         supports_head_dim=lambda d: 1 <= d <= 256,
         head_dims_text="1..256",
-        supports_dropout=True,
+        features=frozenset({"dropout", "sinks"}),
         min_capability=(8, 0),
         availability=_triton_unavailable,
-        run=_run_triton,
+        run=_with_sinks(_triton_forward),
         extra_reasons=_triton_on_cpu_reasons,
         machine_note=_triton_machine_note,
     ),
@@ -182,10 +221,10 @@ BACKENDS: dict[str, Backend] = {
         dtypes=SUPPORTED_DTYPES,
         supports_head_dim=lambda d: 1 <= d <= 256,
         head_dims_text="1..256",
-        supports_dropout=True,
+        features=frozenset({"dropout", "sinks"}),
         min_capability=None,
         availability=_cpu_unavailable,
-        run=_run_cpp,
+        run=_with_sinks(_cpp_forward),
     ),
     "reference": Backend(
         name="reference",
@@ -193,7 +232,7 @@ BACKENDS: dict[str, Backend] = {
         dtypes=SUPPORTED_DTYPES,
         supports_head_dim=lambda d: d >= 1,
         head_dims_text="any",
-        supports_dropout=True,
+        features=ALL_FEATURES,
         min_capability=None,
         availability=lambda: None,
         run=_run_reference,

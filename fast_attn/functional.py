@@ -18,27 +18,38 @@ def attention(
     bias: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
     causal: bool | str = False,
+    window_size: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
     return_lse: bool = False,
     backend: str = "auto",
 ):
-    """softmax(q k^T * scale + bias) v with causal and key-padding masks.
+    """softmax(q k^T * scale + bias) v with causal and key-padding masks and score modifiers.
 
     q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D) with Hq % Hkv == 0 (GQA/MQA).
     bias: float, broadcastable to (B, Hq, Sq, Sk); its gradient comes back in its own shape.
     key_mask: bool (B, Sk), True = this key may be attended.
     causal: False, True / "top_left" (j <= i), or "bottom_right" (j <= i + Sk - Sq).
+    window_size: (left, right), -1 = unbounded: query i sees key j iff d - left <= j <= d + right,
+        with the diagonal d = i under a top-left causal mask and i + Sk - Sq otherwise; a causal
+        mask forces right = 0.
+    softcap: each scaled score becomes softcap * tanh(score / softcap), before bias and ALiBi.
+    alibi_slopes: float32 (Hq,) or (B, Hq): adds -slope * |i + Sk - Sq - j| to the scores.
+    sinks: (Hq,) one logit per head that joins every row's softmax denominator (differentiable).
     scale: default 1 / sqrt(D). dropout_p: dropout on the attention probabilities.
     Returns out (B, Hq, Sq, D) in q's dtype, and with return_lse=True also
-    lse (B, Hq, Sq), the float32 (float64 for float64 inputs) log-sum-exp of the scores.
-    A query row with no visible key gives 0 and lse = -inf.
+    lse (B, Hq, Sq), the float32 (float64 for float64 inputs) log-sum-exp of the scores (sink included).
+    A query row with no visible key gives 0 and lse = -inf (the sink's logit with sinks).
     """
     validate_backend_name(backend)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     problem = build_problem(
-        q, k, v, bias=bias, key_mask=key_mask, causal=causal, scale=scale, dropout_p=dropout_p
+        q, k, v, bias=bias, key_mask=key_mask, causal=causal, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, sinks=sinks, scale=scale, dropout_p=dropout_p,
     )
     chosen = dispatch.select_backend(problem, backend)
     dropout_seed = new_dropout_seed(problem.device) if problem.dropout_p > 0.0 else None

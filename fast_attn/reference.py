@@ -11,23 +11,40 @@ import math
 
 import torch
 
-from .causal import CausalMode, causal_offset, parse_causal
+from .causal import CausalMode, parse_causal, visible_band
 from .dropout import dropout_keep_mask
 
 
 def _visible_mask(
-    seqlen_q: int, seqlen_k: int, mode: CausalMode, key_mask: torch.Tensor | None, device: torch.device
+    seqlen_q: int,
+    seqlen_k: int,
+    mode: CausalMode,
+    window: tuple[int, int] | None,
+    key_mask: torch.Tensor | None,
+    device: torch.device,
 ) -> torch.Tensor | None:
     """Bool, broadcastable to (B, H, Sq, Sk): True where query i may attend key j."""
     visible = None
-    if mode != CausalMode.NONE:
-        rows = torch.arange(seqlen_q, device=device)[:, None]
+    band = visible_band(mode, window, seqlen_q, seqlen_k)
+    if band is not None:
+        diagonal = torch.arange(seqlen_q, device=device)[:, None] + band.offset  # (Sq, 1)
         cols = torch.arange(seqlen_k, device=device)[None, :]
-        visible = cols <= rows + causal_offset(mode, seqlen_q, seqlen_k)  # (Sq, Sk)
+        visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+        if band.left >= 0:
+            visible &= cols >= diagonal - band.left
+        if band.right >= 0:
+            visible &= cols <= diagonal + band.right
     if key_mask is not None:
         keys = key_mask[:, None, None, :]  # (B, 1, 1, Sk)
         visible = keys if visible is None else visible & keys
     return visible
+
+
+def alibi_bias(slopes: torch.Tensor, seqlen_q: int, seqlen_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """-slope * |i + Sk - Sq - j| for slopes (Bs, Hq): (Bs, Hq, Sq, Sk) in `dtype`."""
+    rows = torch.arange(seqlen_q, device=slopes.device, dtype=dtype)[:, None] + (seqlen_k - seqlen_q)
+    cols = torch.arange(seqlen_k, device=slopes.device, dtype=dtype)[None, :]
+    return -slopes.to(dtype)[:, :, None, None] * (rows - cols).abs()
 
 
 def reference_attention(
@@ -38,6 +55,10 @@ def reference_attention(
     bias: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
     causal: object = False,
+    window_size: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
     dropout_seed: torch.Tensor | None = None,
@@ -45,9 +66,13 @@ def reference_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (out, lse) for q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D).
 
+    The score of query i and key j is scale * q_i.k_j, capped to softcap * tanh(score / softcap),
+    plus bias, plus ALiBi's -slope * |i + Sk - Sq - j| (alibi_slopes (Hq,) or (B, Hq)); masked
+    scores (key_mask, the causal mask, the window) are -inf. sinks (Hq,) join each row's softmax
+    denominator as one more logit and nothing else; lse includes them.
     The math runs in `compute_dtype` (default: float64 for float64 inputs, else
     float32); out has q's dtype, lse has the compute dtype. Rows with no
-    visible key give out 0 and lse -inf with zero, NaN-free gradients.
+    visible key give out 0 and lse -inf (the sink with sinks) with zero, NaN-free gradients.
     """
     mode = parse_causal(causal)
     out_dtype = q.dtype
@@ -64,10 +89,15 @@ def reference_attention(
     vc = v.to(compute_dtype).repeat_interleave(group, dim=1)
 
     scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # (B, Hq, Sq, Sk)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if bias is not None:
         scores = scores + bias.to(compute_dtype)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes[None]  # (Bs, Hq)
+        scores = scores + alibi_bias(slopes, seqlen_q, seqlen_k, compute_dtype)
 
-    visible = _visible_mask(seqlen_q, seqlen_k, mode, key_mask, q.device)
+    visible = _visible_mask(seqlen_q, seqlen_k, mode, window_size, key_mask, q.device)
     # A score of -inf (from a bias or float mask) is a masked score too.
     finite_or_nan = scores != float("-inf")
     visible = finite_or_nan if visible is None else visible & finite_or_nan
@@ -78,9 +108,13 @@ def reference_attention(
     # graph produces NaN; their probabilities are zeroed below.
     scores = torch.where(visible, scores, float("-inf"))
     scores = torch.where(row_has_key, scores, torch.zeros((), dtype=compute_dtype, device=q.device))
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    probs = torch.exp(scores - lse) * row_has_key
-    lse = torch.where(row_has_key, lse, float("-inf")).squeeze(-1)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, Hq, Sq, 1)
+    lse = torch.where(row_has_key, lse, float("-inf"))
+    if sinks is not None:
+        sink = sinks.to(compute_dtype)[None, :, None, None].expand(lse.shape)
+        lse = torch.logaddexp(lse, sink)  # a row without keys: the sink alone
+    probs = torch.exp(scores - torch.where(row_has_key, lse, 0.0)) * row_has_key
+    lse = lse.squeeze(-1)
 
     if dropout_p > 0.0:
         if dropout_seed is None:

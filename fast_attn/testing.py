@@ -106,18 +106,19 @@ def run_reference(
     inputs: dict[str, torch.Tensor | None], *, compute_dtype: torch.dtype, grad_out: torch.Tensor | None = None,
     grad_lse: torch.Tensor | None = None, **kwargs,
 ) -> ReferenceResults:
-    """Reference on copies of `inputs` (q, k, v, bias, key_mask) cast to
-    `compute_dtype`; gradients of (out * grad_out).sum() (+ (lse * grad_lse).sum())
-    for the float inputs that require grad."""
+    """Reference on copies of `inputs` (q, k, v and any tensor argument of reference_attention: bias,
+    key_mask, sinks, ...) cast to `compute_dtype` (alibi_slopes stay float32, as the contract
+    has them); gradients of (out * grad_out).sum() (+ (lse * grad_lse).sum()) for the float inputs
+    that require grad."""
     copies: dict[str, torch.Tensor | None] = {}
     for name, t in inputs.items():
-        if t is None or not t.is_floating_point():
+        if t is None or not t.is_floating_point() or name == "alibi_slopes":
             copies[name] = t
         else:
             copies[name] = t.detach().to(compute_dtype).requires_grad_(t.requires_grad)
+    tensor_arguments = {name: t for name, t in copies.items() if name not in ("q", "k", "v")}
     out, lse = reference_attention(
-        copies["q"], copies["k"], copies["v"], bias=copies.get("bias"), key_mask=copies.get("key_mask"),
-        compute_dtype=compute_dtype, **kwargs,
+        copies["q"], copies["k"], copies["v"], compute_dtype=compute_dtype, **tensor_arguments, **kwargs
     )
     grads: dict[str, torch.Tensor] = {}
     wanted = {n: t for n, t in copies.items() if t is not None and t.is_floating_point() and t.requires_grad}

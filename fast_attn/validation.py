@@ -2,7 +2,8 @@
 
 Everything a kernel may rely on is established here, before any kernel runs:
 ranks, shapes, dtypes, devices, the bias reshaped to 4-D with each dim 1 or
-full, the key mask's shape, the causal mode, the scale. Kernels do not
+full, the key mask's shape, the causal mode, the window, the softcap, ALiBi's
+slopes as (B or 1, Hq) float32, the sinks, the scale. Kernels do not
 re-validate user input.
 """
 
@@ -30,6 +31,10 @@ class AttentionProblem:
     bias: torch.Tensor | None  # (Bb, Hb, Sqb, Skb), each dim 1 or full; q's dtype or float32
     key_mask: torch.Tensor | None  # bool (B or 1, Sk)
     causal: CausalMode
+    window: tuple[int, int] | None  # (left, right), -1 = unbounded on that side; None: no window
+    softcap: float | None  # > 0
+    alibi_slopes: torch.Tensor | None  # float32 (B or 1, Hq), contiguous
+    sinks: torch.Tensor | None  # (Hq,), float
     scale: float
     dropout_p: float
 
@@ -67,7 +72,7 @@ class AttentionProblem:
 
     @property
     def needs_grad(self) -> bool:
-        tensors = (self.q, self.k, self.v, self.bias)
+        tensors = (self.q, self.k, self.v, self.bias, self.sinks)
         return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -166,6 +171,56 @@ def _normalize_dropout(dropout_p: object) -> float:
     return dropout_p
 
 
+def _normalize_window(window_size: object) -> tuple[int, int] | None:
+    if window_size is None:
+        return None
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size)
+    ):
+        raise TypeError(f"window_size must be None or two ints (left, right), got {window_size!r}")
+    left, right = (int(w) for w in window_size)
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size values must be >= -1 (-1 = unbounded), got {window_size!r}")
+    return None if left == right == -1 else (left, right)
+
+
+def _normalize_softcap(softcap: object) -> float | None:
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a real number or None, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not (math.isfinite(softcap) and softcap > 0.0):
+        raise ValueError(f"softcap must be a finite number > 0, got {softcap}")
+    return softcap
+
+
+def _normalize_alibi_slopes(slopes: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    batch, heads_q = q.shape[0], q.shape[1]
+    if slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {slopes.dtype}")
+    if slopes.device != q.device:
+        raise ValueError(f"alibi_slopes must be on q's device {q.device}, got {slopes.device}")
+    if _shape(slopes) not in ((heads_q,), (batch, heads_q)):
+        raise ValueError(
+            f"alibi_slopes must have shape (Hq,) = ({heads_q},) or (B, Hq) = ({batch}, {heads_q}), "
+            f"got {_shape(slopes)}"
+        )
+    return (slopes if slopes.dim() == 2 else slopes[None]).contiguous()
+
+
+def _normalize_sinks(sinks: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    if not sinks.is_floating_point():
+        raise TypeError(f"sinks must be a floating-point tensor, got {sinks.dtype}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks must be on q's device {q.device}, got {sinks.device}")
+    if _shape(sinks) != (q.shape[1],):
+        raise ValueError(f"sinks must have shape (Hq,) = ({q.shape[1]},), got {_shape(sinks)}")
+    return sinks
+
+
 def validate_backend_name(backend: object) -> str:
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
@@ -180,6 +235,10 @@ def build_problem(
     bias: object = None,
     key_mask: object = None,
     causal: object = False,
+    window_size: object = None,
+    softcap: object = None,
+    alibi_slopes: object = None,
+    sinks: object = None,
     scale: object = None,
     dropout_p: object = 0.0,
 ) -> AttentionProblem:
@@ -191,6 +250,8 @@ def build_problem(
     seqlen_k = k.shape[2]
     bias4 = None if bias is None else _normalize_bias(_check_tensor("bias", bias), q, seqlen_k)
     mask = None if key_mask is None else _normalize_key_mask(_check_tensor("key_mask", key_mask), q, seqlen_k)
+    slopes = None if alibi_slopes is None else _normalize_alibi_slopes(_check_tensor("alibi_slopes", alibi_slopes), q)
+    sink_logits = None if sinks is None else _normalize_sinks(_check_tensor("sinks", sinks), q)
     return AttentionProblem(
         q=_last_dim_contiguous(q),
         k=_last_dim_contiguous(k),
@@ -198,6 +259,10 @@ def build_problem(
         bias=bias4,
         key_mask=mask,
         causal=parse_causal(causal),
+        window=_normalize_window(window_size),
+        softcap=_normalize_softcap(softcap),
+        alibi_slopes=slopes,
+        sinks=sink_logits,
         scale=_normalize_scale(scale, q.shape[3]),
         dropout_p=_normalize_dropout(dropout_p),
     )
