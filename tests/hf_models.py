@@ -136,6 +136,27 @@ def decoder_config(config_class: str, **overrides):
     return getattr(transformers, config_class)(**config)
 
 
+def modernbert_config(**overrides):
+    # local_attention 4: a window of 2 keys on each side in the local layers; every other layer global.
+    config = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "local_attention": 4,
+        "global_attn_every_n_layers": 2,
+        "initializer_range": 0.2,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "cls_token_id": 1,
+        "sep_token_id": 2,
+    }
+    config.update(overrides)
+    return transformers.ModernBertConfig(**config)
+
+
 def bloom_config(**overrides):
     config = {"vocab_size": VOCAB, "hidden_size": 64, "n_layer": 2, "n_head": 4, "pad_token_id": 0}
     config.update(overrides)
@@ -150,6 +171,11 @@ AUTO_CLASSES = {
     "mistral": "AutoModelForCausalLM",
     "gemma2": "AutoModelForCausalLM",
     "gpt_oss": "AutoModelForCausalLM",
+    "qwen2": "AutoModelForCausalLM",
+    "gemma3": "AutoModelForCausalLM",
+    "starcoder2": "AutoModelForCausalLM",
+    "phi3": "AutoModelForCausalLM",
+    "modernbert": "AutoModel",
     "bloom": "AutoModelForCausalLM",
 }
 CONFIGS = {
@@ -160,6 +186,11 @@ CONFIGS = {
     "mistral": lambda **o: decoder_config("MistralConfig", **o),
     "gemma2": lambda **o: decoder_config("Gemma2Config", **o),
     "gpt_oss": lambda **o: decoder_config("GptOssConfig", num_local_experts=4, num_experts_per_tok=2, **o),
+    "qwen2": lambda **o: decoder_config("Qwen2Config", **o),
+    "gemma3": lambda **o: decoder_config("Gemma3TextConfig", **o),
+    "starcoder2": lambda **o: decoder_config("Starcoder2Config", **o),
+    "phi3": lambda **o: decoder_config("Phi3Config", **o),
+    "modernbert": modernbert_config,
     "bloom": bloom_config,
 }
 
@@ -172,6 +203,7 @@ def build(
     device="cpu",
     seed: int | None = None,
     untie_lm_head: bool = False,
+    sharpen: float | None = None,
     **overrides,
 ):
     """A tiny transformers model of `kind` (a key of CONFIGS) with the given attention implementation.
@@ -180,7 +212,8 @@ def build(
     built in one test with different implementations and dtypes hold the same weights (rounded to their
     dtype); building does not advance the test's random stream. untie_lm_head (T5) gives the LM head its
     own random weights: with the head tied to the embedding, a random T5 decoder predicts the token it was
-    fed, so greedy decoding repeats one token and a generation test would compare little.
+    fed, so greedy decoding repeats one token and a generation test would compare little. sharpen scales
+    the q/k projections (and draws the sinks) as sharpen_attention says.
     """
     if implementation == "fast_attn":
         from fast_attn.integrations.transformers import register
@@ -188,12 +221,28 @@ def build(
         register()
     auto = getattr(transformers, AUTO_CLASSES[kind])
     extra = {"add_pooling_layer": False} if kind == "bert" else {}
+    if kind == "gpt_oss":
+        extra["experts_implementation"] = "eager"  # the grouped-matmul experts refuse float64
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(torch.initial_seed() if seed is None else seed)
         model = auto.from_config(CONFIGS[kind](**overrides), attn_implementation=implementation, **extra)
         if untie_lm_head:
             model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+        if sharpen is not None:
+            sharpen_attention(model, sharpen)
     return model.to(device=device, dtype=dtype)
+
+
+def sharpen_attention(model, factor: float) -> None:
+    """Scale every q and k projection by `factor` and draw the attention sinks (gpt-oss) from N(0, 2^2):
+    random init keeps scores so small that softcap (tanh near 0 is the identity) and sinks (next to
+    many keys of similar weight) barely change the result; this makes them matter."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if any(part in name for part in ("q_proj.", "k_proj.")):
+                parameter.mul_(factor)
+            elif name.endswith(".sinks"):
+                parameter.copy_(torch.randn_like(parameter) * 2)
 
 
 def random_ids(batch: int, length: int, device="cpu", generator=None) -> torch.Tensor:

@@ -257,27 +257,89 @@ def test_an_argument_never_seen_is_refused_naming_model_and_argument():
     torch.testing.assert_close(out, expected.transpose(1, 2), atol=2e-6, rtol=2e-5)
 
 
-@pytest.mark.parametrize("kind,argument", [("gemma2", "softcap"), ("gpt_oss", "s_aux")])
-def test_models_with_unimplemented_score_modifiers_are_refused(kind, argument):
-    model = build(kind, "fast_attn")
-    with pytest.raises(ValueError, match=rf"Attention.*'{argument}'"):
-        model(random_ids(2, 6))
+# Models whose attention carries a window, softcap or sinks (small configs, window 4 < sequence length),
+# with the overrides that make each layer type appear.
+MODERN_MODELS = {
+    "mistral": {"sliding_window": 4},
+    "qwen2": {"sliding_window": 4, "use_sliding_window": True, "max_window_layers": 1},
+    "gemma2": {"sliding_window": 4, "attn_logit_softcapping": 1.0, "query_pre_attn_scalar": 16},
+    "gemma3": {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+    "gpt_oss": {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+    "starcoder2": {"sliding_window": 4},
+    "phi3": {"sliding_window": 4},
+}
+SHARPEN = 3.0  # q/k scale: softcap and sinks change the logits (test_the_modifiers_matter)
 
 
-def test_a_window_the_mask_does_not_carry_is_refused():
-    q, k = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 9, 8)
-    padding = torch.ones(2, 1, 1, 9, dtype=torch.bool)
-    with pytest.raises(ValueError, match="NamedAttention: sliding_window=4 over 9 keys"):
-        integration.attention_forward(NamedAttention(), q, k, k, padding, sliding_window=4)
-
-
-def test_mistral_sliding_window_matches_eager():
+@pytest.mark.parametrize("kind", list(MODERN_MODELS))
+def test_modern_models_training_match_eager(kind):
     ids = random_ids(2, 12)
     mask = padding_mask(2, 12, {1: 3}, left=True)
     weights = torch.randn(2, 12, 97) * mask[..., None]
     assert_matches_eager(
-        "mistral", lambda m: m(ids, attention_mask=mask).logits, weights, torch.float32, "cpu", sliding_window=4
+        kind, lambda m: m(ids, attention_mask=mask).logits, weights, torch.float32, "cpu",
+        sharpen=SHARPEN, **MODERN_MODELS[kind],
     )
+
+
+def test_modernbert_local_attention_training_matches_eager():
+    ids = random_ids(2, 13)
+    mask = padding_mask(2, 13, {0: 4}, left=False)
+    weights = torch.randn(2, 13, 64)
+    assert_matches_eager(
+        "modernbert", lambda m: m(ids, attention_mask=mask).last_hidden_state, weights, torch.float32, "cpu"
+    )
+
+
+@pytest.mark.parametrize("kind,change", [("gemma2", {"attn_logit_softcapping": None}), ("gpt_oss", "sinks")])
+def test_the_modifiers_matter(kind, change):
+    """Without the softcap (or with sinks at -inf) eager's logits move: the tests above would see a dropped one."""
+    ids = random_ids(2, 12)
+    overrides = dict(MODERN_MODELS[kind])
+    with torch.no_grad():
+        reference = build(kind, "eager", sharpen=SHARPEN, **overrides)(ids).logits
+        if change == "sinks":
+            model = build(kind, "eager", sharpen=SHARPEN, **overrides)
+            for layer in model.model.layers:
+                layer.self_attn.sinks.fill_(-torch.inf)
+        else:
+            model = build(kind, "eager", sharpen=SHARPEN, **{**overrides, **change})
+        changed = model(ids).logits
+    assert (changed - reference).abs().max() > 0.05 * reference.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma2", "gpt_oss", "qwen2", "gemma3"])
+def test_modern_models_generate_like_eager(kind, attention_calls):
+    ids = random_ids(3, 7)
+    mask = padding_mask(3, 7, {0: 2, 1: 1}, left=True)
+    arguments = {"attention_mask": mask, "max_new_tokens": 8, "do_sample": False}
+    # An LM head of its own: tied to the embedding, a random model predicts the token it was fed.
+    config = {**MODERN_MODELS[kind], "tie_word_embeddings": False}
+    expected = build(kind, "eager", sharpen=SHARPEN, **config).generate(ids, **arguments)
+    tokens = build(kind, "fast_attn", sharpen=SHARPEN, **config).generate(ids, **arguments)
+    assert len(set(expected[:, 7:].flatten().tolist())) > 3, "degenerate generation tests nothing"
+    assert torch.equal(tokens, expected)
+    # The window reaches the kernel as window_size: no (Sq, Sk) mask is built, in prefill or decoding.
+    windowed = [c for c in attention_calls if c["window_size"] is not None]
+    assert windowed and all(c["bias"] is None for c in attention_calls)
+    assert any(c["q"].shape[2] == 1 for c in windowed)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gpt_oss", "modernbert"])
+def test_modifiers_reach_the_kernel_without_a_mask_tensor(kind, attention_calls):
+    model = build(kind, "fast_attn", **MODERN_MODELS.get(kind, {}))
+    length = 12
+    mask = padding_mask(2, length, {1: 3}, left=kind != "modernbert")
+    model(random_ids(2, length), attention_mask=mask)
+    assert attention_calls and all(c["bias"] is None for c in attention_calls)
+    assert all(torch.equal(c["key_mask"], mask.bool()) for c in attention_calls)
+    windows = {c["window_size"] for c in attention_calls}
+    # ModernBERT's local layers see |i - j| <= local_attention // 2 = 2.
+    assert windows == {None, (2, 2) if kind == "modernbert" else (3, 3)}
+    if kind == "gemma2":
+        assert all(c["softcap"] == 1.0 for c in attention_calls)
+    if kind == "gpt_oss":
+        assert all(c["sinks"] is layer.self_attn.sinks for c, layer in zip(attention_calls, model.model.layers))
 
 
 def test_a_model_computing_attention_itself_is_refused():
@@ -392,10 +454,19 @@ def test_mask_function_returns_key_padding_views_not_patterns():
     assert tuple(bidirectional.shape) == (2, 1, 5, 9) and bidirectional.stride(2) == 0
 
 
-def test_other_patterns_fall_back_to_transformers_masks():
+def test_sliding_windows_become_key_padding_and_other_patterns_fall_back_to_transformers_masks():
     padding = padding_mask(2, 8, {0: 2}, left=True).bool()
     arguments = {"batch_size": 2, "q_length": 8, "kv_length": 8, "attention_mask": padding}
     window = masking_utils.sliding_window_causal_mask_function(3)
     ours = integration.build_attention_mask(mask_function=window, local_size=3, **arguments)
-    theirs = masking_utils.sdpa_mask(mask_function=window, local_size=3, **arguments)
+    assert torch.equal(ours, padding[:, None, None, :])  # the attention function applies the window
+    # A window combined with another pattern (here: documents of a packed sequence) is not a plain window.
+    documents = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]] * 2)
+    packed = masking_utils.and_masks(window, masking_utils.packed_sequence_mask_function(documents))
+    ours = integration.build_attention_mask(mask_function=packed, local_size=3, **arguments)
+    theirs = masking_utils.sdpa_mask(mask_function=packed, local_size=3, **arguments)
     assert torch.equal(ours, theirs) and tuple(ours.shape) == (2, 1, 8, 8)
+    # A window of another size than the layer's is not the layer's window either.
+    other = masking_utils.sliding_window_causal_mask_function(4)
+    ours = integration.build_attention_mask(mask_function=other, local_size=3, **arguments)
+    assert tuple(ours.shape) == (2, 1, 8, 8)

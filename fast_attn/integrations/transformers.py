@@ -12,16 +12,20 @@ function a model silently receives no padding mask):
   onto `fast_attn.attention`: `scaling`, `dropout`, GQA (k/v keep their own
   head count, never expanded), T5's `position_bias` (a bias whose gradient
   flows back to the relative-position embedding), causality from `is_causal`
-  or `module.is_causal` when no mask is given.
+  or `module.is_causal` when no mask is given, `sliding_window` (Mistral, Qwen2,
+  Gemma 2/3, Starcoder2, Phi-3, gpt-oss, ModernBERT) as `window_size`, Gemma 2's
+  `softcap`, and gpt-oss's `s_aux` as `sinks` (their gradient reaches the
+  parameter).
 
 * `build_attention_mask`, called once per forward to build the mask. Where the mask
   is plain key padding (bidirectional attention, or causal attention aligned
-  bottom-right as with a dynamic KV cache) it returns the padding itself as a
-  (B, 1, 1 or Sq, Sk) bool view instead of a (Sq, Sk) pattern, and the
-  attention function hands it to the kernel as `key_mask` (applied in-kernel,
-  nothing built). Any other pattern (sliding windows, packed sequences, static
-  caches, custom mask functions) is built by transformers' own `sdpa_mask` and
-  reaches the kernel as a -inf bias.
+  bottom-right as with a dynamic KV cache), with or without a sliding window,
+  it returns the padding itself as a (B, 1, 1 or Sq, Sk) bool view instead of a
+  (Sq, Sk) pattern, and the attention function hands it to the kernel as
+  `key_mask` and the window as `window_size` (applied in-kernel, nothing built).
+  Any other pattern (packed sequences, static caches, chunked attention,
+  custom mask functions) is built by transformers' own `sdpa_mask` and reaches
+  the kernel as a -inf bias.
 
 Every keyword argument that reaches `attention_forward` is honoured, or on the
 list of arguments that do not change what attention computes
@@ -41,6 +45,11 @@ Conventions of the masks this module returns (what `attention_forward` reads):
                              key padding of a bidirectional layer (exactly the mask SDPA would get)
   any other bool mask        True = attend, applied as a -inf bias
   float mask                 added to the scores, as a bias
+The first three carry no window: a layer's `sliding_window` W is then applied as
+the window (W - 1, W - 1) (a causal layer's right side is 0), which is transformers'
+own sliding mask (causal: keys j > i - W; bidirectional, where the model passes
+W = its window + 1: |i - j| <= W - 1). A mask that transformers built already
+carries its window, and none is added.
 """
 
 from __future__ import annotations
@@ -83,24 +92,14 @@ def _is_key_padding(mask: torch.Tensor) -> bool:
     return all(mask.shape[d] == 1 or mask.stride(d) == 0 for d in (1, 2))
 
 
-def _refuse_unimplemented(
-    module: torch.nn.Module, mask: torch.Tensor | None, seqlen_k: int, sliding_window: object, kwargs: dict
-) -> None:
+def _refuse_unimplemented(module: torch.nn.Module, kwargs: dict) -> None:
     """Raise for every argument that would change the result and that this function does not apply."""
-    model = type(module).__name__
     for name, value in kwargs.items():
         if value is not None and name not in RESULT_NEUTRAL_KWARGS:
             raise ValueError(
-                f"{model}: fast_attn's transformers attention does not implement the argument "
+                f"{type(module).__name__}: fast_attn's transformers attention does not implement the argument "
                 f"{name!r} (got {_describe(value)}); use attn_implementation='eager' for this model"
             )
-    # A window reaches the kernel through the mask transformers builds for it (a -inf bias), never
-    # through a key-padding mask or no mask, which this module returns only for full attention.
-    if sliding_window is not None and seqlen_k > sliding_window and (mask is None or _is_key_padding(mask)):
-        raise ValueError(
-            f"{model}: sliding_window={sliding_window} over {seqlen_k} keys, but the attention mask does not "
-            f"carry the window (mask {None if mask is None else tuple(mask.shape)})"
-        )
 
 
 def _describe(value: object) -> str:
@@ -145,10 +144,12 @@ def attention_forward(
     is_causal: bool | None = None,
     position_bias: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The transformers attention function: q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) -> out (B, Sq, Hq, D)."""
-    _refuse_unimplemented(module, attention_mask, key.shape[2], sliding_window, kwargs)
+    _refuse_unimplemented(module, kwargs)
     if kwargs.get("output_attentions", False):
         warnings.warn(
             "fast_attn does not return attention weights (output_attentions=True); "
@@ -169,8 +170,11 @@ def attention_forward(
     bias, key_mask, causal = _mask_arguments(
         attention_mask, position_bias, _causal_flag(module, is_causal), seqlen_q, seqlen_k, query.dtype
     )
+    mask_carries_no_window = attention_mask is None or key_mask is not None
+    window = (sliding_window - 1, sliding_window - 1) if sliding_window and mask_carries_no_window else None
     out = attention(
-        query, key, value, bias=bias, key_mask=key_mask, causal=causal, scale=scaling, dropout_p=dropout
+        query, key, value, bias=bias, key_mask=key_mask, causal=causal, window_size=window, softcap=softcap,
+        sinks=s_aux, scale=scaling, dropout_p=dropout,
     )  # (B, Hq, Sq, D)
     return out.transpose(1, 2), None
 
@@ -191,6 +195,31 @@ def _keys_visible(
 
 def _is_tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def _same_mask_function(a, b) -> bool:
+    """Whether two transformers mask functions are the same function of the same arguments: the same code
+    and, cell by cell, the same closure (functions compared the same way, other values by equality). So
+    `sliding_window_causal_mask_function(4)` matches another one of 4, and not one combined with a packed
+    sequence mask or a window of 5."""
+    if a is b:
+        return True
+    if getattr(a, "__code__", None) is None or getattr(a, "__code__", None) is not getattr(b, "__code__", None):
+        return False
+    cells_a, cells_b = a.__closure__ or (), b.__closure__ or ()
+    return len(cells_a) == len(cells_b) and all(
+        _same_closure_value(x.cell_contents, y.cell_contents) for x, y in zip(cells_a, cells_b)
+    )
+
+
+def _same_closure_value(x: object, y: object) -> bool:
+    if callable(x) or callable(y):
+        return _same_mask_function(x, y)
+    if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
+        return len(x) == len(y) and all(_same_closure_value(i, j) for i, j in zip(x, y))
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return False
+    return type(x) is type(y) and x == y
 
 
 def _refuse_own_attention_models(config) -> None:
@@ -230,15 +259,23 @@ def build_attention_mask(
     if mask_function is None:
         mask_function = masking_utils.causal_mask_function
     plain_offsets = isinstance(q_offset, int) and isinstance(kv_offset, int)
-    bidirectional = mask_function is masking_utils.bidirectional_mask_function
+    # The pattern without its sliding window, which the attention function applies from the layer's
+    # sliding_window; None when the mask function is some other pattern.
+    pattern = mask_function if local_size is None else None
+    if local_size is not None:
+        if _same_mask_function(mask_function, masking_utils.sliding_window_causal_mask_function(local_size)):
+            pattern = masking_utils.causal_mask_function
+        elif _same_mask_function(mask_function, masking_utils.sliding_window_bidirectional_mask_function(local_size)):
+            pattern = masking_utils.bidirectional_mask_function
+    bidirectional = pattern is masking_utils.bidirectional_mask_function
     causal_bottom_right = (
-        mask_function is masking_utils.causal_mask_function
+        pattern is masking_utils.causal_mask_function
         and plain_offsets
         and q_offset - kv_offset == kv_length - q_length
         # A caller that forbids skipping wants a materialized (Sq, Sk) pattern, e.g. to concatenate it.
         and (allow_is_causal_skip or q_length == 1)
     )
-    if use_vmap or local_size is not None or not (bidirectional or causal_bottom_right):
+    if use_vmap or not (bidirectional or causal_bottom_right):
         return masking_utils.sdpa_mask(
             batch_size=batch_size,
             q_length=q_length,
