@@ -286,7 +286,8 @@ def _dropout_keep_kernel(
     seed_low, seed_high = load_dropout_seed(seed_ptr)
     rows, keys = tl.arange(0, ROWS), tl.arange(0, KEYS)
     row_low, row_high = dropout_row_offsets(head_row.to(tl.int64), rows, seqlen_k)
-    keep = dropout_keep(seed_low, seed_high, row_low[:, None], row_high[:, None], keys[None, :], threshold)
+    dropout = (seed_low, seed_high, threshold, 1.0)
+    keep = dropout_keep(dropout, row_low[:, None], row_high[:, None], keys[None, :])
     tl.store(keep_ptr + rows[:, None] * KEYS + keys[None, :], keep)
 
 

@@ -44,7 +44,7 @@ def compile_for_target(kernel, args, constexprs, capability: int, num_warps: int
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     launch_options = dict(constexprs, num_warps=num_warps, num_stages=num_stages)
-    bound_args, specialization, options = binder(*args, **launch_options)
+    bound_args, specialization, options = binder(**args, **launch_options)
     options, signature, constants, attrs = kernel._pack_args(
         backend, launch_options, bound_args, specialization, options
     )

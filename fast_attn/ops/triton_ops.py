@@ -3,9 +3,11 @@ fast_attn::triton_attention_backward, with the argument lists of the C++ ops
 (fast_attn/ops/autograd.py), registered with torch.library.triton_op so that
 torch.compile sees the kernels, and with autograd from the shared formula.
 
-Each op allocates its outputs, fills the kernels' arguments (the *_arguments
+Each op allocates its outputs, fills the kernels' arguments by name (the *_arguments
 functions, also used by tests/test_triton_compile.py to compile the kernels for
-GPU targets without a GPU) and launches the autotuned kernels of fast_attn/triton.
+GPU targets without a GPU) and launches the autotuned kernels of fast_attn/triton
+by keyword (_launch), so a kernel parameter renamed or reordered cannot silently
+receive another argument's value.
 Everything is deterministic: every output element is written by one program,
 and dbias partial sums are added in a fixed order.
 """
@@ -19,6 +21,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
+from ..causal import CausalMode, causal_offset
 from ..dropout import dropout_threshold
 from ..triton.backward_dbias import attention_backward_dbias_kernel
 from ..triton.backward_dkdv import attention_backward_dkdv_kernel
@@ -63,9 +66,9 @@ def _broadcast_stride(t: torch.Tensor, dim: int) -> int:
     return 0 if t.shape[dim] == 1 else t.stride(dim)
 
 
-def _causal_offset(causal: int, seqlen_q: int, seqlen_k: int) -> int:
-    # Query i sees key j iff j <= i + offset: 0 top-left, Sk - Sq bottom-right.
-    return seqlen_k - seqlen_q if causal == 2 else 0
+def _named_strides(name: str, strides, dims: tuple[str, ...] = ("batch", "head", "row")) -> dict[str, int]:
+    """Strides as the kernels name their parameters: {"<name>_<dim>_stride": stride}."""
+    return {f"{name}_{dim}_stride": stride for dim, stride in zip(dims, strides, strict=True)}
 
 
 def _batch_fastest(q: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -74,39 +77,54 @@ def _batch_fastest(q: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return bias is not None and bias.shape[0] == 1 and q.shape[0] > 1
 
 
-def _launch_grid(blocks: int, heads: int, batch: int, batch_fastest: bool) -> tuple[int, int, int]:
-    """The grid of a kernel whose programs are (block, head, batch) (fast_attn/triton/grid.py)."""
-    return (batch, blocks, heads) if batch_fastest else (blocks, heads, batch)
+def _block_grid(block: str, seqlen: int, heads: int, batch: int, batch_fastest: bool):
+    """The grid of a kernel whose programs are (block, head, batch) (fast_attn/triton/grid.py),
+    with blocks of `seqlen` rows of the tuned size `block` ("BLOCK_M" or "BLOCK_N")."""
+
+    def grid(meta: dict) -> tuple[int, int, int]:
+        blocks = cdiv(seqlen, meta[block])
+        return (batch, blocks, heads) if batch_fastest else (blocks, heads, batch)
+
+    return grid
 
 
 def _shared_arguments(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p):
-    """Arguments every attention kernel takes, in its order, and its shared constexprs.
+    """Arguments every attention kernel takes, by name, and its shared constexprs.
 
     Absent optional tensors are replaced by q as a never-read placeholder pointer
-    (the HAS_* constexprs compile their reads out).
+    (the HAS_* constexprs compile their reads out), with zero strides.
     """
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
-    tensors = (
-        q,
-        k,
-        v,
-        q if bias is None else bias,
-        q if key_mask is None else key_mask,
-        q if dropout_seed is None else dropout_seed,
-    )
-    strides = (
-        *q.stride()[:3],
-        *k.stride()[:3],
-        *v.stride()[:3],
-        *((0, 0, 0, 0) if bias is None else (_broadcast_stride(bias, d) for d in range(4))),
-        *((0, 0) if key_mask is None else (_broadcast_stride(key_mask, 0), key_mask.stride(1))),
-    )
+    causal_mode = CausalMode(causal)
     has_dropout = dropout_p > 0.0
+    bias_strides = (0, 0, 0, 0) if bias is None else [_broadcast_stride(bias, d) for d in range(4)]
+    key_mask_strides = (0, 0) if key_mask is None else (_broadcast_stride(key_mask, 0), key_mask.stride(1))
+    args = dict(
+        q_ptr=q,
+        k_ptr=k,
+        v_ptr=v,
+        bias_ptr=q if bias is None else bias,
+        key_mask_ptr=q if key_mask is None else key_mask,
+        dropout_seed_ptr=q if dropout_seed is None else dropout_seed,
+        **_named_strides("q", q.stride()[:3]),
+        **_named_strides("k", k.stride()[:3]),
+        **_named_strides("v", v.stride()[:3]),
+        **_named_strides("bias", bias_strides, ("batch", "head", "row", "col")),
+        **_named_strides("key_mask", key_mask_strides, ("batch", "col")),
+        heads_q=heads_q,
+        seqlen_q=seqlen_q,
+        seqlen_k=seqlen_k,
+        kv_group_size=heads_q // heads_kv,
+        scale_log2=scale * LOG2E,
+        causal_offset=causal_offset(causal_mode, seqlen_q, seqlen_k),
+        dropout_keep_threshold=dropout_threshold(dropout_p) if has_dropout else 0,
+        dropout_keep_scale=1.0 / (1.0 - dropout_p),
+    )
     constexprs = dict(
         HEAD_DIM=head_dim,
         BLOCK_D=head_dim_block(head_dim),
-        CAUSAL=causal != 0,
+        CAUSAL=causal_mode != CausalMode.NONE,
         HAS_BIAS=bias is not None,
         HAS_KEY_MASK=key_mask is not None,
         HAS_DROPOUT=has_dropout,
@@ -114,36 +132,40 @@ def _shared_arguments(q, k, v, bias, key_mask, dropout_seed, scale, causal, drop
         UPCAST_OPERANDS=interpreting() and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    sizes = (heads_q, seqlen_q, seqlen_k, heads_q // heads_kv)
-    dropout = (dropout_threshold(dropout_p) if has_dropout else 0, 1.0 / (1.0 - dropout_p))
-    masking = (scale * LOG2E, _causal_offset(causal, seqlen_q, seqlen_k))
-    return tensors, strides, sizes, masking, dropout, constexprs
+    return args, constexprs
+
+
+def _backward_arguments(
+    q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, grad_out, lse, delta
+):
+    """_shared_arguments plus what every backward kernel but the preprocess reads."""
+    args, constexprs = _shared_arguments(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p)
+    grad_out_strides = _named_strides("grad_out", grad_out.stride()[:3])
+    args.update(grad_out_ptr=grad_out, lse_ptr=lse, delta_ptr=delta, **grad_out_strides)
+    return args, constexprs
 
 
 def forward_arguments(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, out, lse):
-    """(positional args, constexprs) of attention_forward_kernel, without the tuned blocks."""
-    tensors, strides, sizes, masking, dropout, constexprs = _shared_arguments(
-        q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p
-    )
-    args = (*tensors, out, lse, *strides, *out.stride()[:3], *sizes, *masking, *dropout)
+    """(arguments by name, constexprs) of attention_forward_kernel, without the tuned blocks."""
+    args, constexprs = _shared_arguments(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p)
+    args.update(out_ptr=out, lse_ptr=lse, **_named_strides("out", out.stride()[:3]))
     return args, constexprs
 
 
 def preprocess_arguments(out, grad_out, grad_lse, delta):
-    """(positional args, constexprs) of attention_backward_preprocess_kernel, blocks included."""
+    """(arguments by name, constexprs) of attention_backward_preprocess_kernel, blocks included."""
     head_dim = out.shape[3]
     block_d = head_dim_block(head_dim)
-    grad_lse_strides = (0, 0, 0) if grad_lse is None else grad_lse.stride()
-    args = (
-        out,
-        grad_out,
-        out if grad_lse is None else grad_lse,
-        delta,
-        *out.stride()[:3],
-        *grad_out.stride()[:3],
-        *grad_lse_strides,
-        out.shape[1],
-        out.shape[2],
+    args = dict(
+        out_ptr=out,
+        grad_out_ptr=grad_out,
+        grad_lse_ptr=out if grad_lse is None else grad_lse,
+        delta_ptr=delta,
+        **_named_strides("out", out.stride()[:3]),
+        **_named_strides("grad_out", grad_out.stride()[:3]),
+        **_named_strides("grad_lse", (0, 0, 0) if grad_lse is None else grad_lse.stride()),
+        heads_q=out.shape[1],
+        seqlen_q=out.shape[2],
     )
     constexprs = dict(
         HEAD_DIM=head_dim,
@@ -157,25 +179,16 @@ def preprocess_arguments(out, grad_out, grad_lse, delta):
 def dkdv_arguments(
     q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, grad_out, lse, delta, dk, dv
 ):
-    """(positional args, constexprs) of attention_backward_dkdv_kernel, without the tuned blocks."""
-    tensors, strides, sizes, masking, dropout, constexprs = _shared_arguments(
-        q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p
+    """(arguments by name, constexprs) of attention_backward_dkdv_kernel, without the tuned blocks."""
+    args, constexprs = _backward_arguments(
+        q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, grad_out, lse, delta
     )
-    args = (
-        *tensors,
-        grad_out,
-        lse,
-        delta,
-        dk,
-        dv,
-        *strides,
-        *grad_out.stride()[:3],
-        *dk.stride()[:3],
-        *dv.stride()[:3],
-        *sizes,
-        scale,
-        *masking,
-        *dropout,
+    args.update(
+        dk_ptr=dk,
+        dv_ptr=dv,
+        **_named_strides("dk", dk.stride()[:3]),
+        **_named_strides("dv", dv.stride()[:3]),
+        scale=scale,
     )
     return args, constexprs
 
@@ -183,25 +196,16 @@ def dkdv_arguments(
 def dq_arguments(
     q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, grad_out, lse, delta, dq, full_dbias
 ):
-    """(positional args, constexprs) of attention_backward_dq_kernel, without the tuned blocks.
+    """(arguments by name, constexprs) of attention_backward_dq_kernel, without the tuned blocks.
     full_dbias: None, or the (B, Hq, Sq, Sk) contiguous zeroed dbias the kernel writes."""
-    tensors, strides, sizes, masking, dropout, constexprs = _shared_arguments(
-        q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p
+    args, constexprs = _backward_arguments(
+        q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, grad_out, lse, delta
     )
-    args = (
-        *tensors,
-        grad_out,
-        lse,
-        delta,
-        dq,
-        q if full_dbias is None else full_dbias,
-        *strides,
-        *grad_out.stride()[:3],
-        *dq.stride()[:3],
-        *sizes,
-        scale,
-        *masking,
-        *dropout,
+    args.update(
+        dq_ptr=dq,
+        dbias_ptr=q if full_dbias is None else full_dbias,
+        **_named_strides("dq", dq.stride()[:3]),
+        scale=scale,
     )
     return args, dict(constexprs, STORE_DBIAS=full_dbias is not None)
 
@@ -216,33 +220,29 @@ def dbias_slices(bias: torch.Tensor, batch: int, heads_q: int) -> tuple[int, int
 def dbias_arguments(
     q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, grad_out, lse, delta, partials
 ):
-    """(positional args, constexprs) of attention_backward_dbias_kernel, without the tuned
+    """(arguments by name, constexprs) of attention_backward_dbias_kernel, without the tuned
     blocks. partials: (num_splits, *bias.shape), fully written by the kernel: float32 sums,
     or with one split dbias itself in the bias's dtype."""
-    tensors, strides, sizes, masking, dropout, constexprs = _shared_arguments(
-        q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p
+    args, constexprs = _backward_arguments(
+        q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, grad_out, lse, delta
     )
     heads_per_slice, pairs_per_slice = dbias_slices(bias, q.shape[0], q.shape[1])
-    pairs_per_split = cdiv(pairs_per_slice, partials.shape[0])
-    args = (
-        *tensors,
-        grad_out,
-        lse,
-        delta,
-        partials,
-        *strides,
-        *grad_out.stride()[:3],
-        *partials.stride()[:4],
-        *sizes,
-        *masking,
-        *dropout,
-        heads_per_slice,
-        pairs_per_slice,
-        pairs_per_split,
+    args.update(
+        dbias_partials_ptr=partials,
+        **_named_strides("partials", partials.stride()[:4], ("split", "batch", "head", "row")),
+        heads_per_slice=heads_per_slice,
+        pairs_per_slice=pairs_per_slice,
+        pairs_per_split=cdiv(pairs_per_slice, partials.shape[0]),
     )
     del constexprs["HAS_BIAS"], constexprs["BATCH_FASTEST"]
     constexprs.update(ROWS_FULL=bias.shape[2] == q.shape[2], COLS_FULL=bias.shape[3] == k.shape[2])
     return args, constexprs
+
+
+def _launch(kernel, grid, args: dict, constexprs: dict) -> None:
+    """Launch `kernel` (a JITFunction or its Autotuner) with every argument by name: a kernel
+    parameter that is renamed or has no value fails here, and none can receive another's."""
+    wrap_triton(kernel)[grid](**args, **constexprs)
 
 
 @triton_op(FORWARD_OP, mutates_args=())
@@ -278,11 +278,8 @@ def triton_attention_forward(
             "forward", q.device, head_dim, q.dtype, seqlen_q, seqlen_k, _dtype_of(bias), dropout_p
         ),
     )
-    wrap_triton(forward_kernel)[
-        lambda meta: _launch_grid(
-            cdiv(seqlen_q, meta["BLOCK_M"]), heads_q, batch, constexprs["BATCH_FASTEST"]
-        )
-    ](*args, **constexprs)
+    grid = _block_grid("BLOCK_M", seqlen_q, heads_q, batch, constexprs["BATCH_FASTEST"])
+    _launch(forward_kernel, grid, args, constexprs)
     return out, lse
 
 
@@ -336,9 +333,8 @@ def triton_attention_backward(
     lse = lse.contiguous()  # the kernels index (B, Hq, Sq) rows directly
     delta = q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
     args, constexprs = preprocess_arguments(out, grad_out, grad_lse, delta)
-    wrap_triton(attention_backward_preprocess_kernel)[
-        (cdiv(seqlen_q, constexprs["BLOCK_M"]), heads_q, batch)
-    ](*args, **constexprs)
+    grid = (cdiv(seqlen_q, constexprs["BLOCK_M"]), heads_q, batch)
+    _launch(attention_backward_preprocess_kernel, grid, args, constexprs)
 
     inputs = (q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, grad_out, lse, delta)
     args, constexprs = dkdv_arguments(*inputs, dk, dv)
@@ -346,11 +342,8 @@ def triton_attention_backward(
         attention_backward_dkdv_kernel,
         launch_configs("dkdv", q.device, head_dim, q.dtype, seqlen_q, seqlen_k, _dtype_of(bias), dropout_p),
     )
-    wrap_triton(dkdv_kernel)[
-        lambda meta: _launch_grid(
-            cdiv(seqlen_k, meta["BLOCK_N"]), heads_kv, batch, constexprs["BATCH_FASTEST"]
-        )
-    ](*args, **constexprs)
+    grid = _block_grid("BLOCK_N", seqlen_k, heads_kv, batch, constexprs["BATCH_FASTEST"])
+    _launch(dkdv_kernel, grid, args, constexprs)
 
     # A bias of the problem's full shape gets dS itself, written by the dQ programs;
     # a broadcast one is reduced by the dbias kernel.
@@ -372,11 +365,8 @@ def triton_attention_backward(
             full_dbias is not None,
         ),
     )
-    wrap_triton(dq_kernel)[
-        lambda meta: _launch_grid(
-            cdiv(seqlen_q, meta["BLOCK_M"]), heads_q, batch, constexprs["BATCH_FASTEST"]
-        )
-    ](*args, **constexprs)
+    grid = _block_grid("BLOCK_M", seqlen_q, heads_q, batch, constexprs["BATCH_FASTEST"])
+    _launch(dq_kernel, grid, args, constexprs)
 
     if full_dbias is not None:
         dbias = full_dbias
@@ -418,7 +408,7 @@ def _reduce_dbias(inputs, bias: torch.Tensor) -> torch.Tensor:
         attention_backward_dbias_kernel,
         launch_configs("dbias", q.device, head_dim, q.dtype, seqlen_q, seqlen_k, bias.dtype, dropout_p),
     )
-    wrap_triton(dbias_kernel)[grid](*args, **constexprs)
+    _launch(dbias_kernel, grid, args, constexprs)
     return partials[0] if num_splits == 1 else _sum_splits(partials, bias.dtype)
 
 

@@ -12,5 +12,17 @@ block_ranges         which tiles a program visits, and which of them need masks
 scores               q.k products turned into masked, biased scores in the log2 domain
 dropout              the contract's dropout hash, bit-identical to fast_attn/dropout.py
 
+The kernels take flat arguments (torch.compile's wrap_triton passes tensors and
+scalars) and hand their helpers tuples, unpacked where they are read:
+    kv        (k head pointer, v head pointer, k row stride, v row stride)
+    q_do      (q head pointer, grad_out head pointer, q row stride, grad_out row stride)
+    bias      (bias head pointer, row stride, column stride)
+    key_mask  (key mask row pointer, column stride)
+    dropout   (seed low, seed high, keep threshold, keep scale): dropout_parameters
+    bounds    (seqlen_q, seqlen_k, causal_offset): query i sees key j iff j <= i + causal_offset
+A head pointer points at one (batch, head) slice, the key mask's row pointer at one
+batch's row. Constexprs stay separate parameters: a value unpacked from a tuple is a
+runtime value, and an `if` on it would not compile out.
+
 The launchers (grids, autotuning, allocation) live in fast_attn/ops/triton_ops.py.
 """

@@ -26,42 +26,27 @@ the nest, the T5 tile spilled 288 B on sm_90.)
 import triton
 import triton.language as tl
 
-from .backward_dq import score_gradient_tile
+from .backward_dq import load_query_rows, score_gradient_tile
 from .block_ranges import key_blocks_for_query_block
-from .dropout import dropout_row_offsets, load_dropout_seed
-from .scores import load_rows, lse_to_log2
+from .dropout import dropout_parameters, dropout_row_offsets
 
 
 @triton.jit
 def _pair_of_slice(
-    pair,
-    bias_batch,
-    bias_head,
-    heads_per_slice,
-    heads_q,
-    seqlen_q,
-    kv_group_size,
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    bias_ptr,
-    key_mask_ptr,
-    grad_out_ptr,
-    q_batch_stride,
-    q_head_stride,
-    k_batch_stride,
-    k_head_stride,
-    v_batch_stride,
-    v_head_stride,
-    bias_batch_stride,
-    bias_head_stride,
-    key_mask_batch_stride,
-    grad_out_batch_stride,
-    grad_out_head_stride,
+    pair, bias_batch, bias_head, heads_per_slice, heads_q, seqlen_q, kv_group_size, inputs,
     HAS_KEY_MASK: tl.constexpr,
 ):
-    """Row of (b, h, 0) in (B, Hq, Sq) and the (b, h) slices of every input, for the
-    pair-th (batch, head) pair that reads bias slice (bias_batch, bias_head)."""
+    """For the pair-th (batch, head) pair that reads bias slice (bias_batch, bias_head): the
+    row of (b, h, 0) in (B, Hq, Sq), and the pair's q_do, kv, bias and key_mask tuples.
+    inputs: the kernel's pointers and strides, grouped by input as unpacked below."""
+    (
+        (q_ptr, q_batch_stride, q_head_stride, q_row_stride),
+        (grad_out_ptr, grad_out_batch_stride, grad_out_head_stride, grad_out_row_stride),
+        (k_ptr, k_batch_stride, k_head_stride, k_row_stride),
+        (v_ptr, v_batch_stride, v_head_stride, v_row_stride),
+        (bias_ptr, bias_batch_stride, bias_head_stride, bias_row_stride, bias_col_stride),
+        (key_mask_ptr, key_mask_batch_stride, key_mask_col_stride),
+    ) = inputs
     batch = (bias_batch + pair // heads_per_slice).to(tl.int64)
     head = (bias_head + pair % heads_per_slice).to(tl.int64)
     kv_head = head // kv_group_size
@@ -74,39 +59,13 @@ def _pair_of_slice(
     key_mask_row_ptr = key_mask_ptr
     if HAS_KEY_MASK:
         key_mask_row_ptr = key_mask_ptr + batch * key_mask_batch_stride
-    return head_row, q_head_ptr, grad_out_head_ptr, k_head_ptr, v_head_ptr, bias_head_ptr, key_mask_row_ptr
-
-
-@triton.jit
-def _query_rows(
-    query_index,
-    head_row,
-    q_head_ptr,
-    grad_out_head_ptr,
-    q_row_stride,
-    grad_out_row_stride,
-    lse_ptr,
-    delta_ptr,
-    seqlen_q,
-    seqlen_k,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-):
-    """q, grad_out (R, BLOCK_D), lse2 and delta (R,) and the dropout row offsets of rows
-    `query_index` of one (b, h)."""
-    in_rows = query_index < seqlen_q
-    q = load_rows(q_head_ptr, query_index, q_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, True)
-    grad_out = load_rows(
-        grad_out_head_ptr, query_index, grad_out_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, True
+    return (
+        head_row,
+        (q_head_ptr, grad_out_head_ptr, q_row_stride, grad_out_row_stride),
+        (k_head_ptr, v_head_ptr, k_row_stride, v_row_stride),
+        (bias_head_ptr, bias_row_stride, bias_col_stride),
+        (key_mask_row_ptr, key_mask_col_stride),
     )
-    lse2 = lse_to_log2(tl.load(lse_ptr + head_row + query_index, mask=in_rows, other=float("-inf")))
-    delta = tl.load(delta_ptr + head_row + query_index, mask=in_rows, other=0.0)
-    dropout_row_low = 0
-    dropout_row_high = 0
-    if HAS_DROPOUT:
-        dropout_row_low, dropout_row_high = dropout_row_offsets(head_row, query_index, seqlen_k)
-    return q, grad_out, lse2, delta, dropout_row_low, dropout_row_high
 
 
 @triton.jit
@@ -197,10 +156,16 @@ def attention_backward_dbias_kernel(
     else:
         rows_begin = 0
         rows_end = seqlen_q
-    seed_low = 0
-    seed_high = 0
-    if HAS_DROPOUT:
-        seed_low, seed_high = load_dropout_seed(dropout_seed_ptr)
+    dropout = dropout_parameters(dropout_seed_ptr, dropout_keep_threshold, dropout_keep_scale, HAS_DROPOUT)
+    bounds = (seqlen_q, seqlen_k, causal_offset)
+    inputs = (
+        (q_ptr, q_batch_stride, q_head_stride, q_row_stride),
+        (grad_out_ptr, grad_out_batch_stride, grad_out_head_stride, grad_out_row_stride),
+        (k_ptr, k_batch_stride, k_head_stride, k_row_stride),
+        (v_ptr, v_batch_stride, v_head_stride, v_row_stride),
+        (bias_ptr, bias_batch_stride, bias_head_stride, bias_row_stride, bias_col_stride),
+        (key_mask_ptr, key_mask_batch_stride, key_mask_col_stride),
+    )  # the pointers and strides _pair_of_slice offsets to each pair's slices
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # dS summed over pairs (and broadcast rows / keys)
     pair_begin = split * pairs_per_split
@@ -212,161 +177,45 @@ def attention_backward_dbias_kernel(
         # the current pair computes).
         query_index = rows_begin + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
         start_n = col_tile * BLOCK_N
-        full_end, end = key_blocks_for_query_block(
-            rows_begin, seqlen_q, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N
-        )
+        full_end, end = key_blocks_for_query_block(rows_begin, bounds, CAUSAL, BLOCK_M, BLOCK_N)
         for phase in tl.static_range(2):
             # Unmasked when every score of the tile is visible and in bounds, else masked.
             if (phase == 0 and start_n < full_end) or (phase == 1 and start_n >= full_end and start_n < end):
                 for pair in range(pair_begin, pair_end):
-                    (
-                        head_row,
-                        q_head_ptr,
-                        grad_out_head_ptr,
-                        k_head_ptr,
-                        v_head_ptr,
-                        bias_head_ptr,
-                        key_mask_row_ptr,
-                    ) = _pair_of_slice(
-                        pair,
-                        bias_batch,
-                        bias_head,
-                        heads_per_slice,
-                        heads_q,
-                        seqlen_q,
-                        kv_group_size,
-                        q_ptr,
-                        k_ptr,
-                        v_ptr,
-                        bias_ptr,
-                        key_mask_ptr,
-                        grad_out_ptr,
-                        q_batch_stride,
-                        q_head_stride,
-                        k_batch_stride,
-                        k_head_stride,
-                        v_batch_stride,
-                        v_head_stride,
-                        bias_batch_stride,
-                        bias_head_stride,
-                        key_mask_batch_stride,
-                        grad_out_batch_stride,
-                        grad_out_head_stride,
-                        HAS_KEY_MASK,
+                    head_row, q_do, kv, bias, key_mask = _pair_of_slice(
+                        pair, bias_batch, bias_head, heads_per_slice, heads_q, seqlen_q, kv_group_size,
+                        inputs, HAS_KEY_MASK,
                     )
-                    q, grad_out, lse2, delta, dropout_row_low, dropout_row_high = _query_rows(
-                        query_index,
-                        head_row,
-                        q_head_ptr,
-                        grad_out_head_ptr,
-                        q_row_stride,
-                        grad_out_row_stride,
-                        lse_ptr,
-                        delta_ptr,
-                        seqlen_q,
-                        seqlen_k,
-                        HEAD_DIM,
-                        BLOCK_D,
-                        HAS_DROPOUT,
+                    query_rows = load_query_rows(
+                        query_index, head_row, q_do, lse_ptr, delta_ptr, seqlen_q, HEAD_DIM, BLOCK_D
                     )
-                    ds, k = score_gradient_tile(
-                        q,
-                        grad_out,
-                        lse2,
-                        delta,
-                        query_index,
-                        dropout_row_low,
-                        dropout_row_high,
-                        start_n,
-                        k_head_ptr,
-                        v_head_ptr,
-                        k_row_stride,
-                        v_row_stride,
-                        bias_head_ptr,
-                        bias_row_stride,
-                        bias_col_stride,
-                        key_mask_row_ptr,
-                        key_mask_col_stride,
-                        seed_low,
-                        seed_high,
-                        dropout_keep_threshold,
-                        dropout_keep_scale,
-                        seqlen_q,
-                        seqlen_k,
-                        causal_offset,
-                        scale_log2,
-                        HEAD_DIM,
-                        BLOCK_D,
-                        BLOCK_M,
-                        BLOCK_N,
-                        CAUSAL,
-                        True,
-                        HAS_KEY_MASK,
-                        HAS_DROPOUT,
-                        UPCAST_OPERANDS,
-                        DOT_PRECISION,
-                        phase == 1,
+                    dropout_rows = (0, 0)
+                    if HAS_DROPOUT:
+                        dropout_rows = dropout_row_offsets(head_row, query_index, seqlen_k)
+                    ds, _ = score_gradient_tile(
+                        query_rows, query_index, dropout_rows, start_n,
+                        kv, bias, key_mask, dropout, bounds, scale_log2,
+                        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, True, HAS_KEY_MASK, HAS_DROPOUT,
+                        UPCAST_OPERANDS, DOT_PRECISION, phase == 1,
                     )
                     acc += ds
     else:
         # Rows or keys broadcast: each pair sums a strip of tiles, loading its q and dO
         # once per row block.
         for pair in range(pair_begin, pair_end):
-            (
-                head_row,
-                q_head_ptr,
-                grad_out_head_ptr,
-                k_head_ptr,
-                v_head_ptr,
-                bias_head_ptr,
-                key_mask_row_ptr,
-            ) = _pair_of_slice(
-                pair,
-                bias_batch,
-                bias_head,
-                heads_per_slice,
-                heads_q,
-                seqlen_q,
-                kv_group_size,
-                q_ptr,
-                k_ptr,
-                v_ptr,
-                bias_ptr,
-                key_mask_ptr,
-                grad_out_ptr,
-                q_batch_stride,
-                q_head_stride,
-                k_batch_stride,
-                k_head_stride,
-                v_batch_stride,
-                v_head_stride,
-                bias_batch_stride,
-                bias_head_stride,
-                key_mask_batch_stride,
-                grad_out_batch_stride,
-                grad_out_head_stride,
-                HAS_KEY_MASK,
+            head_row, q_do, kv, bias, key_mask = _pair_of_slice(
+                pair, bias_batch, bias_head, heads_per_slice, heads_q, seqlen_q, kv_group_size,
+                inputs, HAS_KEY_MASK,
             )
             for start_m in range(rows_begin, rows_end, BLOCK_M):
                 query_index = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-                q, grad_out, lse2, delta, dropout_row_low, dropout_row_high = _query_rows(
-                    query_index,
-                    head_row,
-                    q_head_ptr,
-                    grad_out_head_ptr,
-                    q_row_stride,
-                    grad_out_row_stride,
-                    lse_ptr,
-                    delta_ptr,
-                    seqlen_q,
-                    seqlen_k,
-                    HEAD_DIM,
-                    BLOCK_D,
-                    HAS_DROPOUT,
+                query_rows = load_query_rows(
+                    query_index, head_row, q_do, lse_ptr, delta_ptr, seqlen_q, HEAD_DIM, BLOCK_D
                 )
-                full_end, end = key_blocks_for_query_block(
-                    start_m, seqlen_q, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N
-                )
+                dropout_rows = (0, 0)
+                if HAS_DROPOUT:
+                    dropout_rows = dropout_row_offsets(head_row, query_index, seqlen_k)
+                full_end, end = key_blocks_for_query_block(start_m, bounds, CAUSAL, BLOCK_M, BLOCK_N)
                 if COLS_FULL:
                     keys_begin = col_tile * BLOCK_N
                     keys_end = tl.minimum(keys_begin + BLOCK_N, end)
@@ -382,43 +231,11 @@ def attention_backward_dbias_kernel(
                         lo = tl.maximum(keys_begin, full_end)
                         hi = keys_end
                     for start_n in range(lo, hi, BLOCK_N):
-                        ds, k = score_gradient_tile(
-                            q,
-                            grad_out,
-                            lse2,
-                            delta,
-                            query_index,
-                            dropout_row_low,
-                            dropout_row_high,
-                            start_n,
-                            k_head_ptr,
-                            v_head_ptr,
-                            k_row_stride,
-                            v_row_stride,
-                            bias_head_ptr,
-                            bias_row_stride,
-                            bias_col_stride,
-                            key_mask_row_ptr,
-                            key_mask_col_stride,
-                            seed_low,
-                            seed_high,
-                            dropout_keep_threshold,
-                            dropout_keep_scale,
-                            seqlen_q,
-                            seqlen_k,
-                            causal_offset,
-                            scale_log2,
-                            HEAD_DIM,
-                            BLOCK_D,
-                            BLOCK_M,
-                            BLOCK_N,
-                            CAUSAL,
-                            True,
-                            HAS_KEY_MASK,
-                            HAS_DROPOUT,
-                            UPCAST_OPERANDS,
-                            DOT_PRECISION,
-                            phase == 1,
+                        ds, _ = score_gradient_tile(
+                            query_rows, query_index, dropout_rows, start_n,
+                            kv, bias, key_mask, dropout, bounds, scale_log2,
+                            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, True, HAS_KEY_MASK, HAS_DROPOUT,
+                            UPCAST_OPERANDS, DOT_PRECISION, phase == 1,
                         )
                         acc += ds
 

@@ -18,51 +18,23 @@ import triton
 import triton.language as tl
 
 from .block_ranges import query_blocks_for_key_block
-from .dropout import dropout_keep, dropout_row_offsets, load_dropout_seed
+from .dropout import dropout_keep, dropout_parameters, dropout_row_offsets
 from .grid import program_coordinates
 from .scores import load_key_allowed, load_rows, lse_to_log2, masked_scores, mma, store_rows
 
 
 @triton.jit
 def _accumulate_query_blocks(
-    dk,
-    dv,
-    k,
-    v,
-    key_index,
-    key_allowed,
-    head_row,
-    q_head_ptr,
-    grad_out_head_ptr,
-    q_row_stride,
-    grad_out_row_stride,
-    lse_row_ptr,
-    delta_row_ptr,
-    bias_head_ptr,
-    bias_row_stride,
-    bias_col_stride,
-    seed_low,
-    seed_high,
-    dropout_keep_threshold,
-    dropout_keep_scale,
-    seqlen_q,
-    seqlen_k,
-    causal_offset,
-    scale_log2,
-    block_begin,
-    block_end,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    UPCAST_OPERANDS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    MASKED: tl.constexpr,
+    dk, dv, k, v, key_index, key_allowed, head_row, q_do, lse_row_ptr, delta_row_ptr,
+    bias, dropout, bounds, scale_log2, block_begin, block_end,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
 ):
+    """dk, dv (BLOCK_N, BLOCK_D) plus the contributions of query rows [block_begin, block_end)
+    of one (b, h), whose lse and delta rows start at lse_row_ptr and delta_row_ptr."""
+    q_head_ptr, grad_out_head_ptr, q_row_stride, grad_out_row_stride = q_do
+    seqlen_q, seqlen_k, _ = bounds
     offs_m = tl.arange(0, BLOCK_M)
     for start_m in range(block_begin, block_end, BLOCK_M):
         query_index = start_m + offs_m  # (BLOCK_M,)
@@ -80,21 +52,8 @@ def _accumulate_query_blocks(
             delta = tl.load(delta_row_ptr + query_index)
         qk_t = mma(k, tl.trans(q), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), UPCAST_OPERANDS, DOT_PRECISION)
         scores_t = masked_scores(
-            qk_t,
-            query_index[None, :],
-            key_index[:, None],
-            scale_log2,
-            bias_head_ptr,
-            bias_row_stride,
-            bias_col_stride,
-            key_allowed,
-            seqlen_q,
-            seqlen_k,
-            causal_offset,
-            HAS_BIAS,
-            HAS_KEY_MASK,
-            CAUSAL,
-            MASKED,
+            qk_t, query_index[None, :], key_index[:, None], scale_log2, bias, key_allowed, bounds,
+            HAS_BIAS, HAS_KEY_MASK, CAUSAL, MASKED,
         )  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(scores_t - lse_to_log2(lse)[None, :])
         dp_t = mma(
@@ -102,18 +61,12 @@ def _accumulate_query_blocks(
         )
         if HAS_DROPOUT:
             row_low, row_high = dropout_row_offsets(head_row, query_index, seqlen_k)  # (BLOCK_M,)
-            keep_t = dropout_keep(
-                seed_low,
-                seed_high,
-                row_low[None, :],
-                row_high[None, :],
-                key_index[:, None],
-                dropout_keep_threshold,
-            )
+            keep_t = dropout_keep(dropout, row_low[None, :], row_high[None, :], key_index[:, None])
             dv = mma(
                 tl.where(keep_t, p_t, 0.0).to(grad_out.dtype), grad_out, dv, UPCAST_OPERANDS, DOT_PRECISION
             )
-            dp_t = tl.where(keep_t, dp_t * dropout_keep_scale, 0.0)
+            _, _, _, keep_scale = dropout
+            dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
         else:
             dv = mma(p_t.to(grad_out.dtype), grad_out, dv, UPCAST_OPERANDS, DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -194,29 +147,26 @@ def attention_backward_dkdv_kernel(
     )  # (BLOCK_N, BLOCK_D)
     v = load_rows(v_head_ptr, key_index, v_row_stride, seqlen_k, HEAD_DIM, BLOCK_D, True)
     if HAS_KEY_MASK:
-        key_allowed = load_key_allowed(
-            key_mask_ptr + batch * key_mask_batch_stride, key_index, key_mask_col_stride, seqlen_k
-        )[:, None]
+        key_mask = (key_mask_ptr + batch * key_mask_batch_stride, key_mask_col_stride)
+        key_allowed = load_key_allowed(key_mask, key_index, seqlen_k)[:, None]
     else:
         key_allowed = False
-    seed_low = 0
-    seed_high = 0
-    if HAS_DROPOUT:
-        seed_low, seed_high = load_dropout_seed(dropout_seed_ptr)
+    dropout = dropout_parameters(dropout_seed_ptr, dropout_keep_threshold, dropout_keep_scale, HAS_DROPOUT)
+    bounds = (seqlen_q, seqlen_k, causal_offset)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    begin, full_begin, full_end = query_blocks_for_key_block(
-        start_n, seqlen_q, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N
-    )
+    begin, full_begin, full_end = query_blocks_for_key_block(start_n, bounds, CAUSAL, BLOCK_M, BLOCK_N)
     for group_index in range(kv_group_size):
         head = (kv_head * kv_group_size + group_index).to(tl.int64)
         q_head_ptr = q_ptr + batch * q_batch_stride + head * q_head_stride
         grad_out_head_ptr = grad_out_ptr + batch * grad_out_batch_stride + head * grad_out_head_stride
+        q_do = (q_head_ptr, grad_out_head_ptr, q_row_stride, grad_out_row_stride)
         head_row = (batch * heads_q + head) * seqlen_q  # row of (b, h, 0) in (B, Hq, Sq)
         bias_head_ptr = bias_ptr
         if HAS_BIAS:
             bias_head_ptr = bias_ptr + batch * bias_batch_stride + head * bias_head_stride
+        bias = (bias_head_ptr, bias_row_stride, bias_col_stride)
         for phase in tl.static_range(3):
             # Rows [begin, full_begin) and [full_end, Sq) with masks, [full_begin, full_end) without.
             if phase == 0:
@@ -229,43 +179,10 @@ def attention_backward_dkdv_kernel(
                 lo = full_end
                 hi = seqlen_q
             dk, dv = _accumulate_query_blocks(
-                dk,
-                dv,
-                k,
-                v,
-                key_index,
-                key_allowed,
-                head_row,
-                q_head_ptr,
-                grad_out_head_ptr,
-                q_row_stride,
-                grad_out_row_stride,
-                lse_ptr + head_row,
-                delta_ptr + head_row,
-                bias_head_ptr,
-                bias_row_stride,
-                bias_col_stride,
-                seed_low,
-                seed_high,
-                dropout_keep_threshold,
-                dropout_keep_scale,
-                seqlen_q,
-                seqlen_k,
-                causal_offset,
-                scale_log2,
-                lo,
-                hi,
-                HEAD_DIM,
-                BLOCK_D,
-                BLOCK_M,
-                BLOCK_N,
-                CAUSAL,
-                HAS_BIAS,
-                HAS_KEY_MASK,
-                HAS_DROPOUT,
-                UPCAST_OPERANDS,
-                DOT_PRECISION,
-                phase != 1,
+                dk, dv, k, v, key_index, key_allowed, head_row, q_do,
+                lse_ptr + head_row, delta_ptr + head_row, bias, dropout, bounds, scale_log2, lo, hi,
+                HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS, HAS_KEY_MASK, HAS_DROPOUT,
+                UPCAST_OPERANDS, DOT_PRECISION, phase != 1,
             )
 
     dk *= scale  # s = scale * q.k + bias

@@ -16,184 +16,77 @@ import triton
 import triton.language as tl
 
 from .block_ranges import key_blocks_for_query_block
-from .dropout import dropout_keep, dropout_row_offsets, load_dropout_seed
+from .dropout import dropout_keep, dropout_parameters, dropout_row_offsets
 from .grid import program_coordinates
 from .scores import key_block_scores, load_rows, lse_to_log2, mma, store_rows
 
 
 @triton.jit
-def score_gradient_tile(
-    q,
-    grad_out,
-    lse2,
-    delta,
-    query_index,
-    dropout_row_low,
-    dropout_row_high,
-    start_n,
-    k_head_ptr,
-    v_head_ptr,
-    k_row_stride,
-    v_row_stride,
-    bias_head_ptr,
-    bias_row_stride,
-    bias_col_stride,
-    key_mask_row_ptr,
-    key_mask_col_stride,
-    seed_low,
-    seed_high,
-    dropout_keep_threshold,
-    dropout_keep_scale,
-    seqlen_q,
-    seqlen_k,
-    causal_offset,
-    scale_log2,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    UPCAST_OPERANDS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    MASKED: tl.constexpr,
+def load_query_rows(
+    query_index, head_row, q_do, lse_ptr, delta_ptr, seqlen_q, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr
 ):
-    """dS (BLOCK_M, BLOCK_N) of the query rows against keys [start_n, start_n + BLOCK_N),
-    and that key block's K tile (BLOCK_N, BLOCK_D)."""
+    """(q, grad_out, lse2, delta) of rows `query_index` ((R,) int32) of one (b, h): q and
+    grad_out (R, BLOCK_D), lse2 (lse_to_log2) and delta (R,). head_row: the row of
+    (b, h, 0) in (B, Hq, Sq)."""
+    q_head_ptr, grad_out_head_ptr, q_row_stride, grad_out_row_stride = q_do
+    in_rows = query_index < seqlen_q
+    q = load_rows(q_head_ptr, query_index, q_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, True)
+    grad_out = load_rows(
+        grad_out_head_ptr, query_index, grad_out_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, True
+    )
+    lse2 = lse_to_log2(tl.load(lse_ptr + head_row + query_index, mask=in_rows, other=float("-inf")))
+    delta = tl.load(delta_ptr + head_row + query_index, mask=in_rows, other=0.0)
+    return q, grad_out, lse2, delta
+
+
+@triton.jit
+def score_gradient_tile(
+    query_rows, query_index, dropout_rows, start_n,
+    kv, bias, key_mask, dropout, bounds, scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
+):
+    """dS (BLOCK_M, BLOCK_N) of the query rows (load_query_rows' tuple) against keys
+    [start_n, start_n + BLOCK_N), and that key block's K tile (BLOCK_N, BLOCK_D)."""
+    q, grad_out, lse2, delta = query_rows
     key_index = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     k, v, scores = key_block_scores(
-        q,
-        query_index,
-        key_index,
-        k_head_ptr,
-        v_head_ptr,
-        k_row_stride,
-        v_row_stride,
-        bias_head_ptr,
-        bias_row_stride,
-        bias_col_stride,
-        key_mask_row_ptr,
-        key_mask_col_stride,
-        seqlen_q,
-        seqlen_k,
-        causal_offset,
-        scale_log2,
-        HEAD_DIM,
-        BLOCK_D,
-        BLOCK_M,
-        BLOCK_N,
-        CAUSAL,
-        HAS_BIAS,
-        HAS_KEY_MASK,
-        UPCAST_OPERANDS,
-        DOT_PRECISION,
-        MASKED,
+        q, query_index, key_index, kv, bias, key_mask, bounds, scale_log2,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS, HAS_KEY_MASK,
+        UPCAST_OPERANDS, DOT_PRECISION, MASKED,
     )  # (BLOCK_M, BLOCK_N)
     p = tl.exp2(scores - lse2[:, None])
     dp = mma(grad_out, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST_OPERANDS, DOT_PRECISION)
     if HAS_DROPOUT:
-        keep = dropout_keep(
-            seed_low,
-            seed_high,
-            dropout_row_low[:, None],
-            dropout_row_high[:, None],
-            key_index[None, :],
-            dropout_keep_threshold,
-        )
-        dp = tl.where(keep, dp * dropout_keep_scale, 0.0)
+        row_low, row_high = dropout_rows
+        keep = dropout_keep(dropout, row_low[:, None], row_high[:, None], key_index[None, :])
+        _, _, _, keep_scale = dropout
+        dp = tl.where(keep, dp * keep_scale, 0.0)
     return p * (dp - delta[:, None]), k
 
 
 @triton.jit
 def _accumulate_key_blocks(
-    dq,
-    q,
-    grad_out,
-    lse2,
-    delta,
-    query_index,
-    dropout_row_low,
-    dropout_row_high,
-    k_head_ptr,
-    v_head_ptr,
-    k_row_stride,
-    v_row_stride,
-    bias_head_ptr,
-    bias_row_stride,
-    bias_col_stride,
-    key_mask_row_ptr,
-    key_mask_col_stride,
-    dbias_head_ptr,
-    dbias_row_stride,
-    seed_low,
-    seed_high,
-    dropout_keep_threshold,
-    dropout_keep_scale,
-    seqlen_q,
-    seqlen_k,
-    causal_offset,
-    scale_log2,
-    block_begin,
-    block_end,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    STORE_DBIAS: tl.constexpr,
-    UPCAST_OPERANDS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    dq, query_rows, query_index, dropout_rows, dbias_head_ptr,
+    kv, bias, key_mask, dropout, bounds, scale_log2, block_begin, block_end,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    STORE_DBIAS: tl.constexpr, UPCAST_OPERANDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     MASKED: tl.constexpr,
 ):
+    """dq (BLOCK_M, BLOCK_D) plus dS K over keys [block_begin, block_end); with STORE_DBIAS,
+    dS stored into the contiguous (Sq, Sk) dbias slice at dbias_head_ptr."""
+    seqlen_q, seqlen_k, _ = bounds
     for start_n in range(block_begin, block_end, BLOCK_N):
         ds, k = score_gradient_tile(
-            q,
-            grad_out,
-            lse2,
-            delta,
-            query_index,
-            dropout_row_low,
-            dropout_row_high,
-            start_n,
-            k_head_ptr,
-            v_head_ptr,
-            k_row_stride,
-            v_row_stride,
-            bias_head_ptr,
-            bias_row_stride,
-            bias_col_stride,
-            key_mask_row_ptr,
-            key_mask_col_stride,
-            seed_low,
-            seed_high,
-            dropout_keep_threshold,
-            dropout_keep_scale,
-            seqlen_q,
-            seqlen_k,
-            causal_offset,
-            scale_log2,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_M,
-            BLOCK_N,
-            CAUSAL,
-            HAS_BIAS,
-            HAS_KEY_MASK,
-            HAS_DROPOUT,
-            UPCAST_OPERANDS,
-            DOT_PRECISION,
-            MASKED,
+            query_rows, query_index, dropout_rows, start_n, kv, bias, key_mask, dropout, bounds, scale_log2,
+            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS, HAS_KEY_MASK, HAS_DROPOUT,
+            UPCAST_OPERANDS, DOT_PRECISION, MASKED,
         )
         if STORE_DBIAS:
             key_index = start_n + tl.arange(0, BLOCK_N)
-            dbias_ptrs = (
-                dbias_head_ptr + query_index.to(tl.int64)[:, None] * dbias_row_stride + key_index[None, :]
-            )
+            dbias_ptrs = dbias_head_ptr + query_index.to(tl.int64)[:, None] * seqlen_k + key_index[None, :]
             dbias_tile = ds.to(dbias_head_ptr.dtype.element_ty)
             if MASKED:
                 tl.store(
@@ -279,39 +172,30 @@ def attention_backward_dq_kernel(
     head_row = (batch * heads_q + head) * seqlen_q  # row of (b, h, 0) in (B, Hq, Sq)
     q_head_ptr = q_ptr + batch * q_batch_stride + head * q_head_stride
     grad_out_head_ptr = grad_out_ptr + batch * grad_out_batch_stride + head * grad_out_head_stride
+    q_do = (q_head_ptr, grad_out_head_ptr, q_row_stride, grad_out_row_stride)
     k_head_ptr = k_ptr + batch * k_batch_stride + kv_head * k_head_stride
     v_head_ptr = v_ptr + batch * v_batch_stride + kv_head * v_head_stride
+    kv = (k_head_ptr, v_head_ptr, k_row_stride, v_row_stride)
     bias_head_ptr = bias_ptr
     if HAS_BIAS:
         bias_head_ptr = bias_ptr + batch * bias_batch_stride + head * bias_head_stride
+    bias = (bias_head_ptr, bias_row_stride, bias_col_stride)
     key_mask_row_ptr = key_mask_ptr
     if HAS_KEY_MASK:
         key_mask_row_ptr = key_mask_ptr + batch * key_mask_batch_stride
+    key_mask = (key_mask_row_ptr, key_mask_col_stride)
     dbias_head_ptr = dbias_ptr
     if STORE_DBIAS:
         dbias_head_ptr = dbias_ptr + head_row * seqlen_k
-    seed_low = 0
-    seed_high = 0
-    dropout_row_low = 0
-    dropout_row_high = 0
+    dropout = dropout_parameters(dropout_seed_ptr, dropout_keep_threshold, dropout_keep_scale, HAS_DROPOUT)
+    dropout_rows = (0, 0)
     if HAS_DROPOUT:
-        seed_low, seed_high = load_dropout_seed(dropout_seed_ptr)
-        dropout_row_low, dropout_row_high = dropout_row_offsets(head_row, query_index, seqlen_k)  # (BLOCK_M,)
+        dropout_rows = dropout_row_offsets(head_row, query_index, seqlen_k)  # (BLOCK_M,) each
+    bounds = (seqlen_q, seqlen_k, causal_offset)
 
-    in_rows = query_index < seqlen_q
-    q = load_rows(
-        q_head_ptr, query_index, q_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, True
-    )  # (BLOCK_M, BLOCK_D)
-    grad_out = load_rows(
-        grad_out_head_ptr, query_index, grad_out_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, True
-    )
-    lse2 = lse_to_log2(tl.load(lse_ptr + head_row + query_index, mask=in_rows, other=float("-inf")))
-    delta = tl.load(delta_ptr + head_row + query_index, mask=in_rows, other=0.0)
-
+    query_rows = load_query_rows(query_index, head_row, q_do, lse_ptr, delta_ptr, seqlen_q, HEAD_DIM, BLOCK_D)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    full_end, end = key_blocks_for_query_block(
-        start_m, seqlen_q, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N
-    )
+    full_end, end = key_blocks_for_query_block(start_m, bounds, CAUSAL, BLOCK_M, BLOCK_N)
     for phase in tl.static_range(2):
         # Keys [0, full_end) without masks, then [full_end, end) with masks.
         if phase == 0:
@@ -321,47 +205,10 @@ def attention_backward_dq_kernel(
             lo = full_end
             hi = end
         dq = _accumulate_key_blocks(
-            dq,
-            q,
-            grad_out,
-            lse2,
-            delta,
-            query_index,
-            dropout_row_low,
-            dropout_row_high,
-            k_head_ptr,
-            v_head_ptr,
-            k_row_stride,
-            v_row_stride,
-            bias_head_ptr,
-            bias_row_stride,
-            bias_col_stride,
-            key_mask_row_ptr,
-            key_mask_col_stride,
-            dbias_head_ptr,
-            seqlen_k,
-            seed_low,
-            seed_high,
-            dropout_keep_threshold,
-            dropout_keep_scale,
-            seqlen_q,
-            seqlen_k,
-            causal_offset,
-            scale_log2,
-            lo,
-            hi,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_M,
-            BLOCK_N,
-            CAUSAL,
-            HAS_BIAS,
-            HAS_KEY_MASK,
-            HAS_DROPOUT,
-            STORE_DBIAS,
-            UPCAST_OPERANDS,
-            DOT_PRECISION,
-            phase == 1,
+            dq, query_rows, query_index, dropout_rows, dbias_head_ptr,
+            kv, bias, key_mask, dropout, bounds, scale_log2, lo, hi,
+            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS, HAS_KEY_MASK, HAS_DROPOUT,
+            STORE_DBIAS, UPCAST_OPERANDS, DOT_PRECISION, phase == 1,
         )
 
     dq *= scale  # s = scale * q.k + bias

@@ -16,13 +16,7 @@ import triton.language as tl
 
 @triton.jit
 def key_blocks_for_query_block(
-    start_m,
-    seqlen_q,
-    seqlen_k,
-    causal_offset,
-    CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    start_m, bounds, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 ):
     """For queries [start_m, start_m + BLOCK_M): returns (full_end, end).
 
@@ -30,7 +24,9 @@ def key_blocks_for_query_block(
     sequence: no masks. Keys [full_end, end) need masks. Keys >= end are visible to
     no row of the block: skipped. A block that runs past the end of the queries
     needs masks on every tile (its bias rows would be read out of bounds).
+    bounds: (seqlen_q, seqlen_k, causal_offset).
     """
+    seqlen_q, seqlen_k, causal_offset = bounds
     full_end = tl.where(start_m + BLOCK_M <= seqlen_q, seqlen_k // BLOCK_N * BLOCK_N, 0)
     if CAUSAL:
         rows_end = tl.minimum(start_m + BLOCK_M, seqlen_q)  # the last real row + 1
@@ -45,20 +41,15 @@ def key_blocks_for_query_block(
 
 @triton.jit
 def query_blocks_for_key_block(
-    start_n,
-    seqlen_q,
-    seqlen_k,
-    causal_offset,
-    CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    start_n, bounds, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 ):
     """For keys [start_n, start_n + BLOCK_N): returns (begin, full_begin, full_end).
 
     Query rows < begin see no key of the block: skipped. Rows [begin, full_begin)
     and [full_end, seqlen_q) need masks. Rows [full_begin, full_end) see every key
-    of the block, inside both sequences: no masks.
+    of the block, inside both sequences: no masks. bounds: (seqlen_q, seqlen_k, causal_offset).
     """
+    seqlen_q, seqlen_k, causal_offset = bounds
     full_rows_end = seqlen_q // BLOCK_M * BLOCK_M
     if CAUSAL:
         # Row i sees key start_n iff i >= start_n - causal_offset.

@@ -30,6 +30,18 @@ def load_dropout_seed(seed_ptr):
 
 
 @triton.jit
+def dropout_parameters(seed_ptr, keep_threshold, keep_scale, HAS_DROPOUT: tl.constexpr):
+    """(seed_low, seed_high, keep_threshold, keep_scale): what dropout_keep reads, and the
+    1 / (1 - p) that rescales what it keeps. Without HAS_DROPOUT the seed is not read
+    (its halves are 0) and nothing reads the tuple."""
+    seed_low = 0
+    seed_high = 0
+    if HAS_DROPOUT:
+        seed_low, seed_high = load_dropout_seed(seed_ptr)
+    return seed_low, seed_high, keep_threshold, keep_scale
+
+
+@triton.jit
 def dropout_row_offsets(head_row, query_index, seqlen_k):
     """The uint32 (low, high) halves of ((b * Hq + h) * Sq + i) * Sk for query rows i.
 
@@ -42,12 +54,13 @@ def dropout_row_offsets(head_row, query_index, seqlen_k):
 
 
 @triton.jit
-def dropout_keep(seed_low, seed_high, row_low, row_high, key_index, keep_threshold):
+def dropout_keep(dropout, row_low, row_high, key_index):
     """Bool tile: True where the probability of (row, key) is kept.
 
-    row_low, row_high: dropout_row_offsets of the rows, shaped to broadcast against
-    key_index (int32 key positions j).
+    dropout: dropout_parameters' tuple; row_low, row_high: dropout_row_offsets of the
+    rows, shaped to broadcast against key_index (int32 key positions j).
     """
+    seed_low, seed_high, keep_threshold, _ = dropout
     index_low = row_low + key_index.to(tl.uint32)  # wraps mod 2^32
     index_high = row_high + (index_low < row_low).to(tl.uint32)  # carry into the high half
     hashed = _mix32(index_low ^ seed_low)

@@ -15,80 +15,28 @@ import triton
 import triton.language as tl
 
 from .block_ranges import key_blocks_for_query_block
-from .dropout import dropout_keep, dropout_row_offsets, load_dropout_seed
+from .dropout import dropout_keep, dropout_parameters, dropout_row_offsets
 from .grid import program_coordinates
 from .scores import LN2, key_block_scores, load_rows, mma, store_rows
 
 
 @triton.jit
 def _accumulate_key_blocks(
-    acc,
-    m_i,
-    l_i,
-    q,
-    query_index,
-    dropout_row_low,
-    dropout_row_high,
-    k_head_ptr,
-    v_head_ptr,
-    k_row_stride,
-    v_row_stride,
-    bias_head_ptr,
-    bias_row_stride,
-    bias_col_stride,
-    key_mask_row_ptr,
-    key_mask_col_stride,
-    seed_low,
-    seed_high,
-    dropout_keep_threshold,
-    seqlen_q,
-    seqlen_k,
-    causal_offset,
-    scale_log2,
-    block_begin,
-    block_end,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    UPCAST_OPERANDS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    MASKED: tl.constexpr,
+    acc, m_i, l_i, q, query_index, dropout_rows,
+    kv, bias, key_mask, dropout, bounds, scale_log2, block_begin, block_end,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
 ):
+    """The online softmax (acc, m_i, l_i) of the query rows q, carried over keys
+    [block_begin, block_end)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(block_begin, block_end, BLOCK_N):
         key_index = start_n + offs_n  # (BLOCK_N,)
         _, v, scores = key_block_scores(
-            q,
-            query_index,
-            key_index,
-            k_head_ptr,
-            v_head_ptr,
-            k_row_stride,
-            v_row_stride,
-            bias_head_ptr,
-            bias_row_stride,
-            bias_col_stride,
-            key_mask_row_ptr,
-            key_mask_col_stride,
-            seqlen_q,
-            seqlen_k,
-            causal_offset,
-            scale_log2,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_M,
-            BLOCK_N,
-            CAUSAL,
-            HAS_BIAS,
-            HAS_KEY_MASK,
-            UPCAST_OPERANDS,
-            DOT_PRECISION,
-            MASKED,
+            q, query_index, key_index, kv, bias, key_mask, bounds, scale_log2,
+            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS, HAS_KEY_MASK,
+            UPCAST_OPERANDS, DOT_PRECISION, MASKED,
         )  # (BLOCK_M, BLOCK_N), log2 domain
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -97,14 +45,8 @@ def _accumulate_key_blocks(
         l_i = l_i * alpha + tl.sum(p, 1)  # lse is of the scores before dropout
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            keep = dropout_keep(
-                seed_low,
-                seed_high,
-                dropout_row_low[:, None],
-                dropout_row_high[:, None],
-                key_index[None, :],
-                dropout_keep_threshold,
-            )
+            row_low, row_high = dropout_rows
+            keep = dropout_keep(dropout, row_low[:, None], row_high[:, None], key_index[None, :])
             p = tl.where(keep, p, 0.0)  # 1 / (1 - p) is applied once, at the end
         acc = mma(p.to(v.dtype), v, acc, UPCAST_OPERANDS, DOT_PRECISION)
         m_i = m_new
@@ -175,20 +117,21 @@ def attention_forward_kernel(
     q_head_ptr = q_ptr + batch64 * q_batch_stride + head.to(tl.int64) * q_head_stride
     k_head_ptr = k_ptr + batch64 * k_batch_stride + kv_head.to(tl.int64) * k_head_stride
     v_head_ptr = v_ptr + batch64 * v_batch_stride + kv_head.to(tl.int64) * v_head_stride
+    kv = (k_head_ptr, v_head_ptr, k_row_stride, v_row_stride)
     bias_head_ptr = bias_ptr
     if HAS_BIAS:
         bias_head_ptr = bias_ptr + batch64 * bias_batch_stride + head.to(tl.int64) * bias_head_stride
+    bias = (bias_head_ptr, bias_row_stride, bias_col_stride)
     key_mask_row_ptr = key_mask_ptr
     if HAS_KEY_MASK:
         key_mask_row_ptr = key_mask_ptr + batch64 * key_mask_batch_stride
-    seed_low = 0
-    seed_high = 0
-    dropout_row_low = 0
-    dropout_row_high = 0
+    key_mask = (key_mask_row_ptr, key_mask_col_stride)
+    dropout = dropout_parameters(dropout_seed_ptr, dropout_keep_threshold, dropout_keep_scale, HAS_DROPOUT)
+    dropout_rows = (0, 0)
     if HAS_DROPOUT:
-        seed_low, seed_high = load_dropout_seed(dropout_seed_ptr)
         head_row = (batch64 * heads_q + head) * seqlen_q
-        dropout_row_low, dropout_row_high = dropout_row_offsets(head_row, query_index, seqlen_k)  # (BLOCK_M,)
+        dropout_rows = dropout_row_offsets(head_row, query_index, seqlen_k)  # (BLOCK_M,) each
+    bounds = (seqlen_q, seqlen_k, causal_offset)
 
     q = load_rows(
         q_head_ptr, query_index, q_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, True
@@ -197,9 +140,7 @@ def attention_forward_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max, log2 domain
     l_i = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2(s - m)
 
-    full_end, end = key_blocks_for_query_block(
-        start_m, seqlen_q, seqlen_k, causal_offset, CAUSAL, BLOCK_M, BLOCK_N
-    )
+    full_end, end = key_blocks_for_query_block(start_m, bounds, CAUSAL, BLOCK_M, BLOCK_N)
     for phase in tl.static_range(2):
         # Keys [0, full_end) without masks, then [full_end, end) with masks.
         if phase == 0:
@@ -209,42 +150,10 @@ def attention_forward_kernel(
             lo = full_end
             hi = end
         acc, m_i, l_i = _accumulate_key_blocks(
-            acc,
-            m_i,
-            l_i,
-            q,
-            query_index,
-            dropout_row_low,
-            dropout_row_high,
-            k_head_ptr,
-            v_head_ptr,
-            k_row_stride,
-            v_row_stride,
-            bias_head_ptr,
-            bias_row_stride,
-            bias_col_stride,
-            key_mask_row_ptr,
-            key_mask_col_stride,
-            seed_low,
-            seed_high,
-            dropout_keep_threshold,
-            seqlen_q,
-            seqlen_k,
-            causal_offset,
-            scale_log2,
-            lo,
-            hi,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_M,
-            BLOCK_N,
-            CAUSAL,
-            HAS_BIAS,
-            HAS_KEY_MASK,
-            HAS_DROPOUT,
-            UPCAST_OPERANDS,
-            DOT_PRECISION,
-            phase == 1,
+            acc, m_i, l_i, q, query_index, dropout_rows,
+            kv, bias, key_mask, dropout, bounds, scale_log2, lo, hi,
+            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS, HAS_KEY_MASK, HAS_DROPOUT,
+            UPCAST_OPERANDS, DOT_PRECISION, phase == 1,
         )
 
     # l = 0 only for rows with no visible key (otherwise the max term alone gives 1);

@@ -76,8 +76,9 @@ def store_rows(
 
 
 @triton.jit
-def load_key_allowed(key_mask_row_ptr, key_index, col_stride, seqlen_k):
+def load_key_allowed(key_mask, key_index, seqlen_k):
     """Bool: True where the key mask lets keys `key_index` be attended (out of bounds: False)."""
+    key_mask_row_ptr, col_stride = key_mask
     allowed = tl.load(key_mask_row_ptr + key_index * col_stride, mask=key_index < seqlen_k, other=0)
     return allowed != 0
 
@@ -88,28 +89,26 @@ def masked_scores(
     query_index,  # int32, broadcastable to the tile
     key_index,  # int32, broadcastable to the tile
     scale_log2,  # scale * log2(e)
-    bias_head_ptr,  # the (b, h) slice of the bias; unused without HAS_BIAS
-    bias_row_stride,
-    bias_col_stride,
+    bias,  # unused without HAS_BIAS
     key_allowed,  # bool, broadcastable to the tile; unused without HAS_KEY_MASK
-    seqlen_q,
-    seqlen_k,
-    causal_offset,  # query i sees key j iff j <= i + causal_offset
+    bounds,  # (seqlen_q, seqlen_k, causal_offset): query i sees key j iff j <= i + causal_offset
     HAS_BIAS: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     CAUSAL: tl.constexpr,
     MASKED: tl.constexpr,  # the tile may hold out-of-bounds or causally hidden pairs
 ):
     """Scores in the log2 domain, -inf where a pair is masked."""
+    seqlen_q, seqlen_k, causal_offset = bounds
     scores = qk * scale_log2
     if HAS_BIAS:
+        bias_head_ptr, bias_row_stride, bias_col_stride = bias
         # Row offsets in int64: one (Sq, Sk) bias slice may exceed 2^31 elements.
         bias_ptrs = bias_head_ptr + query_index.to(tl.int64) * bias_row_stride + key_index * bias_col_stride
         if MASKED:
-            bias = tl.load(bias_ptrs, mask=(query_index < seqlen_q) & (key_index < seqlen_k), other=0.0)
+            bias_tile = tl.load(bias_ptrs, mask=(query_index < seqlen_q) & (key_index < seqlen_k), other=0.0)
         else:
-            bias = tl.load(bias_ptrs)
-        scores += bias.to(tl.float32) * LOG2E
+            bias_tile = tl.load(bias_ptrs)
+        scores += bias_tile.to(tl.float32) * LOG2E
     if MASKED:
         visible = (query_index < seqlen_q) & (key_index < seqlen_k)
         if CAUSAL:
@@ -122,59 +121,27 @@ def masked_scores(
 
 @triton.jit
 def key_block_scores(
-    q,  # (BLOCK_M, BLOCK_D) query rows
-    query_index,  # (BLOCK_M,) int32 positions of those rows
-    key_index,  # (BLOCK_N,) int32 positions of the keys
-    k_head_ptr,
-    v_head_ptr,
-    k_row_stride,
-    v_row_stride,
-    bias_head_ptr,
-    bias_row_stride,
-    bias_col_stride,
-    key_mask_row_ptr,
-    key_mask_col_stride,
-    seqlen_q,
-    seqlen_k,
-    causal_offset,
-    scale_log2,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr,
-    UPCAST_OPERANDS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    MASKED: tl.constexpr,
+    q, query_index, key_index, kv, bias, key_mask, bounds, scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """For keys `key_index` of one (b, kv head): K and V tiles (BLOCK_N, BLOCK_D), and the
-    scores (BLOCK_M, BLOCK_N) of the query rows against them (log2 domain, -inf where
-    masked). The forward and dQ kernels' key loops."""
+    """For keys `key_index` ((BLOCK_N,) int32) of one (b, kv head): K and V tiles
+    (BLOCK_N, BLOCK_D), and the scores (BLOCK_M, BLOCK_N) of the query rows q
+    (BLOCK_M, BLOCK_D), at positions query_index ((BLOCK_M,) int32), against them (log2
+    domain, -inf where masked). The forward and dQ kernels' key loops."""
+    k_head_ptr, v_head_ptr, k_row_stride, v_row_stride = kv
+    _, seqlen_k, _ = bounds
     k = load_rows(k_head_ptr, key_index, k_row_stride, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
     v = load_rows(v_head_ptr, key_index, v_row_stride, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
     if HAS_KEY_MASK:
-        key_allowed = load_key_allowed(key_mask_row_ptr, key_index, key_mask_col_stride, seqlen_k)[None, :]
+        key_allowed = load_key_allowed(key_mask, key_index, seqlen_k)[None, :]
     else:
         key_allowed = False
     qk = mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST_OPERANDS, DOT_PRECISION)
     scores = masked_scores(
-        qk,
-        query_index[:, None],
-        key_index[None, :],
-        scale_log2,
-        bias_head_ptr,
-        bias_row_stride,
-        bias_col_stride,
-        key_allowed,
-        seqlen_q,
-        seqlen_k,
-        causal_offset,
-        HAS_BIAS,
-        HAS_KEY_MASK,
-        CAUSAL,
-        MASKED,
+        qk, query_index[:, None], key_index[None, :], scale_log2, bias, key_allowed, bounds,
+        HAS_BIAS, HAS_KEY_MASK, CAUSAL, MASKED,
     )
     return k, v, scores
 
