@@ -2,8 +2,9 @@
 
 Fused projections (one GEMM for q, k, v in self-attention; one for k, v in
 cross-attention), grouped-query attention (k/v keep num_kv_heads heads, never
-expanded), an optional additive bias, a key mask, causal masking, and a
-KV cache for incremental decoding.
+expanded), an optional additive bias, a key mask, causal masking, the score
+modifiers of today's models (a sliding window, softcap, ALiBi slopes, learnable
+attention sinks), and a KV cache for incremental decoding.
 
 Causal self-attention is aligned bottom-right (query i of Sq new tokens sees
 keys j <= i + Sk - Sq): with a cache holding Sk - Sq earlier tokens that is
@@ -30,6 +31,10 @@ class Attention(nn.Module):
     causal: default causality of self-attention (bottom-right aligned; see module docstring).
     bias: biases of the input projections; out_bias: of the output projection (default: bias).
     dropout: on the attention probabilities, in training mode. scale: default 1 / sqrt(head_dim).
+    window_size: (left, right) keys around the diagonal each query sees (-1 = unbounded; causal forces
+        right = 0), as fast_attn.attention. softcap: caps each scaled score to softcap * tanh(score / softcap).
+    alibi_slopes: float32 (num_heads,) ALiBi slopes (a buffer). sinks: a learnable logit per head that
+        joins every row's softmax denominator (parameter `sinks`, initialized to 0).
     """
 
     def __init__(
@@ -46,6 +51,10 @@ class Attention(nn.Module):
         out_bias: bool | None = None,
         dropout: float = 0.0,
         scale: float | None = None,
+        window_size: tuple[int, int] | None = None,
+        softcap: float | None = None,
+        alibi_slopes: torch.Tensor | None = None,
+        sinks: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -82,6 +91,15 @@ class Attention(nn.Module):
                 raise ValueError("kv_embed_dim only applies to cross-attention")
             self.qkv_proj = nn.Linear(embed_dim, q_width + 2 * kv_width, bias=bias, **factory)
         self.out_proj = nn.Linear(q_width, embed_dim, bias=bias if out_bias is None else out_bias, **factory)
+        self.window_size, self.softcap = window_size, softcap
+        if alibi_slopes is not None:
+            if tuple(alibi_slopes.shape) != (num_heads,):
+                raise ValueError(
+                    f"alibi_slopes must have shape (num_heads,) = ({num_heads},), got {tuple(alibi_slopes.shape)}"
+                )
+            alibi_slopes = alibi_slopes.to(device=device, dtype=torch.float32)
+        self.register_buffer("alibi_slopes", alibi_slopes)
+        self.sinks = nn.Parameter(torch.zeros(num_heads, **factory)) if sinks else None
 
     def new_cache(self, batch: int, max_length: int) -> KVCache:
         """An empty KVCache for this layer (dtype and device of its weights)."""
@@ -154,6 +172,10 @@ class Attention(nn.Module):
             bias=bias,
             key_mask=key_mask,
             causal="bottom_right" if causal else False,
+            window_size=self.window_size,
+            softcap=self.softcap,
+            alibi_slopes=self.alibi_slopes,
+            sinks=self.sinks,
             scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
         )  # (B, Hq, Sq, D)

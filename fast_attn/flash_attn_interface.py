@@ -1,0 +1,155 @@
+"""flash-attn 2.8's training functions over fast_attn's contract, on every device fast_attn runs on.
+
+    from fast_attn.flash_attn_interface import flash_attn_func   # instead of flash_attn's
+    out = flash_attn_func(q, k, v, causal=True)                   # q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D)
+
+The same signatures, (B, S, H, D) layout, return values and semantics as flash-attn 2.8's
+`flash_attn_func`, `flash_attn_qkvpacked_func` and `flash_attn_kvpacked_func`:
+
+* `causal` is aligned bottom-right: query i sees keys j <= i + Sk - Sq. Sq = 2, Sk = 5 gives the rows
+  1 1 1 1 0 / 1 1 1 1 1; Sq = 5, Sk = 2 gives three rows that see nothing (their output is 0).
+* `window_size=(left, right)`, -1 = unbounded: query i sees keys i + Sk - Sq - left .. i + Sk - Sq + right;
+  `causal` forces right = 0.
+* `softcap` > 0 caps each scaled score to softcap * tanh(score / softcap); 0.0 = none.
+* `alibi_slopes` float32 (H,) or (B, H) adds -slope * |i + Sk - Sq - j| to the scores.
+* GQA: query heads h * (Hq // Hkv) .. (h + 1) * (Hq // Hkv) - 1 read key/value head h.
+* `return_attn_probs=True` returns (out, softmax_lse, None): softmax_lse is (B, Hq, Sq) float32, the
+  natural-log log-sum-exp of each row's scores.
+
+Differences from flash-attn:
+* Any device and dtype fast_attn supports (CPU included; float32 and float64 too), any head dim up to
+  256 (not only multiples of 8).
+* softcap works together with dropout (flash-attn refuses the pair).
+* softmax_lse of a row that sees no key is -inf (flash-attn 2 writes +inf).
+* softmax_lse with ALiBi is the log-sum-exp of the scores as defined above in every mode; in causal
+  mode flash-attn 2 adds slope * j instead of -slope * |i + Sk - Sq - j|, which gives the same output
+  but an lse larger by slope * (i + Sk - Sq).
+* softmax_lse carries a gradient (flash-attn's does not): using it in a loss differentiates through it.
+* The third value of return_attn_probs is always None (flash-attn returns a debugging tensor of the
+  dropout pattern, "for testing only").
+* `deterministic=True`: fast_attn's CPU and Triton backward passes are deterministic by construction; the
+  CUDA backend's is when torch.use_deterministic_algorithms(True) is in effect. On a CUDA device
+  deterministic=True is therefore refused unless that setting is on (it is then honoured by every backend).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .functional import attention
+
+
+def _check_tensor(name: str, value: object, rank: int, layout: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != rank:
+        raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(value.shape)}")
+    return value
+
+
+def _window(window_size: object) -> tuple[int, int] | None:
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be a pair (left, right), got {window_size!r}")
+    return None if tuple(window_size) == (-1, -1) else tuple(window_size)
+
+
+def _softcap(softcap: object) -> float | None:
+    if isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and softcap == 0:
+        return None
+    return softcap  # validated by fast_attn.attention (> 0, finite)
+
+
+def _check_deterministic(deterministic: object, q: torch.Tensor) -> None:
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    if deterministic and q.device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
+        raise ValueError(
+            "deterministic=True on a CUDA device needs torch.use_deterministic_algorithms(True): the cuda "
+            "backend chooses its deterministic backward from that setting"
+        )
+
+
+def flash_attn_func(
+    q,
+    k,
+    v,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D) -> out (B, Sq, Hq, D) (see the module docstring)."""
+    q = _check_tensor("q", q, 4, "(B, Sq, Hq, D)")
+    k = _check_tensor("k", k, 4, "(B, Sk, Hkv, D)")
+    v = _check_tensor("v", v, 4, "(B, Sk, Hkv, D)")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(return_attn_probs, bool):
+        raise TypeError(f"return_attn_probs must be a bool, got {type(return_attn_probs).__name__}")
+    _check_deterministic(deterministic, q)
+    out, lse = attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        causal="bottom_right" if causal else False,
+        window_size=_window(window_size),
+        softcap=_softcap(softcap),
+        alibi_slopes=alibi_slopes,
+        scale=softmax_scale,
+        dropout_p=dropout_p,
+        return_lse=True,
+    )  # (B, Hq, Sq, D) views of (B, Sq, Hq, D) memory, lse (B, Hq, Sq)
+    out = out.transpose(1, 2)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_qkvpacked_func(
+    qkv,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """qkv (B, S, 3, H, D) -> out (B, S, H, D); gradients come back as one (B, S, 3, H, D) tensor."""
+    qkv = _check_tensor("qkv", qkv, 5, "(B, S, 3, H, D)")
+    if qkv.shape[2] != 3:
+        raise ValueError(f"qkv must have shape (B, S, 3, H, D), got {tuple(qkv.shape)}")
+    q, k, v = qkv.unbind(dim=2)
+    return flash_attn_func(
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+        return_attn_probs,
+    )
+
+
+def flash_attn_kvpacked_func(
+    q,
+    kv,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """q (B, Sq, Hq, D), kv (B, Sk, 2, Hkv, D) -> out (B, Sq, Hq, D)."""
+    kv = _check_tensor("kv", kv, 5, "(B, Sk, 2, Hkv, D)")
+    if kv.shape[2] != 2:
+        raise ValueError(f"kv must have shape (B, Sk, 2, Hkv, D), got {tuple(kv.shape)}")
+    k, v = kv.unbind(dim=2)
+    return flash_attn_func(
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+        return_attn_probs,
+    )
+
+
+__all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func"]
