@@ -1,5 +1,8 @@
-"""End-to-end model benchmarks: transformers' GPT-2, BERT and T5 with attention
-implementation "fast_attn" vs "sdpa" vs "eager", measured in the same run.
+"""End-to-end model benchmarks: transformers' GPT-2, BERT and T5, and the score-modifier
+models Mistral (sliding window), Gemma 2 (window and softcap) and gpt-oss (window and
+sinks), with attention implementation "fast_attn" vs "sdpa" vs "eager" (where the
+model accepts it: gpt-oss refuses "sdpa"; Gemma 2 takes it in transformers 5.18 but then
+drops its softcap, so that row times a different computation), measured in the same run.
 
     pytest benchmarks/test_bench_models.py --benchmark-group-by=group
     pytest benchmarks/test_bench_models.py --benchmark-json=benchmarks/results/models-<card>-<date>.json
@@ -55,17 +58,53 @@ WORKLOADS = (
         "gpt2": Workload(batch=8, seqlen=1024, target_len=0, prompt_len=512, new_tokens=64, rounds=5),
         "bert": Workload(batch=16, seqlen=512, target_len=0, prompt_len=0, new_tokens=0, rounds=5),
         "t5": Workload(batch=16, seqlen=512, target_len=128, prompt_len=512, new_tokens=64, rounds=5),
+        **{
+            kind: Workload(batch=4, seqlen=2048, target_len=0, prompt_len=512, new_tokens=64, rounds=5)
+            for kind in ("mistral", "gemma2", "gpt_oss")
+        },
     }
     if ON_GPU
     else {
         "gpt2": Workload(batch=4, seqlen=128, target_len=0, prompt_len=32, new_tokens=16, rounds=3),
         "bert": Workload(batch=4, seqlen=128, target_len=0, prompt_len=0, new_tokens=0, rounds=3),
         "t5": Workload(batch=4, seqlen=128, target_len=32, prompt_len=32, new_tokens=16, rounds=3),
+        **{
+            kind: Workload(batch=2, seqlen=256, target_len=0, prompt_len=64, new_tokens=16, rounds=3)
+            for kind in ("mistral", "gemma2", "gpt_oss")
+        },
     }
 )
+DECODERS = ("mistral", "gemma2", "gpt_oss")
+
+
+def decoder_config(kind: str):
+    """A Mistral / Gemma 2 / gpt-oss decoder whose sliding window covers a quarter of the sequence."""
+    hidden, layers, heads, kv_heads = (1024, 8, 16, 4) if ON_GPU else (128, 2, 4, 2)
+    common = {
+        "vocab_size": VOCAB,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": hidden // heads,
+        "sliding_window": WORKLOADS[kind].seqlen // 4,
+        "max_position_embeddings": 4096,
+        "attention_dropout": 0.0,
+        "pad_token_id": 0,
+        "bos_token_id": 0,
+        "eos_token_id": None,
+    }
+    if kind == "mistral":
+        return transformers.MistralConfig(**common)
+    if kind == "gemma2":
+        return transformers.Gemma2Config(**common, query_pre_attn_scalar=hidden // heads)
+    return transformers.GptOssConfig(**common, num_local_experts=4, num_experts_per_tok=2)
 
 
 def config(kind: str):
+    if kind in DECODERS:
+        return decoder_config(kind)
     if ON_GPU:  # the real sizes of GPT-2 small, BERT-base and T5-small
         sizes = {
             "gpt2": {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024},
@@ -111,12 +150,13 @@ def config(kind: str):
 def build(kind: str, implementation: str):
     if implementation == "fast_attn":
         register()
-    auto = {"gpt2": "AutoModelForCausalLM", "bert": "AutoModelForMaskedLM", "t5": "AutoModelForSeq2SeqLM"}[
-        kind
-    ]
+    auto = {"bert": "AutoModelForMaskedLM", "t5": "AutoModelForSeq2SeqLM"}.get(kind, "AutoModelForCausalLM")
     torch.manual_seed(0)
-    with torch.device(DEVICE):  # initialize on the device: random init of 100M+ weights is slow on CPU
-        model = getattr(transformers, auto).from_config(config(kind), attn_implementation=implementation)
+    try:
+        with torch.device(DEVICE):  # initialize on the device: random init of 100M+ weights is slow on CPU
+            model = getattr(transformers, auto).from_config(config(kind), attn_implementation=implementation)
+    except ValueError as refusal:  # e.g. Gemma 2 and gpt-oss refuse "sdpa"
+        pytest.skip(f"{kind} refuses attn_implementation={implementation!r}: {refusal}")
     return model.to(dtype=DTYPE)
 
 
@@ -134,7 +174,7 @@ def training_inputs(kind: str) -> dict:
     w = WORKLOADS[kind]
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(1, VOCAB, (w.batch, w.seqlen), generator=generator).to(DEVICE)
-    if kind == "gpt2":
+    if kind == "gpt2" or kind in DECODERS:
         return {"input_ids": ids, "labels": ids}
     if kind == "bert":
         # A quarter of the rows padded to half length: the padding mask is part of the workload.
@@ -159,7 +199,7 @@ def describe(benchmark, kind: str, implementation: str, workload: str, tokens: i
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("kind", ["gpt2", "bert", "t5"])
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "t5", *DECODERS])
 def test_training_step(benchmark, kind, implementation):
     model = build(kind, implementation).train()
     inputs = training_inputs(kind)
@@ -174,7 +214,7 @@ def test_training_step(benchmark, kind, implementation):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("kind", ["gpt2", "t5"])
+@pytest.mark.parametrize("kind", ["gpt2", "t5", *DECODERS])
 def test_greedy_generation(benchmark, kind, implementation):
     model = build(kind, implementation).eval()
     w = WORKLOADS[kind]
