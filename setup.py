@@ -6,8 +6,8 @@ Build against the torch already installed:
 
 Environment:
     FAST_ATTN_BUILD_CUDA   auto (default) | 0 | 1   build the CUDA kernels
-    TORCH_CUDA_ARCH_LIST   default "8.0;9.0"
-    FAST_ATTN_HEAD_DIMS    CUDA head dims to compile, e.g. "64,128" (default: all)
+    TORCH_CUDA_ARCH_LIST   default: the archs of csrc/cuda/build_matrix.json
+    FAST_ATTN_HEAD_DIMS    CUDA head dims to compile, e.g. "64,128" (default: all of build_matrix.json)
     MAX_JOBS               parallel compile jobs (default: by cores and memory)
     NVCC_THREADS           nvcc --threads (default 4)
 """
@@ -15,6 +15,7 @@ Environment:
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -27,18 +28,9 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "fast_attn" / "version.py").read_text()).group(1)
-CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
-# nvcc flags of the CUDA kernels; tools/cuda_compile_check.py reads this literal too.
-NVCC_FLAGS = [
-    "-O3",
-    "--use_fast_math",
-    "-lineinfo",
-    "--expt-relaxed-constexpr",
-    "-U__CUDA_NO_HALF_OPERATORS__",
-    "-U__CUDA_NO_HALF_CONVERSIONS__",
-    "-U__CUDA_NO_BFLOAT16_OPERATORS__",
-    "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-]
+# The CUDA head dims, dtypes, archs and nvcc flags, shared with CMakeLists.txt and tools/.
+CUDA_BUILD_MATRIX = json.loads((ROOT / "csrc" / "cuda" / "build_matrix.json").read_text())
+CUDA_HEAD_DIMS = tuple(CUDA_BUILD_MATRIX["head_dims"])
 
 
 def fail(message: str) -> None:
@@ -132,7 +124,8 @@ class BuildChoice:
     @staticmethod
     def from_environment() -> "BuildChoice":
         with_cuda = want_cuda()
-        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0") if with_cuda else ""
+        default_archs = ";".join(CUDA_BUILD_MATRIX["archs"])
+        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_archs) if with_cuda else ""
         return BuildChoice(with_cuda, archs, tuple(cuda_head_dims()) if with_cuda else ())
 
     def build_info_text(self) -> str:
@@ -208,7 +201,7 @@ def extension_modules(choice: BuildChoice):
     # FAST_ATTN_CUDA_HEAD_DIMS (read by the host launcher only) goes to the host
     # compiler alone: nvcc splits -D values at commas.
     cuda_cxx_flags = cxx_flags + ["-DFAST_ATTN_CUDA_HEAD_DIMS=" + ",".join(str(d) for d in head_dims)]
-    nvcc_flags = NVCC_FLAGS + ["--threads", os.environ.get("NVCC_THREADS", "4")]
+    nvcc_flags = CUDA_BUILD_MATRIX["nvcc_flags"] + ["--threads", os.environ.get("NVCC_THREADS", "4")]
     return [
         cpp_extension.CUDAExtension(
             "fast_attn._C",
