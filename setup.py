@@ -102,15 +102,13 @@ def local_version(with_cuda: bool) -> str:
 
 
 def cuda_sources(head_dims: tuple[int, ...]) -> list[str]:
-    sources = sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True) + glob.glob("csrc/cuda/**/*.cpp", recursive=True))
-    selected = []
-    for source in sources:
-        if "emulation" in Path(source).parts:  # the kernels' CPU emulation, built by the tests only
-            continue
-        match = re.search(r"hdim(\d+)", os.path.basename(source))
-        if match is None or int(match.group(1)) in head_dims:
-            selected.append(source)
-    return selected
+    """csrc/cuda's units (not the CPU emulation under csrc/cuda/emulation, built by the
+    tests only) and the generated instantiation units of these head dims."""
+    sources = glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp")
+    for unit in glob.glob("csrc/cuda/instantiations/*.cu"):
+        if int(re.search(r"_hdim(\d+)_", unit).group(1)) in head_dims:
+            sources.append(unit)
+    return sorted(sources)
 
 
 @dataclass(frozen=True)

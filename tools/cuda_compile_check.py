@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Compile every CUDA kernel translation unit and check ptxas's resource report.
 
-Each csrc/cuda/*.cu is compiled with `nvcc -c -Xptxas -v` for the archs of
-csrc/cuda/build_matrix.json (8.0 as sm_80, 9.0 as sm_90a) with the flags the
-builds give nvcc (the matrix's nvcc_flags, plus torch's default CUDA extension
-flags when torch is importable), in parallel. The run fails (exit status 1) on:
+Each csrc/cuda/*.cu and csrc/cuda/instantiations/*.cu is compiled with
+`nvcc -c -Xptxas -v` for the archs of csrc/cuda/build_matrix.json (8.0 as sm_80,
+9.0 as sm_90a) with the flags the builds give nvcc (the matrix's nvcc_flags,
+plus torch's default CUDA extension flags when torch is importable), in
+parallel. The run fails (exit status 1) on:
   - a compile error,
   - spill stores or loads, a stack frame or cumulative stack (local memory),
     unless the kernel is listed in INTENDED_LOCAL_MEMORY with the reason,
@@ -298,7 +299,7 @@ def main() -> int:
         return 1
     archs = matrix_archs()
     flags = torch_nvcc_flags() + BUILD_MATRIX["nvcc_flags"]
-    sources = sorted(CUDA_DIR.glob("*.cu"))
+    sources = sorted(CUDA_DIR.glob("*.cu")) + sorted((CUDA_DIR / "instantiations").glob("*.cu"))
     with tempfile.TemporaryDirectory(prefix="fast_attn_ptxas_") as tmp:
         workdir = Path(tmp)
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
