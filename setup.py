@@ -5,11 +5,16 @@ Build against the torch already installed:
     pip install --no-build-isolation -e .
 
 Environment:
-    FAST_ATTN_BUILD_CUDA   auto (default) | 0 | 1   build the CUDA kernels
-    TORCH_CUDA_ARCH_LIST   default: the archs of csrc/cuda/build_matrix.json
-    FAST_ATTN_HEAD_DIMS    CUDA head dims to compile, e.g. "64,128" (default: all of build_matrix.json)
-    MAX_JOBS               parallel compile jobs (default: by cores and memory)
-    NVCC_THREADS           nvcc --threads (default 4)
+    FAST_ATTN_BUILD_CUDA       auto (default) | 0 | 1   build the CUDA kernels
+    TORCH_CUDA_ARCH_LIST       default: the archs of csrc/cuda/build_matrix.json
+    FAST_ATTN_CUDA_HEAD_DIMS   CUDA head dims to compile, e.g. "64,128" (default: all of build_matrix.json);
+                               the CMake build's variable of the same name. FAST_ATTN_HEAD_DIMS, its old
+                               name, still works with a deprecation message.
+    MAX_JOBS                   parallel compile jobs (default: by cores and memory)
+    NVCC_THREADS               nvcc --threads (default 4)
+
+The CUDA head dims, dtypes, default archs and nvcc flags are csrc/cuda/build_matrix.json's;
+after editing it, `python tools/generate_kernels.py` rewrites the instantiation units.
 """
 
 from __future__ import annotations
@@ -75,13 +80,17 @@ def want_cuda() -> bool:
 
 
 def cuda_head_dims() -> list[int]:
-    requested = os.environ.get("FAST_ATTN_HEAD_DIMS")
+    requested = os.environ.get("FAST_ATTN_CUDA_HEAD_DIMS")
+    if requested is None and "FAST_ATTN_HEAD_DIMS" in os.environ:
+        print("fast_attn: FAST_ATTN_HEAD_DIMS is deprecated, set FAST_ATTN_CUDA_HEAD_DIMS (as for CMake)",
+              file=sys.stderr)
+        requested = os.environ["FAST_ATTN_HEAD_DIMS"]
     if not requested:
         return list(CUDA_HEAD_DIMS)
     dims = sorted({int(d) for d in requested.replace(";", ",").split(",") if d.strip()})
     unknown = [d for d in dims if d not in CUDA_HEAD_DIMS]
     if unknown:
-        fail(f"FAST_ATTN_HEAD_DIMS has {unknown}; compiled CUDA head dims are {CUDA_HEAD_DIMS}")
+        fail(f"FAST_ATTN_CUDA_HEAD_DIMS has {unknown}; the build matrix's head dims are {CUDA_HEAD_DIMS}")
     return dims
 
 
