@@ -5,16 +5,22 @@ Build against the torch already installed:
     pip install --no-build-isolation -e .
 
 Environment:
-    FAST_ATTN_BUILD_CUDA   auto (default) | 0 | 1   build the CUDA kernels
-    TORCH_CUDA_ARCH_LIST   default "8.0;9.0"
-    FAST_ATTN_HEAD_DIMS    CUDA head dims to compile, e.g. "64,128" (default: all)
-    MAX_JOBS               parallel compile jobs (default: by cores and memory)
-    NVCC_THREADS           nvcc --threads (default 4)
+    FAST_ATTN_BUILD_CUDA       auto (default) | 0 | 1   build the CUDA kernels
+    TORCH_CUDA_ARCH_LIST       default: the archs of csrc/cuda/build_matrix.json
+    FAST_ATTN_CUDA_HEAD_DIMS   CUDA head dims to compile, e.g. "64,128" (default: all of build_matrix.json);
+                               the CMake build's variable of the same name. FAST_ATTN_HEAD_DIMS, its old
+                               name, still works with a deprecation message.
+    MAX_JOBS                   parallel compile jobs (default: by cores and memory)
+    NVCC_THREADS               nvcc --threads (default 4)
+
+The CUDA head dims, dtypes, default archs and nvcc flags are csrc/cuda/build_matrix.json's;
+after editing it, `python tools/generate_kernels.py` rewrites the instantiation units.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -27,18 +33,9 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "fast_attn" / "version.py").read_text()).group(1)
-CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
-# nvcc flags of the CUDA kernels; tools/cuda_compile_check.py reads this literal too.
-NVCC_FLAGS = [
-    "-O3",
-    "--use_fast_math",
-    "-lineinfo",
-    "--expt-relaxed-constexpr",
-    "-U__CUDA_NO_HALF_OPERATORS__",
-    "-U__CUDA_NO_HALF_CONVERSIONS__",
-    "-U__CUDA_NO_BFLOAT16_OPERATORS__",
-    "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-]
+# The CUDA head dims, dtypes, archs and nvcc flags, shared with CMakeLists.txt and tools/.
+CUDA_BUILD_MATRIX = json.loads((ROOT / "csrc" / "cuda" / "build_matrix.json").read_text())
+CUDA_HEAD_DIMS = tuple(CUDA_BUILD_MATRIX["head_dims"])
 
 
 def fail(message: str) -> None:
@@ -83,13 +80,17 @@ def want_cuda() -> bool:
 
 
 def cuda_head_dims() -> list[int]:
-    requested = os.environ.get("FAST_ATTN_HEAD_DIMS")
+    requested = os.environ.get("FAST_ATTN_CUDA_HEAD_DIMS")
+    if requested is None and "FAST_ATTN_HEAD_DIMS" in os.environ:
+        print("fast_attn: FAST_ATTN_HEAD_DIMS is deprecated, set FAST_ATTN_CUDA_HEAD_DIMS (as for CMake)",
+              file=sys.stderr)
+        requested = os.environ["FAST_ATTN_HEAD_DIMS"]
     if not requested:
         return list(CUDA_HEAD_DIMS)
     dims = sorted({int(d) for d in requested.replace(";", ",").split(",") if d.strip()})
     unknown = [d for d in dims if d not in CUDA_HEAD_DIMS]
     if unknown:
-        fail(f"FAST_ATTN_HEAD_DIMS has {unknown}; compiled CUDA head dims are {CUDA_HEAD_DIMS}")
+        fail(f"FAST_ATTN_CUDA_HEAD_DIMS has {unknown}; the build matrix's head dims are {CUDA_HEAD_DIMS}")
     return dims
 
 
@@ -110,15 +111,13 @@ def local_version(with_cuda: bool) -> str:
 
 
 def cuda_sources(head_dims: tuple[int, ...]) -> list[str]:
-    sources = sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True) + glob.glob("csrc/cuda/**/*.cpp", recursive=True))
-    selected = []
-    for source in sources:
-        if "emulation" in Path(source).parts:  # the kernels' CPU emulation, built by the tests only
-            continue
-        match = re.search(r"hdim(\d+)", os.path.basename(source))
-        if match is None or int(match.group(1)) in head_dims:
-            selected.append(source)
-    return selected
+    """csrc/cuda's units (not the CPU emulation under csrc/cuda/emulation, built by the
+    tests only) and the generated instantiation units of these head dims."""
+    sources = glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp")
+    for unit in glob.glob("csrc/cuda/instantiations/*.cu"):
+        if int(re.search(r"_hdim(\d+)_", unit).group(1)) in head_dims:
+            sources.append(unit)
+    return sorted(sources)
 
 
 @dataclass(frozen=True)
@@ -132,7 +131,8 @@ class BuildChoice:
     @staticmethod
     def from_environment() -> "BuildChoice":
         with_cuda = want_cuda()
-        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0") if with_cuda else ""
+        default_archs = ";".join(CUDA_BUILD_MATRIX["archs"])
+        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_archs) if with_cuda else ""
         return BuildChoice(with_cuda, archs, tuple(cuda_head_dims()) if with_cuda else ())
 
     def build_info_text(self) -> str:
@@ -208,7 +208,7 @@ def extension_modules(choice: BuildChoice):
     # FAST_ATTN_CUDA_HEAD_DIMS (read by the host launcher only) goes to the host
     # compiler alone: nvcc splits -D values at commas.
     cuda_cxx_flags = cxx_flags + ["-DFAST_ATTN_CUDA_HEAD_DIMS=" + ",".join(str(d) for d in head_dims)]
-    nvcc_flags = NVCC_FLAGS + ["--threads", os.environ.get("NVCC_THREADS", "4")]
+    nvcc_flags = CUDA_BUILD_MATRIX["nvcc_flags"] + ["--threads", os.environ.get("NVCC_THREADS", "4")]
     return [
         cpp_extension.CUDAExtension(
             "fast_attn._C",

@@ -91,7 +91,7 @@ def build(head_dims: list[int], arch: str) -> tuple[bool, float, str]:
     the overrides header exists is not something the compilers' dependency files track."""
     for temp in (ROOT / "build").glob("temp.*"):
         shutil.rmtree(temp)
-    env = dict(os.environ, FAST_ATTN_BUILD_CUDA="1", FAST_ATTN_HEAD_DIMS=",".join(map(str, head_dims)),
+    env = dict(os.environ, FAST_ATTN_BUILD_CUDA="1", FAST_ATTN_CUDA_HEAD_DIMS=",".join(map(str, head_dims)),
                TORCH_CUDA_ARCH_LIST=arch, MAX_JOBS=os.environ.get("MAX_JOBS", "16"))
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-q", "-e",

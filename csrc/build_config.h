@@ -23,7 +23,8 @@ namespace fast_attn::build_config {
 
 #ifdef FAST_ATTN_WITH_CUDA
 inline constexpr bool kWithCuda = true;
-// Head dims with a compiled CUDA kernel (csrc/cuda/head_dims.h).
+// Head dims with a compiled CUDA kernel: those of csrc/cuda/build_matrix.json, or
+// the subset the build was asked for (FAST_ATTN_CUDA_HEAD_DIMS).
 std::vector<int> cuda_head_dims();
 #else
 inline constexpr bool kWithCuda = false;

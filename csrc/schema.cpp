@@ -1,6 +1,7 @@
 // The fast_attn operator schemas, declared once. Each device registers its
-// implementation with TORCH_LIBRARY_IMPL (csrc/cpu, csrc/cuda); fake kernels and
-// autograd are registered from Python (fast_attn/ops/cpp_ops.py).
+// implementation with TORCH_LIBRARY_IMPL (csrc/cpu, csrc/cuda), autograd is
+// registered in C++ (csrc/attention_autograd.cpp), and the fake kernels from
+// Python (fast_attn/ops/cpp_ops.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY(fast_attn, m) {

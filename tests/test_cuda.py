@@ -81,8 +81,9 @@ def _build_emulator():
         CUDA_SOURCES / "attention_cuda_host.cpp",
         ROOT / "csrc" / "attention_launch.cpp",
     ]
-    # The kernel translation units themselves, compiled as C++ through one-line wrappers.
-    for kernel_source in sorted(CUDA_SOURCES.glob("*.cu")):
+    # The kernel translation units themselves (the generated instantiations included),
+    # compiled as C++ through one-line wrappers.
+    for kernel_source in sorted(CUDA_SOURCES.glob("*.cu")) + sorted(CUDA_SOURCES.glob("instantiations/*.cu")):
         wrapper = build_dir / f"kernel_{kernel_source.stem}.cpp"
         text = f'#include "{kernel_source}"\n'
         if not wrapper.exists() or wrapper.read_text() != text:

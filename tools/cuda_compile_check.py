@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Compile every CUDA kernel translation unit and check ptxas's resource report.
 
-Each csrc/cuda/*.cu is compiled with `nvcc -c -Xptxas -v` for sm_80 and
-sm_90a with the flags setup.py gives nvcc (NVCC_FLAGS, read from setup.py,
+Each csrc/cuda/*.cu and csrc/cuda/instantiations/*.cu is compiled with
+`nvcc -c -Xptxas -v` for the archs of csrc/cuda/build_matrix.json (8.0 as sm_80,
+9.0 as sm_90a) with the flags the builds give nvcc (the matrix's nvcc_flags,
 plus torch's default CUDA extension flags when torch is importable), in
 parallel. The run fails (exit status 1) on:
   - a compile error,
@@ -22,8 +23,8 @@ a small host program including the kernel headers prints them.
 from __future__ import annotations
 
 import argparse
-import ast
 import concurrent.futures
+import json
 import os
 import re
 import shutil
@@ -36,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 DEFAULT_REPORT = CUDA_DIR / "PTXAS_REPORT.md"
+BUILD_MATRIX = json.loads((CUDA_DIR / "build_matrix.json").read_text())
 
 
 @dataclass(frozen=True)
@@ -48,18 +50,19 @@ class Arch:
     max_threads_per_sm: int = 2048
 
 
-ARCHS = (
-    Arch("sm_80", "arch=compute_80,code=sm_80", max_dynamic_smem=166912, smem_per_sm=167936),
-    Arch("sm_90a", "arch=compute_90a,code=sm_90a", max_dynamic_smem=232448, smem_per_sm=233472),
-)
+# What each arch of the build matrix is compiled for here, with its limits.
+ARCH_TARGETS = {
+    "8.0": Arch("sm_80", "arch=compute_80,code=sm_80", max_dynamic_smem=166912, smem_per_sm=167936),
+    "9.0": Arch("sm_90a", "arch=compute_90a,code=sm_90a", max_dynamic_smem=232448, smem_per_sm=233472),
+}
 
 # Kernels allowed a stack frame or spills, each with why (none: every byte of
 # local memory is a finding).
 INTENDED_LOCAL_MEMORY: dict[str, str] = {}
 
 TRAITS = ("ForwardTraits", "DkdvTraits", "DqTraits", "DbiasTraits")
-HEAD_DIMS = (32, 64, 96, 128, 256)
-ELEMENTS = ("__half", "__nv_bfloat16")
+HEAD_DIMS = tuple(BUILD_MATRIX["head_dims"])
+ELEMENTS = tuple(dtype["cuda_type"] for dtype in BUILD_MATRIX["dtypes"])
 
 
 @dataclass
@@ -85,13 +88,12 @@ class CompileResult:
     kernels: list[KernelReport] = field(default_factory=list)
 
 
-def setup_nvcc_flags() -> list[str]:
-    """The NVCC_FLAGS list literal of setup.py (without running setup.py)."""
-    tree = ast.parse((ROOT / "setup.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NVCC_FLAGS" for t in node.targets):
-            return list(ast.literal_eval(node.value))
-    raise SystemExit("cuda_compile_check: setup.py has no NVCC_FLAGS list")
+def matrix_archs() -> list[Arch]:
+    """The targets of the build matrix's archs."""
+    unknown = [arch for arch in BUILD_MATRIX["archs"] if arch not in ARCH_TARGETS]
+    if unknown:
+        raise SystemExit(f"cuda_compile_check: ARCH_TARGETS has no target and limits for the archs {unknown}")
+    return [ARCH_TARGETS[arch] for arch in BUILD_MATRIX["archs"]]
 
 
 def torch_nvcc_flags() -> list[str]:
@@ -240,8 +242,8 @@ def nvcc_version(nvcc: str) -> str:
     return f"{match.group(1)} ({match.group(2)})" if match else "unknown"
 
 
-def write_report(path: Path, results: list[CompileResult], shapes: dict[str, tuple[int, int]], nvcc: str,
-                 flags: list[str]) -> None:
+def write_report(path: Path, results: list[CompileResult], shapes: dict[str, tuple[int, int]],
+                 archs: list[Arch], nvcc: str, flags: list[str]) -> None:
     lines = [
         "# ptxas resource report of the CUDA kernels",
         "",
@@ -260,7 +262,7 @@ def write_report(path: Path, results: list[CompileResult], shapes: dict[str, tup
         lines += ["Local memory allowed (`INTENDED_LOCAL_MEMORY`; any other is a CI failure):", ""]
         lines += [f"- {name}: {why}" for name, why in INTENDED_LOCAL_MEMORY.items()]
         lines += [""]
-    for arch in ARCHS:
+    for arch in archs:
         lines += [
             f"## {arch.name}",
             "",
@@ -295,13 +297,14 @@ def main() -> int:
     if not shutil.which(nvcc):
         print(f"cuda_compile_check: nvcc not found ({args.nvcc})", file=sys.stderr)
         return 1
-    flags = torch_nvcc_flags() + setup_nvcc_flags()
-    sources = sorted(CUDA_DIR.glob("*.cu"))
+    archs = matrix_archs()
+    flags = torch_nvcc_flags() + BUILD_MATRIX["nvcc_flags"]
+    sources = sorted(CUDA_DIR.glob("*.cu")) + sorted((CUDA_DIR / "instantiations").glob("*.cu"))
     with tempfile.TemporaryDirectory(prefix="fast_attn_ptxas_") as tmp:
         workdir = Path(tmp)
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             shapes_future = pool.submit(traits_launch_shapes, nvcc, flags, workdir)
-            futures = [pool.submit(compile_one, nvcc, flags, s, a, workdir) for s in sources for a in ARCHS]
+            futures = [pool.submit(compile_one, nvcc, flags, s, a, workdir) for s in sources for a in archs]
             results = [f.result() for f in futures]
             shapes = shapes_future.result()
     names = demangle(sorted({k.mangled for r in results for k in r.kernels}))
@@ -310,16 +313,16 @@ def main() -> int:
             kernel.name, kernel.traits = short_name(names[kernel.mangled])
     failures = check(results, shapes)
     if not args.no_report:
-        write_report(args.report, results, shapes, nvcc, flags)
+        write_report(args.report, results, shapes, archs, nvcc, flags)
     kernels = sum(len(r.kernels) for r in results)
     if failures:
-        print(f"cuda_compile_check: {len(failures)} finding(s) in {len(sources)} files x {len(ARCHS)} archs:",
+        print(f"cuda_compile_check: {len(failures)} finding(s) in {len(sources)} files x {len(archs)} archs:",
               file=sys.stderr)
         for failure in failures:
             print(f"  - {failure}", file=sys.stderr)
         return 1
     allowed = f" beyond the {len(INTENDED_LOCAL_MEMORY)} allowed" if INTENDED_LOCAL_MEMORY else ""
-    print(f"cuda_compile_check: {len(sources)} files x {len(ARCHS)} archs, {kernels} kernels, no local memory"
+    print(f"cuda_compile_check: {len(sources)} files x {len(archs)} archs, {kernels} kernels, no local memory"
           f"{allowed}, shared memory and registers within limits")
     return 0
 

@@ -9,11 +9,15 @@
 
 #include "attention_launch.h"
 #include "backward_schedule.h"
+#include "instantiations/head_dims.h"
 #include "kernel_api.h"
 #include "tile_configs.h"
 
+// The head dims this build compiles, comma-separated: the subset that setup.py or
+// CMake pass as FAST_ATTN_CUDA_HEAD_DIMS, else all of instantiations/head_dims.h.
 #ifndef FAST_ATTN_CUDA_HEAD_DIMS
-#define FAST_ATTN_CUDA_HEAD_DIMS 32, 64, 96, 128, 256
+#define FAST_ATTN_HEAD_DIM_ITEM(D) D,
+#define FAST_ATTN_CUDA_HEAD_DIMS FAST_ATTN_FOR_EACH_HEAD_DIM(FAST_ATTN_HEAD_DIM_ITEM)
 #endif
 
 namespace fast_attn::cuda {
@@ -86,11 +90,10 @@ LaunchStatus forward_if_compiled(const AttentionForwardParams& params, cudaStrea
 template <ElementType kElement>
 LaunchStatus forward_for(int head_dim, const AttentionForwardParams& params, cudaStream_t stream) {
   switch (head_dim) {
-    case 32: return forward_if_compiled<kElement, 32>(params, stream);
-    case 64: return forward_if_compiled<kElement, 64>(params, stream);
-    case 96: return forward_if_compiled<kElement, 96>(params, stream);
-    case 128: return forward_if_compiled<kElement, 128>(params, stream);
-    case 256: return forward_if_compiled<kElement, 256>(params, stream);
+#define FAST_ATTN_FORWARD_CASE(D) \
+  case D: return forward_if_compiled<kElement, D>(params, stream);
+    FAST_ATTN_FOR_EACH_HEAD_DIM(FAST_ATTN_FORWARD_CASE)
+#undef FAST_ATTN_FORWARD_CASE
     default: return {false, "no kernel for this head dim"};
   }
 }
@@ -118,11 +121,10 @@ template <ElementType kElement>
 LaunchStatus backward_for(int head_dim, const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
                           const DbiasTiles& dbias, bool deterministic, cudaStream_t stream) {
   switch (head_dim) {
-    case 32: return backward_if_compiled<kElement, 32>(params, workspace, dbias, deterministic, stream);
-    case 64: return backward_if_compiled<kElement, 64>(params, workspace, dbias, deterministic, stream);
-    case 96: return backward_if_compiled<kElement, 96>(params, workspace, dbias, deterministic, stream);
-    case 128: return backward_if_compiled<kElement, 128>(params, workspace, dbias, deterministic, stream);
-    case 256: return backward_if_compiled<kElement, 256>(params, workspace, dbias, deterministic, stream);
+#define FAST_ATTN_BACKWARD_CASE(D) \
+  case D: return backward_if_compiled<kElement, D>(params, workspace, dbias, deterministic, stream);
+    FAST_ATTN_FOR_EACH_HEAD_DIM(FAST_ATTN_BACKWARD_CASE)
+#undef FAST_ATTN_BACKWARD_CASE
     default: return {false, "no kernel for this head dim"};
   }
 }

@@ -1,6 +1,0 @@
-// Instantiation: attention forward, fp16, head dim 64.
-#include "forward_kernel.cuh"
-
-namespace fast_attn::cuda {
-template LaunchStatus run_attention_forward<ElementType::kFloat16, 64>(const AttentionForwardParams&, cudaStream_t);
-}  // namespace fast_attn::cuda
