@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,9 @@ def _build_emulator():
     include = _cuda_include_dir()
     if include is None:
         pytest.skip("the CUDA emulator needs the CUDA toolkit headers (cuda_fp16.h); set CUDA_HOME")
-    build_dir = Path(tempfile.gettempdir()) / f"fast_attn_cuda_emulator_torch{torch.__version__}"
+    # One build folder per checkout: two checkouts sharing one would compile each other's sources.
+    checkout = zlib.crc32(str(ROOT).encode())
+    build_dir = Path(tempfile.gettempdir()) / f"fast_attn_cuda_emulator_torch{torch.__version__}_{checkout:08x}"
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = [
         CUDA_SOURCES / "emulation" / "emulation_module.cpp",
