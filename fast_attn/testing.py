@@ -239,9 +239,7 @@ class Case:
             "bias": "x".join(map(str, self.bias_shape)) if self.bias_shape else "",
             "bias_dtype": str(self.bias_dtype).replace("torch.", "") + "bias" if self.bias_dtype else "",
             "inf": "inf" if self.bias_inf_fraction else "",
-            "mask": "mask" if self.key_mask else "",
-            "empty": "empty" + "".join(map(str, self.empty_key_rows)) if self.key_mask and self.empty_key_rows
-            else "",
+            "mask": "mask" + "".join(f"-empty{row}" for row in self.empty_key_rows) if self.key_mask else "",
             "drop": f"p{self.dropout_p}" if self.dropout_p else "",
             "layout": self.layout if self.layout != "bhsd" else "",
             "grads": "grads-" + "".join(self.grads) if self.grads != GRAD_INPUTS else "",
