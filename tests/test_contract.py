@@ -8,7 +8,6 @@ shape grid; this file holds the rules all backends share.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
