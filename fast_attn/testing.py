@@ -1,9 +1,10 @@
 """Helpers shared by the tests and the benchmarks: random problems, FLOP
-counts, and the error rule every kernel is held to.
+counts, the error rule every kernel is held to, and the one harness that holds
+a kernel to it (Case, check_against_reference).
 
-The error rule (DESIGN.md section 5): a kernel's max abs error against the
-float64 reference is at most 2x the error of the same math done by PyTorch in
-the kernel's dtype, plus a small floor. For gradients, "the same math" may also
+The error rule: a kernel's max abs error against the float64 reference is at
+most 2x the error of the same math done by PyTorch in the kernel's dtype, plus
+a small floor (ERROR_FLOOR, what rounding the output alone costs). For gradients, "the same math" may also
 be the float64 math of a flash-style backward whose delta_i = dO_i . O_i is summed
 in float32 from the output as returned (rounded_output_reference): every fused
 backward, FlashAttention-2's included, computes delta that way, and in a sharply
@@ -14,12 +15,18 @@ peaked softmax its rounding can cost more than unfused math in the same dtype
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from . import dispatch
 from .causal import CausalMode, causal_offset, parse_causal
+from .dropout import new_dropout_seed
+from .functional import attention
+from .ops.autograd import accumulation_dtype
 from .reference import reference_attention
+from .validation import build_problem
 
 # Floors of the error rule by dtype: what rounding of the output alone costs.
 ERROR_FLOOR = {
@@ -189,3 +196,246 @@ def assert_error_rule(
             f"{name}: max error {kernel_error:.3e} vs float64 exceeds {bound:.3e} "
             f"({factor} x the baseline's {dtype} error {torch_error:.3e} + floor)"
         )
+
+
+GRAD_INPUTS = ("q", "k", "v", "bias")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One attention problem a test holds to the reference, its options named as in fast_attn.attention."""
+
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seqlen_q: int
+    seqlen_k: int
+    head_dim: int
+    dtype: torch.dtype = torch.float32
+    causal: bool | str = False
+    scale: float | None = None
+    bias_shape: tuple[int, ...] | None = None  # the bias's own shape, broadcastable to (B, Hq, Sq, Sk)
+    bias_dtype: torch.dtype | None = None  # None: dtype
+    bias_inf_fraction: float = 0.0  # this share of bias entries is -inf, and query row 0 if the bias has rows
+    key_mask: bool = False  # a bool (B, Sk) mask, True = attend (random_key_mask)
+    keys_kept: float = 0.7  # with key_mask: the chance that a key is visible (key 0 always is)
+    empty_key_rows: tuple[int, ...] = ()  # with key_mask: batch rows that attend no key
+    dropout_p: float = 0.0
+    dropout_seed: int | None = None  # None: drawn from torch's generator
+    # "bhsd"; "bshd": (B, H, S, D) views of (B, S, H, D) memory; "packed": q, k, v views of one
+    # (B, S, 3, H, D) tensor; "misaligned": "bhsd" starting one element into its storage
+    layout: str = "bhsd"
+    grads: tuple[str, ...] = GRAD_INPUTS  # the inputs that require grad
+    grad_lse: bool = False  # the loss has a random gradient on lse too
+    deterministic: bool = False  # the backward op's flag (fast_attn.attention follows torch's setting)
+
+    def __str__(self) -> str:
+        parts = [
+            f"B{self.batch}H{self.heads_q}/{self.heads_kv}", f"S{self.seqlen_q}x{self.seqlen_k}",
+            f"D{self.head_dim}", str(self.dtype).replace("torch.", ""),
+        ]
+        flags = {
+            "causal": ["", "tl", "br"][parse_causal(self.causal)],
+            "scale": f"scale{self.scale}" if self.scale is not None else "",
+            "bias": "x".join(map(str, self.bias_shape)) if self.bias_shape else "",
+            "bias_dtype": str(self.bias_dtype).replace("torch.", "") + "bias" if self.bias_dtype else "",
+            "inf": "inf" if self.bias_inf_fraction else "",
+            "mask": "mask" + "".join(f"-empty{row}" for row in self.empty_key_rows) if self.key_mask else "",
+            "drop": f"p{self.dropout_p}" if self.dropout_p else "",
+            "layout": self.layout if self.layout != "bhsd" else "",
+            "grads": "grads-" + "".join(self.grads) if self.grads != GRAD_INPUTS else "",
+            "glse": "glse" if self.grad_lse else "",
+            "det": "det" if self.deterministic else "",
+        }
+        return "-".join(parts + [v for v in flags.values() if v])
+
+    @classmethod
+    def of_inputs(cls, inputs: dict, **options) -> Case:
+        """The case posed by tensors a test built itself, with `options` (causal, scale, ...)."""
+        (batch, heads_q, seqlen_q, head_dim), (heads_kv, seqlen_k) = inputs["q"].shape, inputs["k"].shape[1:3]
+        return cls(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, inputs["q"].dtype, **options)
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim)
+
+    def make_inputs(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor | None]:
+        """Fresh random q, k, v, bias, key_mask and dropout_seed; those named in `grads` require grad."""
+        if self.layout == "packed":
+            assert self.heads_q == self.heads_kv and self.seqlen_q == self.seqlen_k
+            qkv = torch.randn(self.batch, self.seqlen_q, 3, self.heads_q, self.head_dim)
+            qkv = qkv.to(device, self.dtype)
+            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        else:
+            q, k, v = random_qkv(
+                self.batch, self.heads_q, self.heads_kv, self.seqlen_q, self.seqlen_k, self.head_dim,
+                dtype=self.dtype, device=device,
+                layout="bhsd" if self.layout == "misaligned" else self.layout,
+            )
+            if self.layout == "misaligned":
+                q, k, v = (_misaligned_copy(t) for t in (q, k, v))
+        bias = None
+        if self.bias_shape is not None:
+            bias = torch.randn(self.bias_shape)
+            if self.bias_inf_fraction:
+                bias = bias.masked_fill(torch.rand(self.bias_shape) < self.bias_inf_fraction, -math.inf)
+                if self.bias_shape[-2] > 1:
+                    bias[..., 0, :] = -math.inf  # query row 0 sees no key through the bias
+            bias = bias.to(device, self.bias_dtype or self.dtype)
+        key_mask = None
+        if self.key_mask:
+            key_mask = random_key_mask(
+                self.batch, self.seqlen_k, device=device, keep=self.keys_kept, empty_rows=self.empty_key_rows
+            )
+        dropout_seed = None
+        if self.dropout_p > 0:
+            dropout_seed = (
+                new_dropout_seed(torch.device(device)) if self.dropout_seed is None
+                else torch.tensor([self.dropout_seed], dtype=torch.int64, device=device)
+            )
+        inputs = {"q": q, "k": k, "v": v, "bias": bias, "key_mask": key_mask, "dropout_seed": dropout_seed}
+        for name in GRAD_INPUTS:
+            if inputs[name] is not None:
+                inputs[name].requires_grad_(name in self.grads)
+        return inputs
+
+
+def _misaligned_copy(t: torch.Tensor) -> torch.Tensor:
+    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = storage[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+# A kernel under test: (case, inputs, grad_out, grad_lse or None) -> (out, lse, {name: gradient}) with the
+# gradients of <out, grad_out> (+ <lse, grad_lse>) for the inputs that require grad.
+Run = Callable[[Case, dict, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+def wanted_grads(inputs: dict) -> list[str]:
+    return [n for n in GRAD_INPUTS if inputs.get(n) is not None and inputs[n].requires_grad]
+
+
+def attention_runner(backend: str) -> Run:
+    """fast_attn.attention on `backend`, gradients through autograd. With dropout, the
+    backend's own forward op, given the case's seed so that the reference drops the same scores."""
+
+    def run(case: Case, inputs: dict, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
+        q, k, v, bias, key_mask = (inputs[n] for n in ("q", "k", "v", "bias", "key_mask"))
+        options = dict(bias=bias, key_mask=key_mask, causal=case.causal, scale=case.scale)
+        if case.dropout_p > 0:
+            problem = build_problem(q, k, v, dropout_p=case.dropout_p, **options)
+            out, lse = dispatch.BACKENDS[backend].run(problem, inputs["dropout_seed"])
+        else:
+            out, lse = attention(q, k, v, return_lse=True, backend=backend, **options)
+        wanted = wanted_grads(inputs)
+        if not wanted:
+            return out, lse, {}
+        outputs, output_grads = [out], [grad_out]
+        if grad_lse is not None:
+            outputs, output_grads = [out, lse], [grad_out, grad_lse]
+        grads = torch.autograd.grad(outputs, [inputs[n] for n in wanted], output_grads)
+        return out, lse, dict(zip(wanted, grads))
+
+    return run
+
+
+def backend_device(backend: str) -> str:
+    """The device a kernel backend is tested on: its GPU when there is one."""
+    gpu = "cuda" in dispatch.BACKENDS[backend].device_types and torch.cuda.is_available()
+    return "cuda" if gpu else "cpu"
+
+
+@dataclass
+class Checked:
+    """What check_against_reference ran, for a test's own further assertions."""
+
+    inputs: dict
+    out: torch.Tensor
+    lse: torch.Tensor
+    grads: dict[str, torch.Tensor]
+
+
+def check_against_reference(
+    run: Run, case: Case, device: str | torch.device = "cpu", *, inputs: dict | None = None,
+    rounded_output: str | None = None,
+) -> Checked:
+    """Run `case` (or `inputs`, tensors a test built for it) through `run`; hold out, lse and
+    every gradient to the error rule against the float64 reference.
+
+    rounded_output adds rounded_output_reference as the gradients' second baseline, with delta
+    summed from the exact output rounded to the dtype ("exact") or from the kernel's own ("kernel").
+    """
+    inputs = case.make_inputs(device) if inputs is None else inputs
+    q, dtype = inputs["q"], case.dtype
+    grad_out = torch.randn(q.shape, device=q.device).to(dtype)
+    grad_lse = None
+    if case.grad_lse:
+        grad_lse = torch.randn(q.shape[:3], device=q.device, dtype=accumulation_dtype(dtype))
+    out, lse, grads = run(case, inputs, grad_out, grad_lse)
+    assert out.shape == q.shape and out.dtype == dtype, f"{case}: out {tuple(out.shape)} {out.dtype}"
+    assert lse.shape == q.shape[:3] and lse.dtype == accumulation_dtype(dtype), f"{case}: lse {lse.dtype}"
+
+    reference_inputs = {n: inputs.get(n) for n in ("q", "k", "v", "bias", "key_mask")}
+    options = dict(
+        causal=case.causal, scale=case.scale, dropout_p=case.dropout_p,
+        dropout_seed=inputs.get("dropout_seed"), grad_out=grad_out, grad_lse=grad_lse,
+    )
+    exact = run_reference(reference_inputs, compute_dtype=torch.float64, **options)
+    same_dtype = run_reference(reference_inputs, compute_dtype=dtype, **options)
+    assert_error_rule(f"{case} out", out, exact.out, same_dtype.out, dtype)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(exact.lse)), f"{case}: rows with lse = -inf differ"
+    assert_error_rule(f"{case} lse", lse, exact.lse, same_dtype.lse, dtype)
+
+    assert set(grads) == set(exact.grads), f"{case}: gradients of {sorted(grads)}, not {sorted(exact.grads)}"
+    rounded_grads = {}
+    if grads and rounded_output is not None:
+        fed_out = {"exact": None, "kernel": out}[rounded_output]
+        rounded = rounded_output_reference(reference_inputs, out_dtype=dtype, fed_out=fed_out, **options)
+        rounded_grads = rounded.grads
+    for name, grad in grads.items():
+        assert grad.shape == inputs[name].shape and grad.dtype == inputs[name].dtype, f"{case}: d{name}"
+        assert not torch.isnan(grad).any(), f"{case}: d{name} has NaN"
+        assert_error_rule(
+            f"{case} d{name}", grad, exact.grads[name], same_dtype.grads[name], dtype,
+            rounded_output=rounded_grads.get(name),
+        )
+    return Checked(inputs, out, lse, grads)
+
+
+def forward_op_arguments(case: Case, inputs: dict) -> tuple:
+    """The positional arguments of every forward op (fast_attn.ops.autograd's schema) for `case`."""
+    return (
+        *(inputs[n] for n in ("q", "k", "v", "bias", "key_mask", "dropout_seed")),
+        case.softmax_scale, int(parse_causal(case.causal)), case.dropout_p,
+    )
+
+
+def backward_op_arguments(case: Case, inputs: dict, out, lse, grad_out, grad_lse) -> tuple:
+    """The positional arguments of every backward op for `case`, its forward's out and lse, and
+    the gradients of those."""
+    q, k, v, bias = (None if inputs[n] is None else inputs[n].detach() for n in GRAD_INPUTS)
+    return (
+        grad_out, grad_lse, q, k, v, bias, inputs["key_mask"], inputs["dropout_seed"], out.detach(),
+        lse.detach(), case.softmax_scale, int(parse_causal(case.causal)), case.dropout_p, bias is not None,
+        case.deterministic,
+    )
+
+
+def opcheck_forward_and_backward(
+    forward_op, backward_op, case: Case, device: str = "cpu", *, forward_utils: tuple[str, ...] | None = None,
+    backward_utils: tuple[str, ...] | None = None,
+) -> None:
+    """torch.library.opcheck of a forward op and of its backward op on `case`'s inputs
+    (the given opcheck test_utils, or all of them)."""
+    inputs = case.make_inputs(device)
+    forward_args = forward_op_arguments(case, inputs)
+    torch.library.opcheck(forward_op.default, forward_args, **_test_utils(forward_utils))
+    out, lse = forward_op(*forward_args)
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    backward_args = backward_op_arguments(case, inputs, out, lse, grad_out, grad_lse)
+    torch.library.opcheck(backward_op.default, backward_args, **_test_utils(backward_utils))
+
+
+def _test_utils(utils: tuple[str, ...] | None) -> dict:
+    return {} if utils is None else {"test_utils": utils}

@@ -1,7 +1,9 @@
-"""Shared test configuration: markers, seeds, and the Triton interpreter on CPU."""
+"""Shared test configuration: markers, seeds, the Triton interpreter on CPU, and
+the kernel backends under test."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import zlib
 
@@ -14,6 +16,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_CUDA = torch.cuda.is_available()
+
+from fast_attn import dispatch  # noqa: E402  (after TRITON_INTERPRET: it imports the Triton kernels)
+
+# Every backend but the reference, which is the oracle. This machine must run the CPU kernels, the
+# CUDA ones when it has a GPU, and Triton when it has a GPU or triton is installed (the interpreter):
+# a missing one fails its tests instead of skipping them.
+KERNEL_BACKENDS = [name for name in dispatch.BACKENDS if name != "reference"]
+REQUIRED_BACKENDS = {"cpu"} | ({"cuda", "triton"} if HAS_CUDA else set())
+if importlib.util.find_spec("triton") is not None:
+    REQUIRED_BACKENDS.add("triton")
 
 
 def pytest_addoption(parser):
@@ -42,6 +54,12 @@ def _fresh_seed(request):
     yield
 
 
-@pytest.fixture
-def device() -> str:
-    return "cuda" if HAS_CUDA else "cpu"
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_backend(request) -> str:
+    """Each kernel backend's name; skipped (or failed, if required here) where it cannot run."""
+    name, reason = request.param, dispatch.UNAVAILABLE[request.param]
+    if reason is not None:
+        if name in REQUIRED_BACKENDS:
+            pytest.fail(f"backend {name} should be available here: {reason}")
+        pytest.skip(f"backend {name}: {reason}")
+    return name

@@ -12,14 +12,14 @@ float64 is at most 2x torch's error doing the same math in the kernel's dtype,
 plus a floor. Allocations are poisoned (deterministic mode fills torch.empty with
 NaN), so an output element a kernel forgets to write fails the check.
 
-On a GPU (marker gpu) the same tests run on the real kernels, plus the shape grid
-of DESIGN.md section 5, opcheck and torch.compile(fullgraph=True).
+On a GPU (marker gpu) the same tests run on the real kernels, plus a grid of every
+(Sq, Sk) pair of lengths 1 to 1025 at every head dim and dtype, opcheck and
+torch.compile(fullgraph=True).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -31,7 +31,14 @@ import fast_attn  # noqa: E402
 from fast_attn.dropout import dropout_hash, dropout_threshold, new_dropout_seed  # noqa: E402
 from fast_attn.ops import triton_configs, triton_ops  # noqa: E402
 from fast_attn.reference import reference_attention  # noqa: E402
-from fast_attn.testing import assert_error_rule, random_key_mask, random_qkv  # noqa: E402
+from fast_attn.testing import (  # noqa: E402
+    Case,
+    assert_error_rule,
+    attention_runner,
+    check_against_reference,
+    opcheck_forward_and_backward,
+    random_qkv,
+)
 from fast_attn.triton.dropout import dropout_keep, dropout_row_offsets, load_dropout_seed  # noqa: E402
 
 pytestmark = [
@@ -61,151 +68,11 @@ def poisoned_allocations():
     torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
-@dataclass
-class Case:
-    batch: int
-    heads_q: int
-    heads_kv: int
-    seqlen_q: int
-    seqlen_k: int
-    head_dim: int
-    dtype: torch.dtype
-    causal: object = False
-    bias_shape: tuple | None = None
-    bias_dtype: torch.dtype | None = None  # None: q's dtype
-    bias_fill: str = "random"  # "random", or "some-inf": some -inf entries and one fully -inf row
-    key_mask: bool = False
-    empty_mask_rows: tuple[int, ...] = ()
-    # "bhsd"; "bshd": (B, H, S, D) views of (B, S, H, D) memory; "packed": q, k, v views of one qkv tensor
-    layout: str = "bhsd"
-    grad_lse: bool = False
-    grads: tuple[str, ...] = ("q", "k", "v", "bias")
-    scale: float | None = None
-    dropout_p: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-    def make_inputs(self) -> dict:
-        if self.layout == "packed":
-            assert self.heads_q == self.heads_kv and self.seqlen_q == self.seqlen_k
-            qkv = torch.randn(self.batch, self.seqlen_q, 3, self.heads_q, self.head_dim).to(
-                DEVICE, self.dtype
-            )
-            q, k, v = (qkv[:, :, i].transpose(1, 2).detach() for i in range(3))
-        else:
-            q, k, v = random_qkv(
-                self.batch,
-                self.heads_q,
-                self.heads_kv,
-                self.seqlen_q,
-                self.seqlen_k,
-                self.head_dim,
-                dtype=self.dtype,
-                device=DEVICE,
-                layout=self.layout,
-            )
-        inputs = {"q": q, "k": k, "v": v, "bias": None, "key_mask": None}
-        if self.bias_shape is not None:
-            bias = torch.randn(self.bias_shape, device=DEVICE)
-            if self.bias_fill == "some-inf":
-                bias = bias.masked_fill(torch.rand(self.bias_shape, device=DEVICE) < 0.2, -math.inf)
-                bias[..., 0, :] = -math.inf  # query row 0 sees nothing
-            inputs["bias"] = bias.to(self.bias_dtype or self.dtype)
-        if self.key_mask:
-            inputs["key_mask"] = random_key_mask(
-                self.batch, self.seqlen_k, device=DEVICE, empty_rows=self.empty_mask_rows
-            )
-        for name in self.grads:
-            if inputs.get(name) is not None:
-                inputs[name].requires_grad_(True)
-        return inputs
+TRITON = attention_runner("triton")
 
 
-def reference(inputs: dict, case: Case, grad_out, grad_lse, compute_dtype, dropout_seed=None):
-    """(out, lse, grads) of the reference in compute_dtype; grads of
-    sum(out * grad_out) + sum(lse * grad_lse) over rows with a finite lse."""
-    copies = {
-        name: (
-            t
-            if t is None or not t.is_floating_point()
-            else t.detach().to(compute_dtype).requires_grad_(t.requires_grad)
-        )
-        for name, t in inputs.items()
-    }
-    out, lse = reference_attention(
-        copies["q"],
-        copies["k"],
-        copies["v"],
-        bias=copies["bias"],
-        key_mask=copies["key_mask"],
-        causal=case.causal,
-        scale=case.scale,
-        dropout_p=case.dropout_p,
-        dropout_seed=dropout_seed,
-        compute_dtype=compute_dtype,
-    )
-    wanted = {n: t for n, t in copies.items() if t is not None and t.is_floating_point() and t.requires_grad}
-    loss = (out.to(compute_dtype) * grad_out.to(compute_dtype)).sum()
-    if grad_lse is not None:
-        loss = loss + (torch.where(torch.isfinite(lse), lse, 0.0) * grad_lse.to(compute_dtype)).sum()
-    grads = dict(zip(wanted, torch.autograd.grad(loss, list(wanted.values())))) if wanted else {}
-    return out, lse, grads
-
-
-def run_triton(inputs: dict, case: Case, grad_out, grad_lse, dropout_seed=None):
-    """(out, lse, grads) of the Triton op through autograd."""
-    if dropout_seed is None:
-        out, lse = fast_attn.attention(
-            inputs["q"],
-            inputs["k"],
-            inputs["v"],
-            bias=inputs["bias"],
-            key_mask=inputs["key_mask"],
-            causal=case.causal,
-            scale=case.scale,
-            return_lse=True,
-            backend="triton",
-        )
-    else:  # the op itself, to choose the seed
-        problem = fast_attn.validation.build_problem(
-            inputs["q"],
-            inputs["k"],
-            inputs["v"],
-            bias=inputs["bias"],
-            key_mask=inputs["key_mask"],
-            causal=case.causal,
-            scale=case.scale,
-            dropout_p=case.dropout_p,
-        )
-        out, lse = triton_ops.attention_forward(problem, dropout_seed)
-    wanted = {n: t for n, t in inputs.items() if t is not None and t.is_floating_point() and t.requires_grad}
-    loss = (out.float() * grad_out.float()).sum()
-    if grad_lse is not None:
-        loss = loss + (torch.where(torch.isfinite(lse), lse, 0.0) * grad_lse).sum()
-    grads = dict(zip(wanted, torch.autograd.grad(loss, list(wanted.values())))) if wanted else {}
-    return out, lse, grads
-
-
-def check_case(case: Case, dropout_seed=None) -> None:
-    inputs = case.make_inputs()
-    out_shape = (case.batch, case.heads_q, case.seqlen_q, case.head_dim)
-    grad_out = torch.randn(out_shape, device=DEVICE).to(case.dtype)
-    grad_lse = torch.randn(out_shape[:3], device=DEVICE) if case.grad_lse else None
-    out, lse, grads = run_triton(inputs, case, grad_out, grad_lse, dropout_seed)
-    exact_out, exact_lse, exact_grads = reference(
-        inputs, case, grad_out, grad_lse, torch.float64, dropout_seed
-    )
-    same_out, same_lse, same_grads = reference(inputs, case, grad_out, grad_lse, case.dtype, dropout_seed)
-
-    assert out.shape == out_shape and out.dtype == case.dtype
-    assert lse.shape == out_shape[:3] and lse.dtype == torch.float32
-    assert_error_rule("out", out, exact_out, same_out, case.dtype)
-    assert torch.equal(torch.isneginf(lse), torch.isneginf(exact_lse)), "rows with lse = -inf differ"
-    assert_error_rule("lse", lse, exact_lse, same_lse.float(), case.dtype)
-    assert set(grads) == set(exact_grads)
-    for name, grad in grads.items():
-        assert grad.shape == inputs[name].shape and grad.dtype == inputs[name].dtype, name
-        assert not torch.isnan(grad).any(), f"d{name} has NaN"
-        assert_error_rule(f"d{name}", grad, exact_grads[name], same_grads[name], case.dtype)
+def check_case(case: Case) -> None:
+    check_against_reference(TRITON, case, DEVICE)
 
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -240,10 +107,10 @@ CPU_CASES = {
     "bf16-d200-top-left-long-keys": Case(1, 1, 1, 17, 128, 200, BF16, causal=True),
     # -inf entries in the bias mask scores, and row 0 is masked entirely by it.
     "fp32-inf-bias": Case(
-        2, 2, 2, 40, 36, 32, F32, bias_shape=(1, 2, 40, 36), bias_fill="some-inf", scale=0.3
+        2, 2, 2, 40, 36, 32, F32, bias_shape=(1, 2, 40, 36), bias_inf_fraction=0.2, scale=0.3
     ),
     # A batch row whose key mask is all False: its rows see nothing.
-    "fp16-empty-key-mask-row": Case(2, 2, 2, 33, 40, 64, F16, key_mask=True, empty_mask_rows=(1,)),
+    "fp16-empty-key-mask-row": Case(2, 2, 2, 33, 40, 64, F16, key_mask=True, empty_key_rows=(1,)),
     # q, k, v strided views of one packed (B, S, 3, H, D) tensor.
     "fp32-packed-qkv": Case(2, 2, 2, 40, 40, 32, F32, layout="packed", causal=True),
     # Causal offsets one and two below a block boundary (Sk - Sq = 31, 30 with blocks of 32):
@@ -261,12 +128,17 @@ def test_matches_reference(name):
     check_case(CPU_CASES[name])
 
 
+SEED = 0x5EED_0123_4567  # both 32-bit halves of the seed count
 DROPOUT_CASES = {
     "fp32-gqa-causal-bias": Case(
-        2, 4, 2, 40, 45, 32, F32, causal=True, bias_shape=(1, 4, 40, 45), dropout_p=0.3
+        2, 4, 2, 40, 45, 32, F32, causal=True, bias_shape=(1, 4, 40, 45), dropout_p=0.3, dropout_seed=SEED
     ),
-    "bf16-mask": Case(1, 2, 2, 33, 64, 64, BF16, key_mask=True, dropout_p=0.5, grad_lse=True),
-    "fp16-row-bias": Case(2, 2, 1, 30, 40, 16, F16, bias_shape=(2, 1, 30, 1), dropout_p=0.1),
+    "bf16-mask": Case(
+        1, 2, 2, 33, 64, 64, BF16, key_mask=True, dropout_p=0.5, dropout_seed=SEED, grad_lse=True
+    ),
+    "fp16-row-bias": Case(
+        2, 2, 1, 30, 40, 16, F16, bias_shape=(2, 1, 30, 1), dropout_p=0.1, dropout_seed=SEED
+    ),
 }
 
 
@@ -274,9 +146,7 @@ DROPOUT_CASES = {
 def test_dropout_matches_reference_with_the_same_seed(name):
     # The reference drops exactly the scores the kernels drop (fast_attn/dropout.py), so
     # out and every gradient follow the same error rule as without dropout.
-    check_case(
-        DROPOUT_CASES[name], dropout_seed=torch.tensor([0x5EED_0123_4567], dtype=torch.int64, device=DEVICE)
-    )
+    check_case(DROPOUT_CASES[name])
 
 
 @triton.jit
@@ -328,13 +198,13 @@ def test_backward_is_deterministic():
     # GQA (dK/dV summed over the group) and a batch-shared bias reduced in several
     # splits: two runs give the same bits.
     case = Case(
-        2, 4, 2, 45, 50, 32, F32, causal=True, bias_shape=(1, 4, 45, 50), key_mask=True, dropout_p=0.2
+        2, 4, 2, 45, 50, 32, F32, causal=True, bias_shape=(1, 4, 45, 50), key_mask=True, dropout_p=0.2,
+        dropout_seed=77,
     )
-    inputs = case.make_inputs()
+    inputs = case.make_inputs(DEVICE)
     grad_out = torch.randn(2, 4, 45, 32, device=DEVICE)
-    seed = torch.tensor([77], dtype=torch.int64, device=DEVICE)
-    first = run_triton(inputs, case, grad_out, None, seed)
-    second = run_triton(inputs, case, grad_out, None, seed)
+    first = TRITON(case, inputs, grad_out, None)
+    second = TRITON(case, inputs, grad_out, None)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     for name in first[2]:
         assert torch.equal(first[2][name], second[2][name]), f"d{name} differs between runs"
@@ -386,38 +256,17 @@ def test_empty_problems(shape):
 
 
 def test_opcheck_under_the_interpreter_or_gpu():
-    q, k, v = random_qkv(1, 2, 1, 20, 24, 16, device=DEVICE, requires_grad=True)
-    bias = torch.randn(1, 2, 20, 24, device=DEVICE, requires_grad=True)
-    key_mask = random_key_mask(1, 24, device=DEVICE)
-    forward_args = (q, k, v, bias, key_mask, None, 0.25, 1, 0.0)
+    case = Case(
+        1, 2, 1, 20, 24, 16, causal=True, scale=0.25, bias_shape=(1, 2, 20, 24), key_mask=True,
+        deterministic=True,
+    )
+    ops = torch.ops.fast_attn
     # Under the interpreter, wrap_triton cannot capture kernels, so the AOT tests
     # (which compare against a traced graph) run on a GPU only (see test_opcheck_gpu).
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(
-        torch.ops.fast_attn.triton_attention_forward.default, forward_args, test_utils=utils
-    )
-    out, lse = torch.ops.fast_attn.triton_attention_forward(*forward_args)
-    backward_args = (
-        torch.randn_like(out),
-        torch.randn_like(lse),
-        q.detach(),
-        k.detach(),
-        v.detach(),
-        bias.detach(),
-        key_mask,
-        None,
-        out.detach(),
-        lse.detach(),
-        0.25,
-        1,
-        0.0,
-        True,
-        True,
-    )
-    torch.library.opcheck(
-        torch.ops.fast_attn.triton_attention_backward.default,
-        backward_args,
-        test_utils=("test_schema", "test_faketensor"),
+    opcheck_forward_and_backward(
+        ops.triton_attention_forward, ops.triton_attention_backward, case, DEVICE,
+        forward_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+        backward_utils=("test_schema", "test_faketensor"),
     )
 
 
@@ -473,7 +322,7 @@ GRID_TESTS = [(name, head_dim) for name in GRID_DTYPES for head_dim in GRID_HEAD
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype_name,head_dim", GRID_TESTS, ids=[f"{n}-d{d}" for n, d in GRID_TESTS])
 def test_gpu_grid(dtype_name, head_dim):
-    # The (Sq, Sk) pairs of DESIGN.md section 5 spread over the dtype x head-dim tests:
+    # The (Sq, Sk) pairs of GRID_PAIRS spread over the dtype x head-dim tests:
     # four pairs each (every pair lands in two tests), the causal mode rotating. Each new
     # pair can cost kernel compiles (Triton specializes Sq == 1 and S % 16 == 0), so the
     # whole product is test_gpu_full_grid (slow).
@@ -501,31 +350,12 @@ def test_gpu_full_grid(dtype, head_dim, causal):
 
 @pytest.mark.gpu
 def test_opcheck_gpu():
-    q, k, v = random_qkv(2, 4, 2, 130, 150, 64, dtype=BF16, device="cuda", requires_grad=True)
-    bias = torch.randn(1, 4, 130, 150, device="cuda", dtype=BF16, requires_grad=True)
-    key_mask = random_key_mask(2, 150, device="cuda")
-    seed = torch.tensor([3], dtype=torch.int64, device="cuda")
-    forward_args = (q, k, v, bias, key_mask, seed, 0.125, 2, 0.1)
-    torch.library.opcheck(torch.ops.fast_attn.triton_attention_forward.default, forward_args)
-    out, lse = torch.ops.fast_attn.triton_attention_forward(*forward_args)
-    backward_args = (
-        torch.randn_like(out),
-        torch.randn_like(lse),
-        q.detach(),
-        k.detach(),
-        v.detach(),
-        bias.detach(),
-        key_mask,
-        seed,
-        out.detach(),
-        lse.detach(),
-        0.125,
-        2,
-        0.1,
-        True,
-        True,
+    case = Case(
+        2, 4, 2, 130, 150, 64, BF16, "bottom_right", scale=0.125, bias_shape=(1, 4, 130, 150), key_mask=True,
+        dropout_p=0.1, dropout_seed=3, deterministic=True,
     )
-    torch.library.opcheck(torch.ops.fast_attn.triton_attention_backward.default, backward_args)
+    ops = torch.ops.fast_attn
+    opcheck_forward_and_backward(ops.triton_attention_forward, ops.triton_attention_backward, case, "cuda")
 
 
 @pytest.mark.gpu
