@@ -147,8 +147,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
                                                          int64_t causal, double dropout_p,
                                                          const std::optional<at::Tensor>& alibi_slopes,
                                                          int64_t window_left, int64_t window_right, double softcap) {
-  const ForwardInputs in{q,      k,           v,            bias,    key_mask, alibi_slopes, dropout_seed,
-                         scale,  causal,      window_left,  window_right, softcap, dropout_p};
+  const ForwardInputs in{q, k, v, bias, key_mask, alibi_slopes, dropout_seed,
+                         scale, causal, window_left, window_right, softcap, dropout_p};
   check_forward_inputs(in);
   auto [out, lse] = allocate_forward_outputs(q);
   if (no_query_rows(q)) return {out, lse};
@@ -240,8 +240,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     const at::Tensor& out, const at::Tensor& lse, double scale, int64_t causal, double dropout_p,
     bool compute_dbias, bool /*deterministic: this backward always is*/, const std::optional<at::Tensor>& alibi_slopes,
     int64_t window_left, int64_t window_right, double softcap) {
-  const ForwardInputs in{q,      k,           v,            bias,    key_mask, alibi_slopes, dropout_seed,
-                         scale,  causal,      window_left,  window_right, softcap, dropout_p};
+  const ForwardInputs in{q, k, v, bias, key_mask, alibi_slopes, dropout_seed,
+                         scale, causal, window_left, window_right, softcap, dropout_p};
   check_forward_inputs(in);
   TORCH_CHECK(!compute_dbias || bias.has_value(), "fast_attn: compute_dbias needs a bias");
   TORCH_CHECK(grad_out_in.sizes() == q.sizes() && out.sizes() == q.sizes(),
