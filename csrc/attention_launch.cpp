@@ -156,9 +156,10 @@ AttentionForwardParams make_forward_params(const ForwardInputs& in, const at::Te
 
   p.scale = static_cast<float>(in.scale);
   const Band band = band_of(in.causal, in.window_left, in.window_right, p.seqlen_q, p.seqlen_k);
-  p.band_offset = band.offset;
-  p.window_left = band.left;
-  p.window_right = band.right;
+  p.band_has_first_key = band.left >= 0;
+  p.band_has_last_key = band.right >= 0;
+  p.band_first_key = band.offset - band.left;
+  p.band_last_key = band.offset + band.right;
   p.softcap = static_cast<float>(in.softcap);
 
   p.alibi_slopes = nullptr;

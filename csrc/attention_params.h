@@ -50,14 +50,16 @@ struct AttentionForwardParams {
   int64_t key_mask_batch_stride, key_mask_col_stride;
 
   float scale;  // multiplies q.k before the softcap and the bias
-  // The band of visible keys (causal mask and sliding window, set by band_of in
-  // attention_launch.cpp): query i sees key j iff
-  //   (window_left < 0 or j >= i + band_offset - window_left) and
-  //   (window_right < 0 or j <= i + band_offset + window_right);
-  // -1 is unbounded on that side, so both -1 is no band. A causal mask is window_right = 0.
-  int64_t band_offset;
-  int64_t window_left;
-  int64_t window_right;
+  // The band of visible keys (causal mask and sliding window, from band_of in
+  // attention_launch.cpp) as its two edges relative to the query row: query i sees key j iff
+  //   (!band_has_first_key || j >= i + band_first_key) and (!band_has_last_key || j <= i + band_last_key).
+  // A causal mask is the last-key edge on the diagonal. Stored as edges (not as offset and
+  // window) so that a kernel's test costs what the causal test did: the CUDA dK/dV kernel sits at
+  // its register limit.
+  bool band_has_first_key;
+  bool band_has_last_key;
+  int64_t band_first_key;
+  int64_t band_last_key;
 
   // score = softcap * tanh(scale q.k / softcap) when softcap > 0 (0 = no cap), before the bias.
   float softcap;
@@ -105,14 +107,10 @@ struct AttentionBackwardParams : AttentionForwardParams {
 // The band's edges as offsets from the query index: query i sees keys
 // j >= i + band_first_key_offset(p) when band_bounds_left(p), and keys
 // j <= i + band_last_key_offset(p) when band_bounds_right(p).
-FAST_ATTN_HOST_DEVICE bool band_bounds_left(const AttentionForwardParams& p) { return p.window_left >= 0; }
-FAST_ATTN_HOST_DEVICE bool band_bounds_right(const AttentionForwardParams& p) { return p.window_right >= 0; }
-FAST_ATTN_HOST_DEVICE int64_t band_first_key_offset(const AttentionForwardParams& p) {
-  return p.band_offset - p.window_left;
-}
-FAST_ATTN_HOST_DEVICE int64_t band_last_key_offset(const AttentionForwardParams& p) {
-  return p.band_offset + p.window_right;
-}
+FAST_ATTN_HOST_DEVICE bool band_bounds_left(const AttentionForwardParams& p) { return p.band_has_first_key; }
+FAST_ATTN_HOST_DEVICE bool band_bounds_right(const AttentionForwardParams& p) { return p.band_has_last_key; }
+FAST_ATTN_HOST_DEVICE int64_t band_first_key_offset(const AttentionForwardParams& p) { return p.band_first_key; }
+FAST_ATTN_HOST_DEVICE int64_t band_last_key_offset(const AttentionForwardParams& p) { return p.band_last_key; }
 
 // Dropout keep-decision shared bit for bit by every backend and by the Python
 // reference (fast_attn/dropout.py, dropout_keep_mask): a 32-bit hash of the
