@@ -20,25 +20,35 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// The score modifiers' arguments, in the order the schemas end with them.
+struct ScoreModifiers {
+  std::optional<at::Tensor> alibi_slopes;
+  int64_t window_left;
+  int64_t window_right;
+  double softcap;
+};
+
 std::tuple<at::Tensor, at::Tensor> call_forward_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                    const std::optional<at::Tensor>& bias,
                                                    const std::optional<at::Tensor>& key_mask,
                                                    const std::optional<at::Tensor>& dropout_seed, double scale,
-                                                   int64_t causal, double dropout_p) {
+                                                   int64_t causal, double dropout_p, const ScoreModifiers& mods) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fast_attn::attention_forward", "")
                              .typed<std::tuple<at::Tensor, at::Tensor>(
                                  const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                 const std::optional<at::Tensor>&, double, int64_t, double)>();
-  return op.call(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p);
+                                 const std::optional<at::Tensor>&, double, int64_t, double,
+                                 const std::optional<at::Tensor>&, int64_t, int64_t, double)>();
+  return op.call(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, mods.alibi_slopes,
+                 mods.window_left, mods.window_right, mods.softcap);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_backward_op(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask,
     const std::optional<at::Tensor>& dropout_seed, const at::Tensor& out, const at::Tensor& lse, double scale,
-    int64_t causal, double dropout_p, bool compute_dbias, bool deterministic) {
+    int64_t causal, double dropout_p, bool compute_dbias, bool deterministic, const ScoreModifiers& mods) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fast_attn::attention_backward", "")
@@ -46,9 +56,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_backward_op(
               const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
               const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, double, int64_t, double, bool,
-              bool)>();
+              bool, const std::optional<at::Tensor>&, int64_t, int64_t, double)>();
   return op.call(grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse, scale, causal, dropout_p,
-                 compute_dbias, deterministic);
+                 compute_dbias, deterministic, mods.alibi_slopes, mods.window_left, mods.window_right, mods.softcap);
 }
 
 std::optional<at::Tensor> present(const at::Tensor& t) {
@@ -61,14 +71,19 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask,
                                const std::optional<at::Tensor>& dropout_seed, double scale, int64_t causal,
-                               double dropout_p) {
+                               double dropout_p, const std::optional<at::Tensor>& alibi_slopes, int64_t window_left,
+                               int64_t window_right, double softcap) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, lse] = call_forward_op(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p);
+    auto [out, lse] = call_forward_op(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p,
+                                      {alibi_slopes, window_left, window_right, softcap});
     ctx->save_for_backward({q, k, v, bias.value_or(at::Tensor()), key_mask.value_or(at::Tensor()),
-                            dropout_seed.value_or(at::Tensor()), out, lse});
+                            dropout_seed.value_or(at::Tensor()), out, lse, alibi_slopes.value_or(at::Tensor())});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["window_left"] = window_left;
+    ctx->saved_data["window_right"] = window_right;
+    ctx->saved_data["softcap"] = softcap;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     // An unused output's gradient stays undefined instead of a tensor of zeros:
     // grad_lse is absent unless lse was used.
@@ -77,7 +92,8 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   }
 
   // One gradient per forward argument: dq, dk, dv, dbias, then none for
-  // key_mask, dropout_seed, scale, causal and dropout_p.
+  // key_mask, dropout_seed, scale, causal, dropout_p and the score modifiers
+  // (ALiBi's slopes have no gradient by the contract).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[6], &lse = saved[7];
@@ -94,17 +110,25 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     auto [dq, dk, dv, dbias] = call_backward_op(
         grad_out, present(grads[1]), q, k, v, bias, present(saved[4]), present(saved[5]), out, lse,
         ctx->saved_data["scale"].toDouble(), ctx->saved_data["causal"].toInt(),
-        ctx->saved_data["dropout_p"].toDouble(), compute_dbias, at::globalContext().deterministicAlgorithms());
-    return {dq, dk, dv, compute_dbias ? dbias : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor()};
+        ctx->saved_data["dropout_p"].toDouble(), compute_dbias, at::globalContext().deterministicAlgorithms(),
+        {present(saved[8]), ctx->saved_data["window_left"].toInt(), ctx->saved_data["window_right"].toInt(),
+         ctx->saved_data["softcap"].toDouble()});
+    variable_list grads_of_inputs(13);
+    grads_of_inputs[0] = dq;
+    grads_of_inputs[1] = dk;
+    grads_of_inputs[2] = dv;
+    if (compute_dbias) grads_of_inputs[3] = dbias;
+    return grads_of_inputs;
   }
 };
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& dropout_seed, double scale,
-    int64_t causal, double dropout_p) {
-  variable_list outputs = AttentionFunction::apply(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p);
+    int64_t causal, double dropout_p, const std::optional<at::Tensor>& alibi_slopes, int64_t window_left,
+    int64_t window_right, double softcap) {
+  variable_list outputs = AttentionFunction::apply(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p,
+                                                   alibi_slopes, window_left, window_right, softcap);
   return {outputs[0], outputs[1]};
 }
 

@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <cmath>
+
 namespace fast_attn {
 namespace {
 
@@ -18,6 +20,14 @@ int64_t broadcast_stride(const at::Tensor& t, int64_t dim) {
 }
 
 }  // namespace
+
+Band band_of(int64_t causal, int64_t window_left, int64_t window_right, int64_t seqlen_q, int64_t seqlen_k) {
+  const bool has_causal = causal != static_cast<int64_t>(CausalMode::kNone);
+  const int64_t right = has_causal ? 0 : window_right;
+  // A window without a causal mask is aligned bottom-right, as FlashAttention's.
+  const int64_t offset = causal == static_cast<int64_t>(CausalMode::kTopLeft) ? 0 : seqlen_k - seqlen_q;
+  return Band{offset, window_left, right};
+}
 
 at::ScalarType accumulation_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
@@ -38,6 +48,11 @@ void check_forward_inputs(const ForwardInputs& in) {
   TORCH_CHECK(in.k.size(1) >= 1 && in.q.size(1) % in.k.size(1) == 0,
               "fast_attn: Hq must be a multiple of Hkv, got ", in.q.sizes(), " and ", in.k.sizes());
   TORCH_CHECK(in.causal >= 0 && in.causal <= 2, "fast_attn: causal must be 0, 1 or 2, got ", in.causal);
+  TORCH_CHECK(in.window_left >= -1 && in.window_right >= -1,
+              "fast_attn: window_left and window_right must be >= -1 (-1 = unbounded), got ", in.window_left, " and ",
+              in.window_right);
+  TORCH_CHECK(std::isfinite(in.softcap) && in.softcap >= 0.0,
+              "fast_attn: softcap must be finite and >= 0 (0 = none), got ", in.softcap);
   TORCH_CHECK(in.dropout_p >= 0.0 && in.dropout_p < 1.0, "fast_attn: dropout_p must be in [0, 1)");
   if (in.bias) {
     const at::Tensor& bias = *in.bias;
@@ -58,6 +73,16 @@ void check_forward_inputs(const ForwardInputs& in) {
     TORCH_CHECK(mask.dim() == 2 && (mask.size(0) == 1 || mask.size(0) == in.q.size(0)) &&
                     mask.size(1) == in.k.size(2),
                 "fast_attn: key_mask must have shape (B, Sk), got ", mask.sizes());
+  }
+  if (in.alibi_slopes) {
+    const at::Tensor& slopes = *in.alibi_slopes;
+    TORCH_CHECK(slopes.scalar_type() == at::kFloat, "fast_attn: alibi_slopes must be float32, got ",
+                slopes.scalar_type());
+    TORCH_CHECK(slopes.device() == in.q.device(), "fast_attn: alibi_slopes must be on q's device");
+    TORCH_CHECK(slopes.dim() == 2 && (slopes.size(0) == 1 || slopes.size(0) == in.q.size(0)) &&
+                    slopes.size(1) == in.q.size(1),
+                "fast_attn: alibi_slopes must have shape (B or 1, Hq), got ", slopes.sizes());
+    TORCH_CHECK(slopes.is_contiguous(), "fast_attn: alibi_slopes must be contiguous");
   }
   if (in.dropout_p > 0.0) {
     TORCH_CHECK(in.dropout_seed.has_value(), "fast_attn: dropout_p > 0 needs a dropout_seed");
@@ -130,9 +155,20 @@ AttentionForwardParams make_forward_params(const ForwardInputs& in, const at::Te
   }
 
   p.scale = static_cast<float>(in.scale);
-  p.causal = in.causal != static_cast<int64_t>(CausalMode::kNone);
-  p.causal_offset =
-      in.causal == static_cast<int64_t>(CausalMode::kBottomRight) ? p.seqlen_k - p.seqlen_q : 0;
+  const Band band = band_of(in.causal, in.window_left, in.window_right, p.seqlen_q, p.seqlen_k);
+  p.band_has_first_key = band.left >= 0;
+  p.band_has_last_key = band.right >= 0;
+  p.band_first_key = band.offset - band.left;
+  p.band_last_key = band.offset + band.right;
+  p.softcap = static_cast<float>(in.softcap);
+
+  p.alibi_slopes = nullptr;
+  p.alibi_batch_stride = 0;
+  if (in.alibi_slopes) {
+    const at::Tensor& slopes = *in.alibi_slopes;
+    p.alibi_slopes = slopes.data_ptr<float>();
+    p.alibi_batch_stride = broadcast_stride(slopes, 0);
+  }
 
   p.dropout_seed = nullptr;
   p.dropout_keep_threshold = 0;

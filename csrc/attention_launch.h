@@ -18,11 +18,24 @@ struct ForwardInputs {
   const at::Tensor& v;  // (B, Hkv, Sk, D)
   const std::optional<at::Tensor>& bias;          // (Bb, Hb, Sqb, Skb), each dim 1 or full
   const std::optional<at::Tensor>& key_mask;      // bool (B or 1, Sk)
+  const std::optional<at::Tensor>& alibi_slopes;  // float32 (B or 1, Hq) contiguous
   const std::optional<at::Tensor>& dropout_seed;  // int64 (1,) on q's device
   double scale;
   int64_t causal;  // CausalMode
+  int64_t window_left;   // -1 = unbounded
+  int64_t window_right;  // -1 = unbounded
+  double softcap;        // 0 = none
   double dropout_p;
 };
+
+// The band of visible keys of a causal mode and a (left, right) window, as
+// AttentionForwardParams holds it: fast_attn/causal.py::visible_band in C++.
+struct Band {
+  int64_t offset;
+  int64_t left;
+  int64_t right;
+};
+Band band_of(int64_t causal, int64_t window_left, int64_t window_right, int64_t seqlen_q, int64_t seqlen_k);
 
 // Checks what a kernel relies on (ranks, shapes, dtypes, devices, unit last
 // stride). The Python layer establishes all of it with friendlier messages;

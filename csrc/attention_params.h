@@ -18,8 +18,8 @@
 
 namespace fast_attn {
 
-// Causal masking: query i may attend key j iff j <= i + causal_offset, where
-// causal_offset is 0 for top-left alignment and Sk - Sq for bottom-right.
+// Causal alignment (the op's `causal` argument): a causal mask is the band's
+// right edge at 0 on the diagonal i for kTopLeft, i + Sk - Sq for kBottomRight.
 enum class CausalMode : int64_t { kNone = 0, kTopLeft = 1, kBottomRight = 2 };
 
 struct AttentionForwardParams {
@@ -49,9 +49,25 @@ struct AttentionForwardParams {
   const uint8_t* key_mask;
   int64_t key_mask_batch_stride, key_mask_col_stride;
 
-  float scale;  // multiplies q.k before the bias is added
-  bool causal;
-  int64_t causal_offset;
+  float scale;  // multiplies q.k before the softcap and the bias
+  // The band of visible keys (causal mask and sliding window, from band_of in
+  // attention_launch.cpp) as its two edges relative to the query row: query i sees key j iff
+  //   (!band_has_first_key || j >= i + band_first_key) and (!band_has_last_key || j <= i + band_last_key).
+  // A causal mask is the last-key edge on the diagonal. Stored as edges (not as offset and
+  // window) so that a kernel's test costs what the causal test did: the CUDA dK/dV kernel sits at
+  // its register limit.
+  bool band_has_first_key;
+  bool band_has_last_key;
+  int64_t band_first_key;
+  int64_t band_last_key;
+
+  // score = softcap * tanh(scale q.k / softcap) when softcap > 0 (0 = no cap), before the bias.
+  float softcap;
+
+  // ALiBi: score += -slope(b, h) * |i + Sk - Sq - j| after the bias; nullptr when absent.
+  // float32 (B or 1, Hq) contiguous; batch stride 0 for one row of slopes shared by the batch.
+  const float* alibi_slopes;
+  int64_t alibi_batch_stride;
 
   // Dropout on the attention probabilities; dropout_seed points at one int64
   // seed in the inputs' memory space, nullptr when p == 0. A score is kept when
@@ -82,15 +98,24 @@ struct AttentionBackwardParams : AttentionForwardParams {
   int64_t dbias_num_splits;
 };
 
-// Dropout keep-decision shared bit for bit by every backend and by the Python
-// reference (fast_attn/dropout.py, dropout_keep_mask): a 32-bit hash of the
-// seed and the linear index ((b * Hq + h) * Sq + i) * Sk + j of the score.
-// The mixing function is the "lowbias32" integer hash (two multiply-xorshift rounds).
 #if defined(__CUDACC__)
 #define FAST_ATTN_HOST_DEVICE __host__ __device__ __forceinline__
 #else
 #define FAST_ATTN_HOST_DEVICE inline
 #endif
+
+// The band's edges as offsets from the query index: query i sees keys
+// j >= i + band_first_key_offset(p) when band_bounds_left(p), and keys
+// j <= i + band_last_key_offset(p) when band_bounds_right(p).
+FAST_ATTN_HOST_DEVICE bool band_bounds_left(const AttentionForwardParams& p) { return p.band_has_first_key; }
+FAST_ATTN_HOST_DEVICE bool band_bounds_right(const AttentionForwardParams& p) { return p.band_has_last_key; }
+FAST_ATTN_HOST_DEVICE int64_t band_first_key_offset(const AttentionForwardParams& p) { return p.band_first_key; }
+FAST_ATTN_HOST_DEVICE int64_t band_last_key_offset(const AttentionForwardParams& p) { return p.band_last_key; }
+
+// Dropout keep-decision shared bit for bit by every backend and by the Python
+// reference (fast_attn/dropout.py, dropout_keep_mask): a 32-bit hash of the
+// seed and the linear index ((b * Hq + h) * Sq + i) * Sk + j of the score.
+// The mixing function is the "lowbias32" integer hash (two multiply-xorshift rounds).
 
 FAST_ATTN_HOST_DEVICE uint32_t dropout_mix32(uint32_t x) {
   x ^= x >> 16;

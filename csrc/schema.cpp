@@ -1,7 +1,15 @@
 // The fast_attn operator schemas, declared once. Each device registers its
-// implementation with TORCH_LIBRARY_IMPL (csrc/cpu, csrc/cuda), autograd is
-// registered in C++ (csrc/attention_autograd.cpp), and the fake kernels from
-// Python (fast_attn/ops/cpp_ops.py).
+// implementation with TORCH_LIBRARY_IMPL (csrc/cpu, csrc/cuda); fake kernels are
+// registered from Python (fast_attn/ops/cpp_ops.py), autograd in C++
+// (csrc/attention_autograd.cpp).
+//
+// The score modifiers come last, with defaults that mean "none", so that calls
+// written before them (positional ones included) keep their meaning:
+//   alibi_slopes: float32 (B or 1, Hq), adds -slope * |i + Sk - Sq - j| (no gradient);
+//   window_left, window_right: the sliding window, -1 = unbounded on that side; with
+//     causal != 0 the window's right side is 0, and its diagonal follows causal's
+//     alignment (bottom-right without causal);
+//   softcap: score = softcap * tanh(scale * q.k / softcap) when > 0, before the bias.
 #include <torch/library.h>
 
 TORCH_LIBRARY(fast_attn, m) {
@@ -9,12 +17,14 @@ TORCH_LIBRARY(fast_attn, m) {
   // lse: (B, Hq, Sq) float32 (float64 for float64 inputs), -inf for rows with no visible key.
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? key_mask, "
-      "Tensor? dropout_seed, float scale, int causal, float dropout_p) -> (Tensor out, Tensor lse)");
+      "Tensor? dropout_seed, float scale, int causal, float dropout_p, Tensor? alibi_slopes=None, "
+      "int window_left=-1, int window_right=-1, float softcap=0.0) -> (Tensor out, Tensor lse)");
   // dq, dk, dv like q, k, v (stored (B, S, H, D)-contiguous); dbias in the bias's
   // own (4-D) shape and dtype, or an empty tensor when compute_dbias is false.
   m.def(
       "attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
       "Tensor? bias, Tensor? key_mask, Tensor? dropout_seed, Tensor out, Tensor lse, float scale, "
-      "int causal, float dropout_p, bool compute_dbias, bool deterministic) "
+      "int causal, float dropout_p, bool compute_dbias, bool deterministic, Tensor? alibi_slopes=None, "
+      "int window_left=-1, int window_right=-1, float softcap=0.0) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
 }

@@ -243,3 +243,267 @@ def test_window_of_minus_ones_is_no_window():
     q, k, v = random_qkv(1, 2, 2, 5, 6, 8)
     problem = fast_attn.validation.build_problem(q, k, v, window_size=(-1, -1))
     assert problem.window is None and dispatch.asked_features(problem) == set()
+
+
+# ---------------------------------------------------------------------------
+# The CPU kernels (csrc/cpu) with the score modifiers, against float64 by the
+# error rule: forward, lse and every gradient. The op is called directly with a
+# seed of our own so that dropout's keep decisions are the reference's.
+
+CPU_OP_AVAILABLE = dispatch.UNAVAILABLE["cpu"] is None
+needs_cpu_op = pytest.mark.skipif(not CPU_OP_AVAILABLE, reason=str(dispatch.UNAVAILABLE["cpu"]))
+CAUSAL_MODES = {False: 0, "top_left": 1, "bottom_right": 2}
+# FAST_ATTN_CPU_ISA is read on every call: each instruction-set path runs in this process.
+ISA_PATHS = ["native", "avx2", "generic"]
+
+
+def accumulation(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_cpu_op(
+    dtype, q, k, v, *, bias=None, key_mask=None, causal=False, window=None, softcap=None, alibi_slopes=None,
+    dropout_p=0.0, scale=None,
+):
+    """torch.ops.fast_attn.attention_forward on the CPU (and its C++ autograd) vs the float64
+    reference: out, lse and the gradient of every input that requires one."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    seed = torch.tensor([(1 << 41) + 977], dtype=torch.int64)
+    slopes_2d = None if alibi_slopes is None else (alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes[None])
+    left, right = window if window is not None else (-1, -1)
+    out, lse = torch.ops.fast_attn.attention_forward(
+        q, k, v, bias, key_mask, seed if dropout_p > 0 else None, scale, CAUSAL_MODES[causal], dropout_p,
+        slopes_2d, left, right, softcap or 0.0,
+    )
+    assert out.dtype == dtype and lse.dtype == accumulation(dtype)
+    inputs = {"q": q, "k": k, "v": v, "bias": bias, "key_mask": key_mask, "alibi_slopes": alibi_slopes}
+    options = {"causal": causal, "window_size": window, "softcap": softcap, "scale": scale, "dropout_p": dropout_p,
+               "dropout_seed": seed if dropout_p > 0 else None}
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    exact = run_reference(inputs, compute_dtype=torch.float64, grad_out=grad_out, grad_lse=grad_lse, **options)
+    same_dtype = run_reference(inputs, compute_dtype=dtype, grad_out=grad_out, grad_lse=grad_lse, **options)
+    assert_error_rule("out", out, exact.out, same_dtype.out, dtype)
+    assert_error_rule("lse", lse, exact.lse, same_dtype.lse, dtype)
+    wanted = [name for name, t in inputs.items() if t is not None and t.is_floating_point() and t.requires_grad]
+    if not wanted:
+        return
+    rounded = rounded_output_reference(
+        inputs, out_dtype=dtype, grad_out=grad_out, grad_lse=grad_lse, fed_out=out, **options
+    )
+    grads = torch.autograd.grad([out, lse], [inputs[n] for n in wanted], [grad_out, grad_lse])
+    for name, grad in zip(wanted, grads):
+        assert grad.shape == inputs[name].shape, name
+        assert_error_rule(
+            f"d{name}", grad, exact.grads[name], same_dtype.grads[name], dtype, rounded_output=rounded.grads[name]
+        )
+
+
+def qkv(dtype, seqlen_q, seqlen_k, *, batch=2, heads_q=4, heads_kv=2, head_dim=32, spread=1.0):
+    q, k, v = random_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim)
+    return tuple((t * spread).to(dtype).requires_grad_(True) for t in (q, k, v))
+
+
+def bias_of(shape, dtype):
+    return torch.randn(shape).to(dtype).requires_grad_(True)
+
+
+SHAPES = [(1, 17), (17, 1), (17, 97), (97, 17), (97, 97), (257, 97), (97, 257), (257, 257)]
+WINDOWS = [(0, 0), (3, -1), (-1, 3), (16, 16), (100, 0)]
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("seqlen_q,seqlen_k", SHAPES)
+@pytest.mark.parametrize("causal", [False, "top_left", "bottom_right"])
+@pytest.mark.parametrize("window", WINDOWS)
+def test_cpu_window_grid_float32(seqlen_q, seqlen_k, causal, window):
+    # Sq > Sk aligned bottom-right (and windows with a left side under top-left
+    # causal for Sq > Sk + left) leave rows with an empty band: out 0, lse -inf, zero gradients.
+    q, k, v = qkv(torch.float32, seqlen_q, seqlen_k)
+    check_cpu_op(torch.float32, q, k, v, causal=causal, window=window)
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(17, 97), (97, 17), (257, 257)])
+@pytest.mark.parametrize("causal,window", [(False, (3, -1)), ("bottom_right", (16, 16)), ("top_left", (0, 0)),
+                                           (False, (-1, 3))])
+def test_cpu_window_grid_other_dtypes(dtype, seqlen_q, seqlen_k, causal, window):
+    q, k, v = qkv(dtype, seqlen_q, seqlen_k)
+    check_cpu_op(dtype, q, k, v, causal=causal, window=window)
+
+
+@needs_cpu_op
+def test_empty_rows_of_a_window_are_zero_with_zero_gradients():
+    # top_left causal, window (3, -1): rows i >= Sk + 3 = 20 see no key.
+    q, k, v = qkv(torch.float32, 97, 17)
+    out, lse = torch.ops.fast_attn.attention_forward(q, k, v, None, None, None, 0.3, 1, 0.0, None, 3, -1, 0.0)
+    assert torch.equal(out[:, :, 20:], torch.zeros_like(out[:, :, 20:]))
+    assert torch.isneginf(lse[:, :, 20:]).all() and torch.isfinite(lse[:, :, :20]).all()
+    dq, dk, dv = torch.autograd.grad([out, lse.masked_fill(lse.isinf(), 0)], [q, k, v],
+                                     [torch.randn_like(out), torch.randn_like(lse)])
+    assert torch.equal(dq[:, :, 20:], torch.zeros_like(dq[:, :, 20:]))
+    assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("isa", ISA_PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("seqlen_q,seqlen_k,causal,window", [
+    (97, 257, False, (16, 16)), (257, 97, "bottom_right", (100, 0)), (97, 17, "top_left", (3, -1)),
+])
+def test_cpu_window_with_bias_key_mask_and_gqa_on_each_isa(monkeypatch, isa, dtype, seqlen_q, seqlen_k, causal,
+                                                            window):
+    if isa != "native":
+        monkeypatch.setenv("FAST_ATTN_CPU_ISA", isa)
+    q, k, v = qkv(dtype, seqlen_q, seqlen_k, heads_q=6, heads_kv=2)
+    key_mask = random_key_mask(2, seqlen_k, empty_rows=(1,))
+    # A full bias: each dbias element stored once (tiles outside the band store zeros).
+    check_cpu_op(dtype, q, k, v, bias=bias_of((2, 6, seqlen_q, seqlen_k), accumulation(dtype)), key_mask=key_mask,
+                 causal=causal, window=window)
+    # A bias broadcast over batch and rows: partial sums.
+    check_cpu_op(dtype, q, k, v, bias=bias_of((1, 6, 1, seqlen_k), dtype), causal=causal, window=window)
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("causal,window", [(False, (16, 16)), ("bottom_right", (3, -1))])
+def test_cpu_window_with_dropout(dtype, causal, window):
+    q, k, v = qkv(dtype, 97, 130)
+    check_cpu_op(dtype, q, k, v, bias=bias_of((1, 4, 97, 130), accumulation(dtype)), causal=causal, window=window,
+                 dropout_p=0.3, scale=0.2)
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("isa", ISA_PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("softcap", [0.5, 30.0])
+@pytest.mark.parametrize("seqlen_q,seqlen_k,causal", [(97, 97, False), (17, 257, "bottom_right"),
+                                                      (257, 97, "top_left")])
+def test_cpu_softcap(monkeypatch, isa, dtype, softcap, seqlen_q, seqlen_k, causal):
+    if isa != "native":
+        monkeypatch.setenv("FAST_ATTN_CPU_ISA", isa)
+    # spread 3: scores of +-10 and more, so that a cap of 0.5 is deep in tanh's saturation.
+    q, k, v = qkv(dtype, seqlen_q, seqlen_k, spread=3.0)
+    check_cpu_op(dtype, q, k, v, causal=causal, softcap=softcap)
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_cpu_softcap_with_window_bias_key_mask_and_dropout(dtype, dropout_p):
+    q, k, v = qkv(dtype, 97, 113, spread=2.0)
+    check_cpu_op(dtype, q, k, v, bias=bias_of((2, 1, 97, 113), accumulation(dtype)),
+                 key_mask=random_key_mask(2, 113, empty_rows=(0,)), causal="bottom_right", window=(20, -1),
+                 softcap=1.5, dropout_p=dropout_p)
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("isa", ISA_PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("slopes_shape", [(4,), (2, 4)])
+@pytest.mark.parametrize("seqlen_q,seqlen_k,causal", [(97, 97, False), (17, 257, "bottom_right"),
+                                                      (257, 97, "top_left"), (1, 97, False)])
+def test_cpu_alibi(monkeypatch, isa, dtype, slopes_shape, seqlen_q, seqlen_k, causal):
+    if isa != "native":
+        monkeypatch.setenv("FAST_ATTN_CPU_ISA", isa)
+    q, k, v = qkv(dtype, seqlen_q, seqlen_k)
+    slopes = torch.rand(slopes_shape) * 0.5
+    check_cpu_op(dtype, q, k, v, causal=causal, alibi_slopes=slopes)
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_cpu_all_modifiers_with_bias_key_mask_gqa_and_dropout(dtype, dropout_p):
+    q, k, v = qkv(dtype, 130, 97, heads_q=6, heads_kv=3, head_dim=40, spread=2.0)
+    check_cpu_op(dtype, q, k, v, bias=bias_of((2, 6, 130, 97), accumulation(dtype)),
+                 key_mask=random_key_mask(2, 97), causal=False, window=(24, 8), softcap=2.0,
+                 alibi_slopes=torch.rand(2, 6) * 0.3, dropout_p=dropout_p)
+
+
+@needs_cpu_op
+def test_cpu_modifiers_through_the_public_api_with_sinks():
+    q, k, v = qkv(torch.float32, 45, 70, heads_q=6, heads_kv=2)
+    check_against_reference(
+        "cpu", torch.float32, q, k, v, causal="bottom_right", window_size=(12, -1), softcap=3.0,
+        alibi_slopes=torch.rand(6), sinks=torch.randn(6, requires_grad=True),
+        key_mask=random_key_mask(2, 70, empty_rows=(1,)), bias=bias_of((2, 1, 45, 70), torch.float32),
+    )
+
+
+@needs_cpu_op
+def test_cpu_gradcheck_float64_with_every_modifier():
+    q, k, v = (t.double().requires_grad_(True) for t in random_qkv(2, 4, 2, 9, 12, 8))
+    bias = torch.randn(1, 4, 9, 12, dtype=torch.float64, requires_grad=True)
+    sinks = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    slopes = torch.rand(2, 4)
+    key_mask = random_key_mask(2, 12)
+
+    def function(q, k, v, bias, sinks):
+        return fast_attn.attention(
+            q, k, v, bias=bias, key_mask=key_mask, causal="top_left", window_size=(4, -1), softcap=1.3,
+            alibi_slopes=slopes, sinks=sinks, scale=0.6, return_lse=True, backend="cpu",
+        )
+
+    assert torch.autograd.gradcheck(function, (q, k, v, bias, sinks))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: fast_attn.attention(q, k, v, window_size=(2, 5), softcap=0.7, backend="cpu"), (q, k, v)
+    )
+
+
+@needs_cpu_op
+def test_cpu_opcheck_of_the_modifier_arguments():
+    q, k, v = (t.requires_grad_(True) for t in random_qkv(2, 4, 2, 9, 13, 8))
+    bias = torch.randn(1, 4, 9, 13, requires_grad=True)
+    key_mask = random_key_mask(2, 13)
+    seed = torch.tensor([7], dtype=torch.int64)
+    slopes = torch.rand(1, 4)
+    forward_args = (q, k, v, bias, key_mask, seed, 0.5, 2, 0.1, slopes, 4, 1, 2.5)
+    torch.library.opcheck(torch.ops.fast_attn.attention_forward.default, forward_args)
+    out, lse = torch.ops.fast_attn.attention_forward(*forward_args)
+    backward_args = (
+        torch.randn_like(out), torch.randn_like(lse), q.detach(), k.detach(), v.detach(), bias.detach(), key_mask,
+        seed, out.detach(), lse.detach(), 0.5, 2, 0.1, True, False, slopes, 4, 1, 2.5,
+    )
+    torch.library.opcheck(torch.ops.fast_attn.attention_backward.default, backward_args)
+
+
+@needs_cpu_op
+@pytest.mark.parametrize(
+    "arguments,match",
+    [
+        ({"window_left": -2}, "window_left and window_right must be >= -1"),
+        ({"window_right": -5}, "window_left and window_right must be >= -1"),
+        ({"softcap": -1.0}, "softcap must be finite and >= 0"),
+        ({"softcap": math.inf}, "softcap must be finite and >= 0"),
+        ({"alibi_slopes": torch.rand(1, 4, dtype=torch.float64)}, "alibi_slopes must be float32"),
+        ({"alibi_slopes": torch.rand(4)}, r"alibi_slopes must have shape \(B or 1, Hq\)"),
+        ({"alibi_slopes": torch.rand(3, 4)}, r"alibi_slopes must have shape \(B or 1, Hq\)"),
+        ({"alibi_slopes": torch.rand(4, 2).t()}, r"alibi_slopes must have shape|alibi_slopes must be contiguous"),
+        ({"alibi_slopes": torch.rand(2, 8)[:, ::2]}, "alibi_slopes must be contiguous"),
+    ],
+)
+def test_cpu_op_refuses_bad_modifier_arguments(arguments, match):
+    q, k, v = random_qkv(2, 4, 2, 5, 7, 8)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fast_attn.attention_forward(q, k, v, None, None, None, 0.5, 0, 0.0, **arguments)
+
+
+@needs_cpu_op
+def test_cpu_torch_compile_fullgraph_with_window_and_softcap():
+    q, k, v = qkv(torch.float32, 70, 90)
+    slopes = torch.rand(4)
+
+    def step(q, k, v):
+        out = fast_attn.attention(q, k, v, causal="bottom_right", window_size=(16, -1), softcap=2.0,
+                                  alibi_slopes=slopes, backend="cpu")
+        return out, (out * out).sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    eager_out, eager_loss = step(q, k, v)
+    eager_grads = torch.autograd.grad(eager_loss, [q, k, v])
+    compiled_out, compiled_loss = compiled(q, k, v)
+    compiled_grads = torch.autograd.grad(compiled_loss, [q, k, v])
+    torch.testing.assert_close(compiled_out, eager_out, rtol=0, atol=0)
+    for compiled_grad, eager_grad in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-6, atol=1e-6)

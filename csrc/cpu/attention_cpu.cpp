@@ -115,8 +115,8 @@ void run_workers(Worker worker, const Params& params, const Plan& plan) {
   });
 }
 
-ExactScales exact_scales(double scale, double dropout_p) {
-  return ExactScales{scale, dropout_p > 0.0 ? 1.0 / (1.0 - dropout_p) : 1.0};
+ExactScales exact_scales(double scale, double dropout_p, double softcap) {
+  return ExactScales{scale, dropout_p > 0.0 ? 1.0 / (1.0 - dropout_p) : 1.0, softcap};
 }
 
 // A new buffer of tens of MiB costs one page fault per 4 KiB on first touch:
@@ -144,8 +144,11 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
                                                          const at::Tensor& v, const std::optional<at::Tensor>& bias,
                                                          const std::optional<at::Tensor>& key_mask,
                                                          const std::optional<at::Tensor>& dropout_seed, double scale,
-                                                         int64_t causal, double dropout_p) {
-  const ForwardInputs in{q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p};
+                                                         int64_t causal, double dropout_p,
+                                                         const std::optional<at::Tensor>& alibi_slopes,
+                                                         int64_t window_left, int64_t window_right, double softcap) {
+  const ForwardInputs in{q, k, v, bias, key_mask, alibi_slopes, dropout_seed,
+                         scale, causal, window_left, window_right, softcap, dropout_p};
   check_forward_inputs(in);
   auto [out, lse] = allocate_forward_outputs(q);
   if (no_query_rows(q)) return {out, lse};
@@ -157,9 +160,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
   const AttentionForwardParams params = make_forward_params(in, out, lse);
   ForwardPlan plan{};
   plan.dtype = element_type(q.scalar_type());
-  plan.scales = exact_scales(scale, dropout_p);
+  plan.scales = exact_scales(scale, dropout_p, softcap);
   plan.num_q_blocks = ceil_div(q.size(2), kBlockM);
   plan.num_tasks = q.size(0) * q.size(1) * plan.num_q_blocks;
+  plan.last_query_block_first = !(band_bounds_left(params) && !band_bounds_right(params));
   run_workers(forward_worker_for(q, k), params, plan);
   return {out, lse};
 }
@@ -234,8 +238,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& dropout_seed,
     const at::Tensor& out, const at::Tensor& lse, double scale, int64_t causal, double dropout_p,
-    bool compute_dbias, bool /*deterministic: this backward always is*/) {
-  const ForwardInputs in{q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p};
+    bool compute_dbias, bool /*deterministic: this backward always is*/, const std::optional<at::Tensor>& alibi_slopes,
+    int64_t window_left, int64_t window_right, double softcap) {
+  const ForwardInputs in{q, k, v, bias, key_mask, alibi_slopes, dropout_seed,
+                         scale, causal, window_left, window_right, softcap, dropout_p};
   check_forward_inputs(in);
   TORCH_CHECK(!compute_dbias || bias.has_value(), "fast_attn: compute_dbias needs a bias");
   TORCH_CHECK(grad_out_in.sizes() == q.sizes() && out.sizes() == q.sizes(),
@@ -259,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   const at::ScalarType acc = accumulation_dtype(q.scalar_type());
   const at::Tensor delta = compute_delta(grad_out, out, grad_lse);
   const at::Tensor lse_acc = lse.to(acc).contiguous();
-  BackwardSetup setup = plan_backward(q, k, bias, compute_dbias, dq, exact_scales(scale, dropout_p));
+  BackwardSetup setup = plan_backward(q, k, bias, compute_dbias, dq, exact_scales(scale, dropout_p, softcap));
   std::optional<at::Tensor> dbias_partials;
   if (compute_dbias) dbias_partials = dbias_partials_for(*bias, setup);
 

@@ -6,6 +6,11 @@
 //   dV += P^T dO,   dS = P * (dP - delta) with dP = dO V^T,
 //   dK += dS^T Q * scale,   dQ += dS K * scale,   dbias += dS (reduced to its shape)
 //
+// with softcap, score = c tanh(s / c) of the scaled product s, dK and dQ take
+// dS (1 - tanh^2) while dbias takes dS itself. Query blocks wholly outside the
+// band of the key block's keys are never visited; rows whose band is empty
+// have lse = -inf, so P = 0 and their gradients are zero.
+//
 // dK/dV of the block are complete when the loop ends (the group's heads are
 // summed inside the task: no atomics) and written once; dQ goes to the
 // accumulator of the task's split. Score tiles are (queries x keys), the
@@ -49,6 +54,7 @@ class BackwardKernel {
     ScratchCarver carver(scratch);
     s_.carve(carver, p.head_dim);
     products_.carve(carver, p.head_dim);
+    for (int64_t n = 0; n < kN; ++n) s_.key_index[n] = static_cast<acc_t>(n);
   }
 
   void run(int64_t task) {
@@ -72,6 +78,8 @@ class BackwardKernel {
     acc_t* key_flags;    // (kN)
     acc_t* lse_rows;     // (kM): lse, +inf for rows with no visible key
     acc_t* delta_rows;   // (kM)
+    acc_t* softcap_slope;  // (kM, kN): 1 - tanh^2 of the capped scores, d score / d s
+    acc_t* key_index;    // (kN): 0, 1, ..., kN - 1, ALiBi's distances per lane
     int64_t d_padded;
 
     void carve(ScratchCarver& c, int64_t head_dim) {
@@ -83,6 +91,8 @@ class BackwardKernel {
       key_flags = c.take<acc_t>(kN);
       lse_rows = c.take<acc_t>(kM);
       delta_rows = c.take<acc_t>(kM);
+      softcap_slope = c.take<acc_t>(kM * kN);
+      key_index = c.take<acc_t>(kN);
     }
   };
 
@@ -97,34 +107,43 @@ class BackwardKernel {
     std::fill(s_.dk_acc, s_.dk_acc + kN * s_.d_padded, acc_t(0));
     std::fill(s_.dv_acc, s_.dv_acc + kN * s_.d_padded, acc_t(0));
 
-    // Query rows i >= first_row see some key of the block under a causal mask.
-    const int64_t first_row = p_.causal ? std::max<int64_t>(0, j0 - p_.causal_offset) : 0;
-    bool any_visible = first_row < p_.seqlen_q;
+    // Query rows [first_row, row_end) have some key of the block in their band.
+    int64_t first_row = 0, row_end = p_.seqlen_q;
+    if (band_bounds_right(p_)) first_row = std::clamp<int64_t>(j0 - band_last_key_offset(p_), 0, p_.seqlen_q);
+    if (band_bounds_left(p_)) {
+      row_end = std::clamp<int64_t>(j0 + cols - 1 - band_first_key_offset(p_) + 1, 0, p_.seqlen_q);
+    }
+    bool any_visible = first_row < row_end;
     if (any_visible && p_.key_mask != nullptr) {
       const uint8_t* mask_row = p_.key_mask + b * p_.key_mask_batch_stride;
       any_visible = load_key_flags<V>(s_.key_flags, mask_row, p_.key_mask_col_stride, j0, cols) > 0;
     }
+    // The tiles computed: query rows [first_tile_row, tile_row_end), whole kM blocks.
     const int64_t first_tile_row = any_visible ? first_row / kM * kM : p_.seqlen_q;
+    const int64_t tile_row_end = any_visible ? std::min(p_.seqlen_q, ceil_div(row_end, kM) * kM) : p_.seqlen_q;
     const int64_t group = p_.heads_q / p_.heads_kv;
     if (p_.dbias != nullptr && plan_.dbias_store_direct) {
       for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
-        zero_dbias_rows(b, h, first_tile_row, j0, cols);
+        zero_dbias_rows(b, h, 0, first_tile_row, j0, cols);
+        zero_dbias_rows(b, h, tile_row_end, p_.seqlen_q, j0, cols);
       }
     }
     if (any_visible) {
       products_.load_key_block(k, p_.k_row_stride, v, p_.v_row_stride, cols,
                                static_cast<acc_t>(plan_.scales.scale));
       for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
-        for (int64_t i0 = first_tile_row; i0 < p_.seqlen_q; i0 += kM) run_tile(b, h, i0, j0, cols, chunk, split);
+        for (int64_t i0 = first_tile_row; i0 < tile_row_end; i0 += kM) run_tile(b, h, i0, j0, cols, chunk, split);
       }
     }
     store_key_gradients(b, kv_head, j0, cols);
   }
 
-  // Direct dbias stores: rows [0, row_end) of key columns [j0, j0 + cols), which no tile computes.
-  void zero_dbias_rows(int64_t b, int64_t h, int64_t row_end, int64_t j0, int64_t cols) {
+  // Direct dbias stores: rows [row_begin, row_end) of key columns [j0, j0 + cols), which no tile computes.
+  void zero_dbias_rows(int64_t b, int64_t h, int64_t row_begin, int64_t row_end, int64_t j0, int64_t cols) {
     acc_t* base = static_cast<acc_t*>(p_.dbias) + ((b * p_.dbias_heads + h) * p_.dbias_rows) * p_.dbias_cols + j0;
-    for (int64_t i = 0; i < row_end; ++i) std::fill(base + i * p_.dbias_cols, base + i * p_.dbias_cols + cols, acc_t(0));
+    for (int64_t i = row_begin; i < row_end; ++i) {
+      std::fill(base + i * p_.dbias_cols, base + i * p_.dbias_cols + cols, acc_t(0));
+    }
   }
 
   void run_tile(int64_t b, int64_t h, int64_t i0, int64_t j0, int64_t cols, int64_t chunk, int64_t split) {
@@ -144,15 +163,59 @@ class BackwardKernel {
     }
 
     products_.scores(s_.probs, col_vectors * W);  // S (rows x cols)
+    const bool softcap = plan_.scales.softcap > 0.0;
+    if (softcap) apply_softcap(rows, col_vectors);
     if (p_.bias != nullptr) add_bias(b, h, i0, rows, j0, cols);
+    if (p_.alibi_slopes != nullptr) add_alibi(b, h, i0, rows, j0, col_vectors);
     compute_probs(i0, j0, rows, cols, col_vectors);
     products_.dprobs(s_.dscores, col_vectors * W);  // dP (rows x cols)
     compute_dscores(bh, i0, j0, rows, col_vectors);
     if (p_.dbias != nullptr) accumulate_dbias(b, h, i0, rows, j0, cols, chunk, split);
+    if (softcap) apply_softcap_slope(rows, col_vectors);
     acc_t* dq = static_cast<acc_t*>(plan_.dq_accum) + split * plan_.dq_accum_split_stride +
                 b * plan_.dq_accum_batch_stride + h * plan_.dq_accum_head_stride + i0 * plan_.dq_accum_row_stride;
     products_.accumulate_gradients(s_.probs, s_.dscores, cols, s_.dk_acc, s_.dv_acc, s_.d_padded, dq,
                                    plan_.dq_accum_row_stride);
+  }
+
+  // S = c t with t = tanh(S / c), and softcap_slope = 1 - t^2 for the backward through it.
+  void apply_softcap(int64_t rows, int col_vectors) {
+    const V cap = V::broadcast(static_cast<acc_t>(plan_.scales.softcap));
+    const V inverse_cap = V::broadcast(static_cast<acc_t>(1.0 / plan_.scales.softcap));
+    const V one = V::broadcast(acc_t(1));
+    for (int64_t m = 0; m < rows; ++m) {
+      acc_t* s = s_.probs + m * kN;
+      acc_t* slope = s_.softcap_slope + m * kN;
+      for (int nv = 0; nv < col_vectors; ++nv) {
+        const V t = (V::load(s + nv * W) * inverse_cap).tanh();
+        (cap * t).store(s + nv * W);
+        (one - t * t).store(slope + nv * W);
+      }
+    }
+  }
+
+  // dS *= 1 - t^2: the gradient of the scaled product under the cap (dbias has taken dS itself).
+  void apply_softcap_slope(int64_t rows, int col_vectors) {
+    for (int64_t m = 0; m < rows; ++m) {
+      acc_t* ds = s_.dscores + m * kN;
+      const acc_t* slope = s_.softcap_slope + m * kN;
+      for (int nv = 0; nv < col_vectors; ++nv) (V::load(ds + nv * W) * V::load(slope + nv * W)).store(ds + nv * W);
+    }
+  }
+
+  // S[m][n] -= slope * |i0 + m + Sk - Sq - (j0 + n)|
+  void add_alibi(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int col_vectors) {
+    const V minus_slope = V::broadcast(-static_cast<acc_t>(p_.alibi_slopes[b * p_.alibi_batch_stride + h]));
+    for (int64_t m = 0; m < rows; ++m) {
+      // Distance of lane n: |n - query_diagonal| (exact in acc_t: integers below 2^24).
+      const V query_diagonal = V::broadcast(static_cast<acc_t>(i0 + m + (p_.seqlen_k - p_.seqlen_q) - j0));
+      acc_t* s = s_.probs + m * kN;
+      for (int nv = 0; nv < col_vectors; ++nv) {
+        const V signed_distance = V::load(s_.key_index + nv * W) - query_diagonal;
+        const V distance = V::max(signed_distance, V::zero() - signed_distance);
+        V::fma(distance, minus_slope, V::load(s + nv * W)).store(s + nv * W);
+      }
+    }
   }
 
   // S[m][n] += bias(b, h, i0 + m, j0 + n)
@@ -188,17 +251,22 @@ class BackwardKernel {
     }
   }
 
-  // P = exp(S - lse) with masked scores (key mask, causal, padding past the
-  // block's last key) set to -inf first, so they give exactly 0.
+  // P = exp(S - lse) with masked scores (key mask, outside the band, padding
+  // past the block's last key) set to -inf first, so they give exactly 0.
   void compute_probs(int64_t i0, int64_t j0, int64_t rows, int64_t cols, int col_vectors) {
     for (int64_t m = 0; m < rows; ++m) {
-      int64_t visible_end = cols;
-      if (p_.causal) visible_end = std::clamp<int64_t>(i0 + m + p_.causal_offset - j0 + 1, 0, cols);
+      // Columns [visible_begin, visible_end) are in row i0 + m's band.
+      int64_t visible_begin = 0, visible_end = cols;
+      if (band_bounds_left(p_)) visible_begin = std::clamp<int64_t>(i0 + m + band_first_key_offset(p_) - j0, 0, cols);
+      if (band_bounds_right(p_)) visible_end = std::clamp<int64_t>(i0 + m + band_last_key_offset(p_) - j0 + 1, 0, cols);
       const V lse = V::broadcast(s_.lse_rows[m]);
       acc_t* s = s_.probs + m * kN;
       for (int nv = 0; nv < col_vectors; ++nv) {
         V x = V::load(s + nv * W);
         if (p_.key_mask != nullptr) x = x.replace_where_zero(V::load(s_.key_flags + nv * W), neg_inf());
+        if (visible_begin > nv * W) {
+          x = x.replace_lanes_below(static_cast<int>(std::min<int64_t>(visible_begin - nv * W, W)), neg_inf());
+        }
         if (visible_end < (nv + 1) * W) {
           x = x.replace_lanes_from(static_cast<int>(std::max<int64_t>(visible_end - nv * W, 0)), neg_inf());
         }

@@ -27,11 +27,12 @@ constexpr int64_t kBackwardBlockN = 128;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The params struct holds scale and the dropout scale as float; the float64
-// kernels need them exact, so the plans carry them in double.
+// The params struct holds scale, the dropout scale and softcap as float; the
+// float64 kernels need them exact, so the plans carry them in double.
 struct ExactScales {
   double scale;               // multiplies q.k
   double dropout_keep_scale;  // 1 / (1 - dropout_p)
+  double softcap;             // 0 = none
 };
 
 // Forward: one task per (batch, query head, block of kBlockM query rows).
@@ -40,6 +41,9 @@ struct ForwardPlan {
   ExactScales scales;
   int64_t num_q_blocks;
   int64_t num_tasks;  // batch * heads_q * num_q_blocks
+  // Hand out the last query block first (it sees the most keys under a band
+  // bounded on the right, e.g. causal), else the first (a band bounded on the left only).
+  bool last_query_block_first;
 };
 
 // Backward: units are (batch, kv head) pairs; a task takes a chunk of

@@ -1,6 +1,10 @@
 // Fused attention forward on the CPU: one task = one (batch, query head,
 // block of kBlockM query rows); online softmax over blocks of kBlockN keys.
 //
+// Scores: scale q.k, then softcap, bias, ALiBi, then the masks (key mask and
+// the band's edges, only in blocks that cross an edge); key blocks wholly
+// outside the band of every row of the query block are never visited.
+//
 // The score tile is kept transposed, S^T (keys x queries): it is computed as
 // K (keys x D) times q^T (D x queries), so only the task's own q block is
 // transposed (once), keys are read in place, and the per-query softmax
@@ -46,14 +50,16 @@ class ForwardKernel {
     ScratchCarver carver(scratch);
     s_.carve(carver, p.head_dim);
     products_.carve(carver, p.head_dim);
+    for (int64_t m = 0; m < kM; ++m) s_.query_index[m] = static_cast<acc_t>(m);
   }
 
   void run(int64_t task) {
     const int64_t batch_heads = p_.batch * p_.heads_q;
     const int64_t bh = task % batch_heads;
-    // Tasks are handed out last query block first: under a causal mask those
-    // see the most keys, so the long tasks start early (balanced finish).
-    const int64_t q_block = plan_.num_q_blocks - 1 - task / batch_heads;
+    // Tasks are handed out heaviest query blocks first (the plan says which
+    // end sees the most keys), so the long tasks start early (balanced finish).
+    const int64_t order = task / batch_heads;
+    const int64_t q_block = plan_.last_query_block_first ? plan_.num_q_blocks - 1 - order : order;
     run_block(bh / p_.heads_q, bh % p_.heads_q, q_block * kM);
   }
 
@@ -65,6 +71,7 @@ class ForwardKernel {
     acc_t* row_max;    // (kM)
     acc_t* row_sum;    // (kM)
     acc_t* alpha;      // (kM): rescale factor of this key block
+    acc_t* query_index;  // (kM): 0, 1, ..., kM - 1, ALiBi's distances per lane
     int64_t d_padded;
 
     void carve(ScratchCarver& c, int64_t head_dim) {
@@ -75,6 +82,7 @@ class ForwardKernel {
       row_max = c.take<acc_t>(kM);
       row_sum = c.take<acc_t>(kM);
       alpha = c.take<acc_t>(kM);
+      query_index = c.take<acc_t>(kM);
     }
   };
 
@@ -88,9 +96,13 @@ class ForwardKernel {
     const T* k = static_cast<const T*>(p_.k) + b * p_.k_batch_stride + kv_head * p_.k_head_stride;
     const T* v = static_cast<const T*>(p_.v) + b * p_.v_batch_stride + kv_head * p_.v_head_stride;
 
-    // Keys [0, kv_end) can be visible to some row of the block.
-    int64_t kv_end = p_.seqlen_k;
-    if (p_.causal) kv_end = std::clamp<int64_t>(i0 + rows + p_.causal_offset, 0, p_.seqlen_k);
+    // Keys [kv_begin, kv_end) are in the band of some row of the block.
+    int64_t kv_begin = 0;
+    kv_end_ = p_.seqlen_k;
+    if (band_bounds_left(p_)) kv_begin = std::clamp<int64_t>(i0 + band_first_key_offset(p_), 0, p_.seqlen_k);
+    if (band_bounds_right(p_)) {
+      kv_end_ = std::clamp<int64_t>(i0 + rows - 1 + band_last_key_offset(p_) + 1, 0, p_.seqlen_k);
+    }
 
     products_.load_query_block(q, p_.q_row_stride, rows, query_vectors, static_cast<acc_t>(plan_.scales.scale));
     std::fill(s_.out_acc, s_.out_acc + kM * s_.d_padded, acc_t(0));
@@ -99,8 +111,8 @@ class ForwardKernel {
       V::zero().store(s_.row_sum + mv * W);
     }
 
-    for (int64_t j0 = 0; j0 < kv_end; j0 += kN) {
-      const int64_t cols = std::min(kN, kv_end - j0);
+    for (int64_t j0 = kv_begin; j0 < kv_end_; j0 += kN) {
+      const int64_t cols = std::min(kN, kv_end_ - j0);
       if (p_.key_mask != nullptr) {
         const uint8_t* mask_row = p_.key_mask + b * p_.key_mask_batch_stride;
         if (load_key_flags<V>(s_.key_flags, mask_row, p_.key_mask_col_stride, j0, cols) == 0) continue;
@@ -109,8 +121,10 @@ class ForwardKernel {
                                p_.v_row_stride, cols);
       // S^T (cols x queries) = scale * K_block (cols x D) q^T (D x queries)
       products_.scores(s_.scores_t, cols);
+      if (plan_.scales.softcap > 0.0) apply_softcap(cols, query_vectors);
       if (p_.bias != nullptr) add_bias(b, h, i0, rows, j0, cols, query_vectors);
-      apply_masks(i0, j0, cols, query_vectors);
+      if (p_.alibi_slopes != nullptr) add_alibi(b, h, i0, j0, cols, query_vectors);
+      apply_masks(i0, rows, j0, cols, query_vectors);
       softmax_update(cols, query_vectors);
       if (p_.dropout_seed != nullptr) apply_dropout(b * p_.heads_q + h, i0, j0, cols, query_vectors);
       rescale_output(rows, query_vectors);
@@ -146,9 +160,9 @@ class ForwardKernel {
       return;
     }
     if (col_stride == 1) {
-      if (j0 + kN < p_.seqlen_k) {
+      if (j0 + kN < kv_end_) {
         // The same query rows in the next key block, during this block's softmax.
-        const int64_t next_cols = std::min(kN, p_.seqlen_k - j0 - kN);
+        const int64_t next_cols = std::min(kN, kv_end_ - j0 - kN);
         bias_prefetch_.start(base + kN, row_stride * sizeof(B), rows, next_cols * sizeof(B));
       }
       // Keys contiguous: load 16 query rows x 16 keys, transpose in registers, add.
@@ -177,9 +191,34 @@ class ForwardKernel {
     }
   }
 
-  // Masked scores become -inf: keys the key mask hides, and under a causal mask
-  // keys j > i + causal_offset (only blocks that cross the diagonal need it).
-  void apply_masks(int64_t i0, int64_t j0, int64_t cols, int query_vectors) {
+  // S^T = softcap * tanh(S^T / softcap)
+  void apply_softcap(int64_t cols, int query_vectors) {
+    const V cap = V::broadcast(static_cast<acc_t>(plan_.scales.softcap));
+    const V inverse_cap = V::broadcast(static_cast<acc_t>(1.0 / plan_.scales.softcap));
+    for (int64_t n = 0; n < cols; ++n) {
+      acc_t* s = s_.scores_t + n * kM;
+      for (int mv = 0; mv < query_vectors; ++mv) (cap * (V::load(s + mv * W) * inverse_cap).tanh()).store(s + mv * W);
+    }
+  }
+
+  // S^T[n][m] -= slope * |i0 + m + Sk - Sq - (j0 + n)|
+  void add_alibi(int64_t b, int64_t h, int64_t i0, int64_t j0, int64_t cols, int query_vectors) {
+    const V minus_slope = V::broadcast(-static_cast<acc_t>(p_.alibi_slopes[b * p_.alibi_batch_stride + h]));
+    for (int64_t n = 0; n < cols; ++n) {
+      // Distance of lane m: |m - key_diagonal| (exact in acc_t: integers below 2^24).
+      const V key_diagonal = V::broadcast(static_cast<acc_t>(j0 + n - i0 - (p_.seqlen_k - p_.seqlen_q)));
+      acc_t* s = s_.scores_t + n * kM;
+      for (int mv = 0; mv < query_vectors; ++mv) {
+        const V signed_distance = V::load(s_.query_index + mv * W) - key_diagonal;
+        const V distance = V::max(signed_distance, V::zero() - signed_distance);
+        V::fma(distance, minus_slope, V::load(s + mv * W)).store(s + mv * W);
+      }
+    }
+  }
+
+  // Masked scores become -inf: keys the key mask hides, and keys outside the
+  // band (only blocks that cross one of its edges need it).
+  void apply_masks(int64_t i0, int64_t rows, int64_t j0, int64_t cols, int query_vectors) {
     if (p_.key_mask != nullptr) {
       const V masked = V::broadcast(neg_inf());
       for (int64_t n = 0; n < cols; ++n) {
@@ -187,15 +226,28 @@ class ForwardKernel {
         for (int mv = 0; mv < query_vectors; ++mv) masked.store(s_.scores_t + n * kM + mv * W);
       }
     }
-    if (p_.causal && j0 + cols - 1 > i0 + p_.causal_offset) {
+    if (band_bounds_right(p_) && j0 + cols - 1 > i0 + band_last_key_offset(p_)) {
       for (int64_t n = 0; n < cols; ++n) {
-        // Query m sees key j0 + n iff m >= j0 + n - causal_offset - i0.
-        const int64_t hidden = j0 + n - p_.causal_offset - i0;
+        // Query m sees key j0 + n only if m >= j0 + n - last_key_offset - i0.
+        const int64_t hidden = j0 + n - band_last_key_offset(p_) - i0;
         if (hidden <= 0) continue;
         acc_t* s = s_.scores_t + n * kM;
         for (int mv = 0; mv < query_vectors && hidden > mv * W; ++mv) {
           V::load(s + mv * W)
               .replace_lanes_below(static_cast<int>(std::min<int64_t>(hidden - mv * W, W)), neg_inf())
+              .store(s + mv * W);
+        }
+      }
+    }
+    if (band_bounds_left(p_) && j0 < i0 + rows - 1 + band_first_key_offset(p_)) {
+      for (int64_t n = 0; n < cols; ++n) {
+        // Query m sees key j0 + n only if m < visible_end = j0 + n - first_key_offset - i0 + 1.
+        const int64_t visible_end = j0 + n - band_first_key_offset(p_) - i0 + 1;
+        if (visible_end >= rows) continue;
+        acc_t* s = s_.scores_t + n * kM;
+        for (int mv = static_cast<int>(std::max<int64_t>(visible_end, 0) / W); mv < query_vectors; ++mv) {
+          V::load(s + mv * W)
+              .replace_lanes_from(static_cast<int>(std::max<int64_t>(visible_end - mv * W, 0)), neg_inf())
               .store(s + mv * W);
         }
       }
@@ -274,6 +326,7 @@ class ForwardKernel {
 
   const AttentionForwardParams& p_;
   const ForwardPlan& plan_;
+  int64_t kv_end_ = 0;  // the current query block's keys end here (the band's right edge)
   Scratch s_;
   Products products_;
   LinePrefetcher bias_prefetch_;  // the next key block's bias tile

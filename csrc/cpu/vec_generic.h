@@ -109,6 +109,12 @@ struct VecGeneric {
     return r;
   }
 
+  VecGeneric tanh() const {
+    VecGeneric r;
+    for (int i = 0; i < kWidth; ++i) r.lane[i] = std::tanh(lane[i]);
+    return r;
+  }
+
   T reduce_add() const {
     T s = lane[0];
     for (int i = 1; i < kWidth; ++i) s += lane[i];

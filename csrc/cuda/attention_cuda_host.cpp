@@ -150,6 +150,17 @@ void check_row_vector(const at::Tensor& t, const at::Tensor& q, const char* name
               ") on q's device, got ", t.sizes(), " ", t.scalar_type());
 }
 
+// The CUDA kernels implement the band's right edge (causal masks, window_right)
+// only; a left window edge, softcap and ALiBi run on other backends for now.
+void check_supported_modifiers(const ForwardInputs& in) {
+  TORCH_CHECK(in.window_left < 0, "fast_attn CUDA kernels do not implement a sliding window's left side yet ",
+              "(window_left ", in.window_left, "); use backend='cpu' or 'reference'");
+  TORCH_CHECK(in.softcap == 0.0, "fast_attn CUDA kernels do not implement softcap yet (softcap ", in.softcap,
+              "); use backend='cpu' or 'reference'");
+  TORCH_CHECK(!in.alibi_slopes.has_value(),
+              "fast_attn CUDA kernels do not implement alibi_slopes yet; use backend='cpu' or 'reference'");
+}
+
 }  // namespace
 
 std::vector<int> compiled_head_dims() {
@@ -162,9 +173,13 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
                                                      const std::optional<at::Tensor>& bias,
                                                      const std::optional<at::Tensor>& key_mask,
                                                      const std::optional<at::Tensor>& dropout_seed, double scale,
-                                                     int64_t causal, double dropout_p, const DeviceContext& device) {
-  const ForwardInputs in{q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p};
+                                                     int64_t causal, double dropout_p,
+                                                     const std::optional<at::Tensor>& alibi_slopes, int64_t window_left,
+                                                     int64_t window_right, double softcap, const DeviceContext& device) {
+  const ForwardInputs in{q, k, v, bias, key_mask, alibi_slopes, dropout_seed,
+                         scale, causal, window_left, window_right, softcap, dropout_p};
   check_forward_inputs(in);
+  check_supported_modifiers(in);
   const ElementType element = element_type(q);
   const int head_dim = kernel_head_dim(q.size(3));
   check_sizes(q, k);
@@ -180,7 +195,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
   const at::Tensor q_ready = aligned_for_vector_loads(q);
   const at::Tensor k_ready = aligned_for_vector_loads(k);
   const at::Tensor v_ready = aligned_for_vector_loads(v);
-  const ForwardInputs ready{q_ready, k_ready, v_ready, bias, key_mask, dropout_seed, scale, causal, dropout_p};
+  const ForwardInputs ready{q_ready, k_ready, v_ready, bias, key_mask, alibi_slopes, dropout_seed,
+                            scale, causal, window_left, window_right, softcap, dropout_p};
   const AttentionForwardParams params = make_forward_params(ready, out, lse);
   const LaunchStatus status = element == ElementType::kFloat16
                                   ? forward_for<ElementType::kFloat16>(head_dim, params, device.stream)
@@ -193,9 +209,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask,
     const std::optional<at::Tensor>& dropout_seed, const at::Tensor& out, const at::Tensor& lse, double scale,
-    int64_t causal, double dropout_p, bool compute_dbias, bool deterministic, const DeviceContext& device) {
-  const ForwardInputs in{q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p};
+    int64_t causal, double dropout_p, bool compute_dbias, bool deterministic,
+    const std::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, double softcap,
+    const DeviceContext& device) {
+  const ForwardInputs in{q, k, v, bias, key_mask, alibi_slopes, dropout_seed,
+                         scale, causal, window_left, window_right, softcap, dropout_p};
   check_forward_inputs(in);
+  check_supported_modifiers(in);
   const ElementType element = element_type(q);
   const int head_dim = kernel_head_dim(q.size(3));
   check_sizes(q, k);
@@ -244,7 +264,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     dbias_partials = allocate_dbias_partials(*bias, splits);
   }
 
-  const ForwardInputs ready{q_ready, k_ready, v_ready, bias, key_mask, dropout_seed, scale, causal, dropout_p};
+  const ForwardInputs ready{q_ready, k_ready, v_ready, bias, key_mask, alibi_slopes, dropout_seed,
+                            scale, causal, window_left, window_right, softcap, dropout_p};
   const BackwardTensors tensors{grad_out_ready, out_ready, lse_ready, delta, dq, dk, dv, dbias_partials};
   const AttentionBackwardParams params = make_backward_params(ready, tensors);
   BackwardWorkspace workspace{};

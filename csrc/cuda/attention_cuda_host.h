@@ -25,14 +25,18 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
                                                      const std::optional<at::Tensor>& bias,
                                                      const std::optional<at::Tensor>& key_mask,
                                                      const std::optional<at::Tensor>& dropout_seed, double scale,
-                                                     int64_t causal, double dropout_p, const DeviceContext& device);
+                                                     int64_t causal, double dropout_p,
+                                                     const std::optional<at::Tensor>& alibi_slopes, int64_t window_left,
+                                                     int64_t window_right, double softcap, const DeviceContext& device);
 
 // attention_backward's schema: (dq, dk, dv, dbias), dbias empty unless compute_dbias.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask,
     const std::optional<at::Tensor>& dropout_seed, const at::Tensor& out, const at::Tensor& lse, double scale,
-    int64_t causal, double dropout_p, bool compute_dbias, bool deterministic, const DeviceContext& device);
+    int64_t causal, double dropout_p, bool compute_dbias, bool deterministic,
+    const std::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, double softcap,
+    const DeviceContext& device);
 
 // Head dims with compiled kernels (FAST_ATTN_CUDA_HEAD_DIMS), ascending.
 std::vector<int> compiled_head_dims();

@@ -26,19 +26,24 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
                                                           const at::Tensor& v, const std::optional<at::Tensor>& bias,
                                                           const std::optional<at::Tensor>& key_mask,
                                                           const std::optional<at::Tensor>& dropout_seed, double scale,
-                                                          int64_t causal, double dropout_p) {
+                                                          int64_t causal, double dropout_p,
+                                                          const std::optional<at::Tensor>& alibi_slopes,
+                                                          int64_t window_left, int64_t window_right, double softcap) {
   const c10::cuda::CUDAGuard guard(q.device());
-  return cuda::attention_forward(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, device_context(q));
+  return cuda::attention_forward(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, alibi_slopes,
+                                 window_left, window_right, softcap, device_context(q));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask,
     const std::optional<at::Tensor>& dropout_seed, const at::Tensor& out, const at::Tensor& lse, double scale,
-    int64_t causal, double dropout_p, bool compute_dbias, bool deterministic) {
+    int64_t causal, double dropout_p, bool compute_dbias, bool deterministic,
+    const std::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, double softcap) {
   const c10::cuda::CUDAGuard guard(q.device());
   return cuda::attention_backward(grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse, scale, causal,
-                                  dropout_p, compute_dbias, deterministic, device_context(q));
+                                  dropout_p, compute_dbias, deterministic, alibi_slopes, window_left, window_right,
+                                  softcap, device_context(q));
 }
 
 }  // namespace

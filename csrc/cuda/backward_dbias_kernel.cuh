@@ -97,11 +97,11 @@ void attention_backward_dbias_kernel(const AttentionBackwardParams params, const
   auto pair_batch = [&](int64_t i) { return dbias.batch == 1 ? i / pair_heads : slice_batch; };
   auto pair_head = [&](int64_t i) { return dbias.heads == 1 ? i % pair_heads : slice_head; };
 
-  // A tile whose keys all lie after the causal limit of its last query has dS = 0.
+  // A tile whose keys all lie after the band's right edge at its last query has dS = 0.
   bool any_visible = true;
-  if (params.causal) {
+  if (band_bounds_right(params)) {
     const int64_t last_row = (m0 + kBlockM < seqlen_q ? m0 + kBlockM : seqlen_q) - 1;
-    any_visible = n0 <= last_row + params.causal_offset;
+    any_visible = n0 <= last_row + band_last_key_offset(params);
   }
 
   Element* smem = reinterpret_cast<Element*>(dynamic_shared_memory());

@@ -276,8 +276,8 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
 
     // Query blocks that see some key of this block.
     int first_query = 0;
-    if (params.causal) {
-      const int64_t first = n0 - params.causal_offset;
+    if (band_bounds_right(params)) {
+      const int64_t first = n0 - band_last_key_offset(params);
       first_query = first > 0 ? (first < seqlen_q ? static_cast<int>(first) : seqlen_q) : 0;
     }
     const int m_begin = first_query >= seqlen_q ? num_m_blocks : first_query / kBlockM;

@@ -77,10 +77,10 @@ void attention_forward_kernel(const AttentionForwardParams params) {
 
   // Keys any row of this block may see; tiles past them are skipped entirely.
   int64_t key_end = seqlen_k;
-  if (params.causal) {
+  if (band_bounds_right(params)) {
     const int64_t last_row = (m0 + kBlockM < seqlen_q ? m0 + kBlockM : seqlen_q) - 1;
-    const int64_t causal_end = last_row + params.causal_offset + 1;
-    key_end = causal_end < key_end ? causal_end : key_end;
+    const int64_t band_end = last_row + band_last_key_offset(params) + 1;
+    key_end = band_end < key_end ? band_end : key_end;
   }
   const int num_tiles = key_end > 0 ? static_cast<int>(ceil_div(key_end, kBlockN)) : 0;
 

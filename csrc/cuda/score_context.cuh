@@ -42,10 +42,10 @@ struct ScoreContext {
   FA_DEVICE float dropout_keep_scale() const { return dropout() ? params.dropout_keep_scale : 1.0f; }
 
   // Whether some score of the tile [q0, q0 + rows) x [k0, k0 + cols) is masked
-  // (sequence bounds, causal, key mask).
+  // (sequence bounds, the band's right edge, key mask).
   FA_DEVICE bool needs_mask(int q0, int rows, int k0, int cols) const {
     return key_mask != nullptr || q0 + rows > params.seqlen_q || k0 + cols > params.seqlen_k ||
-           (params.causal && k0 + cols - 1 > q0 + params.causal_offset);
+           (band_bounds_right(params) && k0 + cols - 1 > q0 + band_last_key_offset(params));
   }
 
   // Whether some score of the tile is masked or biased (else every score is
@@ -63,7 +63,8 @@ struct ScoreContext {
   }
 
   FA_DEVICE bool visible(int query, int key) const {
-    return query < params.seqlen_q && key < params.seqlen_k && !(params.causal && key > query + params.causal_offset) &&
+    return query < params.seqlen_q && key < params.seqlen_k &&
+           !(band_bounds_right(params) && key > query + band_last_key_offset(params)) &&
            (key_mask == nullptr || load_global(key_mask + key * params.key_mask_col_stride) != 0);
   }
 

@@ -4,11 +4,14 @@ register this formula; the C++ ops carry the same one in C++
 (csrc/attention_autograd.cpp), so that their training steps run no Python in
 autograd. A change to one is a change to both.
 
-Every forward op has the schema
+Every forward op starts with the schema
     (q, k, v, bias?, key_mask?, dropout_seed?, scale, causal, dropout_p) -> (out, lse)
 and every backward op
     (grad_out, grad_lse?, q, k, v, bias?, key_mask?, dropout_seed?, out, lse,
      scale, causal, dropout_p, compute_dbias, deterministic) -> (dq, dk, dv, dbias)
+The C++ ops end both with the score modifiers (alibi_slopes, window_left,
+window_right, softcap; fast_attn/ops/cpp_ops.py registers their fakes); the
+Triton ops do not take them yet.
 """
 
 from __future__ import annotations

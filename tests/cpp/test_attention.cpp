@@ -35,6 +35,23 @@ at::Tensor naive_attention(const at::Tensor& q, const at::Tensor& k, const at::T
                     v.repeat_interleave(group, 1));
 }
 
+// Sliding window (left, right) aligned bottom-right, softcap and ALiBi by their definitions, no mask.
+at::Tensor naive_modified_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const fast_attn::ScoreModifiers& mods) {
+  const int64_t group = q.size(1) / k.size(1);
+  const int64_t sq = q.size(2), sk = k.size(2);
+  at::Tensor scores = at::matmul(q, k.repeat_interleave(group, 1).transpose(-1, -2)) /
+                      std::sqrt(static_cast<double>(q.size(-1)));
+  scores = mods.softcap * at::tanh(scores / mods.softcap);
+  at::Tensor diagonal = at::arange(sq, q.options()).view({sq, 1}) + static_cast<double>(sk - sq);
+  at::Tensor cols = at::arange(sk, q.options()).view({1, sk});
+  scores = scores - mods.alibi_slopes->to(q.scalar_type()).view({1, -1, 1, 1}) * (diagonal - cols).abs();
+  at::Tensor visible = at::logical_and(cols >= diagonal - static_cast<double>(mods.window_left),
+                                       cols <= diagonal + static_cast<double>(mods.window_right));
+  scores = scores.masked_fill(at::logical_not(visible), -std::numeric_limits<double>::infinity());
+  return at::matmul(at::softmax(scores, -1), v.repeat_interleave(group, 1));
+}
+
 int check(const char* name, const at::Tensor& actual, const at::Tensor& expected, double tolerance) {
   const double error = (actual - expected).abs().max().item<double>();
   std::printf("%-32s max error %.3e (tolerance %.1e)\n", name, error, tolerance);
@@ -76,6 +93,16 @@ int main() {
   const auto expected = torch::autograd::grad({expected_loss}, {q, k, v, bias});
   const char* names[] = {"float64 dq", "float64 dk", "float64 dv", "float64 dbias (summed over batch)"};
   for (int i = 0; i < 4; ++i) failures += check(names[i], grads[i], expected[i], 1e-10);
+
+  fast_attn::ScoreModifiers mods;
+  mods.window_left = 3;
+  mods.window_right = 2;
+  mods.softcap = 1.5;
+  mods.alibi_slopes = at::rand({4}, at::TensorOptions().dtype(at::kFloat));
+  const at::Tensor qd = q.detach(), kd = k.detach(), vd = v.detach();
+  auto [out_m, lse_m] = fast_attn::attention_forward(qd, kd, vd, std::nullopt, std::nullopt, fast_attn::Causal::kNone,
+                                                     std::nullopt, mods);
+  failures += check("float64 window+softcap+ALiBi+GQA", out_m, naive_modified_attention(qd, kd, vd, mods), 1e-10);
   std::printf(failures == 0 ? "all checks passed\n" : "%d check(s) failed\n", failures);
   return failures == 0 ? 0 : 1;
 }

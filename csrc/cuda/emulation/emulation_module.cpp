@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                                            double dropout_p, int64_t sm_count) {
   const TrackingScope scope({q, k, v, bias, key_mask, dropout_seed});
   return fast_attn::cuda::attention_forward(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p,
-                                            {nullptr, static_cast<int>(sm_count)});
+                                            std::nullopt, -1, -1, 0.0, {nullptr, static_cast<int>(sm_count)});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
@@ -93,8 +93,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     int64_t causal, double dropout_p, bool compute_dbias, bool deterministic, int64_t sm_count) {
   const TrackingScope scope({grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse});
   return fast_attn::cuda::attention_backward(grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse, scale,
-                                             causal, dropout_p, compute_dbias, deterministic,
-                                             {nullptr, static_cast<int>(sm_count)});
+                                             causal, dropout_p, compute_dbias, deterministic, std::nullopt, -1, -1,
+                                             0.0, {nullptr, static_cast<int>(sm_count)});
 }
 
 }  // namespace

@@ -1,0 +1,121 @@
+"""CPU kernel benchmarks of the score modifiers at (B 1, H 8, S 4096, D 64),
+float32 and bfloat16, forward and forward+backward.
+
+    pytest benchmarks/test_bench_modifiers.py --benchmark-only
+
+Groups and what each compares (the targets in brackets):
+- window: a sliding window (256, 0) on the fused kernels (tiles outside the
+  band are skipped) vs our own full causal attention [<= 0.25x its time] and
+  vs SDPA given the equivalent bool mask [>= 4x faster];
+- softcap: softcap 30 vs the same call without it [<= 1.3x];
+- alibi: ALiBi slopes vs the same call without them [<= 1.1x].
+At the end of the module a table of the time ratios is printed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fast_attn
+from fast_attn.dispatch import UNAVAILABLE
+
+pytestmark = pytest.mark.skipif(UNAVAILABLE["cpu"] is not None, reason=f"CPU kernels: {UNAVAILABLE['cpu']}")
+
+BATCH, HEADS, SEQLEN, HEAD_DIM = 1, 8, 4096, 64
+WINDOW = (256, 0)
+SOFTCAP = 30.0
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODES = ("fwd", "fwd_bwd")
+# (group, implementation): the implementations each group compares, the first the modifier's.
+IMPLEMENTATIONS = {
+    "window": ("fast_attn_window", "fast_attn_causal", "sdpa_bool_mask"),
+    "softcap": ("fast_attn_softcap", "fast_attn_plain"),
+    "alibi": ("fast_attn_alibi", "fast_attn_plain"),
+}
+
+# Median seconds per (group, implementation), for the ratio table.
+MEDIANS: dict[str, dict[str, float]] = {}
+
+
+def band_mask(seqlen: int, left: int, right: int) -> torch.Tensor:
+    """Bool (S, S), True where query i sees key j: j in [i - left, i + right]."""
+    rows = torch.arange(seqlen)[:, None]
+    cols = torch.arange(seqlen)[None, :]
+    return (cols >= rows - left) & (cols <= rows + right)
+
+
+def make_step(impl: str, dtype: torch.dtype, mode: str):
+    """A no-argument callable running one forward (or forward + backward)."""
+    requires_grad = mode == "fwd_bwd"
+    shape = (BATCH, HEADS, SEQLEN, HEAD_DIM)
+    q, k, v = (torch.randn(shape, dtype=dtype).requires_grad_(requires_grad) for _ in range(3))
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / HEADS) for h in range(HEADS)])  # ALiBi's geometric slopes
+    arguments = {
+        "fast_attn_window": {"window_size": WINDOW},
+        "fast_attn_causal": {"causal": True},
+        "fast_attn_softcap": {"softcap": SOFTCAP},
+        "fast_attn_alibi": {"alibi_slopes": slopes},
+        "fast_attn_plain": {},
+    }
+    if impl in arguments:
+
+        def attend():
+            return fast_attn.attention(q, k, v, backend="cpu", **arguments[impl])
+
+    else:
+        mask = band_mask(SEQLEN, *WINDOW)
+
+        def attend():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    if mode == "fwd":
+
+        def step():
+            with torch.no_grad():
+                attend()
+
+        return step
+    grad_out = torch.randn_like(q)
+
+    def step():
+        torch.autograd.grad(attend(), (q, k, v), grad_out)
+
+    return step
+
+
+CASES = [
+    (group, impl, dtype, mode)
+    for group, impls in IMPLEMENTATIONS.items()
+    for impl in impls
+    for dtype in DTYPES
+    for mode in MODES
+]
+
+
+@pytest.mark.parametrize("group,impl,dtype,mode", CASES, ids=lambda x: str(x))
+def test_modifier(benchmark, group, impl, dtype, mode):
+    name = f"{group} {mode} {dtype} B{BATCH} H{HEADS} S{SEQLEN} D{HEAD_DIM}"
+    benchmark.group = name
+    step = make_step(impl, DTYPES[dtype], mode)
+    benchmark.pedantic(step, rounds=3 if impl == "sdpa_bool_mask" else 5, warmup_rounds=1)
+    MEDIANS.setdefault(name, {})[impl] = benchmark.stats.stats.median
+    benchmark.extra_info.update(implementation=impl, threads=torch.get_num_threads(), torch=torch.__version__)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_ratio_table(request):
+    yield
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    if reporter is None or not MEDIANS:
+        return
+    reporter.write_line("")
+    reporter.write_line(f"time of the modifier's call / time of the other call, {torch.get_num_threads()} threads")
+    for name, medians in MEDIANS.items():
+        impls = IMPLEMENTATIONS[name.split()[0]]
+        if impls[0] not in medians:
+            continue
+        ratios = [f"/ {impl} {medians[impls[0]] / medians[impl]:.3f}" for impl in impls[1:] if impl in medians]
+        times = "  ".join(f"{impl} {medians[impl] * 1e3:.1f} ms" for impl in impls if impl in medians)
+        reporter.write_line(f"  {name:<36} {' '.join(ratios)}   ({times})")
