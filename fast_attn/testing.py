@@ -198,7 +198,8 @@ def assert_error_rule(
         )
 
 
-GRAD_INPUTS = ("q", "k", "v", "bias")
+GRAD_INPUTS = ("q", "k", "v", "bias")  # the inputs the backward ops differentiate
+DIFFERENTIABLE_INPUTS = (*GRAD_INPUTS, "sinks")  # sinks: through fast_attn/ops/sinks.py
 
 
 @dataclass(frozen=True)
@@ -220,12 +221,16 @@ class Case:
     key_mask: bool = False  # a bool (B, Sk) mask, True = attend (random_key_mask)
     keys_kept: float = 0.7  # with key_mask: the chance that a key is visible (key 0 always is)
     empty_key_rows: tuple[int, ...] = ()  # with key_mask: batch rows that attend no key
+    window_size: tuple[int, int] | None = None
+    softcap: float | None = None
+    alibi: str | None = None  # "h": slopes (Hq,); "bh": slopes (B, Hq)
+    sinks: bool = False  # a random logit per head, N(0, 2^2), in dtype
     dropout_p: float = 0.0
     dropout_seed: int | None = None  # None: drawn from torch's generator
     # "bhsd"; "bshd": (B, H, S, D) views of (B, S, H, D) memory; "packed": q, k, v views of one
     # (B, S, 3, H, D) tensor; "misaligned": "bhsd" starting one element into its storage
     layout: str = "bhsd"
-    grads: tuple[str, ...] = GRAD_INPUTS  # the inputs that require grad
+    grads: tuple[str, ...] = DIFFERENTIABLE_INPUTS  # the inputs that require grad
     grad_lse: bool = False  # the loss has a random gradient on lse too
     deterministic: bool = False  # the backward op's flag (fast_attn.attention follows torch's setting)
 
@@ -241,9 +246,13 @@ class Case:
             "bias_dtype": str(self.bias_dtype).replace("torch.", "") + "bias" if self.bias_dtype else "",
             "inf": "inf" if self.bias_inf_fraction else "",
             "mask": "mask" + "".join(f"-empty{row}" for row in self.empty_key_rows) if self.key_mask else "",
+            "window": f"w{self.window_size[0]}_{self.window_size[1]}" if self.window_size else "",
+            "softcap": f"cap{self.softcap}" if self.softcap else "",
+            "alibi": f"alibi{self.alibi}" if self.alibi else "",
+            "sinks": "sinks" if self.sinks else "",
             "drop": f"p{self.dropout_p}" if self.dropout_p else "",
             "layout": self.layout if self.layout != "bhsd" else "",
-            "grads": "grads-" + "".join(self.grads) if self.grads != GRAD_INPUTS else "",
+            "grads": "grads-" + "".join(self.grads) if self.grads != DIFFERENTIABLE_INPUTS else "",
             "glse": "glse" if self.grad_lse else "",
             "det": "det" if self.deterministic else "",
         }
@@ -260,7 +269,8 @@ class Case:
         return self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim)
 
     def make_inputs(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor | None]:
-        """Fresh random q, k, v, bias, key_mask and dropout_seed; those named in `grads` require grad."""
+        """Fresh random q, k, v, bias, key_mask, alibi_slopes, sinks and dropout_seed; those named in
+        `grads` require grad."""
         if self.layout == "packed":
             assert self.heads_q == self.heads_kv and self.seqlen_q == self.seqlen_k
             qkv = torch.randn(self.batch, self.seqlen_q, 3, self.heads_q, self.head_dim)
@@ -293,8 +303,16 @@ class Case:
                 new_dropout_seed(torch.device(device)) if self.dropout_seed is None
                 else torch.tensor([self.dropout_seed], dtype=torch.int64, device=device)
             )
-        inputs = {"q": q, "k": k, "v": v, "bias": bias, "key_mask": key_mask, "dropout_seed": dropout_seed}
-        for name in GRAD_INPUTS:
+        alibi_slopes = None
+        if self.alibi is not None:
+            shape = {"h": (self.heads_q,), "bh": (self.batch, self.heads_q)}[self.alibi]
+            alibi_slopes = torch.rand(shape).to(device)
+        sinks = (torch.randn(self.heads_q) * 2).to(device, self.dtype) if self.sinks else None
+        inputs = {
+            "q": q, "k": k, "v": v, "bias": bias, "key_mask": key_mask, "alibi_slopes": alibi_slopes,
+            "sinks": sinks, "dropout_seed": dropout_seed,
+        }
+        for name in DIFFERENTIABLE_INPUTS:
             if inputs[name] is not None:
                 inputs[name].requires_grad_(name in self.grads)
         return inputs
@@ -313,7 +331,7 @@ Run = Callable[[Case, dict, torch.Tensor, torch.Tensor | None], tuple[torch.Tens
 
 
 def wanted_grads(inputs: dict) -> list[str]:
-    return [n for n in GRAD_INPUTS if inputs.get(n) is not None and inputs[n].requires_grad]
+    return [n for n in DIFFERENTIABLE_INPUTS if inputs.get(n) is not None and inputs[n].requires_grad]
 
 
 def attention_runner(backend: str) -> Run:
@@ -321,8 +339,12 @@ def attention_runner(backend: str) -> Run:
     backend's own forward op, given the case's seed so that the reference drops the same scores."""
 
     def run(case: Case, inputs: dict, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
-        q, k, v, bias, key_mask = (inputs[n] for n in ("q", "k", "v", "bias", "key_mask"))
-        options = dict(bias=bias, key_mask=key_mask, causal=case.causal, scale=case.scale)
+        q, k, v = (inputs[n] for n in ("q", "k", "v"))
+        options = dict(
+            bias=inputs["bias"], key_mask=inputs["key_mask"], causal=case.causal, window_size=case.window_size,
+            softcap=case.softcap, alibi_slopes=inputs.get("alibi_slopes"), sinks=inputs.get("sinks"),
+            scale=case.scale,
+        )
         if case.dropout_p > 0:
             problem = build_problem(q, k, v, dropout_p=case.dropout_p, **options)
             out, lse = dispatch.BACKENDS[backend].run(problem, inputs["dropout_seed"])
@@ -376,9 +398,10 @@ def check_against_reference(
     assert out.shape == q.shape and out.dtype == dtype, f"{case}: out {tuple(out.shape)} {out.dtype}"
     assert lse.shape == q.shape[:3] and lse.dtype == accumulation_dtype(dtype), f"{case}: lse {lse.dtype}"
 
-    reference_inputs = {n: inputs.get(n) for n in ("q", "k", "v", "bias", "key_mask")}
+    reference_inputs = {n: inputs.get(n) for n in ("q", "k", "v", "bias", "key_mask", "alibi_slopes", "sinks")}
     options = dict(
-        causal=case.causal, scale=case.scale, dropout_p=case.dropout_p,
+        causal=case.causal, window_size=case.window_size, softcap=case.softcap, scale=case.scale,
+        dropout_p=case.dropout_p,
         dropout_seed=inputs.get("dropout_seed"), grad_out=grad_out, grad_lse=grad_lse,
     )
     exact = run_reference(reference_inputs, compute_dtype=torch.float64, **options)
@@ -403,22 +426,32 @@ def check_against_reference(
     return Checked(inputs, out, lse, grads)
 
 
+def _modifier_op_arguments(case: Case, inputs: dict) -> tuple:
+    """The ops' trailing arguments: alibi_slopes (B or 1, Hq), window_left, window_right, softcap."""
+    if case.sinks:
+        raise ValueError(f"{case}: sinks are applied to an op's result, not passed to the op")
+    slopes = inputs.get("alibi_slopes")
+    slopes = slopes if slopes is None or slopes.dim() == 2 else slopes[None]
+    left, right = case.window_size if case.window_size is not None else (-1, -1)
+    return slopes, left, right, case.softcap or 0.0
+
+
 def forward_op_arguments(case: Case, inputs: dict) -> tuple:
     """The positional arguments of every forward op (fast_attn.ops.autograd's schema) for `case`."""
     return (
         *(inputs[n] for n in ("q", "k", "v", "bias", "key_mask", "dropout_seed")),
-        case.softmax_scale, int(parse_causal(case.causal)), case.dropout_p,
+        case.softmax_scale, int(parse_causal(case.causal)), case.dropout_p, *_modifier_op_arguments(case, inputs),
     )
 
 
 def backward_op_arguments(case: Case, inputs: dict, out, lse, grad_out, grad_lse) -> tuple:
     """The positional arguments of every backward op for `case`, its forward's out and lse, and
     the gradients of those."""
-    q, k, v, bias = (None if inputs[n] is None else inputs[n].detach() for n in GRAD_INPUTS)
+    q, k, v, bias = (None if inputs[n] is None else inputs[n].detach() for n in ("q", "k", "v", "bias"))
     return (
         grad_out, grad_lse, q, k, v, bias, inputs["key_mask"], inputs["dropout_seed"], out.detach(),
         lse.detach(), case.softmax_scale, int(parse_causal(case.causal)), case.dropout_p, bias is not None,
-        case.deterministic,
+        case.deterministic, *_modifier_op_arguments(case, inputs),
     )
 
 

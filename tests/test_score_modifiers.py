@@ -17,14 +17,14 @@ import fast_attn
 from fast_attn import dispatch
 from fast_attn.reference import reference_attention
 from fast_attn.testing import (
-    assert_error_rule,
+    Case,
+    attention_runner,
+    backend_device,
+    check_against_reference,
+    opcheck_forward_and_backward,
     random_key_mask,
     random_qkv,
-    rounded_output_reference,
-    run_reference,
 )
-
-KERNEL_BACKENDS = [name for name in dispatch.BACKENDS if name != "reference"]
 
 
 def explicit_attention(q, k, v, *, visible, softcap=None, slopes=None, sink=None):
@@ -128,79 +128,42 @@ def test_reference_alibi_of_b_and_h_slopes():
             torch.testing.assert_close(out[b, h], expected)
 
 
-def modifier_arguments(feature: str, heads: int, dtype: torch.dtype) -> dict:
-    if feature == "window":
-        return {"window_size": (5, 3)}
-    if feature == "softcap":
-        return {"softcap": 1.5}
-    if feature == "alibi":
-        return {"alibi_slopes": torch.rand(heads)}
-    return {"sinks": (torch.randn(heads) * 2).to(dtype).requires_grad_(True)}
+MODIFIERS = {
+    "window": {"window_size": (5, 3)},
+    "softcap": {"softcap": 1.5},
+    "alibi": {"alibi": "h"},
+    "sinks": {"sinks": True},
+}
 
 
-def check_against_reference(backend, dtype, q, k, v, **arguments):
-    """Forward, lse and every gradient (sinks' too) of `backend` vs float64, by the error rule."""
-    out, lse = fast_attn.attention(q, k, v, return_lse=True, backend=backend, **arguments)
-    tensors = {name: t for name, t in arguments.items() if isinstance(t, torch.Tensor)}
-    options = {name: value for name, value in arguments.items() if name not in tensors}
-    inputs = {"q": q, "k": k, "v": v, **tensors}
-    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
-    exact = run_reference(inputs, compute_dtype=torch.float64, grad_out=grad_out, grad_lse=grad_lse, **options)
-    same_dtype = run_reference(inputs, compute_dtype=dtype, grad_out=grad_out, grad_lse=grad_lse, **options)
-    assert_error_rule("out", out, exact.out, same_dtype.out, dtype)
-    assert_error_rule("lse", lse, exact.lse, same_dtype.lse, dtype)
-    wanted = [name for name, t in inputs.items() if t.is_floating_point() and t.requires_grad]
-    rounded = rounded_output_reference(
-        inputs, out_dtype=dtype, grad_out=grad_out, grad_lse=grad_lse, fed_out=out, **options
-    )
-    grads = torch.autograd.grad([out, lse], [inputs[n] for n in wanted], [grad_out, grad_lse])
-    for name, grad in zip(wanted, grads):
-        assert grad.shape == inputs[name].shape, name
-        assert_error_rule(
-            f"d{name}", grad, exact.grads[name], same_dtype.grads[name], dtype, rounded_output=rounded.grads[name]
-        )
+def check(backend: str, case: Case):
+    """`case` through fast_attn.attention on `backend` against float64 by the error rule, every gradient
+    (sinks' included), with the kernel's own output as the gradients' second baseline."""
+    return check_against_reference(attention_runner(backend), case, backend_device(backend), rounded_output="kernel")
 
 
-def runnable(backend: str, dtype: torch.dtype) -> None:
-    reason = dispatch.UNAVAILABLE[backend]
-    if reason is not None:
-        pytest.skip(reason)
-    if dtype not in dispatch.BACKENDS[backend].dtypes:
-        pytest.skip(f"{backend} does not declare {dtype}")
-
-
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("feature", sorted(dispatch.FEATURES.keys() - {"dropout"}))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_each_modifier_on_each_backend_or_refused_by_name(backend, feature, dtype):
-    runnable(backend, dtype)
-    device = "cuda" if "cpu" not in dispatch.BACKENDS[backend].device_types else "cpu"
-    q, k, v = random_qkv(2, 4, 2, 19, 23, 16, dtype=dtype, device=device, requires_grad=True)
-    arguments = {"causal": "bottom_right", "key_mask": random_key_mask(2, 23, device=device, empty_rows=(1,))}
-    arguments.update({n: (t.to(device) if isinstance(t, torch.Tensor) else t)
-                      for n, t in modifier_arguments(feature, 4, dtype).items()})
-    if "sinks" in arguments:
-        arguments["sinks"] = arguments["sinks"].detach().requires_grad_(True)
-    if feature not in dispatch.BACKENDS[backend].features:
+@pytest.mark.parametrize("feature", sorted(MODIFIERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_each_modifier_on_each_backend_or_refused_by_name(kernel_backend, feature, dtype):
+    if dtype not in dispatch.BACKENDS[kernel_backend].dtypes:
+        pytest.skip(f"{kernel_backend} does not declare {dtype}")
+    case = Case(2, 4, 2, 19, 23, 16, dtype, causal="bottom_right", key_mask=True, empty_key_rows=(1,),
+                grad_lse=True, **MODIFIERS[feature])
+    if feature not in dispatch.BACKENDS[kernel_backend].features:
+        inputs = case.make_inputs(backend_device(kernel_backend))
         with pytest.raises(dispatch.BackendNotSupportedError, match=dispatch.FEATURES[feature]):
-            fast_attn.attention(q, k, v, backend=backend, **arguments)
+            attention_runner(kernel_backend)(case, inputs, torch.randn_like(inputs["q"]), None)
         return
-    check_against_reference(backend, dtype, q, k, v, **arguments)
+    check(kernel_backend, case)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_all_modifiers_together_with_bias_gqa_and_lse(backend):
-    features = dispatch.BACKENDS[backend].features
-    if not {"window", "softcap", "alibi", "sinks"} <= features:
-        pytest.skip(f"{backend} does not declare every modifier yet")
-    runnable(backend, torch.float32)
-    device = "cuda" if "cpu" not in dispatch.BACKENDS[backend].device_types else "cpu"
-    q, k, v = random_qkv(2, 6, 2, 33, 41, 32, device=device, requires_grad=True)
-    check_against_reference(
-        backend, torch.float32, q, k, v, causal="top_left", window_size=(9, -1), softcap=0.8,
-        alibi_slopes=torch.rand(2, 6, device=device), sinks=torch.randn(6, device=device, requires_grad=True),
-        bias=torch.randn(1, 6, 33, 41, device=device, requires_grad=True),
-    )
+def test_all_modifiers_together_with_bias_gqa_and_lse(kernel_backend):
+    if not {"window", "softcap", "alibi", "sinks"} <= dispatch.BACKENDS[kernel_backend].features:
+        pytest.skip(f"{kernel_backend} does not declare every modifier yet")
+    check(kernel_backend, Case(
+        2, 6, 2, 33, 41, 32, causal="top_left", window_size=(9, -1), softcap=0.8, alibi="bh", sinks=True,
+        bias_shape=(1, 6, 33, 41), grad_lse=True,
+    ))
 
 
 def test_auto_runs_what_the_kernels_lack_on_the_reference():
@@ -245,70 +208,29 @@ def test_window_of_minus_ones_is_no_window():
     assert problem.window is None and dispatch.asked_features(problem) == set()
 
 
-# ---------------------------------------------------------------------------
-# The CPU kernels (csrc/cpu) with the score modifiers, against float64 by the
-# error rule: forward, lse and every gradient. The op is called directly with a
-# seed of our own so that dropout's keep decisions are the reference's.
+# ---- The CPU kernels: windows, softcap and ALiBi over the shape grid -------------------------------
+# Each case through fast_attn.attention(backend="cpu") against float64 by the error rule: forward, lse
+# and every gradient; with dropout the op gets the case's seed, so that the reference drops the same scores.
 
-CPU_OP_AVAILABLE = dispatch.UNAVAILABLE["cpu"] is None
-needs_cpu_op = pytest.mark.skipif(not CPU_OP_AVAILABLE, reason=str(dispatch.UNAVAILABLE["cpu"]))
-CAUSAL_MODES = {False: 0, "top_left": 1, "bottom_right": 2}
+needs_cpu_op = pytest.mark.skipif(dispatch.UNAVAILABLE["cpu"] is not None, reason=str(dispatch.UNAVAILABLE["cpu"]))
 # FAST_ATTN_CPU_ISA is read on every call: each instruction-set path runs in this process.
 ISA_PATHS = ["native", "avx2", "generic"]
+SHAPES = [(1, 17), (17, 1), (17, 97), (97, 17), (97, 97), (257, 97), (97, 257), (257, 257)]
+WINDOWS = [(0, 0), (3, -1), (-1, 3), (16, 16), (100, 0)]
 
 
 def accumulation(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_cpu_op(
-    dtype, q, k, v, *, bias=None, key_mask=None, causal=False, window=None, softcap=None, alibi_slopes=None,
-    dropout_p=0.0, scale=None,
-):
-    """torch.ops.fast_attn.attention_forward on the CPU (and its C++ autograd) vs the float64
-    reference: out, lse and the gradient of every input that requires one."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    seed = torch.tensor([(1 << 41) + 977], dtype=torch.int64)
-    slopes_2d = None if alibi_slopes is None else (alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes[None])
-    left, right = window if window is not None else (-1, -1)
-    out, lse = torch.ops.fast_attn.attention_forward(
-        q, k, v, bias, key_mask, seed if dropout_p > 0 else None, scale, CAUSAL_MODES[causal], dropout_p,
-        slopes_2d, left, right, softcap or 0.0,
-    )
-    assert out.dtype == dtype and lse.dtype == accumulation(dtype)
-    inputs = {"q": q, "k": k, "v": v, "bias": bias, "key_mask": key_mask, "alibi_slopes": alibi_slopes}
-    options = {"causal": causal, "window_size": window, "softcap": softcap, "scale": scale, "dropout_p": dropout_p,
-               "dropout_seed": seed if dropout_p > 0 else None}
-    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
-    exact = run_reference(inputs, compute_dtype=torch.float64, grad_out=grad_out, grad_lse=grad_lse, **options)
-    same_dtype = run_reference(inputs, compute_dtype=dtype, grad_out=grad_out, grad_lse=grad_lse, **options)
-    assert_error_rule("out", out, exact.out, same_dtype.out, dtype)
-    assert_error_rule("lse", lse, exact.lse, same_dtype.lse, dtype)
-    wanted = [name for name, t in inputs.items() if t is not None and t.is_floating_point() and t.requires_grad]
-    if not wanted:
-        return
-    rounded = rounded_output_reference(
-        inputs, out_dtype=dtype, grad_out=grad_out, grad_lse=grad_lse, fed_out=out, **options
-    )
-    grads = torch.autograd.grad([out, lse], [inputs[n] for n in wanted], [grad_out, grad_lse])
-    for name, grad in zip(wanted, grads):
-        assert grad.shape == inputs[name].shape, name
-        assert_error_rule(
-            f"d{name}", grad, exact.grads[name], same_dtype.grads[name], dtype, rounded_output=rounded.grads[name]
-        )
+def on_isa(monkeypatch, isa: str) -> None:
+    if isa != "native":
+        monkeypatch.setenv("FAST_ATTN_CPU_ISA", isa)
 
 
-def qkv(dtype, seqlen_q, seqlen_k, *, batch=2, heads_q=4, heads_kv=2, head_dim=32, spread=1.0):
-    q, k, v = random_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim)
-    return tuple((t * spread).to(dtype).requires_grad_(True) for t in (q, k, v))
-
-
-def bias_of(shape, dtype):
-    return torch.randn(shape).to(dtype).requires_grad_(True)
-
-
-SHAPES = [(1, 17), (17, 1), (17, 97), (97, 17), (97, 97), (257, 97), (97, 257), (257, 257)]
-WINDOWS = [(0, 0), (3, -1), (-1, 3), (16, 16), (100, 0)]
+def scores_spread(factor: float, head_dim: int = 32) -> float:
+    """A softmax scale that makes scores `factor` times larger than 1 / sqrt(D) would."""
+    return factor / math.sqrt(head_dim)
 
 
 @needs_cpu_op
@@ -318,8 +240,7 @@ WINDOWS = [(0, 0), (3, -1), (-1, 3), (16, 16), (100, 0)]
 def test_cpu_window_grid_float32(seqlen_q, seqlen_k, causal, window):
     # Sq > Sk aligned bottom-right (and windows with a left side under top-left
     # causal for Sq > Sk + left) leave rows with an empty band: out 0, lse -inf, zero gradients.
-    q, k, v = qkv(torch.float32, seqlen_q, seqlen_k)
-    check_cpu_op(torch.float32, q, k, v, causal=causal, window=window)
+    check("cpu", Case(2, 4, 2, seqlen_q, seqlen_k, 32, causal=causal, window_size=window, grad_lse=True))
 
 
 @needs_cpu_op
@@ -328,21 +249,16 @@ def test_cpu_window_grid_float32(seqlen_q, seqlen_k, causal, window):
 @pytest.mark.parametrize("causal,window", [(False, (3, -1)), ("bottom_right", (16, 16)), ("top_left", (0, 0)),
                                            (False, (-1, 3))])
 def test_cpu_window_grid_other_dtypes(dtype, seqlen_q, seqlen_k, causal, window):
-    q, k, v = qkv(dtype, seqlen_q, seqlen_k)
-    check_cpu_op(dtype, q, k, v, causal=causal, window=window)
+    check("cpu", Case(2, 4, 2, seqlen_q, seqlen_k, 32, dtype, causal=causal, window_size=window, grad_lse=True))
 
 
 @needs_cpu_op
 def test_empty_rows_of_a_window_are_zero_with_zero_gradients():
     # top_left causal, window (3, -1): rows i >= Sk + 3 = 20 see no key.
-    q, k, v = qkv(torch.float32, 97, 17)
-    out, lse = torch.ops.fast_attn.attention_forward(q, k, v, None, None, None, 0.3, 1, 0.0, None, 3, -1, 0.0)
-    assert torch.equal(out[:, :, 20:], torch.zeros_like(out[:, :, 20:]))
-    assert torch.isneginf(lse[:, :, 20:]).all() and torch.isfinite(lse[:, :, :20]).all()
-    dq, dk, dv = torch.autograd.grad([out, lse.masked_fill(lse.isinf(), 0)], [q, k, v],
-                                     [torch.randn_like(out), torch.randn_like(lse)])
-    assert torch.equal(dq[:, :, 20:], torch.zeros_like(dq[:, :, 20:]))
-    assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
+    checked = check("cpu", Case(2, 4, 2, 97, 17, 32, causal="top_left", window_size=(3, -1), scale=0.3))
+    assert torch.equal(checked.out[:, :, 20:], torch.zeros_like(checked.out[:, :, 20:]))
+    assert torch.isneginf(checked.lse[:, :, 20:]).all() and torch.isfinite(checked.lse[:, :, :20]).all()
+    assert torch.equal(checked.grads["q"][:, :, 20:], torch.zeros_like(checked.grads["q"][:, :, 20:]))
 
 
 @needs_cpu_op
@@ -353,24 +269,22 @@ def test_empty_rows_of_a_window_are_zero_with_zero_gradients():
 ])
 def test_cpu_window_with_bias_key_mask_and_gqa_on_each_isa(monkeypatch, isa, dtype, seqlen_q, seqlen_k, causal,
                                                             window):
-    if isa != "native":
-        monkeypatch.setenv("FAST_ATTN_CPU_ISA", isa)
-    q, k, v = qkv(dtype, seqlen_q, seqlen_k, heads_q=6, heads_kv=2)
-    key_mask = random_key_mask(2, seqlen_k, empty_rows=(1,))
+    on_isa(monkeypatch, isa)
+    shape = dict(batch=2, heads_q=6, heads_kv=2, seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=32, dtype=dtype)
     # A full bias: each dbias element stored once (tiles outside the band store zeros).
-    check_cpu_op(dtype, q, k, v, bias=bias_of((2, 6, seqlen_q, seqlen_k), accumulation(dtype)), key_mask=key_mask,
-                 causal=causal, window=window)
+    check("cpu", Case(**shape, causal=causal, window_size=window, bias_shape=(2, 6, seqlen_q, seqlen_k),
+                      bias_dtype=accumulation(dtype), key_mask=True, empty_key_rows=(1,), grad_lse=True))
     # A bias broadcast over batch and rows: partial sums.
-    check_cpu_op(dtype, q, k, v, bias=bias_of((1, 6, 1, seqlen_k), dtype), causal=causal, window=window)
+    check("cpu", Case(**shape, causal=causal, window_size=window, bias_shape=(1, 6, 1, seqlen_k)))
 
 
 @needs_cpu_op
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("causal,window", [(False, (16, 16)), ("bottom_right", (3, -1))])
 def test_cpu_window_with_dropout(dtype, causal, window):
-    q, k, v = qkv(dtype, 97, 130)
-    check_cpu_op(dtype, q, k, v, bias=bias_of((1, 4, 97, 130), accumulation(dtype)), causal=causal, window=window,
-                 dropout_p=0.3, scale=0.2)
+    check("cpu", Case(2, 4, 2, 97, 130, 32, dtype, causal=causal, window_size=window, scale=0.2,
+                      bias_shape=(1, 4, 97, 130), bias_dtype=accumulation(dtype), dropout_p=0.3,
+                      dropout_seed=(1 << 41) + 977, grad_lse=True))
 
 
 @needs_cpu_op
@@ -380,55 +294,46 @@ def test_cpu_window_with_dropout(dtype, causal, window):
 @pytest.mark.parametrize("seqlen_q,seqlen_k,causal", [(97, 97, False), (17, 257, "bottom_right"),
                                                       (257, 97, "top_left")])
 def test_cpu_softcap(monkeypatch, isa, dtype, softcap, seqlen_q, seqlen_k, causal):
-    if isa != "native":
-        monkeypatch.setenv("FAST_ATTN_CPU_ISA", isa)
-    # spread 3: scores of +-10 and more, so that a cap of 0.5 is deep in tanh's saturation.
-    q, k, v = qkv(dtype, seqlen_q, seqlen_k, spread=3.0)
-    check_cpu_op(dtype, q, k, v, causal=causal, softcap=softcap)
+    on_isa(monkeypatch, isa)
+    # Scores 9x the usual spread (+-10 and more), so that a cap of 0.5 is deep in tanh's saturation.
+    check("cpu", Case(2, 4, 2, seqlen_q, seqlen_k, 32, dtype, causal=causal, softcap=softcap,
+                      scale=scores_spread(9.0), grad_lse=True))
 
 
 @needs_cpu_op
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 def test_cpu_softcap_with_window_bias_key_mask_and_dropout(dtype, dropout_p):
-    q, k, v = qkv(dtype, 97, 113, spread=2.0)
-    check_cpu_op(dtype, q, k, v, bias=bias_of((2, 1, 97, 113), accumulation(dtype)),
-                 key_mask=random_key_mask(2, 113, empty_rows=(0,)), causal="bottom_right", window=(20, -1),
-                 softcap=1.5, dropout_p=dropout_p)
+    check("cpu", Case(2, 4, 2, 97, 113, 32, dtype, causal="bottom_right", window_size=(20, -1), softcap=1.5,
+                      scale=scores_spread(4.0), bias_shape=(2, 1, 97, 113), bias_dtype=accumulation(dtype),
+                      key_mask=True, empty_key_rows=(0,), dropout_p=dropout_p, dropout_seed=(1 << 41) + 977,
+                      grad_lse=True))
 
 
 @needs_cpu_op
 @pytest.mark.parametrize("isa", ISA_PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
-@pytest.mark.parametrize("slopes_shape", [(4,), (2, 4)])
+@pytest.mark.parametrize("alibi", ["h", "bh"])
 @pytest.mark.parametrize("seqlen_q,seqlen_k,causal", [(97, 97, False), (17, 257, "bottom_right"),
                                                       (257, 97, "top_left"), (1, 97, False)])
-def test_cpu_alibi(monkeypatch, isa, dtype, slopes_shape, seqlen_q, seqlen_k, causal):
-    if isa != "native":
-        monkeypatch.setenv("FAST_ATTN_CPU_ISA", isa)
-    q, k, v = qkv(dtype, seqlen_q, seqlen_k)
-    slopes = torch.rand(slopes_shape) * 0.5
-    check_cpu_op(dtype, q, k, v, causal=causal, alibi_slopes=slopes)
+def test_cpu_alibi(monkeypatch, isa, dtype, alibi, seqlen_q, seqlen_k, causal):
+    on_isa(monkeypatch, isa)
+    check("cpu", Case(2, 4, 2, seqlen_q, seqlen_k, 32, dtype, causal=causal, alibi=alibi, grad_lse=True))
 
 
 @needs_cpu_op
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_cpu_all_modifiers_with_bias_key_mask_gqa_and_dropout(dtype, dropout_p):
-    q, k, v = qkv(dtype, 130, 97, heads_q=6, heads_kv=3, head_dim=40, spread=2.0)
-    check_cpu_op(dtype, q, k, v, bias=bias_of((2, 6, 130, 97), accumulation(dtype)),
-                 key_mask=random_key_mask(2, 97), causal=False, window=(24, 8), softcap=2.0,
-                 alibi_slopes=torch.rand(2, 6) * 0.3, dropout_p=dropout_p)
+    check("cpu", Case(2, 6, 3, 130, 97, 40, dtype, window_size=(24, 8), softcap=2.0, alibi="bh",
+                      scale=scores_spread(4.0, 40), bias_shape=(2, 6, 130, 97), bias_dtype=accumulation(dtype),
+                      key_mask=True, dropout_p=dropout_p, dropout_seed=(1 << 41) + 977, grad_lse=True))
 
 
 @needs_cpu_op
 def test_cpu_modifiers_through_the_public_api_with_sinks():
-    q, k, v = qkv(torch.float32, 45, 70, heads_q=6, heads_kv=2)
-    check_against_reference(
-        "cpu", torch.float32, q, k, v, causal="bottom_right", window_size=(12, -1), softcap=3.0,
-        alibi_slopes=torch.rand(6), sinks=torch.randn(6, requires_grad=True),
-        key_mask=random_key_mask(2, 70, empty_rows=(1,)), bias=bias_of((2, 1, 45, 70), torch.float32),
-    )
+    check("cpu", Case(2, 6, 2, 45, 70, 32, causal="bottom_right", window_size=(12, -1), softcap=3.0, alibi="h",
+                      sinks=True, key_mask=True, empty_key_rows=(1,), bias_shape=(2, 1, 45, 70), grad_lse=True))
 
 
 @needs_cpu_op
@@ -453,19 +358,9 @@ def test_cpu_gradcheck_float64_with_every_modifier():
 
 @needs_cpu_op
 def test_cpu_opcheck_of_the_modifier_arguments():
-    q, k, v = (t.requires_grad_(True) for t in random_qkv(2, 4, 2, 9, 13, 8))
-    bias = torch.randn(1, 4, 9, 13, requires_grad=True)
-    key_mask = random_key_mask(2, 13)
-    seed = torch.tensor([7], dtype=torch.int64)
-    slopes = torch.rand(1, 4)
-    forward_args = (q, k, v, bias, key_mask, seed, 0.5, 2, 0.1, slopes, 4, 1, 2.5)
-    torch.library.opcheck(torch.ops.fast_attn.attention_forward.default, forward_args)
-    out, lse = torch.ops.fast_attn.attention_forward(*forward_args)
-    backward_args = (
-        torch.randn_like(out), torch.randn_like(lse), q.detach(), k.detach(), v.detach(), bias.detach(), key_mask,
-        seed, out.detach(), lse.detach(), 0.5, 2, 0.1, True, False, slopes, 4, 1, 2.5,
-    )
-    torch.library.opcheck(torch.ops.fast_attn.attention_backward.default, backward_args)
+    case = Case(2, 4, 2, 9, 13, 8, causal="bottom_right", window_size=(4, 1), softcap=2.5, alibi="h", scale=0.5,
+                bias_shape=(1, 4, 9, 13), key_mask=True, dropout_p=0.1, dropout_seed=7)
+    opcheck_forward_and_backward(torch.ops.fast_attn.attention_forward, torch.ops.fast_attn.attention_backward, case)
 
 
 @needs_cpu_op
@@ -491,7 +386,7 @@ def test_cpu_op_refuses_bad_modifier_arguments(arguments, match):
 
 @needs_cpu_op
 def test_cpu_torch_compile_fullgraph_with_window_and_softcap():
-    q, k, v = qkv(torch.float32, 70, 90)
+    q, k, v = random_qkv(2, 4, 2, 70, 90, 32, requires_grad=True)
     slopes = torch.rand(4)
 
     def step(q, k, v):
