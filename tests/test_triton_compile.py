@@ -85,6 +85,9 @@ class Case:
         key_mask=False,
         dropout_p=0.0,
         grad_lse=False,
+        window=(-1, -1),
+        softcap=0.0,
+        alibi_batch=0,
     ):
         def bshd(heads, seqlen):
             return torch.randn(2, seqlen, heads, head_dim).to(dtype).transpose(1, 2)
@@ -94,6 +97,9 @@ class Case:
         self.key_mask = torch.ones(2, seqlen_k, dtype=torch.bool) if key_mask else None
         self.seed = torch.tensor([1234], dtype=torch.int64) if dropout_p > 0 else None
         self.scale, self.causal, self.dropout_p = head_dim**-0.5, causal, dropout_p
+        self.window, self.softcap = window, softcap
+        # ALiBi slopes of shape (alibi_batch, Hq): 1 or the batch; 0 for none.
+        self.alibi_slopes = torch.rand(alibi_batch, heads_q) if alibi_batch else None
         self.out, self.grad_out = empty_bshd_like(self.q), empty_bshd_like(self.q)
         self.lse = torch.empty(self.q.shape[:3])
         self.grad_lse = torch.randn(self.q.shape[:3]) if grad_lse else None
@@ -107,9 +113,12 @@ class Case:
             self.v,
             self.bias,
             self.key_mask,
+            self.alibi_slopes,
             self.seed,
             self.scale,
             self.causal,
+            *self.window,
+            self.softcap,
             self.dropout_p,
         )
 

@@ -5,10 +5,14 @@ register this formula; the C++ ops carry the same one in C++
 autograd. A change to one is a change to both.
 
 Every forward op has the schema
-    (q, k, v, bias?, key_mask?, dropout_seed?, scale, causal, dropout_p) -> (out, lse)
+    (q, k, v, bias?, key_mask?, alibi_slopes?, dropout_seed?, scale, causal,
+     window_left, window_right, softcap, dropout_p) -> (out, lse)
 and every backward op
-    (grad_out, grad_lse?, q, k, v, bias?, key_mask?, dropout_seed?, out, lse,
-     scale, causal, dropout_p, compute_dbias, deterministic) -> (dq, dk, dv, dbias)
+    (grad_out, grad_lse?, q, k, v, bias?, key_mask?, alibi_slopes?, dropout_seed?, out, lse,
+     scale, causal, window_left, window_right, softcap, dropout_p, compute_dbias,
+     deterministic) -> (dq, dk, dv, dbias)
+with window_left / window_right -1 for an unbounded side (fast_attn.causal.visible_band)
+and softcap 0.0 for none. alibi_slopes (float32 (B or 1, Hq)) get no gradient.
 """
 
 from __future__ import annotations
@@ -26,43 +30,51 @@ def empty_bshd_like(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty((batch, seqlen, heads, head_dim)).transpose(1, 2)
 
 
-def forward_fake(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p):
+def forward_fake(
+    q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
+    dropout_p,
+):
     out = empty_bshd_like(q)
     lse = q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
     return out, lse
 
 
 def backward_fake(
-    grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse, scale, causal, dropout_p,
-    compute_dbias, deterministic,
+    grad_out, grad_lse, q, k, v, bias, key_mask, alibi_slopes, dropout_seed, out, lse, scale, causal,
+    window_left, window_right, softcap, dropout_p, compute_dbias, deterministic,
 ):
     dbias = bias.new_empty(bias.shape) if compute_dbias else q.new_empty((0,))
     return empty_bshd_like(q), empty_bshd_like(k), empty_bshd_like(v), dbias
 
 
 def setup_context(ctx, inputs, output) -> None:
-    q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p = inputs
+    (
+        q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
+        dropout_p,
+    ) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, bias, key_mask, dropout_seed, out, lse)
+    ctx.save_for_backward(q, k, v, bias, key_mask, alibi_slopes, dropout_seed, out, lse)
     ctx.scale, ctx.causal, ctx.dropout_p = scale, causal, dropout_p
+    ctx.window_left, ctx.window_right, ctx.softcap = window_left, window_right, softcap
 
 
 def make_backward(backward_op):
     """The autograd backward of a forward op, computed by `backward_op`."""
 
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, bias, key_mask, dropout_seed, out, lse = ctx.saved_tensors
+        q, k, v, bias, key_mask, alibi_slopes, dropout_seed, out, lse = ctx.saved_tensors
         if grad_out is None or grad_out.numel() == 0:
             grad_out = torch.zeros_like(out)  # out's layout: a contiguous last dim even when empty
         elif grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
         compute_dbias = bias is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dbias = backward_op(
-            grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse,
-            ctx.scale, ctx.causal, ctx.dropout_p, compute_dbias,
+            grad_out, grad_lse, q, k, v, bias, key_mask, alibi_slopes, dropout_seed, out, lse,
+            ctx.scale, ctx.causal, ctx.window_left, ctx.window_right, ctx.softcap, ctx.dropout_p, compute_dbias,
             torch.are_deterministic_algorithms_enabled(),
         )
-        return dq, dk, dv, (dbias if compute_dbias else None), None, None, None, None, None
+        no_gradients = (None,) * 9  # key_mask, alibi_slopes, dropout_seed and the scalars
+        return (dq, dk, dv, dbias if compute_dbias else None, *no_gradients)
 
     return backward
 
