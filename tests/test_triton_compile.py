@@ -85,6 +85,9 @@ class Case:
         key_mask=False,
         dropout_p=0.0,
         grad_lse=False,
+        window=(-1, -1),
+        softcap=0.0,
+        alibi_batch=0,
     ):
         def bshd(heads, seqlen):
             return torch.randn(2, seqlen, heads, head_dim).to(dtype).transpose(1, 2)
@@ -94,6 +97,9 @@ class Case:
         self.key_mask = torch.ones(2, seqlen_k, dtype=torch.bool) if key_mask else None
         self.seed = torch.tensor([1234], dtype=torch.int64) if dropout_p > 0 else None
         self.scale, self.causal, self.dropout_p = head_dim**-0.5, causal, dropout_p
+        self.window, self.softcap = window, softcap
+        # ALiBi slopes of shape (alibi_batch, Hq): 1 or the batch; 0 for none.
+        self.alibi_slopes = torch.rand(alibi_batch, heads_q) if alibi_batch else None
         self.out, self.grad_out = empty_bshd_like(self.q), empty_bshd_like(self.q)
         self.lse = torch.empty(self.q.shape[:3])
         self.grad_lse = torch.randn(self.q.shape[:3]) if grad_lse else None
@@ -107,9 +113,12 @@ class Case:
             self.v,
             self.bias,
             self.key_mask,
+            self.alibi_slopes,
             self.seed,
             self.scale,
             self.causal,
+            *self.window,
+            self.softcap,
             self.dropout_p,
         )
 
@@ -149,6 +158,22 @@ FORWARD_CASES = {
     "fp16-d80": dict(dtype=torch.float16, head_dim=80, key_mask=True),
     "bf16-d256-bias": dict(dtype=torch.bfloat16, head_dim=256, bias_shape=(2, 1, 1, 128)),
     "fp32-d40-causal-bias": dict(dtype=torch.float32, head_dim=40, causal=1, bias_shape=(1, 4, 128, 128)),
+    "bf16-d128-window-softcap-alibi": dict(
+        dtype=torch.bfloat16, head_dim=128, window=(48, 48), softcap=30.0, alibi_batch=1
+    ),
+    "fp16-d64-all-modifiers": dict(
+        dtype=torch.float16,
+        head_dim=64,
+        causal=1,
+        window=(40, -1),
+        softcap=20.0,
+        alibi_batch=2,
+        bias_shape=(1, 4, 128, 128),
+        bias_dtype=torch.float32,
+        key_mask=True,
+        dropout_p=0.1,
+    ),
+    "fp32-d40-window": dict(dtype=torch.float32, head_dim=40, window=(20, 0)),
 }
 BACKWARD_CASES = {
     "bf16-d64-causal": dict(dtype=torch.bfloat16, head_dim=64, causal=1),
@@ -166,6 +191,22 @@ BACKWARD_CASES = {
     "fp16-d96-full-bias": dict(dtype=torch.float16, head_dim=96, bias_shape=(2, 4, 128, 128)),
     "bf16-d256": dict(dtype=torch.bfloat16, head_dim=256, causal=1),
     "fp32-d40-bias": dict(dtype=torch.float32, head_dim=40, bias_shape=(1, 1, 128, 1), key_mask=True),
+    "bf16-d128-window-softcap-alibi": dict(
+        dtype=torch.bfloat16, head_dim=128, window=(48, 48), softcap=30.0, alibi_batch=1
+    ),
+    "fp16-d64-all-modifiers": dict(
+        dtype=torch.float16,
+        head_dim=64,
+        causal=1,
+        window=(40, -1),
+        softcap=20.0,
+        alibi_batch=2,
+        bias_shape=(1, 4, 128, 128),
+        bias_dtype=torch.float32,
+        key_mask=True,
+        dropout_p=0.1,
+        grad_lse=True,
+    ),
 }
 
 
@@ -175,6 +216,10 @@ DBIAS_CASES = {
     "bf16-t5-d64": dict(dtype=torch.bfloat16, head_dim=64, bias_shape=(1, 4, 128, 128)),
     "bf16-t5-d128-causal": dict(dtype=torch.bfloat16, head_dim=128, causal=1, bias_shape=(1, 4, 128, 128)),
     "bf16-rows-d128-causal": dict(dtype=torch.bfloat16, head_dim=128, causal=1, bias_shape=(1, 4, 1, 128)),
+    "fp16-d64-all-modifiers": BACKWARD_CASES["fp16-d64-all-modifiers"],
+    "bf16-t5-d64-window-softcap": dict(
+        dtype=torch.bfloat16, head_dim=64, window=(32, 32), softcap=30.0, bias_shape=(1, 4, 128, 128)
+    ),
 }
 # dbias cases launched with one split, which writes dbias in the bias's dtype (the
 # others write two float32 partial sums).
@@ -273,6 +318,13 @@ def compiled_cases() -> dict:
 KNOWN_SPILLS = {
     ("dbias", "fp16-d128-all-features", 80): "dbias with every feature on sm_80 spills",
     ("dbias", "fp32-d40-bias", 90): "float32 dbias keeps a small stack frame",
+    # A two-sided window adds a third key loop (the left edge's masked blocks): 8 B at 255
+    # registers in the first sm_80 entry (a window alone does it; softcap and ALiBi do not).
+    ("forward", "bf16-d128-window-softcap-alibi", 80): "a two-sided window's forward spills 8 B on sm_80",
+    # Every modifier on top of dropout, a float32 bias and a key mask in dK/dV, where the
+    # softcap's tanh tile stays live until dS: 48 B on sm_80, 16 B on sm_90.
+    ("dkdv", "fp16-d64-all-modifiers", 80): "dK/dV with every modifier and feature spills on sm_80",
+    ("dkdv", "fp16-d64-all-modifiers", 90): "dK/dV with every modifier and feature spills on sm_90",
 }
 CASE_PARAMS = [
     pytest.param(

@@ -4,14 +4,16 @@ register this formula; the C++ ops carry the same one in C++
 (csrc/attention_autograd.cpp), so that their training steps run no Python in
 autograd. A change to one is a change to both.
 
-Every forward op starts with the schema
-    (q, k, v, bias?, key_mask?, dropout_seed?, scale, causal, dropout_p) -> (out, lse)
+Every forward op has the schema
+    (q, k, v, bias?, key_mask?, dropout_seed?, scale, causal, dropout_p,
+     alibi_slopes?=None, window_left=-1, window_right=-1, softcap=0.0) -> (out, lse)
 and every backward op
     (grad_out, grad_lse?, q, k, v, bias?, key_mask?, dropout_seed?, out, lse,
-     scale, causal, dropout_p, compute_dbias, deterministic) -> (dq, dk, dv, dbias)
-The C++ ops end both with the score modifiers (alibi_slopes, window_left,
-window_right, softcap; fast_attn/ops/cpp_ops.py registers their fakes); the
-Triton ops do not take them yet.
+     scale, causal, dropout_p, compute_dbias, deterministic,
+     alibi_slopes?=None, window_left=-1, window_right=-1, softcap=0.0) -> (dq, dk, dv, dbias)
+The score modifiers come last, with defaults that mean "none": window_left /
+window_right -1 for an unbounded side (fast_attn.causal.visible_band), softcap
+0.0 for none; alibi_slopes (float32 (B or 1, Hq)) get no gradient.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ def empty_bshd_like(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty((batch, seqlen, heads, head_dim)).transpose(1, 2)
 
 
-def forward_fake(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p):
+def forward_fake(
+    q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p,
+    alibi_slopes=None, window_left=-1, window_right=-1, softcap=0.0,
+):
     out = empty_bshd_like(q)
     lse = q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
     return out, lse
@@ -37,24 +42,29 @@ def forward_fake(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p
 
 def backward_fake(
     grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse, scale, causal, dropout_p,
-    compute_dbias, deterministic,
+    compute_dbias, deterministic, alibi_slopes=None, window_left=-1, window_right=-1, softcap=0.0,
 ):
     dbias = bias.new_empty(bias.shape) if compute_dbias else q.new_empty((0,))
     return empty_bshd_like(q), empty_bshd_like(k), empty_bshd_like(v), dbias
 
 
+MODIFIER_DEFAULTS = (None, -1, -1, 0.0)  # alibi_slopes, window_left, window_right, softcap: none
+
+
 def setup_context(ctx, inputs, output) -> None:
-    q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p = inputs
+    q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, *given = inputs
+    alibi_slopes, window_left, window_right, softcap = (*given, *MODIFIER_DEFAULTS[len(given) :])
     out, lse = output
-    ctx.save_for_backward(q, k, v, bias, key_mask, dropout_seed, out, lse)
+    ctx.save_for_backward(q, k, v, bias, key_mask, dropout_seed, alibi_slopes, out, lse)
     ctx.scale, ctx.causal, ctx.dropout_p = scale, causal, dropout_p
+    ctx.window_left, ctx.window_right, ctx.softcap = window_left, window_right, softcap
 
 
 def make_backward(backward_op):
     """The autograd backward of a forward op, computed by `backward_op`."""
 
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, bias, key_mask, dropout_seed, out, lse = ctx.saved_tensors
+        q, k, v, bias, key_mask, dropout_seed, alibi_slopes, out, lse = ctx.saved_tensors
         if grad_out is None or grad_out.numel() == 0:
             grad_out = torch.zeros_like(out)  # out's layout: a contiguous last dim even when empty
         elif grad_out.stride(-1) != 1:
@@ -64,8 +74,10 @@ def make_backward(backward_op):
             grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse,
             ctx.scale, ctx.causal, ctx.dropout_p, compute_dbias,
             torch.are_deterministic_algorithms_enabled(),
+            alibi_slopes, ctx.window_left, ctx.window_right, ctx.softcap,
         )
-        return dq, dk, dv, (dbias if compute_dbias else None), None, None, None, None, None
+        no_gradients = (None,) * 9  # key_mask, dropout_seed, the scalars and the modifiers
+        return (dq, dk, dv, dbias if compute_dbias else None, *no_gradients)
 
     return backward
 

@@ -6,9 +6,7 @@ the forward's autograd is registered in C++ (csrc/attention_autograd.cpp).
 Registering their fake kernels here makes them usable under
 torch.compile(fullgraph=True).
 
-Their schemas are those of fast_attn/ops/autograd.py followed by the score
-modifiers (alibi_slopes, window_left, window_right, softcap), whose defaults
-mean "none"; the outputs' shapes do not depend on them.
+Their schemas are those of fast_attn/ops/autograd.py.
 """
 
 from __future__ import annotations
@@ -29,26 +27,8 @@ def has_kernel_for(dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(FORWARD_OP, dispatch_key)
 
 
-def forward_fake(
-    q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p,
-    alibi_slopes=None, window_left=-1, window_right=-1, softcap=0.0,
-):
-    return autograd.forward_fake(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p)
-
-
-def backward_fake(
-    grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse, scale, causal, dropout_p,
-    compute_dbias, deterministic, alibi_slopes=None, window_left=-1, window_right=-1, softcap=0.0,
-):
-    return autograd.backward_fake(
-        grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse, scale, causal, dropout_p,
-        compute_dbias, deterministic,
-    )
-
-
 if _extension.load()[0] is not None:
-    torch.library.register_fake(FORWARD_OP)(forward_fake)
-    torch.library.register_fake(BACKWARD_OP)(backward_fake)
+    autograd.register_fakes(FORWARD_OP, BACKWARD_OP)
 
 
 def attention_forward(problem, dropout_seed):

@@ -343,7 +343,7 @@ def autotuned(kernel: triton.runtime.JITFunction, configs: tuple[Config, ...]) -
 
     One Autotuner per candidate list: the lists already encode the shape bucket.
     The tuner's key holds the masking features and the grid order (TUNING_KEY; it
-    also separates dtypes), so a causal launch, or one with a bias, does not
+    also separates dtypes), so a causal launch, or one with a bias or a window, does not
     inherit the tile timed on a plain one, whose work per program differs. Kernels only write their outputs (no read-modify-write), so
     timing runs need no reset.
     """
@@ -358,7 +358,16 @@ def autotuned(kernel: triton.runtime.JITFunction, configs: tuple[Config, ...]) -
 
 # Constexprs of every tuned kernel that change the work per tile (a bias adds a load
 # per score) or the order of the programs.
-TUNING_KEY = ("CAUSAL", "HAS_BIAS", "HAS_KEY_MASK", "HAS_DROPOUT", "BATCH_FASTEST")
+TUNING_KEY = (
+    "LEFT_BOUNDED",
+    "RIGHT_BOUNDED",
+    "HAS_BIAS",
+    "HAS_KEY_MASK",
+    "HAS_DROPOUT",
+    "HAS_SOFTCAP",
+    "HAS_ALIBI",
+    "BATCH_FASTEST",
+)
 
 
 MAX_DBIAS_SPLITS = 16

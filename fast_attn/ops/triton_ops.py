@@ -21,7 +21,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
-from ..causal import CausalMode, causal_offset
+from ..causal import CausalMode, visible_band
 from ..dropout import dropout_threshold
 from ..triton.backward_dbias import attention_backward_dbias_kernel
 from ..triton.backward_dkdv import attention_backward_dkdv_kernel
@@ -88,15 +88,36 @@ def _block_grid(block: str, seqlen: int, heads: int, batch: int, batch_fastest: 
     return grid
 
 
-def _shared_arguments(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p):
+def _band_offsets(causal: int, window_left: int, window_right: int, seqlen_q: int, seqlen_k: int):
+    """(first_key_offset, last_key_offset) of the kernels' bounds (fast_attn/triton/__init__.py):
+    the band of the causal mode and the window, each None when that side hides no key of
+    these sequences (which also keeps the offsets within int32)."""
+    band = visible_band(CausalMode(causal), (window_left, window_right), seqlen_q, seqlen_k)
+    if band is None:
+        return None, None
+    first_key_offset = band.offset - band.left if band.left >= 0 else None
+    last_key_offset = band.offset + band.right if band.right >= 0 else None
+    if first_key_offset is not None and seqlen_q - 1 + first_key_offset <= 0:
+        first_key_offset = None  # even the last row's first key is key 0
+    if last_key_offset is not None and last_key_offset >= seqlen_k - 1:
+        last_key_offset = None  # even the first row sees the last key
+    return first_key_offset, last_key_offset
+
+
+def _shared_arguments(
+    q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
+    dropout_p,
+):
     """Arguments every attention kernel takes, by name, and its shared constexprs.
 
     Absent optional tensors are replaced by q as a never-read placeholder pointer
-    (the HAS_* constexprs compile their reads out), with zero strides.
+    (the HAS_* constexprs compile their reads out), with zero strides. The arguments
+    of absent score modifiers are None instead (fast_attn/triton/__init__.py), except
+    last_key_offset, which every kernel's signature keeps (0 without a right edge).
     """
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
-    causal_mode = CausalMode(causal)
+    first_key_offset, last_key_offset = _band_offsets(causal, window_left, window_right, seqlen_q, seqlen_k)
     has_dropout = dropout_p > 0.0
     bias_strides = (0, 0, 0, 0) if bias is None else [_broadcast_stride(bias, d) for d in range(4)]
     key_mask_strides = (0, 0) if key_mask is None else (_broadcast_stride(key_mask, 0), key_mask.stride(1))
@@ -117,17 +138,24 @@ def _shared_arguments(q, k, v, bias, key_mask, dropout_seed, scale, causal, drop
         seqlen_k=seqlen_k,
         kv_group_size=heads_q // heads_kv,
         scale_log2=scale * LOG2E,
-        causal_offset=causal_offset(causal_mode, seqlen_q, seqlen_k),
+        first_key_offset=first_key_offset,
+        last_key_offset=0 if last_key_offset is None else last_key_offset,
         dropout_keep_threshold=dropout_threshold(dropout_p) if has_dropout else 0,
         dropout_keep_scale=1.0 / (1.0 - dropout_p),
+        softcap=softcap if softcap > 0.0 else None,
+        alibi_slopes_ptr=alibi_slopes,
+        alibi_batch_stride=None if alibi_slopes is None else _broadcast_stride(alibi_slopes, 0),
     )
     constexprs = dict(
         HEAD_DIM=head_dim,
         BLOCK_D=head_dim_block(head_dim),
-        CAUSAL=causal_mode != CausalMode.NONE,
+        LEFT_BOUNDED=first_key_offset is not None,
+        RIGHT_BOUNDED=last_key_offset is not None,
         HAS_BIAS=bias is not None,
         HAS_KEY_MASK=key_mask is not None,
         HAS_DROPOUT=has_dropout,
+        HAS_SOFTCAP=softcap > 0.0,
+        HAS_ALIBI=alibi_slopes is not None,
         BATCH_FASTEST=_batch_fastest(q, bias),
         UPCAST_OPERANDS=interpreting() and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -136,18 +164,28 @@ def _shared_arguments(q, k, v, bias, key_mask, dropout_seed, scale, causal, drop
 
 
 def _backward_arguments(
-    q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, grad_out, lse, delta
+    q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
+    dropout_p, grad_out, lse, delta,
 ):
     """_shared_arguments plus what every backward kernel but the preprocess reads."""
-    args, constexprs = _shared_arguments(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p)
+    args, constexprs = _shared_arguments(
+        q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
+        dropout_p,
+    )
     grad_out_strides = _named_strides("grad_out", grad_out.stride()[:3])
     args.update(grad_out_ptr=grad_out, lse_ptr=lse, delta_ptr=delta, **grad_out_strides)
     return args, constexprs
 
 
-def forward_arguments(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, out, lse):
+def forward_arguments(
+    q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
+    dropout_p, out, lse,
+):
     """(arguments by name, constexprs) of attention_forward_kernel, without the tuned blocks."""
-    args, constexprs = _shared_arguments(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p)
+    args, constexprs = _shared_arguments(
+        q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
+        dropout_p,
+    )
     args.update(out_ptr=out, lse_ptr=lse, **_named_strides("out", out.stride()[:3]))
     return args, constexprs
 
@@ -177,11 +215,13 @@ def preprocess_arguments(out, grad_out, grad_lse, delta):
 
 
 def dkdv_arguments(
-    q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, grad_out, lse, delta, dk, dv
+    q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
+    dropout_p, grad_out, lse, delta, dk, dv,
 ):
     """(arguments by name, constexprs) of attention_backward_dkdv_kernel, without the tuned blocks."""
     args, constexprs = _backward_arguments(
-        q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, grad_out, lse, delta
+        q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
+        dropout_p, grad_out, lse, delta,
     )
     args.update(
         dk_ptr=dk,
@@ -194,12 +234,14 @@ def dkdv_arguments(
 
 
 def dq_arguments(
-    q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, grad_out, lse, delta, dq, full_dbias
+    q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
+    dropout_p, grad_out, lse, delta, dq, full_dbias,
 ):
     """(arguments by name, constexprs) of attention_backward_dq_kernel, without the tuned blocks.
     full_dbias: None, or the (B, Hq, Sq, Sk) contiguous zeroed dbias the kernel writes."""
     args, constexprs = _backward_arguments(
-        q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, grad_out, lse, delta
+        q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
+        dropout_p, grad_out, lse, delta,
     )
     args.update(
         dq_ptr=dq,
@@ -218,13 +260,15 @@ def dbias_slices(bias: torch.Tensor, batch: int, heads_q: int) -> tuple[int, int
 
 
 def dbias_arguments(
-    q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, grad_out, lse, delta, partials
+    q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
+    dropout_p, grad_out, lse, delta, partials,
 ):
     """(arguments by name, constexprs) of attention_backward_dbias_kernel, without the tuned
     blocks. partials: (num_splits, *bias.shape), fully written by the kernel: float32 sums,
     or with one split dbias itself in the bias's dtype."""
     args, constexprs = _backward_arguments(
-        q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, grad_out, lse, delta
+        q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
+        dropout_p, grad_out, lse, delta,
     )
     heads_per_slice, pairs_per_slice = dbias_slices(bias, q.shape[0], q.shape[1])
     args.update(
@@ -256,6 +300,10 @@ def triton_attention_forward(
     scale: float,
     causal: int,
     dropout_p: float,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, Sq, D) stored (B, Sq, Hq, D)-contiguous and lse (B, Hq, Sq) float32."""
     _check_inputs(q, dropout_p, dropout_seed)
@@ -270,7 +318,8 @@ def triton_attention_forward(
         lse.fill_(-math.inf)
         return out, lse
     args, constexprs = forward_arguments(
-        q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, out, lse
+        q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
+        dropout_p, out, lse,
     )
     forward_kernel = autotuned(
         attention_forward_kernel,
@@ -308,6 +357,10 @@ def triton_attention_backward(
     dropout_p: float,
     compute_dbias: bool,
     deterministic: bool,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv like q, k, v (stored (B, S, H, D)-contiguous) and dbias in the bias's
     shape and dtype (an empty tensor without compute_dbias). Always deterministic."""
@@ -336,7 +389,10 @@ def triton_attention_backward(
     grid = (cdiv(seqlen_q, constexprs["BLOCK_M"]), heads_q, batch)
     _launch(attention_backward_preprocess_kernel, grid, args, constexprs)
 
-    inputs = (q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, grad_out, lse, delta)
+    inputs = (
+        q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
+        dropout_p, grad_out, lse, delta,
+    )
     args, constexprs = dkdv_arguments(*inputs, dk, dv)
     dkdv_kernel = autotuned(
         attention_backward_dkdv_kernel,
@@ -371,7 +427,7 @@ def triton_attention_backward(
     if full_dbias is not None:
         dbias = full_dbias
     elif want_dbias:
-        dbias = _reduce_dbias(inputs, bias)
+        dbias = _reduce_dbias(inputs, bias, dropout_p)
     return dq, dk, dv, dbias
 
 
@@ -380,9 +436,10 @@ def triton_attention_backward(
 _DBIAS_NOMINAL_TILE = 64
 
 
-def _reduce_dbias(inputs, bias: torch.Tensor) -> torch.Tensor:
-    """dbias of a broadcast bias through attention_backward_dbias_kernel."""
-    q, k, dropout_p = inputs[0], inputs[1], inputs[8]
+def _reduce_dbias(inputs, bias: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """dbias of a broadcast bias through attention_backward_dbias_kernel; inputs: dbias_arguments'
+    arguments but partials."""
+    q, k = inputs[0], inputs[1]
     batch, heads_q, seqlen_q, head_dim = q.shape
     seqlen_k = k.shape[2]
     bias_batch, bias_heads, bias_rows, bias_cols = bias.shape
@@ -421,6 +478,7 @@ torch.library.register_autograd(
 
 def attention_forward(problem, dropout_seed):
     """Run the Triton forward op on a validated AttentionProblem; returns (out, lse)."""
+    window_left, window_right = (-1, -1) if problem.window is None else problem.window
     return torch.ops.fast_attn.triton_attention_forward(
         problem.q,
         problem.k,
@@ -431,4 +489,8 @@ def attention_forward(problem, dropout_seed):
         problem.scale,
         int(problem.causal),
         problem.dropout_p,
+        problem.alibi_slopes,
+        window_left,
+        window_right,
+        0.0 if problem.softcap is None else problem.softcap,
     )

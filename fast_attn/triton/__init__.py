@@ -19,10 +19,17 @@ scalars) and hand their helpers tuples, unpacked where they are read:
     bias      (bias head pointer, row stride, column stride)
     key_mask  (key mask row pointer, column stride)
     dropout   (seed low, seed high, keep threshold, keep scale): dropout_parameters
-    bounds    (seqlen_q, seqlen_k, causal_offset): query i sees key j iff j <= i + causal_offset
+    bounds    (seqlen_q, seqlen_k, first_key_offset, last_key_offset): the band of
+              fast_attn.causal.visible_band, query i sees key j iff
+              j >= i + first_key_offset (with LEFT_BOUNDED) and j <= i + last_key_offset
+              (with RIGHT_BOUNDED: a causal mask, or a window's right side)
+    modifiers (softcap, alibi_slope_log2) of one (batch, head): scores.py
 A head pointer points at one (batch, head) slice, the key mask's row pointer at one
 batch's row. Constexprs stay separate parameters: a value unpacked from a tuple is a
-runtime value, and an `if` on it would not compile out.
+runtime value, and an `if` on it would not compile out. The scalars and pointers of
+the score modifiers (first_key_offset, softcap, alibi_slopes_ptr, alibi_batch_stride)
+are None when the variant lacks them: a None argument leaves the compiled signature,
+so a kernel without a modifier compiles exactly as it did before the modifier existed.
 
 The launchers (grids, autotuning, allocation) live in fast_attn/ops/triton_ops.py.
 """

@@ -29,16 +29,18 @@ import triton.language as tl
 from .backward_dq import load_query_rows, score_gradient_tile
 from .block_ranges import key_blocks_for_query_block
 from .dropout import dropout_parameters, dropout_row_offsets
+from .scores import load_alibi_slope
 
 
 @triton.jit
 def _pair_of_slice(
     pair, bias_batch, bias_head, heads_per_slice, heads_q, seqlen_q, kv_group_size, inputs,
-    HAS_KEY_MASK: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr,
 ):
     """For the pair-th (batch, head) pair that reads bias slice (bias_batch, bias_head): the
-    row of (b, h, 0) in (B, Hq, Sq), and the pair's q_do, kv, bias and key_mask tuples.
-    inputs: the kernel's pointers and strides, grouped by input as unpacked below."""
+    row of (b, h, 0) in (B, Hq, Sq), the pair's q_do, kv, bias and key_mask tuples, and its
+    ALiBi slope (load_alibi_slope). inputs: the kernel's pointers and strides, grouped by
+    input as unpacked below."""
     (
         (q_ptr, q_batch_stride, q_head_stride, q_row_stride),
         (grad_out_ptr, grad_out_batch_stride, grad_out_head_stride, grad_out_row_stride),
@@ -46,6 +48,7 @@ def _pair_of_slice(
         (v_ptr, v_batch_stride, v_head_stride, v_row_stride),
         (bias_ptr, bias_batch_stride, bias_head_stride, bias_row_stride, bias_col_stride),
         (key_mask_ptr, key_mask_batch_stride, key_mask_col_stride),
+        (alibi_slopes_ptr, alibi_batch_stride),
     ) = inputs
     batch = (bias_batch + pair // heads_per_slice).to(tl.int64)
     head = (bias_head + pair % heads_per_slice).to(tl.int64)
@@ -65,6 +68,7 @@ def _pair_of_slice(
         (k_head_ptr, v_head_ptr, k_row_stride, v_row_stride),
         (bias_head_ptr, bias_row_stride, bias_col_stride),
         (key_mask_row_ptr, key_mask_col_stride),
+        load_alibi_slope(alibi_slopes_ptr, alibi_batch_stride, batch, head, HAS_ALIBI),
     )
 
 
@@ -107,17 +111,24 @@ def attention_backward_dbias_kernel(
     seqlen_k,
     kv_group_size,
     scale_log2,
-    causal_offset,
+    first_key_offset,
+    last_key_offset,
     dropout_keep_threshold,
     dropout_keep_scale,
+    softcap,
+    alibi_slopes_ptr,
+    alibi_batch_stride,
     heads_per_slice,
     pairs_per_slice,
     pairs_per_split,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    LEFT_BOUNDED: tl.constexpr,
+    RIGHT_BOUNDED: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
     ROWS_FULL: tl.constexpr,
     COLS_FULL: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr,
@@ -134,7 +145,8 @@ def attention_backward_dbias_kernel(
     batch bb + p // heads_per_slice, head hb + p % heads_per_slice (heads_per_slice
     is Hq when the bias broadcasts over heads, else 1; pairs_per_slice adds a
     factor B when it broadcasts over the batch). ROWS_FULL / COLS_FULL: Sqb == Sq /
-    Skb == Sk (else the dim has size 1 and is summed over).
+    Skb == Sk (else the dim has size 1 and is summed over). The scalars and pointers of
+    the modifiers the variant lacks (first_key_offset, softcap, alibi_*) are None.
     """
     num_row_tiles = 1
     if ROWS_FULL:
@@ -157,7 +169,7 @@ def attention_backward_dbias_kernel(
         rows_begin = 0
         rows_end = seqlen_q
     dropout = dropout_parameters(dropout_seed_ptr, dropout_keep_threshold, dropout_keep_scale, HAS_DROPOUT)
-    bounds = (seqlen_q, seqlen_k, causal_offset)
+    bounds = (seqlen_q, seqlen_k, first_key_offset, last_key_offset)
     inputs = (
         (q_ptr, q_batch_stride, q_head_stride, q_row_stride),
         (grad_out_ptr, grad_out_batch_stride, grad_out_head_stride, grad_out_row_stride),
@@ -165,6 +177,7 @@ def attention_backward_dbias_kernel(
         (v_ptr, v_batch_stride, v_head_stride, v_row_stride),
         (bias_ptr, bias_batch_stride, bias_head_stride, bias_row_stride, bias_col_stride),
         (key_mask_ptr, key_mask_batch_stride, key_mask_col_stride),
+        (alibi_slopes_ptr, alibi_batch_stride),
     )  # the pointers and strides _pair_of_slice offsets to each pair's slices
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # dS summed over pairs (and broadcast rows / keys)
@@ -177,14 +190,24 @@ def attention_backward_dbias_kernel(
         # the current pair computes).
         query_index = rows_begin + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
         start_n = col_tile * BLOCK_N
-        full_end, end = key_blocks_for_query_block(rows_begin, bounds, CAUSAL, BLOCK_M, BLOCK_N)
+        begin, full_begin, full_end, end = key_blocks_for_query_block(
+            rows_begin, bounds, LEFT_BOUNDED, RIGHT_BOUNDED, BLOCK_M, BLOCK_N
+        )
         for phase in tl.static_range(2):
             # Unmasked when every score of the tile is visible and in bounds, else masked.
-            if (phase == 0 and start_n < full_end) or (phase == 1 and start_n >= full_end and start_n < end):
+            if phase == 0:
+                visited = start_n < full_end
+                if LEFT_BOUNDED:
+                    visited = visited and start_n >= full_begin
+            else:
+                visited = start_n >= full_end and start_n < end
+                if LEFT_BOUNDED:
+                    visited = (visited or start_n < full_begin) and start_n >= begin
+            if visited:
                 for pair in range(pair_begin, pair_end):
-                    head_row, q_do, kv, bias, key_mask = _pair_of_slice(
+                    head_row, q_do, kv, bias, key_mask, alibi_slope_log2 = _pair_of_slice(
                         pair, bias_batch, bias_head, heads_per_slice, heads_q, seqlen_q, kv_group_size,
-                        inputs, HAS_KEY_MASK,
+                        inputs, HAS_KEY_MASK, HAS_ALIBI,
                     )
                     query_rows = load_query_rows(
                         query_index, head_row, q_do, lse_ptr, delta_ptr, seqlen_q, HEAD_DIM, BLOCK_D
@@ -192,20 +215,21 @@ def attention_backward_dbias_kernel(
                     dropout_rows = (0, 0)
                     if HAS_DROPOUT:
                         dropout_rows = dropout_row_offsets(head_row, query_index, seqlen_k)
-                    ds, _ = score_gradient_tile(
+                    ds, _, _ = score_gradient_tile(
                         query_rows, query_index, dropout_rows, start_n,
-                        kv, bias, key_mask, dropout, bounds, scale_log2,
-                        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, True, HAS_KEY_MASK, HAS_DROPOUT,
-                        UPCAST_OPERANDS, DOT_PRECISION, phase == 1,
+                        kv, bias, key_mask, (softcap, alibi_slope_log2), dropout, bounds, scale_log2,
+                        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_KEY_MASK, HAS_DROPOUT,
+                        HAS_SOFTCAP, HAS_ALIBI, LEFT_BOUNDED, RIGHT_BOUNDED, UPCAST_OPERANDS, DOT_PRECISION,
+                        phase == 1,
                     )
                     acc += ds
     else:
         # Rows or keys broadcast: each pair sums a strip of tiles, loading its q and dO
         # once per row block.
         for pair in range(pair_begin, pair_end):
-            head_row, q_do, kv, bias, key_mask = _pair_of_slice(
+            head_row, q_do, kv, bias, key_mask, alibi_slope_log2 = _pair_of_slice(
                 pair, bias_batch, bias_head, heads_per_slice, heads_q, seqlen_q, kv_group_size,
-                inputs, HAS_KEY_MASK,
+                inputs, HAS_KEY_MASK, HAS_ALIBI,
             )
             for start_m in range(rows_begin, rows_end, BLOCK_M):
                 query_index = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
@@ -215,29 +239,41 @@ def attention_backward_dbias_kernel(
                 dropout_rows = (0, 0)
                 if HAS_DROPOUT:
                     dropout_rows = dropout_row_offsets(head_row, query_index, seqlen_k)
-                full_end, end = key_blocks_for_query_block(start_m, bounds, CAUSAL, BLOCK_M, BLOCK_N)
+                begin, full_begin, full_end, end = key_blocks_for_query_block(
+                    start_m, bounds, LEFT_BOUNDED, RIGHT_BOUNDED, BLOCK_M, BLOCK_N
+                )
                 if COLS_FULL:
                     keys_begin = col_tile * BLOCK_N
                     keys_end = tl.minimum(keys_begin + BLOCK_N, end)
                 else:
                     keys_begin = 0
                     keys_end = end
-                for phase in tl.static_range(2):
-                    # Key blocks every row sees in full without masks, then the others with masks.
+                if LEFT_BOUNDED:
+                    keys_begin = tl.maximum(keys_begin, begin)
+                for phase in tl.static_range(3):
+                    # Within [keys_begin, keys_end): key blocks on the band's left edge with masks (none
+                    # without one), those every row sees in full without, then the others with masks.
                     if phase == 0:
                         lo = keys_begin
+                        hi = tl.minimum(keys_end, full_begin)
+                    elif phase == 1:
+                        lo = keys_begin
+                        if LEFT_BOUNDED:
+                            lo = tl.maximum(lo, full_begin)
                         hi = tl.minimum(keys_end, full_end)
                     else:
                         lo = tl.maximum(keys_begin, full_end)
                         hi = keys_end
-                    for start_n in range(lo, hi, BLOCK_N):
-                        ds, _ = score_gradient_tile(
-                            query_rows, query_index, dropout_rows, start_n,
-                            kv, bias, key_mask, dropout, bounds, scale_log2,
-                            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, True, HAS_KEY_MASK, HAS_DROPOUT,
-                            UPCAST_OPERANDS, DOT_PRECISION, phase == 1,
-                        )
-                        acc += ds
+                    if LEFT_BOUNDED or phase > 0:
+                        for start_n in range(lo, hi, BLOCK_N):
+                            ds, _, _ = score_gradient_tile(
+                                query_rows, query_index, dropout_rows, start_n,
+                                kv, bias, key_mask, (softcap, alibi_slope_log2), dropout, bounds, scale_log2,
+                                HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_KEY_MASK, HAS_DROPOUT,
+                                HAS_SOFTCAP, HAS_ALIBI, LEFT_BOUNDED, RIGHT_BOUNDED, UPCAST_OPERANDS,
+                                DOT_PRECISION, phase != 1,
+                            )
+                            acc += ds
 
     partials_ptr = (
         dbias_partials_ptr

@@ -3,15 +3,15 @@
 One program per (key block, kv head, batch): it keeps its K and V tiles and the
 dK, dV accumulators on chip and loops over the query heads that share the
 kv head (GQA: their contributions are summed in a fixed order, no atomics) and,
-for each, over the query blocks that see the key block (block_ranges: causally
-hidden blocks are skipped; blocks seen in full run without masks).
+for each, over the query blocks that see the key block (block_ranges: blocks
+outside the band are skipped; blocks seen in full run without masks).
 
 Per query block, with transposed tiles (keys along rows):
     P^T  = exp2(s2^T - lse2)                 recomputed from q, k and the saved lse
     dV  += (P^T * Z^T) dO                     Z: dropout keep mask (1/(1-p) at the end)
     dP^T = Z^T * (V dO^T) / (1 - p)
     dS^T = P^T * (dP^T - delta)
-    dK  += dS^T q                             (times scale at the end)
+    dK  += (dS^T * (1 - t^2)) q               (times scale at the end; t of a softcap, else 1 - t^2 = 1)
 """
 
 import triton
@@ -20,21 +20,34 @@ import triton.language as tl
 from .block_ranges import query_blocks_for_key_block
 from .dropout import dropout_keep, dropout_parameters, dropout_row_offsets
 from .grid import program_coordinates
-from .scores import load_key_allowed, load_rows, lse_to_log2, masked_scores, mma, store_rows
+from .scores import (
+    load_alibi_slope,
+    load_key_allowed,
+    load_rows,
+    lse_to_log2,
+    masked_scores,
+    mma,
+    qk_gradient,
+    scaled_scores,
+    store_rows,
+)
 
 
 @triton.jit
 def _accumulate_query_blocks(
     dk, dv, k, v, key_index, key_allowed, head_row, q_do, lse_row_ptr, delta_row_ptr,
-    bias, dropout, bounds, scale_log2, block_begin, block_end,
+    bias, modifiers, dropout, bounds, scale_log2, block_begin, block_end,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, LEFT_BOUNDED: tl.constexpr, RIGHT_BOUNDED: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
 ):
     """dk, dv (BLOCK_N, BLOCK_D) plus the contributions of query rows [block_begin, block_end)
-    of one (b, h), whose lse and delta rows start at lse_row_ptr and delta_row_ptr."""
+    of one (b, h), whose lse and delta rows start at lse_row_ptr and delta_row_ptr.
+    modifiers: (softcap, alibi_slope_log2) of that (b, h)."""
     q_head_ptr, grad_out_head_ptr, q_row_stride, grad_out_row_stride = q_do
-    seqlen_q, seqlen_k, _ = bounds
+    softcap, alibi_slope_log2 = modifiers
+    seqlen_q, seqlen_k, _, _ = bounds
     offs_m = tl.arange(0, BLOCK_M)
     for start_m in range(block_begin, block_end, BLOCK_M):
         query_index = start_m + offs_m  # (BLOCK_M,)
@@ -51,9 +64,10 @@ def _accumulate_query_blocks(
             lse = tl.load(lse_row_ptr + query_index)
             delta = tl.load(delta_row_ptr + query_index)
         qk_t = mma(k, tl.trans(q), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), UPCAST_OPERANDS, DOT_PRECISION)
+        scores_t, capped_t = scaled_scores(qk_t, scale_log2, softcap, HAS_SOFTCAP)
         scores_t = masked_scores(
-            qk_t, query_index[None, :], key_index[:, None], scale_log2, bias, key_allowed, bounds,
-            HAS_BIAS, HAS_KEY_MASK, CAUSAL, MASKED,
+            scores_t, query_index[None, :], key_index[:, None], bias, key_allowed, alibi_slope_log2, bounds,
+            HAS_BIAS, HAS_KEY_MASK, HAS_ALIBI, LEFT_BOUNDED, RIGHT_BOUNDED, MASKED,
         )  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(scores_t - lse_to_log2(lse)[None, :])
         dp_t = mma(
@@ -69,7 +83,7 @@ def _accumulate_query_blocks(
             dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
         else:
             dv = mma(p_t.to(grad_out.dtype), grad_out, dv, UPCAST_OPERANDS, DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
+        ds_t = qk_gradient(p_t * (dp_t - delta[None, :]), capped_t, HAS_SOFTCAP)
         dk = mma(ds_t.to(q.dtype), q, dk, UPCAST_OPERANDS, DOT_PRECISION)
     return dk, dv
 
@@ -117,15 +131,22 @@ def attention_backward_dkdv_kernel(
     kv_group_size,
     scale,
     scale_log2,
-    causal_offset,
+    first_key_offset,
+    last_key_offset,
     dropout_keep_threshold,
     dropout_keep_scale,
+    softcap,
+    alibi_slopes_ptr,
+    alibi_batch_stride,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    LEFT_BOUNDED: tl.constexpr,
+    RIGHT_BOUNDED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
     BATCH_FASTEST: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -134,7 +155,8 @@ def attention_backward_dkdv_kernel(
 ):
     """Grid (cdiv(Sk, BLOCK_N), Hkv, B), or (B, cdiv(Sk, BLOCK_N), Hkv) with BATCH_FASTEST
     (grid.py). dk, dv (B, Hkv, Sk, D) through their strides; lse and delta (B, Hq, Sq)
-    contiguous float32."""
+    contiguous float32. The scalars and pointers of the modifiers the variant lacks
+    (first_key_offset, softcap, alibi_*) are None."""
     pid_n, kv_head, batch, _ = program_coordinates(BATCH_FASTEST)
     start_n = pid_n * BLOCK_N
     batch = batch.to(tl.int64)
@@ -152,11 +174,13 @@ def attention_backward_dkdv_kernel(
     else:
         key_allowed = False
     dropout = dropout_parameters(dropout_seed_ptr, dropout_keep_threshold, dropout_keep_scale, HAS_DROPOUT)
-    bounds = (seqlen_q, seqlen_k, causal_offset)
+    bounds = (seqlen_q, seqlen_k, first_key_offset, last_key_offset)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    begin, full_begin, full_end = query_blocks_for_key_block(start_n, bounds, CAUSAL, BLOCK_M, BLOCK_N)
+    begin, full_begin, full_end, end = query_blocks_for_key_block(
+        start_n, bounds, LEFT_BOUNDED, RIGHT_BOUNDED, BLOCK_M, BLOCK_N
+    )
     for group_index in range(kv_group_size):
         head = (kv_head * kv_group_size + group_index).to(tl.int64)
         q_head_ptr = q_ptr + batch * q_batch_stride + head * q_head_stride
@@ -167,8 +191,9 @@ def attention_backward_dkdv_kernel(
         if HAS_BIAS:
             bias_head_ptr = bias_ptr + batch * bias_batch_stride + head * bias_head_stride
         bias = (bias_head_ptr, bias_row_stride, bias_col_stride)
+        modifiers = (softcap, load_alibi_slope(alibi_slopes_ptr, alibi_batch_stride, batch, head, HAS_ALIBI))
         for phase in tl.static_range(3):
-            # Rows [begin, full_begin) and [full_end, Sq) with masks, [full_begin, full_end) without.
+            # Rows [begin, full_begin) and [full_end, end) with masks, [full_begin, full_end) without.
             if phase == 0:
                 lo = begin
                 hi = full_begin
@@ -177,15 +202,15 @@ def attention_backward_dkdv_kernel(
                 hi = full_end
             else:
                 lo = full_end
-                hi = seqlen_q
+                hi = end
             dk, dv = _accumulate_query_blocks(
                 dk, dv, k, v, key_index, key_allowed, head_row, q_do,
-                lse_ptr + head_row, delta_ptr + head_row, bias, dropout, bounds, scale_log2, lo, hi,
-                HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS, HAS_KEY_MASK, HAS_DROPOUT,
-                UPCAST_OPERANDS, DOT_PRECISION, phase != 1,
+                lse_ptr + head_row, delta_ptr + head_row, bias, modifiers, dropout, bounds, scale_log2, lo, hi,
+                HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_KEY_MASK, HAS_DROPOUT,
+                HAS_SOFTCAP, HAS_ALIBI, LEFT_BOUNDED, RIGHT_BOUNDED, UPCAST_OPERANDS, DOT_PRECISION, phase != 1,
             )
 
-    dk *= scale  # s = scale * q.k + bias
+    dk *= scale  # s = capped(scale * q.k) + bias
     if HAS_DROPOUT:
         dv *= dropout_keep_scale
     dk_head_ptr = dk_ptr + batch * dk_batch_stride + kv_head.to(tl.int64) * dk_head_stride

@@ -5,7 +5,7 @@ delta of its rows and the dQ accumulator in registers and loops over the key
 blocks its rows see (block_ranges), recomputing the score gradient
 
     P  = exp2(s2 - lse2),  dP = Z * (dO V^T) / (1 - p),  dS = P * (dP - delta)
-    dQ += dS K                                          (times scale at the end)
+    dQ += (dS * (1 - t^2)) K         (times scale at the end; t of a softcap, else 1 - t^2 = 1)
 
 Every dQ row is owned by one program: no atomics, the same bits every run. When
 every score maps to its own bias element (bias shape (B, Hq, Sq, Sk)), the
@@ -18,7 +18,7 @@ import triton.language as tl
 from .block_ranges import key_blocks_for_query_block
 from .dropout import dropout_keep, dropout_parameters, dropout_row_offsets
 from .grid import program_coordinates
-from .scores import key_block_scores, load_rows, lse_to_log2, mma, store_rows
+from .scores import key_block_scores, load_alibi_slope, load_rows, lse_to_log2, mma, qk_gradient, store_rows
 
 
 @triton.jit
@@ -42,19 +42,21 @@ def load_query_rows(
 @triton.jit
 def score_gradient_tile(
     query_rows, query_index, dropout_rows, start_n,
-    kv, bias, key_mask, dropout, bounds, scale_log2,
+    kv, bias, key_mask, modifiers, dropout, bounds, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, LEFT_BOUNDED: tl.constexpr, RIGHT_BOUNDED: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
 ):
     """dS (BLOCK_M, BLOCK_N) of the query rows (load_query_rows' tuple) against keys
-    [start_n, start_n + BLOCK_N), and that key block's K tile (BLOCK_N, BLOCK_D)."""
+    [start_n, start_n + BLOCK_N) (the gradient of the scores, and of the bias), that key
+    block's K tile (BLOCK_N, BLOCK_D), and scaled_scores' t (for qk_gradient)."""
     q, grad_out, lse2, delta = query_rows
     key_index = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-    k, v, scores = key_block_scores(
-        q, query_index, key_index, kv, bias, key_mask, bounds, scale_log2,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS, HAS_KEY_MASK,
-        UPCAST_OPERANDS, DOT_PRECISION, MASKED,
+    k, v, scores, capped = key_block_scores(
+        q, query_index, key_index, kv, bias, key_mask, modifiers, bounds, scale_log2,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_KEY_MASK, HAS_SOFTCAP, HAS_ALIBI,
+        LEFT_BOUNDED, RIGHT_BOUNDED, UPCAST_OPERANDS, DOT_PRECISION, MASKED,
     )  # (BLOCK_M, BLOCK_N)
     p = tl.exp2(scores - lse2[:, None])
     dp = mma(grad_out, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST_OPERANDS, DOT_PRECISION)
@@ -63,26 +65,28 @@ def score_gradient_tile(
         keep = dropout_keep(dropout, row_low[:, None], row_high[:, None], key_index[None, :])
         _, _, _, keep_scale = dropout
         dp = tl.where(keep, dp * keep_scale, 0.0)
-    return p * (dp - delta[:, None]), k
+    return p * (dp - delta[:, None]), k, capped
 
 
 @triton.jit
 def _accumulate_key_blocks(
     dq, query_rows, query_index, dropout_rows, dbias_head_ptr,
-    kv, bias, key_mask, dropout, bounds, scale_log2, block_begin, block_end,
+    kv, bias, key_mask, modifiers, dropout, bounds, scale_log2, block_begin, block_end,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, LEFT_BOUNDED: tl.constexpr, RIGHT_BOUNDED: tl.constexpr,
     STORE_DBIAS: tl.constexpr, UPCAST_OPERANDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     MASKED: tl.constexpr,
 ):
     """dq (BLOCK_M, BLOCK_D) plus dS K over keys [block_begin, block_end); with STORE_DBIAS,
     dS stored into the contiguous (Sq, Sk) dbias slice at dbias_head_ptr."""
-    seqlen_q, seqlen_k, _ = bounds
+    seqlen_q, seqlen_k, _, _ = bounds
     for start_n in range(block_begin, block_end, BLOCK_N):
-        ds, k = score_gradient_tile(
-            query_rows, query_index, dropout_rows, start_n, kv, bias, key_mask, dropout, bounds, scale_log2,
-            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS, HAS_KEY_MASK, HAS_DROPOUT,
-            UPCAST_OPERANDS, DOT_PRECISION, MASKED,
+        ds, k, capped = score_gradient_tile(
+            query_rows, query_index, dropout_rows, start_n,
+            kv, bias, key_mask, modifiers, dropout, bounds, scale_log2,
+            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_KEY_MASK, HAS_DROPOUT,
+            HAS_SOFTCAP, HAS_ALIBI, LEFT_BOUNDED, RIGHT_BOUNDED, UPCAST_OPERANDS, DOT_PRECISION, MASKED,
         )
         if STORE_DBIAS:
             key_index = start_n + tl.arange(0, BLOCK_N)
@@ -96,7 +100,7 @@ def _accumulate_key_blocks(
                 )
             else:
                 tl.store(dbias_ptrs, dbias_tile)
-        dq = mma(ds.to(k.dtype), k, dq, UPCAST_OPERANDS, DOT_PRECISION)
+        dq = mma(qk_gradient(ds, capped, HAS_SOFTCAP).to(k.dtype), k, dq, UPCAST_OPERANDS, DOT_PRECISION)
     return dq
 
 
@@ -140,15 +144,22 @@ def attention_backward_dq_kernel(
     kv_group_size,
     scale,
     scale_log2,
-    causal_offset,
+    first_key_offset,
+    last_key_offset,
     dropout_keep_threshold,
     dropout_keep_scale,
+    softcap,
+    alibi_slopes_ptr,
+    alibi_batch_stride,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    LEFT_BOUNDED: tl.constexpr,
+    RIGHT_BOUNDED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
     STORE_DBIAS: tl.constexpr,
     BATCH_FASTEST: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr,
@@ -159,10 +170,11 @@ def attention_backward_dq_kernel(
     """Grid (cdiv(Sq, BLOCK_M), Hq, B), or (B, cdiv(Sq, BLOCK_M), Hq) with BATCH_FASTEST
     (grid.py). dq (B, Hq, Sq, D) through its strides; with
     STORE_DBIAS, dbias (B, Hq, Sq, Sk) contiguous, zero-initialized (tiles no row
-    sees are not written)."""
+    sees are not written). The scalars and pointers of the modifiers the variant lacks
+    (first_key_offset, softcap, alibi_*) are None."""
     pid_m, head, batch, num_m_blocks = program_coordinates(BATCH_FASTEST)
     batch = batch.to(tl.int64)
-    if CAUSAL:
+    if RIGHT_BOUNDED:
         pid_m = num_m_blocks - 1 - pid_m  # longest programs first
     start_m = pid_m * BLOCK_M
     kv_head = (head // kv_group_size).to(tl.int64)
@@ -191,26 +203,35 @@ def attention_backward_dq_kernel(
     dropout_rows = (0, 0)
     if HAS_DROPOUT:
         dropout_rows = dropout_row_offsets(head_row, query_index, seqlen_k)  # (BLOCK_M,) each
-    bounds = (seqlen_q, seqlen_k, causal_offset)
+    modifiers = (softcap, load_alibi_slope(alibi_slopes_ptr, alibi_batch_stride, batch, head, HAS_ALIBI))
+    bounds = (seqlen_q, seqlen_k, first_key_offset, last_key_offset)
 
     query_rows = load_query_rows(query_index, head_row, q_do, lse_ptr, delta_ptr, seqlen_q, HEAD_DIM, BLOCK_D)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    full_end, end = key_blocks_for_query_block(start_m, bounds, CAUSAL, BLOCK_M, BLOCK_N)
-    for phase in tl.static_range(2):
-        # Keys [0, full_end) without masks, then [full_end, end) with masks.
+    begin, full_begin, full_end, end = key_blocks_for_query_block(
+        start_m, bounds, LEFT_BOUNDED, RIGHT_BOUNDED, BLOCK_M, BLOCK_N
+    )
+    for phase in tl.static_range(3):
+        # Keys [begin, full_begin) with masks (none without a left edge), [full_begin, full_end)
+        # without, then [full_end, end) with masks.
         if phase == 0:
-            lo = 0
+            lo = begin
+            hi = full_begin
+        elif phase == 1:
+            lo = full_begin
             hi = full_end
         else:
             lo = full_end
             hi = end
-        dq = _accumulate_key_blocks(
-            dq, query_rows, query_index, dropout_rows, dbias_head_ptr,
-            kv, bias, key_mask, dropout, bounds, scale_log2, lo, hi,
-            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS, HAS_KEY_MASK, HAS_DROPOUT,
-            STORE_DBIAS, UPCAST_OPERANDS, DOT_PRECISION, phase == 1,
-        )
+        if LEFT_BOUNDED or phase > 0:
+            dq = _accumulate_key_blocks(
+                dq, query_rows, query_index, dropout_rows, dbias_head_ptr,
+                kv, bias, key_mask, modifiers, dropout, bounds, scale_log2, lo, hi,
+                HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_KEY_MASK, HAS_DROPOUT,
+                HAS_SOFTCAP, HAS_ALIBI, LEFT_BOUNDED, RIGHT_BOUNDED, STORE_DBIAS, UPCAST_OPERANDS, DOT_PRECISION,
+                phase != 1,
+            )
 
-    dq *= scale  # s = scale * q.k + bias
+    dq *= scale  # s = capped(scale * q.k) + bias
     dq_head_ptr = dq_ptr + batch * dq_batch_stride + head * dq_head_stride
     store_rows(dq_head_ptr, query_index, dq_row_stride, seqlen_q, dq, HEAD_DIM, BLOCK_D)

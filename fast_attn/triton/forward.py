@@ -1,11 +1,13 @@
-"""Forward kernel: out = softmax(scale * q k^T + bias) v and its row log-sum-exp.
+"""Forward kernel: out = softmax(scores) v and its row log-sum-exp, with the scores of
+fast_attn/triton/scores.py (scale * q k^T, softcap, bias, ALiBi, masks).
 
 One program per (query block, query head, batch). It keeps the query tile in
 registers and streams key/value blocks through an online softmax (running row
 max m, running row sum l, unnormalized output acc), FlashAttention-style, in the
-log2 domain. The key loop runs in two phases (block_ranges): blocks every row
-sees in full without any index mask, then the causal-diagonal / end-of-sequence
-blocks with masks; blocks no row sees are skipped.
+log2 domain. The key loop runs in three phases (block_ranges): the blocks on the
+band's left edge with masks, the blocks every row sees in full without any index
+mask, then the blocks on the band's right edge (the causal diagonal) or at the end
+of the sequence with masks; blocks no row sees are skipped.
 
 Rows with no visible key keep m = -inf; the running max is replaced by 0 in the
 exponent (exp2(-inf - 0) = 0), so they end with l = 0, out 0 and lse -inf.
@@ -17,15 +19,16 @@ import triton.language as tl
 from .block_ranges import key_blocks_for_query_block
 from .dropout import dropout_keep, dropout_parameters, dropout_row_offsets
 from .grid import program_coordinates
-from .scores import LN2, key_block_scores, load_rows, mma, store_rows
+from .scores import LN2, key_block_scores, load_alibi_slope, load_rows, mma, store_rows
 
 
 @triton.jit
 def _accumulate_key_blocks(
     acc, m_i, l_i, q, query_index, dropout_rows,
-    kv, bias, key_mask, dropout, bounds, scale_log2, block_begin, block_end,
+    kv, bias, key_mask, modifiers, dropout, bounds, scale_log2, block_begin, block_end,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, LEFT_BOUNDED: tl.constexpr, RIGHT_BOUNDED: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
 ):
     """The online softmax (acc, m_i, l_i) of the query rows q, carried over keys
@@ -33,10 +36,10 @@ def _accumulate_key_blocks(
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(block_begin, block_end, BLOCK_N):
         key_index = start_n + offs_n  # (BLOCK_N,)
-        _, v, scores = key_block_scores(
-            q, query_index, key_index, kv, bias, key_mask, bounds, scale_log2,
-            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS, HAS_KEY_MASK,
-            UPCAST_OPERANDS, DOT_PRECISION, MASKED,
+        _, v, scores, _ = key_block_scores(
+            q, query_index, key_index, kv, bias, key_mask, modifiers, bounds, scale_log2,
+            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_KEY_MASK, HAS_SOFTCAP, HAS_ALIBI,
+            LEFT_BOUNDED, RIGHT_BOUNDED, UPCAST_OPERANDS, DOT_PRECISION, MASKED,
         )  # (BLOCK_M, BLOCK_N), log2 domain
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -86,15 +89,22 @@ def attention_forward_kernel(
     seqlen_k,
     kv_group_size,
     scale_log2,
-    causal_offset,
+    first_key_offset,
+    last_key_offset,
     dropout_keep_threshold,
     dropout_keep_scale,
+    softcap,
+    alibi_slopes_ptr,
+    alibi_batch_stride,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    LEFT_BOUNDED: tl.constexpr,
+    RIGHT_BOUNDED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
     BATCH_FASTEST: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -103,9 +113,10 @@ def attention_forward_kernel(
 ):
     """Grid (cdiv(Sq, BLOCK_M), Hq, B), or (B, cdiv(Sq, BLOCK_M), Hq) with BATCH_FASTEST
     (grid.py). out (B, Hq, Sq, D) through its strides; lse
-    (B, Hq, Sq) contiguous float32, natural log."""
+    (B, Hq, Sq) contiguous float32, natural log. The scalars and pointers of the modifiers
+    the variant lacks (first_key_offset, softcap, alibi_*) are None."""
     pid_m, head, batch, num_m_blocks = program_coordinates(BATCH_FASTEST)
-    if CAUSAL:
+    if RIGHT_BOUNDED:
         # Later query blocks see more keys: start them first so the tail of the
         # grid is made of short programs.
         pid_m = num_m_blocks - 1 - pid_m
@@ -131,7 +142,8 @@ def attention_forward_kernel(
     if HAS_DROPOUT:
         head_row = (batch64 * heads_q + head) * seqlen_q
         dropout_rows = dropout_row_offsets(head_row, query_index, seqlen_k)  # (BLOCK_M,) each
-    bounds = (seqlen_q, seqlen_k, causal_offset)
+    modifiers = (softcap, load_alibi_slope(alibi_slopes_ptr, alibi_batch_stride, batch64, head, HAS_ALIBI))
+    bounds = (seqlen_q, seqlen_k, first_key_offset, last_key_offset)
 
     q = load_rows(
         q_head_ptr, query_index, q_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, True
@@ -140,21 +152,28 @@ def attention_forward_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max, log2 domain
     l_i = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2(s - m)
 
-    full_end, end = key_blocks_for_query_block(start_m, bounds, CAUSAL, BLOCK_M, BLOCK_N)
-    for phase in tl.static_range(2):
-        # Keys [0, full_end) without masks, then [full_end, end) with masks.
+    begin, full_begin, full_end, end = key_blocks_for_query_block(
+        start_m, bounds, LEFT_BOUNDED, RIGHT_BOUNDED, BLOCK_M, BLOCK_N
+    )
+    for phase in tl.static_range(3):
+        # Keys [begin, full_begin) with masks (none without a left edge), [full_begin, full_end)
+        # without, then [full_end, end) with masks.
         if phase == 0:
-            lo = 0
+            lo = begin
+            hi = full_begin
+        elif phase == 1:
+            lo = full_begin
             hi = full_end
         else:
             lo = full_end
             hi = end
-        acc, m_i, l_i = _accumulate_key_blocks(
-            acc, m_i, l_i, q, query_index, dropout_rows,
-            kv, bias, key_mask, dropout, bounds, scale_log2, lo, hi,
-            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS, HAS_KEY_MASK, HAS_DROPOUT,
-            UPCAST_OPERANDS, DOT_PRECISION, phase == 1,
-        )
+        if LEFT_BOUNDED or phase > 0:
+            acc, m_i, l_i = _accumulate_key_blocks(
+                acc, m_i, l_i, q, query_index, dropout_rows,
+                kv, bias, key_mask, modifiers, dropout, bounds, scale_log2, lo, hi,
+                HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_KEY_MASK, HAS_DROPOUT,
+                HAS_SOFTCAP, HAS_ALIBI, LEFT_BOUNDED, RIGHT_BOUNDED, UPCAST_OPERANDS, DOT_PRECISION, phase != 1,
+            )
 
     # l = 0 only for rows with no visible key (otherwise the max term alone gives 1);
     # NaN scores make l NaN and propagate to out and lse, as in the reference.

@@ -1,9 +1,12 @@
-"""Tiles of attention scores: matrix products, tile loads, and the masks of the
-contract (sequence bounds, causal alignment, key padding, bias).
+"""Tiles of attention scores: matrix products, tile loads, the score modifiers and
+the masks of the contract (sequence bounds, the band of causal masks and windows,
+key padding, bias, softcap, ALiBi).
 
-Scores live in the log2 domain, s2 = (scale * q.k + bias) * log2(e), so softmax
-uses exp2 (one MUFU instruction on NVIDIA GPUs) with log2(e) folded into the
-scale. A masked score is -inf; so is a score whose bias is -inf.
+Scores live in the log2 domain, s2 = (capped(scale * q.k) + bias + alibi) * log2(e),
+so softmax uses exp2 (one MUFU instruction on NVIDIA GPUs) with log2(e) folded
+into the scale. capped(x) = softcap * tanh(x / softcap) with a softcap, else x;
+alibi = -slope * |i + Sk - Sq - j|. A masked score is -inf; so is a score whose
+bias is -inf.
 
 The helpers are orientation-agnostic: `query_index` and `key_index` are int32
 position tensors shaped to broadcast against the tile ((R, 1) and (1, C), or
@@ -84,22 +87,68 @@ def load_key_allowed(key_mask, key_index, seqlen_k):
 
 
 @triton.jit
+def tanh(x):
+    """tanh of a float32 tile (the interpreter runs no libdevice tanh). (1 - e) / (1 + e) with
+    e = exp(-2|x|) loses relative accuracy to cancellation near 0, where the Taylor series
+    to x^7 takes over (its error is below 2e-9 relative for |x| < 1/8)."""
+    x2 = x * x
+    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+    e = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))
+    magnitude = (1.0 - e) / (1.0 + e)
+    return tl.where(tl.abs(x) < 0.125, series, tl.where(x < 0.0, -magnitude, magnitude))
+
+
+@triton.jit
+def scaled_scores(qk, scale_log2, softcap, HAS_SOFTCAP: tl.constexpr):
+    """(capped(scale * q.k) * log2(e), t): the scores in the log2 domain before bias,
+    ALiBi and masks, and with HAS_SOFTCAP t = tanh(scale * q.k / softcap), whose
+    1 - t^2 the backward needs (0 without)."""
+    if HAS_SOFTCAP:
+        capped = tanh(qk * (scale_log2 / (softcap * LOG2E)))
+        scores = capped * (softcap * LOG2E)
+    else:
+        capped = 0.0
+        scores = qk * scale_log2
+    return scores, capped
+
+
+@triton.jit
+def qk_gradient(ds, capped, HAS_SOFTCAP: tl.constexpr):
+    """The gradient of scale * q.k from dS, the gradient of the score (and of the bias):
+    through softcap * tanh(x / softcap), whose derivative is 1 - t^2 (scaled_scores' t)."""
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - capped * capped)
+    return ds
+
+
+@triton.jit
+def load_alibi_slope(alibi_slopes_ptr, alibi_batch_stride, batch, head, HAS_ALIBI: tl.constexpr):
+    """ALiBi's slope of (batch, head) times log2(e) (0 without HAS_ALIBI): the slopes are a
+    contiguous float32 (B or 1, Hq) tensor, alibi_batch_stride 0 for one row shared by the batch."""
+    slope_log2 = 0.0
+    if HAS_ALIBI:
+        slope_log2 = tl.load(alibi_slopes_ptr + batch * alibi_batch_stride + head) * LOG2E
+    return slope_log2
+
+
+@triton.jit
 def masked_scores(
-    qk,  # float32 tile of q.k products
+    scores,  # float32 tile of scaled_scores
     query_index,  # int32, broadcastable to the tile
     key_index,  # int32, broadcastable to the tile
-    scale_log2,  # scale * log2(e)
     bias,  # unused without HAS_BIAS
     key_allowed,  # bool, broadcastable to the tile; unused without HAS_KEY_MASK
-    bounds,  # (seqlen_q, seqlen_k, causal_offset): query i sees key j iff j <= i + causal_offset
+    alibi_slope_log2,  # load_alibi_slope's; unused without HAS_ALIBI
+    bounds,  # (seqlen_q, seqlen_k, first_key_offset, last_key_offset): see fast_attn/triton/__init__.py
     HAS_BIAS: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr,  # the tile may hold out-of-bounds or causally hidden pairs
+    HAS_ALIBI: tl.constexpr,
+    LEFT_BOUNDED: tl.constexpr,
+    RIGHT_BOUNDED: tl.constexpr,
+    MASKED: tl.constexpr,  # the tile may hold out-of-bounds pairs or pairs outside the band
 ):
-    """Scores in the log2 domain, -inf where a pair is masked."""
-    seqlen_q, seqlen_k, causal_offset = bounds
-    scores = qk * scale_log2
+    """Scores plus bias and ALiBi, -inf where a pair is masked (log2 domain)."""
+    seqlen_q, seqlen_k, first_key_offset, last_key_offset = bounds
     if HAS_BIAS:
         bias_head_ptr, bias_row_stride, bias_col_stride = bias
         # Row offsets in int64: one (Sq, Sk) bias slice may exceed 2^31 elements.
@@ -109,10 +158,15 @@ def masked_scores(
         else:
             bias_tile = tl.load(bias_ptrs)
         scores += bias_tile.to(tl.float32) * LOG2E
+    if HAS_ALIBI:
+        distance = tl.abs(query_index + (seqlen_k - seqlen_q) - key_index)
+        scores -= alibi_slope_log2 * distance.to(tl.float32)
     if MASKED:
         visible = (query_index < seqlen_q) & (key_index < seqlen_k)
-        if CAUSAL:
-            visible = visible & (key_index <= query_index + causal_offset)
+        if RIGHT_BOUNDED:
+            visible = visible & (key_index <= query_index + last_key_offset)
+        if LEFT_BOUNDED:
+            visible = visible & (key_index >= query_index + first_key_offset)
         scores = tl.where(visible, scores, float("-inf"))
     if HAS_KEY_MASK:
         scores = tl.where(key_allowed, scores, float("-inf"))
@@ -121,17 +175,20 @@ def masked_scores(
 
 @triton.jit
 def key_block_scores(
-    q, query_index, key_index, kv, bias, key_mask, bounds, scale_log2,
+    q, query_index, key_index, kv, bias, key_mask, modifiers, bounds, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    LEFT_BOUNDED: tl.constexpr, RIGHT_BOUNDED: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
 ):
     """For keys `key_index` ((BLOCK_N,) int32) of one (b, kv head): K and V tiles
-    (BLOCK_N, BLOCK_D), and the scores (BLOCK_M, BLOCK_N) of the query rows q
+    (BLOCK_N, BLOCK_D), the scores (BLOCK_M, BLOCK_N) of the query rows q
     (BLOCK_M, BLOCK_D), at positions query_index ((BLOCK_M,) int32), against them (log2
-    domain, -inf where masked). The forward and dQ kernels' key loops."""
+    domain, -inf where masked), and scaled_scores' t. The forward and dQ kernels' key loops.
+    modifiers: (softcap, alibi_slope_log2)."""
     k_head_ptr, v_head_ptr, k_row_stride, v_row_stride = kv
-    _, seqlen_k, _ = bounds
+    softcap, alibi_slope_log2 = modifiers
+    _, seqlen_k, _, _ = bounds
     k = load_rows(k_head_ptr, key_index, k_row_stride, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
     v = load_rows(v_head_ptr, key_index, v_row_stride, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
     if HAS_KEY_MASK:
@@ -139,11 +196,12 @@ def key_block_scores(
     else:
         key_allowed = False
     qk = mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST_OPERANDS, DOT_PRECISION)
+    scores, capped = scaled_scores(qk, scale_log2, softcap, HAS_SOFTCAP)
     scores = masked_scores(
-        qk, query_index[:, None], key_index[None, :], scale_log2, bias, key_allowed, bounds,
-        HAS_BIAS, HAS_KEY_MASK, CAUSAL, MASKED,
+        scores, query_index[:, None], key_index[None, :], bias, key_allowed, alibi_slope_log2, bounds,
+        HAS_BIAS, HAS_KEY_MASK, HAS_ALIBI, LEFT_BOUNDED, RIGHT_BOUNDED, MASKED,
     )
-    return k, v, scores
+    return k, v, scores, capped
 
 
 @triton.jit
