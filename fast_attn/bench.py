@@ -170,16 +170,17 @@ def _has_flex_attention() -> bool:
 FLEX_RECOMPILE_LIMIT = 256
 
 
-def _flex_fn() -> Callable:
+def _flex_fn(compiled: bool = True) -> Callable:
     """FlexAttention compiled by torch.compile: causality as a block mask (fully
     masked tiles skipped), a bias as a score_mod that reads it (its gradient
     flows). Block masks and score_mods are built once per case and reused, so
-    only the warm-up call compiles. torch has no FlexAttention backward on CPU."""
+    only the warm-up call compiles. torch has no FlexAttention backward on CPU.
+    compiled=False runs FlexAttention's unfused eager path (the same semantics)."""
     import torch._dynamo.config
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
-    compiled = torch.compile(flex_attention, dynamic=False)
+    run_flex = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
     block_masks: dict[tuple, object] = {}
     last_bias: list = [None, None]  # (bias, its score_mod) of the latest case only
 
@@ -203,7 +204,7 @@ def _flex_fn() -> Callable:
                 block_masks[key] = create_block_mask(causal_mask, None, None, q.shape[2], k.shape[2], device=q.device)
             block_mask = block_masks[key]
         score_mod = None if bias is None else score_mod_for(bias)
-        return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
+        return run_flex(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
     return run
 
