@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <limits>
 
 namespace fast_attn {
 namespace {
@@ -98,6 +99,22 @@ at::Tensor empty_bshd_like(const at::Tensor& like) {
   // Stored (B, S, H, D) so that (B, S, H * D) views are free, as models want.
   return at::empty({like.size(0), like.size(2), like.size(1), like.size(3)}, like.options())
       .transpose(1, 2);
+}
+
+bool has_no_scores(const at::Tensor& q, const at::Tensor& k) {
+  return q.size(0) * q.size(1) * q.size(2) == 0 || k.size(2) == 0;
+}
+
+void fill_forward_without_scores(at::Tensor& out, at::Tensor& lse) {
+  out.zero_();
+  lse.fill_(-std::numeric_limits<double>::infinity());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_without_scores(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
+    bool compute_dbias) {
+  at::Tensor dbias = compute_dbias ? at::zeros_like(*bias, at::MemoryFormat::Contiguous) : q.new_empty({0});
+  return {empty_bshd_like(q).zero_(), empty_bshd_like(k).zero_(), empty_bshd_like(v).zero_(), dbias};
 }
 
 std::tuple<at::Tensor, at::Tensor> allocate_forward_outputs(const at::Tensor& q) {

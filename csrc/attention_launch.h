@@ -51,6 +51,15 @@ std::tuple<at::Tensor, at::Tensor> allocate_forward_outputs(const at::Tensor& q)
 // A (B, H, S, D) tensor stored (B, S, H, D)-contiguous, like `like`'s shape.
 at::Tensor empty_bshd_like(const at::Tensor& like);
 
+// A problem without a single score (no query row or no key) never reaches a kernel; every backend
+// answers it here. Forward: out 0 and lse -inf (each row sees no key). Backward: zero gradients
+// (dbias in the bias's shape when compute_dbias, else an empty tensor).
+bool has_no_scores(const at::Tensor& q, const at::Tensor& k);
+void fill_forward_without_scores(at::Tensor& out, at::Tensor& lse);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_without_scores(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
+    bool compute_dbias);
+
 AttentionForwardParams make_forward_params(const ForwardInputs& in, const at::Tensor& out, const at::Tensor& lse);
 
 struct BackwardTensors {

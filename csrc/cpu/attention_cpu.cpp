@@ -138,8 +138,6 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-bool no_query_rows(const at::Tensor& q) { return q.size(0) * q.size(1) * q.size(2) == 0; }
-
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v, const std::optional<at::Tensor>& bias,
                                                          const std::optional<at::Tensor>& key_mask,
@@ -151,10 +149,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
                          scale, causal, window_left, window_right, softcap, dropout_p};
   check_forward_inputs(in);
   auto [out, lse] = allocate_forward_outputs(q);
-  if (no_query_rows(q)) return {out, lse};
-  if (k.size(2) == 0) {  // no keys: every row is fully masked
-    out.zero_();
-    lse.fill_(-std::numeric_limits<double>::infinity());
+  if (has_no_scores(q, k)) {
+    fill_forward_without_scores(out, lse);
     return {out, lse};
   }
   const AttentionForwardParams params = make_forward_params(in, out, lse);
@@ -251,16 +247,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
                                   ? grad_out_in
                                   : grad_out_in.to(q.scalar_type()).contiguous();
 
+  if (has_no_scores(q, k)) return backward_without_scores(q, k, v, bias, compute_dbias);
   at::Tensor dq = empty_bshd_like(q);
   at::Tensor dk = empty_bshd_like(k);
   at::Tensor dv = empty_bshd_like(v);
-  if (no_query_rows(q) || k.size(2) == 0) {
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-    at::Tensor dbias = compute_dbias ? at::zeros(bias->sizes(), bias->options()) : q.new_empty({0});
-    return {dq, dk, dv, dbias};
-  }
 
   const at::ScalarType acc = accumulation_dtype(q.scalar_type());
   const at::Tensor delta = compute_delta(grad_out, out, grad_lse);

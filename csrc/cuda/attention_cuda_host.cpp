@@ -184,12 +184,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
   const int head_dim = kernel_head_dim(q.size(3));
   check_sizes(q, k);
   auto [out, lse] = allocate_forward_outputs(q);
-  if (q.numel() == 0) {
-    return {out, lse};
-  }
-  if (k.size(2) == 0) {  // no key at all: every row is fully masked
-    out.zero_();
-    lse.fill_(-std::numeric_limits<float>::infinity());
+  if (has_no_scores(q, k)) {
+    fill_forward_without_scores(out, lse);
     return {out, lse};
   }
   const at::Tensor q_ready = aligned_for_vector_loads(q);
@@ -227,16 +223,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   }
   TORCH_CHECK(!compute_dbias || bias.has_value(), "fast_attn: compute_dbias needs a bias");
 
+  if (has_no_scores(q, k)) return backward_without_scores(q, k, v, bias, compute_dbias);
   at::Tensor dq = empty_bshd_like(q);
   at::Tensor dk = empty_bshd_like(k);
   at::Tensor dv = empty_bshd_like(v);
-  if (q.numel() == 0 || k.numel() == 0) {
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-    at::Tensor dbias = compute_dbias ? at::zeros_like(*bias, at::MemoryFormat::Contiguous) : q.new_empty({0});
-    return {dq, dk, dv, dbias};
-  }
 
   const at::Tensor q_ready = aligned_for_vector_loads(q);
   const at::Tensor k_ready = aligned_for_vector_loads(k);

@@ -80,21 +80,27 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                                            const std::optional<at::Tensor>& bias,
                                            const std::optional<at::Tensor>& key_mask,
                                            const std::optional<at::Tensor>& dropout_seed, double scale, int64_t causal,
-                                           double dropout_p, int64_t sm_count) {
-  const TrackingScope scope({q, k, v, bias, key_mask, dropout_seed});
+                                           double dropout_p, const std::optional<at::Tensor>& alibi_slopes,
+                                           int64_t window_left, int64_t window_right, double softcap,
+                                           int64_t sm_count) {
+  const TrackingScope scope({q, k, v, bias, key_mask, dropout_seed, alibi_slopes});
   return fast_attn::cuda::attention_forward(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p,
-                                            std::nullopt, -1, -1, 0.0, {nullptr, static_cast<int>(sm_count)});
+                                            alibi_slopes, window_left, window_right, softcap,
+                                            {nullptr, static_cast<int>(sm_count)});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask,
     const std::optional<at::Tensor>& dropout_seed, const at::Tensor& out, const at::Tensor& lse, double scale,
-    int64_t causal, double dropout_p, bool compute_dbias, bool deterministic, int64_t sm_count) {
-  const TrackingScope scope({grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse});
+    int64_t causal, double dropout_p, bool compute_dbias, bool deterministic,
+    const std::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, double softcap,
+    int64_t sm_count) {
+  const TrackingScope scope({grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse, alibi_slopes});
   return fast_attn::cuda::attention_backward(grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse, scale,
-                                             causal, dropout_p, compute_dbias, deterministic, std::nullopt, -1, -1,
-                                             0.0, {nullptr, static_cast<int>(sm_count)});
+                                             causal, dropout_p, compute_dbias, deterministic, alibi_slopes,
+                                             window_left, window_right, softcap,
+                                             {nullptr, static_cast<int>(sm_count)});
 }
 
 }  // namespace
