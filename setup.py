@@ -82,8 +82,10 @@ def want_cuda() -> bool:
 def cuda_head_dims() -> list[int]:
     requested = os.environ.get("FAST_ATTN_CUDA_HEAD_DIMS")
     if requested is None and "FAST_ATTN_HEAD_DIMS" in os.environ:
-        print("fast_attn: FAST_ATTN_HEAD_DIMS is deprecated, set FAST_ATTN_CUDA_HEAD_DIMS (as for CMake)",
-              file=sys.stderr)
+        print(
+            "fast_attn: FAST_ATTN_HEAD_DIMS is deprecated, set FAST_ATTN_CUDA_HEAD_DIMS (as for CMake)",
+            file=sys.stderr,
+        )
         requested = os.environ["FAST_ATTN_HEAD_DIMS"]
     if not requested:
         return list(CUDA_HEAD_DIMS)
@@ -129,7 +131,7 @@ class BuildChoice:
     head_dims: tuple[int, ...]  # CUDA head dims, () without CUDA
 
     @staticmethod
-    def from_environment() -> "BuildChoice":
+    def from_environment() -> BuildChoice:
         with_cuda = want_cuda()
         default_archs = ";".join(CUDA_BUILD_MATRIX["archs"])
         archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_archs) if with_cuda else ""
@@ -176,7 +178,12 @@ def extension_modules(choice: BuildChoice):
         ("FAST_ATTN_TORCH_VERSION", f'"{torch.__version__}"'),
         ("FAST_ATTN_CXX_FLAGS", f'"{" ".join(cxx_flags)}"'),
     ]
-    sources = ["csrc/bindings.cpp", "csrc/schema.cpp", "csrc/attention_autograd.cpp", "csrc/attention_launch.cpp"]
+    sources = [
+        "csrc/bindings.cpp",
+        "csrc/schema.cpp",
+        "csrc/attention_autograd.cpp",
+        "csrc/attention_launch.cpp",
+    ]
     sources += sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [str(ROOT / "csrc")]
     # The shared C++ runtime is named first, so that nothing is taken from libstdc++.a
@@ -193,8 +200,11 @@ def extension_modules(choice: BuildChoice):
 
     os.environ.setdefault("CUDA_HOME", cuda_toolkit_home())
     if (ROOT / "csrc" / "cuda" / "tile_overrides.h").exists():
-        print("fast_attn: csrc/cuda/tile_overrides.h exists: building TUNING tile configs "
-              "(benchmarks/cuda_tile_sweep.py); delete it for the released ones", file=sys.stderr)
+        print(
+            "fast_attn: csrc/cuda/tile_overrides.h exists: building TUNING tile configs "
+            "(benchmarks/cuda_tile_sweep.py); delete it for the released ones",
+            file=sys.stderr,
+        )
     # pip's CUDA torch brings the cuBLAS/cuSPARSE headers that a bare nvcc toolkit may lack.
     for site_dir in site.getsitepackages():
         extra = Path(site_dir) / "nvidia" / f"cu{torch.version.cuda.split('.')[0]}" / "include"

@@ -48,26 +48,48 @@ OVERRIDES = ROOT / "csrc" / "cuda" / "tile_overrides.h"
 # variant 3's dK/dV and variant 4's forward at D 64 (8 and 20 B of spills); the CPU warp
 # emulator's 51 cases pass. Variant 4 runs at 246 registers, two CTAs per SM on sm_90a.
 FORWARD_CANDIDATES = {
-    64: [(128, 128, 8, 1, True, 1), (64, 128, 4, 2, True, 1), (128, 64, 8, 1, True, 1), (64, 64, 4, 2, True, 1),
-         (128, 64, 4, 2, True, 2)],
-    128: [(128, 64, 8, 1, True, 1), (64, 64, 4, 2, True, 1), (128, 32, 8, 1, True, 1), (64, 32, 4, 2, True, 1),
-          (128, 32, 4, 2, False, 2)],
+    64: [
+        (128, 128, 8, 1, True, 1),
+        (64, 128, 4, 2, True, 1),
+        (128, 64, 8, 1, True, 1),
+        (64, 64, 4, 2, True, 1),
+        (128, 64, 4, 2, True, 2),
+    ],
+    128: [
+        (128, 64, 8, 1, True, 1),
+        (64, 64, 4, 2, True, 1),
+        (128, 32, 8, 1, True, 1),
+        (64, 32, 4, 2, True, 1),
+        (128, 32, 4, 2, False, 2),
+    ],
 }
 # DkdvTileConfig: (block_n, block_m, chunk_m, warps, split_head_dim, min_blocks_per_sm, kv_in_registers),
 # block_n = 16 * warps / split. Released first; repeated where a variant has no dK/dV candidate.
 DKDV_CANDIDATES = {
-    64: [(128, 64, 16, 8, 1, 1, True), (64, 64, 16, 4, 1, 2, True), (128, 128, 16, 8, 1, 1, True),
-         (128, 64, 32, 8, 1, 1, True), (128, 64, 16, 8, 1, 1, True)],
+    64: [
+        (128, 64, 16, 8, 1, 1, True),
+        (64, 64, 16, 4, 1, 2, True),
+        (128, 128, 16, 8, 1, 1, True),
+        (128, 64, 32, 8, 1, 1, True),
+        (128, 64, 16, 8, 1, 1, True),
+    ],
     # At D 128, four warps spill (16-80 B: each warp takes more dQ columns), so does a chunk
     # of 32, and 128 query rows per step need 244 KiB of shared memory.
-    128: [(128, 64, 16, 8, 1, 1, False), (128, 64, 16, 8, 1, 1, False), (128, 32, 16, 8, 1, 1, False),
-          (128, 64, 16, 8, 1, 1, False), (128, 64, 16, 8, 1, 1, False)],
+    128: [
+        (128, 64, 16, 8, 1, 1, False),
+        (128, 64, 16, 8, 1, 1, False),
+        (128, 32, 16, 8, 1, 1, False),
+        (128, 64, 16, 8, 1, 1, False),
+        (128, 64, 16, 8, 1, 1, False),
+    ],
 }
 SEQLEN, TOKENS, HIDDEN = 4096, 16384, 2048
 
 
 def _cpp(values: tuple) -> str:
-    return "{" + ", ".join(("true" if v else "false") if isinstance(v, bool) else str(v) for v in values) + "}"
+    return (
+        "{" + ", ".join(("true" if v else "false") if isinstance(v, bool) else str(v) for v in values) + "}"
+    )
 
 
 def write_overrides(variant: int, head_dims: list[int]) -> None:
@@ -75,7 +97,9 @@ def write_overrides(variant: int, head_dims: list[int]) -> None:
     if variant == 0:
         OVERRIDES.unlink(missing_ok=True)
         return
-    forward = "\n".join(f"  if (head_dim == {d}) return {_cpp(FORWARD_CANDIDATES[d][variant])};" for d in head_dims)
+    forward = "\n".join(
+        f"  if (head_dim == {d}) return {_cpp(FORWARD_CANDIDATES[d][variant])};" for d in head_dims
+    )
     dkdv = "\n".join(f"  if (head_dim == {d}) return {_cpp(DKDV_CANDIDATES[d][variant])};" for d in head_dims)
     OVERRIDES.write_text(
         f"// Written by benchmarks/cuda_tile_sweep.py (variant {variant}); delete to build the released tiles.\n"
@@ -91,11 +115,22 @@ def build(head_dims: list[int], arch: str) -> tuple[bool, float, str]:
     the overrides header exists is not something the compilers' dependency files track."""
     for temp in (ROOT / "build").glob("temp.*"):
         shutil.rmtree(temp)
-    env = dict(os.environ, FAST_ATTN_BUILD_CUDA="1", FAST_ATTN_CUDA_HEAD_DIMS=",".join(map(str, head_dims)),
-               TORCH_CUDA_ARCH_LIST=arch, MAX_JOBS=os.environ.get("MAX_JOBS", "16"))
+    env = dict(
+        os.environ,
+        FAST_ATTN_BUILD_CUDA="1",
+        FAST_ATTN_CUDA_HEAD_DIMS=",".join(map(str, head_dims)),
+        TORCH_CUDA_ARCH_LIST=arch,
+        MAX_JOBS=os.environ.get("MAX_JOBS", "16"),
+    )
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-q", "-e",
-                           str(ROOT)], env=env, capture_output=True, text=True, timeout=400, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-q", "-e", str(ROOT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
     return done.returncode == 0, time.perf_counter() - start, (done.stdout + done.stderr)[-3000:]
 
 
@@ -105,8 +140,13 @@ def measure(head_dim: int) -> dict:
 
     import fast_attn
     from fast_attn import bench
-    from fast_attn.testing import (assert_error_rule, random_key_mask, random_qkv, rounded_output_reference,
-                                   run_reference)
+    from fast_attn.testing import (
+        assert_error_rule,
+        random_key_mask,
+        random_qkv,
+        rounded_output_reference,
+        run_reference,
+    )
 
     dtype = torch.bfloat16
     q, k, v = random_qkv(2, 4, 2, 193, 250, head_dim, dtype=dtype, device="cuda", requires_grad=True)
@@ -121,7 +161,9 @@ def measure(head_dim: int) -> dict:
     rounded = rounded_output_reference(inputs, out_dtype=dtype, grad_out=grad_out, **kwargs)
     assert_error_rule("out", out, exact.out, same.out, dtype)
     for name, grad in zip(("q", "k", "v", "bias"), torch.autograd.grad(out, (q, k, v, bias), grad_out)):
-        assert_error_rule(f"d{name}", grad, exact.grads[name], same.grads[name], dtype, rounded_output=rounded.grads[name])
+        assert_error_rule(
+            f"d{name}", grad, exact.grads[name], same.grads[name], dtype, rounded_output=rounded.grads[name]
+        )
 
     times = {}
     heads = HIDDEN // head_dim
@@ -145,15 +187,25 @@ def sweep(head_dims: list[int], out: Path) -> int:
         for head_dim in head_dims:
             for variant in range(len(FORWARD_CANDIDATES[head_dim])):
                 write_overrides(variant, [head_dim])
-                record = {"head_dim": head_dim, "variant": variant, "forward": FORWARD_CANDIDATES[head_dim][variant],
-                          "dkdv": DKDV_CANDIDATES[head_dim][variant]}
+                record = {
+                    "head_dim": head_dim,
+                    "variant": variant,
+                    "forward": FORWARD_CANDIDATES[head_dim][variant],
+                    "dkdv": DKDV_CANDIDATES[head_dim][variant],
+                }
                 built, seconds, log = build([head_dim], arch)
                 record["build_s"] = round(seconds, 1)
                 if not built:
                     record["error"] = "build failed: " + log[-600:]
                 else:
-                    done = subprocess.run([sys.executable, __file__, "--measure", str(head_dim)], capture_output=True,
-                                          text=True, timeout=300, check=False, cwd=ROOT)
+                    done = subprocess.run(
+                        [sys.executable, __file__, "--measure", str(head_dim)],
+                        capture_output=True,
+                        text=True,
+                        timeout=300,
+                        check=False,
+                        cwd=ROOT,
+                    )
                     lines = done.stdout.strip().splitlines()
                     if done.returncode == 0 and lines:
                         record.update(json.loads(lines[-1]))
@@ -169,11 +221,17 @@ def sweep(head_dims: list[int], out: Path) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--head-dim", type=int, nargs="+", default=sorted(FORWARD_CANDIDATES))
     parser.add_argument("--out", type=Path, default=Path("cuda_sweep_out"))
-    parser.add_argument("--write", type=int, metavar="VARIANT", help="only write the overrides header (0 removes it)")
-    parser.add_argument("--measure", type=int, metavar="HEAD_DIM", help=argparse.SUPPRESS)  # the per-variant process
+    parser.add_argument(
+        "--write", type=int, metavar="VARIANT", help="only write the overrides header (0 removes it)"
+    )
+    parser.add_argument(
+        "--measure", type=int, metavar="HEAD_DIM", help=argparse.SUPPRESS
+    )  # the per-variant process
     args = parser.parse_args()
     if args.write is not None:
         write_overrides(args.write, args.head_dim)

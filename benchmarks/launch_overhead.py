@@ -55,8 +55,8 @@ def main() -> None:
     impls = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
     for backend in backends:
         if UNAVAILABLE[backend] is None:
-            impls[f"fast_attn:{backend}"] = (
-                lambda backend=backend: fast_attn.attention(q, k, v, causal=True, backend=backend)
+            impls[f"fast_attn:{backend}"] = lambda backend=backend: fast_attn.attention(
+                q, k, v, causal=True, backend=backend
             )
     print(f"{'implementation':<18} {'fwd us':>8} {'fwd+bwd us':>11}")
     for name, fn in impls.items():
@@ -69,7 +69,9 @@ def main() -> None:
         triton_forward = impls["fast_attn:triton"]
         with torch.no_grad():
             _print_profile("triton forward", triton_forward)
-        _print_profile("triton forward+backward", lambda: torch.autograd.grad(triton_forward(), (q, k, v), grad))
+        _print_profile(
+            "triton forward+backward", lambda: torch.autograd.grad(triton_forward(), (q, k, v), grad)
+        )
 
 
 def _print_decode_step(device: str, dtype: torch.dtype, backends: tuple[str, ...]) -> None:
@@ -83,10 +85,10 @@ def _print_decode_step(device: str, dtype: torch.dtype, backends: tuple[str, ...
     for cache_length in cache_lengths:
         q = torch.randn(4, 16, 1, 128, device=device, dtype=dtype)
         k, v = (torch.randn(4, 16, cache_length, 128, device=device, dtype=dtype) for _ in range(2))
-        impls = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+        impls = {"sdpa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)}
         for backend in backends:
             if UNAVAILABLE[backend] is None:
-                impls[f"fast_attn:{backend}"] = lambda backend=backend: fast_attn.attention(
+                impls[f"fast_attn:{backend}"] = lambda backend=backend, q=q, k=k, v=v: fast_attn.attention(
                     q, k, v, causal="bottom_right", backend=backend
                 )
         with torch.no_grad():

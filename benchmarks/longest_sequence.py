@@ -30,7 +30,9 @@ def run_length(backend: str, seqlen: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     q, k, v = (
-        torch.randn(1, seqlen, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+        torch.randn(1, seqlen, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        .transpose(1, 2)
+        .requires_grad_()
         for _ in range(3)
     )
     torch.cuda.synchronize()
@@ -44,12 +46,21 @@ def run_length(backend: str, seqlen: int) -> dict:
     expected, _ = reference_attention(q.detach()[:, :, rows], k.detach(), v.detach(), causal="bottom_right")
     error = (out.detach()[:, :, rows].double() - expected.double()).abs().max().item()
     finite = all(t.grad.isfinite().all().item() for t in (q, k, v))
-    return dict(backend=backend, seqlen=seqlen, seconds=seconds, peak_bytes=peak,
-                bytes_per_token=peak / seqlen, max_error_last_rows=error, grads_finite=finite)
+    return dict(
+        backend=backend,
+        seqlen=seqlen,
+        seconds=seconds,
+        peak_bytes=peak,
+        bytes_per_token=peak / seqlen,
+        max_error_last_rows=error,
+        grads_finite=finite,
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--max-seqlen", type=int, default=262144)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -76,8 +87,18 @@ def main() -> None:
             seqlen *= 2
     if args.out:
         with open(args.out, "w") as file:
-            json.dump(dict(card=torch.cuda.get_device_name(), free_bytes=free, total_bytes=total,
-                           heads=HEADS, head_dim=HEAD_DIM, results=results), file, indent=1)
+            json.dump(
+                dict(
+                    card=torch.cuda.get_device_name(),
+                    free_bytes=free,
+                    total_bytes=total,
+                    heads=HEADS,
+                    head_dim=HEAD_DIM,
+                    results=results,
+                ),
+                file,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

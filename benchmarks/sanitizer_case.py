@@ -9,7 +9,6 @@ import torch
 
 import fast_attn
 
-
 # A bias of full rows and columns (the cuda backend's dbias kernel) and one
 # broadcast over heads and queries (dbias reduced inside the dK/dV kernel).
 BIAS_SHAPES = ((1, 4, 77, 93), (2, 1, 1, 93))
@@ -18,7 +17,11 @@ BIAS_SHAPES = ((1, 4, 77, 93), (2, 1, 1, 93))
 def main(backends: list[str]) -> None:
     torch.manual_seed(0)
     for backend in backends:
-        for causal, bias_shape in ((False, BIAS_SHAPES[0]), ("bottom_right", BIAS_SHAPES[0]), (False, BIAS_SHAPES[1])):
+        for causal, bias_shape in (
+            (False, BIAS_SHAPES[0]),
+            ("bottom_right", BIAS_SHAPES[0]),
+            (False, BIAS_SHAPES[1]),
+        ):
             q = torch.randn(2, 4, 77, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             k = torch.randn(2, 2, 93, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             v = torch.randn(2, 2, 93, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -111,11 +111,15 @@ def _print_ratio_table(request):
     if reporter is None or not MEDIANS:
         return
     reporter.write_line("")
-    reporter.write_line(f"time of the modifier's call / time of the other call, {torch.get_num_threads()} threads")
+    reporter.write_line(
+        f"time of the modifier's call / time of the other call, {torch.get_num_threads()} threads"
+    )
     for name, medians in MEDIANS.items():
         impls = IMPLEMENTATIONS[name.split()[0]]
         if impls[0] not in medians:
             continue
-        ratios = [f"/ {impl} {medians[impls[0]] / medians[impl]:.3f}" for impl in impls[1:] if impl in medians]
+        ratios = [
+            f"/ {impl} {medians[impls[0]] / medians[impl]:.3f}" for impl in impls[1:] if impl in medians
+        ]
         times = "  ".join(f"{impl} {medians[impl] * 1e3:.1f} ms" for impl in impls if impl in medians)
         reporter.write_line(f"  {name:<36} {' '.join(ratios)}   ({times})")

@@ -11,9 +11,9 @@ Importing fast_attn registers the ops, in this order, each on its line below:
 from . import _extension
 
 _extension.load()  # 1.
-from .ops import cpp_ops as _cpp_ops  # noqa: E402,F401  2.
 from .dispatch import BackendNotSupportedError, available_backends  # noqa: E402  3.
 from .functional import attention, scaled_dot_product_attention  # noqa: E402
+from .ops import cpp_ops as _cpp_ops  # noqa: E402,F401  2.
 from .swap import swap_attention  # noqa: E402
 from .version import __version__  # noqa: E402
 

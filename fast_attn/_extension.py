@@ -15,7 +15,7 @@ def _short(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load() -> tuple[types.ModuleType | None, str | None]:
     """Return (module, None) when the extension loads, else (None, why not)."""
     try:

@@ -19,9 +19,9 @@ import contextlib
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,9 @@ class Case:
 
     @property
     def flops(self) -> float:
-        return attention_flops(self.batch, self.heads, self.seqlen, self.seqlen, self.head_dim, self.causal, self.mode)
+        return attention_flops(
+            self.batch, self.heads, self.seqlen, self.seqlen, self.head_dim, self.causal, self.mode
+        )
 
 
 @dataclass
@@ -201,7 +203,9 @@ def _flex_fn(compiled: bool = True) -> Callable:
         if causal:
             key = (q.shape[2], k.shape[2], q.device)
             if key not in block_masks:
-                block_masks[key] = create_block_mask(causal_mask, None, None, q.shape[2], k.shape[2], device=q.device)
+                block_masks[key] = create_block_mask(
+                    causal_mask, None, None, q.shape[2], k.shape[2], device=q.device
+                )
             block_mask = block_masks[key]
         score_mod = None if bias is None else score_mod_for(bias)
         return run_flex(q, k, v, score_mod=score_mod, block_mask=block_mask)
@@ -301,7 +305,10 @@ def run_case(case: Case, name: str, fn: Callable, device: torch.device, budget_m
 
 
 def sweep(
-    cases: list[Case], impls: dict[str, Callable], device: torch.device, budget_ms: float,
+    cases: list[Case],
+    impls: dict[str, Callable],
+    device: torch.device,
+    budget_ms: float,
     on_result: Callable[[list[Result]], None] | None = None,
 ) -> list[Result]:
     """Time every implementation on every case; `on_result` sees the results so far after each one."""
@@ -329,22 +336,33 @@ def sweep(
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fast_attn.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--full", action="store_true", help="sweep the whole protocol (S 512..16384, D 64 and 128)")
+    parser.add_argument(
+        "--full", action="store_true", help="sweep the whole protocol (S 512..16384, D 64 and 128)"
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on a CPU")
     parser.add_argument("--causal", choices=["both", "true", "false"], default="both")
     parser.add_argument("--head-dim", type=int, nargs="+", help="head dims, e.g. 64 128")
     parser.add_argument("--seqlen", type=int, nargs="+", help="sequence lengths, e.g. 1024 4096")
-    parser.add_argument("--mode", choices=["fwd", "bwd", "fwd_bwd"], nargs="+", help="default: fwd and bwd (GPU)")
     parser.add_argument(
-        "--bias", choices=["none", "t5"], nargs="+", default=["none"], help="t5: a trainable (1, H, S, S) bias"
+        "--mode", choices=["fwd", "bwd", "fwd_bwd"], nargs="+", help="default: fwd and bwd (GPU)"
     )
     parser.add_argument(
-        "--backend", nargs="+",
+        "--bias",
+        choices=["none", "t5"],
+        nargs="+",
+        default=["none"],
+        help="t5: a trainable (1, H, S, S) bias",
+    )
+    parser.add_argument(
+        "--backend",
+        nargs="+",
         help="only implementations whose name contains one of these; 'flex' adds FlexAttention (compiled)",
     )
     parser.add_argument("--budget-ms", type=float, default=None, help="timing budget per measurement")
     parser.add_argument("--out", default="bench_out", help="folder for results.json, results.md and the plot")
-    parser.add_argument("--compare", help="a pytest-benchmark --benchmark-json file to tabulate and plot instead")
+    parser.add_argument(
+        "--compare", help="a pytest-benchmark --benchmark-json file to tabulate and plot instead"
+    )
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     return parser.parse_args(argv)
 
@@ -366,7 +384,9 @@ def main(argv=None) -> int:
 
     def save_so_far(results: list[Result]) -> None:
         # A sweep stopped by a time limit still leaves what it measured.
-        bench_report.write_records([bench_report.record(r, card, device.type) for r in results], out_dir, title)
+        bench_report.write_records(
+            [bench_report.record(r, card, device.type) for r in results], out_dir, title
+        )
 
     results = sweep(cases, impls, device, budget_ms, on_result=save_so_far)
     records = [bench_report.record(r, card, device.type) for r in results]

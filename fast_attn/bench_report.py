@@ -71,10 +71,10 @@ def ratio_columns(impls: list[str]) -> list[tuple[str, str]]:
 
 
 def short_name(impl: str) -> str:
-    """"fast_attn:cpu" -> "cpu", "sdpa_flash" -> "flash", "fast_attn" stays."""
+    """ "fast_attn:cpu" -> "cpu", "sdpa_flash" -> "flash", "fast_attn" stays."""
     for prefix in ("fast_attn:", "sdpa:", "sdpa_"):
         if impl.startswith(prefix):
-            return impl[len(prefix):]
+            return impl[len(prefix) :]
     return impl
 
 
@@ -145,12 +145,14 @@ def plot(records: list[dict], path: Path, title: str) -> bool:
             style = "-o" if impl.startswith("fast_attn") else "--."
             ax.plot([p[0] for p in points], [p[1] for p in points], style, label=impl)
         ax.set_xscale("log", base=2)
-        ax.set_title(f"{mode} {dtype} D={head_dim} {'causal' if causal else 'full'}{' bias' if bias != 'none' else ''}",
-                     fontsize=9)
+        ax.set_title(
+            f"{mode} {dtype} D={head_dim} {'causal' if causal else 'full'}{' bias' if bias != 'none' else ''}",
+            fontsize=9,
+        )
         ax.set_xlabel("sequence length")
         ax.set_ylabel(unit(records))
         ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
@@ -172,7 +174,10 @@ def write_all(records: list[dict], out_dir: Path, title: str) -> None:
     table = write_records(records, out_dir, title)
     plotted = plot(records, out_dir / "throughput.png", title)
     print(table)
-    print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}" + (f", {out_dir / 'throughput.png'}" if plotted else ""))
+    print(
+        f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}"
+        + (f", {out_dir / 'throughput.png'}" if plotted else "")
+    )
 
 
 def load_pytest_benchmark(path: Path) -> list[dict]:

@@ -27,9 +27,7 @@ def parse_causal(causal: object) -> CausalMode:
         return causal
     if isinstance(causal, str) and causal in _BY_NAME:
         return _BY_NAME[causal]
-    raise ValueError(
-        f"causal must be False, True, 'top_left' or 'bottom_right', got {causal!r}"
-    )
+    raise ValueError(f"causal must be False, True, 'top_left' or 'bottom_right', got {causal!r}")
 
 
 def causal_offset(mode: CausalMode, seqlen_q: int, seqlen_k: int) -> int:
@@ -48,7 +46,9 @@ class Band:
     right: int
 
 
-def visible_band(mode: CausalMode, window: tuple[int, int] | None, seqlen_q: int, seqlen_k: int) -> Band | None:
+def visible_band(
+    mode: CausalMode, window: tuple[int, int] | None, seqlen_q: int, seqlen_k: int
+) -> Band | None:
     """The band of a causal mode and a (left, right) window, None when every key is in it.
 
     A causal mask is the band right = 0 (it forces a window's right side to 0); its diagonal is i for

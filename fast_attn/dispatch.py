@@ -12,8 +12,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -81,9 +81,13 @@ class Backend:
             capability = torch.cuda.get_device_capability(device)
             if capability < self.min_capability:
                 need = ".".join(map(str, self.min_capability))
-                reasons.append(f"needs compute capability >= {need}, device has {capability[0]}.{capability[1]}")
+                reasons.append(
+                    f"needs compute capability >= {need}, device has {capability[0]}.{capability[1]}"
+                )
         if problem.dtype not in self.dtypes:
-            reasons.append(f"supports dtypes {[str(d).replace('torch.', '') for d in self.dtypes]}, not {problem.dtype}")
+            reasons.append(
+                f"supports dtypes {[str(d).replace('torch.', '') for d in self.dtypes]}, not {problem.dtype}"
+            )
         if not self.supports_head_dim(problem.head_dim):
             reasons.append(f"supports head dims {self.head_dims_text}, not {problem.head_dim}")
         for feature in asked_features(problem) - self.features:
@@ -157,10 +161,19 @@ def _run_reference(problem: AttentionProblem, dropout_seed):
     from .reference import reference_attention
 
     return reference_attention(
-        problem.q, problem.k, problem.v, bias=problem.bias, key_mask=problem.key_mask,
-        causal=problem.causal, window_size=problem.window, softcap=problem.softcap,
-        alibi_slopes=problem.alibi_slopes, sinks=problem.sinks, scale=problem.scale,
-        dropout_p=problem.dropout_p, dropout_seed=dropout_seed,
+        problem.q,
+        problem.k,
+        problem.v,
+        bias=problem.bias,
+        key_mask=problem.key_mask,
+        causal=problem.causal,
+        window_size=problem.window,
+        softcap=problem.softcap,
+        alibi_slopes=problem.alibi_slopes,
+        sinks=problem.sinks,
+        scale=problem.scale,
+        dropout_p=problem.dropout_p,
+        dropout_seed=dropout_seed,
     )
 
 

@@ -46,7 +46,12 @@ def dropout_threshold(dropout_p: float) -> int:
 
 
 def dropout_keep_mask(
-    seed: torch.Tensor, dropout_p: float, batch: int, heads: int, seqlen_q: int, seqlen_k: int,
+    seed: torch.Tensor,
+    dropout_p: float,
+    batch: int,
+    heads: int,
+    seqlen_q: int,
+    seqlen_k: int,
     device: torch.device,
 ) -> torch.Tensor:
     """Bool (B, H, Sq, Sk): True where the probability is kept."""

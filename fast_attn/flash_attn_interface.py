@@ -124,7 +124,16 @@ def flash_attn_qkvpacked_func(
         raise ValueError(f"qkv must have shape (B, S, 3, H, D), got {tuple(qkv.shape)}")
     q, k, v = qkv.unbind(dim=2)
     return flash_attn_func(
-        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+        q,
+        k,
+        v,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
         return_attn_probs,
     )
 
@@ -147,7 +156,16 @@ def flash_attn_kvpacked_func(
         raise ValueError(f"kv must have shape (B, Sk, 2, Hkv, D), got {tuple(kv.shape)}")
     k, v = kv.unbind(dim=2)
     return flash_attn_func(
-        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+        q,
+        k,
+        v,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
         return_attn_probs,
     )
 

@@ -48,8 +48,18 @@ def attention(
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     problem = build_problem(
-        q, k, v, bias=bias, key_mask=key_mask, causal=causal, window_size=window_size, softcap=softcap,
-        alibi_slopes=alibi_slopes, sinks=sinks, scale=scale, dropout_p=dropout_p,
+        q,
+        k,
+        v,
+        bias=bias,
+        key_mask=key_mask,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        sinks=sinks,
+        scale=scale,
+        dropout_p=dropout_p,
     )
     chosen = dispatch.select_backend(problem, backend)
     dropout_seed = new_dropout_seed(problem.device) if problem.dropout_p > 0.0 else None
@@ -115,7 +125,13 @@ def scaled_dot_product_attention(
             attn_mask = attn_mask.unsqueeze(1)
         bias, key_mask = _sdpa_mask_arguments(attn_mask, query, key.shape[2])
     out = attention(
-        query, key, value, bias=bias, key_mask=key_mask, causal=bool(is_causal),
-        scale=scale, dropout_p=dropout_p,
+        query,
+        key,
+        value,
+        bias=bias,
+        key_mask=key_mask,
+        causal=bool(is_causal),
+        scale=scale,
+        dropout_p=dropout_p,
     )
     return out.squeeze(1) if unbatched_heads else out

@@ -72,8 +72,13 @@ def random_qkv(
 
 
 def random_key_mask(
-    batch: int, seqlen_k: int, *, device: str | torch.device = "cpu", keep: float = 0.7,
-    empty_rows: tuple[int, ...] = (), generator: torch.Generator | None = None,
+    batch: int,
+    seqlen_k: int,
+    *,
+    device: str | torch.device = "cpu",
+    keep: float = 0.7,
+    empty_rows: tuple[int, ...] = (),
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Bool (B, Sk), True = attend; the batch rows in `empty_rows` attend nothing."""
     mask = torch.rand(batch, seqlen_k, generator=generator) < keep
@@ -85,7 +90,12 @@ def random_key_mask(
 
 
 def attention_flops(
-    batch: int, heads: int, seqlen_q: int, seqlen_k: int, head_dim: int, causal: object = False,
+    batch: int,
+    heads: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    head_dim: int,
+    causal: object = False,
     mode: str = "fwd",
 ) -> float:
     """FLOPs of the field's convention: 4 * B * H * Sq * Sk * D for the forward,
@@ -110,8 +120,12 @@ class ReferenceResults:
 
 
 def run_reference(
-    inputs: dict[str, torch.Tensor | None], *, compute_dtype: torch.dtype, grad_out: torch.Tensor | None = None,
-    grad_lse: torch.Tensor | None = None, **kwargs,
+    inputs: dict[str, torch.Tensor | None],
+    *,
+    compute_dtype: torch.dtype,
+    grad_out: torch.Tensor | None = None,
+    grad_lse: torch.Tensor | None = None,
+    **kwargs,
 ) -> ReferenceResults:
     """Reference on copies of `inputs` (q, k, v and any tensor argument of reference_attention: bias,
     key_mask, sinks, ...) cast to `compute_dtype` (alibi_slopes stay float32, as the contract
@@ -140,8 +154,13 @@ def run_reference(
 
 
 def rounded_output_reference(
-    inputs: dict[str, torch.Tensor | None], *, out_dtype: torch.dtype, grad_out: torch.Tensor,
-    grad_lse: torch.Tensor | None = None, fed_out: torch.Tensor | None = None, **kwargs,
+    inputs: dict[str, torch.Tensor | None],
+    *,
+    out_dtype: torch.dtype,
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None = None,
+    fed_out: torch.Tensor | None = None,
+    **kwargs,
 ) -> ReferenceResults:
     """Float64 gradients of a flash-style backward whose delta_i = dO_i . O_i is
     summed in the kernels' accumulation precision from the output rounded to
@@ -158,8 +177,9 @@ def rounded_output_reference(
     rounding_grad_lse = (grad_out.double() * exact_out).sum(-1) - delta
     if grad_lse is not None:
         rounding_grad_lse = rounding_grad_lse + grad_lse.double()
-    return run_reference(inputs, compute_dtype=torch.float64, grad_out=grad_out, grad_lse=rounding_grad_lse,
-                         **kwargs)
+    return run_reference(
+        inputs, compute_dtype=torch.float64, grad_out=grad_out, grad_lse=rounding_grad_lse, **kwargs
+    )
 
 
 def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -176,8 +196,13 @@ def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def assert_error_rule(
-    name: str, actual: torch.Tensor, exact: torch.Tensor, same_dtype: torch.Tensor, dtype: torch.dtype,
-    factor: float = 2.0, rounded_output: torch.Tensor | None = None,
+    name: str,
+    actual: torch.Tensor,
+    exact: torch.Tensor,
+    same_dtype: torch.Tensor,
+    dtype: torch.dtype,
+    factor: float = 2.0,
+    rounded_output: torch.Tensor | None = None,
 ) -> None:
     """Assert max|actual - exact| <= factor * max|same_dtype - exact| + floor(dtype);
     with rounded_output (a gradient of rounded_output_reference), the larger of
@@ -236,8 +261,10 @@ class Case:
 
     def __str__(self) -> str:
         parts = [
-            f"B{self.batch}H{self.heads_q}/{self.heads_kv}", f"S{self.seqlen_q}x{self.seqlen_k}",
-            f"D{self.head_dim}", str(self.dtype).replace("torch.", ""),
+            f"B{self.batch}H{self.heads_q}/{self.heads_kv}",
+            f"S{self.seqlen_q}x{self.seqlen_k}",
+            f"D{self.head_dim}",
+            str(self.dtype).replace("torch.", ""),
         ]
         flags = {
             "causal": ["", "tl", "br"][parse_causal(self.causal)],
@@ -278,8 +305,14 @@ class Case:
             q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
         else:
             q, k, v = random_qkv(
-                self.batch, self.heads_q, self.heads_kv, self.seqlen_q, self.seqlen_k, self.head_dim,
-                dtype=self.dtype, device=device,
+                self.batch,
+                self.heads_q,
+                self.heads_kv,
+                self.seqlen_q,
+                self.seqlen_k,
+                self.head_dim,
+                dtype=self.dtype,
+                device=device,
                 layout="bhsd" if self.layout == "misaligned" else self.layout,
             )
             if self.layout == "misaligned":
@@ -300,7 +333,8 @@ class Case:
         dropout_seed = None
         if self.dropout_p > 0:
             dropout_seed = (
-                new_dropout_seed(torch.device(device)) if self.dropout_seed is None
+                new_dropout_seed(torch.device(device))
+                if self.dropout_seed is None
                 else torch.tensor([self.dropout_seed], dtype=torch.int64, device=device)
             )
         alibi_slopes = None
@@ -309,8 +343,14 @@ class Case:
             alibi_slopes = torch.rand(shape).to(device)
         sinks = (torch.randn(self.heads_q) * 2).to(device, self.dtype) if self.sinks else None
         inputs = {
-            "q": q, "k": k, "v": v, "bias": bias, "key_mask": key_mask, "alibi_slopes": alibi_slopes,
-            "sinks": sinks, "dropout_seed": dropout_seed,
+            "q": q,
+            "k": k,
+            "v": v,
+            "bias": bias,
+            "key_mask": key_mask,
+            "alibi_slopes": alibi_slopes,
+            "sinks": sinks,
+            "dropout_seed": dropout_seed,
         }
         for name in DIFFERENTIABLE_INPUTS:
             if inputs[name] is not None:
@@ -341,8 +381,13 @@ def attention_runner(backend: str) -> Run:
     def run(case: Case, inputs: dict, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
         q, k, v = (inputs[n] for n in ("q", "k", "v"))
         options = dict(
-            bias=inputs["bias"], key_mask=inputs["key_mask"], causal=case.causal, window_size=case.window_size,
-            softcap=case.softcap, alibi_slopes=inputs.get("alibi_slopes"), sinks=inputs.get("sinks"),
+            bias=inputs["bias"],
+            key_mask=inputs["key_mask"],
+            causal=case.causal,
+            window_size=case.window_size,
+            softcap=case.softcap,
+            alibi_slopes=inputs.get("alibi_slopes"),
+            sinks=inputs.get("sinks"),
             scale=case.scale,
         )
         if case.dropout_p > 0:
@@ -379,7 +424,11 @@ class Checked:
 
 
 def check_against_reference(
-    run: Run, case: Case, device: str | torch.device = "cpu", *, inputs: dict | None = None,
+    run: Run,
+    case: Case,
+    device: str | torch.device = "cpu",
+    *,
+    inputs: dict | None = None,
     rounded_output: str | None = None,
 ) -> Checked:
     """Run `case` (or `inputs`, tensors a test built for it) through `run`; hold out, lse and
@@ -398,11 +447,18 @@ def check_against_reference(
     assert out.shape == q.shape and out.dtype == dtype, f"{case}: out {tuple(out.shape)} {out.dtype}"
     assert lse.shape == q.shape[:3] and lse.dtype == accumulation_dtype(dtype), f"{case}: lse {lse.dtype}"
 
-    reference_inputs = {n: inputs.get(n) for n in ("q", "k", "v", "bias", "key_mask", "alibi_slopes", "sinks")}
+    reference_inputs = {
+        n: inputs.get(n) for n in ("q", "k", "v", "bias", "key_mask", "alibi_slopes", "sinks")
+    }
     options = dict(
-        causal=case.causal, window_size=case.window_size, softcap=case.softcap, scale=case.scale,
+        causal=case.causal,
+        window_size=case.window_size,
+        softcap=case.softcap,
+        scale=case.scale,
         dropout_p=case.dropout_p,
-        dropout_seed=inputs.get("dropout_seed"), grad_out=grad_out, grad_lse=grad_lse,
+        dropout_seed=inputs.get("dropout_seed"),
+        grad_out=grad_out,
+        grad_lse=grad_lse,
     )
     exact = run_reference(reference_inputs, compute_dtype=torch.float64, **options)
     same_dtype = run_reference(reference_inputs, compute_dtype=dtype, **options)
@@ -420,7 +476,11 @@ def check_against_reference(
         assert grad.shape == inputs[name].shape and grad.dtype == inputs[name].dtype, f"{case}: d{name}"
         assert not torch.isnan(grad).any(), f"{case}: d{name} has NaN"
         assert_error_rule(
-            f"{case} d{name}", grad, exact.grads[name], same_dtype.grads[name], dtype,
+            f"{case} d{name}",
+            grad,
+            exact.grads[name],
+            same_dtype.grads[name],
+            dtype,
             rounded_output=rounded_grads.get(name),
         )
     return Checked(inputs, out, lse, grads)
@@ -440,7 +500,10 @@ def forward_op_arguments(case: Case, inputs: dict) -> tuple:
     """The positional arguments of every forward op (fast_attn.ops.autograd's schema) for `case`."""
     return (
         *(inputs[n] for n in ("q", "k", "v", "bias", "key_mask", "dropout_seed")),
-        case.softmax_scale, int(parse_causal(case.causal)), case.dropout_p, *_modifier_op_arguments(case, inputs),
+        case.softmax_scale,
+        int(parse_causal(case.causal)),
+        case.dropout_p,
+        *_modifier_op_arguments(case, inputs),
     )
 
 
@@ -449,14 +512,32 @@ def backward_op_arguments(case: Case, inputs: dict, out, lse, grad_out, grad_lse
     the gradients of those."""
     q, k, v, bias = (None if inputs[n] is None else inputs[n].detach() for n in ("q", "k", "v", "bias"))
     return (
-        grad_out, grad_lse, q, k, v, bias, inputs["key_mask"], inputs["dropout_seed"], out.detach(),
-        lse.detach(), case.softmax_scale, int(parse_causal(case.causal)), case.dropout_p, bias is not None,
-        case.deterministic, *_modifier_op_arguments(case, inputs),
+        grad_out,
+        grad_lse,
+        q,
+        k,
+        v,
+        bias,
+        inputs["key_mask"],
+        inputs["dropout_seed"],
+        out.detach(),
+        lse.detach(),
+        case.softmax_scale,
+        int(parse_causal(case.causal)),
+        case.dropout_p,
+        bias is not None,
+        case.deterministic,
+        *_modifier_op_arguments(case, inputs),
     )
 
 
 def opcheck_forward_and_backward(
-    forward_op, backward_op, case: Case, device: str = "cpu", *, forward_utils: tuple[str, ...] | None = None,
+    forward_op,
+    backward_op,
+    case: Case,
+    device: str = "cpu",
+    *,
+    forward_utils: tuple[str, ...] | None = None,
     backward_utils: tuple[str, ...] | None = None,
 ) -> None:
     """torch.library.opcheck of a forward op and of its backward op on `case`'s inputs

@@ -97,9 +97,7 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             layout = "(B, Hq, Sq, D)" if name == "q" else "(B, Hkv, Sk, D)"
             raise ValueError(f"{name} must be 4-D {layout}, got shape {_shape(t)}")
         if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
-            )
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -131,9 +129,7 @@ def _normalize_bias(bias: torch.Tensor, q: torch.Tensor, seqlen_k: int) -> torch
     bias4 = bias[(None,) * (4 - bias.dim())] if bias.dim() < 4 else bias
     for size, full in zip(bias4.shape, target):
         if size not in (1, full):
-            raise ValueError(
-                f"bias must broadcast to (B, Hq, Sq, Sk) = {target}, got shape {_shape(bias)}"
-            )
+            raise ValueError(f"bias must broadcast to (B, Hq, Sq, Sk) = {target}, got shape {_shape(bias)}")
     if q.dtype == torch.float64:
         return bias4.to(torch.float64)
     return bias4 if bias4.dtype in (q.dtype, torch.float32) else bias4.to(torch.float32)
@@ -250,7 +246,11 @@ def build_problem(
     seqlen_k = k.shape[2]
     bias4 = None if bias is None else _normalize_bias(_check_tensor("bias", bias), q, seqlen_k)
     mask = None if key_mask is None else _normalize_key_mask(_check_tensor("key_mask", key_mask), q, seqlen_k)
-    slopes = None if alibi_slopes is None else _normalize_alibi_slopes(_check_tensor("alibi_slopes", alibi_slopes), q)
+    slopes = (
+        None
+        if alibi_slopes is None
+        else _normalize_alibi_slopes(_check_tensor("alibi_slopes", alibi_slopes), q)
+    )
     sink_logits = None if sinks is None else _normalize_sinks(_check_tensor("sinks", sinks), q)
     return AttentionProblem(
         q=_last_dim_contiguous(q),

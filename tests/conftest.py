@@ -31,7 +31,9 @@ if importlib.util.find_spec("triton") is not None:
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
     parser.addoption(
-        "--fuzz-examples", type=int, default=0,
+        "--fuzz-examples",
+        type=int,
+        default=0,
         help="random examples per backend for tests/test_fuzz.py (default: a fixed CI set)",
     )
 

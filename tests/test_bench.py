@@ -17,9 +17,28 @@ from fast_attn.reference import reference_attention
 def test_bench_command_writes_results(tmp_path):
     out = tmp_path / "bench"
     done = subprocess.run(
-        [sys.executable, "-m", "fast_attn.bench", "--seqlen", "128", "--head-dim", "32", "--causal", "true",
-         "--mode", "fwd", "--device", "cpu", "--budget-ms", "20", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "fast_attn.bench",
+            "--seqlen",
+            "128",
+            "--head-dim",
+            "32",
+            "--causal",
+            "true",
+            "--mode",
+            "fwd",
+            "--device",
+            "cpu",
+            "--budget-ms",
+            "20",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     records = json.loads((out / "results.json").read_text())["records"]
@@ -32,13 +51,26 @@ def test_bench_command_writes_results(tmp_path):
 
 
 def test_compare_tabulates_pytest_benchmark_json(tmp_path):
-    case = dict(mode="fwd", dtype="fp32", bias="none", head_dim=64, causal=True, batch=1, heads=8, seqlen=1024,
-                flops=2e9, card="CPU test", device_type="cpu")
-    data = {"benchmarks": [
-        {"extra_info": dict(case, implementation="fast_attn"), "stats": {"median": 0.010}},
-        {"extra_info": dict(case, implementation="sdpa_flash"), "stats": {"median": 0.020}},
-        {"extra_info": {"unrelated": 1}, "stats": {"median": 1.0}},
-    ]}
+    case = dict(
+        mode="fwd",
+        dtype="fp32",
+        bias="none",
+        head_dim=64,
+        causal=True,
+        batch=1,
+        heads=8,
+        seqlen=1024,
+        flops=2e9,
+        card="CPU test",
+        device_type="cpu",
+    )
+    data = {
+        "benchmarks": [
+            {"extra_info": dict(case, implementation="fast_attn"), "stats": {"median": 0.010}},
+            {"extra_info": dict(case, implementation="sdpa_flash"), "stats": {"median": 0.020}},
+            {"extra_info": {"unrelated": 1}, "stats": {"median": 1.0}},
+        ]
+    }
     path = tmp_path / "run.json"
     path.write_text(json.dumps(data))
     records = bench_report.load_pytest_benchmark(path)

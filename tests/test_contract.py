@@ -62,8 +62,18 @@ def test_broadcast_bias_gradient_in_its_own_shape(kernel_backend, bias_shape):
 def test_rows_without_keys_give_zero_and_no_nan(kernel_backend, grad_lse):
     # Sq > Sk bottom-right: the first Sq - Sk rows see no key; batch 1 has every key masked.
     case = Case(
-        2, 2, 2, 12, 5, 16, supported_float(kernel_backend), "bottom_right", bias_shape=(1, 2, 12, 5),
-        key_mask=True, empty_key_rows=(1,), grad_lse=grad_lse,
+        2,
+        2,
+        2,
+        12,
+        5,
+        16,
+        supported_float(kernel_backend),
+        "bottom_right",
+        bias_shape=(1, 2, 12, 5),
+        key_mask=True,
+        empty_key_rows=(1,),
+        grad_lse=grad_lse,
     )
     checked = check(kernel_backend, case)
     out, lse, grads = checked.out, checked.lse, checked.grads
@@ -111,7 +121,12 @@ def test_peaked_softmax_gradients_in_16_bits(kernel_backend):
     grads = torch.autograd.grad(out, (k, v, bias), grad_out)
     for name, grad in zip(("k", "v", "bias"), grads):
         assert_error_rule(
-            f"d{name}", grad, exact.grads[name], unfused.grads[name], dtype, rounded_output=rounded.grads[name]
+            f"d{name}",
+            grad,
+            exact.grads[name],
+            unfused.grads[name],
+            dtype,
+            rounded_output=rounded.grads[name],
         )
 
 
@@ -141,7 +156,12 @@ def test_gradients_of_rows_with_one_visible_key(kernel_backend):
     out = fast_attn.attention(q, k, v, key_mask=key_mask, backend=kernel_backend, **kwargs)
     for name, grad in zip("qkv", torch.autograd.grad(out, (q, k, v), grad_out)):
         assert_error_rule(
-            f"d{name}", grad, exact.grads[name], unfused.grads[name], dtype, rounded_output=rounded.grads[name]
+            f"d{name}",
+            grad,
+            exact.grads[name],
+            unfused.grads[name],
+            dtype,
+            rounded_output=rounded.grads[name],
         )
 
 

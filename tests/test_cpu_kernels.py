@@ -131,8 +131,18 @@ def test_causal_alignments(causal, seqlen_q, seqlen_k):
 def test_key_mask_with_fully_masked_batch_rows(dtype, bias_heads, bias_rows):
     # A full-size bias has its gradient stored tile by tile: skipped tiles must store zeros.
     case = Case(
-        3, 2, 2, 33, 150, 32, dtype, bias_shape=(3, bias_heads, bias_rows, 150),
-        bias_dtype=accumulation_dtype(dtype), key_mask=True, empty_key_rows=(1,), grad_lse=True,
+        3,
+        2,
+        2,
+        33,
+        150,
+        32,
+        dtype,
+        bias_shape=(3, bias_heads, bias_rows, 150),
+        bias_dtype=accumulation_dtype(dtype),
+        key_mask=True,
+        empty_key_rows=(1,),
+        grad_lse=True,
     )
     inputs = case.make_inputs()
     inputs["key_mask"][2, 64:128] = False  # a whole key block hidden: skipped
@@ -210,10 +220,24 @@ def test_blocks_of_few_queries(isa, dtype, monkeypatch):
 @pytest.mark.parametrize("seqlen_q", [70, 2])
 def test_dropout_matches_reference_with_the_same_seed(dtype, causal, seqlen_q):
     # Sq 2: a block of few queries (dot products along D for its scores). The seed's high bits are used too.
-    check(Case(
-        2, 4, 2, seqlen_q, 97, 32, dtype, causal, scale=0.2, bias_shape=(1, 4, seqlen_q, 97),
-        bias_dtype=accumulation_dtype(dtype), key_mask=True, dropout_p=0.3, dropout_seed=(1 << 40) + 12345,
-    ))
+    check(
+        Case(
+            2,
+            4,
+            2,
+            seqlen_q,
+            97,
+            32,
+            dtype,
+            causal,
+            scale=0.2,
+            bias_shape=(1, 4, seqlen_q, 97),
+            bias_dtype=accumulation_dtype(dtype),
+            key_mask=True,
+            dropout_p=0.3,
+            dropout_seed=(1 << 40) + 12345,
+        )
+    )
 
 
 def backward_once(inputs: dict):
@@ -316,8 +340,8 @@ def test_bfloat16_odd_head_dim_and_odd_strides():
     few_queries = base[:, :, :3, 1:33].requires_grad_(True)
     k_odd = torch.randn(2, 1, 40, 33).to(torch.bfloat16)[..., 1:].requires_grad_(True)
     assert k_odd.stride(2) % 2 == 1
-    for q, k in ((q, k), (few_queries, k), (q, k_odd)):
-        inputs = {"q": q, "k": k, "v": v, "bias": None, "key_mask": None}
+    for query, key in ((q, k), (few_queries, k), (q, k_odd)):
+        inputs = {"q": query, "k": key, "v": v, "bias": None, "key_mask": None}
         check(Case.of_inputs(inputs), inputs)
 
 
@@ -366,8 +390,18 @@ def test_gradcheck_float64():
 
 def test_opcheck_forward_and_backward():
     case = Case(
-        2, 4, 2, 9, 13, 8, causal="bottom_right", scale=0.5, bias_shape=(1, 4, 9, 13), key_mask=True,
-        dropout_p=0.1, dropout_seed=7,
+        2,
+        4,
+        2,
+        9,
+        13,
+        8,
+        causal="bottom_right",
+        scale=0.5,
+        bias_shape=(1, 4, 9, 13),
+        key_mask=True,
+        dropout_p=0.1,
+        dropout_seed=7,
     )
     ops = torch.ops.fast_attn
     opcheck_forward_and_backward(ops.attention_forward, ops.attention_backward, case)

@@ -93,7 +93,9 @@ def _build_emulator():
         pytest.skip("the CUDA emulator needs the CUDA toolkit headers (cuda_fp16.h); set CUDA_HOME")
     # One build folder per checkout: two checkouts sharing one would compile each other's sources.
     checkout = zlib.crc32(str(ROOT).encode())
-    build_dir = Path(tempfile.gettempdir()) / f"fast_attn_cuda_emulator_torch{torch.__version__}_{checkout:08x}"
+    build_dir = (
+        Path(tempfile.gettempdir()) / f"fast_attn_cuda_emulator_torch{torch.__version__}_{checkout:08x}"
+    )
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = [
         CUDA_SOURCES / "emulation" / "emulation_module.cpp",
@@ -182,11 +184,12 @@ def _grid(base: Case, **axes) -> list[Case]:
 
 # Sequence lengths, head dims (40 and 80 run padded in the 64 and 96 kernels), dtypes, layouts.
 SHAPE_CASES = [
-    *_grid(BASE, head_dim=[32, 40, 80, 96, 128, 256], dtype=[torch.float16],
-          layout=["bshd", "misaligned"]),
-    *[CudaCase(1, 1, 1, sq, sk, 64, causal=c)
-      for sq, sk in [(1, 1), (1, 17), (17, 1), (17, 97), (128, 128), (257, 130), (130, 257)]
-      for c in (False, "bottom_right")],
+    *_grid(BASE, head_dim=[32, 40, 80, 96, 128, 256], dtype=[torch.float16], layout=["bshd", "misaligned"]),
+    *[
+        CudaCase(1, 1, 1, sq, sk, 64, causal=c)
+        for sq, sk in [(1, 1), (1, 17), (17, 1), (17, 97), (128, 128), (257, 130), (130, 257)]
+        for c in (False, "bottom_right")
+    ],
     CudaCase(1, 1, 1, 257, 130, 64, causal=True),
     CudaCase(2, 2, 2, 129, 129, 128, dtype=torch.float16, causal=True, layout="bshd"),
     CudaCase(1, 2, 2, 70, 45, 256, causal="bottom_right"),
@@ -224,16 +227,27 @@ BIAS_CASES = [
     CudaCase(3, 2, 2, 1, 50, 64, bias_shape=(1, 2, 1, 50)),
     CudaCase(1, 2, 2, 70, 45, 256, bias_shape=(1, 2, 70, 45), causal="bottom_right", bias_inf_fraction=0.1),
     # Found by the fuzz: a bias constant along the keys, whose exact gradient is 0.
-    CudaCase(2, 6, 2, 7, 7, 128, dtype=torch.float16, causal="bottom_right", bias_shape=(1, 1, 1, 1),
-             bias_dtype=F32),
+    CudaCase(
+        2,
+        6,
+        2,
+        7,
+        7,
+        128,
+        dtype=torch.float16,
+        causal="bottom_right",
+        bias_shape=(1, 1, 1, 1),
+        bias_dtype=F32,
+    ),
     CudaCase(1, 1, 1, 1, 1, 32, bias_shape=(1, 1, 1, 1), dropout_p=0.25),
 ]
 
 DROPOUT_CASES = [
     CudaCase(1, 2, 2, 65, 97, 64, dropout_p=0.2),
     CudaCase(2, 2, 1, 97, 65, 128, dropout_p=0.5, causal=True, dtype=torch.float16),
-    CudaCase(1, 2, 2, 65, 65, 64, dropout_p=0.3, bias_shape=(1, 2, 65, 65), key_mask=True,
-             deterministic=True),
+    CudaCase(
+        1, 2, 2, 65, 65, 64, dropout_p=0.3, bias_shape=(1, 2, 65, 65), key_mask=True, deterministic=True
+    ),
 ]
 
 ALL_CASES = SHAPE_CASES + MASK_CASES + BIAS_CASES + DROPOUT_CASES
@@ -253,7 +267,9 @@ def test_gpu_kernels(gpu: Runner, case: Case):
 # The field's sizes on a GPU (too slow to emulate): long sequences, every head dim.
 LONG_CASES = [
     CudaCase(2, 4, 4, 1025, 1025, d, dtype=dt, causal=c)
-    for d in (64, 128) for dt in (torch.bfloat16, torch.float16) for c in (False, True)
+    for d in (64, 128)
+    for dt in (torch.bfloat16, torch.float16)
+    for c in (False, True)
 ] + [
     CudaCase(1, 4, 2, 1025, 517, 256, causal="bottom_right"),
     CudaCase(1, 2, 2, 1025, 2049, 96, causal=True, layout="bshd"),
@@ -277,7 +293,11 @@ FUZZ_LENGTHS = [1, 2, 7, 16, 17, 33, 64, 65, 97, 130]
 
 @st.composite
 def fuzz_cases(draw) -> Case:
-    batch, heads_kv, group = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 3]))
+    batch, heads_kv, group = (
+        draw(st.integers(1, 2)),
+        draw(st.integers(1, 2)),
+        draw(st.sampled_from([1, 2, 3])),
+    )
     seqlen_q, seqlen_k = draw(st.sampled_from(FUZZ_LENGTHS)), draw(st.sampled_from(FUZZ_LENGTHS))
     heads_q = heads_kv * group
     full = (batch, heads_q, seqlen_q, seqlen_k)
@@ -285,7 +305,11 @@ def fuzz_cases(draw) -> Case:
     if draw(st.booleans()):  # each dim of the bias 1 or full
         bias = tuple(n if draw(st.booleans()) else 1 for n in full)
     return CudaCase(
-        batch, heads_q, heads_kv, seqlen_q, seqlen_k,
+        batch,
+        heads_q,
+        heads_kv,
+        seqlen_q,
+        seqlen_k,
         head_dim=draw(st.sampled_from([32, 40, 64, 96, 128, 200, 256])),
         dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
         causal=draw(st.sampled_from([False, True, "bottom_right"])),
@@ -303,8 +327,13 @@ def fuzz_cases(draw) -> Case:
 def test_emulated_fuzz(emulated: Runner, pytestconfig):
     requested = pytestconfig.getoption("--fuzz-examples")
 
-    @settings(max_examples=requested or 20, derandomize=not requested, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=requested or 20,
+        derandomize=not requested,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(fuzz_cases())
     def run(case: Case):
         check_case(emulated, case)
@@ -317,8 +346,18 @@ def test_emulated_fuzz(emulated: Runner, pytestconfig):
 
 
 def check_deterministic(runner: Runner) -> None:
-    case = CudaCase(2, 4, 2, 193, 161, 64, bias_shape=(1, 4, 193, 161), causal="bottom_right", dropout_p=0.1,
-                    deterministic=True)
+    case = CudaCase(
+        2,
+        4,
+        2,
+        193,
+        161,
+        64,
+        bias_shape=(1, 4, 193, 161),
+        causal="bottom_right",
+        dropout_p=0.1,
+        deterministic=True,
+    )
     inputs = case.make_inputs(runner.device)
     grad_out = torch.randn(inputs["q"].shape).to(device=runner.device, dtype=case.dtype)
     _, _, first = runner.run(case, inputs, grad_out, None)
@@ -361,8 +400,11 @@ def test_gpu_dropout_mask(gpu: Runner):
 
 
 def check_empty(runner: Runner) -> None:
-    for case in (CudaCase(0, 2, 2, 8, 8, 64, grads=()), CudaCase(1, 2, 2, 0, 8, 64, grads=()),
-                 CudaCase(1, 2, 2, 8, 0, 64, grads=())):
+    for case in (
+        CudaCase(0, 2, 2, 8, 8, 64, grads=()),
+        CudaCase(1, 2, 2, 0, 8, 64, grads=()),
+        CudaCase(1, 2, 2, 8, 0, 64, grads=()),
+    ):
         inputs = case.make_inputs(runner.device)
         q, k = inputs["q"], inputs["k"]
         launches = runner.launch_count() if runner.launch_count else None
@@ -399,8 +441,21 @@ def test_emulated_refuses_bad_head_dim(emulated: Runner):
 
 @pytest.mark.gpu
 def test_gpu_opcheck(gpu: Runner):
-    case = CudaCase(1, 4, 2, 65, 70, 64, "bottom_right", scale=0.125, bias_shape=(1, 4, 65, 70),
-                    key_mask=True, dropout_p=0.1, grads=(), deterministic=True)
+    case = CudaCase(
+        1,
+        4,
+        2,
+        65,
+        70,
+        64,
+        "bottom_right",
+        scale=0.125,
+        bias_shape=(1, 4, 65, 70),
+        key_mask=True,
+        dropout_p=0.1,
+        grads=(),
+        deterministic=True,
+    )
     ops = torch.ops.fast_attn
     opcheck_forward_and_backward(ops.attention_forward, ops.attention_backward, case, "cuda")
 

@@ -17,7 +17,7 @@ spec.loader.exec_module(sweep)
 def released(function: str) -> dict[int, tuple]:
     """{head_dim: config tuple} of one constexpr function of tile_configs.h."""
     text = (ROOT / "csrc" / "cuda" / "tile_configs.h").read_text()
-    body = text[text.index(f"{function}(int head_dim)"):]
+    body = text[text.index(f"{function}(int head_dim)") :]
     body = body[: body.index("default:")]
     configs = {}
     for head_dim, values in re.findall(r"case (\d+): return \{([^}]*)\};", body):
@@ -35,7 +35,7 @@ def test_variant_zero_is_the_released_configuration():
 
 
 def test_candidates_keep_the_kernels_shape_rules():
-    for head_dim, candidates in sweep.FORWARD_CANDIDATES.items():
+    for candidates in sweep.FORWARD_CANDIDATES.values():
         for block_m, block_n, warps, min_blocks, _, m_tiles in candidates:
             assert block_m == 16 * m_tiles * warps and block_n % 16 == 0 and warps * 32 * min_blocks <= 1024
     for head_dim, candidates in sweep.DKDV_CANDIDATES.items():
@@ -52,7 +52,13 @@ def test_overrides_header_names_every_candidate_and_goes_away(monkeypatch, tmp_p
         sweep.write_overrides(variant, dims)
         text = header.read_text()
         for head_dim in dims:
-            assert f"if (head_dim == {head_dim}) return {sweep._cpp(sweep.FORWARD_CANDIDATES[head_dim][variant])};" in text
-            assert f"if (head_dim == {head_dim}) return {sweep._cpp(sweep.DKDV_CANDIDATES[head_dim][variant])};" in text
+            assert (
+                f"if (head_dim == {head_dim}) return {sweep._cpp(sweep.FORWARD_CANDIDATES[head_dim][variant])};"
+                in text
+            )
+            assert (
+                f"if (head_dim == {head_dim}) return {sweep._cpp(sweep.DKDV_CANDIDATES[head_dim][variant])};"
+                in text
+            )
     sweep.write_overrides(0, dims)
     assert not header.exists()

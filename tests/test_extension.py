@@ -25,7 +25,12 @@ def test_build_info_describes_this_build():
 
 
 def test_build_info_names_the_cpu_instruction_set_in_use(monkeypatch):
-    assert fast_attn._extension.build_info()["cpu_instruction_set"] in ("avx512+bf16", "avx512", "avx2", "generic")
+    assert fast_attn._extension.build_info()["cpu_instruction_set"] in (
+        "avx512+bf16",
+        "avx512",
+        "avx2",
+        "generic",
+    )
     monkeypatch.setenv("FAST_ATTN_CPU_ISA", "generic")
     assert fast_attn._extension.build_info()["cpu_instruction_set"] == "generic"
     monkeypatch.setenv("FAST_ATTN_CPU_ISA", "avx2")
@@ -52,7 +57,9 @@ def test_an_extension_built_for_another_torch_is_refused_clearly():
 
 
 def test_info_command_lists_every_backend():
-    done = subprocess.run([sys.executable, "-m", "fast_attn.info"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "fast_attn.info"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     for name in ("cuda", "triton", "cpu", "reference"):
         assert f"\n{name} " in done.stdout
@@ -71,7 +78,11 @@ def test_extension_uses_the_shared_cpp_runtime():
         ["nm", "-DC", "--defined-only", str(library)], capture_output=True, text=True, check=True
     ).stdout
     runtime = [
-        line for line in symbols.splitlines()
-        if any(name in line for name in ("std::locale::", "std::codecvt<", "std::basic_ostream<", "std::ios_base::"))
+        line
+        for line in symbols.splitlines()
+        if any(
+            name in line
+            for name in ("std::locale::", "std::codecvt<", "std::basic_ostream<", "std::ios_base::")
+        )
     ]
     assert not runtime, f"{library.name} defines C++ runtime symbols:\n" + "\n".join(runtime[:10])

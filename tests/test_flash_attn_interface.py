@@ -6,7 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fast_attn.flash_attn_interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from fast_attn.flash_attn_interface import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+)
 from fast_attn.reference import reference_attention
 
 
@@ -34,8 +38,10 @@ def test_causal_is_bottom_right_with_gqa_and_lse(seqlen_q, seqlen_k):
 
 def test_flash_attention_mask_pictures():
     # flash-attn's docstring: Sq = 2, Sk = 5 -> 1 1 1 1 0 / 1 1 1 1 1; Sq = 5, Sk = 2 -> three empty rows.
-    for seqlen_q, seqlen_k, rows in ((2, 5, [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]),
-                                     (5, 2, [[0, 0], [0, 0], [0, 0], [1, 0], [1, 1]])):
+    for seqlen_q, seqlen_k, rows in (
+        (2, 5, [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]),
+        (5, 2, [[0, 0], [0, 0], [0, 0], [1, 0], [1, 1]]),
+    ):
         q, k = bshd(1, seqlen_q, 1, seqlen_k), bshd(1, seqlen_k, 1, seqlen_k)
         v = torch.eye(seqlen_k)[None, :, None, :]  # (1, Sk, 1, Sk): out reads the probabilities back
         out = flash_attn_func(q, k, v, causal=True)
@@ -57,7 +63,9 @@ def test_modifiers_mean_what_the_contract_says(arguments, reference_arguments):
         reference_arguments["alibi_slopes"] = arguments["alibi_slopes"]
     q, k, v = bshd(2, 9, 4, 8) * 2, bshd(2, 13, 4, 8) * 2, bshd(2, 13, 4, 8)
     out = flash_attn_func(q, k, v, **arguments)
-    torch.testing.assert_close(out.double(), expected(q, k, v, **reference_arguments)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out.double(), expected(q, k, v, **reference_arguments)[0], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_packed_forms_match_the_unpacked_one_with_gradients():
@@ -68,7 +76,9 @@ def test_packed_forms_match_the_unpacked_one_with_gradients():
     q, k, v = (t.detach().clone().requires_grad_(True) for t in qkv.unbind(2))
     unpacked = flash_attn_func(q, k, v, causal=True)
     torch.testing.assert_close(out, unpacked)
-    torch.testing.assert_close(packed_grad, torch.stack(torch.autograd.grad(unpacked, (q, k, v), grad), dim=2))
+    torch.testing.assert_close(
+        packed_grad, torch.stack(torch.autograd.grad(unpacked, (q, k, v), grad), dim=2)
+    )
 
     q = bshd(2, 6, 4, 16, requires_grad=True)
     kv = bshd(2, 10, 2 * 2, 16).unflatten(2, (2, 2)).requires_grad_(True)  # (B, Sk, 2, Hkv, D)
@@ -84,7 +94,11 @@ def test_packed_forms_match_the_unpacked_one_with_gradients():
         (lambda q: flash_attn_func(q[0], q, q), ValueError, r"q must be 4-D \(B, Sq, Hq, D\)"),
         (lambda q: flash_attn_func(q, q, q, causal="yes"), TypeError, "causal must be a bool"),
         (lambda q: flash_attn_func(q, q, q, window_size=4), TypeError, "window_size must be a pair"),
-        (lambda q: flash_attn_func(q, q, q, window_size=(4, -3)), ValueError, "window_size values must be >= -1"),
+        (
+            lambda q: flash_attn_func(q, q, q, window_size=(4, -3)),
+            ValueError,
+            "window_size values must be >= -1",
+        ),
         (lambda q: flash_attn_func(q, q, q, softcap=-1.0), ValueError, "softcap must be a finite number > 0"),
         (lambda q: flash_attn_func(q, q, q, deterministic=1), TypeError, "deterministic must be a bool"),
         (lambda q: flash_attn_qkvpacked_func(q), ValueError, r"qkv must be 5-D \(B, S, 3, H, D\)"),
@@ -99,5 +113,7 @@ def test_bad_input_is_refused_by_name(call, error, match):
 
 def test_deterministic_is_honoured_on_the_cpu():
     q, k, v = (bshd(1, 9, 2, 8, requires_grad=True) for _ in range(3))
-    grads = [torch.autograd.grad(flash_attn_func(q, k, v, deterministic=True).sum(), (q, k, v)) for _ in range(2)]
+    grads = [
+        torch.autograd.grad(flash_attn_func(q, k, v, deterministic=True).sum(), (q, k, v)) for _ in range(2)
+    ]
     assert all(torch.equal(a, b) for a, b in zip(*grads))

@@ -59,9 +59,20 @@ def problems(draw, backend: str) -> Case:
     scale = draw(st.sampled_from([None, 1.0, 0.125]))
     grads = draw(st.sampled_from([("q", "k", "v"), ("q",), ("k", "v"), ()]))
     return Case(
-        batch, heads_kv * group, heads_kv, seqlen_q, seqlen_k, head_dim, dtype, causal, scale=scale,
-        bias_shape=bias, key_mask=key_mask != "none", keys_kept=1.0 if key_mask == "full" else 0.6,
-        empty_key_rows=(batch - 1,) if key_mask == "with-empty-row" else (), layout=layout,
+        batch,
+        heads_kv * group,
+        heads_kv,
+        seqlen_q,
+        seqlen_k,
+        head_dim,
+        dtype,
+        causal,
+        scale=scale,
+        bias_shape=bias,
+        key_mask=key_mask != "none",
+        keys_kept=1.0 if key_mask == "full" else 0.6,
+        empty_key_rows=(batch - 1,) if key_mask == "with-empty-row" else (),
+        layout=layout,
         grads=grads + (("bias",) if bias_grad else ()),
     )
 

@@ -251,7 +251,14 @@ def test_an_argument_never_seen_is_refused_naming_model_and_argument():
         integration.attention_forward(NamedAttention(), q, q, q, None, never_seen_before=1.5)
     # None means "not given", and the documented result-neutral arguments pass.
     out, _ = integration.attention_forward(
-        NamedAttention(), q, q, q, None, never_seen_before=None, position_ids=torch.arange(3)[None], use_cache=True
+        NamedAttention(),
+        q,
+        q,
+        q,
+        None,
+        never_seen_before=None,
+        position_ids=torch.arange(3)[None],
+        use_cache=True,
     )
     expected, _ = reference_attention(q, q, q, causal=True)
     torch.testing.assert_close(out, expected.transpose(1, 2), atol=2e-6, rtol=2e-5)
@@ -277,8 +284,13 @@ def test_modern_models_training_match_eager(kind):
     mask = padding_mask(2, 12, {1: 3}, left=True)
     weights = torch.randn(2, 12, 97) * mask[..., None]
     assert_matches_eager(
-        kind, lambda m: m(ids, attention_mask=mask).logits, weights, torch.float32, "cpu",
-        sharpen=SHARPEN, **MODERN_MODELS[kind],
+        kind,
+        lambda m: m(ids, attention_mask=mask).logits,
+        weights,
+        torch.float32,
+        "cpu",
+        sharpen=SHARPEN,
+        **MODERN_MODELS[kind],
     )
 
 
@@ -339,7 +351,9 @@ def test_modifiers_reach_the_kernel_without_a_mask_tensor(kind, attention_calls)
     if kind == "gemma2":
         assert all(c["softcap"] == 1.0 for c in attention_calls)
     if kind == "gpt_oss":
-        assert all(c["sinks"] is layer.self_attn.sinks for c, layer in zip(attention_calls, model.model.layers))
+        assert all(
+            c["sinks"] is layer.self_attn.sinks for c, layer in zip(attention_calls, model.model.layers)
+        )
 
 
 def test_a_model_computing_attention_itself_is_refused():

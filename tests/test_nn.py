@@ -453,16 +453,27 @@ def test_modules_compile_without_graph_breaks():
 
 def test_score_modifiers_match_the_reference_and_train_the_sinks():
     slopes = torch.rand(4)
-    module = Attention(EMBED, 4, 2, causal=True, window_size=(2, -1), softcap=0.8, alibi_slopes=slopes, sinks=True)
+    module = Attention(
+        EMBED, 4, 2, causal=True, window_size=(2, -1), softcap=0.8, alibi_slopes=slopes, sinks=True
+    )
     with torch.no_grad():
         module.sinks.copy_(torch.randn(4))
     x = torch.randn(2, 9, EMBED)
     out = module(x)
     q, k, v = module._keys_values(x, None, None)
     expected, _ = fast_attn.reference.reference_attention(
-        q, k, v, causal="bottom_right", window_size=(2, -1), softcap=0.8, alibi_slopes=slopes, sinks=module.sinks
+        q,
+        k,
+        v,
+        causal="bottom_right",
+        window_size=(2, -1),
+        softcap=0.8,
+        alibi_slopes=slopes,
+        sinks=module.sinks,
     )
-    torch.testing.assert_close(out, module.out_proj(expected.transpose(1, 2).flatten(2)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out, module.out_proj(expected.transpose(1, 2).flatten(2)), atol=1e-5, rtol=1e-5
+    )
     out.square().sum().backward()
     assert module.sinks.grad is not None and module.sinks.grad.abs().sum() > 0
     assert "alibi_slopes" in dict(module.named_buffers())

@@ -147,8 +147,12 @@ def test_rounded_output_reference_is_the_flash_backward_with_a_rounded_output():
     out = p @ v
     delta = (grad_out.float() * out.to(torch.bfloat16).float()).sum(-1, keepdim=True).double()
     ds = p * (grad_out @ v.transpose(-1, -2) - delta)
-    expected = {"q": ds @ k * scale, "k": ds.transpose(-1, -2) @ q * scale, "v": p.transpose(-1, -2) @ grad_out,
-                "bias": ds}
+    expected = {
+        "q": ds @ k * scale,
+        "k": ds.transpose(-1, -2) @ q * scale,
+        "v": p.transpose(-1, -2) @ grad_out,
+        "bias": ds,
+    }
     inputs = {name: t.clone().requires_grad_() for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias))}
     inputs["key_mask"] = None
     model = rounded_output_reference(inputs, out_dtype=torch.bfloat16, grad_out=grad_out, scale=scale)

@@ -45,8 +45,11 @@ DIRECT_OP_CALLS = {
 def run_python(code: str) -> subprocess.CompletedProcess:
     # faulthandler: a crash prints the Python line it happened on to stderr.
     return subprocess.run(
-        [sys.executable, "-X", "faulthandler", "-c", textwrap.dedent(code)], capture_output=True, text=True,
-        timeout=120, cwd=Path(__file__).resolve().parents[1],
+        [sys.executable, "-X", "faulthandler", "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
     )
 
 
@@ -158,7 +161,9 @@ def test_concurrent_threads_match_sequential_results():
     for _ in range(6):
         q, k, v = random_qkv(2, 4, 2, 33, 47, 32, device=DEVICE, dtype=DTYPE)
         problems.append((q, k, v, torch.randn(1, 4, 33, 47, device=DEVICE, dtype=DTYPE)))
-    sequential = [fast_attn.attention(q, k, v, bias=b, causal=True, backend=KERNEL) for q, k, v, b in problems]
+    sequential = [
+        fast_attn.attention(q, k, v, bias=b, causal=True, backend=KERNEL) for q, k, v, b in problems
+    ]
     results: list[list[torch.Tensor]] = [[] for _ in range(4)]
 
     def worker(slot: int):
@@ -228,7 +233,8 @@ def test_more_than_two_to_the_31_elements_uses_64_bit_offsets():
         for b in (0, batch - 1):
             expected = run_reference(
                 {"q": q[b : b + 1, -2:], "k": k[b : b + 1, -2:], "v": v[b : b + 1, -2:]},
-                compute_dtype=torch.float64, causal=True,
+                compute_dtype=torch.float64,
+                causal=True,
             )
             torch.testing.assert_close(out[b : b + 1, -2:].double(), expected.out, atol=3e-2, rtol=3e-2)
         del out

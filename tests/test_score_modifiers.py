@@ -74,8 +74,12 @@ def band_visible(seqlen_q, seqlen_k, causal, window):
 @pytest.mark.parametrize("window", [(2, 1), (0, 0), (3, -1), (-1, 2), (20, 20)])
 def test_reference_window_is_the_band_of_its_definition(seqlen_q, seqlen_k, causal, window):
     q, k, v = (t[0, 0].double() for t in random_qkv(1, 1, 1, seqlen_q, seqlen_k, 8))
-    out, lse = reference_attention(q[None, None], k[None, None], v[None, None], causal=causal, window_size=window)
-    expected_out, expected_lse = explicit_attention(q, k, v, visible=band_visible(seqlen_q, seqlen_k, causal, window))
+    out, lse = reference_attention(
+        q[None, None], k[None, None], v[None, None], causal=causal, window_size=window
+    )
+    expected_out, expected_lse = explicit_attention(
+        q, k, v, visible=band_visible(seqlen_q, seqlen_k, causal, window)
+    )
     torch.testing.assert_close(lse[0, 0], expected_lse)
     torch.testing.assert_close(out[0, 0], expected_out)
 
@@ -98,10 +102,18 @@ def test_reference_softcap_alibi_and_sinks_follow_their_definitions():
     q, k, v = (t[0, 0].double() * 3 for t in random_qkv(1, 1, 1, 6, 9, 8))
     visible = band_visible(6, 9, "bottom_right", (4, -1))
     out, lse = reference_attention(
-        q[None, None], k[None, None], v[None, None], causal="bottom_right", window_size=(4, -1), softcap=2.5,
-        alibi_slopes=torch.tensor([0.3]), sinks=torch.tensor([0.7], dtype=torch.float64),
+        q[None, None],
+        k[None, None],
+        v[None, None],
+        causal="bottom_right",
+        window_size=(4, -1),
+        softcap=2.5,
+        alibi_slopes=torch.tensor([0.3]),
+        sinks=torch.tensor([0.7], dtype=torch.float64),
     )
-    expected_out, expected_lse = explicit_attention(q, k, v, visible=visible, softcap=2.5, slopes=0.3, sink=0.7)
+    expected_out, expected_lse = explicit_attention(
+        q, k, v, visible=visible, softcap=2.5, slopes=0.3, sink=0.7
+    )
     torch.testing.assert_close(lse[0, 0], expected_lse)
     torch.testing.assert_close(out[0, 0], expected_out)
 
@@ -123,8 +135,9 @@ def test_reference_alibi_of_b_and_h_slopes():
     out, _ = reference_attention(q, k, v, alibi_slopes=slopes)
     for b in range(2):
         for h in range(3):
-            expected, _ = explicit_attention(q[b, h], k[b, h], v[b, h], visible=lambda i, j: True,
-                                             slopes=float(slopes[b, h]))
+            expected, _ = explicit_attention(
+                q[b, h], k[b, h], v[b, h], visible=lambda i, j: True, slopes=float(slopes[b, h])
+            )
             torch.testing.assert_close(out[b, h], expected)
 
 
@@ -139,7 +152,9 @@ MODIFIERS = {
 def check(backend: str, case: Case):
     """`case` through fast_attn.attention on `backend` against float64 by the error rule, every gradient
     (sinks' included), with the kernel's own output as the gradients' second baseline."""
-    return check_against_reference(attention_runner(backend), case, backend_device(backend), rounded_output="kernel")
+    return check_against_reference(
+        attention_runner(backend), case, backend_device(backend), rounded_output="kernel"
+    )
 
 
 @pytest.mark.parametrize("feature", sorted(MODIFIERS))
@@ -147,8 +162,20 @@ def check(backend: str, case: Case):
 def test_each_modifier_on_each_backend_or_refused_by_name(kernel_backend, feature, dtype):
     if dtype not in dispatch.BACKENDS[kernel_backend].dtypes:
         pytest.skip(f"{kernel_backend} does not declare {dtype}")
-    case = Case(2, 4, 2, 19, 23, 16, dtype, causal="bottom_right", key_mask=True, empty_key_rows=(1,),
-                grad_lse=True, **MODIFIERS[feature])
+    case = Case(
+        2,
+        4,
+        2,
+        19,
+        23,
+        16,
+        dtype,
+        causal="bottom_right",
+        key_mask=True,
+        empty_key_rows=(1,),
+        grad_lse=True,
+        **MODIFIERS[feature],
+    )
     if feature not in dispatch.BACKENDS[kernel_backend].features:
         inputs = case.make_inputs(backend_device(kernel_backend))
         with pytest.raises(dispatch.BackendNotSupportedError, match=dispatch.FEATURES[feature]):
@@ -160,10 +187,24 @@ def test_each_modifier_on_each_backend_or_refused_by_name(kernel_backend, featur
 def test_all_modifiers_together_with_bias_gqa_and_lse(kernel_backend):
     if not {"window", "softcap", "alibi", "sinks"} <= dispatch.BACKENDS[kernel_backend].features:
         pytest.skip(f"{kernel_backend} does not declare every modifier yet")
-    check(kernel_backend, Case(
-        2, 6, 2, 33, 41, 32, causal="top_left", window_size=(9, -1), softcap=0.8, alibi="bh", sinks=True,
-        bias_shape=(1, 6, 33, 41), grad_lse=True,
-    ))
+    check(
+        kernel_backend,
+        Case(
+            2,
+            6,
+            2,
+            33,
+            41,
+            32,
+            causal="top_left",
+            window_size=(9, -1),
+            softcap=0.8,
+            alibi="bh",
+            sinks=True,
+            bias_shape=(1, 6, 33, 41),
+            grad_lse=True,
+        ),
+    )
 
 
 def test_auto_runs_what_the_kernels_lack_on_the_reference():
@@ -189,7 +230,11 @@ def test_auto_runs_what_the_kernels_lack_on_the_reference():
         ({"softcap": math.nan}, ValueError, "softcap must be a finite number > 0, got nan"),
         ({"softcap": "50"}, TypeError, "softcap must be a real number or None, got str"),
         ({"alibi_slopes": torch.rand(4, dtype=torch.float64)}, TypeError, "alibi_slopes must be float32"),
-        ({"alibi_slopes": torch.rand(3)}, ValueError, r"alibi_slopes must have shape \(Hq,\) = \(4,\).*\(3,\)"),
+        (
+            {"alibi_slopes": torch.rand(3)},
+            ValueError,
+            r"alibi_slopes must have shape \(Hq,\) = \(4,\).*\(3,\)",
+        ),
         ({"alibi_slopes": torch.rand(1, 4, 1)}, ValueError, r"alibi_slopes must have shape.*\(1, 4, 1\)"),
         ({"sinks": torch.rand(2)}, ValueError, r"sinks must have shape \(Hq,\) = \(4,\), got \(2,\)"),
         ({"sinks": torch.ones(4, dtype=torch.long)}, TypeError, "sinks must be a floating-point tensor"),
@@ -212,7 +257,9 @@ def test_window_of_minus_ones_is_no_window():
 # Each case through fast_attn.attention(backend="cpu") against float64 by the error rule: forward, lse
 # and every gradient; with dropout the op gets the case's seed, so that the reference drops the same scores.
 
-needs_cpu_op = pytest.mark.skipif(dispatch.UNAVAILABLE["cpu"] is not None, reason=str(dispatch.UNAVAILABLE["cpu"]))
+needs_cpu_op = pytest.mark.skipif(
+    dispatch.UNAVAILABLE["cpu"] is not None, reason=str(dispatch.UNAVAILABLE["cpu"])
+)
 # FAST_ATTN_CPU_ISA is read on every call: each instruction-set path runs in this process.
 ISA_PATHS = ["native", "avx2", "generic"]
 SHAPES = [(1, 17), (17, 1), (17, 97), (97, 17), (97, 97), (257, 97), (97, 257), (257, 257)]
@@ -246,10 +293,13 @@ def test_cpu_window_grid_float32(seqlen_q, seqlen_k, causal, window):
 @needs_cpu_op
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("seqlen_q,seqlen_k", [(17, 97), (97, 17), (257, 257)])
-@pytest.mark.parametrize("causal,window", [(False, (3, -1)), ("bottom_right", (16, 16)), ("top_left", (0, 0)),
-                                           (False, (-1, 3))])
+@pytest.mark.parametrize(
+    "causal,window", [(False, (3, -1)), ("bottom_right", (16, 16)), ("top_left", (0, 0)), (False, (-1, 3))]
+)
 def test_cpu_window_grid_other_dtypes(dtype, seqlen_q, seqlen_k, causal, window):
-    check("cpu", Case(2, 4, 2, seqlen_q, seqlen_k, 32, dtype, causal=causal, window_size=window, grad_lse=True))
+    check(
+        "cpu", Case(2, 4, 2, seqlen_q, seqlen_k, 32, dtype, causal=causal, window_size=window, grad_lse=True)
+    )
 
 
 @needs_cpu_op
@@ -264,16 +314,35 @@ def test_empty_rows_of_a_window_are_zero_with_zero_gradients():
 @needs_cpu_op
 @pytest.mark.parametrize("isa", ISA_PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("seqlen_q,seqlen_k,causal,window", [
-    (97, 257, False, (16, 16)), (257, 97, "bottom_right", (100, 0)), (97, 17, "top_left", (3, -1)),
-])
-def test_cpu_window_with_bias_key_mask_and_gqa_on_each_isa(monkeypatch, isa, dtype, seqlen_q, seqlen_k, causal,
-                                                            window):
+@pytest.mark.parametrize(
+    "seqlen_q,seqlen_k,causal,window",
+    [
+        (97, 257, False, (16, 16)),
+        (257, 97, "bottom_right", (100, 0)),
+        (97, 17, "top_left", (3, -1)),
+    ],
+)
+def test_cpu_window_with_bias_key_mask_and_gqa_on_each_isa(
+    monkeypatch, isa, dtype, seqlen_q, seqlen_k, causal, window
+):
     on_isa(monkeypatch, isa)
-    shape = dict(batch=2, heads_q=6, heads_kv=2, seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=32, dtype=dtype)
+    shape = dict(
+        batch=2, heads_q=6, heads_kv=2, seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=32, dtype=dtype
+    )
     # A full bias: each dbias element stored once (tiles outside the band store zeros).
-    check("cpu", Case(**shape, causal=causal, window_size=window, bias_shape=(2, 6, seqlen_q, seqlen_k),
-                      bias_dtype=accumulation(dtype), key_mask=True, empty_key_rows=(1,), grad_lse=True))
+    check(
+        "cpu",
+        Case(
+            **shape,
+            causal=causal,
+            window_size=window,
+            bias_shape=(2, 6, seqlen_q, seqlen_k),
+            bias_dtype=accumulation(dtype),
+            key_mask=True,
+            empty_key_rows=(1,),
+            grad_lse=True,
+        ),
+    )
     # A bias broadcast over batch and rows: partial sums.
     check("cpu", Case(**shape, causal=causal, window_size=window, bias_shape=(1, 6, 1, seqlen_k)))
 
@@ -282,40 +351,93 @@ def test_cpu_window_with_bias_key_mask_and_gqa_on_each_isa(monkeypatch, isa, dty
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("causal,window", [(False, (16, 16)), ("bottom_right", (3, -1))])
 def test_cpu_window_with_dropout(dtype, causal, window):
-    check("cpu", Case(2, 4, 2, 97, 130, 32, dtype, causal=causal, window_size=window, scale=0.2,
-                      bias_shape=(1, 4, 97, 130), bias_dtype=accumulation(dtype), dropout_p=0.3,
-                      dropout_seed=(1 << 41) + 977, grad_lse=True))
+    check(
+        "cpu",
+        Case(
+            2,
+            4,
+            2,
+            97,
+            130,
+            32,
+            dtype,
+            causal=causal,
+            window_size=window,
+            scale=0.2,
+            bias_shape=(1, 4, 97, 130),
+            bias_dtype=accumulation(dtype),
+            dropout_p=0.3,
+            dropout_seed=(1 << 41) + 977,
+            grad_lse=True,
+        ),
+    )
 
 
 @needs_cpu_op
 @pytest.mark.parametrize("isa", ISA_PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("softcap", [0.5, 30.0])
-@pytest.mark.parametrize("seqlen_q,seqlen_k,causal", [(97, 97, False), (17, 257, "bottom_right"),
-                                                      (257, 97, "top_left")])
+@pytest.mark.parametrize(
+    "seqlen_q,seqlen_k,causal", [(97, 97, False), (17, 257, "bottom_right"), (257, 97, "top_left")]
+)
 def test_cpu_softcap(monkeypatch, isa, dtype, softcap, seqlen_q, seqlen_k, causal):
     on_isa(monkeypatch, isa)
     # Scores 9x the usual spread (+-10 and more), so that a cap of 0.5 is deep in tanh's saturation.
-    check("cpu", Case(2, 4, 2, seqlen_q, seqlen_k, 32, dtype, causal=causal, softcap=softcap,
-                      scale=scores_spread(9.0), grad_lse=True))
+    check(
+        "cpu",
+        Case(
+            2,
+            4,
+            2,
+            seqlen_q,
+            seqlen_k,
+            32,
+            dtype,
+            causal=causal,
+            softcap=softcap,
+            scale=scores_spread(9.0),
+            grad_lse=True,
+        ),
+    )
 
 
 @needs_cpu_op
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 def test_cpu_softcap_with_window_bias_key_mask_and_dropout(dtype, dropout_p):
-    check("cpu", Case(2, 4, 2, 97, 113, 32, dtype, causal="bottom_right", window_size=(20, -1), softcap=1.5,
-                      scale=scores_spread(4.0), bias_shape=(2, 1, 97, 113), bias_dtype=accumulation(dtype),
-                      key_mask=True, empty_key_rows=(0,), dropout_p=dropout_p, dropout_seed=(1 << 41) + 977,
-                      grad_lse=True))
+    check(
+        "cpu",
+        Case(
+            2,
+            4,
+            2,
+            97,
+            113,
+            32,
+            dtype,
+            causal="bottom_right",
+            window_size=(20, -1),
+            softcap=1.5,
+            scale=scores_spread(4.0),
+            bias_shape=(2, 1, 97, 113),
+            bias_dtype=accumulation(dtype),
+            key_mask=True,
+            empty_key_rows=(0,),
+            dropout_p=dropout_p,
+            dropout_seed=(1 << 41) + 977,
+            grad_lse=True,
+        ),
+    )
 
 
 @needs_cpu_op
 @pytest.mark.parametrize("isa", ISA_PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("alibi", ["h", "bh"])
-@pytest.mark.parametrize("seqlen_q,seqlen_k,causal", [(97, 97, False), (17, 257, "bottom_right"),
-                                                      (257, 97, "top_left"), (1, 97, False)])
+@pytest.mark.parametrize(
+    "seqlen_q,seqlen_k,causal",
+    [(97, 97, False), (17, 257, "bottom_right"), (257, 97, "top_left"), (1, 97, False)],
+)
 def test_cpu_alibi(monkeypatch, isa, dtype, alibi, seqlen_q, seqlen_k, causal):
     on_isa(monkeypatch, isa)
     check("cpu", Case(2, 4, 2, seqlen_q, seqlen_k, 32, dtype, causal=causal, alibi=alibi, grad_lse=True))
@@ -325,15 +447,52 @@ def test_cpu_alibi(monkeypatch, isa, dtype, alibi, seqlen_q, seqlen_k, causal):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_cpu_all_modifiers_with_bias_key_mask_gqa_and_dropout(dtype, dropout_p):
-    check("cpu", Case(2, 6, 3, 130, 97, 40, dtype, window_size=(24, 8), softcap=2.0, alibi="bh",
-                      scale=scores_spread(4.0, 40), bias_shape=(2, 6, 130, 97), bias_dtype=accumulation(dtype),
-                      key_mask=True, dropout_p=dropout_p, dropout_seed=(1 << 41) + 977, grad_lse=True))
+    check(
+        "cpu",
+        Case(
+            2,
+            6,
+            3,
+            130,
+            97,
+            40,
+            dtype,
+            window_size=(24, 8),
+            softcap=2.0,
+            alibi="bh",
+            scale=scores_spread(4.0, 40),
+            bias_shape=(2, 6, 130, 97),
+            bias_dtype=accumulation(dtype),
+            key_mask=True,
+            dropout_p=dropout_p,
+            dropout_seed=(1 << 41) + 977,
+            grad_lse=True,
+        ),
+    )
 
 
 @needs_cpu_op
 def test_cpu_modifiers_through_the_public_api_with_sinks():
-    check("cpu", Case(2, 6, 2, 45, 70, 32, causal="bottom_right", window_size=(12, -1), softcap=3.0, alibi="h",
-                      sinks=True, key_mask=True, empty_key_rows=(1,), bias_shape=(2, 1, 45, 70), grad_lse=True))
+    check(
+        "cpu",
+        Case(
+            2,
+            6,
+            2,
+            45,
+            70,
+            32,
+            causal="bottom_right",
+            window_size=(12, -1),
+            softcap=3.0,
+            alibi="h",
+            sinks=True,
+            key_mask=True,
+            empty_key_rows=(1,),
+            bias_shape=(2, 1, 45, 70),
+            grad_lse=True,
+        ),
+    )
 
 
 @needs_cpu_op
@@ -346,21 +505,50 @@ def test_cpu_gradcheck_float64_with_every_modifier():
 
     def function(q, k, v, bias, sinks):
         return fast_attn.attention(
-            q, k, v, bias=bias, key_mask=key_mask, causal="top_left", window_size=(4, -1), softcap=1.3,
-            alibi_slopes=slopes, sinks=sinks, scale=0.6, return_lse=True, backend="cpu",
+            q,
+            k,
+            v,
+            bias=bias,
+            key_mask=key_mask,
+            causal="top_left",
+            window_size=(4, -1),
+            softcap=1.3,
+            alibi_slopes=slopes,
+            sinks=sinks,
+            scale=0.6,
+            return_lse=True,
+            backend="cpu",
         )
 
     assert torch.autograd.gradcheck(function, (q, k, v, bias, sinks))
     assert torch.autograd.gradcheck(
-        lambda q, k, v: fast_attn.attention(q, k, v, window_size=(2, 5), softcap=0.7, backend="cpu"), (q, k, v)
+        lambda q, k, v: fast_attn.attention(q, k, v, window_size=(2, 5), softcap=0.7, backend="cpu"),
+        (q, k, v),
     )
 
 
 @needs_cpu_op
 def test_cpu_opcheck_of_the_modifier_arguments():
-    case = Case(2, 4, 2, 9, 13, 8, causal="bottom_right", window_size=(4, 1), softcap=2.5, alibi="h", scale=0.5,
-                bias_shape=(1, 4, 9, 13), key_mask=True, dropout_p=0.1, dropout_seed=7)
-    opcheck_forward_and_backward(torch.ops.fast_attn.attention_forward, torch.ops.fast_attn.attention_backward, case)
+    case = Case(
+        2,
+        4,
+        2,
+        9,
+        13,
+        8,
+        causal="bottom_right",
+        window_size=(4, 1),
+        softcap=2.5,
+        alibi="h",
+        scale=0.5,
+        bias_shape=(1, 4, 9, 13),
+        key_mask=True,
+        dropout_p=0.1,
+        dropout_seed=7,
+    )
+    opcheck_forward_and_backward(
+        torch.ops.fast_attn.attention_forward, torch.ops.fast_attn.attention_backward, case
+    )
 
 
 @needs_cpu_op
@@ -374,7 +562,10 @@ def test_cpu_opcheck_of_the_modifier_arguments():
         ({"alibi_slopes": torch.rand(1, 4, dtype=torch.float64)}, "alibi_slopes must be float32"),
         ({"alibi_slopes": torch.rand(4)}, r"alibi_slopes must have shape \(B or 1, Hq\)"),
         ({"alibi_slopes": torch.rand(3, 4)}, r"alibi_slopes must have shape \(B or 1, Hq\)"),
-        ({"alibi_slopes": torch.rand(4, 2).t()}, r"alibi_slopes must have shape|alibi_slopes must be contiguous"),
+        (
+            {"alibi_slopes": torch.rand(4, 2).t()},
+            r"alibi_slopes must have shape|alibi_slopes must be contiguous",
+        ),
         ({"alibi_slopes": torch.rand(2, 8)[:, ::2]}, "alibi_slopes must be contiguous"),
     ],
 )
@@ -390,8 +581,16 @@ def test_cpu_torch_compile_fullgraph_with_window_and_softcap():
     slopes = torch.rand(4)
 
     def step(q, k, v):
-        out = fast_attn.attention(q, k, v, causal="bottom_right", window_size=(16, -1), softcap=2.0,
-                                  alibi_slopes=slopes, backend="cpu")
+        out = fast_attn.attention(
+            q,
+            k,
+            v,
+            causal="bottom_right",
+            window_size=(16, -1),
+            softcap=2.0,
+            alibi_slopes=slopes,
+            backend="cpu",
+        )
         return out, (out * out).sum()
 
     compiled = torch.compile(step, fullgraph=True)

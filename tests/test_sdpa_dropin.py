@@ -11,7 +11,9 @@ from fast_attn.testing import random_qkv
 
 
 def both(*args, **kwargs):
-    return fast_attn.scaled_dot_product_attention(*args, **kwargs), F.scaled_dot_product_attention(*args, **kwargs)
+    return fast_attn.scaled_dot_product_attention(*args, **kwargs), F.scaled_dot_product_attention(
+        *args, **kwargs
+    )
 
 
 def assert_same(ours, theirs):

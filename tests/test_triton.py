@@ -198,7 +198,17 @@ def test_backward_is_deterministic():
     # GQA (dK/dV summed over the group) and a batch-shared bias reduced in several
     # splits: two runs give the same bits.
     case = Case(
-        2, 4, 2, 45, 50, 32, F32, causal=True, bias_shape=(1, 4, 45, 50), key_mask=True, dropout_p=0.2,
+        2,
+        4,
+        2,
+        45,
+        50,
+        32,
+        F32,
+        causal=True,
+        bias_shape=(1, 4, 45, 50),
+        key_mask=True,
+        dropout_p=0.2,
         dropout_seed=77,
     )
     inputs = case.make_inputs(DEVICE)
@@ -257,14 +267,26 @@ def test_empty_problems(shape):
 
 def test_opcheck_under_the_interpreter_or_gpu():
     case = Case(
-        1, 2, 1, 20, 24, 16, causal=True, scale=0.25, bias_shape=(1, 2, 20, 24), key_mask=True,
+        1,
+        2,
+        1,
+        20,
+        24,
+        16,
+        causal=True,
+        scale=0.25,
+        bias_shape=(1, 2, 20, 24),
+        key_mask=True,
         deterministic=True,
     )
     ops = torch.ops.fast_attn
     # Under the interpreter, wrap_triton cannot capture kernels, so the AOT tests
     # (which compare against a traced graph) run on a GPU only (see test_opcheck_gpu).
     opcheck_forward_and_backward(
-        ops.triton_attention_forward, ops.triton_attention_backward, case, DEVICE,
+        ops.triton_attention_forward,
+        ops.triton_attention_backward,
+        case,
+        DEVICE,
         forward_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
         backward_utils=("test_schema", "test_faketensor"),
     )
@@ -351,8 +373,20 @@ def test_gpu_full_grid(dtype, head_dim, causal):
 @pytest.mark.gpu
 def test_opcheck_gpu():
     case = Case(
-        2, 4, 2, 130, 150, 64, BF16, "bottom_right", scale=0.125, bias_shape=(1, 4, 130, 150), key_mask=True,
-        dropout_p=0.1, dropout_seed=3, deterministic=True,
+        2,
+        4,
+        2,
+        130,
+        150,
+        64,
+        BF16,
+        "bottom_right",
+        scale=0.125,
+        bias_shape=(1, 4, 130, 150),
+        key_mask=True,
+        dropout_p=0.1,
+        dropout_seed=3,
+        deterministic=True,
     )
     ops = torch.ops.fast_attn
     opcheck_forward_and_backward(ops.triton_attention_forward, ops.triton_attention_backward, case, "cuda")

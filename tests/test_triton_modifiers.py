@@ -50,15 +50,42 @@ def test_window(seqlen_q, seqlen_k, causal, window):
 def test_window_leaving_rows_empty(causal, window):
     # Sq > Sk: the first 50 rows of the bottom-right windows (diagonal i - 50) and the rows past
     # 23 of the top-left one see no key; key padding empties a batch row on top.
-    check(Case(2, 2, 2, 70, 20, 16, causal=causal, window_size=window, key_mask=True, empty_key_rows=(1,),
-               grad_lse=True))
+    check(
+        Case(
+            2,
+            2,
+            2,
+            70,
+            20,
+            16,
+            causal=causal,
+            window_size=window,
+            key_mask=True,
+            empty_key_rows=(1,),
+            grad_lse=True,
+        )
+    )
 
 
 @pytest.mark.parametrize("dtype", [F32, F16], ids=["fp32", "fp16"])
 def test_window_with_bias_gradient_key_mask_and_gqa(dtype):
     # A full bias: dS written by the dQ programs.
-    check(Case(2, 4, 2, 45, 70, 24, dtype, causal="bottom_right", window_size=(20, -1), bias_shape=(2, 4, 45, 70),
-               key_mask=True, grad_lse=True))
+    check(
+        Case(
+            2,
+            4,
+            2,
+            45,
+            70,
+            24,
+            dtype,
+            causal="bottom_right",
+            window_size=(20, -1),
+            bias_shape=(2, 4, 45, 70),
+            key_mask=True,
+            grad_lse=True,
+        )
+    )
 
 
 @pytest.mark.parametrize(
@@ -81,12 +108,25 @@ def test_blocks_outside_the_band_are_never_read(seqlen_q, seqlen_k, causal, wind
     # Keys in whole 32-key blocks that no query sees hold NaN in K, V and the bias: a kernel
     # that loads such a block (forward, dK/dV, dQ or the dbias reduction) turns NaN.
     # A bias broadcast over the batch: its gradient comes from the dbias kernel.
-    case = Case(2, 2, 1, seqlen_q, seqlen_k, 16, causal=causal, window_size=window,
-                bias_shape=(1, 2, seqlen_q, seqlen_k), grad_lse=True)
+    case = Case(
+        2,
+        2,
+        1,
+        seqlen_q,
+        seqlen_k,
+        16,
+        causal=causal,
+        window_size=window,
+        bias_shape=(1, 2, seqlen_q, seqlen_k),
+        grad_lse=True,
+    )
     clean = case.make_inputs(DEVICE)
     poisoned = {}
-    for name, nan_part in (("k", (..., poisoned_keys, slice(None))), ("v", (..., poisoned_keys, slice(None))),
-                           ("bias", (..., poisoned_keys))):
+    for name, nan_part in (
+        ("k", (..., poisoned_keys, slice(None))),
+        ("v", (..., poisoned_keys, slice(None))),
+        ("bias", (..., poisoned_keys)),
+    ):
         poisoned[name] = clean[name].detach().clone()
         poisoned[name][nan_part] = math.nan
         poisoned[name].requires_grad_(True)
@@ -121,8 +161,26 @@ def test_alibi(dtype, alibi):
 
 @pytest.mark.parametrize("dtype", [F32, F16], ids=["fp32", "fp16"])
 def test_every_modifier_with_bias_key_mask_gqa_and_dropout(dtype):
-    check(Case(2, 4, 2, 50, 66, 16, dtype, causal="bottom_right", window_size=(24, 0), softcap=1.5, alibi="bh",
-               scale=0.5, bias_shape=(1, 4, 50, 66), key_mask=True, dropout_p=0.2, grad_lse=True))
+    check(
+        Case(
+            2,
+            4,
+            2,
+            50,
+            66,
+            16,
+            dtype,
+            causal="bottom_right",
+            window_size=(24, 0),
+            softcap=1.5,
+            alibi="bh",
+            scale=0.5,
+            bias_shape=(1, 4, 50, 66),
+            key_mask=True,
+            dropout_p=0.2,
+            grad_lse=True,
+        )
+    )
 
 
 def test_softcap_and_alibi_with_dropout_and_no_window():

@@ -106,8 +106,20 @@ def torch_nvcc_flags() -> list[str]:
 
 
 def nvcc_command(nvcc: str, flags: list[str], source: Path, arch: Arch, output: Path) -> list[str]:
-    return [nvcc, "-c", "-std=c++17", *flags, f"-I{ROOT / 'csrc'}", "-gencode", arch.gencode, "-Xptxas", "-v",
-            str(source), "-o", str(output)]
+    return [
+        nvcc,
+        "-c",
+        "-std=c++17",
+        *flags,
+        f"-I{ROOT / 'csrc'}",
+        "-gencode",
+        arch.gencode,
+        "-Xptxas",
+        "-v",
+        str(source),
+        "-o",
+        str(output),
+    ]
 
 
 ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\w+)'")
@@ -165,7 +177,7 @@ def traits_launch_shapes(nvcc: str, flags: list[str], workdir: Path) -> dict[str
     """{'ForwardTraits<__half, 64>': (threads, dynamic smem bytes), ...} printed by the traits themselves."""
     source = workdir / "traits_sizes.cu"
     lines = [
-        '#include <cstdio>',
+        "#include <cstdio>",
         '#include "cuda/forward_kernel.cuh"',
         '#include "cuda/backward_dkdv_kernel.cuh"',
         '#include "cuda/backward_dq_kernel.cuh"',
@@ -177,7 +189,9 @@ def traits_launch_shapes(nvcc: str, flags: list[str], workdir: Path) -> dict[str
         for element in ELEMENTS:
             for head_dim in HEAD_DIMS:
                 t = f"{traits}<{element}, {head_dim}>"
-                lines.append(f'  std::printf("%s|%d|%zu\\n", "{t}", {t}::kThreads, static_cast<size_t>({t}::kSmemBytes));')
+                lines.append(
+                    f'  std::printf("%s|%d|%zu\\n", "{t}", {t}::kThreads, static_cast<size_t>({t}::kSmemBytes));'
+                )
     lines += ["  return 0;", "}"]
     source.write_text("\n".join(lines) + "\n")
     binary = workdir / "traits_sizes"
@@ -193,7 +207,9 @@ def traits_launch_shapes(nvcc: str, flags: list[str], workdir: Path) -> dict[str
 
 def compile_one(nvcc: str, flags: list[str], source: Path, arch: Arch, workdir: Path) -> CompileResult:
     output = workdir / f"{source.stem}.{arch.name}.o"
-    proc = subprocess.run(nvcc_command(nvcc, flags, source, arch, output), capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        nvcc_command(nvcc, flags, source, arch, output), capture_output=True, text=True, check=False
+    )
     text = proc.stdout + proc.stderr
     return CompileResult(source, arch, proc.returncode, text, parse_ptxas(text, arch.name))
 
@@ -228,11 +244,15 @@ def check(results: list[CompileResult], shapes: dict[str, tuple[int, int]]) -> l
             if kernel.traits in shapes:
                 threads, smem = shapes[kernel.traits]
                 if smem > result.arch.max_dynamic_smem:
-                    failures.append(f"{where}: {kernel.name} needs {smem} bytes of shared memory, "
-                                    f"{result.arch.name} allows {result.arch.max_dynamic_smem}")
+                    failures.append(
+                        f"{where}: {kernel.name} needs {smem} bytes of shared memory, "
+                        f"{result.arch.name} allows {result.arch.max_dynamic_smem}"
+                    )
                 if ctas_per_sm(result.arch, kernel.registers, threads, smem)[0] < 1:
-                    failures.append(f"{where}: {kernel.name}: {kernel.registers} registers x {threads} threads "
-                                    f"exceed the register file")
+                    failures.append(
+                        f"{where}: {kernel.name}: {kernel.registers} registers x {threads} threads "
+                        f"exceed the register file"
+                    )
     return failures
 
 
@@ -242,8 +262,14 @@ def nvcc_version(nvcc: str) -> str:
     return f"{match.group(1)} ({match.group(2)})" if match else "unknown"
 
 
-def write_report(path: Path, results: list[CompileResult], shapes: dict[str, tuple[int, int]],
-                 archs: list[Arch], nvcc: str, flags: list[str]) -> None:
+def write_report(
+    path: Path,
+    results: list[CompileResult],
+    shapes: dict[str, tuple[int, int]],
+    archs: list[Arch],
+    nvcc: str,
+    flags: list[str],
+) -> None:
     lines = [
         "# ptxas resource report of the CUDA kernels",
         "",
@@ -316,14 +342,18 @@ def main() -> int:
         write_report(args.report, results, shapes, archs, nvcc, flags)
     kernels = sum(len(r.kernels) for r in results)
     if failures:
-        print(f"cuda_compile_check: {len(failures)} finding(s) in {len(sources)} files x {len(archs)} archs:",
-              file=sys.stderr)
+        print(
+            f"cuda_compile_check: {len(failures)} finding(s) in {len(sources)} files x {len(archs)} archs:",
+            file=sys.stderr,
+        )
         for failure in failures:
             print(f"  - {failure}", file=sys.stderr)
         return 1
     allowed = f" beyond the {len(INTENDED_LOCAL_MEMORY)} allowed" if INTENDED_LOCAL_MEMORY else ""
-    print(f"cuda_compile_check: {len(sources)} files x {len(archs)} archs, {kernels} kernels, no local memory"
-          f"{allowed}, shared memory and registers within limits")
+    print(
+        f"cuda_compile_check: {len(sources)} files x {len(archs)} archs, {kernels} kernels, no local memory"
+        f"{allowed}, shared memory and registers within limits"
+    )
     return 0
 
 

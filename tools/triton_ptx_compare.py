@@ -19,7 +19,20 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-_SKIPPED_PREFIXES = (".loc", ".file", "//", ".reg", ".b8", ".b16", ".b32", ".b64", ".section", "{", "}", "$L__")
+_SKIPPED_PREFIXES = (
+    ".loc",
+    ".file",
+    "//",
+    ".reg",
+    ".b8",
+    ".b16",
+    ".b32",
+    ".b64",
+    ".section",
+    "{",
+    "}",
+    "$L__",
+)
 
 
 def instructions(ptx: str) -> list[str]:
@@ -39,8 +52,8 @@ def without_register_names(lines: list[str]) -> list[str]:
 def dump(folder: Path) -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     sys.path.insert(0, str(ROOT / "tests"))
-    import torch
     import test_triton_compile as cases
+    import torch
 
     folder.mkdir(parents=True, exist_ok=True)
     for kind, name, capability in cases.CASE_IDS:

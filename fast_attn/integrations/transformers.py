@@ -173,8 +173,17 @@ def attention_forward(
     mask_carries_no_window = attention_mask is None or key_mask is not None
     window = (sliding_window - 1, sliding_window - 1) if sliding_window and mask_carries_no_window else None
     out = attention(
-        query, key, value, bias=bias, key_mask=key_mask, causal=causal, window_size=window, softcap=softcap,
-        sinks=s_aux, scale=scaling, dropout_p=dropout,
+        query,
+        key,
+        value,
+        bias=bias,
+        key_mask=key_mask,
+        causal=causal,
+        window_size=window,
+        softcap=softcap,
+        sinks=s_aux,
+        scale=scaling,
+        dropout_p=dropout,
     )  # (B, Hq, Sq, D)
     return out.transpose(1, 2), None
 
@@ -204,7 +213,9 @@ def _same_mask_function(a, b) -> bool:
     sequence mask or a window of 5."""
     if a is b:
         return True
-    if getattr(a, "__code__", None) is None or getattr(a, "__code__", None) is not getattr(b, "__code__", None):
+    if getattr(a, "__code__", None) is None or getattr(a, "__code__", None) is not getattr(
+        b, "__code__", None
+    ):
         return False
     cells_a, cells_b = a.__closure__ or (), b.__closure__ or ()
     return len(cells_a) == len(cells_b) and all(
@@ -265,7 +276,9 @@ def build_attention_mask(
     if local_size is not None:
         if _same_mask_function(mask_function, masking_utils.sliding_window_causal_mask_function(local_size)):
             pattern = masking_utils.causal_mask_function
-        elif _same_mask_function(mask_function, masking_utils.sliding_window_bidirectional_mask_function(local_size)):
+        elif _same_mask_function(
+            mask_function, masking_utils.sliding_window_bidirectional_mask_function(local_size)
+        ):
             pattern = masking_utils.bidirectional_mask_function
     bidirectional = pattern is masking_utils.bidirectional_mask_function
     causal_bottom_right = (

@@ -32,8 +32,19 @@ def empty_bshd_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def forward_fake(
-    q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p,
-    alibi_slopes=None, window_left=-1, window_right=-1, softcap=0.0,
+    q,
+    k,
+    v,
+    bias,
+    key_mask,
+    dropout_seed,
+    scale,
+    causal,
+    dropout_p,
+    alibi_slopes=None,
+    window_left=-1,
+    window_right=-1,
+    softcap=0.0,
 ):
     out = empty_bshd_like(q)
     lse = q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
@@ -41,8 +52,25 @@ def forward_fake(
 
 
 def backward_fake(
-    grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse, scale, causal, dropout_p,
-    compute_dbias, deterministic, alibi_slopes=None, window_left=-1, window_right=-1, softcap=0.0,
+    grad_out,
+    grad_lse,
+    q,
+    k,
+    v,
+    bias,
+    key_mask,
+    dropout_seed,
+    out,
+    lse,
+    scale,
+    causal,
+    dropout_p,
+    compute_dbias,
+    deterministic,
+    alibi_slopes=None,
+    window_left=-1,
+    window_right=-1,
+    softcap=0.0,
 ):
     dbias = bias.new_empty(bias.shape) if compute_dbias else q.new_empty((0,))
     return empty_bshd_like(q), empty_bshd_like(k), empty_bshd_like(v), dbias
@@ -71,10 +99,25 @@ def make_backward(backward_op):
             grad_out = grad_out.contiguous()
         compute_dbias = bias is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dbias = backward_op(
-            grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse,
-            ctx.scale, ctx.causal, ctx.dropout_p, compute_dbias,
+            grad_out,
+            grad_lse,
+            q,
+            k,
+            v,
+            bias,
+            key_mask,
+            dropout_seed,
+            out,
+            lse,
+            ctx.scale,
+            ctx.causal,
+            ctx.dropout_p,
+            compute_dbias,
             torch.are_deterministic_algorithms_enabled(),
-            alibi_slopes, ctx.window_left, ctx.window_right, ctx.softcap,
+            alibi_slopes,
+            ctx.window_left,
+            ctx.window_right,
+            ctx.softcap,
         )
         no_gradients = (None,) * 9  # key_mask, dropout_seed, the scalars and the modifiers
         return (dq, dk, dv, dbias if compute_dbias else None, *no_gradients)

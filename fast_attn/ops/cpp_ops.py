@@ -35,7 +35,17 @@ def attention_forward(problem, dropout_seed):
     """Run the C++ forward op (CPU or CUDA implementation, by the tensors' device)."""
     window_left, window_right = problem.window if problem.window is not None else (-1, -1)
     return torch.ops.fast_attn.attention_forward(
-        problem.q, problem.k, problem.v, problem.bias, problem.key_mask, dropout_seed,
-        problem.scale, int(problem.causal), problem.dropout_p,
-        problem.alibi_slopes, window_left, window_right, problem.softcap or 0.0,
+        problem.q,
+        problem.k,
+        problem.v,
+        problem.bias,
+        problem.key_mask,
+        dropout_seed,
+        problem.scale,
+        int(problem.causal),
+        problem.dropout_p,
+        problem.alibi_slopes,
+        window_left,
+        window_right,
+        problem.softcap or 0.0,
     )

@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 
 
-def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_sinks(
+    out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, Sq, D) and lse (B, Hq, Sq) of a kernel without sinks -> those with sinks (Hq,)."""
     sink = sinks.to(lse.dtype)[None, :, None]  # (1, Hq, 1)
     lse_with_sink = torch.logaddexp(lse, sink.expand_as(lse))  # (B, Hq, Sq)

@@ -182,7 +182,7 @@ def head_dim_block(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_arch(device: torch.device) -> str:
     """Which config tables apply: "interpret", "sm90" (Hopper and later) or "sm80" (others)."""
     if interpreting() or device.type != "cuda":
@@ -191,7 +191,7 @@ def device_arch(device: torch.device) -> str:
     return "sm90" if major >= 9 else "sm80"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def multiprocessor_count(device: torch.device) -> int:
     """SMs to fill; the interpreter pretends 4 so CPU tests exercise dbias splits."""
     if device_arch(device) == "interpret":
@@ -330,22 +330,22 @@ def launch_configs(
 _LONGEST_PRUNED = 256
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _launch_configs(kernel, arch, block_d, dtype, bias_dtype, heavy, seqlen_q, seqlen_k, autotune):
     del autotune  # part of the cache key only: prune_configs reads it
     configs = table_configs(kernel, arch, block_d, dtype, heavy)
     return prune_configs(configs, arch, kernel, block_d, dtype, bias_dtype, seqlen_q, seqlen_k)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def autotuned(kernel: triton.runtime.JITFunction, configs: tuple[Config, ...]) -> triton.runtime.Autotuner:
     """`kernel` autotuned over `configs` (BLOCK_M, BLOCK_N, warps, stages).
 
     One Autotuner per candidate list: the lists already encode the shape bucket.
     The tuner's key holds the masking features and the grid order (TUNING_KEY; it
     also separates dtypes), so a causal launch, or one with a bias or a window, does not
-    inherit the tile timed on a plain one, whose work per program differs. Kernels only write their outputs (no read-modify-write), so
-    timing runs need no reset.
+    inherit the tile timed on a plain one, whose work per program differs. Kernels only
+    write their outputs (no read-modify-write), so timing runs need no reset.
     """
     return triton.autotune(
         configs=[

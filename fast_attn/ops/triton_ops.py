@@ -105,7 +105,18 @@ def _band_offsets(causal: int, window_left: int, window_right: int, seqlen_q: in
 
 
 def _shared_arguments(
-    q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
+    q,
+    k,
+    v,
+    bias,
+    key_mask,
+    alibi_slopes,
+    dropout_seed,
+    scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
     dropout_p,
 ):
     """Arguments every attention kernel takes, by name, and its shared constexprs.
@@ -164,12 +175,37 @@ def _shared_arguments(
 
 
 def _backward_arguments(
-    q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
-    dropout_p, grad_out, lse, delta,
+    q,
+    k,
+    v,
+    bias,
+    key_mask,
+    alibi_slopes,
+    dropout_seed,
+    scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
+    dropout_p,
+    grad_out,
+    lse,
+    delta,
 ):
     """_shared_arguments plus what every backward kernel but the preprocess reads."""
     args, constexprs = _shared_arguments(
-        q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
+        q,
+        k,
+        v,
+        bias,
+        key_mask,
+        alibi_slopes,
+        dropout_seed,
+        scale,
+        causal,
+        window_left,
+        window_right,
+        softcap,
         dropout_p,
     )
     grad_out_strides = _named_strides("grad_out", grad_out.stride()[:3])
@@ -178,12 +214,36 @@ def _backward_arguments(
 
 
 def forward_arguments(
-    q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
-    dropout_p, out, lse,
+    q,
+    k,
+    v,
+    bias,
+    key_mask,
+    alibi_slopes,
+    dropout_seed,
+    scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
+    dropout_p,
+    out,
+    lse,
 ):
     """(arguments by name, constexprs) of attention_forward_kernel, without the tuned blocks."""
     args, constexprs = _shared_arguments(
-        q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
+        q,
+        k,
+        v,
+        bias,
+        key_mask,
+        alibi_slopes,
+        dropout_seed,
+        scale,
+        causal,
+        window_left,
+        window_right,
+        softcap,
         dropout_p,
     )
     args.update(out_ptr=out, lse_ptr=lse, **_named_strides("out", out.stride()[:3]))
@@ -215,13 +275,43 @@ def preprocess_arguments(out, grad_out, grad_lse, delta):
 
 
 def dkdv_arguments(
-    q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
-    dropout_p, grad_out, lse, delta, dk, dv,
+    q,
+    k,
+    v,
+    bias,
+    key_mask,
+    alibi_slopes,
+    dropout_seed,
+    scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
+    dropout_p,
+    grad_out,
+    lse,
+    delta,
+    dk,
+    dv,
 ):
     """(arguments by name, constexprs) of attention_backward_dkdv_kernel, without the tuned blocks."""
     args, constexprs = _backward_arguments(
-        q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
-        dropout_p, grad_out, lse, delta,
+        q,
+        k,
+        v,
+        bias,
+        key_mask,
+        alibi_slopes,
+        dropout_seed,
+        scale,
+        causal,
+        window_left,
+        window_right,
+        softcap,
+        dropout_p,
+        grad_out,
+        lse,
+        delta,
     )
     args.update(
         dk_ptr=dk,
@@ -234,14 +324,44 @@ def dkdv_arguments(
 
 
 def dq_arguments(
-    q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
-    dropout_p, grad_out, lse, delta, dq, full_dbias,
+    q,
+    k,
+    v,
+    bias,
+    key_mask,
+    alibi_slopes,
+    dropout_seed,
+    scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
+    dropout_p,
+    grad_out,
+    lse,
+    delta,
+    dq,
+    full_dbias,
 ):
     """(arguments by name, constexprs) of attention_backward_dq_kernel, without the tuned blocks.
     full_dbias: None, or the (B, Hq, Sq, Sk) contiguous zeroed dbias the kernel writes."""
     args, constexprs = _backward_arguments(
-        q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
-        dropout_p, grad_out, lse, delta,
+        q,
+        k,
+        v,
+        bias,
+        key_mask,
+        alibi_slopes,
+        dropout_seed,
+        scale,
+        causal,
+        window_left,
+        window_right,
+        softcap,
+        dropout_p,
+        grad_out,
+        lse,
+        delta,
     )
     args.update(
         dq_ptr=dq,
@@ -260,15 +380,44 @@ def dbias_slices(bias: torch.Tensor, batch: int, heads_q: int) -> tuple[int, int
 
 
 def dbias_arguments(
-    q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
-    dropout_p, grad_out, lse, delta, partials,
+    q,
+    k,
+    v,
+    bias,
+    key_mask,
+    alibi_slopes,
+    dropout_seed,
+    scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
+    dropout_p,
+    grad_out,
+    lse,
+    delta,
+    partials,
 ):
     """(arguments by name, constexprs) of attention_backward_dbias_kernel, without the tuned
     blocks. partials: (num_splits, *bias.shape), fully written by the kernel: float32 sums,
     or with one split dbias itself in the bias's dtype."""
     args, constexprs = _backward_arguments(
-        q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
-        dropout_p, grad_out, lse, delta,
+        q,
+        k,
+        v,
+        bias,
+        key_mask,
+        alibi_slopes,
+        dropout_seed,
+        scale,
+        causal,
+        window_left,
+        window_right,
+        softcap,
+        dropout_p,
+        grad_out,
+        lse,
+        delta,
     )
     heads_per_slice, pairs_per_slice = dbias_slices(bias, q.shape[0], q.shape[1])
     args.update(
@@ -318,8 +467,21 @@ def triton_attention_forward(
         lse.fill_(-math.inf)
         return out, lse
     args, constexprs = forward_arguments(
-        q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
-        dropout_p, out, lse,
+        q,
+        k,
+        v,
+        bias,
+        key_mask,
+        alibi_slopes,
+        dropout_seed,
+        scale,
+        causal,
+        window_left,
+        window_right,
+        softcap,
+        dropout_p,
+        out,
+        lse,
     )
     forward_kernel = autotuned(
         attention_forward_kernel,
@@ -390,8 +552,22 @@ def triton_attention_backward(
     _launch(attention_backward_preprocess_kernel, grid, args, constexprs)
 
     inputs = (
-        q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
-        dropout_p, grad_out, lse, delta,
+        q,
+        k,
+        v,
+        bias,
+        key_mask,
+        alibi_slopes,
+        dropout_seed,
+        scale,
+        causal,
+        window_left,
+        window_right,
+        softcap,
+        dropout_p,
+        grad_out,
+        lse,
+        delta,
     )
     args, constexprs = dkdv_arguments(*inputs, dk, dv)
     dkdv_kernel = autotuned(
