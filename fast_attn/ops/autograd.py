@@ -21,6 +21,16 @@ from __future__ import annotations
 import torch
 
 
+def forward_op_arguments(problem, dropout_seed) -> tuple:
+    """The positional arguments of every forward op for a validated AttentionProblem."""
+    window_left, window_right = problem.window if problem.window is not None else (-1, -1)
+    return (
+        problem.q, problem.k, problem.v, problem.bias, problem.key_mask, dropout_seed,
+        problem.scale, int(problem.causal), problem.dropout_p,
+        problem.alibi_slopes, window_left, window_right, problem.softcap or 0.0,
+    )  # fmt: skip
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 

@@ -33,19 +33,4 @@ if _extension.load()[0] is not None:
 
 def attention_forward(problem, dropout_seed):
     """Run the C++ forward op (CPU or CUDA implementation, by the tensors' device)."""
-    window_left, window_right = problem.window if problem.window is not None else (-1, -1)
-    return torch.ops.fast_attn.attention_forward(
-        problem.q,
-        problem.k,
-        problem.v,
-        problem.bias,
-        problem.key_mask,
-        dropout_seed,
-        problem.scale,
-        int(problem.causal),
-        problem.dropout_p,
-        problem.alibi_slopes,
-        window_left,
-        window_right,
-        problem.softcap or 0.0,
-    )
+    return torch.ops.fast_attn.attention_forward(*autograd.forward_op_arguments(problem, dropout_seed))

@@ -654,19 +654,4 @@ torch.library.register_autograd(
 
 def attention_forward(problem, dropout_seed):
     """Run the Triton forward op on a validated AttentionProblem; returns (out, lse)."""
-    window_left, window_right = (-1, -1) if problem.window is None else problem.window
-    return torch.ops.fast_attn.triton_attention_forward(
-        problem.q,
-        problem.k,
-        problem.v,
-        problem.bias,
-        problem.key_mask,
-        dropout_seed,
-        problem.scale,
-        int(problem.causal),
-        problem.dropout_p,
-        problem.alibi_slopes,
-        window_left,
-        window_right,
-        0.0 if problem.softcap is None else problem.softcap,
-    )
+    return torch.ops.fast_attn.triton_attention_forward(*autograd.forward_op_arguments(problem, dropout_seed))
