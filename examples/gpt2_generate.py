@@ -11,31 +11,19 @@ its weights (its own KV cache). All three must produce the same tokens.
 
 from __future__ import annotations
 
-import argparse
-import copy
 import os
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import transformers
+from greedy_generation import check_same_tokens, parse_new_tokens
 
-import fast_attn
 from fast_attn.models import GPT
 
 
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--new-tokens", type=int, default=48)
-    args = parser.parse_args()
-    transformers.logging.set_verbosity_error()
+    new_tokens = parse_new_tokens(__doc__, default=48)
 
     config = transformers.GPT2Config(
         vocab_size=500,
@@ -50,8 +38,6 @@ def main() -> None:
     )
     torch.manual_seed(0)
     eager = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    swapped = copy.deepcopy(eager)
-    print(fast_attn.swap_attention(swapped))
     ours = GPT.from_hf(eager).eval()
 
     prompts = torch.randint(1, config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(1))
@@ -60,20 +46,9 @@ def main() -> None:
     attention_mask[2, :2] = 0
     prompts = prompts * attention_mask
 
-    greedy = {"attention_mask": attention_mask, "max_new_tokens": args.new_tokens, "do_sample": False}
-    with torch.no_grad():
-        expected, eager_s = timed(lambda: eager.generate(prompts, **greedy))
-        tokens, swapped_s = timed(lambda: swapped.generate(prompts, **greedy))
-    own, own_s = timed(lambda: ours.generate(prompts, args.new_tokens, attention_mask=attention_mask))
-
-    new = slice(prompts.shape[1], None)
-    for row in range(prompts.shape[0]):
-        print(f"row {row}: {expected[row, new].tolist()}")
-    print(f"transformers eager           {eager_s:6.2f} s")
-    print(f"transformers + swap (fast_attn) {swapped_s:6.2f} s  same tokens: {torch.equal(tokens, expected)}")
-    print(f"fast_attn.models.GPT         {own_s:6.2f} s  same tokens: {torch.equal(own, expected)}")
-    if not (torch.equal(tokens, expected) and torch.equal(own, expected)):
-        raise SystemExit("generated tokens differ from eager attention")
+    check_same_tokens(
+        eager, ours, "fast_attn.models.GPT", prompts, attention_mask, new_tokens, prompts.shape[1]
+    )
 
 
 if __name__ == "__main__":

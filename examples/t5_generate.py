@@ -15,31 +15,19 @@ weights. All three must produce the same tokens.
 
 from __future__ import annotations
 
-import argparse
-import copy
 import os
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import transformers
+from greedy_generation import check_same_tokens, parse_new_tokens
 
-import fast_attn
 from fast_attn.models import T5
 
 
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--new-tokens", type=int, default=32)
-    args = parser.parse_args()
-    transformers.logging.set_verbosity_error()
+    new_tokens = parse_new_tokens(__doc__, default=32)
 
     config = transformers.T5Config(
         vocab_size=500,
@@ -58,8 +46,6 @@ def main() -> None:
     eager = transformers.AutoModelForSeq2SeqLM.from_config(config, attn_implementation="eager").eval()
     # A random LM head of its own: tied to the embedding, a random decoder tends to repeat its input token.
     eager.lm_head.weight = torch.nn.Parameter(torch.randn_like(eager.lm_head.weight))
-    swapped = copy.deepcopy(eager)
-    print(fast_attn.swap_attention(swapped))
     ours = T5.from_hf(eager).eval()
 
     inputs = torch.randint(1, config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(1))
@@ -67,19 +53,8 @@ def main() -> None:
     attention_mask[1, 13:] = 0  # right padding on the encoder side
     inputs = inputs * attention_mask
 
-    greedy = {"attention_mask": attention_mask, "max_new_tokens": args.new_tokens, "do_sample": False}
-    with torch.no_grad():
-        expected, eager_s = timed(lambda: eager.generate(inputs, **greedy))
-        tokens, swapped_s = timed(lambda: swapped.generate(inputs, **greedy))
-    own, own_s = timed(lambda: ours.generate(inputs, args.new_tokens, attention_mask=attention_mask))
-
-    for row in range(inputs.shape[0]):
-        print(f"row {row}: {expected[row, 1:].tolist()}")
-    print(f"transformers eager              {eager_s:6.2f} s")
-    print(f"transformers + swap (fast_attn) {swapped_s:6.2f} s  same tokens: {torch.equal(tokens, expected)}")
-    print(f"fast_attn.models.T5             {own_s:6.2f} s  same tokens: {torch.equal(own, expected)}")
-    if not (torch.equal(tokens, expected) and torch.equal(own, expected)):
-        raise SystemExit("generated tokens differ from eager attention")
+    # Each output starts with the decoder start token.
+    check_same_tokens(eager, ours, "fast_attn.models.T5", inputs, attention_mask, new_tokens, 1)
 
 
 if __name__ == "__main__":
