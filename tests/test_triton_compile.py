@@ -106,8 +106,8 @@ class Case:
         self.delta = torch.empty(self.q.shape[:3])
 
     @property
-    def inputs(self):
-        return (
+    def problem(self):
+        return triton_ops.KernelProblem(
             self.q,
             self.k,
             self.v,
@@ -124,7 +124,7 @@ class Case:
 
     @property
     def backward_inputs(self):
-        return (*self.inputs, self.grad_out, self.lse, self.delta)
+        return (self.problem, self.grad_out, self.lse, self.delta)
 
     def configs(self, kernel: str, capability: int):
         """The candidates a launch of `kernel` would autotune over, first one first."""
@@ -143,18 +143,20 @@ class Case:
         )
 
 
+# A float32 bias, a key mask and dropout on float16 inputs: the heaviest launches.
+ALL_FEATURES = dict(
+    dtype=torch.float16,
+    head_dim=128,
+    causal=2,
+    bias_shape=(1, 4, 128, 128),
+    bias_dtype=torch.float32,
+    key_mask=True,
+    dropout_p=0.1,
+)
 FORWARD_CASES = {
     "bf16-d64": dict(dtype=torch.bfloat16, head_dim=64),
     "bf16-d128-causal": dict(dtype=torch.bfloat16, head_dim=128, causal=1),
-    "fp16-d128-all-features": dict(
-        dtype=torch.float16,
-        head_dim=128,
-        causal=2,
-        bias_shape=(1, 4, 128, 128),
-        bias_dtype=torch.float32,
-        key_mask=True,
-        dropout_p=0.1,
-    ),
+    "fp16-d128-all-features": ALL_FEATURES,
     "fp16-d80": dict(dtype=torch.float16, head_dim=80, key_mask=True),
     "bf16-d256-bias": dict(dtype=torch.bfloat16, head_dim=256, bias_shape=(2, 1, 1, 128)),
     "fp32-d40-causal-bias": dict(dtype=torch.float32, head_dim=40, causal=1, bias_shape=(1, 4, 128, 128)),
@@ -162,51 +164,19 @@ FORWARD_CASES = {
         dtype=torch.bfloat16, head_dim=128, window=(48, 48), softcap=30.0, alibi_batch=1
     ),
     "fp16-d64-all-modifiers": dict(
-        dtype=torch.float16,
-        head_dim=64,
-        causal=1,
-        window=(40, -1),
-        softcap=20.0,
-        alibi_batch=2,
-        bias_shape=(1, 4, 128, 128),
-        bias_dtype=torch.float32,
-        key_mask=True,
-        dropout_p=0.1,
+        ALL_FEATURES, head_dim=64, causal=1, window=(40, -1), softcap=20.0, alibi_batch=2
     ),
     "fp32-d40-window": dict(dtype=torch.float32, head_dim=40, window=(20, 0)),
 }
 BACKWARD_CASES = {
     "bf16-d64-causal": dict(dtype=torch.bfloat16, head_dim=64, causal=1),
     "bf16-d128": dict(dtype=torch.bfloat16, head_dim=128),
-    "fp16-d128-all-features": dict(
-        dtype=torch.float16,
-        head_dim=128,
-        causal=2,
-        bias_shape=(1, 4, 128, 128),
-        bias_dtype=torch.float32,
-        key_mask=True,
-        dropout_p=0.1,
-        grad_lse=True,
-    ),
+    "fp16-d128-all-features": dict(FORWARD_CASES["fp16-d128-all-features"], grad_lse=True),
     "fp16-d96-full-bias": dict(dtype=torch.float16, head_dim=96, bias_shape=(2, 4, 128, 128)),
     "bf16-d256": dict(dtype=torch.bfloat16, head_dim=256, causal=1),
     "fp32-d40-bias": dict(dtype=torch.float32, head_dim=40, bias_shape=(1, 1, 128, 1), key_mask=True),
-    "bf16-d128-window-softcap-alibi": dict(
-        dtype=torch.bfloat16, head_dim=128, window=(48, 48), softcap=30.0, alibi_batch=1
-    ),
-    "fp16-d64-all-modifiers": dict(
-        dtype=torch.float16,
-        head_dim=64,
-        causal=1,
-        window=(40, -1),
-        softcap=20.0,
-        alibi_batch=2,
-        bias_shape=(1, 4, 128, 128),
-        bias_dtype=torch.float32,
-        key_mask=True,
-        dropout_p=0.1,
-        grad_lse=True,
-    ),
+    "bf16-d128-window-softcap-alibi": FORWARD_CASES["bf16-d128-window-softcap-alibi"],
+    "fp16-d64-all-modifiers": dict(FORWARD_CASES["fp16-d64-all-modifiers"], grad_lse=True),
 }
 
 
@@ -237,7 +207,7 @@ def _kernel_launch(kind: str, case: Case, capability: int, case_name: str = ""):
         return triton_ops.attention_backward_preprocess_kernel, args, constexprs, 4, 1, None
     if kind == "forward":
         kernel = triton_ops.attention_forward_kernel
-        args, constexprs = triton_ops.forward_arguments(*case.inputs, case.out, case.lse)
+        args, constexprs = triton_ops.forward_arguments(case.problem, case.out, case.lse)
     elif kind == "dkdv":
         kernel = triton_ops.attention_backward_dkdv_kernel
         args, constexprs = triton_ops.dkdv_arguments(

@@ -15,7 +15,7 @@ and dbias partial sums are added in a fixed order.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -38,6 +38,24 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 # Rows of out / grad_out per preprocess program: 8192 elements keep it at ~64 registers of data per thread.
 PREPROCESS_TILE_ELEMENTS = 8192
+
+
+class KernelProblem(NamedTuple):
+    """The ops' inputs that every attention kernel reads: the tensors, then the scalars."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    bias: torch.Tensor | None
+    key_mask: torch.Tensor | None
+    alibi_slopes: torch.Tensor | None
+    dropout_seed: torch.Tensor | None
+    scale: float
+    causal: int
+    window_left: int
+    window_right: int
+    softcap: float
+    dropout_p: float
 
 
 def _check_inputs(q: torch.Tensor, dropout_p: float, dropout_seed: torch.Tensor | None) -> None:
@@ -104,21 +122,7 @@ def _band_offsets(causal: int, window_left: int, window_right: int, seqlen_q: in
     return first_key_offset, last_key_offset
 
 
-def _shared_arguments(
-    q,
-    k,
-    v,
-    bias,
-    key_mask,
-    alibi_slopes,
-    dropout_seed,
-    scale,
-    causal,
-    window_left,
-    window_right,
-    softcap,
-    dropout_p,
-):
+def _shared_arguments(problem: KernelProblem):
     """Arguments every attention kernel takes, by name, and its shared constexprs.
 
     Absent optional tensors are replaced by q as a never-read placeholder pointer
@@ -126,6 +130,8 @@ def _shared_arguments(
     of absent score modifiers are None instead (fast_attn/triton/__init__.py), except
     last_key_offset, which every kernel's signature keeps (0 without a right edge).
     """
+    q, k, v, bias, key_mask, alibi_slopes, dropout_seed = problem[:7]
+    scale, causal, window_left, window_right, softcap, dropout_p = problem[7:]
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     first_key_offset, last_key_offset = _band_offsets(causal, window_left, window_right, seqlen_q, seqlen_k)
@@ -174,78 +180,17 @@ def _shared_arguments(
     return args, constexprs
 
 
-def _backward_arguments(
-    q,
-    k,
-    v,
-    bias,
-    key_mask,
-    alibi_slopes,
-    dropout_seed,
-    scale,
-    causal,
-    window_left,
-    window_right,
-    softcap,
-    dropout_p,
-    grad_out,
-    lse,
-    delta,
-):
+def _backward_arguments(problem: KernelProblem, grad_out, lse, delta):
     """_shared_arguments plus what every backward kernel but the preprocess reads."""
-    args, constexprs = _shared_arguments(
-        q,
-        k,
-        v,
-        bias,
-        key_mask,
-        alibi_slopes,
-        dropout_seed,
-        scale,
-        causal,
-        window_left,
-        window_right,
-        softcap,
-        dropout_p,
-    )
+    args, constexprs = _shared_arguments(problem)
     grad_out_strides = _named_strides("grad_out", grad_out.stride()[:3])
     args.update(grad_out_ptr=grad_out, lse_ptr=lse, delta_ptr=delta, **grad_out_strides)
     return args, constexprs
 
 
-def forward_arguments(
-    q,
-    k,
-    v,
-    bias,
-    key_mask,
-    alibi_slopes,
-    dropout_seed,
-    scale,
-    causal,
-    window_left,
-    window_right,
-    softcap,
-    dropout_p,
-    out,
-    lse,
-):
+def forward_arguments(problem: KernelProblem, out, lse):
     """(arguments by name, constexprs) of attention_forward_kernel, without the tuned blocks."""
-    args, constexprs = _shared_arguments(
-        q,
-        k,
-        v,
-        bias,
-        key_mask,
-        alibi_slopes,
-        dropout_seed,
-        scale,
-        causal,
-        window_left,
-        window_right,
-        softcap,
-        dropout_p,
-    )
+    args, constexprs = _shared_arguments(problem)
     args.update(out_ptr=out, lse_ptr=lse, **_named_strides("out", out.stride()[:3]))
     return args, constexprs
 
@@ -274,100 +219,28 @@ def preprocess_arguments(out, grad_out, grad_lse, delta):
     return args, constexprs
 
 
-def dkdv_arguments(
-    q,
-    k,
-    v,
-    bias,
-    key_mask,
-    alibi_slopes,
-    dropout_seed,
-    scale,
-    causal,
-    window_left,
-    window_right,
-    softcap,
-    dropout_p,
-    grad_out,
-    lse,
-    delta,
-    dk,
-    dv,
-):
+def dkdv_arguments(problem: KernelProblem, grad_out, lse, delta, dk, dv):
     """(arguments by name, constexprs) of attention_backward_dkdv_kernel, without the tuned blocks."""
-    args, constexprs = _backward_arguments(
-        q,
-        k,
-        v,
-        bias,
-        key_mask,
-        alibi_slopes,
-        dropout_seed,
-        scale,
-        causal,
-        window_left,
-        window_right,
-        softcap,
-        dropout_p,
-        grad_out,
-        lse,
-        delta,
-    )
+    args, constexprs = _backward_arguments(problem, grad_out, lse, delta)
     args.update(
         dk_ptr=dk,
         dv_ptr=dv,
         **_named_strides("dk", dk.stride()[:3]),
         **_named_strides("dv", dv.stride()[:3]),
-        scale=scale,
+        scale=problem.scale,
     )
     return args, constexprs
 
 
-def dq_arguments(
-    q,
-    k,
-    v,
-    bias,
-    key_mask,
-    alibi_slopes,
-    dropout_seed,
-    scale,
-    causal,
-    window_left,
-    window_right,
-    softcap,
-    dropout_p,
-    grad_out,
-    lse,
-    delta,
-    dq,
-    full_dbias,
-):
+def dq_arguments(problem: KernelProblem, grad_out, lse, delta, dq, full_dbias):
     """(arguments by name, constexprs) of attention_backward_dq_kernel, without the tuned blocks.
     full_dbias: None, or the (B, Hq, Sq, Sk) contiguous zeroed dbias the kernel writes."""
-    args, constexprs = _backward_arguments(
-        q,
-        k,
-        v,
-        bias,
-        key_mask,
-        alibi_slopes,
-        dropout_seed,
-        scale,
-        causal,
-        window_left,
-        window_right,
-        softcap,
-        dropout_p,
-        grad_out,
-        lse,
-        delta,
-    )
+    args, constexprs = _backward_arguments(problem, grad_out, lse, delta)
     args.update(
         dq_ptr=dq,
-        dbias_ptr=q if full_dbias is None else full_dbias,
+        dbias_ptr=problem.q if full_dbias is None else full_dbias,
         **_named_strides("dq", dq.stride()[:3]),
-        scale=scale,
+        scale=problem.scale,
     )
     return args, dict(constexprs, STORE_DBIAS=full_dbias is not None)
 
@@ -379,46 +252,12 @@ def dbias_slices(bias: torch.Tensor, batch: int, heads_q: int) -> tuple[int, int
     return heads_per_slice, (batch if bias.shape[0] == 1 else 1) * heads_per_slice
 
 
-def dbias_arguments(
-    q,
-    k,
-    v,
-    bias,
-    key_mask,
-    alibi_slopes,
-    dropout_seed,
-    scale,
-    causal,
-    window_left,
-    window_right,
-    softcap,
-    dropout_p,
-    grad_out,
-    lse,
-    delta,
-    partials,
-):
+def dbias_arguments(problem: KernelProblem, grad_out, lse, delta, partials):
     """(arguments by name, constexprs) of attention_backward_dbias_kernel, without the tuned
     blocks. partials: (num_splits, *bias.shape), fully written by the kernel: float32 sums,
     or with one split dbias itself in the bias's dtype."""
-    args, constexprs = _backward_arguments(
-        q,
-        k,
-        v,
-        bias,
-        key_mask,
-        alibi_slopes,
-        dropout_seed,
-        scale,
-        causal,
-        window_left,
-        window_right,
-        softcap,
-        dropout_p,
-        grad_out,
-        lse,
-        delta,
-    )
+    args, constexprs = _backward_arguments(problem, grad_out, lse, delta)
+    q, k, bias = problem.q, problem.k, problem.bias
     heads_per_slice, pairs_per_slice = dbias_slices(bias, q.shape[0], q.shape[1])
     args.update(
         dbias_partials_ptr=partials,
@@ -466,7 +305,7 @@ def triton_attention_forward(
         out.zero_()
         lse.fill_(-math.inf)
         return out, lse
-    args, constexprs = forward_arguments(
+    problem = KernelProblem(
         q,
         k,
         v,
@@ -480,9 +319,8 @@ def triton_attention_forward(
         window_right,
         softcap,
         dropout_p,
-        out,
-        lse,
     )
+    args, constexprs = forward_arguments(problem, out, lse)
     forward_kernel = autotuned(
         attention_forward_kernel,
         launch_configs(
@@ -551,7 +389,7 @@ def triton_attention_backward(
     grid = (cdiv(seqlen_q, constexprs["BLOCK_M"]), heads_q, batch)
     _launch(attention_backward_preprocess_kernel, grid, args, constexprs)
 
-    inputs = (
+    problem = KernelProblem(
         q,
         k,
         v,
@@ -565,11 +403,9 @@ def triton_attention_backward(
         window_right,
         softcap,
         dropout_p,
-        grad_out,
-        lse,
-        delta,
     )
-    args, constexprs = dkdv_arguments(*inputs, dk, dv)
+    backward_inputs = (problem, grad_out, lse, delta)
+    args, constexprs = dkdv_arguments(*backward_inputs, dk, dv)
     dkdv_kernel = autotuned(
         attention_backward_dkdv_kernel,
         launch_configs("dkdv", q.device, head_dim, q.dtype, seqlen_q, seqlen_k, _dtype_of(bias), dropout_p),
@@ -582,7 +418,7 @@ def triton_attention_backward(
     full_dbias = None
     if want_dbias and tuple(bias.shape) == (batch, heads_q, seqlen_q, seqlen_k):
         full_dbias = torch.zeros(bias.shape, dtype=bias.dtype, device=bias.device)
-    args, constexprs = dq_arguments(*inputs, dq, full_dbias)
+    args, constexprs = dq_arguments(*backward_inputs, dq, full_dbias)
     dq_kernel = autotuned(
         attention_backward_dq_kernel,
         launch_configs(
@@ -603,7 +439,7 @@ def triton_attention_backward(
     if full_dbias is not None:
         dbias = full_dbias
     elif want_dbias:
-        dbias = _reduce_dbias(inputs, bias, dropout_p)
+        dbias = _reduce_dbias(backward_inputs, bias, dropout_p)
     return dq, dk, dv, dbias
 
 
@@ -612,10 +448,11 @@ def triton_attention_backward(
 _DBIAS_NOMINAL_TILE = 64
 
 
-def _reduce_dbias(inputs, bias: torch.Tensor, dropout_p: float) -> torch.Tensor:
-    """dbias of a broadcast bias through attention_backward_dbias_kernel; inputs: dbias_arguments'
-    arguments but partials."""
-    q, k = inputs[0], inputs[1]
+def _reduce_dbias(backward_inputs, bias: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """dbias of a broadcast bias through attention_backward_dbias_kernel; backward_inputs:
+    dbias_arguments' arguments but partials."""
+    problem = backward_inputs[0]
+    q, k = problem.q, problem.k
     batch, heads_q, seqlen_q, head_dim = q.shape
     seqlen_k = k.shape[2]
     bias_batch, bias_heads, bias_rows, bias_cols = bias.shape
@@ -630,7 +467,7 @@ def _reduce_dbias(inputs, bias: torch.Tensor, dropout_p: float) -> torch.Tensor:
     # float32 partial sums, added afterwards.
     partials_dtype = bias.dtype if num_splits == 1 else torch.float32
     partials = q.new_empty((num_splits, *bias.shape), dtype=partials_dtype)
-    args, constexprs = dbias_arguments(*inputs, partials)
+    args, constexprs = dbias_arguments(*backward_inputs, partials)
 
     def grid(meta):
         row_tiles = cdiv(seqlen_q, meta["BLOCK_M"]) if rows_full else 1
