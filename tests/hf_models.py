@@ -37,7 +37,7 @@ VOCAB = 97
 def gpt2_config(**overrides):
     # initializer_range well above GPT-2's 0.02 so that greedy decoding of a random
     # model does not collapse to one repeated token (the generation tests compare tokens).
-    config = {
+    defaults = {
         "vocab_size": VOCAB,
         "n_positions": 64,
         "n_embd": 64,
@@ -51,12 +51,11 @@ def gpt2_config(**overrides):
         "eos_token_id": None,
         "pad_token_id": 0,
     }
-    config.update(overrides)
-    return transformers.GPT2Config(**config)
+    return transformers.GPT2Config(**(defaults | overrides))
 
 
 def bert_config(**overrides):
-    config = {
+    defaults = {
         "vocab_size": VOCAB,
         "hidden_size": 64,
         "num_hidden_layers": 2,
@@ -68,14 +67,13 @@ def bert_config(**overrides):
         "initializer_range": 0.2,
         "pad_token_id": 0,
     }
-    config.update(overrides)
-    return transformers.BertConfig(**config)
+    return transformers.BertConfig(**(defaults | overrides))
 
 
 def t5_config(**overrides):
     # T5 v1.1's gated GELU by default: the ReLU of the original T5 makes gradients jump wherever a
     # pre-activation crosses 0, so half-precision rounding alone can move them far (see test_models).
-    config = {
+    defaults = {
         "vocab_size": VOCAB,
         "d_model": 64,
         "d_kv": 16,
@@ -92,33 +90,13 @@ def t5_config(**overrides):
         "pad_token_id": 0,
         "eos_token_id": None,
     }
-    config.update(overrides)
-    return transformers.T5Config(**config)
-
-
-def llama_config(**overrides):
-    # Grouped-query attention: 4 query heads share 2 key/value heads.
-    config = {
-        "vocab_size": VOCAB,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 64,
-        "initializer_range": 0.2,
-        "attention_dropout": 0.0,
-        "bos_token_id": 0,
-        "eos_token_id": None,
-        "pad_token_id": 0,
-    }
-    config.update(overrides)
-    return transformers.LlamaConfig(**config)
+    return transformers.T5Config(**(defaults | overrides))
 
 
 def decoder_config(config_class: str, **overrides):
-    """A small GQA decoder of a Llama-like family (Mistral, Gemma 2, gpt-oss, ...) with llama's sizes."""
-    config = {
+    """A small decoder of Llama or a Llama-like family (Mistral, Gemma 2, gpt-oss, ...), with
+    grouped-query attention: 4 query heads share 2 key/value heads."""
+    defaults = {
         "vocab_size": VOCAB,
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -133,13 +111,12 @@ def decoder_config(config_class: str, **overrides):
         "eos_token_id": None,
         "pad_token_id": 0,
     }
-    config.update(overrides)
-    return getattr(transformers, config_class)(**config)
+    return getattr(transformers, config_class)(**(defaults | overrides))
 
 
 def modernbert_config(**overrides):
     # local_attention 4: a window of 2 keys on each side in the local layers; every other layer global.
-    config = {
+    defaults = {
         "vocab_size": VOCAB,
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -154,14 +131,12 @@ def modernbert_config(**overrides):
         "cls_token_id": 1,
         "sep_token_id": 2,
     }
-    config.update(overrides)
-    return transformers.ModernBertConfig(**config)
+    return transformers.ModernBertConfig(**(defaults | overrides))
 
 
 def bloom_config(**overrides):
-    config = {"vocab_size": VOCAB, "hidden_size": 64, "n_layer": 2, "n_head": 4, "pad_token_id": 0}
-    config.update(overrides)
-    return transformers.BloomConfig(**config)
+    defaults = {"vocab_size": VOCAB, "hidden_size": 64, "n_layer": 2, "n_head": 4, "pad_token_id": 0}
+    return transformers.BloomConfig(**(defaults | overrides))
 
 
 AUTO_CLASSES = {
@@ -183,7 +158,7 @@ CONFIGS = {
     "gpt2": gpt2_config,
     "bert": bert_config,
     "t5": t5_config,
-    "llama": llama_config,
+    "llama": lambda **o: decoder_config("LlamaConfig", **o),
     "mistral": lambda **o: decoder_config("MistralConfig", **o),
     "gemma2": lambda **o: decoder_config("Gemma2Config", **o),
     "gpt_oss": lambda **o: decoder_config("GptOssConfig", num_local_experts=4, num_experts_per_tok=2, **o),
