@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fast_attn
+from fast_attn.bench_report import write_ratio_table
 from fast_attn.dispatch import UNAVAILABLE
 from fast_attn.testing import attention_flops
 
@@ -270,20 +271,17 @@ def test_peak_memory_s4096(benchmark):
     assert peaks["fast_attn"] < score_matrix_bytes, peaks
 
 
+def _ratio_row(group: str, medians: dict[str, float]) -> str | None:
+    if "fast_attn" not in medians:
+        return None
+    ratios = [
+        f"{impl} x{medians[impl] / medians['fast_attn']:.2f}" for impl in SDPA_BACKENDS if impl in medians
+    ]
+    return f"{group:<48} " + "  ".join(ratios)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _print_ratio_table(request):
     yield
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if reporter is None or not MEDIANS:
-        return
-    reporter.write_line("")
-    reporter.write_line(
-        f"fast_attn speed / SDPA speed (>1: fast_attn faster), {cpu_name()}, {torch.get_num_threads()} threads"
-    )
-    for group, medians in MEDIANS.items():
-        if "fast_attn" not in medians:
-            continue
-        ratios = [
-            f"{impl} x{medians[impl] / medians['fast_attn']:.2f}" for impl in SDPA_BACKENDS if impl in medians
-        ]
-        reporter.write_line(f"  {group:<48} " + "  ".join(ratios))
+    title = f"fast_attn speed / SDPA speed (>1: fast_attn faster), {cpu_name()}, {torch.get_num_threads()} threads"
+    write_ratio_table(request.config, title, MEDIANS, _ratio_row)

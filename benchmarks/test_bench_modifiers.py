@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import fast_attn
+from fast_attn.bench_report import write_ratio_table
 from fast_attn.dispatch import UNAVAILABLE
 
 pytestmark = pytest.mark.skipif(UNAVAILABLE["cpu"] is not None, reason=f"CPU kernels: {UNAVAILABLE['cpu']}")
@@ -104,22 +105,17 @@ def test_modifier(benchmark, group, impl, dtype, mode):
     benchmark.extra_info.update(implementation=impl, threads=torch.get_num_threads(), torch=torch.__version__)
 
 
+def _ratio_row(name: str, medians: dict[str, float]) -> str | None:
+    impls = IMPLEMENTATIONS[name.split()[0]]
+    if impls[0] not in medians:
+        return None
+    ratios = [f"/ {impl} {medians[impls[0]] / medians[impl]:.3f}" for impl in impls[1:] if impl in medians]
+    times = "  ".join(f"{impl} {medians[impl] * 1e3:.1f} ms" for impl in impls if impl in medians)
+    return f"{name:<36} {' '.join(ratios)}   ({times})"
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _print_ratio_table(request):
     yield
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if reporter is None or not MEDIANS:
-        return
-    reporter.write_line("")
-    reporter.write_line(
-        f"time of the modifier's call / time of the other call, {torch.get_num_threads()} threads"
-    )
-    for name, medians in MEDIANS.items():
-        impls = IMPLEMENTATIONS[name.split()[0]]
-        if impls[0] not in medians:
-            continue
-        ratios = [
-            f"/ {impl} {medians[impls[0]] / medians[impl]:.3f}" for impl in impls[1:] if impl in medians
-        ]
-        times = "  ".join(f"{impl} {medians[impl] * 1e3:.1f} ms" for impl in impls if impl in medians)
-        reporter.write_line(f"  {name:<36} {' '.join(ratios)}   ({times})")
+    title = f"time of the modifier's call / time of the other call, {torch.get_num_threads()} threads"
+    write_ratio_table(request.config, title, MEDIANS, _ratio_row)

@@ -24,6 +24,22 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
+def write_ratio_table(pytest_config, title: str, medians_by_group: dict[str, dict], row_of) -> None:
+    """Write the ratio table a benchmarks/ module prints after its runs to pytest's terminal:
+    a blank line, `title`, then row_of(group, medians) indented for each group of median
+    seconds by implementation (a row of None leaves the group out). Nothing without a
+    terminal reporter or a median."""
+    reporter = pytest_config.pluginmanager.getplugin("terminalreporter")
+    if reporter is None or not medians_by_group:
+        return
+    reporter.write_line("")
+    reporter.write_line(title)
+    for group, medians in medians_by_group.items():
+        row = row_of(group, medians)
+        if row is not None:
+            reporter.write_line(f"  {row}")
+
+
 def record(result, card: str, device_type: str) -> dict:
     case = result.case
     return {
