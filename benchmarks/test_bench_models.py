@@ -105,30 +105,24 @@ def decoder_config(kind: str):
 def config(kind: str):
     if kind in DECODERS:
         return decoder_config(kind)
-    if ON_GPU:  # the real sizes of GPT-2 small, BERT-base and T5-small
-        sizes = {
-            "gpt2": {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024},
-            "bert": {
-                "hidden_size": 768,
-                "num_hidden_layers": 12,
-                "num_attention_heads": 12,
-                "intermediate_size": 3072,
-                "max_position_embeddings": 512,
-            },
-            "t5": {"d_model": 512, "d_kv": 64, "num_heads": 8, "d_ff": 2048, "num_layers": 6},
-        }[kind]
-    else:
-        sizes = {
-            "gpt2": {"n_embd": 128, "n_layer": 2, "n_head": 4, "n_positions": 256},
-            "bert": {
-                "hidden_size": 128,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "intermediate_size": 256,
-                "max_position_embeddings": 256,
-            },
-            "t5": {"d_model": 128, "d_kv": 32, "num_heads": 4, "d_ff": 256, "num_layers": 2},
-        }[kind]
+    size_names = {
+        "gpt2": ("n_embd", "n_layer", "n_head", "n_positions"),
+        "bert": (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ),
+        "t5": ("d_model", "d_kv", "num_heads", "d_ff", "num_layers"),
+    }[kind]
+    # (on a GPU: the real sizes of GPT-2 small, BERT-base and T5-small; on the CPU: small ones)
+    gpu_sizes, cpu_sizes = {
+        "gpt2": ((768, 12, 12, 1024), (128, 2, 4, 256)),
+        "bert": ((768, 12, 12, 3072, 512), (128, 2, 4, 256, 256)),
+        "t5": ((512, 64, 8, 2048, 6), (128, 32, 4, 256, 2)),
+    }[kind]
+    sizes = dict(zip(size_names, gpu_sizes if ON_GPU else cpu_sizes, strict=True))
     no_dropout = {
         "gpt2": {
             "resid_pdrop": 0.0,
