@@ -1,6 +1,6 @@
 """`python -m fast_attn.bench`: throughput of fast_attn against PyTorch on this machine.
 
-Sweeps the protocol of DESIGN.md section 6 (on a GPU: bf16, 16k tokens per
+Sweeps the field's protocol (on a GPU: bf16, 16k tokens per
 batch, hidden 2048, D 64 and 128, S 512..16384, causal and not), times every
 fast_attn backend and every SDPA backend available in the same run, and writes
 a table, JSON and a PNG plot. A short sweep by default, `--full` for all of it.

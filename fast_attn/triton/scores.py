@@ -25,7 +25,7 @@ def mma(a, b, acc, UPCAST_OPERANDS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc + a @ b, accumulated in float32.
 
     UPCAST_OPERANDS: the Triton interpreter multiplies the raw 16-bit storage of
-    bf16 operands (ENVIRONMENT.md), so when interpreting bf16 the operands are
+    bf16 operands (seen with triton 3.6 and 3.8), so when interpreting bf16 the operands are
     upcast to float32 first. DOT_PRECISION: "ieee" for float32 inputs (a GPU would
     otherwise use tf32 and miss the contract's float32 accuracy), "tf32" otherwise
     (ignored for 16-bit operands).
