@@ -112,6 +112,14 @@ FAST_ATTN_HOST_DEVICE bool band_bounds_right(const AttentionForwardParams& p) { 
 FAST_ATTN_HOST_DEVICE int64_t band_first_key_offset(const AttentionForwardParams& p) { return p.band_first_key; }
 FAST_ATTN_HOST_DEVICE int64_t band_last_key_offset(const AttentionForwardParams& p) { return p.band_last_key; }
 
+// Whether a problem has a score modifier beyond the band's right edge, bias,
+// key mask and dropout: the band's left edge, a softcap or ALiBi. The CUDA host
+// runs such problems on the kernels instantiated for them (kModifiers), which
+// keeps that code out of the others'.
+FAST_ATTN_HOST_DEVICE bool has_score_modifiers(const AttentionForwardParams& p) {
+  return band_bounds_left(p) || p.softcap > 0.0f || p.alibi_slopes != nullptr;
+}
+
 // Dropout keep-decision shared bit for bit by every backend and by the Python
 // reference (fast_attn/dropout.py, dropout_keep_mask): a 32-bit hash of the
 // seed and the linear index ((b * Hq + h) * Sq + i) * Sk + j of the score.

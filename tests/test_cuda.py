@@ -250,7 +250,64 @@ DROPOUT_CASES = [
     ),
 ]
 
-ALL_CASES = SHAPE_CASES + MASK_CASES + BIAS_CASES + DROPOUT_CASES
+# Score modifiers (the kernels instantiated with kModifiers). Windows with every causal
+# alignment and Sq != Sk: 97x33 with a left edge leaves rows whose band is empty, and the
+# longer ones skip whole key tiles (forward, dQ) and query blocks (dK/dV, dbias) outside the band.
+WINDOW_CASES = [
+    CudaCase(1, 2, 2, sq, sk, 64, causal=c, window_size=w)
+    for w, (sq, sk) in [((0, 0), (97, 33)), ((3, -1), (97, 33)), ((-1, 3), (33, 97)), ((16, 16), (33, 97))]
+    for c in (False, True, "bottom_right")
+] + [
+    CudaCase(1, 2, 2, 300, 300, 64, window_size=(40, 40)),
+    CudaCase(2, 2, 1, 300, 40, 32, causal=True, window_size=(8, -1), key_mask=True),  # rows 48+ see nothing
+    CudaCase(1, 2, 2, 257, 200, 128, dtype=torch.float16, causal="bottom_right", window_size=(16, 0)),
+    CudaCase(1, 2, 2, 200, 257, 128, window_size=(70, 3), deterministic=True),
+    CudaCase(1, 2, 2, 70, 45, 256, window_size=(5, 5), grad_lse=True),
+    CudaCase(1, 2, 2, 97, 97, 96, dtype=torch.float16, window_size=(0, -1), deterministic=True),
+]
+
+# softcap with scores scaled up (|scale q.k| reaches 30, the cap 5: tanh saturates), ALiBi
+# per head and per (batch, head), each with the masks and both dtypes.
+SOFTCAP_ALIBI_CASES = [
+    CudaCase(1, 2, 2, 97, 97, 64, scale=1.0, softcap=5.0),
+    CudaCase(1, 2, 2, 97, 65, 64, dtype=torch.float16, scale=1.0, softcap=5.0, causal=True, grad_lse=True),
+    CudaCase(1, 2, 2, 65, 97, 128, scale=0.5, softcap=8.0, causal="bottom_right", deterministic=True),
+    CudaCase(1, 2, 2, 45, 70, 256, dtype=torch.float16, scale=1.0, softcap=5.0),
+    CudaCase(
+        2, 2, 2, 65, 70, 32, scale=1.0, softcap=5.0, bias_shape=(1, 2, 1, 70)
+    ),  # dbias in the dK/dV kernel
+    CudaCase(1, 2, 2, 97, 65, 64, alibi="h"),
+    CudaCase(2, 2, 2, 65, 97, 64, dtype=torch.float16, alibi="bh", causal="bottom_right", key_mask=True),
+    CudaCase(2, 4, 2, 40, 33, 96, alibi="bh", deterministic=True, dropout_p=0.2),
+]
+
+# Everything at once, with bias gradients through the dK/dV kernel (a broadcast bias) and
+# the dbias kernel (full, and T5's (1, H, S, S)), key mask, GQA, grad_lse, dropout.
+ALL_MODIFIERS = dict(window_size=(20, 6), softcap=8.0, scale=0.5, key_mask=True, grad_lse=True, dropout_p=0.2)
+COMBINED_MODIFIER_CASES = [
+    CudaCase(2, 4, 2, 97, 80, 64, alibi="bh", bias_shape=(2, 4, 97, 80), **ALL_MODIFIERS),
+    CudaCase(2, 4, 2, 97, 80, 64, dtype=torch.float16, alibi="h", bias_shape=(1, 4, 97, 80), **ALL_MODIFIERS),
+    CudaCase(2, 4, 2, 97, 80, 64, causal=True, alibi="bh", bias_shape=(2, 1, 1, 80), **ALL_MODIFIERS),
+    CudaCase(
+        2,
+        4,
+        1,
+        80,
+        97,
+        128,
+        dtype=torch.float16,
+        causal="bottom_right",
+        alibi="h",
+        bias_shape=(1, 4, 80, 97),
+        deterministic=True,
+        **ALL_MODIFIERS,
+    ),
+    CudaCase(1, 2, 1, 70, 45, 256, alibi="bh", bias_shape=(1, 2, 70, 45), **ALL_MODIFIERS),
+]
+
+MODIFIER_CASES = WINDOW_CASES + SOFTCAP_ALIBI_CASES + COMBINED_MODIFIER_CASES
+
+ALL_CASES = SHAPE_CASES + MASK_CASES + BIAS_CASES + DROPOUT_CASES + MODIFIER_CASES
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=str)
@@ -275,6 +332,8 @@ LONG_CASES = [
     CudaCase(1, 2, 2, 1025, 2049, 96, causal=True, layout="bshd"),
     CudaCase(2, 8, 2, 1025, 1025, 128, bias_shape=(1, 8, 1025, 1025), bias_dtype=F32),
     CudaCase(1, 4, 4, 1025, 1025, 64, dropout_p=0.1, key_mask=True, grad_lse=True),
+    CudaCase(1, 4, 2, 1025, 2049, 128, causal="bottom_right", window_size=(256, -1), softcap=30.0, alibi="h"),
+    CudaCase(2, 4, 4, 1025, 1025, 64, window_size=(128, 128), bias_shape=(1, 4, 1025, 1025), dropout_p=0.1),
 ]
 
 
@@ -426,6 +485,15 @@ def test_emulated_empty(emulated: Runner):
 @pytest.mark.gpu
 def test_gpu_empty(gpu: Runner):
     check_empty(gpu)
+
+
+def test_emulated_refuses_broadcast_dbias_with_modifiers_above_d96(emulated: Runner):
+    """The dK/dV kernel with dbias and score modifiers spills at D 128 and 256 (kernel_api.h)."""
+    for head_dim in (128, 256):
+        case = CudaCase(1, 2, 2, 33, 40, head_dim, softcap=5.0, bias_shape=(1, 2, 1, 40))
+        inputs = case.make_inputs()
+        with pytest.raises(RuntimeError, match="bias with a broadcast dim"):
+            emulated.run(case, inputs, torch.randn_like(inputs["q"]), None)
 
 
 def test_emulated_refuses_bad_head_dim(emulated: Runner):

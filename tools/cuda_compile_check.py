@@ -160,15 +160,22 @@ def demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, result.stdout.splitlines()))
 
 
+# The bool template arguments after each kernel's traits, in order (a true one is named in the report).
+KERNEL_FLAGS = {"backward_dkdv": ("dbias", "modifiers")}
+DEFAULT_KERNEL_FLAGS = ("modifiers",)
+
+
 def short_name(demangled: str) -> tuple[str, str | None]:
-    """('forward<bf16, 64>', 'ForwardTraits<__nv_bfloat16, 64>') from a demangled kernel name."""
+    """('forward<bf16, 64, modifiers>', 'ForwardTraits<__nv_bfloat16, 64>') from a demangled kernel name."""
     base = re.search(r"(\w+)_kernel", demangled)
     kernel = base.group(1).replace("attention_", "") if base else demangled
-    traits = re.search(r"(\w+Traits<[^<>]*>)", demangled)
+    traits = re.search(r"(\w+Traits<[^<>]*>)((?:, (?:true|false))*)>", demangled)
     element = "bf16" if "bfloat16" in demangled else "fp16" if "__half" in demangled else "?"
     if traits:
         head_dim = re.search(r", (\d+)>", traits.group(1)).group(1)
-        variant = ", dbias" if re.search(r"Traits<[^<>]*>, true>", demangled) else ""
+        values = re.findall(r"true|false", traits.group(2))
+        names = KERNEL_FLAGS.get(kernel, DEFAULT_KERNEL_FLAGS)
+        variant = "".join(f", {name}" for name, value in zip(names, values) if value == "true")
         return f"{kernel}<{element}, {head_dim}{variant}>", traits.group(1)
     return f"{kernel}<{element}>", None
 

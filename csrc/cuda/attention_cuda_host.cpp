@@ -81,7 +81,8 @@ void check_launch(const LaunchStatus& status, const char* what) {
 template <ElementType kElement, int kHeadDim>
 LaunchStatus forward_if_compiled(const AttentionForwardParams& params, cudaStream_t stream) {
   if constexpr (head_dim_compiled(kHeadDim)) {
-    return run_attention_forward<kElement, kHeadDim>(params, stream);
+    return has_score_modifiers(params) ? run_attention_forward<kElement, kHeadDim, true>(params, stream)
+                                       : run_attention_forward<kElement, kHeadDim, false>(params, stream);
   } else {
     return {false, "head dim not compiled"};
   }
@@ -100,18 +101,26 @@ LaunchStatus forward_for(int head_dim, const AttentionForwardParams& params, cud
 
 // dK, dV (and dq) by the dK/dV kernel, or the dQ kernel when deterministic, then
 // dbias by its own kernel when dbias.data is set (a bias of full rows and columns).
+template <ElementType kElement, int kHeadDim, bool kModifiers>
+LaunchStatus backward_kernels(const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
+                              const DbiasTiles& dbias, bool deterministic, cudaStream_t stream) {
+  LaunchStatus status = run_attention_backward_dkdv<kElement, kHeadDim, kModifiers>(params, workspace, stream);
+  if (status.ok && deterministic) {
+    status = run_attention_backward_dq<kElement, kHeadDim, kModifiers>(params, stream);
+  }
+  if (status.ok && dbias.data != nullptr) {
+    status = run_attention_backward_dbias<kElement, kHeadDim, kModifiers>(params, dbias, stream);
+  }
+  return status;
+}
+
 template <ElementType kElement, int kHeadDim>
 LaunchStatus backward_if_compiled(const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
                                   const DbiasTiles& dbias, bool deterministic, cudaStream_t stream) {
   if constexpr (head_dim_compiled(kHeadDim)) {
-    LaunchStatus status = run_attention_backward_dkdv<kElement, kHeadDim>(params, workspace, stream);
-    if (status.ok && deterministic) {
-      status = run_attention_backward_dq<kElement, kHeadDim>(params, stream);
-    }
-    if (status.ok && dbias.data != nullptr) {
-      status = run_attention_backward_dbias<kElement, kHeadDim>(params, dbias, stream);
-    }
-    return status;
+    return has_score_modifiers(params)
+               ? backward_kernels<kElement, kHeadDim, true>(params, workspace, dbias, deterministic, stream)
+               : backward_kernels<kElement, kHeadDim, false>(params, workspace, dbias, deterministic, stream);
   } else {
     return {false, "head dim not compiled"};
   }
@@ -150,17 +159,6 @@ void check_row_vector(const at::Tensor& t, const at::Tensor& q, const char* name
               ") on q's device, got ", t.sizes(), " ", t.scalar_type());
 }
 
-// The CUDA kernels implement the band's right edge (causal masks, window_right)
-// only; a left window edge, softcap and ALiBi run on other backends for now.
-void check_supported_modifiers(const ForwardInputs& in) {
-  TORCH_CHECK(in.window_left < 0, "fast_attn CUDA kernels do not implement a sliding window's left side yet ",
-              "(window_left ", in.window_left, "); use backend='cpu' or 'reference'");
-  TORCH_CHECK(in.softcap == 0.0, "fast_attn CUDA kernels do not implement softcap yet (softcap ", in.softcap,
-              "); use backend='cpu' or 'reference'");
-  TORCH_CHECK(!in.alibi_slopes.has_value(),
-              "fast_attn CUDA kernels do not implement alibi_slopes yet; use backend='cpu' or 'reference'");
-}
-
 }  // namespace
 
 std::vector<int> compiled_head_dims() {
@@ -179,7 +177,6 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
   const ForwardInputs in{q, k, v, bias, key_mask, alibi_slopes, dropout_seed,
                          scale, causal, window_left, window_right, softcap, dropout_p};
   check_forward_inputs(in);
-  check_supported_modifiers(in);
   const ElementType element = element_type(q);
   const int head_dim = kernel_head_dim(q.size(3));
   check_sizes(q, k);
@@ -211,7 +208,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   const ForwardInputs in{q, k, v, bias, key_mask, alibi_slopes, dropout_seed,
                          scale, causal, window_left, window_right, softcap, dropout_p};
   check_forward_inputs(in);
-  check_supported_modifiers(in);
   const ElementType element = element_type(q);
   const int head_dim = kernel_head_dim(q.size(3));
   check_sizes(q, k);
@@ -248,6 +244,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   if (dbias_by_tiles) {
     dbias_tiles = at::empty(bias->sizes(), bias->options().memory_format(at::MemoryFormat::Contiguous));
   } else if (compute_dbias) {
+    TORCH_CHECK(dkdv_dbias_with_modifiers(head_dim) || (window_left < 0 && softcap == 0.0 && !alibi_slopes),
+                "fast_attn CUDA kernels do not implement the gradient of a bias with a broadcast dim together ",
+                "with window_left, softcap or alibi_slopes at head dims above 96 (kernel head dim ", head_dim,
+                "); use backend='cpu' or 'reference', or a bias of full (Sq, Sk) rows and columns");
     const int64_t full_numel = q.size(0) * q.size(1) * q.size(2) * k.size(2);
     const int64_t splits =
         choose_dbias_splits(unsplit_schedule(q, k, *bias, head_dim), device.sm_count, bias->numel(), full_numel);

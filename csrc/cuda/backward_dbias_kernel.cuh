@@ -8,7 +8,9 @@
 // 16 query rows each:
 //   S  = Q K^T, dP = dO V^T        (16 x kBlockN per warp)
 //   P  = exp2(S - lse)             scores in log2 units with the forward's masks
-//   dS = P (dP Z - delta)          Z = dropout keep / (1 - p), 1 without dropout
+//                                  (and softcap and ALiBi: kModifiers)
+//   dS = P (dP Z - delta)          Z = dropout keep / (1 - p), 1 without dropout;
+//                                  the bias comes after the softcap: no 1 - t^2
 //   sum += dS
 // and the tile is stored once, in the bias's dtype. The sums stay in
 // registers, in the same order on every run: no atomics, no float32 partial
@@ -65,7 +67,8 @@ struct DbiasTraits {
   static constexpr size_t kSmemBytes = kElementBytes + kFloats * sizeof(float);
 };
 
-template <typename Traits>
+// kModifiers: the band's left edge, softcap and ALiBi (score_context.cuh).
+template <typename Traits, bool kModifiers>
 FA_KERNEL(Traits::kThreads, 1)
 void attention_backward_dbias_kernel(const AttentionBackwardParams params, const DbiasTiles dbias) {
   using Element = typename Traits::Element;
@@ -97,11 +100,16 @@ void attention_backward_dbias_kernel(const AttentionBackwardParams params, const
   auto pair_batch = [&](int64_t i) { return dbias.batch == 1 ? i / pair_heads : slice_batch; };
   auto pair_head = [&](int64_t i) { return dbias.heads == 1 ? i % pair_heads : slice_head; };
 
-  // A tile whose keys all lie after the band's right edge at its last query has dS = 0.
+  // A tile whose keys all lie after the band's right edge at its last query, or
+  // before its left edge at its first query, has dS = 0.
   bool any_visible = true;
   if (band_bounds_right(params)) {
     const int64_t last_row = (m0 + kBlockM < seqlen_q ? m0 + kBlockM : seqlen_q) - 1;
     any_visible = n0 <= last_row + band_last_key_offset(params);
+  }
+  if (kModifiers && band_bounds_left(params)) {
+    const int64_t last_key = (n0 + kBlockN < seqlen_k ? n0 + kBlockN : seqlen_k) - 1;
+    any_visible = any_visible && last_key >= m0 + band_first_key_offset(params);
   }
 
   Element* smem = reinterpret_cast<Element*>(dynamic_shared_memory());
@@ -201,15 +209,31 @@ void attention_backward_dbias_kernel(const AttentionBackwardParams params, const
         lse_base[r] = lse == negative_infinity() ? -negative_infinity() : lse * kLog2e;
         delta[r] = load_shared(delta_tile + local_row0 + r * 8);
       }
-      const ScoreContext<Element> scores(params, pair_batch(i), pair_head(i));
+      const ScoreContext<Element, kModifiers> scores(params, pair_batch(i), pair_head(i));
       const bool masked = scores.needs_mask(m0, kBlockM, n0, kBlockN);
+      if constexpr (kModifiers) {
+        // S in log2 units through the softcap, plus ALiBi, ahead of the loop below
+        // (in it, ptxas spills: 12 bytes at D 128 on sm_90a).
+        FA_UNROLL
+        for (int j = 0; j < Traits::kKeyTiles; ++j) {
+          FA_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            float slope;  // unused: dbias takes dS itself
+            acc_s[j][e] = scores.scaled_log2(acc_s[j][e], slope);
+            if (scores.alibi()) {
+              acc_s[j][e] += scores.alibi_log2(row0 + (e >> 1) * 8, key_base + j * 8 + (e & 1));
+            }
+          }
+        }
+      }
       FA_UNROLL
       for (int j = 0; j < Traits::kKeyTiles; ++j) {
         FA_UNROLL
         for (int e = 0; e < 4; ++e) {
           const int row = row0 + (e >> 1) * 8;
           const int key = key_base + j * 8 + (e & 1);
-          float score = acc_s[j][e] * scores.scale_log2() + load_shared(bias_log2 + (4 * j + e) * kThreads);
+          float score = (kModifiers ? acc_s[j][e] : acc_s[j][e] * scores.scale_log2()) +
+                        load_shared(bias_log2 + (4 * j + e) * kThreads);
           if (masked && !scores.visible(row, key)) {
             score = negative_infinity();
           }
@@ -244,14 +268,14 @@ void attention_backward_dbias_kernel(const AttentionBackwardParams params, const
   }
 }
 
-template <ElementType kElement, int kHeadDim>
+template <ElementType kElement, int kHeadDim, bool kModifiers>
 LaunchStatus run_attention_backward_dbias(const AttentionBackwardParams& params, const DbiasTiles& dbias,
                                           cudaStream_t stream) {
   using Traits = DbiasTraits<typename ElementOf<kElement>::type, kHeadDim>;
   const dim3 grid(static_cast<unsigned>(ceil_div(params.seqlen_q, Traits::kBlockM) *
                                         ceil_div(params.seqlen_k, Traits::kBlockN)),
                   static_cast<unsigned>(dbias.heads), static_cast<unsigned>(dbias.batch));
-  return launch_kernel(attention_backward_dbias_kernel<Traits>, grid, dim3(Traits::kThreads), Traits::kSmemBytes,
+  return launch_kernel(attention_backward_dbias_kernel<Traits, kModifiers>, grid, dim3(Traits::kThreads), Traits::kSmemBytes,
                        stream, params, dbias);
 }
 

@@ -9,9 +9,10 @@
 //   S^T  = K Q^T, dP^T = V dO^T     (16 keys x kChunkM queries per warp)
 //   P^T  = exp2(S^T - lse)          scores recomputed in log2 units with the forward's masks
 //   dS^T = P^T (dP^T Z - delta)     Z = dropout keep / (1 - p), 1 without dropout
-//   dV  += (P^T Z) dO,  dK += dS^T Q  (scale applied to dK once at the end)
 //   dbias partial sums += dS reduced over the bias's broadcast dims (a bias of
 //                         full rows and columns has its own kernel instead)
+//   dS^T *= 1 - t^2                   softcap's t = tanh(scale q.k / c) (kModifiers)
+//   dV  += (P^T Z) dO,  dK += dS^T Q  (scale applied to dK once at the end)
 //   dS^T -> shared memory
 // then, per step, dq_accum += dS K with float atomics (scaled when converted).
 // dK and dV of a kv head sum over its query heads inside one CTA: no atomics,
@@ -219,7 +220,8 @@ struct DbiasStep {
   }
 };
 
-template <typename Traits, bool kWithDbias>
+// kModifiers: the band's left edge, softcap and ALiBi (score_context.cuh).
+template <typename Traits, bool kWithDbias, bool kModifiers>
 FA_KERNEL(Traits::kThreads, Traits::kMinBlocksPerSm)
 void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const BackwardWorkspace workspace) {
   using Element = typename Traits::Element;
@@ -274,15 +276,21 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
     const int n0 = static_cast<int>(unit.key_block) * kBlockN;
     const int key0 = n0 + key_warp * 16 + group;  // this thread's keys: key0 and key0 + 8
 
-    // Query blocks that see some key of this block.
+    // Query blocks [m_begin, m_end) see some key of this block.
     int first_query = 0;
     if (band_bounds_right(params)) {
       const int64_t first = n0 - band_last_key_offset(params);
       first_query = first > 0 ? (first < seqlen_q ? static_cast<int>(first) : seqlen_q) : 0;
     }
     const int m_begin = first_query >= seqlen_q ? num_m_blocks : first_query / kBlockM;
+    int m_end = num_m_blocks;
+    if (kModifiers && band_bounds_left(params)) {
+      // Rows past the block's last key minus the left edge see none of its keys.
+      const int64_t row_end = (n0 + kBlockN < seqlen_k ? n0 + kBlockN : seqlen_k) - band_first_key_offset(params);
+      m_end = row_end <= 0 ? 0 : static_cast<int>(ceil_div(row_end < seqlen_q ? row_end : seqlen_q, kBlockM));
+    }
     // Steps run over (query head of the group, query block), query blocks fastest.
-    const int steps_per_head = num_m_blocks - m_begin;
+    const int steps_per_head = kModifiers ? (m_end > m_begin ? m_end - m_begin : 0) : num_m_blocks - m_begin;
     const int total_steps = static_cast<int>(group_size) * steps_per_head;
     const int64_t first_head = unit.kv_head * group_size;
 
@@ -334,7 +342,7 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
       cp_async_wait<0>();
       block_sync();  // step's tiles landed; every warp is done with step - 1 (other stage, dS^T, scratch)
       if (step + 1 < total_steps) {
-        const bool next_head = m_block + 1 == num_m_blocks;
+        const bool next_head = m_block + 1 == m_end;
         load_step(next_head ? head + 1 : head, next_head ? m_begin * kBlockM : m0 + kBlockM, stage ^ 1);
         cp_async_commit();
       }
@@ -351,7 +359,7 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
           }
         }
       }
-      const ScoreContext<Element> scores(params, batch, head);
+      const ScoreContext<Element, kModifiers> scores(params, batch, head);
       const bool elementwise = scores.needs_elementwise(m0, kBlockM, n0, kBlockN);
       const DbiasStep dbias{float_smem + Traits::kKeySumOffset + threadIdx.x, kThreads};
 
@@ -391,7 +399,10 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
 
         // P^T = exp2(s - lse log2(e)); a row with lse = -inf saw no key, and +inf
         // as its base makes all its probabilities 0 (never inf - inf).
-        // dS^T = P^T (dP^T Z - delta) into acc_dp; then acc_s = P^T Z.
+        // dS^T = P^T (dP^T Z - delta) into acc_dp; then acc_s = P^T Z. Under a softcap,
+        // dS^T's factor 1 - t^2 (for dK and dQ) waits in softcap_slope until dbias has
+        // taken dS^T itself.
+        float softcap_slope[kModifiers ? Traits::kChunkTiles : 1][4];
         const int q0 = m0 + cq;
         const int query_base = q0 + pair;  // element (j, e): query query_base + 8 j + e % 2
         FA_UNROLL
@@ -406,8 +417,12 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
               const int e = 2 * r + c;
               const int query = query_base + j * 8 + c;
               const int key = key0 + r * 8;
+              float slope = 1.0f;
               const float score =
-                  elementwise ? scores.score_log2(acc_s[j][e], query, key) : acc_s[j][e] * scores.scale_log2();
+                  elementwise ? scores.score_log2(acc_s[j][e], query, key, slope) : acc_s[j][e] * scores.scale_log2();
+              if constexpr (kModifiers) {
+                softcap_slope[j][e] = slope;
+              }
               const float probability = exp2f(score - base);
               float dropout_factor = scores.dropout_keep_scale();
               if (scores.dropout() && scores.in_bounds(query, key) && !scores.keeps(query, key)) {
@@ -421,6 +436,15 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
 
         if constexpr (with_dbias) {
           dbias.add_chunk(params, acc_dp, scratch + key_warp * kBlockM, cq, chunk == 0, owns_keys, lane);
+        }
+        if (scores.softcap()) {
+          FA_UNROLL
+          for (int j = 0; j < Traits::kChunkTiles; ++j) {
+            FA_UNROLL
+            for (int e = 0; e < 4; ++e) {
+              acc_dp[j][e] *= softcap_slope[j][e];
+            }
+          }
         }
 
         // dV += (P^T Z) dO and dK += dS^T Q over the chunk's queries. The 16-bit
@@ -496,7 +520,7 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
           }
         }
       }
-      if (++m_block == num_m_blocks) {
+      if (++m_block == m_end) {
         m_block = m_begin;
         ++head;
       }
@@ -530,7 +554,7 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
   }
 }
 
-template <ElementType kElement, int kHeadDim>
+template <ElementType kElement, int kHeadDim, bool kModifiers>
 LaunchStatus run_attention_backward_dkdv(const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
                                          cudaStream_t stream) {
   using Traits = DkdvTraits<typename ElementOf<kElement>::type, kHeadDim>;
@@ -540,10 +564,14 @@ LaunchStatus run_attention_backward_dkdv(const AttentionBackwardParams& params, 
                               with_dbias ? params.dbias_num_splits : 1);
   const dim3 grid(static_cast<unsigned>(schedule.ctas()));
   if (with_dbias) {
-    return launch_kernel(attention_backward_dkdv_kernel<Traits, true>, grid, dim3(Traits::kThreads),
-                         Traits::kSmemBytes, stream, params, workspace);
+    if constexpr (kModifiers && !dkdv_dbias_with_modifiers(kHeadDim)) {
+      return {false, "no dK/dV kernel with dbias and score modifiers at this head dim"};
+    } else {
+      return launch_kernel(attention_backward_dkdv_kernel<Traits, true, kModifiers>, grid, dim3(Traits::kThreads),
+                           Traits::kSmemBytes, stream, params, workspace);
+    }
   }
-  return launch_kernel(attention_backward_dkdv_kernel<Traits, false>, grid, dim3(Traits::kThreads),
+  return launch_kernel(attention_backward_dkdv_kernel<Traits, false, kModifiers>, grid, dim3(Traits::kThreads),
                        Traits::kSmemBytes, stream, params, workspace);
 }
 

@@ -4,7 +4,8 @@
 //   S  = Q K^T -> P = exp2(S - lse)   (forward's masks, log2 units)
 //   dP = dO V^T
 //   dS = P (dP Z - delta)             Z = dropout keep / (1 - p)
-//   dQ += dS K                        (scale applied once at the end)
+//   dQ += dS (1 - t^2) K              softcap's t = tanh(scale q.k / c), 1 - t^2 = 1 without it
+//                                     (scale applied once at the end)
 // It recomputes S and dP that the dK/dV kernel also computes (two extra
 // matmuls of the five), the price of not accumulating dq with atomics.
 #pragma once
@@ -43,7 +44,8 @@ struct DqTraits {
   static constexpr size_t kSmemBytes = (kVOffset + 2 * KvTile::kElements) * sizeof(Element);
 };
 
-template <typename Traits>
+// kModifiers: the band's left edge, softcap and ALiBi (score_context.cuh).
+template <typename Traits, bool kModifiers>
 FA_KERNEL(Traits::kThreads, 1)
 void attention_backward_dq_kernel(const AttentionBackwardParams params) {
   using Element = typename Traits::Element;
@@ -68,13 +70,22 @@ void attention_backward_dq_kernel(const AttentionBackwardParams params) {
   const int seqlen_k = static_cast<int>(params.seqlen_k);
   const int head_dim = static_cast<int>(params.head_dim);
 
+  // Key tiles [first_tile, end_tile) hold keys some row of this block sees (as the forward's).
   int64_t key_end = seqlen_k;
   if (band_bounds_right(params)) {
     const int64_t last_row = (m0 + kBlockM < seqlen_q ? m0 + kBlockM : seqlen_q) - 1;
     const int64_t band_end = last_row + band_last_key_offset(params) + 1;
     key_end = band_end < key_end ? band_end : key_end;
   }
-  const int num_tiles = key_end > 0 ? static_cast<int>(ceil_div(key_end, kBlockN)) : 0;
+  const int end_tile = key_end > 0 ? static_cast<int>(ceil_div(key_end, kBlockN)) : 0;
+  int first_tile = 0;
+  if (kModifiers && band_bounds_left(params)) {
+    const int64_t band_begin = m0 + band_first_key_offset(params);
+    first_tile = band_begin <= 0 ? 0
+                 : band_begin < seqlen_k ? static_cast<int>(band_begin / kBlockN)
+                                         : static_cast<int>(ceil_div(seqlen_k, kBlockN));
+  }
+  const int num_tiles = kModifiers ? (end_tile > first_tile ? end_tile - first_tile : 0) : end_tile;
 
   const Element* q = static_cast<const Element*>(params.q) + batch * params.q_batch_stride + head * params.q_head_stride;
   const Element* grad_out = static_cast<const Element*>(params.grad_out) + batch * params.grad_out_batch_stride +
@@ -88,7 +99,7 @@ void attention_backward_dq_kernel(const AttentionBackwardParams params) {
   Element* k_smem = smem + Traits::kKOffset;
   Element* v_smem = smem + Traits::kVOffset;
 
-  const ScoreContext<Element> scores(params, batch, head);
+  const ScoreContext<Element, kModifiers> scores(params, batch, head);
 
   auto load_kv_tile = [&](int n_block, int stage) {
     const int n0 = n_block * kBlockN;
@@ -123,12 +134,12 @@ void attention_backward_dq_kernel(const AttentionBackwardParams params) {
     load_tile_async<kBlockM, kHeadDim, kThreads>(do_smem, grad_out + m0 * params.grad_out_row_stride,
                                                  params.grad_out_row_stride, seqlen_q - m0, head_dim,
                                                  static_cast<const Element*>(params.grad_out));
-    load_kv_tile(num_tiles - 1, 0);
+    load_kv_tile(end_tile - 1, 0);
     cp_async_commit();
   }
 
   for (int it = 0; it < num_tiles; ++it) {
-    const int n_block = num_tiles - 1 - it;
+    const int n_block = end_tile - 1 - it;
     const int stage = it & 1;
     cp_async_wait<0>();
     block_sync();  // tile `it` has landed; every warp is done with tile it - 1
@@ -167,7 +178,8 @@ void attention_backward_dq_kernel(const AttentionBackwardParams params) {
         },
         k_tile, v_tile, lane);
 
-    // dS = P (dP Z - delta), into acc_s. Element (j, e): row row0 + 8 (e / 2), key key_base + 8 j + e % 2.
+    // dS (1 - t^2) = P (dP Z - delta) (1 - t^2), into acc_s. Element (j, e): row row0 + 8 (e / 2),
+    // key key_base + 8 j + e % 2.
     const int n0 = n_block * kBlockN;
     const int key_base = n0 + pair;
     const bool elementwise = scores.needs_elementwise(m0, kBlockM, n0, kBlockN);
@@ -177,13 +189,18 @@ void attention_backward_dq_kernel(const AttentionBackwardParams params) {
       for (int e = 0; e < 4; ++e) {
         const int row = row0 + (e >> 1) * 8;
         const int key = key_base + j * 8 + (e & 1);
-        const float score = elementwise ? scores.score_log2(acc_s[j][e], row, key) : acc_s[j][e] * scores.scale_log2();
+        float softcap_slope = 1.0f;
+        const float score = elementwise ? scores.score_log2(acc_s[j][e], row, key, softcap_slope)
+                                        : acc_s[j][e] * scores.scale_log2();
         const float probability = exp2f(score - lse_base[e >> 1]);
         float dropout_factor = scores.dropout_keep_scale();
         if (scores.dropout() && scores.in_bounds(row, key) && !scores.keeps(row, key)) {
           dropout_factor = 0.0f;
         }
         acc_s[j][e] = probability * (acc_dp[j][e] * dropout_factor - delta[e >> 1]);
+        if (scores.softcap()) {
+          acc_s[j][e] *= softcap_slope;
+        }
       }
     }
 
@@ -221,12 +238,12 @@ void attention_backward_dq_kernel(const AttentionBackwardParams params) {
   }
 }
 
-template <ElementType kElement, int kHeadDim>
+template <ElementType kElement, int kHeadDim, bool kModifiers>
 LaunchStatus run_attention_backward_dq(const AttentionBackwardParams& params, cudaStream_t stream) {
   using Traits = DqTraits<typename ElementOf<kElement>::type, kHeadDim>;
   const dim3 grid(static_cast<unsigned>(ceil_div(params.seqlen_q, Traits::kBlockM)),
                   static_cast<unsigned>(params.heads_q), static_cast<unsigned>(params.batch));
-  return launch_kernel(attention_backward_dq_kernel<Traits>, grid, dim3(Traits::kThreads), Traits::kSmemBytes, stream,
+  return launch_kernel(attention_backward_dq_kernel<Traits, kModifiers>, grid, dim3(Traits::kThreads), Traits::kSmemBytes, stream,
                        params);
 }
 

@@ -5,7 +5,7 @@
 //
 // Per K/V tile (descending, so the tiles that need masks come first):
 //   S = Q K^T          mma.m16n8k16, Q fragments in registers (or re-read at D = 256)
-//   S -> log2 units     scale, bias, causal / key / bound masks
+//   S -> log2 units     scale, softcap, bias, ALiBi, band / key / bound masks
 //   online softmax      row max over the quad (2 shuffles), rescale O and the row sums
 //   O += P V            P converted from C to A fragments in registers
 // K and V tiles are double-buffered with cp.async: the copy of tile i + 1 is
@@ -49,7 +49,8 @@ struct ForwardTraits {
   static constexpr size_t kSmemBytes = (kVOffset + 2 * KvTile::kElements) * sizeof(Element);
 };
 
-template <typename Traits>
+// kModifiers: the band's left edge, softcap and ALiBi (score_context.cuh).
+template <typename Traits, bool kModifiers>
 FA_KERNEL(Traits::kThreads, Traits::kMinBlocksPerSm)
 void attention_forward_kernel(const AttentionForwardParams params) {
   using Element = typename Traits::Element;
@@ -75,14 +76,22 @@ void attention_forward_kernel(const AttentionForwardParams params) {
   const int seqlen_k = static_cast<int>(params.seqlen_k);
   const int head_dim = static_cast<int>(params.head_dim);
 
-  // Keys any row of this block may see; tiles past them are skipped entirely.
+  // Keys any row of this block may see, [first_tile * kBlockN, key_end); tiles outside are skipped entirely.
   int64_t key_end = seqlen_k;
   if (band_bounds_right(params)) {
     const int64_t last_row = (m0 + kBlockM < seqlen_q ? m0 + kBlockM : seqlen_q) - 1;
     const int64_t band_end = last_row + band_last_key_offset(params) + 1;
     key_end = band_end < key_end ? band_end : key_end;
   }
-  const int num_tiles = key_end > 0 ? static_cast<int>(ceil_div(key_end, kBlockN)) : 0;
+  const int end_tile = key_end > 0 ? static_cast<int>(ceil_div(key_end, kBlockN)) : 0;
+  int first_tile = 0;
+  if (kModifiers && band_bounds_left(params)) {
+    const int64_t band_begin = m0 + band_first_key_offset(params);  // the block's first row sees no key before it
+    first_tile = band_begin <= 0 ? 0
+                 : band_begin < seqlen_k ? static_cast<int>(band_begin / kBlockN)
+                                         : static_cast<int>(ceil_div(seqlen_k, kBlockN));
+  }
+  const int num_tiles = kModifiers ? (end_tile > first_tile ? end_tile - first_tile : 0) : end_tile;
 
   const Element* q = static_cast<const Element*>(params.q) + batch * params.q_batch_stride + head * params.q_head_stride;
   const Element* k = static_cast<const Element*>(params.k) + batch * params.k_batch_stride + kv_head * params.k_head_stride;
@@ -93,7 +102,7 @@ void attention_forward_kernel(const AttentionForwardParams params) {
   Element* k_smem = smem + Traits::kKOffset;
   Element* v_smem = smem + Traits::kVOffset;
 
-  const ScoreContext<Element> scores(params, batch, head);
+  const ScoreContext<Element, kModifiers> scores(params, batch, head);
 
   auto load_kv_tile = [&](int n_block, int stage) {
     const int n0 = n_block * kBlockN;
@@ -120,7 +129,7 @@ void attention_forward_kernel(const AttentionForwardParams params) {
   if (num_tiles > 0) {
     load_tile_async<kBlockM, kHeadDim, kThreads>(q_smem, q + m0 * params.q_row_stride, params.q_row_stride,
                                                  seqlen_q - m0, head_dim, static_cast<const Element*>(params.q));
-    load_kv_tile(num_tiles - 1, 0);
+    load_kv_tile(end_tile - 1, 0);
     cp_async_commit();
   }
 
@@ -129,7 +138,7 @@ void attention_forward_kernel(const AttentionForwardParams params) {
   const int row0 = m0 + warp_row0 + group;
 
   for (int it = 0; it < num_tiles; ++it) {
-    const int n_block = num_tiles - 1 - it;
+    const int n_block = end_tile - 1 - it;
     const int stage = it & 1;
     cp_async_wait<0>();
     block_sync();  // tile `it` has landed; every warp is done with tile it - 1 (the other stage)
@@ -308,13 +317,13 @@ void attention_forward_kernel(const AttentionForwardParams params) {
   }
 }
 
-template <ElementType kElement, int kHeadDim>
+template <ElementType kElement, int kHeadDim, bool kModifiers>
 LaunchStatus run_attention_forward(const AttentionForwardParams& params, cudaStream_t stream) {
   using Traits = ForwardTraits<typename ElementOf<kElement>::type, kHeadDim>;
   const dim3 grid(static_cast<unsigned>(ceil_div(params.seqlen_q, Traits::kBlockM)),
                   static_cast<unsigned>(params.heads_q), static_cast<unsigned>(params.batch));
-  return launch_kernel(attention_forward_kernel<Traits>, grid, dim3(Traits::kThreads), Traits::kSmemBytes, stream,
-                       params);
+  return launch_kernel(attention_forward_kernel<Traits, kModifiers>, grid, dim3(Traits::kThreads), Traits::kSmemBytes,
+                       stream, params);
 }
 
 }  // namespace fast_attn::cuda

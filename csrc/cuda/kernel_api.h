@@ -42,9 +42,19 @@ struct DbiasTiles {
   int64_t heads;
 };
 
+// kModifiers (in every run_* with a head dim): the kernels for problems with
+// the band's left edge, a softcap or ALiBi (has_score_modifiers in
+// attention_params.h); the others run the kernels without that code.
+
+// The dK/dV kernel reduces dbias of a bias with a broadcast dim (a bias of full
+// rows and columns has the dbias kernel). With kModifiers as well it spills on
+// sm_80 at head dims 128 (16 bytes) and 256 (8 bytes): not instantiated there,
+// and the host refuses those problems.
+constexpr bool dkdv_dbias_with_modifiers(int head_dim) { return head_dim < 128; }
+
 // Forward: out and lse of params. kHeadDim is the compiled kernel head dim
 // (>= params.head_dim; the columns beyond params.head_dim are zero-filled).
-template <ElementType kElement, int kHeadDim>
+template <ElementType kElement, int kHeadDim, bool kModifiers>
 LaunchStatus run_attention_forward(const AttentionForwardParams& params, cudaStream_t stream);
 
 // Backward step 1: delta = rowsum(grad_out * out) - grad_lse, and zero dq_accum.
@@ -53,18 +63,18 @@ LaunchStatus run_attention_backward_preprocess(const AttentionBackwardParams& pa
                                                const BackwardWorkspace& workspace, cudaStream_t stream);
 
 // Backward step 2: dk, dv (and dbias partials; and dq_accum unless deterministic).
-template <ElementType kElement, int kHeadDim>
+template <ElementType kElement, int kHeadDim, bool kModifiers>
 LaunchStatus run_attention_backward_dkdv(const AttentionBackwardParams& params,
                                          const BackwardWorkspace& workspace, cudaStream_t stream);
 
 // Backward, for a bias with full rows and columns (params.dbias is then nullptr
 // and the dK/dV kernel leaves dbias alone): dbias, one CTA per tile of it.
-template <ElementType kElement, int kHeadDim>
+template <ElementType kElement, int kHeadDim, bool kModifiers>
 LaunchStatus run_attention_backward_dbias(const AttentionBackwardParams& params, const DbiasTiles& dbias,
                                           cudaStream_t stream);
 
 // Backward step 3 (deterministic mode): dq without atomics, one CTA per query block.
-template <ElementType kElement, int kHeadDim>
+template <ElementType kElement, int kHeadDim, bool kModifiers>
 LaunchStatus run_attention_backward_dq(const AttentionBackwardParams& params, cudaStream_t stream);
 
 // Backward step 3 (default mode): dq = scale * dq_accum in the inputs' dtype.

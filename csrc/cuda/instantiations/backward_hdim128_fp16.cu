@@ -5,10 +5,10 @@
 #include "cuda/backward_dq_kernel.cuh"
 
 namespace fast_attn::cuda {
-template LaunchStatus run_attention_backward_dkdv<ElementType::kFloat16, 128>(
+template LaunchStatus run_attention_backward_dkdv<ElementType::kFloat16, 128, false>(
     const AttentionBackwardParams&, const BackwardWorkspace&, cudaStream_t);
-template LaunchStatus run_attention_backward_dq<ElementType::kFloat16, 128>(
+template LaunchStatus run_attention_backward_dq<ElementType::kFloat16, 128, false>(
     const AttentionBackwardParams&, cudaStream_t);
-template LaunchStatus run_attention_backward_dbias<ElementType::kFloat16, 128>(
+template LaunchStatus run_attention_backward_dbias<ElementType::kFloat16, 128, false>(
     const AttentionBackwardParams&, const DbiasTiles&, cudaStream_t);
 }  // namespace fast_attn::cuda
