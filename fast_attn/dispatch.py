@@ -157,6 +157,24 @@ def _cuda_supports_head_dim(head_dim: int) -> bool:
     return head_dim % 8 == 0 and bool(CUDA_HEAD_DIMS) and head_dim <= max(CUDA_HEAD_DIMS)
 
 
+def _cuda_modifier_reasons(problem: AttentionProblem, explicit: bool) -> list[str]:
+    # The dK/dV kernel that sums a broadcast bias's gradient has no registers left for the score
+    # modifiers at kernel head dims of 128 and up (dkdv_dbias_with_modifiers in csrc/cuda/kernel_api.h).
+    bias = problem.bias
+    modifiers = problem.softcap is not None or problem.alibi_slopes is not None
+    modifiers = modifiers or (problem.window is not None and problem.window[0] >= 0)
+    if not (modifiers and bias is not None and bias.requires_grad and torch.is_grad_enabled()):
+        return []
+    full_rows_and_keys = bias.shape[2] == problem.seqlen_q and bias.shape[3] == problem.seqlen_k
+    kernel_head_dim = min((d for d in CUDA_HEAD_DIMS if d >= problem.head_dim), default=0)
+    if full_rows_and_keys or kernel_head_dim < 128:
+        return []
+    return [
+        "does not implement the gradient of a bias broadcast over rows or keys together with window_size's "
+        f"left side, softcap or alibi_slopes at head dim {problem.head_dim} (kernel head dims of 128 and up)"
+    ]
+
+
 def _run_reference(problem: AttentionProblem, dropout_seed):
     from .reference import reference_attention
 
@@ -214,6 +232,7 @@ BACKENDS: dict[str, Backend] = {
         min_capability=(8, 0),
         availability=_cuda_unavailable,
         run=_with_sinks(_cpp_forward),
+        extra_reasons=_cuda_modifier_reasons,
     ),
     "triton": Backend(
         name="triton",

@@ -601,3 +601,20 @@ def test_cpu_torch_compile_fullgraph_with_window_and_softcap():
     torch.testing.assert_close(compiled_out, eager_out, rtol=0, atol=0)
     for compiled_grad, eager_grad in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-6, atol=1e-6)
+
+
+def test_cuda_refuses_a_broadcast_bias_gradient_with_modifiers_at_large_head_dims(monkeypatch):
+    # The CUDA dK/dV kernel that sums such a gradient has no variant with the modifiers at kernel head
+    # dims of 128 and up; dispatch says so before the op would (facts only: CPU tensors suffice here).
+    monkeypatch.setattr(dispatch, "CUDA_HEAD_DIMS", (32, 64, 96, 128, 256))
+    cuda = dispatch.BACKENDS["cuda"]
+
+    def reasons(head_dim, bias_shape, **modifiers):
+        q, k, v = random_qkv(2, 4, 2, 9, 11, head_dim)
+        bias = torch.randn(bias_shape, requires_grad=True)
+        return cuda.extra_reasons(fast_attn.validation.build_problem(q, k, v, bias=bias, **modifiers), True)
+
+    assert reasons(128, (2, 4, 1, 11), softcap=2.0) and reasons(104, (1, 4, 9, 1), window_size=(3, -1))
+    assert not reasons(96, (2, 4, 1, 11), softcap=2.0)  # kernel head dim 96 has the variant
+    assert not reasons(128, (1, 4, 9, 11), softcap=2.0)  # full rows and keys: the dbias kernel
+    assert not reasons(128, (2, 4, 1, 11), window_size=(-1, 3))  # a right edge alone is the fast path
