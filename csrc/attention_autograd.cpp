@@ -28,27 +28,40 @@ struct ScoreModifiers {
   double softcap;
 };
 
+// The packed sequences' arguments (varlen), which follow the modifiers.
+struct PackedSequences {
+  std::optional<at::Tensor> cu_seqlens_q;
+  std::optional<at::Tensor> cu_seqlens_k;
+  int64_t max_seqlen_q;
+  int64_t max_seqlen_k;
+};
+
 std::tuple<at::Tensor, at::Tensor> call_forward_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                    const std::optional<at::Tensor>& bias,
                                                    const std::optional<at::Tensor>& key_mask,
                                                    const std::optional<at::Tensor>& dropout_seed, double scale,
-                                                   int64_t causal, double dropout_p, const ScoreModifiers& mods) {
+                                                   int64_t causal, double dropout_p, const ScoreModifiers& mods,
+                                                   const PackedSequences& packed) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fast_attn::attention_forward", "")
                              .typed<std::tuple<at::Tensor, at::Tensor>(
                                  const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                                  const std::optional<at::Tensor>&, double, int64_t, double,
-                                 const std::optional<at::Tensor>&, int64_t, int64_t, double)>();
+                                 const std::optional<at::Tensor>&, int64_t, int64_t, double,
+                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
+                                 int64_t)>();
   return op.call(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, mods.alibi_slopes,
-                 mods.window_left, mods.window_right, mods.softcap);
+                 mods.window_left, mods.window_right, mods.softcap, packed.cu_seqlens_q, packed.cu_seqlens_k,
+                 packed.max_seqlen_q, packed.max_seqlen_k);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_backward_op(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask,
     const std::optional<at::Tensor>& dropout_seed, const at::Tensor& out, const at::Tensor& lse, double scale,
-    int64_t causal, double dropout_p, bool compute_dbias, bool deterministic, const ScoreModifiers& mods) {
+    int64_t causal, double dropout_p, bool compute_dbias, bool deterministic, const ScoreModifiers& mods,
+    const PackedSequences& packed) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fast_attn::attention_backward", "")
@@ -56,9 +69,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_backward_op(
               const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
               const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, double, int64_t, double, bool,
-              bool, const std::optional<at::Tensor>&, int64_t, int64_t, double)>();
+              bool, const std::optional<at::Tensor>&, int64_t, int64_t, double, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, int64_t, int64_t)>();
   return op.call(grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse, scale, causal, dropout_p,
-                 compute_dbias, deterministic, mods.alibi_slopes, mods.window_left, mods.window_right, mods.softcap);
+                 compute_dbias, deterministic, mods.alibi_slopes, mods.window_left, mods.window_right, mods.softcap,
+                 packed.cu_seqlens_q, packed.cu_seqlens_k, packed.max_seqlen_q, packed.max_seqlen_k);
 }
 
 std::optional<at::Tensor> present(const at::Tensor& t) {
@@ -72,18 +87,24 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask,
                                const std::optional<at::Tensor>& dropout_seed, double scale, int64_t causal,
                                double dropout_p, const std::optional<at::Tensor>& alibi_slopes, int64_t window_left,
-                               int64_t window_right, double softcap) {
+                               int64_t window_right, double softcap, const std::optional<at::Tensor>& cu_seqlens_q,
+                               const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                               int64_t max_seqlen_k) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, lse] = call_forward_op(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p,
-                                      {alibi_slopes, window_left, window_right, softcap});
+                                      {alibi_slopes, window_left, window_right, softcap},
+                                      {cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k});
     ctx->save_for_backward({q, k, v, bias.value_or(at::Tensor()), key_mask.value_or(at::Tensor()),
-                            dropout_seed.value_or(at::Tensor()), out, lse, alibi_slopes.value_or(at::Tensor())});
+                            dropout_seed.value_or(at::Tensor()), out, lse, alibi_slopes.value_or(at::Tensor()),
+                            cu_seqlens_q.value_or(at::Tensor()), cu_seqlens_k.value_or(at::Tensor())});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["window_left"] = window_left;
     ctx->saved_data["window_right"] = window_right;
     ctx->saved_data["softcap"] = softcap;
+    ctx->saved_data["max_seqlen_q"] = max_seqlen_q;
+    ctx->saved_data["max_seqlen_k"] = max_seqlen_k;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     // An unused output's gradient stays undefined instead of a tensor of zeros:
     // grad_lse is absent unless lse was used.
@@ -92,8 +113,8 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   }
 
   // One gradient per forward argument: dq, dk, dv, dbias, then none for
-  // key_mask, dropout_seed, scale, causal, dropout_p and the score modifiers
-  // (ALiBi's slopes have no gradient by the contract).
+  // key_mask, dropout_seed, scale, causal, dropout_p, the score modifiers
+  // (ALiBi's slopes have no gradient by the contract) and the packed sequences.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[6], &lse = saved[7];
@@ -112,8 +133,10 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
         ctx->saved_data["scale"].toDouble(), ctx->saved_data["causal"].toInt(),
         ctx->saved_data["dropout_p"].toDouble(), compute_dbias, at::globalContext().deterministicAlgorithms(),
         {present(saved[8]), ctx->saved_data["window_left"].toInt(), ctx->saved_data["window_right"].toInt(),
-         ctx->saved_data["softcap"].toDouble()});
-    variable_list grads_of_inputs(13);
+         ctx->saved_data["softcap"].toDouble()},
+        {present(saved[9]), present(saved[10]), ctx->saved_data["max_seqlen_q"].toInt(),
+         ctx->saved_data["max_seqlen_k"].toInt()});
+    variable_list grads_of_inputs(17);
     grads_of_inputs[0] = dq;
     grads_of_inputs[1] = dk;
     grads_of_inputs[2] = dv;
@@ -126,9 +149,11 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& dropout_seed, double scale,
     int64_t causal, double dropout_p, const std::optional<at::Tensor>& alibi_slopes, int64_t window_left,
-    int64_t window_right, double softcap) {
-  variable_list outputs = AttentionFunction::apply(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p,
-                                                   alibi_slopes, window_left, window_right, softcap);
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  variable_list outputs =
+      AttentionFunction::apply(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, alibi_slopes,
+                               window_left, window_right, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   return {outputs[0], outputs[1]};
 }
 

@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -18,6 +19,35 @@ void check_qkv(const at::Tensor& t, const char* name) {
 // Stride of a dim, or 0 where the dim is broadcast (size 1 in the tensor).
 int64_t broadcast_stride(const at::Tensor& t, int64_t dim) {
   return t.size(dim) == 1 ? 0 : t.stride(dim);
+}
+
+void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.numel() >= 1 && cu.is_contiguous(),
+              "fast_attn: ", name, " must be a contiguous 1-D int32 tensor of N + 1 offsets, got ",
+              cu.scalar_type(), " of shape ", cu.sizes());
+  TORCH_CHECK(cu.device() == q.device(), "fast_attn: ", name, " must be on q's device");
+}
+
+void check_varlen_inputs(const ForwardInputs& in) {
+  TORCH_CHECK(in.cu_seqlens_q.has_value() == in.cu_seqlens_k.has_value(),
+              "fast_attn: cu_seqlens_q and cu_seqlens_k go together");
+  if (!in.cu_seqlens_q) return;
+  check_cu_seqlens(*in.cu_seqlens_q, "cu_seqlens_q", in.q);
+  check_cu_seqlens(*in.cu_seqlens_k, "cu_seqlens_k", in.q);
+  TORCH_CHECK(in.cu_seqlens_q->numel() == in.cu_seqlens_k->numel(),
+              "fast_attn: cu_seqlens_q and cu_seqlens_k must have the same length, got ", in.cu_seqlens_q->numel(),
+              " and ", in.cu_seqlens_k->numel());
+  TORCH_CHECK(in.q.size(0) == 1, "fast_attn: packed sequences have batch 1, got q of shape ", in.q.sizes());
+  TORCH_CHECK(!in.bias && !in.key_mask, "fast_attn: packed sequences take no bias and no key_mask");
+  TORCH_CHECK(in.max_seqlen_q >= -1 && in.max_seqlen_k >= -1,
+              "fast_attn: max_seqlen_q and max_seqlen_k must be >= -1 (-1 = derived), got ", in.max_seqlen_q, " and ",
+              in.max_seqlen_k);
+}
+
+// The longest sequence of a varlen problem: the given bound, or the offsets' largest step.
+int64_t max_seqlen_of(const at::Tensor& cu_seqlens, int64_t given) {
+  if (given >= 0 || cu_seqlens.numel() < 2) return std::max<int64_t>(given, 0);
+  return (cu_seqlens.slice(0, 1) - cu_seqlens.slice(0, 0, -1)).max().item<int64_t>();
 }
 
 }  // namespace
@@ -75,12 +105,14 @@ void check_forward_inputs(const ForwardInputs& in) {
                     mask.size(1) == in.k.size(2),
                 "fast_attn: key_mask must have shape (B, Sk), got ", mask.sizes());
   }
+  check_varlen_inputs(in);
+  const int64_t batch = in.cu_seqlens_q ? in.cu_seqlens_q->numel() - 1 : in.q.size(0);
   if (in.alibi_slopes) {
     const at::Tensor& slopes = *in.alibi_slopes;
     TORCH_CHECK(slopes.scalar_type() == at::kFloat, "fast_attn: alibi_slopes must be float32, got ",
                 slopes.scalar_type());
     TORCH_CHECK(slopes.device() == in.q.device(), "fast_attn: alibi_slopes must be on q's device");
-    TORCH_CHECK(slopes.dim() == 2 && (slopes.size(0) == 1 || slopes.size(0) == in.q.size(0)) &&
+    TORCH_CHECK(slopes.dim() == 2 && (slopes.size(0) == 1 || slopes.size(0) == batch) &&
                     slopes.size(1) == in.q.size(1),
                 "fast_attn: alibi_slopes must have shape (B or 1, Hq), got ", slopes.sizes());
     TORCH_CHECK(slopes.is_contiguous(), "fast_attn: alibi_slopes must be contiguous");
@@ -172,7 +204,21 @@ AttentionForwardParams make_forward_params(const ForwardInputs& in, const at::Te
   }
 
   p.scale = static_cast<float>(in.scale);
-  const Band band = band_of(in.causal, in.window_left, in.window_right, p.seqlen_q, p.seqlen_k);
+  p.packed_seqlen_q = p.seqlen_q;
+  p.packed_seqlen_k = p.seqlen_k;
+  p.packed_offset_q = p.packed_offset_k = 0;
+  p.cu_seqlens_q = p.cu_seqlens_k = nullptr;
+  p.band_offset_per_sequence = false;
+  Band band = band_of(in.causal, in.window_left, in.window_right, p.seqlen_q, p.seqlen_k);
+  if (in.cu_seqlens_q) {
+    p.cu_seqlens_q = in.cu_seqlens_q->data_ptr<int32_t>();
+    p.cu_seqlens_k = in.cu_seqlens_k->data_ptr<int32_t>();
+    p.batch = in.cu_seqlens_q->numel() - 1;
+    p.seqlen_q = std::min(max_seqlen_of(*in.cu_seqlens_q, in.max_seqlen_q), p.packed_seqlen_q);
+    p.seqlen_k = std::min(max_seqlen_of(*in.cu_seqlens_k, in.max_seqlen_k), p.packed_seqlen_k);
+    p.band_offset_per_sequence = in.causal != static_cast<int64_t>(CausalMode::kTopLeft);
+    band.offset = 0;
+  }
   p.band_has_first_key = band.left >= 0;
   p.band_has_last_key = band.right >= 0;
   p.band_first_key = band.offset - band.left;
@@ -181,6 +227,8 @@ AttentionForwardParams make_forward_params(const ForwardInputs& in, const at::Te
 
   p.alibi_slopes = nullptr;
   p.alibi_batch_stride = 0;
+  check_varlen_inputs(in);
+  const int64_t batch = in.cu_seqlens_q ? in.cu_seqlens_q->numel() - 1 : in.q.size(0);
   if (in.alibi_slopes) {
     const at::Tensor& slopes = *in.alibi_slopes;
     p.alibi_slopes = slopes.data_ptr<float>();

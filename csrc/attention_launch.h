@@ -26,6 +26,13 @@ struct ForwardInputs {
   int64_t window_right;  // -1 = unbounded
   double softcap;        // 0 = none
   double dropout_p;
+  // Varlen (both or neither): int32 (N + 1,) row offsets of the sequences in q and in
+  // k/v, which then have batch 1; max_seqlen_* bound the sequences' lengths (-1: derived
+  // from the offsets here, one device-to-host copy on a GPU).
+  const std::optional<at::Tensor>& cu_seqlens_q;
+  const std::optional<at::Tensor>& cu_seqlens_k;
+  int64_t max_seqlen_q;
+  int64_t max_seqlen_k;
 };
 
 // The band of visible keys of a causal mode and a (left, right) window, as

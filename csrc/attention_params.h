@@ -12,6 +12,12 @@
 //   dbias                : (num_splits, Bb, Hb, Sqb, Skb) contiguous partial sums in
 //                          the accumulation type, each dim either 1 (broadcast) or
 //                          full; the launcher sums the splits in a fixed order.
+//
+// Packed variable-length sequences (varlen) use the same layout with one batch of Tq
+// (Tk) rows: q (1, Hq, Tq, D), k/v (1, Hkv, Tk, D), lse (1, Hq, Tq), sequence n being
+// rows cu_seqlens[n] .. cu_seqlens[n + 1]. A kernel works on sequence_view(p, n), an
+// ordinary problem of batch 1, and indexes lse and dropout through lse_index and
+// dropout_index, which place that view's scores in the packed problem.
 #pragma once
 
 #include <cstdint>
@@ -75,6 +81,18 @@ struct AttentionForwardParams {
   const int64_t* dropout_seed;
   uint32_t dropout_keep_threshold;
   float dropout_keep_scale;
+
+  // Varlen: int32 (N + 1,) row offsets of each sequence in q and in k/v, nullptr otherwise.
+  // Then `batch` is N and seqlen_q / seqlen_k bound the sequences' lengths (max_seqlen).
+  const int32_t* cu_seqlens_q;
+  const int32_t* cu_seqlens_k;
+  // Varlen with a bottom-right alignment: the band's edges above are relative to the
+  // top-left diagonal and sequence_view adds each sequence's own offset Sk_n - Sq_n.
+  bool band_offset_per_sequence;
+  // Where this problem's rows sit in the packed one, for lse_index and dropout_index:
+  // offsets 0 and packed lengths seqlen_q / seqlen_k, except in a sequence_view.
+  int64_t packed_offset_q, packed_offset_k;
+  int64_t packed_seqlen_q, packed_seqlen_k;
 };
 
 struct AttentionBackwardParams : AttentionForwardParams {
@@ -111,6 +129,67 @@ FAST_ATTN_HOST_DEVICE bool band_bounds_left(const AttentionForwardParams& p) { r
 FAST_ATTN_HOST_DEVICE bool band_bounds_right(const AttentionForwardParams& p) { return p.band_has_last_key; }
 FAST_ATTN_HOST_DEVICE int64_t band_first_key_offset(const AttentionForwardParams& p) { return p.band_first_key; }
 FAST_ATTN_HOST_DEVICE int64_t band_last_key_offset(const AttentionForwardParams& p) { return p.band_last_key; }
+
+FAST_ATTN_HOST_DEVICE bool is_varlen(const AttentionForwardParams& p) { return p.cu_seqlens_q != nullptr; }
+
+// Index in lse (and delta) of query row i of head h in batch b.
+FAST_ATTN_HOST_DEVICE int64_t lse_index(const AttentionForwardParams& p, int64_t b, int64_t h, int64_t i) {
+  return (b * p.heads_q + h) * p.packed_seqlen_q + p.packed_offset_q + i;
+}
+
+// The linear index of score (b, h, i, j) that dropout_hash takes: the score's index in
+// the (B, Hq, Sq, Sk) problem, for varlen in the packed (1, Hq, Tq, Tk) one.
+FAST_ATTN_HOST_DEVICE uint64_t dropout_index(const AttentionForwardParams& p, int64_t b, int64_t h, int64_t i,
+                                             int64_t j) {
+  return static_cast<uint64_t>(lse_index(p, b, h, i)) * static_cast<uint64_t>(p.packed_seqlen_k) +
+         static_cast<uint64_t>(p.packed_offset_k + j);
+}
+
+// Moves the row pointers of q, out (and grad_out, dq) by q_rows rows, of k, v (and dk,
+// dv) by k_rows rows; T is the inputs' element type.
+template <class T>
+FAST_ATTN_HOST_DEVICE void advance_rows(AttentionForwardParams& p, int64_t q_rows, int64_t k_rows) {
+  p.q = static_cast<const T*>(p.q) + q_rows * p.q_row_stride;
+  p.out = static_cast<T*>(p.out) + q_rows * p.out_row_stride;
+  p.k = static_cast<const T*>(p.k) + k_rows * p.k_row_stride;
+  p.v = static_cast<const T*>(p.v) + k_rows * p.v_row_stride;
+}
+
+template <class T>
+FAST_ATTN_HOST_DEVICE void advance_rows(AttentionBackwardParams& p, int64_t q_rows, int64_t k_rows) {
+  advance_rows<T>(static_cast<AttentionForwardParams&>(p), q_rows, k_rows);
+  p.grad_out = static_cast<const T*>(p.grad_out) + q_rows * p.grad_out_row_stride;
+  p.dq = static_cast<T*>(p.dq) + q_rows * p.dq_row_stride;
+  p.dk = static_cast<T*>(p.dk) + k_rows * p.dk_row_stride;
+  p.dv = static_cast<T*>(p.dv) + k_rows * p.dv_row_stride;
+}
+
+// Sequence n of a varlen problem as a problem of batch 1 (run it with b = 0): row
+// pointers and ALiBi slopes moved to the sequence, its own lengths and band. Offsets are
+// clamped to [0, T] so that bad cu_seqlens never read out of bounds; a length above the
+// max_seqlen bound is cut to it. The lse and delta pointers stay: lse_index places the rows.
+// T is the inputs' element type; Params is AttentionForwardParams or AttentionBackwardParams.
+template <class T, class Params>
+FAST_ATTN_HOST_DEVICE Params sequence_view(const Params& p, int64_t n) {
+  const auto clamp = [](int64_t x, int64_t hi) { return x < 0 ? int64_t{0} : (x > hi ? hi : x); };
+  const int64_t q_begin = clamp(p.cu_seqlens_q[n], p.packed_seqlen_q);
+  const int64_t k_begin = clamp(p.cu_seqlens_k[n], p.packed_seqlen_k);
+  const int64_t q_end = clamp(p.cu_seqlens_q[n + 1], p.packed_seqlen_q);
+  const int64_t k_end = clamp(p.cu_seqlens_k[n + 1], p.packed_seqlen_k);
+  Params s = p;
+  s.batch = 1;
+  s.seqlen_q = clamp(q_end - q_begin, p.seqlen_q);
+  s.seqlen_k = clamp(k_end - k_begin, p.seqlen_k);
+  s.packed_offset_q = q_begin;
+  s.packed_offset_k = k_begin;
+  if (p.band_offset_per_sequence) {
+    s.band_first_key += s.seqlen_k - s.seqlen_q;
+    s.band_last_key += s.seqlen_k - s.seqlen_q;
+  }
+  if (p.alibi_slopes != nullptr) s.alibi_slopes += n * p.alibi_batch_stride;
+  advance_rows<T>(s, q_begin, k_begin);
+  return s;
+}
 
 // Whether a problem has a score modifier beyond the band's right edge, bias,
 // key mask and dropout: the band's left edge, a softcap or ALiBi. The CUDA host

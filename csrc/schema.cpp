@@ -10,6 +10,12 @@
 //     causal != 0 the window's right side is 0, and its diagonal follows causal's
 //     alignment (bottom-right without causal);
 //   softcap: score = softcap * tanh(scale * q.k / softcap) when > 0, before the bias.
+// Then packed variable-length sequences (varlen), none by default:
+//   cu_seqlens_q, cu_seqlens_k: int32 (N + 1,) row offsets of the sequences in q and in k/v,
+//     which have batch 1 (q (1, Hq, Tq, D)); each sequence is its own problem (causal,
+//     window and ALiBi aligned per sequence); no bias or key_mask; alibi_slopes (N or 1, Hq);
+//     lse (1, Hq, Tq); dropout hashes each score's index in the packed (1, Hq, Tq, Tk) problem;
+//   max_seqlen_q, max_seqlen_k: bounds on the sequences' lengths, -1 = derived from the offsets.
 #include <torch/library.h>
 
 TORCH_LIBRARY(fast_attn, m) {
@@ -18,13 +24,15 @@ TORCH_LIBRARY(fast_attn, m) {
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? key_mask, "
       "Tensor? dropout_seed, float scale, int causal, float dropout_p, Tensor? alibi_slopes=None, "
-      "int window_left=-1, int window_right=-1, float softcap=0.0) -> (Tensor out, Tensor lse)");
+      "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? cu_seqlens_q=None, "
+      "Tensor? cu_seqlens_k=None, SymInt max_seqlen_q=-1, SymInt max_seqlen_k=-1) -> (Tensor out, Tensor lse)");
   // dq, dk, dv like q, k, v (stored (B, S, H, D)-contiguous); dbias in the bias's
   // own (4-D) shape and dtype, or an empty tensor when compute_dbias is false.
   m.def(
       "attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
       "Tensor? bias, Tensor? key_mask, Tensor? dropout_seed, Tensor out, Tensor lse, float scale, "
       "int causal, float dropout_p, bool compute_dbias, bool deterministic, Tensor? alibi_slopes=None, "
-      "int window_left=-1, int window_right=-1, float softcap=0.0) "
+      "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? cu_seqlens_q=None, "
+      "Tensor? cu_seqlens_k=None, SymInt max_seqlen_q=-1, SymInt max_seqlen_k=-1) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
 }

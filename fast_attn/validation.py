@@ -37,6 +37,10 @@ class AttentionProblem:
     sinks: torch.Tensor | None  # (Hq,), float
     scale: float
     dropout_p: float
+    # Packed sequences (fast_attn.varlen_attention): the ops' last arguments
+    # (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), with q (1, Hq, Tq, D) and
+    # k/v (1, Hkv, Tk, D); None when the batch is not packed.
+    packed_sequences: tuple | None = None
 
     @property
     def batch(self) -> int:

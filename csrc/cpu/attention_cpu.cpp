@@ -144,10 +144,15 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
                                                          const std::optional<at::Tensor>& dropout_seed, double scale,
                                                          int64_t causal, double dropout_p,
                                                          const std::optional<at::Tensor>& alibi_slopes,
-                                                         int64_t window_left, int64_t window_right, double softcap) {
-  const ForwardInputs in{q, k, v, bias, key_mask, alibi_slopes, dropout_seed,
-                         scale, causal, window_left, window_right, softcap, dropout_p};
+                                                         int64_t window_left, int64_t window_right, double softcap,
+                                                         const std::optional<at::Tensor>& cu_seqlens_q,
+                                                         const std::optional<at::Tensor>& cu_seqlens_k,
+                                                         int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  const ForwardInputs in{q,       k,           v,          bias,         key_mask,     alibi_slopes, dropout_seed,
+                         scale,   causal,      window_left, window_right, softcap,     dropout_p,    cu_seqlens_q,
+                         cu_seqlens_k, max_seqlen_q, max_seqlen_k};
   check_forward_inputs(in);
+  TORCH_CHECK(!cu_seqlens_q, "fast_attn CPU: packed sequences are not implemented yet");
   auto [out, lse] = allocate_forward_outputs(q);
   if (has_no_scores(q, k)) {
     fill_forward_without_scores(out, lse);
@@ -235,10 +240,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& dropout_seed,
     const at::Tensor& out, const at::Tensor& lse, double scale, int64_t causal, double dropout_p,
     bool compute_dbias, bool /*deterministic: this backward always is*/, const std::optional<at::Tensor>& alibi_slopes,
-    int64_t window_left, int64_t window_right, double softcap) {
-  const ForwardInputs in{q, k, v, bias, key_mask, alibi_slopes, dropout_seed,
-                         scale, causal, window_left, window_right, softcap, dropout_p};
+    int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  const ForwardInputs in{q,       k,           v,          bias,         key_mask,     alibi_slopes, dropout_seed,
+                         scale,   causal,      window_left, window_right, softcap,     dropout_p,    cu_seqlens_q,
+                         cu_seqlens_k, max_seqlen_q, max_seqlen_k};
   check_forward_inputs(in);
+  TORCH_CHECK(!cu_seqlens_q, "fast_attn CPU: packed sequences are not implemented yet");
   TORCH_CHECK(!compute_dbias || bias.has_value(), "fast_attn: compute_dbias needs a bias");
   TORCH_CHECK(grad_out_in.sizes() == q.sizes() && out.sizes() == q.sizes(),
               "fast_attn: grad_out and out must have q's shape ", q.sizes());

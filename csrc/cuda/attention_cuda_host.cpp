@@ -174,8 +174,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
                                                      int64_t causal, double dropout_p,
                                                      const std::optional<at::Tensor>& alibi_slopes, int64_t window_left,
                                                      int64_t window_right, double softcap, const DeviceContext& device) {
-  const ForwardInputs in{q, k, v, bias, key_mask, alibi_slopes, dropout_seed,
-                         scale, causal, window_left, window_right, softcap, dropout_p};
+  const ForwardInputs in{q,     k,      v,           bias,         key_mask, alibi_slopes, dropout_seed,
+                         scale, causal, window_left, window_right, softcap,  dropout_p,    std::nullopt,
+                         std::nullopt, -1, -1};
   check_forward_inputs(in);
   const ElementType element = element_type(q);
   const int head_dim = kernel_head_dim(q.size(3));
@@ -188,8 +189,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
   const at::Tensor q_ready = aligned_for_vector_loads(q);
   const at::Tensor k_ready = aligned_for_vector_loads(k);
   const at::Tensor v_ready = aligned_for_vector_loads(v);
-  const ForwardInputs ready{q_ready, k_ready, v_ready, bias, key_mask, alibi_slopes, dropout_seed,
-                            scale, causal, window_left, window_right, softcap, dropout_p};
+  const ForwardInputs ready{q_ready, k_ready,     v_ready,      bias,    key_mask,  alibi_slopes, dropout_seed,
+                            scale,   causal,      window_left,  window_right, softcap, dropout_p, std::nullopt,
+                            std::nullopt, -1,     -1};
   const AttentionForwardParams params = make_forward_params(ready, out, lse);
   const LaunchStatus status = element == ElementType::kFloat16
                                   ? forward_for<ElementType::kFloat16>(head_dim, params, device.stream)
@@ -205,8 +207,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     int64_t causal, double dropout_p, bool compute_dbias, bool deterministic,
     const std::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, double softcap,
     const DeviceContext& device) {
-  const ForwardInputs in{q, k, v, bias, key_mask, alibi_slopes, dropout_seed,
-                         scale, causal, window_left, window_right, softcap, dropout_p};
+  const ForwardInputs in{q,     k,      v,           bias,         key_mask, alibi_slopes, dropout_seed,
+                         scale, causal, window_left, window_right, softcap,  dropout_p,    std::nullopt,
+                         std::nullopt, -1, -1};
   check_forward_inputs(in);
   const ElementType element = element_type(q);
   const int head_dim = kernel_head_dim(q.size(3));
@@ -254,8 +257,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     dbias_partials = allocate_dbias_partials(*bias, splits);
   }
 
-  const ForwardInputs ready{q_ready, k_ready, v_ready, bias, key_mask, alibi_slopes, dropout_seed,
-                            scale, causal, window_left, window_right, softcap, dropout_p};
+  const ForwardInputs ready{q_ready, k_ready,     v_ready,      bias,    key_mask,  alibi_slopes, dropout_seed,
+                            scale,   causal,      window_left,  window_right, softcap, dropout_p, std::nullopt,
+                            std::nullopt, -1,     -1};
   const BackwardTensors tensors{grad_out_ready, out_ready, lse_ready, delta, dq, dk, dv, dbias_partials};
   const AttentionBackwardParams params = make_backward_params(ready, tensors);
   BackwardWorkspace workspace{};

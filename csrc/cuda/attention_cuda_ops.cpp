@@ -28,7 +28,11 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
                                                           const std::optional<at::Tensor>& dropout_seed, double scale,
                                                           int64_t causal, double dropout_p,
                                                           const std::optional<at::Tensor>& alibi_slopes,
-                                                          int64_t window_left, int64_t window_right, double softcap) {
+                                                          int64_t window_left, int64_t window_right, double softcap,
+                                                          const std::optional<at::Tensor>& cu_seqlens_q,
+                                                          const std::optional<at::Tensor>& /*cu_seqlens_k*/,
+                                                          int64_t /*max_seqlen_q*/, int64_t /*max_seqlen_k*/) {
+  TORCH_CHECK(!cu_seqlens_q, "fast_attn CUDA: packed sequences are not implemented yet");
   const c10::cuda::CUDAGuard guard(q.device());
   return cuda::attention_forward(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, alibi_slopes,
                                  window_left, window_right, softcap, device_context(q));
@@ -39,7 +43,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
     const at::Tensor& v, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask,
     const std::optional<at::Tensor>& dropout_seed, const at::Tensor& out, const at::Tensor& lse, double scale,
     int64_t causal, double dropout_p, bool compute_dbias, bool deterministic,
-    const std::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, double softcap) {
+    const std::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& /*cu_seqlens_k*/,
+    int64_t /*max_seqlen_q*/, int64_t /*max_seqlen_k*/) {
+  TORCH_CHECK(!cu_seqlens_q, "fast_attn CUDA: packed sequences are not implemented yet");
   const c10::cuda::CUDAGuard guard(q.device());
   return cuda::attention_backward(grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse, scale, causal,
                                   dropout_p, compute_dbias, deterministic, alibi_slopes, window_left, window_right,

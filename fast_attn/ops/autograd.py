@@ -6,14 +6,19 @@ autograd. A change to one is a change to both.
 
 Every forward op has the schema
     (q, k, v, bias?, key_mask?, dropout_seed?, scale, causal, dropout_p,
-     alibi_slopes?=None, window_left=-1, window_right=-1, softcap=0.0) -> (out, lse)
+     alibi_slopes?=None, window_left=-1, window_right=-1, softcap=0.0,
+     cu_seqlens_q?=None, cu_seqlens_k?=None, max_seqlen_q=-1, max_seqlen_k=-1) -> (out, lse)
 and every backward op
     (grad_out, grad_lse?, q, k, v, bias?, key_mask?, dropout_seed?, out, lse,
      scale, causal, dropout_p, compute_dbias, deterministic,
-     alibi_slopes?=None, window_left=-1, window_right=-1, softcap=0.0) -> (dq, dk, dv, dbias)
-The score modifiers come last, with defaults that mean "none": window_left /
+     alibi_slopes?=None, window_left=-1, window_right=-1, softcap=0.0,
+     cu_seqlens_q?=None, cu_seqlens_k?=None, max_seqlen_q=-1, max_seqlen_k=-1) -> (dq, dk, dv, dbias)
+The score modifiers come next to last, with defaults that mean "none": window_left /
 window_right -1 for an unbounded side (fast_attn.causal.visible_band), softcap
-0.0 for none; alibi_slopes (float32 (B or 1, Hq)) get no gradient.
+0.0 for none; alibi_slopes (float32 (B or 1, Hq)) get no gradient. The packed
+sequences (varlen) come last: int32 (N + 1,) row offsets into q and k/v of batch 1,
+and bounds on the sequences' lengths (-1: derived from the offsets); csrc/schema.cpp
+says what they mean.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ def forward_op_arguments(problem, dropout_seed) -> tuple:
         problem.q, problem.k, problem.v, problem.bias, problem.key_mask, dropout_seed,
         problem.scale, int(problem.causal), problem.dropout_p,
         problem.alibi_slopes, window_left, window_right, problem.softcap or 0.0,
+        *(problem.packed_sequences or NO_PACKED_SEQUENCES),
     )  # fmt: skip
 
 
@@ -55,6 +61,10 @@ def forward_fake(
     window_left=-1,
     window_right=-1,
     softcap=0.0,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=-1,
+    max_seqlen_k=-1,
 ):
     out = empty_bshd_like(q)
     lse = q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
@@ -81,28 +91,39 @@ def backward_fake(
     window_left=-1,
     window_right=-1,
     softcap=0.0,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=-1,
+    max_seqlen_k=-1,
 ):
     dbias = bias.new_empty(bias.shape) if compute_dbias else q.new_empty((0,))
     return empty_bshd_like(q), empty_bshd_like(k), empty_bshd_like(v), dbias
 
 
-MODIFIER_DEFAULTS = (None, -1, -1, 0.0)  # alibi_slopes, window_left, window_right, softcap: none
+# The trailing arguments' defaults: no modifier (alibi_slopes, window_left, window_right,
+# softcap), no packed sequences (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k).
+TRAILING_DEFAULTS = (None, -1, -1, 0.0, None, None, -1, -1)
+NO_PACKED_SEQUENCES = TRAILING_DEFAULTS[4:]
 
 
 def setup_context(ctx, inputs, output) -> None:
     q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, *given = inputs
-    alibi_slopes, window_left, window_right, softcap = (*given, *MODIFIER_DEFAULTS[len(given) :])
+    trailing = (*given, *TRAILING_DEFAULTS[len(given) :])
+    alibi_slopes, ctx.window_left, ctx.window_right, ctx.softcap = trailing[:4]
+    cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k = trailing[4:]
     out, lse = output
-    ctx.save_for_backward(q, k, v, bias, key_mask, dropout_seed, alibi_slopes, out, lse)
+    saved = (q, k, v, bias, key_mask, dropout_seed, alibi_slopes, cu_seqlens_q, cu_seqlens_k, out, lse)
+    ctx.save_for_backward(*saved)
     ctx.scale, ctx.causal, ctx.dropout_p = scale, causal, dropout_p
-    ctx.window_left, ctx.window_right, ctx.softcap = window_left, window_right, softcap
 
 
 def make_backward(backward_op):
     """The autograd backward of a forward op, computed by `backward_op`."""
 
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, bias, key_mask, dropout_seed, alibi_slopes, out, lse = ctx.saved_tensors
+        q, k, v, bias, key_mask, dropout_seed, alibi_slopes, cu_seqlens_q, cu_seqlens_k, out, lse = (
+            ctx.saved_tensors
+        )
         if grad_out is None or grad_out.numel() == 0:
             grad_out = torch.zeros_like(out)  # out's layout: a contiguous last dim even when empty
         elif grad_out.stride(-1) != 1:
@@ -128,8 +149,13 @@ def make_backward(backward_op):
             ctx.window_left,
             ctx.window_right,
             ctx.softcap,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            ctx.max_seqlen_q,
+            ctx.max_seqlen_k,
         )
-        no_gradients = (None,) * 9  # key_mask, dropout_seed, the scalars and the modifiers
+        # key_mask, dropout_seed, the scalars, the modifiers and the packed sequences
+        no_gradients = (None,) * 13
         return (dq, dk, dv, dbias if compute_dbias else None, *no_gradients)
 
     return backward

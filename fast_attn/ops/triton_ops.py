@@ -58,9 +58,13 @@ class KernelProblem(NamedTuple):
     dropout_p: float
 
 
-def _check_inputs(q: torch.Tensor, dropout_p: float, dropout_seed: torch.Tensor | None) -> None:
+def _check_inputs(
+    q: torch.Tensor, dropout_p: float, dropout_seed: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None
+) -> None:
     # What the kernels cannot survive when the op is called directly (fast_attn.attention
     # validates everything else before dispatching here).
+    if cu_seqlens_q is not None:
+        raise NotImplementedError("fast_attn triton ops: packed sequences are not implemented yet")
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"fast_attn triton ops support float16, bfloat16 and float32 inputs, got {q.dtype}")
     if dropout_p > 0.0 and dropout_seed is None:
@@ -292,9 +296,13 @@ def triton_attention_forward(
     window_left: int = -1,
     window_right: int = -1,
     softcap: float = 0.0,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_q: int = -1,
+    max_seqlen_k: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, Sq, D) stored (B, Sq, Hq, D)-contiguous and lse (B, Hq, Sq) float32."""
-    _check_inputs(q, dropout_p, dropout_seed)
+    _check_inputs(q, dropout_p, dropout_seed, cu_seqlens_q)
     batch, heads_q, seqlen_q, head_dim = q.shape
     seqlen_k = k.shape[2]
     out = empty_bshd_like(q)
@@ -361,10 +369,14 @@ def triton_attention_backward(
     window_left: int = -1,
     window_right: int = -1,
     softcap: float = 0.0,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_q: int = -1,
+    max_seqlen_k: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv like q, k, v (stored (B, S, H, D)-contiguous) and dbias in the bias's
     shape and dtype (an empty tensor without compute_dbias). Always deterministic."""
-    _check_inputs(q, dropout_p, dropout_seed)
+    _check_inputs(q, dropout_p, dropout_seed, cu_seqlens_q)
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     dq, dk, dv = empty_bshd_like(q), empty_bshd_like(k), empty_bshd_like(v)
