@@ -149,13 +149,12 @@ class BackwardKernel {
   void run_tile(int64_t b, int64_t h, int64_t i0, int64_t j0, int64_t cols, int64_t chunk, int64_t split) {
     const int64_t rows = std::min(kM, p_.seqlen_q - i0);
     const int col_vectors = static_cast<int>((cols + W - 1) / W);
-    const int64_t bh = b * p_.heads_q + h;
     const T* q = static_cast<const T*>(p_.q) + b * p_.q_batch_stride + h * p_.q_head_stride + i0 * p_.q_row_stride;
     const T* grad = static_cast<const T*>(p_.grad_out) + b * p_.grad_out_batch_stride +
                     h * p_.grad_out_head_stride + i0 * p_.grad_out_row_stride;
     products_.load_query_block(q, p_.q_row_stride, grad, p_.grad_out_row_stride, rows);
-    const acc_t* lse = static_cast<const acc_t*>(p_.lse) + bh * p_.seqlen_q + i0;
-    const acc_t* delta = static_cast<const acc_t*>(p_.delta) + bh * p_.seqlen_q + i0;
+    const acc_t* lse = static_cast<const acc_t*>(p_.lse) + lse_index(p_, b, h, i0);
+    const acc_t* delta = static_cast<const acc_t*>(p_.delta) + lse_index(p_, b, h, i0);
     for (int64_t m = 0; m < rows; ++m) {
       // exp(S - (+inf)) = 0: rows with no visible key get P = 0 and zero gradients.
       s_.lse_rows[m] = lse[m] == neg_inf() ? std::numeric_limits<acc_t>::infinity() : lse[m];
@@ -169,7 +168,7 @@ class BackwardKernel {
     if (p_.alibi_slopes != nullptr) add_alibi(b, h, i0, rows, j0, col_vectors);
     compute_probs(i0, j0, rows, cols, col_vectors);
     products_.dprobs(s_.dscores, col_vectors * W);  // dP (rows x cols)
-    compute_dscores(bh, i0, j0, rows, col_vectors);
+    compute_dscores(b, h, i0, j0, rows, col_vectors);
     if (p_.dbias != nullptr) accumulate_dbias(b, h, i0, rows, j0, cols, chunk, split);
     if (softcap) apply_softcap_slope(rows, col_vectors);
     acc_t* dq = static_cast<acc_t*>(plan_.dq_accum) + split * plan_.dq_accum_split_stride +
@@ -279,14 +278,14 @@ class BackwardKernel {
 
   // dS = P * (dP * Z - delta) and then P *= Z, where Z = keep / (1 - p) is the
   // dropout multiplier (1 without dropout): dV needs the dropped P, dS the plain one.
-  void compute_dscores(int64_t bh, int64_t i0, int64_t j0, int64_t rows, int col_vectors) {
+  void compute_dscores(int64_t b, int64_t h, int64_t i0, int64_t j0, int64_t rows, int col_vectors) {
     const bool dropout = p_.dropout_seed != nullptr;
     const uint64_t seed = dropout ? static_cast<uint64_t>(*p_.dropout_seed) : 0;
     for (int64_t m = 0; m < rows; ++m) {
       const V delta = V::broadcast(s_.delta_rows[m]);
       acc_t* prob_row = s_.probs + m * kN;
       acc_t* ds_row = s_.dscores + m * kN;
-      const uint64_t row_index = static_cast<uint64_t>((bh * p_.seqlen_q + i0 + m) * p_.seqlen_k + j0);
+      const uint64_t row_index = dropout_index(p_, b, h, i0 + m, j0);
       for (int nv = 0; nv < col_vectors; ++nv) {
         const V prob = V::load(prob_row + nv * W);
         V dprob = V::load(ds_row + nv * W);

@@ -126,7 +126,7 @@ class ForwardKernel {
       if (p_.alibi_slopes != nullptr) add_alibi(b, h, i0, j0, cols, query_vectors);
       apply_masks(i0, rows, j0, cols, query_vectors);
       softmax_update(cols, query_vectors);
-      if (p_.dropout_seed != nullptr) apply_dropout(b * p_.heads_q + h, i0, j0, cols, query_vectors);
+      if (p_.dropout_seed != nullptr) apply_dropout(b, h, i0, j0, cols, query_vectors);
       rescale_output(rows, query_vectors);
       // out_acc (rows x D) += P (rows x cols) * V_block (cols x D); P is read from P^T.
       products_.accumulate_output(s_.scores_t, cols, s_.out_acc, s_.d_padded);
@@ -281,12 +281,13 @@ class ForwardKernel {
   }
 
   // After the sums (lse is of the pre-dropout scores): P^T *= keep / (1 - p).
-  void apply_dropout(int64_t bh, int64_t i0, int64_t j0, int64_t cols, int query_vectors) {
+  // Lane m of query vector mv is row i0 + mv * W + m: its dropout index is m * packed_seqlen_k past lane 0's.
+  void apply_dropout(int64_t b, int64_t h, int64_t i0, int64_t j0, int64_t cols, int query_vectors) {
     const uint64_t seed = static_cast<uint64_t>(*p_.dropout_seed);
     for (int64_t n = 0; n < cols; ++n) {
       for (int mv = 0; mv < query_vectors; ++mv) {
-        const uint64_t first = static_cast<uint64_t>((bh * p_.seqlen_q + i0 + mv * W) * p_.seqlen_k + j0 + n);
-        const V keep = V::dropout_multiplier(seed, first, p_.seqlen_k, p_.dropout_keep_threshold,
+        const uint64_t first = dropout_index(p_, b, h, i0 + mv * W, j0 + n);
+        const V keep = V::dropout_multiplier(seed, first, p_.packed_seqlen_k, p_.dropout_keep_threshold,
                                              static_cast<acc_t>(plan_.scales.dropout_keep_scale));
         acc_t* s = s_.scores_t + n * kM + mv * W;
         (V::load(s) * keep).store(s);
@@ -309,7 +310,7 @@ class ForwardKernel {
   // (sum == 0) gets 0 and -inf. A NaN sum propagates.
   void store_outputs(int64_t b, int64_t h, int64_t i0, int64_t rows) {
     T* out = static_cast<T*>(p_.out) + b * p_.out_batch_stride + h * p_.out_head_stride + i0 * p_.out_row_stride;
-    acc_t* lse = static_cast<acc_t*>(p_.lse) + (b * p_.heads_q + h) * p_.seqlen_q + i0;
+    acc_t* lse = static_cast<acc_t*>(p_.lse) + lse_index(p_, b, h, i0);
     const int64_t head_dim = p_.head_dim;
     for (int64_t m = 0; m < rows; ++m) {
       const acc_t sum = s_.row_sum[m];
