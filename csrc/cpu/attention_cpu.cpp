@@ -18,6 +18,8 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "attention_launch.h"
 #include "cpu/cpu_kernels.h"
@@ -105,6 +107,49 @@ BackwardWorker backward_worker_for(const at::Tensor& q, const at::Tensor& grad_o
                                                    : kernels_for(q.scalar_type()).backward;
 }
 
+// Sequence n of a varlen problem, for planning: its lengths, band and place in the packed rows
+// (sequence_view's; its pointers, moved as bytes, stay inside the tensors and are not used).
+AttentionForwardParams sequence_shape(const AttentionForwardParams& p, int64_t n) {
+  return sequence_view<unsigned char>(p, n);
+}
+
+// Whether the sequences, as sequence_view cuts them, take the packed rows of q (of k and v
+// with `keys`) in order and each once. Otherwise some rows are in no sequence: no task writes them.
+bool sequences_cover_rows(const AttentionForwardParams& p, bool keys) {
+  int64_t end = 0;
+  for (int64_t n = 0; n < p.batch; ++n) {
+    const AttentionForwardParams s = sequence_shape(p, n);
+    if ((keys ? s.packed_offset_k : s.packed_offset_q) != end) return false;
+    end += keys ? s.seqlen_k : s.seqlen_q;
+  }
+  return end == (keys ? p.packed_seqlen_k : p.packed_seqlen_q);
+}
+
+// The entries by decreasing cost, ties in their given order: the longest tasks start first
+// (a balanced finish), in an order that depends on the shapes only.
+template <class Entry>
+std::vector<Entry> heaviest_first(std::vector<std::pair<int64_t, Entry>> weighted) {
+  std::stable_sort(weighted.begin(), weighted.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  std::vector<Entry> entries;
+  entries.reserve(weighted.size());
+  for (const auto& [cost, entry] : weighted) entries.push_back(entry);
+  return entries;
+}
+
+// Varlen forward: every query block of every sequence, heaviest first (cost: rows x keys in their band).
+std::vector<SequenceBlock> plan_sequence_blocks(const AttentionForwardParams& p) {
+  std::vector<std::pair<int64_t, SequenceBlock>> blocks;
+  for (int64_t n = 0; n < p.batch; ++n) {
+    const AttentionForwardParams s = sequence_shape(p, n);
+    for (int64_t q_block = 0; q_block * kBlockM < s.seqlen_q; ++q_block) {
+      const int64_t i0 = q_block * kBlockM, rows = std::min(kBlockM, s.seqlen_q - i0);
+      const IndexRange keys = band_keys_of_rows(s, i0, rows);
+      blocks.push_back({rows * std::max<int64_t>(0, keys.end - keys.begin), SequenceBlock{n, q_block}});
+    }
+  }
+  return heaviest_first(std::move(blocks));
+}
+
 // One worker per thread; workers take tasks from a shared counter.
 template <class Worker, class Params, class Plan>
 void run_workers(Worker worker, const Params& params, const Plan& plan) {
@@ -152,7 +197,6 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
                          scale,   causal,      window_left, window_right, softcap,     dropout_p,    cu_seqlens_q,
                          cu_seqlens_k, max_seqlen_q, max_seqlen_k};
   check_forward_inputs(in);
-  TORCH_CHECK(!cu_seqlens_q, "fast_attn CPU: packed sequences are not implemented yet");
   auto [out, lse] = allocate_forward_outputs(q);
   if (has_no_scores(q, k)) {
     fill_forward_without_scores(out, lse);
@@ -162,9 +206,17 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
   ForwardPlan plan{};
   plan.dtype = element_type(q.scalar_type());
   plan.scales = exact_scales(scale, dropout_p, softcap);
-  plan.num_q_blocks = ceil_div(q.size(2), kBlockM);
-  plan.num_tasks = q.size(0) * q.size(1) * plan.num_q_blocks;
-  plan.last_query_block_first = !(band_bounds_left(params) && !band_bounds_right(params));
+  std::vector<SequenceBlock> sequence_blocks;
+  if (is_varlen(params)) {
+    if (!sequences_cover_rows(params, /*keys=*/false)) fill_forward_without_scores(out, lse);
+    sequence_blocks = plan_sequence_blocks(params);
+    plan.sequence_blocks = sequence_blocks.data();
+    plan.num_tasks = static_cast<int64_t>(sequence_blocks.size()) * params.heads_q;
+  } else {
+    plan.num_q_blocks = ceil_div(q.size(2), kBlockM);
+    plan.num_tasks = q.size(0) * q.size(1) * plan.num_q_blocks;
+    plan.last_query_block_first = !(band_bounds_left(params) && !band_bounds_right(params));
+  }
   run_workers(forward_worker_for(q, k), params, plan);
   return {out, lse};
 }
@@ -173,38 +225,20 @@ struct BackwardSetup {
   BackwardPlan plan{};
   at::Tensor dq_accum;  // undefined when dq itself accumulates
   int64_t dbias_num_splits = 1;
+  std::vector<SequenceSplit> sequence_splits;  // varlen: plan.sequence_splits points here (a move keeps it)
 };
 
-BackwardSetup plan_backward(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& bias,
-                            bool compute_dbias, const at::Tensor& dq, ExactScales scales) {
-  const int64_t batch = q.size(0), heads_q = q.size(1), heads_kv = k.size(1);
-  BackwardSetup setup;
+// The most kv splits whose dq accumulators fit in kMaxDqAccumulatorBytes (at least 1).
+int64_t max_kv_splits(const at::Tensor& q) {
+  const int64_t dq_bytes = q.numel() * static_cast<int64_t>(c10::elementSize(accumulation_dtype(q.scalar_type())));
+  return std::max<int64_t>(1, kMaxDqAccumulatorBytes / std::max<int64_t>(1, dq_bytes));
+}
+
+// The dq accumulator of the plan's kv splits: dq itself (zeroed) when one split accumulates in
+// dq's own type, else zeros (kv_splits, B, Hq, Sq, D) in the accumulation type.
+void allocate_dq_accumulator(const at::Tensor& q, const at::Tensor& dq, BackwardSetup& setup) {
   BackwardPlan& plan = setup.plan;
-  plan.dtype = element_type(q.scalar_type());
-  plan.scales = scales;
-  plan.num_kv_blocks = ceil_div(k.size(2), kBackwardBlockN);
-
-  const int64_t units = batch * heads_kv;
-  const bool units_share_bias =
-      compute_dbias && ((bias->size(0) == 1 && batch > 1) || (bias->size(1) == 1 && heads_kv > 1));
-  plan.num_chunks = units_share_bias ? std::min(units, kMaxDbiasChunks) : units;
-  plan.units_per_chunk = ceil_div(units, plan.num_chunks);
-  plan.num_chunks = ceil_div(units, plan.units_per_chunk);
-
   const at::ScalarType acc = accumulation_dtype(q.scalar_type());
-  const int64_t dq_bytes = q.numel() * static_cast<int64_t>(c10::elementSize(acc));
-  int64_t kv_splits = std::min(ceil_div(kMinBackwardTasks, plan.num_chunks), plan.num_kv_blocks);
-  kv_splits = std::min(kv_splits, std::max<int64_t>(1, kMaxDqAccumulatorBytes / std::max<int64_t>(1, dq_bytes)));
-  plan.kv_splits = std::max<int64_t>(1, kv_splits);
-  plan.num_tasks = plan.num_chunks * plan.kv_splits;
-
-  plan.dbias_partial_per_chunk = units_share_bias;
-  plan.dbias_partial_per_kv_split = compute_dbias && bias->size(3) == 1 && plan.kv_splits > 1;
-  setup.dbias_num_splits = (plan.dbias_partial_per_chunk ? plan.num_chunks : 1) *
-                           (plan.dbias_partial_per_kv_split ? plan.kv_splits : 1);
-  plan.dbias_store_direct = compute_dbias && bias->size(0) == batch && bias->size(1) == heads_q &&
-                            bias->size(2) == q.size(2) && bias->size(3) == k.size(2);
-
   if (plan.kv_splits == 1 && q.scalar_type() == acc) {
     dq.zero_();
     plan.dq_accum = dq.data_ptr();
@@ -213,13 +247,87 @@ BackwardSetup plan_backward(const at::Tensor& q, const at::Tensor& k, const std:
     plan.dq_accum_head_stride = dq.stride(1);
     plan.dq_accum_row_stride = dq.stride(2);
   } else {
-    setup.dq_accum = at::zeros({plan.kv_splits, batch, heads_q, q.size(2), q.size(3)}, q.options().dtype(acc));
+    setup.dq_accum = at::zeros({plan.kv_splits, q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(acc));
     plan.dq_accum = setup.dq_accum.data_ptr();
     plan.dq_accum_split_stride = setup.dq_accum.stride(0);
     plan.dq_accum_batch_stride = setup.dq_accum.stride(1);
     plan.dq_accum_head_stride = setup.dq_accum.stride(2);
     plan.dq_accum_row_stride = setup.dq_accum.stride(3);
   }
+}
+
+BackwardSetup plan_backward(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& bias,
+                            bool compute_dbias, const at::Tensor& dq, ExactScales scales) {
+  const int64_t batch = q.size(0), heads_q = q.size(1), heads_kv = k.size(1);
+  BackwardSetup setup;
+  BackwardPlan& plan = setup.plan;
+  plan.dtype = element_type(q.scalar_type());
+  plan.scales = scales;
+  const int64_t num_kv_blocks = ceil_div(k.size(2), kBackwardBlockN);
+
+  const int64_t units = batch * heads_kv;
+  const bool units_share_bias =
+      compute_dbias && ((bias->size(0) == 1 && batch > 1) || (bias->size(1) == 1 && heads_kv > 1));
+  plan.num_chunks = units_share_bias ? std::min(units, kMaxDbiasChunks) : units;
+  plan.units_per_chunk = ceil_div(units, plan.num_chunks);
+  plan.num_chunks = ceil_div(units, plan.units_per_chunk);
+
+  const int64_t kv_splits = std::min(ceil_div(kMinBackwardTasks, plan.num_chunks), num_kv_blocks);
+  plan.kv_splits = std::max<int64_t>(1, std::min(kv_splits, max_kv_splits(q)));
+  plan.num_tasks = plan.num_chunks * plan.kv_splits;
+
+  plan.dbias_partial_per_chunk = units_share_bias;
+  plan.dbias_partial_per_kv_split = compute_dbias && bias->size(3) == 1 && plan.kv_splits > 1;
+  setup.dbias_num_splits = (plan.dbias_partial_per_chunk ? plan.num_chunks : 1) *
+                           (plan.dbias_partial_per_kv_split ? plan.kv_splits : 1);
+  plan.dbias_store_direct = compute_dbias && bias->size(0) == batch && bias->size(1) == heads_q &&
+                            bias->size(2) == q.size(2) && bias->size(3) == k.size(2);
+  allocate_dq_accumulator(q, dq, setup);
+  return setup;
+}
+
+// Varlen backward (no bias): tasks of one kv head and one split of one sequence's key blocks.
+// Enough kv splits that each split of the heaviest (sequence, kv head) unit costs at most
+// 1 / kMinBackwardTasks of the whole, where its blocks allow (for sequences of one length, the
+// ceil(kMinBackwardTasks / units) of plan_backward), then every nonempty split of every
+// sequence, heaviest first. Costs: keys x query rows in their band.
+BackwardSetup plan_sequences_backward(const AttentionForwardParams& p, const at::Tensor& q, const at::Tensor& dq,
+                                      ExactScales scales) {
+  std::vector<std::vector<int64_t>> block_costs(p.batch);  // of each sequence's key blocks
+  int64_t total = 0, heaviest = 0, most_blocks = 1;
+  for (int64_t n = 0; n < p.batch; ++n) {
+    const AttentionForwardParams s = sequence_shape(p, n);
+    int64_t sequence_cost = 0;
+    for (int64_t j0 = 0; j0 < s.seqlen_k; j0 += kBackwardBlockN) {
+      const int64_t cols = std::min(kBackwardBlockN, s.seqlen_k - j0);
+      const IndexRange rows = band_rows_of_keys(s, j0, cols);
+      block_costs[n].push_back(cols * std::max<int64_t>(0, rows.end - rows.begin));
+      sequence_cost += block_costs[n].back();
+    }
+    total += sequence_cost * p.heads_kv;
+    heaviest = std::max(heaviest, sequence_cost);
+    most_blocks = std::max(most_blocks, static_cast<int64_t>(block_costs[n].size()));
+  }
+  BackwardSetup setup;
+  BackwardPlan& plan = setup.plan;
+  plan.dtype = element_type(q.scalar_type());
+  plan.scales = scales;
+  const int64_t wanted_splits = total > 0 ? ceil_div(kMinBackwardTasks * heaviest, total) : 1;
+  plan.kv_splits = std::max<int64_t>(1, std::min({wanted_splits, most_blocks, max_kv_splits(q)}));
+
+  std::vector<std::pair<int64_t, SequenceSplit>> splits;
+  for (int64_t n = 0; n < p.batch; ++n) {
+    const int64_t blocks = static_cast<int64_t>(block_costs[n].size());
+    for (int64_t split = 0; split < std::min(plan.kv_splits, blocks); ++split) {
+      int64_t cost = 0;
+      for (int64_t block = split; block < blocks; block += plan.kv_splits) cost += block_costs[n][block];
+      splits.push_back({cost, SequenceSplit{n, split}});
+    }
+  }
+  setup.sequence_splits = heaviest_first(std::move(splits));
+  plan.sequence_splits = setup.sequence_splits.data();
+  plan.num_tasks = static_cast<int64_t>(setup.sequence_splits.size()) * p.heads_kv;
+  allocate_dq_accumulator(q, dq, setup);
   return setup;
 }
 
@@ -246,7 +354,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
                          scale,   causal,      window_left, window_right, softcap,     dropout_p,    cu_seqlens_q,
                          cu_seqlens_k, max_seqlen_q, max_seqlen_k};
   check_forward_inputs(in);
-  TORCH_CHECK(!cu_seqlens_q, "fast_attn CPU: packed sequences are not implemented yet");
   TORCH_CHECK(!compute_dbias || bias.has_value(), "fast_attn: compute_dbias needs a bias");
   TORCH_CHECK(grad_out_in.sizes() == q.sizes() && out.sizes() == q.sizes(),
               "fast_attn: grad_out and out must have q's shape ", q.sizes());
@@ -263,12 +370,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   const at::ScalarType acc = accumulation_dtype(q.scalar_type());
   const at::Tensor delta = compute_delta(grad_out, out, grad_lse);
   const at::Tensor lse_acc = lse.to(acc).contiguous();
-  BackwardSetup setup = plan_backward(q, k, bias, compute_dbias, dq, exact_scales(scale, dropout_p, softcap));
+  const ExactScales scales = exact_scales(scale, dropout_p, softcap);
+  // Varlen plans from the sequences (the forward params; the backward's are made once the
+  // dbias partials, which other plans size, exist).
+  BackwardSetup setup = cu_seqlens_q ? plan_sequences_backward(make_forward_params(in, out, lse_acc), q, dq, scales)
+                                     : plan_backward(q, k, bias, compute_dbias, dq, scales);
   std::optional<at::Tensor> dbias_partials;
   if (compute_dbias) dbias_partials = dbias_partials_for(*bias, setup);
 
   const BackwardTensors tensors{grad_out, out, lse_acc, delta, dq, dk, dv, dbias_partials};
   const AttentionBackwardParams params = make_backward_params(in, tensors);
+  if (is_varlen(params) && !sequences_cover_rows(params, /*keys=*/true)) {
+    dk.zero_();  // keys in no sequence: no task writes them
+    dv.zero_();
+  }
   run_workers(backward_worker_for(q, grad_out), params, setup.plan);
 
   if (setup.dq_accum.defined()) {

@@ -16,7 +16,8 @@
 // accumulator of the task's split. Score tiles are (queries x keys), the
 // layout in which the bias and dropout indices are read contiguously. The
 // matrix products themselves come from a policy (backward_products*.h): in the
-// accumulation type, or bfloat16 dot products.
+// accumulation type, or bfloat16 dot products. Varlen problems run each
+// sequence as a problem of batch 1 (sequence_view).
 #pragma once
 
 #include <algorithm>
@@ -50,21 +51,35 @@ class BackwardKernel {
   }
 
   BackwardKernel(const AttentionBackwardParams& p, const BackwardPlan& plan, unsigned char* scratch)
-      : p_(p), plan_(plan) {
+      : params_(p), plan_(plan), p_(p) {
     ScratchCarver carver(scratch);
     s_.carve(carver, p.head_dim);
     products_.carve(carver, p.head_dim);
     for (int64_t n = 0; n < kN; ++n) s_.key_index[n] = static_cast<acc_t>(n);
   }
 
+  // One call of run_kv_block for both kinds of task: a second call site changes GCC's inlining (and
+  // with it the FMA contractions, so the rounding) of the whole kernel.
   void run(int64_t task) {
-    const int64_t chunk = task / plan_.kv_splits;
-    const int64_t split = task % plan_.kv_splits;
-    const int64_t units = p_.batch * p_.heads_kv;
-    const int64_t unit_end = std::min(units, (chunk + 1) * plan_.units_per_chunk);
-    for (int64_t unit = chunk * plan_.units_per_chunk; unit < unit_end; ++unit) {
-      for (int64_t block = split; block < plan_.num_kv_blocks; block += plan_.kv_splits) {
-        run_kv_block(unit / p_.heads_kv, unit % p_.heads_kv, block * kN, chunk, split);
+    // The task's (batch, kv head) units [unit_begin, unit_end), its chunk and its split of the key blocks.
+    int64_t unit_begin, unit_end, chunk, split;
+    if (is_varlen(params_)) {
+      // One kv head and one split of a sequence, from the plan's list (heaviest first); no chunks.
+      const SequenceSplit& entry = plan_.sequence_splits[task / params_.heads_kv];
+      p_ = sequence_view<T>(params_, entry.sequence);
+      unit_begin = task % params_.heads_kv;  // in the view's batch 0
+      unit_end = unit_begin + 1;
+      chunk = 0;
+      split = entry.kv_split;
+    } else {
+      chunk = task / plan_.kv_splits;
+      split = task % plan_.kv_splits;
+      unit_begin = chunk * plan_.units_per_chunk;
+      unit_end = std::min(p_.batch * p_.heads_kv, unit_begin + plan_.units_per_chunk);
+    }
+    for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+      for (int64_t j0 = split * kN; j0 < p_.seqlen_k; j0 += plan_.kv_splits * kN) {
+        run_kv_block(unit / p_.heads_kv, unit % p_.heads_kv, j0, chunk, split);
       }
     }
   }
@@ -107,20 +122,16 @@ class BackwardKernel {
     std::fill(s_.dk_acc, s_.dk_acc + kN * s_.d_padded, acc_t(0));
     std::fill(s_.dv_acc, s_.dv_acc + kN * s_.d_padded, acc_t(0));
 
-    // Query rows [first_row, row_end) have some key of the block in their band.
-    int64_t first_row = 0, row_end = p_.seqlen_q;
-    if (band_bounds_right(p_)) first_row = std::clamp<int64_t>(j0 - band_last_key_offset(p_), 0, p_.seqlen_q);
-    if (band_bounds_left(p_)) {
-      row_end = std::clamp<int64_t>(j0 + cols - 1 - band_first_key_offset(p_) + 1, 0, p_.seqlen_q);
-    }
-    bool any_visible = first_row < row_end;
+    // The query rows that have some key of the block in their band.
+    const IndexRange band_rows = band_rows_of_keys(p_, j0, cols);
+    bool any_visible = band_rows.begin < band_rows.end;
     if (any_visible && p_.key_mask != nullptr) {
       const uint8_t* mask_row = p_.key_mask + b * p_.key_mask_batch_stride;
       any_visible = load_key_flags<V>(s_.key_flags, mask_row, p_.key_mask_col_stride, j0, cols) > 0;
     }
     // The tiles computed: query rows [first_tile_row, tile_row_end), whole kM blocks.
-    const int64_t first_tile_row = any_visible ? first_row / kM * kM : p_.seqlen_q;
-    const int64_t tile_row_end = any_visible ? std::min(p_.seqlen_q, ceil_div(row_end, kM) * kM) : p_.seqlen_q;
+    const int64_t first_tile_row = any_visible ? band_rows.begin / kM * kM : p_.seqlen_q;
+    const int64_t tile_row_end = any_visible ? std::min(p_.seqlen_q, ceil_div(band_rows.end, kM) * kM) : p_.seqlen_q;
     const int64_t group = p_.heads_q / p_.heads_kv;
     if (p_.dbias != nullptr && plan_.dbias_store_direct) {
       for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
@@ -171,8 +182,10 @@ class BackwardKernel {
     compute_dscores(b, h, i0, j0, rows, col_vectors);
     if (p_.dbias != nullptr) accumulate_dbias(b, h, i0, rows, j0, cols, chunk, split);
     if (softcap) apply_softcap_slope(rows, col_vectors);
+    // The accumulator's rows are the packed problem's (p_.dq is moved to a sequence, plan_.dq_accum is not).
     acc_t* dq = static_cast<acc_t*>(plan_.dq_accum) + split * plan_.dq_accum_split_stride +
-                b * plan_.dq_accum_batch_stride + h * plan_.dq_accum_head_stride + i0 * plan_.dq_accum_row_stride;
+                b * plan_.dq_accum_batch_stride + h * plan_.dq_accum_head_stride +
+                (p_.packed_offset_q + i0) * plan_.dq_accum_row_stride;
     products_.accumulate_gradients(s_.probs, s_.dscores, cols, s_.dk_acc, s_.dv_acc, s_.d_padded, dq,
                                    plan_.dq_accum_row_stride);
   }
@@ -381,8 +394,9 @@ class BackwardKernel {
     }
   }
 
-  const AttentionBackwardParams& p_;
+  const AttentionBackwardParams& params_;  // the call's problem
   const BackwardPlan& plan_;
+  AttentionBackwardParams p_;  // the task's problem: params_, or one sequence of it (varlen)
   Scratch s_;
   Products products_;
   LinePrefetcher bias_prefetch_;  // the next query block's bias tile

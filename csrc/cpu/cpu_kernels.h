@@ -7,6 +7,7 @@
 // counter. So results are bitwise identical for any number of threads.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 
@@ -27,6 +28,28 @@ constexpr int64_t kBackwardBlockN = 128;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Indices [begin, end); empty when end <= begin.
+struct IndexRange {
+  int64_t begin;
+  int64_t end;
+};
+
+// Keys in the band of some query row of [i0, i0 + rows): those a forward block visits.
+inline IndexRange band_keys_of_rows(const AttentionForwardParams& p, int64_t i0, int64_t rows) {
+  IndexRange keys{0, p.seqlen_k};
+  if (band_bounds_left(p)) keys.begin = std::clamp<int64_t>(i0 + band_first_key_offset(p), 0, p.seqlen_k);
+  if (band_bounds_right(p)) keys.end = std::clamp<int64_t>(i0 + rows - 1 + band_last_key_offset(p) + 1, 0, p.seqlen_k);
+  return keys;
+}
+
+// Query rows whose band holds some key of [j0, j0 + cols): those a backward key block visits.
+inline IndexRange band_rows_of_keys(const AttentionForwardParams& p, int64_t j0, int64_t cols) {
+  IndexRange rows{0, p.seqlen_q};
+  if (band_bounds_right(p)) rows.begin = std::clamp<int64_t>(j0 - band_last_key_offset(p), 0, p.seqlen_q);
+  if (band_bounds_left(p)) rows.end = std::clamp<int64_t>(j0 + cols - 1 - band_first_key_offset(p) + 1, 0, p.seqlen_q);
+  return rows;
+}
+
 // The params struct holds scale, the dropout scale and softcap as float; the
 // float64 kernels need them exact, so the plans carry them in double.
 struct ExactScales {
@@ -35,15 +58,30 @@ struct ExactScales {
   double softcap;             // 0 = none
 };
 
+// Varlen: a forward task's query block of one sequence (with one query head).
+struct SequenceBlock {
+  int64_t sequence;
+  int64_t q_block;
+};
+
+// Varlen: a backward task's split of one sequence's key blocks (with one kv head).
+struct SequenceSplit {
+  int64_t sequence;
+  int64_t kv_split;
+};
+
 // Forward: one task per (batch, query head, block of kBlockM query rows).
 struct ForwardPlan {
   ElementType dtype;
   ExactScales scales;
   int64_t num_q_blocks;
-  int64_t num_tasks;  // batch * heads_q * num_q_blocks
+  int64_t num_tasks;  // batch * heads_q * num_q_blocks; varlen: heads_q * number of sequence_blocks
   // Hand out the last query block first (it sees the most keys under a band
   // bounded on the right, e.g. causal), else the first (a band bounded on the left only).
   bool last_query_block_first;
+  // Varlen: the query blocks of every sequence, heaviest first; task t is query head
+  // t % heads_q of sequence_blocks[t / heads_q] (num_q_blocks and last_query_block_first unused).
+  const SequenceBlock* sequence_blocks;
 };
 
 // Backward: units are (batch, kv head) pairs; a task takes a chunk of
@@ -53,14 +91,17 @@ struct ForwardPlan {
 struct BackwardPlan {
   ElementType dtype;
   ExactScales scales;
-  int64_t num_kv_blocks;
   int64_t kv_splits;
   int64_t units_per_chunk;
   int64_t num_chunks;
-  int64_t num_tasks;  // num_chunks * kv_splits
+  int64_t num_tasks;  // num_chunks * kv_splits; varlen: heads_kv * number of sequence_splits
+  // Varlen (no bias, no chunks): the nonempty splits of every sequence's key blocks, heaviest
+  // first; task t is kv head t % heads_kv of sequence_splits[t / heads_kv].
+  const SequenceSplit* sequence_splits;
 
   // dq accumulator in the accumulation type, (kv_splits, B, Hq, Sq, D) through
-  // these strides (elements); it may be dq itself when kv_splits == 1.
+  // these strides (elements); it may be dq itself when kv_splits == 1. Its rows
+  // are the packed problem's, as lse's (varlen: (kv_splits, 1, Hq, Tq, D)).
   void* dq_accum;
   int64_t dq_accum_split_stride, dq_accum_batch_stride, dq_accum_head_stride, dq_accum_row_stride;
 

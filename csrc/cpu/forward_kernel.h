@@ -1,5 +1,6 @@
 // Fused attention forward on the CPU: one task = one (batch, query head,
 // block of kBlockM query rows); online softmax over blocks of kBlockN keys.
+// Varlen problems run each sequence as a problem of batch 1 (sequence_view).
 //
 // Scores: scale q.k, then softcap, bias, ALiBi, then the masks (key mask and
 // the band's edges, only in blocks that cross an edge); key blocks wholly
@@ -46,21 +47,35 @@ class ForwardKernel {
   }
 
   ForwardKernel(const AttentionForwardParams& p, const ForwardPlan& plan, unsigned char* scratch)
-      : p_(p), plan_(plan) {
+      : params_(p), plan_(plan), p_(p) {
     ScratchCarver carver(scratch);
     s_.carve(carver, p.head_dim);
     products_.carve(carver, p.head_dim);
     for (int64_t m = 0; m < kM; ++m) s_.query_index[m] = static_cast<acc_t>(m);
   }
 
+  // One call of run_block for both kinds of task: a second call site changes GCC's inlining (and
+  // with it the FMA contractions, so the rounding) of the whole kernel.
   void run(int64_t task) {
-    const int64_t batch_heads = p_.batch * p_.heads_q;
-    const int64_t bh = task % batch_heads;
-    // Tasks are handed out heaviest query blocks first (the plan says which
-    // end sees the most keys), so the long tasks start early (balanced finish).
-    const int64_t order = task / batch_heads;
-    const int64_t q_block = plan_.last_query_block_first ? plan_.num_q_blocks - 1 - order : order;
-    run_block(bh / p_.heads_q, bh % p_.heads_q, q_block * kM);
+    int64_t b, h, q_block;
+    if (is_varlen(params_)) {
+      // One query head of a sequence's query block, from the plan's list (heaviest first).
+      const SequenceBlock& block = plan_.sequence_blocks[task / params_.heads_q];
+      p_ = sequence_view<T>(params_, block.sequence);
+      b = 0;
+      h = task % params_.heads_q;
+      q_block = block.q_block;
+    } else {
+      const int64_t batch_heads = p_.batch * p_.heads_q;
+      const int64_t bh = task % batch_heads;
+      // Tasks are handed out heaviest query blocks first (the plan says which
+      // end sees the most keys), so the long tasks start early (balanced finish).
+      const int64_t order = task / batch_heads;
+      b = bh / p_.heads_q;
+      h = bh % p_.heads_q;
+      q_block = plan_.last_query_block_first ? plan_.num_q_blocks - 1 - order : order;
+    }
+    run_block(b, h, q_block * kM);
   }
 
  private:
@@ -96,13 +111,9 @@ class ForwardKernel {
     const T* k = static_cast<const T*>(p_.k) + b * p_.k_batch_stride + kv_head * p_.k_head_stride;
     const T* v = static_cast<const T*>(p_.v) + b * p_.v_batch_stride + kv_head * p_.v_head_stride;
 
-    // Keys [kv_begin, kv_end) are in the band of some row of the block.
-    int64_t kv_begin = 0;
-    kv_end_ = p_.seqlen_k;
-    if (band_bounds_left(p_)) kv_begin = std::clamp<int64_t>(i0 + band_first_key_offset(p_), 0, p_.seqlen_k);
-    if (band_bounds_right(p_)) {
-      kv_end_ = std::clamp<int64_t>(i0 + rows - 1 + band_last_key_offset(p_) + 1, 0, p_.seqlen_k);
-    }
+    // Keys [keys.begin, kv_end_) are in the band of some row of the block.
+    const IndexRange keys = band_keys_of_rows(p_, i0, rows);
+    kv_end_ = keys.end;
 
     products_.load_query_block(q, p_.q_row_stride, rows, query_vectors, static_cast<acc_t>(plan_.scales.scale));
     std::fill(s_.out_acc, s_.out_acc + kM * s_.d_padded, acc_t(0));
@@ -111,7 +122,7 @@ class ForwardKernel {
       V::zero().store(s_.row_sum + mv * W);
     }
 
-    for (int64_t j0 = kv_begin; j0 < kv_end_; j0 += kN) {
+    for (int64_t j0 = keys.begin; j0 < kv_end_; j0 += kN) {
       const int64_t cols = std::min(kN, kv_end_ - j0);
       if (p_.key_mask != nullptr) {
         const uint8_t* mask_row = p_.key_mask + b * p_.key_mask_batch_stride;
@@ -325,8 +336,9 @@ class ForwardKernel {
     }
   }
 
-  const AttentionForwardParams& p_;
+  const AttentionForwardParams& params_;  // the call's problem
   const ForwardPlan& plan_;
+  AttentionForwardParams p_;  // the task's problem: params_, or one sequence of it (varlen)
   int64_t kv_end_ = 0;  // the current query block's keys end here (the band's right edge)
   Scratch s_;
   Products products_;
