@@ -33,6 +33,7 @@ FEATURES = {
     "softcap": "softcap",
     "alibi": "alibi_slopes",
     "sinks": "sinks",
+    "varlen": "packed sequences (varlen_attention)",
 }
 ALL_FEATURES = frozenset(FEATURES)
 
@@ -45,6 +46,7 @@ def asked_features(problem: AttentionProblem) -> set[str]:
         "softcap": problem.softcap is not None,
         "alibi": problem.alibi_slopes is not None,
         "sinks": problem.sinks is not None,
+        "varlen": problem.packed_sequences is not None,
     }
     return {feature for feature, used in asked.items() if used}
 
@@ -176,14 +178,9 @@ def _cuda_modifier_reasons(problem: AttentionProblem, explicit: bool) -> list[st
 
 
 def _run_reference(problem: AttentionProblem, dropout_seed):
-    from .reference import reference_attention
+    from .reference import reference_attention, reference_varlen_attention
 
-    return reference_attention(
-        problem.q,
-        problem.k,
-        problem.v,
-        bias=problem.bias,
-        key_mask=problem.key_mask,
+    options = dict(
         causal=problem.causal,
         window_size=problem.window,
         softcap=problem.softcap,
@@ -193,6 +190,14 @@ def _run_reference(problem: AttentionProblem, dropout_seed):
         dropout_p=problem.dropout_p,
         dropout_seed=dropout_seed,
     )
+    if problem.packed_sequences is None:
+        return reference_attention(
+            problem.q, problem.k, problem.v, bias=problem.bias, key_mask=problem.key_mask, **options
+        )
+    cu_seqlens_q, cu_seqlens_k, _, _ = problem.packed_sequences
+    packed = (t[0].transpose(0, 1) for t in (problem.q, problem.k, problem.v))  # (T, H, D)
+    out, lse = reference_varlen_attention(*packed, cu_seqlens_q, cu_seqlens_k, **options)
+    return out.transpose(0, 1)[None], lse[None]  # as the ops give them: (1, Hq, Tq, D), (1, Hq, Tq)
 
 
 def _with_sinks(kernel_forward: Callable) -> Callable:
