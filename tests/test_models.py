@@ -11,9 +11,9 @@ import pytest
 import torch
 from hf_models import (
     DTYPES_DEVICES,
-    assert_grads_rule,
-    assert_model_error,
+    assert_output_and_grads_rule,
     build,
+    forward_backward,
     padding_mask,
     random_ids,
     transformers,
@@ -25,27 +25,15 @@ from fast_attn.models.hf_weights import to_hf_names
 from fast_attn.models.t5 import T5Block, T5Config, relative_position_bucket
 
 
-def forward_backward(model: torch.nn.Module, call, weights: torch.Tensor):
-    """Output of call(model) and the gradient of sum(output * weights) for every parameter, by name."""
-    model.zero_grad(set_to_none=True)
-    out = call(model)
-    (out * weights.to(out.dtype)).sum().backward()
-    return out.detach(), {name: p.grad for name, p in model.named_parameters()}
-
-
 def compare(ours_model, hf_models: dict, hf_root, call_ours, call_hf, weights, dtype):
     """Assert the error rule on the output and every gradient; hf_root names the parameters (links' root)."""
     ours_out, ours_grads = forward_backward(ours_model, call_ours, weights)
+    ours = (ours_out, to_hf_names(ours_grads, hf_root(hf_models["same"]), ours_model.hf_links()))
     results = {}
     for key, hf in hf_models.items():
         out, _ = forward_backward(hf, call_hf, weights)
-        root = hf_root(hf)
-        results[key] = (out, {name: p.grad for name, p in root.named_parameters()})
-    (same_out, same_grads), (exact_out, exact_grads) = results["same"], results["float64"]
-    visible = weights != 0
-    assert_model_error("output", ours_out[visible], same_out[visible], exact_out[visible], dtype)
-    our_grads_as_hf = to_hf_names(ours_grads, hf_root(hf_models["same"]), ours_model.hf_links())
-    assert_grads_rule(our_grads_as_hf, same_grads, exact_grads, dtype)
+        results[key] = (out, {name: p.grad for name, p in hf_root(hf).named_parameters()})
+    assert_output_and_grads_rule("output", ours, results["same"], results["float64"], weights, dtype)
 
 
 def eager_pair(kind: str, dtype, device, **overrides) -> dict:
