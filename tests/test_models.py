@@ -36,17 +36,19 @@ def compare(ours_model, hf_models: dict, hf_root, call_ours, call_hf, weights, d
     assert_output_and_grads_rule("output", ours, results["same"], results["float64"], weights, dtype)
 
 
-def eager_pair(kind: str, dtype, device, **overrides) -> dict:
-    return {
+def eager_pair_and_port(kind: str, model_class, dtype, device, **overrides):
+    """transformers' eager model of `kind` in dtype ("same") and in float64 ("float64"), and
+    model_class's port of the first (from_hf)."""
+    hf = {
         "same": build(kind, "eager", dtype=dtype, device=device, **overrides).train(),
         "float64": build(kind, "eager", dtype=torch.float64, device=device, **overrides).train(),
     }
+    return hf, model_class.from_hf(hf["same"])
 
 
 @pytest.mark.parametrize("dtype,device", DTYPES_DEVICES)
 def test_gpt_matches_transformers_gpt2(dtype, device):
-    hf = eager_pair("gpt2", dtype, device)
-    ours = GPT.from_hf(hf["same"])
+    hf, ours = eager_pair_and_port("gpt2", GPT, dtype, device)
     ids = random_ids(3, 11, device)
     mask = padding_mask(3, 11, {1: 4, 2: 1}, left=True, device=device)
     # Left-padded rows see no key at their padding positions: only real tokens are compared.
@@ -64,8 +66,7 @@ def test_gpt_matches_transformers_gpt2(dtype, device):
 
 @pytest.mark.parametrize("dtype,device", DTYPES_DEVICES)
 def test_bert_encoder_matches_transformers_bert(dtype, device):
-    hf = eager_pair("bert", dtype, device)
-    ours = BertEncoder.from_hf(hf["same"])
+    hf, ours = eager_pair_and_port("bert", BertEncoder, dtype, device)
     ids = random_ids(3, 13, device)
     mask = padding_mask(3, 13, {0: 5, 2: 2}, left=False, device=device)
     weights = torch.randn(3, 13, hf["same"].config.hidden_size, device=device)
@@ -93,8 +94,7 @@ def test_bert_encoder_matches_transformers_bert(dtype, device):
     ],
 )
 def test_t5_matches_transformers_t5(dtype, device, feed_forward):
-    hf = eager_pair("t5", dtype, device, feed_forward_proj=feed_forward)
-    ours = T5.from_hf(hf["same"])
+    hf, ours = eager_pair_and_port("t5", T5, dtype, device, feed_forward_proj=feed_forward)
     ids, decoder_ids = random_ids(2, 12, device), random_ids(2, 7, device)
     mask = padding_mask(2, 12, {1: 5}, left=False, device=device)
     decoder_mask = padding_mask(2, 7, {0: 2}, left=False, device=device)
@@ -118,8 +118,7 @@ def test_t5_matches_transformers_t5(dtype, device, feed_forward):
 
 
 def test_t5_with_untied_head_matches_transformers():
-    hf = eager_pair("t5", torch.float32, "cpu", untie_lm_head=True)
-    ours = T5.from_hf(hf["same"])
+    hf, ours = eager_pair_and_port("t5", T5, torch.float32, "cpu", untie_lm_head=True)
     assert not ours.config.tie_word_embeddings
     ids, decoder_ids = random_ids(2, 9), random_ids(2, 4)
     weights = torch.randn(2, 4, hf["same"].config.vocab_size)
