@@ -389,7 +389,9 @@ def test_gradcheck_float64():
 
 
 @pytest.mark.parametrize(
-    "modifiers", [{}, {"window_size": (4, 1), "softcap": 2.5, "alibi": "h"}], ids=["plain", "modifiers"]
+    "modifiers",
+    [{}, {"window_size": (4, 1), "softcap": 2.5, "alibi": "h"}],
+    ids=["plain", "window-softcap-alibi"],
 )
 def test_opcheck_forward_and_backward(modifiers):
     case = Case(
