@@ -12,9 +12,10 @@ import pytest
 import torch
 from hf_models import (
     DTYPES_DEVICES,
-    assert_grads_rule,
     assert_model_error,
+    assert_output_and_grads_rule,
     build,
+    forward_backward,
     padding_mask,
     random_ids,
     transformers,
@@ -40,13 +41,6 @@ def attention_calls(monkeypatch):
     return calls
 
 
-def run_with_grads(model, call, weights):
-    model.zero_grad(set_to_none=True)
-    out = call(model)
-    (out * weights.to(out.dtype)).sum().backward()
-    return out.detach(), {name: p.grad for name, p in model.named_parameters()}
-
-
 def assert_matches_eager(kind, call, weights, dtype, device, **overrides):
     """fast_attn vs eager (same dtype) vs eager float64 on outputs and every parameter gradient."""
     results = {}
@@ -56,13 +50,10 @@ def assert_matches_eager(kind, call, weights, dtype, device, **overrides):
         ("float64", "eager", torch.float64),
     ):
         model = build(kind, implementation, dtype=run_dtype, device=device, **overrides).train()
-        results[key] = run_with_grads(model, call, weights)
-    visible = weights != 0
-    (ours, ours_grads), (same, same_grads), (exact, exact_grads) = (
-        results[k] for k in ("ours", "same", "float64")
+        results[key] = forward_backward(model, call, weights)
+    assert_output_and_grads_rule(
+        "logits", results["ours"], results["same"], results["float64"], weights, dtype
     )
-    assert_model_error("logits", ours[visible], same[visible], exact[visible], dtype)
-    assert_grads_rule(ours_grads, same_grads, exact_grads, dtype)
 
 
 def test_register_is_idempotent_and_registers_both_functions():
