@@ -523,12 +523,11 @@ def test_packed_documents_get_what_they_get_alone(kind, route, monkeypatch):
     monkeypatch.setattr(masking_utils, "sdpa_mask", lambda *a, **k: pytest.fail("a (T, T) mask was built"))
 
     model = build(kind, "fast_attn", **overrides).train()
-    ours = run_with_grads(model, lambda m: m(ids, **kwargs).logits, weights)
+    ours = forward_backward(model, lambda m: m(ids, **kwargs).logits, weights)
     assert varlen_calls, "the packed batch did not reach varlen_attention"
     monkeypatch.undo()
     same = per_document_with_grads(build(kind, "eager", **overrides).train(), ids, offsets, weights)
     exact = per_document_with_grads(
         build(kind, "eager", dtype=torch.float64, **overrides).train(), ids, offsets, weights
     )
-    assert_model_error("logits", ours[0], same[0], exact[0], torch.float32)
-    assert_grads_rule(ours[1], same[1], exact[1], torch.float32)
+    assert_output_and_grads_rule("logits", ours, same, exact, weights, torch.float32)
