@@ -266,7 +266,7 @@ BACKENDS: dict[str, Backend] = {
         dtypes=SUPPORTED_DTYPES,
         supports_head_dim=lambda d: 1 <= d <= 256,
         head_dims_text="1..256",
-        features=frozenset({"dropout", "window", "softcap", "alibi", "sinks"}),
+        features=frozenset({"dropout", "window", "softcap", "alibi", "sinks", "varlen"}),
         min_capability=None,
         availability=_cpu_unavailable,
         run=_with_sinks(_cpp_forward),
