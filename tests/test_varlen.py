@@ -111,6 +111,85 @@ def test_each_document_gets_what_it_gets_alone(kernel_backend):
             torch.testing.assert_close(packed_grad[begin:end], grad[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
 
 
+# The CPU kernels' plans: lengths about their blocks (64 query rows; 64 keys forward, 128
+# backward), many sequences of mixed lengths (tasks ordered by cost), one long sequence (its key
+# blocks split over several dq accumulators), and float64 with every modifier and dropout.
+MIXED_LENGTHS_Q = (76, 68, 0, 57, 1, 30, 90, 12, 0, 45, 64, 3, 88, 19, 1, 50)
+MIXED_LENGTHS_K = (40, 84, 31, 0, 1, 86, 90, 7, 0, 65, 64, 128, 20, 33, 2, 51)
+CPU_PLAN_CASES = [
+    VarlenCase((64, 65, 1, 0, 129, 200), (128, 129, 1, 3, 0, 257), heads_q=4, heads_kv=2, causal="bottom_right"),
+    VarlenCase(MIXED_LENGTHS_Q, MIXED_LENGTHS_K, heads_q=4, causal="bottom_right", window_size=(20, 0), alibi="nh"),
+    VarlenCase(MIXED_LENGTHS_Q, heads_q=2, heads_kv=2, dtype=torch.bfloat16, causal=True, head_dim=64),
+    VarlenCase((300,), (700,), causal="top_left", head_dim=8),
+    VarlenCase((70, 10, 130, 66), (40, 150, 130, 300), dtype=torch.float64, causal="bottom_right", softcap=4.0,
+               alibi="nh", dropout_p=0.2, strided=True, head_dim=8),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CPU_PLAN_CASES, ids=str)
+def test_cpu_plans_of_packed_sequences(case):
+    check_varlen_against_reference("cpu", case)
+
+
+def test_cpu_results_do_not_depend_on_the_thread_count():
+    """The CPU plans come from the offsets alone: bitwise the same out and gradients on 1, 3 and 7 threads."""
+    case = VarlenCase((300, 5, 0, 130, 1, 64), (280, 40, 7, 130, 0, 700), heads_q=4, heads_kv=2, causal=True)
+    inputs = case.make_inputs()
+
+    def run():
+        out = fast_attn.varlen_attention(*(inputs[n] for n in VARLEN_POSITIONAL), causal=True, backend="cpu")
+        grad_out = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+        return [out.detach(), *torch.autograd.grad(out, [inputs[n] for n in ("q", "k", "v")], grad_out)]
+
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 3, 7):
+            torch.set_num_threads(count)
+            results.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for name, a, b in zip(("out", "dq", "dk", "dv"), results[0], other):
+            assert torch.equal(a, b), name
+
+
+def test_cpu_op_leaves_rows_of_no_sequence_at_zero():
+    """Offsets that skip rows (the op takes them; varlen_attention refuses them): those rows of q
+    get out 0 and lse -inf, those of k and v zero gradients; the sequences' own rows are what the
+    same sequences give packed without gaps."""
+    cu_q = torch.tensor([3, 50, 50, 120], dtype=torch.int32)  # q rows 0:3 and 120:140 in no sequence
+    cu_k = torch.tensor([0, 80, 100, 160], dtype=torch.int32)  # k rows 160:200 in no sequence
+    q = torch.randn(140, 4, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(200, 2, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(200, 2, 16, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(140, 4, 16, dtype=torch.float64)
+
+    def run(q, k, v, cu_q, cu_k, grad_out):
+        out, lse = torch.ops.fast_attn.attention_forward(
+            *(t.transpose(0, 1)[None] for t in (q, k, v)), None, None, None, 0.25, 2, 0.0,
+            None, -1, -1, 0.0, cu_q, cu_k, 70, 80,
+        )  # fmt: skip
+        out, lse = out[0].transpose(0, 1), lse[0]
+        loss = (out * grad_out).sum() + torch.where(lse.isinf(), 0, lse).sum()
+        return [out, lse, *torch.autograd.grad(loss, (q, k, v))]
+
+    for t in (q, k, torch.empty(4, 140, dtype=torch.float64)):  # out and dq, dk and dv, lse
+        # Freed NaN blocks are often handed out again by malloc: a row no task writes shows as NaN.
+        torch.full((t.numel() + 64,), math.nan, dtype=t.dtype)
+    out, lse, dq, dk, dv = run(q, k, v, cu_q, cu_k, grad_out)
+    q_rows, k_rows = slice(3, 120), slice(0, 160)
+    expected = run(
+        *(t.detach()[rows].requires_grad_(True) for t, rows in ((q, q_rows), (k, k_rows), (v, k_rows))),
+        cu_q - 3, cu_k, grad_out[q_rows],
+    )  # fmt: skip
+    for got, want in zip((out[q_rows], lse[:, q_rows], dq[q_rows], dk[k_rows], dv[k_rows]), expected):
+        torch.testing.assert_close(got, want)
+    assert not out[:3].any() and not out[120:].any() and not dq[:3].any() and not dq[120:].any()
+    assert (lse[:, :3] == -math.inf).all() and (lse[:, 120:] == -math.inf).all()
+    assert not dk[160:].any() and not dv[160:].any()
+
+
 def good_inputs(**changes):
     case = VarlenCase((3, 0, 5), heads_q=4, heads_kv=2)
     inputs = {**case.make_inputs(), **changes}
