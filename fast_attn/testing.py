@@ -374,22 +374,27 @@ def wanted_grads(inputs: dict) -> list[str]:
     return [n for n in DIFFERENTIABLE_INPUTS if inputs.get(n) is not None and inputs[n].requires_grad]
 
 
+def attention_options(case: Case, inputs: dict) -> dict:
+    """fast_attn.attention's keyword arguments (dropout's aside) for `case` on `inputs`."""
+    return dict(
+        bias=inputs["bias"],
+        key_mask=inputs["key_mask"],
+        causal=case.causal,
+        window_size=case.window_size,
+        softcap=case.softcap,
+        alibi_slopes=inputs.get("alibi_slopes"),
+        sinks=inputs.get("sinks"),
+        scale=case.scale,
+    )
+
+
 def attention_runner(backend: str) -> Run:
     """fast_attn.attention on `backend`, gradients through autograd. With dropout, the
     backend's own forward op, given the case's seed so that the reference drops the same scores."""
 
     def run(case: Case, inputs: dict, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
         q, k, v = (inputs[n] for n in ("q", "k", "v"))
-        options = dict(
-            bias=inputs["bias"],
-            key_mask=inputs["key_mask"],
-            causal=case.causal,
-            window_size=case.window_size,
-            softcap=case.softcap,
-            alibi_slopes=inputs.get("alibi_slopes"),
-            sinks=inputs.get("sinks"),
-            scale=case.scale,
-        )
+        options = attention_options(case, inputs)
         if case.dropout_p > 0:
             problem = build_problem(q, k, v, dropout_p=case.dropout_p, **options)
             out, lse = dispatch.BACKENDS[backend].run(problem, inputs["dropout_seed"])
