@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from . import dispatch
-from .causal import CausalMode, causal_offset, parse_causal
+from .causal import parse_causal, visible_band
 from .dropout import new_dropout_seed
 from .functional import attention
 from .ops.autograd import accumulation_dtype
@@ -97,14 +97,18 @@ def attention_flops(
     head_dim: int,
     causal: object = False,
     mode: str = "fwd",
+    window_size: tuple[int, int] | None = None,
 ) -> float:
     """FLOPs of the field's convention: 4 * B * H * Sq * Sk * D for the forward,
-    counting only visible pairs under a causal mask; backward is 2.5x forward."""
+    counting only visible pairs under a causal mask or window; backward is 2.5x forward."""
     pairs = float(seqlen_q) * seqlen_k
-    causal_mode = parse_causal(causal)
-    if causal_mode != CausalMode.NONE:
-        offset = causal_offset(causal_mode, seqlen_q, seqlen_k)
-        pairs = float(sum(max(0, min(seqlen_k, i + offset + 1)) for i in range(seqlen_q)))
+    band = visible_band(parse_causal(causal), window_size, seqlen_q, seqlen_k)
+    if band is not None:
+        pairs = 0.0
+        for i in range(seqlen_q):
+            first = 0 if band.left < 0 else max(0, i + band.offset - band.left)
+            last = seqlen_k - 1 if band.right < 0 else min(seqlen_k - 1, i + band.offset + band.right)
+            pairs += max(0, last - first + 1)
     forward = 4.0 * batch * heads * pairs * head_dim
     factor = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode]
     return forward * factor
