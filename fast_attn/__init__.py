@@ -15,6 +15,7 @@ from .dispatch import BackendNotSupportedError, available_backends  # noqa: E402
 from .functional import attention, scaled_dot_product_attention  # noqa: E402
 from .ops import cpp_ops as _cpp_ops  # noqa: E402,F401  2.
 from .swap import swap_attention  # noqa: E402
+from .varlen import varlen_attention  # noqa: E402
 from .version import __version__  # noqa: E402
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "available_backends",
     "scaled_dot_product_attention",
     "swap_attention",
+    "varlen_attention",
 ]

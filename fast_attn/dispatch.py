@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,7 @@ FEATURES = {
     "softcap": "softcap",
     "alibi": "alibi_slopes",
     "sinks": "sinks",
+    "varlen": "packed sequences (varlen_attention)",
 }
 ALL_FEATURES = frozenset(FEATURES)
 
@@ -45,6 +46,7 @@ def asked_features(problem: AttentionProblem) -> set[str]:
         "softcap": problem.softcap is not None,
         "alibi": problem.alibi_slopes is not None,
         "sinks": problem.sinks is not None,
+        "varlen": problem.packed_sequences is not None,
     }
     return {feature for feature, used in asked.items() if used}
 
@@ -70,29 +72,33 @@ class Backend:
     machine_note: Callable[[], str | None] = lambda: None
 
     def not_supported_reasons(self, problem: AttentionProblem, explicit: bool = True) -> list[str]:
+        """Every reason this backend cannot run `problem` (empty when it can)."""
+        return list(self._reasons(problem, explicit))
+
+    def accepts(self, problem: AttentionProblem, explicit: bool = False) -> bool:
+        """Whether this backend can run `problem`: stops at the first reason ("auto" asks every call)."""
+        return next(self._reasons(problem, explicit), None) is None
+
+    def _reasons(self, problem: AttentionProblem, explicit: bool) -> Iterator[str]:
         unavailable = UNAVAILABLE[self.name]
         if unavailable is not None:
-            return [unavailable]
-        reasons = []
+            yield unavailable
+            return
         device = problem.device
         if device.type not in self.device_types:
-            reasons.append(f"runs on {'/'.join(self.device_types)} tensors, not {device.type}")
+            yield f"runs on {'/'.join(self.device_types)} tensors, not {device.type}"
         elif device.type == "cuda" and self.min_capability is not None:
             capability = torch.cuda.get_device_capability(device)
             if capability < self.min_capability:
                 need = ".".join(map(str, self.min_capability))
-                reasons.append(
-                    f"needs compute capability >= {need}, device has {capability[0]}.{capability[1]}"
-                )
+                yield f"needs compute capability >= {need}, device has {capability[0]}.{capability[1]}"
         if problem.dtype not in self.dtypes:
-            reasons.append(
-                f"supports dtypes {[str(d).replace('torch.', '') for d in self.dtypes]}, not {problem.dtype}"
-            )
+            yield f"supports dtypes {[str(d).replace('torch.', '') for d in self.dtypes]}, not {problem.dtype}"
         if not self.supports_head_dim(problem.head_dim):
-            reasons.append(f"supports head dims {self.head_dims_text}, not {problem.head_dim}")
+            yield f"supports head dims {self.head_dims_text}, not {problem.head_dim}"
         for feature in asked_features(problem) - self.features:
-            reasons.append(f"does not implement {FEATURES[feature]} yet")
-        return reasons + self.extra_reasons(problem, explicit)
+            yield f"does not implement {FEATURES[feature]} yet"
+        yield from self.extra_reasons(problem, explicit)
 
 
 def _extension_unavailable() -> str | None:
@@ -121,11 +127,15 @@ def _cuda_unavailable() -> str | None:
     return None
 
 
+# Triton reads it when its kernels are first imported, which fast_attn does at import.
+TRITON_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _triton_on_cpu_reasons(problem: AttentionProblem, explicit: bool) -> list[str]:
     # On CPU tensors the Triton kernels run in the interpreter, which only tests use.
     if problem.device.type != "cpu":
         return []
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not TRITON_INTERPRETING:
         return ["runs on CPU tensors only under TRITON_INTERPRET=1"]
     if not explicit:
         return ["the Triton interpreter is only used when backend='triton' is named"]
@@ -176,14 +186,9 @@ def _cuda_modifier_reasons(problem: AttentionProblem, explicit: bool) -> list[st
 
 
 def _run_reference(problem: AttentionProblem, dropout_seed):
-    from .reference import reference_attention
+    from .reference import reference_attention, reference_varlen_attention
 
-    return reference_attention(
-        problem.q,
-        problem.k,
-        problem.v,
-        bias=problem.bias,
-        key_mask=problem.key_mask,
+    options = dict(
         causal=problem.causal,
         window_size=problem.window,
         softcap=problem.softcap,
@@ -193,6 +198,14 @@ def _run_reference(problem: AttentionProblem, dropout_seed):
         dropout_p=problem.dropout_p,
         dropout_seed=dropout_seed,
     )
+    if problem.packed_sequences is None:
+        return reference_attention(
+            problem.q, problem.k, problem.v, bias=problem.bias, key_mask=problem.key_mask, **options
+        )
+    cu_seqlens_q, cu_seqlens_k, _, _ = problem.packed_sequences
+    packed = (t[0].transpose(0, 1) for t in (problem.q, problem.k, problem.v))  # (T, H, D)
+    out, lse = reference_varlen_attention(*packed, cu_seqlens_q, cu_seqlens_k, **options)
+    return out.transpose(0, 1)[None], lse[None]  # as the ops give them: (1, Hq, Tq, D), (1, Hq, Tq)
 
 
 def _with_sinks(kernel_forward: Callable) -> Callable:
@@ -289,7 +302,7 @@ def select_backend(problem: AttentionProblem, backend: str = "auto") -> Backend:
         return chosen
     for name in AUTO_ORDER:
         candidate = BACKENDS[name]
-        if not candidate.not_supported_reasons(problem, explicit=False):
+        if candidate.accepts(problem):
             return candidate
     raise BackendNotSupportedError("no fast_attn backend can run this input")  # reference takes everything
 

@@ -53,8 +53,21 @@ def dropout_keep_mask(
     seqlen_q: int,
     seqlen_k: int,
     device: torch.device,
+    rows: range | None = None,
+    cols: range | None = None,
 ) -> torch.Tensor:
-    """Bool (B, H, Sq, Sk): True where the probability is kept."""
-    linear_index = torch.arange(batch * heads * seqlen_q * seqlen_k, device=device, dtype=torch.int64)
+    """Bool (B, H, Sq, Sk): True where the probability is kept.
+
+    With `rows` / `cols`, only that block of the query rows / keys: (B, H, len(rows), len(cols)).
+    A packed sequence's scores are such a block of the packed (1, H, Tq, Tk) problem.
+    """
+    rows = range(seqlen_q) if rows is None else rows
+    cols = range(seqlen_k) if cols is None else cols
+
+    def indices(r: range) -> torch.Tensor:
+        return torch.arange(r.start, r.stop, device=device, dtype=torch.int64)
+
+    heads_of = torch.arange(batch * heads, device=device, dtype=torch.int64)[:, None, None]
+    linear_index = (heads_of * seqlen_q + indices(rows)[:, None]) * seqlen_k + indices(cols)[None, :]
     keep = dropout_hash(int(seed.reshape(-1)[0].item()), linear_index) >= dropout_threshold(dropout_p)
-    return keep.reshape(batch, heads, seqlen_q, seqlen_k)
+    return keep.reshape(batch, heads, len(rows), len(cols))

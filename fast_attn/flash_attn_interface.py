@@ -4,7 +4,10 @@
     out = flash_attn_func(q, k, v, causal=True)                   # q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D)
 
 The same signatures, (B, S, H, D) layout, return values and semantics as flash-attn 2.8's
-`flash_attn_func`, `flash_attn_qkvpacked_func` and `flash_attn_kvpacked_func`:
+`flash_attn_func`, `flash_attn_qkvpacked_func` and `flash_attn_kvpacked_func`, and of its packed
+variable-length forms `flash_attn_varlen_func`, `flash_attn_varlen_qkvpacked_func` and
+`flash_attn_varlen_kvpacked_func` (q (total_q, Hq, D), int32 cu_seqlens, softmax_lse (Hq, total_q);
+every rule below holds per sequence):
 
 * `causal` is aligned bottom-right: query i sees keys j <= i + Sk - Sq. Sq = 2, Sk = 5 gives the rows
   1 1 1 1 0 / 1 1 1 1 1; Sq = 5, Sk = 2 gives three rows that see nothing (their output is 0).
@@ -25,6 +28,10 @@ Differences from flash-attn:
   mode flash-attn 2 adds slope * j instead of -slope * |i + Sk - Sq - j|, which gives the same output
   but an lse larger by slope * (i + Sk - Sq).
 * softmax_lse carries a gradient (flash-attn's does not): using it in a loss differentiates through it.
+* `block_table` (a paged KV cache) is refused by the varlen functions: fast_attn's paged decoding is
+  not there yet.
+* max_seqlen_q / max_seqlen_k may also be 0-d tensors (fast_attn.varlen_attention reads none under
+  torch.compile).
 * The third value of return_attn_probs is always None (flash-attn returns a debugging tensor of the
   dropout pattern, "for testing only").
 * `deterministic=True`: fast_attn's CPU and Triton backward passes are deterministic by construction; the
@@ -37,6 +44,7 @@ from __future__ import annotations
 import torch
 
 from .functional import attention
+from .varlen import varlen_attention
 
 
 def _check_tensor(name: str, value: object, rank: int, layout: str) -> torch.Tensor:
@@ -170,4 +178,137 @@ def flash_attn_kvpacked_func(
     )
 
 
-__all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func"]
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    block_table=None,
+):
+    """q (total_q, Hq, D), k and v (total_k, Hkv, D), sequences laid end to end at the int32 offsets
+    cu_seqlens_q / cu_seqlens_k (N + 1,) -> out (total_q, Hq, D) (see the module docstring)."""
+    q = _check_tensor("q", q, 3, "(total_q, Hq, D)")
+    if block_table is not None:
+        raise NotImplementedError(
+            "block_table (a paged KV cache) is not implemented by fast_attn's varlen functions"
+        )
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(return_attn_probs, bool):
+        raise TypeError(f"return_attn_probs must be a bool, got {type(return_attn_probs).__name__}")
+    _check_deterministic(deterministic, q)
+    out, lse = varlen_attention(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        causal="bottom_right" if causal else False,
+        window_size=_window(window_size),
+        softcap=_softcap(softcap),
+        alibi_slopes=alibi_slopes,
+        scale=softmax_scale,
+        dropout_p=dropout_p,
+        return_lse=True,
+    )  # (total_q, Hq, D), lse (Hq, total_q)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv,
+    cu_seqlens,
+    max_seqlen,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """qkv (total, 3, H, D) -> out (total, H, D); gradients come back as one (total, 3, H, D) tensor."""
+    qkv = _check_tensor("qkv", qkv, 4, "(total, 3, H, D)")
+    if qkv.shape[1] != 3:
+        raise ValueError(f"qkv must have shape (total, 3, H, D), got {tuple(qkv.shape)}")
+    q, k, v = qkv.unbind(dim=1)
+    return flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens,
+        cu_seqlens,
+        max_seqlen,
+        max_seqlen,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+    )
+
+
+def flash_attn_varlen_kvpacked_func(
+    q,
+    kv,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """q (total_q, Hq, D), kv (total_k, 2, Hkv, D) -> out (total_q, Hq, D)."""
+    kv = _check_tensor("kv", kv, 4, "(total_k, 2, Hkv, D)")
+    if kv.shape[1] != 2:
+        raise ValueError(f"kv must have shape (total_k, 2, Hkv, D), got {tuple(kv.shape)}")
+    k, v = kv.unbind(dim=1)
+    return flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+    )
+
+
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+]

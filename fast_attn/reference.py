@@ -62,6 +62,7 @@ def reference_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     dropout_seed: torch.Tensor | None = None,
+    dropout_keep: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (out, lse) for q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D).
@@ -70,7 +71,8 @@ def reference_attention(
     plus bias, plus ALiBi's -slope * |i + Sk - Sq - j| (alibi_slopes (Hq,) or (B, Hq)); masked
     scores (key_mask, the causal mask, the window) are -inf. sinks (Hq,) join each row's softmax
     denominator as one more logit and nothing else; lse includes them.
-    The math runs in `compute_dtype` (default: float64 for float64 inputs, else
+    Dropout keeps what dropout_keep_mask(dropout_seed, ...) keeps, or what `dropout_keep`
+    (bool (B, Hq, Sq, Sk)) says when given. The math runs in `compute_dtype` (default: float64 for float64 inputs, else
     float32); out has q's dtype, lse has the compute dtype. Rows with no
     visible key give out 0 and lse -inf (the sink with sinks) with zero, NaN-free gradients.
     """
@@ -117,10 +119,63 @@ def reference_attention(
     lse = lse.squeeze(-1)
 
     if dropout_p > 0.0:
-        if dropout_seed is None:
+        if dropout_keep is None and dropout_seed is None:
             raise ValueError("reference_attention: dropout_p > 0 needs a dropout_seed tensor")
-        keep = dropout_keep_mask(dropout_seed, dropout_p, batch, heads_q, seqlen_q, seqlen_k, q.device)
+        keep = dropout_keep
+        if keep is None:
+            keep = dropout_keep_mask(dropout_seed, dropout_p, batch, heads_q, seqlen_q, seqlen_k, q.device)
         probs = probs * keep / (1.0 - dropout_p)
 
     out = torch.matmul(probs, vc).to(out_dtype)
     return out, lse
+
+
+def reference_varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
+    **options,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed sequences: (out (Tq, Hq, D), lse (Hq, Tq)) for q (Tq, Hq, D), k and v (Tk, Hkv, D).
+
+    Sequence n, rows cu_seqlens_q[n]:cu_seqlens_q[n + 1] of q and cu_seqlens_k[n]:cu_seqlens_k[n + 1]
+    of k and v, runs through reference_attention alone, with its own row of alibi_slopes
+    ((Hq,) or (N, Hq)) and its block of the packed (1, Hq, Tq, Tk) problem's dropout mask;
+    `options` are reference_attention's other keywords (causal, window_size, softcap, sinks, scale).
+    """
+    total_q, heads_q, _ = q.shape
+    total_k = k.shape[0]
+    offsets_q, offsets_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for n in range(len(offsets_q) - 1):
+        rows, cols = range(offsets_q[n], offsets_q[n + 1]), range(offsets_k[n], offsets_k[n + 1])
+        keep = None
+        if dropout_p > 0.0:
+            keep = dropout_keep_mask(
+                dropout_seed, dropout_p, 1, heads_q, total_q, total_k, q.device, rows, cols
+            )
+        slopes = None
+        if alibi_slopes is not None:
+            slope_rows = alibi_slopes.reshape(-1, heads_q)  # (N or 1, Hq)
+            slopes = slope_rows[n if len(slope_rows) > 1 else 0]
+        out, lse = reference_attention(
+            q[rows.start : rows.stop].transpose(0, 1)[None],
+            k[cols.start : cols.stop].transpose(0, 1)[None],
+            v[cols.start : cols.stop].transpose(0, 1)[None],
+            alibi_slopes=slopes,
+            dropout_p=dropout_p,
+            dropout_keep=keep,
+            **options,
+        )  # (1, Hq, Sq_n, D), (1, Hq, Sq_n)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    if not outs:  # no sequence at all: nothing to attend
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return q.new_zeros(q.shape), q.new_full((heads_q, total_q), -math.inf, dtype=lse_dtype)
+    return torch.cat(outs), torch.cat(lses, dim=1)

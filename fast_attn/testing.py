@@ -14,6 +14,7 @@ peaked softmax its rounding can cost more than unfused math in the same dtype
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,8 +26,9 @@ from .causal import CausalMode, causal_offset, parse_causal
 from .dropout import new_dropout_seed
 from .functional import attention
 from .ops.autograd import accumulation_dtype
-from .reference import reference_attention
-from .validation import build_problem
+from .reference import reference_attention, reference_varlen_attention
+from .validation import build_problem, build_varlen_problem
+from .varlen import varlen_attention
 
 # Floors of the error rule by dtype: what rounding of the output alone costs.
 ERROR_FLOOR = {
@@ -553,3 +555,148 @@ def opcheck_forward_and_backward(
 
 def _test_utils(utils: tuple[str, ...] | None) -> dict:
     return {} if utils is None else {"test_utils": utils}
+
+
+@dataclass(frozen=True)
+class VarlenCase:
+    """Packed sequences a test holds to the reference run per sequence, its options named as in
+    fast_attn.varlen_attention."""
+
+    lengths_q: tuple[int, ...]
+    lengths_k: tuple[int, ...] | None = None  # None: lengths_q
+    heads_q: int = 2
+    heads_kv: int = 1
+    head_dim: int = 16
+    dtype: torch.dtype = torch.float32
+    causal: bool | str = False
+    window_size: tuple[int, int] | None = None
+    softcap: float | None = None
+    alibi: str | None = None  # "h": slopes (Hq,); "nh": slopes (N, Hq)
+    sinks: bool = False
+    dropout_p: float = 0.0
+    strided: bool = False  # q, k, v are slices of wider tensors (no contiguous row stride)
+    max_seqlen_tensor: bool = False  # max_seqlen_* given as 0-d tensors
+
+    def __str__(self) -> str:
+        lengths = "_".join(map(str, self.lengths_q))
+        if self.lengths_k is not None:
+            lengths += "x" + "_".join(map(str, self.lengths_k))
+        options = {
+            "causal": ["", "tl", "br"][parse_causal(self.causal)],
+            "window": f"w{self.window_size[0]}_{self.window_size[1]}" if self.window_size else "",
+            "softcap": f"cap{self.softcap}" if self.softcap else "",
+            "alibi": f"alibi{self.alibi}" if self.alibi else "",
+            "sinks": "sinks" if self.sinks else "",
+            "drop": f"p{self.dropout_p}" if self.dropout_p else "",
+            "strided": "strided" if self.strided else "",
+            "max": "maxtensor" if self.max_seqlen_tensor else "",
+        }
+        parts = [f"L{lengths}", f"H{self.heads_q}/{self.heads_kv}", f"D{self.head_dim}", str(self.dtype)[6:]]
+        return "-".join(parts + [v for v in options.values() if v])
+
+    def make_inputs(self, device: str | torch.device = "cpu") -> dict:
+        """Random packed q (Tq, Hq, D), k, v (Tk, Hkv, D) requiring grad, the offsets, the bounds,
+        alibi_slopes and sinks."""
+        lengths_k = self.lengths_q if self.lengths_k is None else self.lengths_k
+        width = 2 if self.strided else 1
+
+        def packed(total: int, heads: int) -> torch.Tensor:
+            wide = torch.randn(total, heads * width, self.head_dim).to(device, self.dtype)
+            return wide[:, ::width].requires_grad_(True)  # a view when strided: leaf of its own
+
+        def offsets(lengths: tuple[int, ...]) -> torch.Tensor:
+            return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+        def bound(lengths: tuple[int, ...]) -> int | torch.Tensor:
+            longest = max(lengths, default=0)
+            return torch.tensor(longest) if self.max_seqlen_tensor else longest
+
+        num_sequences = len(self.lengths_q)
+        slopes = None
+        if self.alibi is not None:
+            shape = {"h": (self.heads_q,), "nh": (num_sequences, self.heads_q)}[self.alibi]
+            slopes = torch.rand(shape).to(device)
+        sinks = (
+            (torch.randn(self.heads_q) * 2).to(device, self.dtype).requires_grad_(True)
+            if self.sinks
+            else None
+        )
+        return {
+            "q": packed(sum(self.lengths_q), self.heads_q),
+            "k": packed(sum(lengths_k), self.heads_kv),
+            "v": packed(sum(lengths_k), self.heads_kv),
+            "cu_seqlens_q": offsets(self.lengths_q),
+            "cu_seqlens_k": offsets(lengths_k),
+            "max_seqlen_q": bound(self.lengths_q),
+            "max_seqlen_k": bound(lengths_k),
+            "alibi_slopes": slopes,
+            "sinks": sinks,
+        }
+
+    def options(self, inputs: dict) -> dict:
+        """varlen_attention's keywords (but dropout_p) for these inputs."""
+        return dict(
+            causal=self.causal,
+            window_size=self.window_size,
+            softcap=self.softcap,
+            alibi_slopes=inputs["alibi_slopes"],
+            sinks=inputs["sinks"],
+        )
+
+
+VARLEN_POSITIONAL = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
+
+
+def check_varlen_against_reference(
+    backend: str, case: VarlenCase, device: str | torch.device = "cpu"
+) -> None:
+    """fast_attn.varlen_attention on `backend` against the float64 reference run per sequence:
+    out, lse and the gradients of q, k, v (and sinks) by the error rule. With dropout, the
+    backend runs with a known seed so that the reference drops the same scores."""
+    inputs = case.make_inputs(device)
+    positional = [inputs[n] for n in VARLEN_POSITIONAL]
+    seed = new_dropout_seed(torch.device(device)) if case.dropout_p > 0 else None
+    if seed is None:
+        out, lse = varlen_attention(*positional, **case.options(inputs), return_lse=True, backend=backend)
+    else:
+        problem = build_varlen_problem(*positional, dropout_p=case.dropout_p, **case.options(inputs))
+        out4, lse3 = dispatch.BACKENDS[backend].run(problem, seed)
+        out, lse = out4[0].transpose(0, 1), lse3[0]
+    q, dtype = inputs["q"], case.dtype
+    assert out.shape == q.shape and out.dtype == dtype, f"{case}: out {tuple(out.shape)} {out.dtype}"
+    assert lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == accumulation_dtype(dtype), f"{case}: lse"
+    grad_out = torch.randn(q.shape, device=q.device).to(dtype)
+    grad_lse = torch.randn(lse.shape, device=q.device, dtype=lse.dtype)
+    names = [n for n in ("q", "k", "v", "sinks") if inputs[n] is not None]
+    grads = torch.autograd.grad(
+        [out, lse], [inputs[n] for n in names], [grad_out, grad_lse], allow_unused=False
+    )
+
+    def reference(compute_dtype: torch.dtype):
+        copies = {n: inputs[n].detach().to(compute_dtype).requires_grad_(True) for n in names}
+        ref_out, ref_lse = reference_varlen_attention(
+            copies["q"],
+            copies["k"],
+            copies["v"],
+            inputs["cu_seqlens_q"],
+            inputs["cu_seqlens_k"],
+            **{**case.options(inputs), "sinks": copies.get("sinks")},
+            dropout_p=case.dropout_p,
+            dropout_seed=seed,
+            compute_dtype=compute_dtype,
+        )
+        ref_grads = torch.autograd.grad(
+            [ref_out, ref_lse],
+            [copies[n] for n in names],
+            [grad_out.to(ref_out.dtype), grad_lse.to(ref_lse.dtype)],
+        )
+        return ref_out, ref_lse, ref_grads
+
+    exact, same_dtype = reference(torch.float64), reference(dtype)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(exact[1])), f"{case}: rows with lse = -inf differ"
+    for name, actual, exact_value, same_value in [
+        ("out", out, exact[0], same_dtype[0]),
+        ("lse", lse, exact[1], same_dtype[1]),
+        *((f"d{n}", g, e, s) for n, g, e, s in zip(names, grads, exact[2], same_dtype[2])),
+    ]:
+        assert_error_rule(f"{case} {name}", actual, exact_value, same_value, dtype)

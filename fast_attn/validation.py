@@ -9,6 +9,7 @@ re-validate user input.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -197,15 +198,19 @@ def _normalize_softcap(softcap: object) -> float | None:
     return softcap
 
 
-def _normalize_alibi_slopes(slopes: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    batch, heads_q = q.shape[0], q.shape[1]
+def _normalize_alibi_slopes(
+    slopes: torch.Tensor, q: torch.Tensor, batch: int | None = None, batch_name: str = "B"
+) -> torch.Tensor:
+    """(Hq,) or (batch, Hq) float32 slopes as (batch or 1, Hq); batch is q's (B) unless given."""
+    heads_q = q.shape[1]
+    batch = q.shape[0] if batch is None else batch
     if slopes.dtype != torch.float32:
         raise TypeError(f"alibi_slopes must be float32, got {slopes.dtype}")
     if slopes.device != q.device:
         raise ValueError(f"alibi_slopes must be on q's device {q.device}, got {slopes.device}")
     if _shape(slopes) not in ((heads_q,), (batch, heads_q)):
         raise ValueError(
-            f"alibi_slopes must have shape (Hq,) = ({heads_q},) or (B, Hq) = ({batch}, {heads_q}), "
+            f"alibi_slopes must have shape (Hq,) = ({heads_q},) or ({batch_name}, Hq) = ({batch}, {heads_q}), "
             f"got {_shape(slopes)}"
         )
     return (slopes if slopes.dim() == 2 else slopes[None]).contiguous()
@@ -270,3 +275,105 @@ def build_problem(
         scale=_normalize_scale(scale, q.shape[3]),
         dropout_p=_normalize_dropout(dropout_p),
     )
+
+
+def _check_packed(name: str, t: torch.Tensor, layout: str) -> None:
+    if t.dim() != 3:
+        raise ValueError(f"{name} must be 3-D {layout} (sequences laid end to end), got shape {_shape(t)}")
+
+
+def _check_cu_seqlens(name: str, cu: torch.Tensor, q: torch.Tensor) -> None:
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be an int32 tensor, got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name} must be 1-D (N + 1,) with at least one offset, got shape {_shape(cu)}")
+    if cu.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
+
+
+def _check_cu_seqlens_values(name: str, cu: torch.Tensor, total: int, total_name: str) -> int:
+    """The offsets' values (a device-to-host copy on a GPU); returns the longest sequence."""
+    offsets = cu.tolist()
+    steps = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+    if offsets[0] != 0 or any(step < 0 for step in steps) or offsets[-1] != total:
+        shown = offsets if len(offsets) <= 12 else [*offsets[:6], "...", *offsets[-5:]]
+        raise ValueError(
+            f"{name} must start at 0, never decrease and end at {total_name} = {total}, got {shown}"
+        )
+    return max(steps, default=0)
+
+
+def _normalize_max_seqlen(name: str, value: object, longest: int | None) -> int:
+    """max_seqlen as the ops take it: an int bound, or -1 for a 0-d tensor (the op derives it)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype.is_floating_point or value.dtype == torch.bool:
+            raise TypeError(
+                f"{name} must be an int or a 0-d integer tensor, got {value.dtype} of shape {_shape(value)}"
+            )
+        if longest is not None and int(value) < longest:
+            raise ValueError(f"{name} = {int(value)} is smaller than the longest sequence, {longest}")
+        return -1
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int or a 0-d integer tensor, got {type(value).__name__}")
+    if longest is not None and value < longest:
+        raise ValueError(f"{name} = {value} is smaller than the longest sequence, {longest}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+def build_varlen_problem(
+    q: object,
+    k: object,
+    v: object,
+    cu_seqlens_q: object,
+    cu_seqlens_k: object,
+    max_seqlen_q: object,
+    max_seqlen_k: object,
+    *,
+    alibi_slopes: object = None,
+    **options: object,
+) -> AttentionProblem:
+    """Validate fast_attn.varlen_attention's arguments; the problem's q, k, v are the (1, H, T, D)
+    views of the packed (T, H, D) tensors and its packed_sequences are the ops' varlen arguments.
+
+    The offsets' values are checked outside torch.compile (on a GPU that is one device-to-host
+    copy per call); under torch.compile they are taken as given, and the kernels clamp them so
+    that bad values never read out of bounds. `options` are build_problem's keywords."""
+    q = _check_tensor("q", q)
+    k = _check_tensor("k", k)
+    v = _check_tensor("v", v)
+    _check_packed("q", q, "(Tq, Hq, D)")
+    _check_packed("k", k, "(Tk, Hkv, D)")
+    _check_packed("v", v, "(Tk, Hkv, D)")
+    if _shape(k) != _shape(v):
+        raise ValueError(f"k and v must have the same shape (Tk, Hkv, D), got {_shape(k)} and {_shape(v)}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must have the same head dim D, got q {_shape(q)} and k {_shape(k)}")
+    if k.shape[1] < 1 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"the number of query heads must be a multiple of the number of key/value heads "
+            f"(Hq % Hkv == 0), got q {_shape(q)} and k {_shape(k)}"
+        )
+    cu_q = _check_tensor("cu_seqlens_q", cu_seqlens_q)
+    cu_k = _check_tensor("cu_seqlens_k", cu_seqlens_k)
+    _check_cu_seqlens("cu_seqlens_q", cu_q, q)
+    _check_cu_seqlens("cu_seqlens_k", cu_k, q)
+    if cu_q.shape != cu_k.shape:
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must both have N + 1 offsets, got shapes {_shape(cu_q)} and {_shape(cu_k)}"
+        )
+    longest_q = longest_k = None
+    if not torch.compiler.is_compiling():
+        longest_q = _check_cu_seqlens_values("cu_seqlens_q", cu_q, q.shape[0], "Tq")
+        longest_k = _check_cu_seqlens_values("cu_seqlens_k", cu_k, k.shape[0], "Tk")
+    bound_q = _normalize_max_seqlen("max_seqlen_q", max_seqlen_q, longest_q)
+    bound_k = _normalize_max_seqlen("max_seqlen_k", max_seqlen_k, longest_k)
+    problem = build_problem(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], **options
+    )
+    slopes = None
+    if alibi_slopes is not None:
+        slopes = _check_tensor("alibi_slopes", alibi_slopes)
+        slopes = _normalize_alibi_slopes(slopes, problem.q, batch=cu_q.shape[0] - 1, batch_name="N")
+    return dataclasses.replace(problem, alibi_slopes=slopes, packed_sequences=(cu_q, cu_k, bound_q, bound_k))

@@ -259,3 +259,20 @@ def assert_grads_rule(actual: dict, eager_same_dtype: dict, eager_float64: dict,
             assert ours_error <= bound, f"grad {name} (exactly 0): error {ours_error:.3e} > {bound:.3e}"
         else:
             assert_model_error(f"grad {name}", actual[name], eager_same_dtype[name], exact, dtype)
+
+
+def forward_backward(model: torch.nn.Module, call, weights: torch.Tensor):
+    """Output of call(model) and the gradient of sum(output * weights) for every parameter, by name."""
+    model.zero_grad(set_to_none=True)
+    out = call(model)
+    (out * weights.to(out.dtype)).sum().backward()
+    return out.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+def assert_output_and_grads_rule(name: str, ours: tuple, same: tuple, exact: tuple, weights, dtype) -> None:
+    """The model error rule on the output `name` where `weights` (forward_backward's) are nonzero, and on
+    every parameter gradient. ours, same (eager in dtype) and exact (eager in float64) are each
+    (output, gradients by transformers' parameter name)."""
+    visible = weights != 0
+    assert_model_error(name, ours[0][visible], same[0][visible], exact[0][visible], dtype)
+    assert_grads_rule(ours[1], same[1], exact[1], dtype)

@@ -41,6 +41,28 @@ def check(backend: str, case: Case) -> fast_attn.testing.Checked:
     return check_against_reference(run, case, backend_device(backend), rounded_output="exact")
 
 
+def rounding_baselines(inputs: dict, dtype: torch.dtype, grad_out: torch.Tensor, **kwargs):
+    """The float64, the unfused `dtype` and the rounded-output references (ReferenceResults, with the
+    gradients of grad_out) of the problem `inputs` and `kwargs` pose, as run_reference takes them."""
+    exact = run_reference(inputs, compute_dtype=torch.float64, grad_out=grad_out, **kwargs)
+    unfused = run_reference(inputs, compute_dtype=dtype, grad_out=grad_out, **kwargs)
+    rounded = rounded_output_reference(inputs, out_dtype=dtype, grad_out=grad_out, **kwargs)
+    return exact, unfused, rounded
+
+
+def assert_grads_by_rounding_rule(names, grads, exact, unfused, rounded, dtype) -> None:
+    """The error rule, with the rounded-output baseline, for the gradient of each input in `names`."""
+    for name, grad in zip(names, grads):
+        assert_error_rule(
+            f"d{name}",
+            grad,
+            exact.grads[name],
+            unfused.grads[name],
+            dtype,
+            rounded_output=rounded.grads[name],
+        )
+
+
 @pytest.mark.parametrize("causal", [False, "top_left", "bottom_right"])
 def test_gqa_bias_mask_causal_all_gradients(kernel_backend, causal):
     dtype = supported_float(kernel_backend)
@@ -110,24 +132,14 @@ def test_peaked_softmax_gradients_in_16_bits(kernel_backend):
     grad_out = draw(1, 4, 2, 40)
     kwargs = dict(causal="top_left", scale=1.0)
     inputs = {"q": q, "k": k, "v": v, "bias": bias, "key_mask": None}
-    exact = run_reference(inputs, compute_dtype=torch.float64, grad_out=grad_out, **kwargs)
-    unfused = run_reference(inputs, compute_dtype=dtype, grad_out=grad_out, **kwargs)
-    rounded = rounded_output_reference(inputs, out_dtype=dtype, grad_out=grad_out, **kwargs)
+    exact, unfused, rounded = rounding_baselines(inputs, dtype, grad_out, **kwargs)
     # The case is one where the output's rounding, not unfused 16-bit math, sets the baseline.
     rounding_error = max_abs_error(rounded.grads["k"], exact.grads["k"])
     assert rounding_error > 2 * max_abs_error(unfused.grads["k"], exact.grads["k"])
 
     out = fast_attn.attention(q, k, v, bias=bias, backend=kernel_backend, **kwargs)
     grads = torch.autograd.grad(out, (k, v, bias), grad_out)
-    for name, grad in zip(("k", "v", "bias"), grads):
-        assert_error_rule(
-            f"d{name}",
-            grad,
-            exact.grads[name],
-            unfused.grads[name],
-            dtype,
-            rounded_output=rounded.grads[name],
-        )
+    assert_grads_by_rounding_rule(("k", "v", "bias"), grads, exact, unfused, rounded, dtype)
 
 
 def test_gradients_of_rows_with_one_visible_key(kernel_backend):
@@ -147,22 +159,13 @@ def test_gradients_of_rows_with_one_visible_key(kernel_backend):
     grad_out = torch.randn(1, 3, 97, 72, generator=generator).to(device, dtype)
     kwargs = dict(scale=1.0)
     inputs = {"q": q, "k": k, "v": v, "bias": None, "key_mask": key_mask}
-    exact = run_reference(inputs, compute_dtype=torch.float64, grad_out=grad_out, **kwargs)
-    unfused = run_reference(inputs, compute_dtype=dtype, grad_out=grad_out, **kwargs)
-    rounded = rounded_output_reference(inputs, out_dtype=dtype, grad_out=grad_out, **kwargs)
+    exact, unfused, rounded = rounding_baselines(inputs, dtype, grad_out, **kwargs)
     assert max_abs_error(unfused.grads["k"], exact.grads["k"]) == 0.0  # the exact cancellation
     assert max_abs_error(rounded.grads["k"], exact.grads["k"]) > 0.0  # what the rule measures instead
 
     out = fast_attn.attention(q, k, v, key_mask=key_mask, backend=kernel_backend, **kwargs)
-    for name, grad in zip("qkv", torch.autograd.grad(out, (q, k, v), grad_out)):
-        assert_error_rule(
-            f"d{name}",
-            grad,
-            exact.grads[name],
-            unfused.grads[name],
-            dtype,
-            rounded_output=rounded.grads[name],
-        )
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert_grads_by_rounding_rule("qkv", grads, exact, unfused, rounded, dtype)
 
 
 @pytest.mark.parametrize("shape", [(0, 2, 2, 5, 5), (1, 2, 2, 0, 5), (1, 2, 2, 5, 0)])

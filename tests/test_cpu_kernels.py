@@ -388,7 +388,12 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda q, k, v, b: function(q, k, v, b)[0], (q, k, v, row_bias))
 
 
-def test_opcheck_forward_and_backward():
+@pytest.mark.parametrize(
+    "modifiers",
+    [{}, {"window_size": (4, 1), "softcap": 2.5, "alibi": "h"}],
+    ids=["plain", "window-softcap-alibi"],
+)
+def test_opcheck_forward_and_backward(modifiers):
     case = Case(
         2,
         4,
@@ -402,6 +407,7 @@ def test_opcheck_forward_and_backward():
         key_mask=True,
         dropout_p=0.1,
         dropout_seed=7,
+        **modifiers,
     )
     ops = torch.ops.fast_attn
     opcheck_forward_and_backward(ops.attention_forward, ops.attention_backward, case)

@@ -149,6 +149,12 @@ def gpu() -> Runner:
     )
 
 
+@pytest.fixture(params=["emulated", pytest.param("gpu", marks=pytest.mark.gpu)])
+def runner(request) -> Runner:
+    """Each runner in turn: the emulator, then the GPU (marker gpu)."""
+    return request.getfixturevalue(request.param)
+
+
 # ---------------------------------------------------------------------------
 # One checked problem
 
@@ -311,14 +317,8 @@ ALL_CASES = SHAPE_CASES + MASK_CASES + BIAS_CASES + DROPOUT_CASES + MODIFIER_CAS
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=str)
-def test_emulated_kernels(emulated: Runner, case: Case):
-    check_case(emulated, case)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", ALL_CASES, ids=str)
-def test_gpu_kernels(gpu: Runner, case: Case):
-    check_case(gpu, case)
+def test_kernels(runner: Runner, case: Case):
+    check_case(runner, case)
 
 
 # The field's sizes on a GPU (too slow to emulate): long sequences, every head dim.
@@ -404,7 +404,7 @@ def test_emulated_fuzz(emulated: Runner, pytestconfig):
 # Properties beyond the error rule
 
 
-def check_deterministic(runner: Runner) -> None:
+def test_deterministic(runner: Runner):
     case = CudaCase(
         2,
         4,
@@ -425,16 +425,7 @@ def check_deterministic(runner: Runner) -> None:
         assert torch.equal(first[name], second[name]), f"deterministic backward: d{name} differs in two runs"
 
 
-def test_emulated_deterministic(emulated: Runner):
-    check_deterministic(emulated)
-
-
-@pytest.mark.gpu
-def test_gpu_deterministic(gpu: Runner):
-    check_deterministic(gpu)
-
-
-def check_dropout_matches_reference_mask(runner: Runner) -> None:
+def test_dropout_matches_reference_mask(runner: Runner):
     """With v = identity columns, out = dropped probabilities: zeros exactly where the shared hash drops."""
     from fast_attn.dropout import dropout_keep_mask
 
@@ -449,16 +440,7 @@ def check_dropout_matches_reference_mask(runner: Runner) -> None:
     assert torch.equal(dropped, ~keep), "kernel dropout mask differs from fast_attn.dropout's"
 
 
-def test_emulated_dropout_mask(emulated: Runner):
-    check_dropout_matches_reference_mask(emulated)
-
-
-@pytest.mark.gpu
-def test_gpu_dropout_mask(gpu: Runner):
-    check_dropout_matches_reference_mask(gpu)
-
-
-def check_empty(runner: Runner) -> None:
+def test_empty_problems(runner: Runner):
     for case in (
         CudaCase(0, 2, 2, 8, 8, 64, grads=()),
         CudaCase(1, 2, 2, 0, 8, 64, grads=()),
@@ -476,15 +458,6 @@ def check_empty(runner: Runner) -> None:
         assert torch.all(dq == 0) and torch.all(dk == 0) and torch.all(dv == 0)
         if launches is not None:
             assert runner.launch_count() == launches, "an empty problem launched a kernel"
-
-
-def test_emulated_empty(emulated: Runner):
-    check_empty(emulated)
-
-
-@pytest.mark.gpu
-def test_gpu_empty(gpu: Runner):
-    check_empty(gpu)
 
 
 def test_emulated_refuses_broadcast_dbias_with_modifiers_above_d96(emulated: Runner):

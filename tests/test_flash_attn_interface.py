@@ -10,8 +10,11 @@ from fast_attn.flash_attn_interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
 )
-from fast_attn.reference import reference_attention
+from fast_attn.reference import reference_attention, reference_varlen_attention
 
 
 def bshd(batch, seqlen, heads, head_dim, dtype=torch.float32, requires_grad=False):
@@ -117,3 +120,66 @@ def test_deterministic_is_honoured_on_the_cpu():
         torch.autograd.grad(flash_attn_func(q, k, v, deterministic=True).sum(), (q, k, v)) for _ in range(2)
     ]
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def packed_offsets(*lengths: int) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def test_varlen_is_bottom_right_per_sequence_with_gqa_window_softcap_alibi_and_lse():
+    cu_q, cu_k = packed_offsets(3, 9, 0, 5), packed_offsets(6, 4, 2, 5)
+    q, k, v = torch.randn(17, 4, 16), torch.randn(17, 2, 16), torch.randn(17, 2, 16)
+    slopes = torch.rand(4, 4)
+    options = dict(window_size=(3, 1), softcap=2.0, alibi_slopes=slopes)
+    out, lse, probs = flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, 9, 6, causal=True, return_attn_probs=True, **options
+    )
+    exact_out, exact_lse = reference_varlen_attention(
+        q.double(), k.double(), v.double(), cu_q, cu_k, causal="bottom_right", **options
+    )
+    assert out.shape == (17, 4, 16) and lse.shape == (4, 17) and probs is None
+    torch.testing.assert_close(out.double(), exact_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), exact_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_packed_forms_equal_the_unpacked_function_and_their_gradients_come_back_packed():
+    cu = packed_offsets(4, 1, 7)
+    qkv = torch.randn(12, 3, 2, 8, requires_grad=True)
+    out = flash_attn_varlen_qkvpacked_func(qkv, cu, 7, causal=True)
+    q, k, v = qkv.unbind(1)
+    torch.testing.assert_close(out, flash_attn_varlen_func(q, k, v, cu, cu, 7, 7, causal=True))
+    out.sum().backward()
+    assert qkv.grad.shape == qkv.shape
+    kv = torch.randn(12, 2, 2, 8)
+    torch.testing.assert_close(
+        flash_attn_varlen_kvpacked_func(q, kv, cu, cu, 7, 7),
+        flash_attn_varlen_func(q, *kv.unbind(1), cu, cu, 7, 7),
+    )
+
+
+@pytest.mark.parametrize(
+    "call,error,words",
+    [
+        (
+            lambda q, cu: flash_attn_varlen_func(q, q, q, cu, cu, 4, 4, block_table=torch.zeros(1, 1)),
+            NotImplementedError,
+            "block_table",
+        ),
+        (lambda q, cu: flash_attn_varlen_func(q[None], q, q, cu, cu, 4, 4), ValueError, "(total_q, Hq, D)"),
+        (lambda q, cu: flash_attn_varlen_qkvpacked_func(q, cu, 4), ValueError, "(total, 3, H, D)"),
+        (
+            lambda q, cu: flash_attn_varlen_kvpacked_func(q, q, cu, cu, 4, 4),
+            ValueError,
+            "(total_k, 2, Hkv, D)",
+        ),
+        (
+            lambda q, cu: flash_attn_varlen_func(q, q, q, cu.long(), cu, 4, 4),
+            TypeError,
+            "cu_seqlens_q must be an int32",
+        ),
+    ],
+)
+def test_varlen_bad_input(call, error, words):
+    with pytest.raises(error) as raised:
+        call(torch.randn(6, 2, 8), packed_offsets(2, 4))
+    assert words in str(raised.value)

@@ -4,7 +4,9 @@ Hypothesis draws valid problems: shapes including 1 and primes, GQA ratios,
 transposed views, broadcast biases with and without gradient, key masks with
 empty and full rows, both causal alignments, dtypes. CI runs a fixed,
 derandomized set; `--fuzz-examples N` runs N random examples per backend.
-Every failure found becomes a regular test in test_contract.py or a backend suite.
+Packed variable-length sequences are drawn the same way (lengths with 0 and 1, GQA, both
+alignments, windows, softcap, ALiBi, sinks, strided views) against the per-sequence reference.
+Every failure found becomes a regular test in test_contract.py, test_varlen.py or a backend suite.
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fast_attn
-from fast_attn.testing import Case, attention_runner, backend_device, check_against_reference
+from fast_attn.testing import (
+    Case,
+    VarlenCase,
+    attention_runner,
+    backend_device,
+    check_against_reference,
+    check_varlen_against_reference,
+)
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -98,5 +107,46 @@ def test_fuzz_against_reference(kernel_backend, pytestconfig):
         # The rounded-output baseline, fed the kernel's own output: found by this test
         # (bf16, scale 1, a peaked softmax; biases constant along the keys).
         check_against_reference(run, case, device, rounded_output="kernel")
+
+    check()
+
+
+@st.composite
+def varlen_problems(draw, backend: str) -> VarlenCase:
+    spec = fast_attn.dispatch.BACKENDS[backend]
+    interpreted = backend == "triton" and not HAS_CUDA
+    lengths = [0, 1, 2, 3, 5, 13, 31] if interpreted else [0, 1, 2, 3, 5, 13, 31, 64, 97]
+    head_dims = [8, 16, 40] if interpreted else [8, 16, 40, 64]
+    if backend == "cuda":
+        head_dims = [d for d in head_dims + [128] if spec.supports_head_dim(d)]
+    dtypes = [torch.float32, torch.float16] if interpreted else [d for d in spec.dtypes if d != torch.float64]
+    count = draw(st.integers(1, 4))
+    lengths_q = tuple(draw(st.lists(st.sampled_from(lengths), min_size=count, max_size=count)))
+    lengths_k = draw(st.one_of(st.none(), st.lists(st.sampled_from(lengths), min_size=count, max_size=count)))
+    heads_kv, group = draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 3]))
+    window = draw(st.sampled_from([None, (0, 0), (3, -1), (-1, 2), (5, 1)]))
+    return VarlenCase(
+        lengths_q,
+        None if lengths_k is None else tuple(lengths_k),
+        heads_q=heads_kv * group,
+        heads_kv=heads_kv,
+        head_dim=draw(st.sampled_from(head_dims)),
+        dtype=draw(st.sampled_from(dtypes)),
+        causal=draw(st.sampled_from([False, "top_left", "bottom_right"])),
+        window_size=window,
+        softcap=draw(st.sampled_from([None, 4.0])),
+        alibi=draw(st.sampled_from([None, "h", "nh"])),
+        sinks=draw(st.booleans()),
+        strided=draw(st.booleans()),
+    )
+
+
+def test_fuzz_varlen_against_reference(kernel_backend, pytestconfig):
+    device = backend_device(kernel_backend)
+
+    @fuzz_settings(pytestconfig, kernel_backend)
+    @given(varlen_problems(kernel_backend))
+    def check(case: VarlenCase):
+        check_varlen_against_reference(kernel_backend, case, device)
 
     check()

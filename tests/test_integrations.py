@@ -12,9 +12,10 @@ import pytest
 import torch
 from hf_models import (
     DTYPES_DEVICES,
-    assert_grads_rule,
     assert_model_error,
+    assert_output_and_grads_rule,
     build,
+    forward_backward,
     padding_mask,
     random_ids,
     transformers,
@@ -40,13 +41,6 @@ def attention_calls(monkeypatch):
     return calls
 
 
-def run_with_grads(model, call, weights):
-    model.zero_grad(set_to_none=True)
-    out = call(model)
-    (out * weights.to(out.dtype)).sum().backward()
-    return out.detach(), {name: p.grad for name, p in model.named_parameters()}
-
-
 def assert_matches_eager(kind, call, weights, dtype, device, **overrides):
     """fast_attn vs eager (same dtype) vs eager float64 on outputs and every parameter gradient."""
     results = {}
@@ -56,13 +50,10 @@ def assert_matches_eager(kind, call, weights, dtype, device, **overrides):
         ("float64", "eager", torch.float64),
     ):
         model = build(kind, implementation, dtype=run_dtype, device=device, **overrides).train()
-        results[key] = run_with_grads(model, call, weights)
-    visible = weights != 0
-    (ours, ours_grads), (same, same_grads), (exact, exact_grads) = (
-        results[k] for k in ("ours", "same", "float64")
+        results[key] = forward_backward(model, call, weights)
+    assert_output_and_grads_rule(
+        "logits", results["ours"], results["same"], results["float64"], weights, dtype
     )
-    assert_model_error("logits", ours[visible], same[visible], exact[visible], dtype)
-    assert_grads_rule(ours_grads, same_grads, exact_grads, dtype)
 
 
 def test_register_is_idempotent_and_registers_both_functions():
@@ -484,3 +475,59 @@ def test_sliding_windows_become_key_padding_and_other_patterns_fall_back_to_tran
     other = masking_utils.sliding_window_causal_mask_function(4)
     ours = integration.build_attention_mask(mask_function=other, local_size=3, **arguments)
     assert tuple(ours.shape) == (2, 1, 8, 8)
+
+
+# Packed batches: documents laid end to end in one row, position_ids restarting at each.
+PACKED_LENGTHS = (5, 1, 9, 4)
+PACKED_MODELS = {"llama": {}, "qwen2": MODERN_MODELS["qwen2"], "mistral": MODERN_MODELS["mistral"]}
+
+
+def packed_batch(lengths=PACKED_LENGTHS):
+    ids = random_ids(1, sum(lengths))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return ids, position_ids, offsets
+
+
+def per_document_with_grads(model, ids, offsets, weights):
+    """Each document through `model` alone: its logits laid end to end, and the parameter gradients
+    of the summed weighted losses."""
+    model.zero_grad(set_to_none=True)
+    logits = []
+    for begin, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+        out = model(ids[:, begin:end]).logits
+        (out * weights[:, begin:end].to(out.dtype)).sum().backward()
+        logits.append(out.detach())
+    return torch.cat(logits, dim=1), {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("route", ["position_ids", "flash_kwargs"])
+@pytest.mark.parametrize("kind", list(PACKED_MODELS))
+def test_packed_documents_get_what_they_get_alone(kind, route, monkeypatch):
+    """A packed batch gives each document the logits and gradients eager gives it alone, through
+    varlen_attention, without any (T, T) mask."""
+    ids, position_ids, offsets = packed_batch()
+    kwargs = {"position_ids": position_ids}
+    if route == "flash_kwargs":  # what DataCollatorWithFlattening(return_flash_attn_kwargs=True) adds
+        longest = max(PACKED_LENGTHS)
+        kwargs |= dict(
+            cu_seq_lens_q=offsets, cu_seq_lens_k=offsets, max_length_q=longest, max_length_k=longest
+        )
+    weights = torch.randn(1, ids.shape[1], 97)
+    overrides = PACKED_MODELS[kind]
+    varlen_calls = []
+    real_varlen = integration.varlen_attention
+    monkeypatch.setattr(
+        integration, "varlen_attention", lambda *a, **k: varlen_calls.append(1) or real_varlen(*a, **k)
+    )
+    monkeypatch.setattr(masking_utils, "sdpa_mask", lambda *a, **k: pytest.fail("a (T, T) mask was built"))
+
+    model = build(kind, "fast_attn", **overrides).train()
+    ours = forward_backward(model, lambda m: m(ids, **kwargs).logits, weights)
+    assert varlen_calls, "the packed batch did not reach varlen_attention"
+    monkeypatch.undo()
+    same = per_document_with_grads(build(kind, "eager", **overrides).train(), ids, offsets, weights)
+    exact = per_document_with_grads(
+        build(kind, "eager", dtype=torch.float64, **overrides).train(), ids, offsets, weights
+    )
+    assert_output_and_grads_rule("logits", ours, same, exact, weights, torch.float32)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from hf_models import (
     DTYPES_DEVICES,
-    assert_grads_rule,
-    assert_model_error,
+    assert_output_and_grads_rule,
     build,
+    forward_backward,
     padding_mask,
     random_ids,
     transformers,
@@ -25,40 +25,30 @@ from fast_attn.models.hf_weights import to_hf_names
 from fast_attn.models.t5 import T5Block, T5Config, relative_position_bucket
 
 
-def forward_backward(model: torch.nn.Module, call, weights: torch.Tensor):
-    """Output of call(model) and the gradient of sum(output * weights) for every parameter, by name."""
-    model.zero_grad(set_to_none=True)
-    out = call(model)
-    (out * weights.to(out.dtype)).sum().backward()
-    return out.detach(), {name: p.grad for name, p in model.named_parameters()}
-
-
 def compare(ours_model, hf_models: dict, hf_root, call_ours, call_hf, weights, dtype):
     """Assert the error rule on the output and every gradient; hf_root names the parameters (links' root)."""
     ours_out, ours_grads = forward_backward(ours_model, call_ours, weights)
+    ours = (ours_out, to_hf_names(ours_grads, hf_root(hf_models["same"]), ours_model.hf_links()))
     results = {}
     for key, hf in hf_models.items():
         out, _ = forward_backward(hf, call_hf, weights)
-        root = hf_root(hf)
-        results[key] = (out, {name: p.grad for name, p in root.named_parameters()})
-    (same_out, same_grads), (exact_out, exact_grads) = results["same"], results["float64"]
-    visible = weights != 0
-    assert_model_error("output", ours_out[visible], same_out[visible], exact_out[visible], dtype)
-    our_grads_as_hf = to_hf_names(ours_grads, hf_root(hf_models["same"]), ours_model.hf_links())
-    assert_grads_rule(our_grads_as_hf, same_grads, exact_grads, dtype)
+        results[key] = (out, {name: p.grad for name, p in hf_root(hf).named_parameters()})
+    assert_output_and_grads_rule("output", ours, results["same"], results["float64"], weights, dtype)
 
 
-def eager_pair(kind: str, dtype, device, **overrides) -> dict:
-    return {
+def eager_pair_and_port(kind: str, model_class, dtype, device, **overrides):
+    """transformers' eager model of `kind` in dtype ("same") and in float64 ("float64"), and
+    model_class's port of the first (from_hf)."""
+    hf = {
         "same": build(kind, "eager", dtype=dtype, device=device, **overrides).train(),
         "float64": build(kind, "eager", dtype=torch.float64, device=device, **overrides).train(),
     }
+    return hf, model_class.from_hf(hf["same"])
 
 
 @pytest.mark.parametrize("dtype,device", DTYPES_DEVICES)
 def test_gpt_matches_transformers_gpt2(dtype, device):
-    hf = eager_pair("gpt2", dtype, device)
-    ours = GPT.from_hf(hf["same"])
+    hf, ours = eager_pair_and_port("gpt2", GPT, dtype, device)
     ids = random_ids(3, 11, device)
     mask = padding_mask(3, 11, {1: 4, 2: 1}, left=True, device=device)
     # Left-padded rows see no key at their padding positions: only real tokens are compared.
@@ -76,8 +66,7 @@ def test_gpt_matches_transformers_gpt2(dtype, device):
 
 @pytest.mark.parametrize("dtype,device", DTYPES_DEVICES)
 def test_bert_encoder_matches_transformers_bert(dtype, device):
-    hf = eager_pair("bert", dtype, device)
-    ours = BertEncoder.from_hf(hf["same"])
+    hf, ours = eager_pair_and_port("bert", BertEncoder, dtype, device)
     ids = random_ids(3, 13, device)
     mask = padding_mask(3, 13, {0: 5, 2: 2}, left=False, device=device)
     weights = torch.randn(3, 13, hf["same"].config.hidden_size, device=device)
@@ -105,8 +94,7 @@ def test_bert_encoder_matches_transformers_bert(dtype, device):
     ],
 )
 def test_t5_matches_transformers_t5(dtype, device, feed_forward):
-    hf = eager_pair("t5", dtype, device, feed_forward_proj=feed_forward)
-    ours = T5.from_hf(hf["same"])
+    hf, ours = eager_pair_and_port("t5", T5, dtype, device, feed_forward_proj=feed_forward)
     ids, decoder_ids = random_ids(2, 12, device), random_ids(2, 7, device)
     mask = padding_mask(2, 12, {1: 5}, left=False, device=device)
     decoder_mask = padding_mask(2, 7, {0: 2}, left=False, device=device)
@@ -130,8 +118,7 @@ def test_t5_matches_transformers_t5(dtype, device, feed_forward):
 
 
 def test_t5_with_untied_head_matches_transformers():
-    hf = eager_pair("t5", torch.float32, "cpu", untie_lm_head=True)
-    ours = T5.from_hf(hf["same"])
+    hf, ours = eager_pair_and_port("t5", T5, torch.float32, "cpu", untie_lm_head=True)
     assert not ours.config.tie_word_embeddings
     ids, decoder_ids = random_ids(2, 9), random_ids(2, 4)
     weights = torch.randn(2, 4, hf["same"].config.vocab_size)

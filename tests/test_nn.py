@@ -486,3 +486,34 @@ def test_windowed_kv_cache_decoding_equals_full_forward():
     cache = module.new_cache(2, 10)
     steps = [module(x[:, :4], cache=cache)] + [module(x[:, i : i + 1], cache=cache) for i in range(4, 10)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("max_seqlen", [None, 7, "tensor"])
+def test_packed_sequences_equal_each_sequence_alone(max_seqlen):
+    module = Attention(EMBED, 4, 2, causal=True, window_size=(3, -1), softcap=1.5, sinks=True)
+    with torch.no_grad():
+        module.sinks.copy_(torch.randn(4))
+    lengths = [4, 0, 7, 1]
+    cu_seqlens = torch.tensor([0, 4, 4, 11, 12], dtype=torch.int32)
+    x = torch.randn(12, EMBED, requires_grad=True)
+    bound = torch.tensor(7) if max_seqlen == "tensor" else max_seqlen
+    out = module(x, cu_seqlens=cu_seqlens, max_seqlen=bound)
+    assert out.shape == (12, EMBED)
+    begin = 0
+    for length in lengths:
+        alone = module(x[None, begin : begin + length].detach())[0]
+        torch.testing.assert_close(out[begin : begin + length], alone, atol=1e-5, rtol=1e-5)
+        begin += length
+    out.square().sum().backward()
+    assert x.grad is not None and module.sinks.grad is not None
+
+
+def test_packed_sequences_refuse_what_they_do_not_take():
+    module = Attention(EMBED, 4)
+    cu_seqlens = torch.tensor([0, 3, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="x must be \\(T, embed_dim\\)"):
+        module(torch.randn(1, 5, EMBED), cu_seqlens=cu_seqlens)
+    with pytest.raises(ValueError, match="key_mask is not taken with cu_seqlens"):
+        module(torch.randn(5, EMBED), cu_seqlens=cu_seqlens, key_mask=torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="max_seqlen goes with cu_seqlens"):
+        module(torch.randn(1, 5, EMBED), max_seqlen=3)

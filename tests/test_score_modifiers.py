@@ -21,7 +21,6 @@ from fast_attn.testing import (
     attention_runner,
     backend_device,
     check_against_reference,
-    opcheck_forward_and_backward,
     random_key_mask,
     random_qkv,
 )
@@ -524,30 +523,6 @@ def test_cpu_gradcheck_float64_with_every_modifier():
     assert torch.autograd.gradcheck(
         lambda q, k, v: fast_attn.attention(q, k, v, window_size=(2, 5), softcap=0.7, backend="cpu"),
         (q, k, v),
-    )
-
-
-@needs_cpu_op
-def test_cpu_opcheck_of_the_modifier_arguments():
-    case = Case(
-        2,
-        4,
-        2,
-        9,
-        13,
-        8,
-        causal="bottom_right",
-        window_size=(4, 1),
-        softcap=2.5,
-        alibi="h",
-        scale=0.5,
-        bias_shape=(1, 4, 9, 13),
-        key_mask=True,
-        dropout_p=0.1,
-        dropout_seed=7,
-    )
-    opcheck_forward_and_backward(
-        torch.ops.fast_attn.attention_forward, torch.ops.fast_attn.attention_backward, case
     )
 
 

@@ -23,9 +23,23 @@ function a model silently receives no padding mask):
   it returns the padding itself as a (B, 1, 1 or Sq, Sk) bool view instead of a
   (Sq, Sk) pattern, and the attention function hands it to the kernel as
   `key_mask` and the window as `window_size` (applied in-kernel, nothing built).
-  Any other pattern (packed sequences, static caches, chunked attention,
-  custom mask functions) is built by transformers' own `sdpa_mask` and reaches
-  the kernel as a -inf bias.
+  Packed sequences (one row holding several documents, detected by transformers
+  from `position_ids` that restart) of a causal or bidirectional pattern return
+  transformers' own (B, T) sequence ids, and the attention function runs the
+  documents through `fast_attn.varlen_attention`: no (T, T) mask is built. Any
+  other pattern (static caches, chunked attention, custom mask functions) is
+  built by transformers' own `sdpa_mask` and reaches the kernel as a -inf bias.
+
+* Packed batches run the documents through `fast_attn.varlen_attention`, from
+  `cu_seq_lens_q` / `cu_seq_lens_k` / `max_length_q` / `max_length_k` (as
+  `DataCollatorWithFlattening(return_flash_attn_kwargs=True)` makes them), else
+  from the mask function's sequence ids, else, as transformers' flash path does,
+  from `position_ids` that restart in a batch of one row without a mask. The
+  collator's kwargs cost nothing; the other two find the offsets with `nonzero`,
+  and looking at `position_ids` compares them with a range: each is a device-to-host
+  sync per attention call on a GPU (transformers' flash path syncs the same way)
+  and a graph break under torch.compile. A batch of one row without a mask whose
+  `position_ids` do not restart pays that one comparison.
 
 Every keyword argument that reaches `attention_forward` is honoured, or on the
 list of arguments that do not change what attention computes
@@ -44,6 +58,7 @@ Conventions of the masks this module returns (what `attention_forward` reads):
   bool (B, 1, Sq, Sk), stride 0 on Sq
                              key padding of a bidirectional layer (exactly the mask SDPA would get)
   any other bool mask        True = attend, applied as a -inf bias
+  integer (B, T)             packed sequences: each run of equal ids in a row is one document
   float mask                 added to the scores, as a bias
 The first three carry no window: a layer's `sliding_window` W is then applied as
 the window (W - 1, W - 1) (a causal layer's right side is 0), which is transformers'
@@ -60,13 +75,14 @@ import torch
 
 from ..functional import attention
 from ..masks import bias_from_mask
+from ..varlen import varlen_attention
 
 IMPLEMENTATION_NAME = "fast_attn"
 
 # Keyword arguments transformers passes down to the attention function that do not change its result.
 RESULT_NEUTRAL_KWARGS = frozenset(
     {
-        "position_ids",  # consumed by the rotary embedding before attention
+        "position_ids",  # consumed by the rotary embedding; read here only to detect packed sequences
         "cache_position",
         "use_cache",
         "past_key_values",
@@ -133,6 +149,66 @@ def _mask_arguments(
     return (mask if position_bias is None else position_bias + mask), None, False
 
 
+def _is_sequence_ids(mask: torch.Tensor | None) -> bool:
+    return mask is not None and not mask.is_floating_point() and mask.dtype != torch.bool
+
+
+def _offsets_of_sequence_ids(sequence_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 offsets (N + 1,) of the documents of (B, T) sequence ids laid end to end (a row's start
+    starts a document), and the longest as a 0-d tensor. `nonzero` syncs with the device."""
+    starts = torch.ones_like(sequence_ids, dtype=torch.bool)
+    starts[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
+    first_rows = starts.flatten().nonzero().flatten()
+    offsets = torch.cat([first_rows, first_rows.new_tensor([sequence_ids.numel()])]).to(torch.int32)
+    return offsets, (offsets[1:] - offsets[:-1]).max()
+
+
+def _offsets_of_restarting_positions(position_ids, query: torch.Tensor, key: torch.Tensor):
+    """The packed-sequence arguments of one row whose position_ids restart (transformers' flash path
+    detects packing the same way), or None. Looking costs a device sync."""
+    seqlen = query.shape[2]
+    if (
+        position_ids is None
+        or position_ids.shape != (1, seqlen)
+        or query.shape[0] != 1
+        or key.shape[2] != seqlen
+    ):
+        return None
+    positions = position_ids[0]
+    first = positions.min()
+    if seqlen < 2 or not bool((positions != torch.arange(seqlen, device=positions.device) + first).any()):
+        return None
+    starts = (positions == first).nonzero().flatten()
+    offsets = torch.cat([starts, starts.new_tensor([seqlen])]).to(torch.int32)
+    longest = (offsets[1:] - offsets[:-1]).max()
+    return offsets, offsets, longest, longest
+
+
+def _packed_attention(module, query, key, value, packed, causal_module, dropout, scaling, sliding_window,
+                      softcap, s_aux) -> torch.Tensor:  # fmt: skip
+    """Documents laid end to end through varlen_attention: q (B, Hq, T, D) with `packed` = (cu_seqlens_q,
+    cu_seqlens_k, max_seqlen_q, max_seqlen_k) over the B * T tokens -> out (B, T, Hq, D)."""
+    batch, heads_q, seqlen_q, head_dim = query.shape
+    if key.shape[2] != seqlen_q:
+        raise ValueError(
+            f"{type(module).__name__}: packed sequences need as many keys as queries, got query "
+            f"{tuple(query.shape)} and key {tuple(key.shape)}"
+        )
+    flat = [t.transpose(1, 2).reshape(batch * seqlen_q, t.shape[1], head_dim) for t in (query, key, value)]
+    window = (sliding_window - 1, sliding_window - 1) if sliding_window else None
+    out = varlen_attention(
+        *flat,
+        *packed,
+        causal="top_left" if causal_module else False,
+        window_size=window,
+        softcap=softcap,
+        sinks=s_aux,
+        scale=scaling,
+        dropout_p=dropout,
+    )  # (B * T, Hq, D)
+    return out.view(batch, seqlen_q, heads_q, head_dim)
+
+
 def attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -146,6 +222,10 @@ def attention_forward(
     sliding_window: int | None = None,
     softcap: float | None = None,
     s_aux: torch.Tensor | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    max_length_k: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The transformers attention function: q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) -> out (B, Sq, Hq, D)."""
@@ -161,6 +241,24 @@ def attention_forward(
             f"fast_attn needs the value head dim to equal the query head dim in "
             f"{type(module).__name__}, got query {tuple(query.shape)} and value {tuple(value.shape)}"
         )
+    packed = None
+    if cu_seq_lens_q is not None or cu_seq_lens_k is not None:
+        if position_bias is not None or not (attention_mask is None or _is_sequence_ids(attention_mask)):
+            raise ValueError(
+                f"{type(module).__name__}: cu_seq_lens_q/k come with an attention mask or position bias, "
+                f"got {_describe(attention_mask)} and {_describe(position_bias)}; fast_attn takes one or the other"
+            )
+        longest = query.shape[0] * query.shape[2]  # a bound when the collator gave none
+        packed = (cu_seq_lens_q, cu_seq_lens_k, max_length_q or longest, max_length_k or longest)
+    elif _is_sequence_ids(attention_mask):
+        offsets, longest = _offsets_of_sequence_ids(attention_mask)
+        packed = (offsets, offsets, longest, longest)
+    elif attention_mask is None and position_bias is None:
+        packed = _offsets_of_restarting_positions(kwargs.get("position_ids"), query, key)
+    if packed is not None:
+        causal_module = _causal_flag(module, is_causal)
+        args = (dropout, scaling, sliding_window, softcap, s_aux)
+        return _packed_attention(module, query, key, value, packed, causal_module, *args), None
     seqlen_q, seqlen_k = query.shape[2], key.shape[2]
     if attention_mask is not None and attention_mask.shape[-1] < seqlen_k:
         raise ValueError(
@@ -233,6 +331,20 @@ def _same_closure_value(x: object, y: object) -> bool:
     return type(x) is type(y) and x == y
 
 
+def _split_packed_sequences(mask_function, masking_utils) -> tuple:
+    """(pattern, sequence ids (B, T)) when mask_function is transformers' and_masks(pattern,
+    packed_sequence_mask_function(ids)), the form its mask creation gives packed sequences;
+    else (mask_function, None)."""
+    and_code = masking_utils.and_masks(masking_utils.causal_mask_function).__code__
+    packed_code = masking_utils.packed_sequence_mask_function(None).__code__
+    if getattr(mask_function, "__code__", None) is not and_code:
+        return mask_function, None
+    parts = mask_function.__closure__[0].cell_contents  # and_masks' mask_functions
+    if len(parts) != 2 or getattr(parts[1], "__code__", None) is not packed_code:
+        return mask_function, None
+    return parts[0], parts[1].__closure__[0].cell_contents
+
+
 def _refuse_own_attention_models(config) -> None:
     """Refuse a model whose attention layers do not call the attention function (they would add our masks)."""
     if config is None:
@@ -269,15 +381,18 @@ def build_attention_mask(
     _refuse_own_attention_models(kwargs.get("config"))
     if mask_function is None:
         mask_function = masking_utils.causal_mask_function
+    pattern_function, sequence_ids = _split_packed_sequences(mask_function, masking_utils)
     plain_offsets = isinstance(q_offset, int) and isinstance(kv_offset, int)
     # The pattern without its sliding window, which the attention function applies from the layer's
     # sliding_window; None when the mask function is some other pattern.
-    pattern = mask_function if local_size is None else None
+    pattern = pattern_function if local_size is None else None
     if local_size is not None:
-        if _same_mask_function(mask_function, masking_utils.sliding_window_causal_mask_function(local_size)):
+        if _same_mask_function(
+            pattern_function, masking_utils.sliding_window_causal_mask_function(local_size)
+        ):
             pattern = masking_utils.causal_mask_function
         elif _same_mask_function(
-            mask_function, masking_utils.sliding_window_bidirectional_mask_function(local_size)
+            pattern_function, masking_utils.sliding_window_bidirectional_mask_function(local_size)
         ):
             pattern = masking_utils.bidirectional_mask_function
     bidirectional = pattern is masking_utils.bidirectional_mask_function
@@ -288,7 +403,10 @@ def build_attention_mask(
         # A caller that forbids skipping wants a materialized (Sq, Sk) pattern, e.g. to concatenate it.
         and (allow_is_causal_skip or q_length == 1)
     )
-    if use_vmap or not (bidirectional or causal_bottom_right):
+    plain_pattern = (bidirectional or causal_bottom_right) and not use_vmap
+    if sequence_ids is not None and attention_mask is None and plain_pattern:
+        return sequence_ids  # (B, T): the attention function runs the documents as packed sequences
+    if sequence_ids is not None or not plain_pattern:
         return masking_utils.sdpa_mask(
             batch_size=batch_size,
             q_length=q_length,

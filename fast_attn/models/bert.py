@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..nn.attention import Attention
-from .hf_weights import WeightLink, load_from_hf
+from .hf_weights import WeightLink, load_from_hf, weight_and_bias
 from .layers import activation
 
 
@@ -108,8 +108,7 @@ class BertEncoder(nn.Module):
             WeightLink("word_embeddings.weight", ("embeddings.word_embeddings.weight",)),
             WeightLink("position_embeddings.weight", ("embeddings.position_embeddings.weight",)),
             WeightLink("token_type_embeddings.weight", ("embeddings.token_type_embeddings.weight",)),
-            WeightLink("embedding_norm.weight", ("embeddings.LayerNorm.weight",)),
-            WeightLink("embedding_norm.bias", ("embeddings.LayerNorm.bias",)),
+            *weight_and_bias("embedding_norm", "embeddings.LayerNorm"),
         ]
         for i in range(len(self.layers)):
             ours, theirs = f"layers.{i}.", f"encoder.layer.{i}."
@@ -125,11 +124,8 @@ class BertEncoder(nn.Module):
                 ("fc_out", "output.dense"),
                 ("ffn_norm", "output.LayerNorm"),
             ]
-            links += [
-                WeightLink(f"{ours}{a}.{p}", (f"{theirs}{b}.{p}",))
-                for a, b in pairs
-                for p in ("weight", "bias")
-            ]
+            for a, b in pairs:
+                links += weight_and_bias(ours + a, theirs + b)
         return links
 
     @classmethod

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..nn.attention import Attention
 from ..nn.kv_cache import KVCache
-from .hf_weights import WeightLink, load_from_hf
+from .hf_weights import WeightLink, load_from_hf, weight_and_bias
 from .layers import MLP
 
 
@@ -145,22 +145,18 @@ class GPT(nn.Module):
         links = [WeightLink("wte.weight", ("wte.weight",)), WeightLink("wpe.weight", ("wpe.weight",))]
         for i in range(len(self.blocks)):
             ours, theirs = f"blocks.{i}.", f"h.{i}."
-            pairs = [
-                ("ln_1.weight", "ln_1.weight", False),
-                ("ln_1.bias", "ln_1.bias", False),
-                ("attn.qkv_proj.weight", "attn.c_attn.weight", True),
-                ("attn.qkv_proj.bias", "attn.c_attn.bias", False),
-                ("attn.out_proj.weight", "attn.c_proj.weight", True),
-                ("attn.out_proj.bias", "attn.c_proj.bias", False),
-                ("ln_2.weight", "ln_2.weight", False),
-                ("ln_2.bias", "ln_2.bias", False),
-                ("mlp.fc_in.weight", "mlp.c_fc.weight", True),
-                ("mlp.fc_in.bias", "mlp.c_fc.bias", False),
-                ("mlp.fc_out.weight", "mlp.c_proj.weight", True),
-                ("mlp.fc_out.bias", "mlp.c_proj.bias", False),
+            # (ours, theirs, transposed): transformers' Conv1D modules store their weight (in, out).
+            modules = [
+                ("ln_1", "ln_1", False),
+                ("attn.qkv_proj", "attn.c_attn", True),
+                ("attn.out_proj", "attn.c_proj", True),
+                ("ln_2", "ln_2", False),
+                ("mlp.fc_in", "mlp.c_fc", True),
+                ("mlp.fc_out", "mlp.c_proj", True),
             ]
-            links += [WeightLink(ours + a, (theirs + b,), t) for a, b, t in pairs]
-        links += [WeightLink("ln_f.weight", ("ln_f.weight",)), WeightLink("ln_f.bias", ("ln_f.bias",))]
+            for a, b, transposed in modules:
+                links += weight_and_bias(ours + a, theirs + b, transposed)
+        links += weight_and_bias("ln_f", "ln_f")
         return links
 
     @classmethod

@@ -22,6 +22,14 @@ class WeightLink:
     transposed: bool = False  # transformers stores them (in, out) (GPT-2's Conv1D)
 
 
+def weight_and_bias(ours: str, theirs: str, transposed: bool = False) -> list[WeightLink]:
+    """The links of one module's weight and bias (transposed: the weight, as GPT-2's Conv1D stores it)."""
+    return [
+        WeightLink(f"{ours}.weight", (f"{theirs}.weight",), transposed),
+        WeightLink(f"{ours}.bias", (f"{theirs}.bias",)),
+    ]
+
+
 def _their_tensors(hf_model: nn.Module) -> dict[str, torch.Tensor]:
     # named_parameters lists a tied weight once, under its first name, like the links do.
     return dict(hf_model.named_parameters())

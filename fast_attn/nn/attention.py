@@ -4,7 +4,8 @@ Fused projections (one GEMM for q, k, v in self-attention; one for k, v in
 cross-attention), grouped-query attention (k/v keep num_kv_heads heads, never
 expanded), an optional additive bias, a key mask, causal masking, the score
 modifiers of today's models (a sliding window, softcap, ALiBi slopes, learnable
-attention sinks), and a KV cache for incremental decoding.
+attention sinks), packed variable-length sequences (`cu_seqlens`), and a KV cache
+for incremental decoding.
 
 Causal self-attention is aligned bottom-right (query i of Sq new tokens sees
 keys j <= i + Sk - Sq): with a cache holding Sk - Sq earlier tokens that is
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from ..functional import attention
+from ..varlen import varlen_attention
 from .kv_cache import KVCache
 
 
@@ -151,6 +153,8 @@ class Attention(nn.Module):
         key_mask: torch.Tensor | None = None,
         causal: bool | None = None,
         cache: KVCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, Sq, embed_dim); context (B, Sk, kv_embed_dim) for cross-attention.
 
@@ -158,7 +162,14 @@ class Attention(nn.Module):
         key_mask: bool (B, Sk), True = attend; with a cache Sk counts the cached tokens too.
         causal: overrides the layer's default for this call (self-attention only).
         cache: a KVCache (see new_cache); the new keys/values are appended and all of them attended.
+        cu_seqlens: int32 (N + 1,) offsets of sequences packed end to end in x (T, embed_dim), each
+            attending only to itself (self-attention; fast_attn.varlen_attention); max_seqlen is the
+            longest (an int or a 0-d tensor; default: computed from cu_seqlens, without a sync).
         """
+        if cu_seqlens is not None:
+            return self._packed_forward(x, cu_seqlens, max_seqlen, context, bias, key_mask, causal, cache)
+        if max_seqlen is not None:
+            raise ValueError("max_seqlen goes with cu_seqlens")
         if x.dim() != 3:
             raise ValueError(f"x must be (B, S, embed_dim), got shape {tuple(x.shape)}")
         causal = self.causal if causal is None else causal
@@ -181,3 +192,41 @@ class Attention(nn.Module):
         )  # (B, Hq, Sq, D)
         out = out.transpose(1, 2).flatten(2)  # (B, Sq, Hq * D)
         return self.out_proj(out)
+
+    def _packed_forward(
+        self, x, cu_seqlens, max_seqlen, context, bias, key_mask, causal, cache
+    ) -> torch.Tensor:
+        """Self-attention over the sequences packed in x (T, embed_dim) -> (T, embed_dim)."""
+        for name, value in (("context", context), ("bias", bias), ("key_mask", key_mask), ("cache", cache)):
+            if value is not None:
+                raise ValueError(f"{name} is not taken with cu_seqlens (packed self-attention)")
+        if self.cross_attention:
+            raise ValueError("cu_seqlens is for self-attention; this layer is cross-attention")
+        if x.dim() != 2:
+            raise ValueError(f"with cu_seqlens, x must be (T, embed_dim), got shape {tuple(x.shape)}")
+        if max_seqlen is None:
+            max_seqlen = (cu_seqlens[1:] - cu_seqlens[:-1]).max() if len(cu_seqlens) > 1 else 0
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_width, kv_width, kv_width], dim=-1)
+        q, k, v = (
+            self._split_heads(q, self.num_heads),
+            *(self._split_heads(t, self.num_kv_heads) for t in (k, v)),
+        )
+        causal = self.causal if causal is None else causal
+        out = varlen_attention(
+            q,
+            k,
+            v,
+            cu_seqlens,
+            cu_seqlens,
+            max_seqlen,
+            max_seqlen,
+            causal="bottom_right" if causal else False,
+            window_size=self.window_size,
+            softcap=self.softcap,
+            alibi_slopes=self.alibi_slopes,
+            sinks=self.sinks,
+            scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (T, Hq, D)
+        return self.out_proj(out.flatten(1))
