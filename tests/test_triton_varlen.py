@@ -21,7 +21,6 @@ import torch
 triton = pytest.importorskip("triton")
 
 import fast_attn  # noqa: E402,F401  (registers the ops)
-import fast_attn.reference  # noqa: E402
 from fast_attn.causal import CausalMode  # noqa: E402
 from fast_attn.dropout import dropout_keep_mask  # noqa: E402
 from fast_attn.testing import assert_error_rule, rounded_output_reference, run_reference  # noqa: E402
@@ -87,7 +86,7 @@ def sequence_rows(cu: torch.Tensor, n: int, total: int, bound: int) -> tuple[int
     return begin, begin + min(max(end - begin, 0), bound)
 
 
-def check_packed(q, k, v, cu_q, cu_k, max_q=-1, max_k=-1, *, monkeypatch=None, **options):
+def check_packed(q, k, v, cu_q, cu_k, max_q=-1, max_k=-1, **options):
     """Run the packed problem; hold each sequence to the reference on that sequence alone, and
     every packed row that no sequence covers to out 0, lse -inf and zero gradients."""
     out, lse, (dq, dk, dv), grad_out, grad_lse = run_packed(q, k, v, cu_q, cu_k, max_q, max_k, **options)
@@ -98,8 +97,6 @@ def check_packed(q, k, v, cu_q, cu_k, max_q=-1, max_k=-1, *, monkeypatch=None, *
     covered_q = torch.zeros(tq, dtype=torch.bool)
     covered_k = torch.zeros(tk, dtype=torch.bool)
     alibi, seed = options.get("alibi"), options.get("seed")
-    if seed is not None:
-        keep = dropout_keep_mask(seed, options["dropout_p"], 1, q.shape[1], tq, tk, q.device)
     for n in range(cu_q.numel() - 1):
         qa, qb = sequence_rows(cu_q, n, tq, bound_q)
         ka, kb = sequence_rows(cu_k, n, tk, bound_k)
@@ -111,16 +108,18 @@ def check_packed(q, k, v, cu_q, cu_k, max_q=-1, max_k=-1, *, monkeypatch=None, *
         }
         if alibi is not None:
             inputs["alibi_slopes"] = alibi[n if alibi.shape[0] > 1 else 0][None]  # (1, Hq)
-        if seed is not None:  # the reference drops the sequence's block of the packed keep mask
-            block = keep[:, :, qa:qb, ka:kb]
-            monkeypatch.setattr(fast_attn.reference, "dropout_keep_mask", lambda *_, block=block: block)
+        keep = None
+        if seed is not None:  # the sequence's block of the packed problem's keep mask
+            keep = dropout_keep_mask(
+                seed, options["dropout_p"], 1, q.shape[1], tq, tk, q.device, range(qa, qb), range(ka, kb)
+            )
         reference_options = dict(
             causal=options.get("causal", False),
             window_size=options.get("window"),
             softcap=options.get("softcap"),
             scale=options.get("scale"),
             dropout_p=options.get("dropout_p", 0.0),
-            dropout_seed=seed,
+            dropout_keep=keep,
             grad_out=grad_out[:, :, qa:qb],
             grad_lse=grad_lse[:, :, qa:qb],
         )
@@ -210,12 +209,9 @@ def test_softcap_and_alibi(per_sequence):
 
 
 @pytest.mark.parametrize("dtype", [F32, F16], ids=["fp32", "fp16"])
-def test_dropout_uses_the_packed_keep_mask(dtype, monkeypatch):
+def test_dropout_uses_the_packed_keep_mask(dtype):
     seed = torch.tensor([SEED], dtype=torch.int64, device=DEVICE)
-    check_lengths(
-        [20, 0, 40], [33, 5, 40], dtype=dtype, causal="bottom_right", dropout_p=0.3, seed=seed,
-        monkeypatch=monkeypatch,
-    )  # fmt: skip
+    check_lengths([20, 0, 40], [33, 5, 40], dtype=dtype, causal="bottom_right", dropout_p=0.3, seed=seed)
 
 
 # ---------------------------------------------------------------- offsets the kernels clamp
@@ -272,3 +268,16 @@ def test_bad_packed_arguments_are_refused(change, message):
             on_device(arguments["cu_seqlens_q"]), on_device(arguments["cu_seqlens_k"]),
             arguments["max_seqlen_q"], arguments["max_seqlen_k"],
         )  # fmt: skip
+
+
+def test_unknown_bound_while_tracing_is_the_packed_rows():
+    # Under torch.compile on a GPU the offsets are fake tensors without values: max_seqlen -1
+    # then sizes the grid by the packed rows, which bound every sequence.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fast_attn.ops.triton_ops import _max_seqlen
+
+    offsets = torch.tensor([0, 3, 40], dtype=torch.int32)
+    assert _max_seqlen(offsets, -1, 50) == 37
+    assert _max_seqlen(offsets, 8, 50) == 8 and _max_seqlen(offsets, 80, 50) == 50
+    assert _max_seqlen(FakeTensorMode().from_tensor(offsets), -1, 50) == 50

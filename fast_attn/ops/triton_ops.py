@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import triton_op, wrap_triton
 
 from ..causal import CausalMode, visible_band
@@ -142,8 +143,11 @@ def _check_packed_sequences(
 
 def _max_seqlen(cu_seqlens: torch.Tensor, given: int, num_rows: int) -> int:
     """The bound on packed sequences' lengths that sizes the grid: `given`, or when -1 the
-    offsets' largest step (a device sync on a GPU), at most the packed rows."""
+    offsets' largest step (a device sync on a GPU), at most the packed rows. Traced (torch.compile
+    on a GPU) the offsets have no values: -1 takes the packed rows, a bound on every sequence."""
     if given < 0:
+        if is_fake(cu_seqlens):
+            return num_rows
         given = int(torch.diff(cu_seqlens.long()).max()) if cu_seqlens.numel() > 1 else 0
     return max(0, min(given, num_rows))
 
@@ -636,6 +640,19 @@ torch.library.register_autograd(
     autograd.make_backward(torch.ops.fast_attn.triton_attention_backward),
     setup_context=autograd.setup_context,
 )
+
+
+def _keep_op_whole(mode, op, types, args, kwargs):
+    return mode.__torch_dispatch__(op, types, args, kwargs)
+
+
+if interpreting():
+    # On a GPU, AOTDispatcher (torch.compile, opcheck) decomposes a triton_op into its kernels.
+    # Interpreted kernels cannot be captured (_shapes_only), so that decomposition would hold
+    # only the outputs' allocations: each op stays one node of the graph instead, run by the
+    # op itself.
+    for _op in (FORWARD_OP, BACKWARD_OP):
+        torch.library.register_torch_dispatch(_op, FunctionalTensorMode, _keep_op_whole)
 
 
 def attention_forward(problem, dropout_seed):
