@@ -9,6 +9,7 @@ On a CPU-only machine the default finishes in about a minute.
     python -m fast_attn.bench                       # short sweep, results in ./bench_out
     python -m fast_attn.bench --full --out results  # the whole protocol
     python -m fast_attn.bench --bias t5 --mode fwd_bwd   # trainable (1, H, S, S) bias
+    python -m fast_attn.bench --window 256               # causal sliding window vs SDPA's mask and FlexAttention
     python -m fast_attn.bench --compare .benchmarks/x.json  # table/plot of a pytest-benchmark run
 """
 
@@ -52,12 +53,13 @@ class Case:
     dtype: str
     mode: str  # fwd | bwd | fwd_bwd
     bias: str  # none | t5 (a (1, H, S, S) bias that requires grad)
+    window: int | None = None  # causal with a left window of this many keys: window_size=(window, 0)
 
     @property
     def flops(self) -> float:
-        return attention_flops(
-            self.batch, self.heads, self.seqlen, self.seqlen, self.head_dim, self.causal, self.mode
-        )
+        window_size = None if self.window is None else (self.window, 0)
+        shape = (self.batch, self.heads, self.seqlen, self.seqlen, self.head_dim)
+        return attention_flops(*shape, self.causal, self.mode, window_size=window_size)
 
 
 @dataclass
@@ -86,6 +88,8 @@ def _protocol_cases(args, device: torch.device) -> list[Case]:
         seqlens = [512, 1024, 2048, 4096] if args.full else [256, 512, 1024]
     head_dims = args.head_dim or ([64, 128] if (args.full or device.type == "cuda") else [64])
     causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
+    if args.window is not None:
+        causals = [True]
     modes = args.mode or (["fwd", "bwd"] if device.type == "cuda" else ["fwd", "fwd_bwd"])
     cases = []
     for bias in args.bias:
@@ -97,7 +101,9 @@ def _protocol_cases(args, device: torch.device) -> list[Case]:
                             batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
                         else:
                             batch, heads = 1, 8
-                        cases.append(Case(batch, heads, seqlen, head_dim, causal, dtype, mode, bias))
+                        cases.append(
+                            Case(batch, heads, seqlen, head_dim, causal, dtype, mode, bias, args.window)
+                        )
     return cases
 
 
@@ -113,8 +119,12 @@ def _make_inputs(case: Case, device: torch.device):
     return q, k, v, bias
 
 
-def _implementations(device: torch.device, chosen: list[str] | None) -> dict[str, Callable]:
-    """name -> fn(q, k, v, bias, causal) -> out, for everything runnable on `device`."""
+def _implementations(
+    device: torch.device, chosen: list[str] | None, window: int | None = None
+) -> dict[str, Callable]:
+    """name -> fn(q, k, v, bias, causal, window=None) -> out, for everything runnable on `device`.
+    With a window, SDPA runs given the equivalent bool mask ("+mask"), and FlexAttention, with a
+    sliding-window block mask, is compared without being asked for."""
     impls: dict[str, Callable] = {}
     from .dispatch import UNAVAILABLE
 
@@ -126,8 +136,15 @@ def _implementations(device: torch.device, chosen: list[str] | None) -> dict[str
         impls[f"fast_attn:{name}"] = _fast_attn_fn(name)
     sdpa_names = ["flash", "efficient", "cudnn", "math"] if device.type == "cuda" else ["flash", "math"]
     for name in sdpa_names:
-        impls[f"sdpa:{name}"] = _sdpa_fn(name)
-    if chosen and any("flex" in c for c in chosen) and _has_flex_attention():
+        impls[f"sdpa:{name}" + ("+mask" if window is not None else "")] = _sdpa_fn(name)
+    if window is not None and _has_flex_attention():
+        # Compiled on a GPU. On a CPU, FlexAttention's eager path (unfused: it builds the (S, S) scores):
+        # torch 2.13's compiled FlexAttention on CPU is flaky (a zero first row, see tests/test_bench.py).
+        if device.type == "cuda":
+            impls["flex"] = _flex_fn()
+        else:
+            impls["flex:eager"] = _flex_fn(compiled=False)
+    elif chosen and any("flex" in c for c in chosen) and _has_flex_attention():
         impls["flex"] = _flex_fn()  # opt-in: it compiles every new shape (seconds to tens of seconds)
     if chosen:
         impls = {n: f for n, f in impls.items() if any(c in n for c in chosen)}
@@ -137,8 +154,9 @@ def _implementations(device: torch.device, chosen: list[str] | None) -> dict[str
 def _fast_attn_fn(backend: str) -> Callable:
     from .functional import attention
 
-    def run(q, k, v, bias, causal):
-        return attention(q, k, v, bias=bias, causal=causal, backend=backend)
+    def run(q, k, v, bias, causal, window=None):
+        window_size = None if window is None else (window, 0)
+        return attention(q, k, v, bias=bias, causal=causal, window_size=window_size, backend=backend)
 
     return run
 
@@ -147,9 +165,24 @@ def _sdpa_fn(name: str) -> Callable:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = getattr(SDPBackend, SDPA_BACKENDS[name])
+    window_masks: dict[tuple, torch.Tensor] = {}
 
-    def run(q, k, v, bias, causal):
+    def window_mask(seqlen: int, window: int, device: torch.device) -> torch.Tensor:
+        """Bool (S, S), True where query i sees key j: i - window <= j <= i; built once per case."""
+        key = (seqlen, window, device)
+        if key not in window_masks:
+            rows = torch.arange(seqlen, device=device)[:, None]
+            distance = rows - torch.arange(seqlen, device=device)[None, :]
+            window_masks[key] = (distance >= 0) & (distance <= window)
+        return window_masks[key]
+
+    def run(q, k, v, bias, causal, window=None):
         with sdpa_kernel(backend):
+            if window is not None:
+                mask = window_mask(q.shape[2], window, q.device)
+                if bias is not None:
+                    mask = bias_from_mask(mask, bias.dtype, bias)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             if bias is not None and causal:
                 # SDPA refuses attn_mask with is_causal: fold causality into the bias.
                 mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
@@ -177,7 +210,9 @@ def _flex_fn(compiled: bool = True) -> Callable:
     masked tiles skipped), a bias as a score_mod that reads it (its gradient
     flows). Block masks and score_mods are built once per case and reused, so
     only the warm-up call compiles. torch has no FlexAttention backward on CPU.
-    compiled=False runs FlexAttention's unfused eager path (the same semantics)."""
+    compiled=False runs FlexAttention's unfused eager path (the same semantics). A window
+    (with causality) is a sliding-window block mask: key j visible from query i when
+    i - window <= j <= i."""
     import torch._dynamo.config
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -189,6 +224,12 @@ def _flex_fn(compiled: bool = True) -> Callable:
     def causal_mask(batch, head, q_index, kv_index):
         return q_index >= kv_index
 
+    def sliding_window_mask(window: int) -> Callable:
+        def in_window(batch, head, q_index, kv_index):
+            return (q_index >= kv_index) & (q_index - kv_index <= window)
+
+        return in_window
+
     def score_mod_for(bias: torch.Tensor) -> Callable:
         if last_bias[0] is not bias:
 
@@ -198,13 +239,14 @@ def _flex_fn(compiled: bool = True) -> Callable:
             last_bias[:] = [bias, add_bias]
         return last_bias[1]
 
-    def run(q, k, v, bias, causal):
+    def run(q, k, v, bias, causal, window=None):
         block_mask = None
         if causal:
-            key = (q.shape[2], k.shape[2], q.device)
+            key = (q.shape[2], k.shape[2], q.device, window)
             if key not in block_masks:
+                mask_mod = causal_mask if window is None else sliding_window_mask(window)
                 block_masks[key] = create_block_mask(
-                    causal_mask, None, None, q.shape[2], k.shape[2], device=q.device
+                    mask_mod, None, None, q.shape[2], k.shape[2], device=q.device
                 )
             block_mask = block_masks[key]
         score_mod = None if bias is None else score_mod_for(bias)
@@ -277,20 +319,20 @@ def run_case(case: Case, name: str, fn: Callable, device: torch.device, budget_m
     try:
         q, k, v, bias = _make_inputs(case, device)
         inputs = [t for t in (q, k, v, bias) if t is not None and t.requires_grad]
+        call = lambda: fn(q, k, v, bias, case.causal, case.window)  # noqa: E731
         if case.mode == "fwd":
             with torch.no_grad():
-                work = lambda: fn(q, k, v, bias, case.causal)  # noqa: E731
-                work()  # warm-up: compilation and autotuning stay out of time and memory
+                call()  # warm-up: compilation and autotuning stay out of time and memory
                 with _peak_memory(device) as peak:
-                    work()
-                median = _median_ms(work, device, budget_ms)
+                    call()
+                median = _median_ms(call, device, budget_ms)
         else:
-            out = fn(q, k, v, bias, case.causal)
+            out = call()
             grad = torch.randn_like(out)
             if case.mode == "bwd":
                 work = lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)  # noqa: E731
             else:
-                work = lambda: torch.autograd.grad(fn(q, k, v, bias, case.causal), inputs, grad)  # noqa: E731
+                work = lambda: torch.autograd.grad(call(), inputs, grad)  # noqa: E731
             work()  # warm-up: compilation and autotuning stay out of time and memory
             with _peak_memory(device) as peak:
                 work()
@@ -323,9 +365,10 @@ def sweep(
             results.append(result)
             done += 1
             shown = f"{result.median_ms:8.3f} ms" if result.median_ms is not None else f"n/a ({result.error})"
+            window = f" window={case.window}" if case.window is not None else ""
             print(
                 f"[{done}/{total}] {case.mode:7} S={case.seqlen:<6} D={case.head_dim:<4} "
-                f"causal={int(case.causal)} bias={case.bias:<4} {name:<18} {shown}",
+                f"causal={int(case.causal)}{window} bias={case.bias:<4} {name:<18} {shown}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -354,6 +397,13 @@ def parse_args(argv=None):
         help="t5: a trainable (1, H, S, S) bias",
     )
     parser.add_argument(
+        "--window",
+        type=int,
+        metavar="L",
+        help="causal with a left window of L keys (window_size=(L, 0)), against SDPA given the equivalent "
+        "bool mask and FlexAttention with a sliding-window block mask",
+    )
+    parser.add_argument(
         "--backend",
         nargs="+",
         help="only implementations whose name contains one of these; 'flex' adds FlexAttention (compiled)",
@@ -364,7 +414,10 @@ def parse_args(argv=None):
         "--compare", help="a pytest-benchmark --benchmark-json file to tabulate and plot instead"
     )
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.window is not None and (args.window < 0 or args.causal == "false"):
+        parser.error("--window L takes L >= 0 and is causal (not with --causal false)")
+    return args
 
 
 def main(argv=None) -> int:
@@ -376,7 +429,7 @@ def main(argv=None) -> int:
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     budget_ms = args.budget_ms or (200.0 if device.type == "cuda" else 400.0)
-    impls = _implementations(device, args.backend)
+    impls = _implementations(device, args.backend, args.window)
     cases = _protocol_cases(args, device)
     card = bench_report.device_name(device)
     print(f"fast_attn.bench on {card}: {len(cases)} cases x {len(impls)} implementations", file=sys.stderr)

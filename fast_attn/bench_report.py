@@ -2,8 +2,9 @@
 pytest-benchmark runs of benchmarks/).
 
 A record is a flat dict: card, device_type, implementation, mode, batch,
-heads, seqlen, head_dim, causal, dtype, bias, median_ms, flops, peak_memory_mb,
-error. Throughput and the ratios to every SDPA backend are derived from it.
+heads, seqlen, head_dim, causal, window (None, or the left window of a causal
+case), dtype, bias, median_ms, flops, peak_memory_mb, error. Throughput and the
+ratios to every SDPA backend are derived from it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-CASE_KEYS = ("mode", "dtype", "bias", "head_dim", "causal", "batch", "heads", "seqlen")
+CASE_KEYS = ("mode", "dtype", "bias", "head_dim", "causal", "window", "batch", "heads", "seqlen")
+PANEL_KEYS = CASE_KEYS[:6]  # a plot's panel: everything but the shape
 
 
 def device_name(device: torch.device) -> str:
@@ -52,6 +54,7 @@ def record(result, card: str, device_type: str) -> dict:
         "seqlen": case.seqlen,
         "head_dim": case.head_dim,
         "causal": case.causal,
+        "window": case.window,
         "dtype": case.dtype,
         "bias": case.bias,
         "median_ms": result.median_ms,
@@ -94,6 +97,12 @@ def short_name(impl: str) -> str:
     return impl
 
 
+def causal_label(causal: bool, window: int | None) -> str:
+    if window is not None:
+        return f"window ({window}, 0)"
+    return "yes" if causal else "no"
+
+
 def markdown_table(records: list[dict], title: str) -> str:
     cases = grouped(records)
     impls = sorted({r["implementation"] for r in records}, key=lambda n: (not n.startswith("fast_attn"), n))
@@ -104,8 +113,9 @@ def markdown_table(records: list[dict], title: str) -> str:
     header += ["peak MB (fast_attn)"]
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, by_impl in cases.items():
-        mode, dtype, bias, head_dim, causal, batch, heads, seqlen = key
-        row = [mode, dtype, bias, str(head_dim), "yes" if causal else "no", f"{batch}x{heads}", str(seqlen)]
+        mode, dtype, bias, head_dim, causal, window, batch, heads, seqlen = key
+        masking = causal_label(causal, window)
+        row = [mode, dtype, bias, str(head_dim), masking, f"{batch}x{heads}", str(seqlen)]
         for impl in impls:
             value = throughput(by_impl[impl]) if impl in by_impl else None
             row.append(f"{value:.1f}" if value is not None else "n/a")
@@ -143,14 +153,14 @@ def plot(records: list[dict], path: Path, title: str) -> bool:
         return False
     panels: dict[tuple, list[dict]] = defaultdict(list)
     for rec in records:
-        panels[(rec["mode"], rec["dtype"], rec["bias"], rec["head_dim"], rec["causal"])].append(rec)
+        panels[tuple(rec[key] for key in PANEL_KEYS)].append(rec)
     if not panels:
         return False
     columns = min(4, len(panels))
     rows = (len(panels) + columns - 1) // columns
     figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.4 * rows), squeeze=False)
     for ax, (key, recs) in zip(axes.flat, sorted(panels.items(), key=lambda kv: str(kv[0]))):
-        mode, dtype, bias, head_dim, causal = key
+        mode, dtype, bias, head_dim, causal, window = key
         by_impl: dict[str, list[tuple[int, float]]] = defaultdict(list)
         for rec in recs:
             value = throughput(rec)
@@ -162,7 +172,9 @@ def plot(records: list[dict], path: Path, title: str) -> bool:
             ax.plot([p[0] for p in points], [p[1] for p in points], style, label=impl)
         ax.set_xscale("log", base=2)
         ax.set_title(
-            f"{mode} {dtype} D={head_dim} {'causal' if causal else 'full'}{' bias' if bias != 'none' else ''}",
+            f"{mode} {dtype} D={head_dim} {'causal' if causal else 'full'}"
+            + (f" window {window}" if window is not None else "")
+            + (" bias" if bias != "none" else ""),
             fontsize=9,
         )
         ax.set_xlabel("sequence length")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from . import dispatch
-from .causal import CausalMode, causal_offset, parse_causal
+from .causal import parse_causal, visible_band
 from .dropout import new_dropout_seed
 from .functional import attention
 from .ops.autograd import accumulation_dtype
@@ -99,14 +99,18 @@ def attention_flops(
     head_dim: int,
     causal: object = False,
     mode: str = "fwd",
+    window_size: tuple[int, int] | None = None,
 ) -> float:
     """FLOPs of the field's convention: 4 * B * H * Sq * Sk * D for the forward,
-    counting only visible pairs under a causal mask; backward is 2.5x forward."""
+    counting only visible pairs under a causal mask or window; backward is 2.5x forward."""
     pairs = float(seqlen_q) * seqlen_k
-    causal_mode = parse_causal(causal)
-    if causal_mode != CausalMode.NONE:
-        offset = causal_offset(causal_mode, seqlen_q, seqlen_k)
-        pairs = float(sum(max(0, min(seqlen_k, i + offset + 1)) for i in range(seqlen_q)))
+    band = visible_band(parse_causal(causal), window_size, seqlen_q, seqlen_k)
+    if band is not None:
+        pairs = 0.0
+        for i in range(seqlen_q):
+            first = 0 if band.left < 0 else max(0, i + band.offset - band.left)
+            last = seqlen_k - 1 if band.right < 0 else min(seqlen_k - 1, i + band.offset + band.right)
+            pairs += max(0, last - first + 1)
     forward = 4.0 * batch * heads * pairs * head_dim
     factor = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode]
     return forward * factor
@@ -376,22 +380,27 @@ def wanted_grads(inputs: dict) -> list[str]:
     return [n for n in DIFFERENTIABLE_INPUTS if inputs.get(n) is not None and inputs[n].requires_grad]
 
 
+def attention_options(case: Case, inputs: dict) -> dict:
+    """fast_attn.attention's keyword arguments (dropout's aside) for `case` on `inputs`."""
+    return dict(
+        bias=inputs["bias"],
+        key_mask=inputs["key_mask"],
+        causal=case.causal,
+        window_size=case.window_size,
+        softcap=case.softcap,
+        alibi_slopes=inputs.get("alibi_slopes"),
+        sinks=inputs.get("sinks"),
+        scale=case.scale,
+    )
+
+
 def attention_runner(backend: str) -> Run:
     """fast_attn.attention on `backend`, gradients through autograd. With dropout, the
     backend's own forward op, given the case's seed so that the reference drops the same scores."""
 
     def run(case: Case, inputs: dict, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
         q, k, v = (inputs[n] for n in ("q", "k", "v"))
-        options = dict(
-            bias=inputs["bias"],
-            key_mask=inputs["key_mask"],
-            causal=case.causal,
-            window_size=case.window_size,
-            softcap=case.softcap,
-            alibi_slopes=inputs.get("alibi_slopes"),
-            sinks=inputs.get("sinks"),
-            scale=case.scale,
-        )
+        options = attention_options(case, inputs)
         if case.dropout_p > 0:
             problem = build_problem(q, k, v, dropout_p=case.dropout_p, **options)
             out, lse = dispatch.BACKENDS[backend].run(problem, inputs["dropout_seed"])

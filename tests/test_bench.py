@@ -94,3 +94,36 @@ def test_flex_attention_is_compared_when_asked_for():
     bias = torch.randn(1, 2, 40, 40, device=device)
     expected, _ = reference_attention(q, k, v, bias=bias, causal=True)
     torch.testing.assert_close(flex(q, k, v, bias, True), expected.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_bench_window_compares_sdpa_masks_and_flex_attention(tmp_path):
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [sys.executable, "-m", "fast_attn.bench", "--window", "16", "--seqlen", "64", "--head-dim", "16"]
+        + ["--mode", "fwd", "fwd_bwd", "--device", "cpu", "--budget-ms", "20", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert all(r["causal"] and r["window"] == 16 for r in records)
+    measured = {(r["implementation"], r["mode"]) for r in records if r["median_ms"] is not None}
+    assert all(r["median_ms"] > 0 and r["flops"] > 0 for r in records if r["median_ms"] is not None)
+    for impl in ("fast_attn:cpu", "sdpa:flash+mask", "sdpa:math+mask"):
+        assert {(impl, "fwd"), (impl, "fwd_bwd")} <= measured
+    if bench._has_flex_attention():
+        assert ("flex:eager", "fwd") in measured  # torch has no FlexAttention backward on CPU
+    table = (out / "results.md").read_text()
+    assert "window (16, 0)" in table and "cpu/flash+mask" in table
+
+
+def test_window_runners_match_the_reference():
+    """The window as each benchmarked implementation gets it: fast_attn's window_size, SDPA's bool
+    mask (folded into a bias), FlexAttention's sliding-window block mask (eager on CPU)."""
+    impls = bench._implementations(torch.device("cpu"), None, window=5)
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    for bias in (None, torch.randn(1, 2, 40, 40)):
+        expected, _ = reference_attention(q, k, v, bias=bias, causal=True, window_size=(5, 0))
+        for name, run in impls.items():
+            torch.testing.assert_close(run(q, k, v, bias, True, 5), expected.float(), msg=name)

@@ -30,13 +30,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from fast_attn import dispatch
 from fast_attn.testing import (
     GRAD_INPUTS,
     Case,
     assert_error_rule,
+    attention_options,
     backward_op_arguments,
     check_against_reference,
     forward_op_arguments,
@@ -44,6 +46,7 @@ from fast_attn.testing import (
     random_qkv,
     wanted_grads,
 )
+from fast_attn.validation import build_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_SOURCES = ROOT / "csrc" / "cuda"
@@ -62,6 +65,7 @@ class Runner:
     backward: Callable  # (grad_out, grad_lse, q, k, v, bias, key_mask, seed, out, lse, scale, causal,
     #                      dropout_p, compute_dbias, deterministic) -> (dq, dk, dv, dbias)
     launch_count: Callable[[], int] | None = None
+    head_dims: tuple[int, ...] = ()  # the kernel head dims compiled (the emulator's)
 
     def run(self, case: Case, inputs: dict, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
         """The forward and backward ops on `case` (a fast_attn.testing.Run)."""
@@ -130,6 +134,7 @@ def emulated() -> Runner:
         forward=lambda *args: module.forward(*args, SM_COUNT),
         backward=lambda *args: module.backward(*args, SM_COUNT),
         launch_count=module.launch_count,
+        head_dims=tuple(module.compiled_head_dims()),
     )
 
 
@@ -348,6 +353,16 @@ def test_gpu_kernels_long(gpu: Runner, case: Case):
 # the emulator, `--fuzz-examples N` N fresh draws (test_fuzz.py covers the GPU).
 
 FUZZ_LENGTHS = [1, 2, 7, 16, 17, 33, 64, 65, 97, 130]
+FUZZ_WINDOW_SIDES = [0, 1, 3, 16, -1]  # keys on each side of the diagonal; -1: unbounded
+
+
+def refused_by_dispatch(case: Case) -> bool:
+    """Whether dispatch refuses the cuda backend this case: its own reasons (_cuda_modifier_reasons,
+    a broadcast bias's gradient with modifiers at kernel head dims of 128 and up, which the host
+    code refuses too)."""
+    inputs = case.make_inputs()
+    problem = build_problem(inputs["q"], inputs["k"], inputs["v"], **attention_options(case, inputs))
+    return bool(dispatch.BACKENDS["cuda"].extra_reasons(problem, True))
 
 
 @st.composite
@@ -363,7 +378,8 @@ def fuzz_cases(draw) -> Case:
     bias = None
     if draw(st.booleans()):  # each dim of the bias 1 or full
         bias = tuple(n if draw(st.booleans()) else 1 for n in full)
-    return CudaCase(
+    window = st.tuples(st.sampled_from(FUZZ_WINDOW_SIDES), st.sampled_from(FUZZ_WINDOW_SIDES))
+    case = CudaCase(
         batch,
         heads_q,
         heads_kv,
@@ -380,11 +396,19 @@ def fuzz_cases(draw) -> Case:
         layout=draw(st.sampled_from(["bhsd", "bshd"])),
         grad_lse=draw(st.booleans()),
         deterministic=draw(st.booleans()),
+        # The score modifiers the ops take (sinks are applied to an op's result, see test_fuzz.py).
+        window_size=draw(st.none() | window),
+        softcap=draw(st.sampled_from([None, 5.0, 30.0])),
+        alibi=draw(st.sampled_from([None, "h", "bh"])),
     )
+    assume(not refused_by_dispatch(case))
+    return case
 
 
-def test_emulated_fuzz(emulated: Runner, pytestconfig):
+def test_emulated_fuzz(emulated: Runner, pytestconfig, monkeypatch):
     requested = pytestconfig.getoption("--fuzz-examples")
+    # dispatch's reasons read the compiled head dims: the emulator's (a build without CUDA has none).
+    monkeypatch.setattr(dispatch, "CUDA_HEAD_DIMS", emulated.head_dims)
 
     @settings(
         max_examples=requested or 20,

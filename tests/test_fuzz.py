@@ -2,7 +2,8 @@
 
 Hypothesis draws valid problems: shapes including 1 and primes, GQA ratios,
 transposed views, broadcast biases with and without gradient, key masks with
-empty and full rows, both causal alignments, dtypes. CI runs a fixed,
+empty and full rows, both causal alignments, dtypes, and the score modifiers
+(window_size, softcap, alibi_slopes, sinks) that dispatch lets a backend run. CI runs a fixed,
 derandomized set; `--fuzz-examples N` runs N random examples per backend.
 Packed variable-length sequences are drawn the same way (lengths with 0 and 1, GQA, both
 alignments, windows, softcap, ALiBi, sinks, strided views) against the per-sequence reference.
@@ -12,23 +13,26 @@ Every failure found becomes a regular test in test_contract.py, test_varlen.py o
 from __future__ import annotations
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fast_attn
 from fast_attn.testing import (
     Case,
     VarlenCase,
+    attention_options,
     attention_runner,
     backend_device,
     check_against_reference,
     check_varlen_against_reference,
 )
+from fast_attn.validation import build_problem
 
 HAS_CUDA = torch.cuda.is_available()
 
 LENGTHS = [1, 2, 3, 5, 7, 13, 17, 31, 64, 97]
 BIAS_SHAPES = ["none", "full", "1HSS", "B11S", "SS", "111S", "1H1S", "1HS1", "1111"]
+WINDOW_SIDES = [0, 1, 3, 16, -1]  # keys on each side of the diagonal; -1: unbounded
 
 
 def bias_shape(kind: str, batch: int, heads: int, sq: int, sk: int) -> tuple[int, ...] | None:
@@ -43,6 +47,28 @@ def bias_shape(kind: str, batch: int, heads: int, sq: int, sk: int) -> tuple[int
         "1HS1": (1, heads, sq, 1),  # constant along the keys: its exact gradient is 0 (without lse's)
         "1111": (1, 1, 1, 1),
     }[kind]
+
+
+@st.composite
+def score_modifiers(draw) -> dict:
+    """Case fields of the score modifiers, each on or off on its own; windows meet every causal alignment."""
+    return dict(
+        window_size=draw(st.none() | st.tuples(st.sampled_from(WINDOW_SIDES), st.sampled_from(WINDOW_SIDES))),
+        softcap=draw(st.sampled_from([None, 5.0, 30.0])),
+        alibi=draw(st.sampled_from([None, "h", "bh"])),
+        sinks=draw(st.booleans()),
+    )
+
+
+def refused(backend: str, case: Case) -> bool:
+    """Whether dispatch refuses `backend` the case's modifiers: a feature the case asks for
+    (dispatch.asked_features) that the backend does not declare, or a reason of the backend's own
+    (cuda: _cuda_modifier_reasons). Devices, dtypes and head dims the strategy keeps to itself."""
+    inputs = case.make_inputs(backend_device(backend))
+    problem = build_problem(inputs["q"], inputs["k"], inputs["v"], **attention_options(case, inputs))
+    spec = fast_attn.dispatch.BACKENDS[backend]
+    lacking = fast_attn.dispatch.asked_features(problem) - spec.features
+    return bool(lacking or spec.extra_reasons(problem, True))
 
 
 @st.composite
@@ -62,12 +88,13 @@ def problems(draw, backend: str) -> Case:
     head_dim, dtype = draw(st.sampled_from(head_dims)), draw(st.sampled_from(dtypes))
     layout = draw(st.sampled_from(["bhsd", "bshd"]))
     bias = bias_shape(draw(st.sampled_from(BIAS_SHAPES)), batch, heads_kv * group, seqlen_q, seqlen_k)
-    bias_grad = draw(st.booleans())
+    bias_grad, sinks_grad = draw(st.booleans()), draw(st.booleans())
     key_mask = draw(st.sampled_from(["none", "random", "with-empty-row", "full"]))
     causal = draw(st.sampled_from([False, "top_left", "bottom_right"]))
     scale = draw(st.sampled_from([None, 1.0, 0.125]))
     grads = draw(st.sampled_from([("q", "k", "v"), ("q",), ("k", "v"), ()]))
-    return Case(
+    modifiers = draw(score_modifiers())
+    case = Case(
         batch,
         heads_kv * group,
         heads_kv,
@@ -82,8 +109,11 @@ def problems(draw, backend: str) -> Case:
         keys_kept=1.0 if key_mask == "full" else 0.6,
         empty_key_rows=(batch - 1,) if key_mask == "with-empty-row" else (),
         layout=layout,
-        grads=grads + (("bias",) if bias_grad else ()),
+        grads=grads + (("bias",) if bias_grad else ()) + (("sinks",) if sinks_grad else ()),
+        **modifiers,
     )
+    assume(not refused(backend, case))
+    return case
 
 
 def fuzz_settings(config, backend: str):
