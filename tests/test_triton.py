@@ -151,11 +151,11 @@ def test_dropout_matches_reference_with_the_same_seed(name):
 
 @triton.jit
 def _dropout_keep_kernel(
-    seed_ptr, keep_ptr, head_row, seqlen_k, threshold, ROWS: tl.constexpr, KEYS: tl.constexpr
+    seed_ptr, keep_ptr, head_row, seqlen_k, key_begin, threshold, ROWS: tl.constexpr, KEYS: tl.constexpr
 ):
     seed_low, seed_high = load_dropout_seed(seed_ptr)
     rows, keys = tl.arange(0, ROWS), tl.arange(0, KEYS)
-    row_low, row_high = dropout_row_offsets(head_row.to(tl.int64), rows, seqlen_k)
+    row_low, row_high = dropout_row_offsets(head_row.to(tl.int64), rows, seqlen_k, key_begin)
     dropout = (seed_low, seed_high, threshold, 1.0)
     keep = dropout_keep(dropout, row_low[:, None], row_high[:, None], keys[None, :])
     tl.store(keep_ptr + rows[:, None] * KEYS + keys[None, :], keep)
@@ -163,17 +163,26 @@ def _dropout_keep_kernel(
 
 def test_dropout_hash_is_bit_identical_to_the_python_reference():
     # Rows whose linear index crosses 2^32 inside a key block exercise the carry of the
-    # kernels' 32-bit index arithmetic; seeds with the high half set and negative.
+    # kernels' 32-bit index arithmetic; seeds with the high half set and negative; a packed
+    # sequence's first key (key_begin) moves every index of a row.
     for seed in (12345, 2**62 - 17, -5):
-        for head_row, seqlen_k in ((0, 64), (2**32 // 64 - 3, 64), (2**26 + 7, 100), (3, 2**31 - 5)):
+        for head_row, seqlen_k, key_begin in (
+            (0, 64, 0),
+            (2**32 // 64 - 3, 64, 0),
+            (2**26 + 7, 100, 36),
+            (3, 2**31 - 5, 2**31 - 70),
+        ):
             for dropout_p in (0.1, 0.9):
                 keep = torch.empty(16, 64, dtype=torch.bool, device=DEVICE)
                 threshold = dropout_threshold(dropout_p)
                 seed_tensor = torch.tensor([seed], device=DEVICE)
-                _dropout_keep_kernel[(1,)](seed_tensor, keep, head_row, seqlen_k, threshold, ROWS=16, KEYS=64)
-                index = (head_row + torch.arange(16))[:, None] * seqlen_k + torch.arange(64)[None, :]
+                _dropout_keep_kernel[(1,)](
+                    seed_tensor, keep, head_row, seqlen_k, key_begin, threshold, ROWS=16, KEYS=64
+                )
+                rows, keys = torch.arange(16)[:, None], torch.arange(64)[None, :]
+                index = (head_row + rows) * seqlen_k + key_begin + keys
                 expected = dropout_hash(seed, index) >= threshold
-                assert torch.equal(keep.cpu(), expected), (seed, head_row, dropout_p)
+                assert torch.equal(keep.cpu(), expected), (seed, head_row, key_begin, dropout_p)
 
 
 def test_dropout_through_attention_uses_torch_generator():
@@ -280,16 +289,9 @@ def test_opcheck_under_the_interpreter_or_gpu():
         deterministic=True,
     )
     ops = torch.ops.fast_attn
-    # Under the interpreter, wrap_triton cannot capture kernels, so the AOT tests
-    # (which compare against a traced graph) run on a GPU only (see test_opcheck_gpu).
-    opcheck_forward_and_backward(
-        ops.triton_attention_forward,
-        ops.triton_attention_backward,
-        case,
-        DEVICE,
-        forward_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
-        backward_utils=("test_schema", "test_faketensor"),
-    )
+    # Every opcheck test: under the interpreter AOTDispatcher keeps each op whole
+    # (fast_attn/ops/triton_ops.py), on a GPU it captures the kernels.
+    opcheck_forward_and_backward(ops.triton_attention_forward, ops.triton_attention_backward, case, DEVICE)
 
 
 def test_host_integer_helpers_match_triton():

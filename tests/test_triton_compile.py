@@ -88,9 +88,12 @@ class Case:
         window=(-1, -1),
         softcap=0.0,
         alibi_batch=0,
+        varlen=False,
     ):
+        batch = 1 if varlen else 2
+
         def bshd(heads, seqlen):
-            return torch.randn(2, seqlen, heads, head_dim).to(dtype).transpose(1, 2)
+            return torch.randn(batch, seqlen, heads, head_dim).to(dtype).transpose(1, 2)
 
         self.q, self.k, self.v = bshd(heads_q, seqlen_q), bshd(heads_kv, seqlen_k), bshd(heads_kv, seqlen_k)
         self.bias = None if bias_shape is None else torch.randn(bias_shape).to(bias_dtype or dtype)
@@ -104,6 +107,18 @@ class Case:
         self.lse = torch.empty(self.q.shape[:3])
         self.grad_lse = torch.randn(self.q.shape[:3]) if grad_lse else None
         self.delta = torch.empty(self.q.shape[:3])
+        # Packed sequences (KernelProblem's last fields): two in the batch-1 tensors, of 50 and
+        # Sq - 50 query rows and of 64 and Sk - 64 key rows.
+        self.packed_sequences = ()
+        if varlen:
+            cu_seqlens_q = torch.tensor([0, 50, seqlen_q], dtype=torch.int32)
+            cu_seqlens_k = torch.tensor([0, 64, seqlen_k], dtype=torch.int32)
+            self.packed_sequences = (
+                cu_seqlens_q,
+                cu_seqlens_k,
+                max(50, seqlen_q - 50),
+                max(64, seqlen_k - 64),
+            )
 
     @property
     def problem(self):
@@ -120,6 +135,7 @@ class Case:
             *self.window,
             self.softcap,
             self.dropout_p,
+            *self.packed_sequences,
         )
 
     @property
@@ -167,6 +183,18 @@ FORWARD_CASES = {
         ALL_FEATURES, head_dim=64, causal=1, window=(40, -1), softcap=20.0, alibi_batch=2
     ),
     "fp32-d40-window": dict(dtype=torch.float32, head_dim=40, window=(20, 0)),
+    # Packed sequences: bottom-right causal (the band moved per sequence), and every modifier
+    # with ALiBi slopes per sequence and dropout.
+    "fp16-d128-varlen-causal": dict(dtype=torch.float16, head_dim=128, causal=2, varlen=True),
+    "bf16-d64-varlen-all-modifiers": dict(
+        dtype=torch.bfloat16,
+        head_dim=64,
+        window=(40, 24),
+        softcap=20.0,
+        alibi_batch=2,
+        dropout_p=0.1,
+        varlen=True,
+    ),
 }
 BACKWARD_CASES = {
     "bf16-d64-causal": dict(dtype=torch.bfloat16, head_dim=64, causal=1),
@@ -177,6 +205,8 @@ BACKWARD_CASES = {
     "fp32-d40-bias": dict(dtype=torch.float32, head_dim=40, bias_shape=(1, 1, 128, 1), key_mask=True),
     "bf16-d128-window-softcap-alibi": FORWARD_CASES["bf16-d128-window-softcap-alibi"],
     "fp16-d64-all-modifiers": dict(FORWARD_CASES["fp16-d64-all-modifiers"], grad_lse=True),
+    "fp16-d128-varlen-causal": FORWARD_CASES["fp16-d128-varlen-causal"],
+    "bf16-d64-varlen-all-modifiers": dict(FORWARD_CASES["bf16-d64-varlen-all-modifiers"], grad_lse=True),
 }
 
 
@@ -295,6 +325,11 @@ KNOWN_SPILLS = {
     # softcap's tanh tile stays live until dS: 48 B on sm_80, 16 B on sm_90.
     ("dkdv", "fp16-d64-all-modifiers", 80): "dK/dV with every modifier and feature spills on sm_80",
     ("dkdv", "fp16-d64-all-modifiers", 90): "dK/dV with every modifier and feature spills on sm_90",
+    # Packed sequences' lengths are runtime values, of no known divisibility: the sm_80 dQ
+    # entries spill as the padded kernels do at lengths not divisible by 16 (Sq = Sk = 127:
+    # 16 B and 88 B), here 32 B and 96 B; sm_90 does not spill.
+    ("dq", "fp16-d128-varlen-causal", 80): "varlen dQ at D 128 spills on sm_80, as Sq = 127 does",
+    ("dq", "bf16-d64-varlen-all-modifiers", 80): "varlen dQ with every modifier spills on sm_80",
 }
 CASE_PARAMS = [
     pytest.param(

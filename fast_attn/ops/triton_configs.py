@@ -357,7 +357,8 @@ def autotuned(kernel: triton.runtime.JITFunction, configs: tuple[Config, ...]) -
 
 
 # Constexprs of every tuned kernel that change the work per tile (a bias adds a load
-# per score) or the order of the programs.
+# per score) or the order of the programs (packed sequences: programs past a short
+# sequence's end exit at once). A kernel without one of them ignores it.
 TUNING_KEY = (
     "LEFT_BOUNDED",
     "RIGHT_BOUNDED",
@@ -367,6 +368,7 @@ TUNING_KEY = (
     "HAS_SOFTCAP",
     "HAS_ALIBI",
     "BATCH_FASTEST",
+    "IS_VARLEN",
 )
 
 

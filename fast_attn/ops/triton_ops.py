@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import triton_op, wrap_triton
 
 from ..causal import CausalMode, visible_band
@@ -56,19 +57,111 @@ class KernelProblem(NamedTuple):
     window_right: int
     softcap: float
     dropout_p: float
+    # Packed sequences: int32 (N + 1,) row offsets into q (1, Hq, Tq, D) and k, v
+    # (1, Hkv, Tk, D), and bounds on the sequences' lengths (resolved, never -1).
+    cu_seqlens_q: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+
+    @property
+    def is_varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    @property
+    def batch(self) -> int:
+        """The grid's batch: the number of sequences when packed, else q's batch."""
+        return self.cu_seqlens_q.shape[0] - 1 if self.is_varlen else self.q.shape[0]
+
+    @property
+    def seqlens(self) -> tuple[int, int]:
+        """(Sq, Sk), or for packed sequences the bounds on their lengths: what the grid covers."""
+        if self.is_varlen:
+            return self.max_seqlen_q, self.max_seqlen_k
+        return self.q.shape[2], self.k.shape[2]
 
 
-def _check_inputs(
-    q: torch.Tensor, dropout_p: float, dropout_seed: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None
-) -> None:
+def _check_inputs(q: torch.Tensor, dropout_p: float, dropout_seed: torch.Tensor | None) -> None:
     # What the kernels cannot survive when the op is called directly (fast_attn.attention
     # validates everything else before dispatching here).
-    if cu_seqlens_q is not None:
-        raise NotImplementedError("fast_attn triton ops: packed sequences are not implemented yet")
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"fast_attn triton ops support float16, bfloat16 and float32 inputs, got {q.dtype}")
     if dropout_p > 0.0 and dropout_seed is None:
         raise ValueError("fast_attn triton ops: dropout_p > 0 needs a dropout_seed tensor")
+
+
+def _check_packed_sequences(
+    q: torch.Tensor,
+    bias: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+) -> None:
+    # What the kernels index with packed sequences (check_varlen_inputs in
+    # csrc/attention_launch.cpp): offsets n and n + 1 of both tensors for n < N, rows of
+    # batch-1 tensors, ALiBi row n. Offsets' values need no check: the kernels clamp them.
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError("fast_attn triton ops: cu_seqlens_q and cu_seqlens_k go together")
+    if cu_seqlens_q is None:
+        return
+    for name, offsets in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not (
+            offsets.dtype == torch.int32
+            and offsets.dim() == 1
+            and offsets.numel() >= 1
+            and offsets.is_contiguous()
+            and offsets.device == q.device
+        ):
+            raise ValueError(
+                f"fast_attn triton ops: {name} must be a contiguous 1-D int32 tensor of N + 1 offsets "
+                f"on q's device, got {offsets.dtype} of shape {tuple(offsets.shape)} on {offsets.device}"
+            )
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            "fast_attn triton ops: cu_seqlens_q and cu_seqlens_k must have the same length, "
+            f"got {cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}"
+        )
+    if q.shape[0] != 1:
+        raise ValueError(
+            f"fast_attn triton ops: packed sequences have batch 1, got q of shape {tuple(q.shape)}"
+        )
+    if bias is not None or key_mask is not None:
+        raise ValueError("fast_attn triton ops: packed sequences take no bias and no key_mask")
+    if max_seqlen_q < -1 or max_seqlen_k < -1:
+        raise ValueError(
+            "fast_attn triton ops: max_seqlen_q and max_seqlen_k must be >= -1 (-1 = derived), "
+            f"got {max_seqlen_q} and {max_seqlen_k}"
+        )
+    if alibi_slopes is not None and alibi_slopes.shape[0] not in (1, cu_seqlens_q.numel() - 1):
+        raise ValueError(
+            f"fast_attn triton ops: alibi_slopes must have shape (N or 1, Hq), got {tuple(alibi_slopes.shape)}"
+        )
+
+
+def _max_seqlen(cu_seqlens: torch.Tensor, given: int, num_rows: int) -> int:
+    """The bound on packed sequences' lengths that sizes the grid: `given`, or when -1 the
+    offsets' largest step (a device sync on a GPU), at most the packed rows. Traced (torch.compile
+    on a GPU) the offsets have no values: -1 takes the packed rows, a bound on every sequence."""
+    if given < 0:
+        if is_fake(cu_seqlens):
+            return num_rows
+        given = int(torch.diff(cu_seqlens.long()).max()) if cu_seqlens.numel() > 1 else 0
+    return max(0, min(given, num_rows))
+
+
+def _packed_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int) -> tuple:
+    """KernelProblem's packed-sequence fields, the bounds resolved."""
+    if cu_seqlens_q is None:
+        return ()
+    return (
+        cu_seqlens_q,
+        cu_seqlens_k,
+        _max_seqlen(cu_seqlens_q, max_seqlen_q, q.shape[2]),
+        _max_seqlen(cu_seqlens_k, max_seqlen_k, k.shape[2]),
+    )
 
 
 def _shapes_only(q: torch.Tensor) -> bool:
@@ -126,19 +219,37 @@ def _band_offsets(causal: int, window_left: int, window_right: int, seqlen_q: in
     return first_key_offset, last_key_offset
 
 
+def _packed_band_offsets(causal: int, window_left: int, window_right: int):
+    """_band_offsets for packed sequences, whose lengths the host does not know: relative to
+    the diagonal j = i, which the kernels move to each sequence's bottom-right diagonal
+    unless causal is top-left (BAND_PER_SEQUENCE)."""
+    band = visible_band(CausalMode(causal), (window_left, window_right), 0, 0)  # offset 0
+    if band is None:
+        return None, None
+    return (-band.left if band.left >= 0 else None, band.right if band.right >= 0 else None)
+
+
 def _shared_arguments(problem: KernelProblem):
     """Arguments every attention kernel takes, by name, and its shared constexprs.
 
     Absent optional tensors are replaced by q as a never-read placeholder pointer
     (the HAS_* constexprs compile their reads out), with zero strides. The arguments
     of absent score modifiers are None instead (fast_attn/triton/__init__.py), except
-    last_key_offset, which every kernel's signature keeps (0 without a right edge).
+    last_key_offset, which every kernel's signature keeps (0 without a right edge), and so
+    are those of packed sequences when the batch is not packed.
     """
     q, k, v, bias, key_mask, alibi_slopes, dropout_seed = problem[:7]
-    scale, causal, window_left, window_right, softcap, dropout_p = problem[7:]
+    scale, causal, window_left, window_right, softcap, dropout_p = problem[7:13]
+    varlen = problem.is_varlen
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
-    first_key_offset, last_key_offset = _band_offsets(causal, window_left, window_right, seqlen_q, seqlen_k)
+    if varlen:
+        first_key_offset, last_key_offset = _packed_band_offsets(causal, window_left, window_right)
+    else:
+        first_key_offset, last_key_offset = _band_offsets(
+            causal, window_left, window_right, seqlen_q, seqlen_k
+        )
+    bounded = first_key_offset is not None or last_key_offset is not None
     has_dropout = dropout_p > 0.0
     bias_strides = (0, 0, 0, 0) if bias is None else [_broadcast_stride(bias, d) for d in range(4)]
     key_mask_strides = (0, 0) if key_mask is None else (_broadcast_stride(key_mask, 0), key_mask.stride(1))
@@ -166,6 +277,10 @@ def _shared_arguments(problem: KernelProblem):
         softcap=softcap if softcap > 0.0 else None,
         alibi_slopes_ptr=alibi_slopes,
         alibi_batch_stride=None if alibi_slopes is None else _broadcast_stride(alibi_slopes, 0),
+        cu_seqlens_q_ptr=problem.cu_seqlens_q,
+        cu_seqlens_k_ptr=problem.cu_seqlens_k,
+        max_seqlen_q=problem.max_seqlen_q if varlen else None,
+        max_seqlen_k=problem.max_seqlen_k if varlen else None,
     )
     constexprs = dict(
         HEAD_DIM=head_dim,
@@ -177,6 +292,8 @@ def _shared_arguments(problem: KernelProblem):
         HAS_DROPOUT=has_dropout,
         HAS_SOFTCAP=softcap > 0.0,
         HAS_ALIBI=alibi_slopes is not None,
+        IS_VARLEN=varlen,
+        BAND_PER_SEQUENCE=varlen and bounded and causal != CausalMode.TOP_LEFT,
         BATCH_FASTEST=_batch_fastest(q, bias),
         UPCAST_OPERANDS=interpreting() and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -270,7 +387,11 @@ def dbias_arguments(problem: KernelProblem, grad_out, lse, delta, partials):
         pairs_per_slice=pairs_per_slice,
         pairs_per_split=cdiv(pairs_per_slice, partials.shape[0]),
     )
-    del constexprs["HAS_BIAS"], constexprs["BATCH_FASTEST"]
+    # A bias comes without packed sequences: the dbias kernel takes none of their arguments.
+    for name in ("cu_seqlens_q_ptr", "cu_seqlens_k_ptr", "max_seqlen_q", "max_seqlen_k"):
+        del args[name]
+    for name in ("HAS_BIAS", "BATCH_FASTEST", "IS_VARLEN", "BAND_PER_SEQUENCE"):
+        del constexprs[name]
     constexprs.update(ROWS_FULL=bias.shape[2] == q.shape[2], COLS_FULL=bias.shape[3] == k.shape[2])
     return args, constexprs
 
@@ -302,16 +423,14 @@ def triton_attention_forward(
     max_seqlen_k: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, Sq, D) stored (B, Sq, Hq, D)-contiguous and lse (B, Hq, Sq) float32."""
-    _check_inputs(q, dropout_p, dropout_seed, cu_seqlens_q)
-    batch, heads_q, seqlen_q, head_dim = q.shape
-    seqlen_k = k.shape[2]
+    _check_inputs(q, dropout_p, dropout_seed)
+    _check_packed_sequences(
+        q, bias, key_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+    )
+    heads_q, head_dim = q.shape[1], q.shape[3]
     out = empty_bshd_like(q)
-    lse = q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     if out.numel() == 0 or _shapes_only(q):
-        return out, lse
-    if seqlen_k == 0:  # no key at all: every row is fully masked
-        out.zero_()
-        lse.fill_(-math.inf)
         return out, lse
     problem = KernelProblem(
         q,
@@ -327,7 +446,16 @@ def triton_attention_forward(
         window_right,
         softcap,
         dropout_p,
+        *_packed_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
     )
+    seqlen_q, seqlen_k = problem.seqlens
+    if seqlen_k == 0 or problem.is_varlen:
+        # Rows that see no key: all of them without keys, and the packed rows that no
+        # sequence covers (the kernels write only the sequences' rows).
+        out.zero_()
+        lse.fill_(-math.inf)
+    if problem.batch == 0 or seqlen_q == 0 or seqlen_k == 0:
+        return out, lse
     args, constexprs = forward_arguments(problem, out, lse)
     forward_kernel = autotuned(
         attention_forward_kernel,
@@ -335,7 +463,7 @@ def triton_attention_forward(
             "forward", q.device, head_dim, q.dtype, seqlen_q, seqlen_k, _dtype_of(bias), dropout_p
         ),
     )
-    grid = _block_grid("BLOCK_M", seqlen_q, heads_q, batch, constexprs["BATCH_FASTEST"])
+    grid = _block_grid("BLOCK_M", seqlen_q, heads_q, problem.batch, constexprs["BATCH_FASTEST"])
     _launch(forward_kernel, grid, args, constexprs)
     return out, lse
 
@@ -376,9 +504,12 @@ def triton_attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv like q, k, v (stored (B, S, H, D)-contiguous) and dbias in the bias's
     shape and dtype (an empty tensor without compute_dbias). Always deterministic."""
-    _check_inputs(q, dropout_p, dropout_seed, cu_seqlens_q)
-    batch, heads_q, seqlen_q, head_dim = q.shape
-    heads_kv, seqlen_k = k.shape[1], k.shape[2]
+    _check_inputs(q, dropout_p, dropout_seed)
+    _check_packed_sequences(
+        q, bias, key_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+    )
+    heads_q, head_dim = q.shape[1], q.shape[3]
+    heads_kv = k.shape[1]
     dq, dk, dv = empty_bshd_like(q), empty_bshd_like(k), empty_bshd_like(v)
     want_dbias = compute_dbias and bias is not None
     dbias = q.new_empty((0,))
@@ -394,13 +525,6 @@ def triton_attention_backward(
         if want_dbias:
             dbias = torch.zeros_like(bias, memory_format=torch.contiguous_format)
         return dq, dk, dv, dbias
-
-    lse = lse.contiguous()  # the kernels index (B, Hq, Sq) rows directly
-    delta = q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
-    args, constexprs = preprocess_arguments(out, grad_out, grad_lse, delta)
-    grid = (cdiv(seqlen_q, constexprs["BLOCK_M"]), heads_q, batch)
-    _launch(attention_backward_preprocess_kernel, grid, args, constexprs)
-
     problem = KernelProblem(
         q,
         k,
@@ -415,20 +539,37 @@ def triton_attention_backward(
         window_right,
         softcap,
         dropout_p,
+        *_packed_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
     )
+    seqlen_q, seqlen_k = problem.seqlens
+    if problem.is_varlen:
+        # The kernels write only the sequences' rows: the packed rows that no sequence
+        # covers take part in no score.
+        dq.zero_()
+        dk.zero_()
+        dv.zero_()
+        if problem.batch == 0 or seqlen_q == 0 or seqlen_k == 0:
+            return dq, dk, dv, dbias
+
+    lse = lse.contiguous()  # the kernels index (B, Hq, Sq) rows directly
+    delta = q.new_empty(q.shape[:3], dtype=torch.float32)  # over the packed rows when packed
+    args, constexprs = preprocess_arguments(out, grad_out, grad_lse, delta)
+    grid = (cdiv(q.shape[2], constexprs["BLOCK_M"]), heads_q, q.shape[0])
+    _launch(attention_backward_preprocess_kernel, grid, args, constexprs)
+
     backward_inputs = (problem, grad_out, lse, delta)
     args, constexprs = dkdv_arguments(*backward_inputs, dk, dv)
     dkdv_kernel = autotuned(
         attention_backward_dkdv_kernel,
         launch_configs("dkdv", q.device, head_dim, q.dtype, seqlen_q, seqlen_k, _dtype_of(bias), dropout_p),
     )
-    grid = _block_grid("BLOCK_N", seqlen_k, heads_kv, batch, constexprs["BATCH_FASTEST"])
+    grid = _block_grid("BLOCK_N", seqlen_k, heads_kv, problem.batch, constexprs["BATCH_FASTEST"])
     _launch(dkdv_kernel, grid, args, constexprs)
 
     # A bias of the problem's full shape gets dS itself, written by the dQ programs;
     # a broadcast one is reduced by the dbias kernel.
     full_dbias = None
-    if want_dbias and tuple(bias.shape) == (batch, heads_q, seqlen_q, seqlen_k):
+    if want_dbias and tuple(bias.shape) == (*q.shape[:3], seqlen_k):
         full_dbias = torch.zeros(bias.shape, dtype=bias.dtype, device=bias.device)
     args, constexprs = dq_arguments(*backward_inputs, dq, full_dbias)
     dq_kernel = autotuned(
@@ -445,7 +586,7 @@ def triton_attention_backward(
             full_dbias is not None,
         ),
     )
-    grid = _block_grid("BLOCK_M", seqlen_q, heads_q, batch, constexprs["BATCH_FASTEST"])
+    grid = _block_grid("BLOCK_M", seqlen_q, heads_q, problem.batch, constexprs["BATCH_FASTEST"])
     _launch(dq_kernel, grid, args, constexprs)
 
     if full_dbias is not None:
@@ -499,6 +640,19 @@ torch.library.register_autograd(
     autograd.make_backward(torch.ops.fast_attn.triton_attention_backward),
     setup_context=autograd.setup_context,
 )
+
+
+def _keep_op_whole(mode, op, types, args, kwargs):
+    return mode.__torch_dispatch__(op, types, args, kwargs)
+
+
+if interpreting():
+    # On a GPU, AOTDispatcher (torch.compile, opcheck) decomposes a triton_op into its kernels.
+    # Interpreted kernels cannot be captured (_shapes_only), so that decomposition would hold
+    # only the outputs' allocations: each op stays one node of the graph instead, run by the
+    # op itself.
+    for _op in (FORWARD_OP, BACKWARD_OP):
+        torch.library.register_torch_dispatch(_op, FunctionalTensorMode, _keep_op_whole)
 
 
 def attention_forward(problem, dropout_seed):

@@ -214,7 +214,7 @@ def attention_backward_dbias_kernel(
                     )
                     dropout_rows = (0, 0)
                     if HAS_DROPOUT:
-                        dropout_rows = dropout_row_offsets(head_row, query_index, seqlen_k)
+                        dropout_rows = dropout_row_offsets(head_row, query_index, seqlen_k, 0)
                     ds, _, _ = score_gradient_tile(
                         query_rows, query_index, dropout_rows, start_n,
                         kv, bias, key_mask, (softcap, alibi_slope_log2), dropout, bounds, scale_log2,
@@ -238,7 +238,7 @@ def attention_backward_dbias_kernel(
                 )
                 dropout_rows = (0, 0)
                 if HAS_DROPOUT:
-                    dropout_rows = dropout_row_offsets(head_row, query_index, seqlen_k)
+                    dropout_rows = dropout_row_offsets(head_row, query_index, seqlen_k, 0)
                 begin, full_begin, full_end, end = key_blocks_for_query_block(
                     start_m, bounds, LEFT_BOUNDED, RIGHT_BOUNDED, BLOCK_M, BLOCK_N
                 )

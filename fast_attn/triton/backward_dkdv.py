@@ -31,11 +31,12 @@ from .scores import (
     scaled_scores,
     store_rows,
 )
+from .sequences import sequence_view
 
 
 @triton.jit
 def _accumulate_query_blocks(
-    dk, dv, k, v, key_index, key_allowed, head_row, q_do, lse_row_ptr, delta_row_ptr,
+    dk, dv, k, v, key_index, key_allowed, dropout_index, q_do, lse_row_ptr, delta_row_ptr,
     bias, modifiers, dropout, bounds, scale_log2, block_begin, block_end,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -44,7 +45,8 @@ def _accumulate_query_blocks(
 ):
     """dk, dv (BLOCK_N, BLOCK_D) plus the contributions of query rows [block_begin, block_end)
     of one (b, h), whose lse and delta rows start at lse_row_ptr and delta_row_ptr.
-    modifiers: (softcap, alibi_slope_log2) of that (b, h)."""
+    modifiers: (softcap, alibi_slope_log2) of that (b, h); dropout_index: dropout_row_offsets'
+    (head_row, seqlen_k, key_begin) for those rows."""
     q_head_ptr, grad_out_head_ptr, q_row_stride, grad_out_row_stride = q_do
     softcap, alibi_slope_log2 = modifiers
     seqlen_q, seqlen_k, _, _ = bounds
@@ -74,7 +76,9 @@ def _accumulate_query_blocks(
             v, tl.trans(grad_out), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), UPCAST_OPERANDS, DOT_PRECISION
         )
         if HAS_DROPOUT:
-            row_low, row_high = dropout_row_offsets(head_row, query_index, seqlen_k)  # (BLOCK_M,)
+            head_row, dropout_seqlen_k, key_begin = dropout_index
+            # (BLOCK_M,) each
+            row_low, row_high = dropout_row_offsets(head_row, query_index, dropout_seqlen_k, key_begin)
             keep_t = dropout_keep(dropout, row_low[None, :], row_high[None, :], key_index[:, None])
             dv = mma(
                 tl.where(keep_t, p_t, 0.0).to(grad_out.dtype), grad_out, dv, UPCAST_OPERANDS, DOT_PRECISION
@@ -138,6 +142,10 @@ def attention_backward_dkdv_kernel(
     softcap,
     alibi_slopes_ptr,
     alibi_batch_stride,
+    cu_seqlens_q_ptr,
+    cu_seqlens_k_ptr,
+    max_seqlen_q,
+    max_seqlen_k,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     LEFT_BOUNDED: tl.constexpr,
@@ -147,6 +155,8 @@ def attention_backward_dkdv_kernel(
     HAS_DROPOUT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    BAND_PER_SEQUENCE: tl.constexpr,
     BATCH_FASTEST: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -154,27 +164,39 @@ def attention_backward_dkdv_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(Sk, BLOCK_N), Hkv, B), or (B, cdiv(Sk, BLOCK_N), Hkv) with BATCH_FASTEST
-    (grid.py). dk, dv (B, Hkv, Sk, D) through their strides; lse and delta (B, Hq, Sq)
-    contiguous float32. The scalars and pointers of the modifiers the variant lacks
-    (first_key_offset, softcap, alibi_*) are None."""
-    pid_n, kv_head, batch, _ = program_coordinates(BATCH_FASTEST)
+    (grid.py); with IS_VARLEN (cdiv(max_seqlen_k, BLOCK_N), Hkv, N). dk, dv (B, Hkv, Sk, D)
+    through their strides; lse and delta (B, Hq, Sq) contiguous float32. The scalars and
+    pointers of the modifiers the variant lacks (first_key_offset, softcap, alibi_*) are
+    None, and so are those of packed sequences (cu_seqlens_*, max_seqlen_*) without IS_VARLEN."""
+    pid_n, kv_head, program_batch, _ = program_coordinates(BATCH_FASTEST)
     start_n = pid_n * BLOCK_N
-    batch = batch.to(tl.int64)
+    batch, sequence, q_begin, k_begin, bounds = sequence_view(
+        program_batch, seqlen_q, seqlen_k, first_key_offset, last_key_offset,
+        (cu_seqlens_q_ptr, cu_seqlens_k_ptr, max_seqlen_q, max_seqlen_k),
+        IS_VARLEN, BAND_PER_SEQUENCE, LEFT_BOUNDED,
+    )
+    sequence_q, sequence_k, _, _ = bounds
+    if IS_VARLEN:
+        if start_n >= sequence_k:
+            return  # a block past its sequence's end (the grid is sized by the longest)
 
     key_index = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-    k_head_ptr = k_ptr + batch * k_batch_stride + kv_head.to(tl.int64) * k_head_stride
-    v_head_ptr = v_ptr + batch * v_batch_stride + kv_head.to(tl.int64) * v_head_stride
+    k_head_ptr = (
+        k_ptr + batch * k_batch_stride + kv_head.to(tl.int64) * k_head_stride + k_begin * k_row_stride
+    )
+    v_head_ptr = (
+        v_ptr + batch * v_batch_stride + kv_head.to(tl.int64) * v_head_stride + k_begin * v_row_stride
+    )
     k = load_rows(
-        k_head_ptr, key_index, k_row_stride, seqlen_k, HEAD_DIM, BLOCK_D, True
+        k_head_ptr, key_index, k_row_stride, sequence_k, HEAD_DIM, BLOCK_D, True
     )  # (BLOCK_N, BLOCK_D)
-    v = load_rows(v_head_ptr, key_index, v_row_stride, seqlen_k, HEAD_DIM, BLOCK_D, True)
+    v = load_rows(v_head_ptr, key_index, v_row_stride, sequence_k, HEAD_DIM, BLOCK_D, True)
     if HAS_KEY_MASK:
         key_mask = (key_mask_ptr + batch * key_mask_batch_stride, key_mask_col_stride)
         key_allowed = load_key_allowed(key_mask, key_index, seqlen_k)[:, None]
     else:
         key_allowed = False
     dropout = dropout_parameters(dropout_seed_ptr, dropout_keep_threshold, dropout_keep_scale, HAS_DROPOUT)
-    bounds = (seqlen_q, seqlen_k, first_key_offset, last_key_offset)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -183,15 +205,18 @@ def attention_backward_dkdv_kernel(
     )
     for group_index in range(kv_group_size):
         head = (kv_head * kv_group_size + group_index).to(tl.int64)
-        q_head_ptr = q_ptr + batch * q_batch_stride + head * q_head_stride
-        grad_out_head_ptr = grad_out_ptr + batch * grad_out_batch_stride + head * grad_out_head_stride
+        q_head_ptr = q_ptr + batch * q_batch_stride + head * q_head_stride + q_begin * q_row_stride
+        grad_out_head_ptr = (
+            grad_out_ptr + batch * grad_out_batch_stride + head * grad_out_head_stride
+        + q_begin * grad_out_row_stride
+        )
         q_do = (q_head_ptr, grad_out_head_ptr, q_row_stride, grad_out_row_stride)
-        head_row = (batch * heads_q + head) * seqlen_q  # row of (b, h, 0) in (B, Hq, Sq)
+        head_row = (batch * heads_q + head) * seqlen_q + q_begin  # row of (b, h, query 0) in lse
         bias_head_ptr = bias_ptr
         if HAS_BIAS:
             bias_head_ptr = bias_ptr + batch * bias_batch_stride + head * bias_head_stride
         bias = (bias_head_ptr, bias_row_stride, bias_col_stride)
-        modifiers = (softcap, load_alibi_slope(alibi_slopes_ptr, alibi_batch_stride, batch, head, HAS_ALIBI))
+        modifiers = (softcap, load_alibi_slope(alibi_slopes_ptr, alibi_batch_stride, sequence, head, HAS_ALIBI))
         for phase in tl.static_range(3):
             # Rows [begin, full_begin) and [full_end, end) with masks, [full_begin, full_end) without.
             if phase == 0:
@@ -204,7 +229,7 @@ def attention_backward_dkdv_kernel(
                 lo = full_end
                 hi = end
             dk, dv = _accumulate_query_blocks(
-                dk, dv, k, v, key_index, key_allowed, head_row, q_do,
+                dk, dv, k, v, key_index, key_allowed, (head_row, seqlen_k, k_begin), q_do,
                 lse_ptr + head_row, delta_ptr + head_row, bias, modifiers, dropout, bounds, scale_log2, lo, hi,
                 HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_KEY_MASK, HAS_DROPOUT,
                 HAS_SOFTCAP, HAS_ALIBI, LEFT_BOUNDED, RIGHT_BOUNDED, UPCAST_OPERANDS, DOT_PRECISION, phase != 1,
@@ -213,7 +238,11 @@ def attention_backward_dkdv_kernel(
     dk *= scale  # s = capped(scale * q.k) + bias
     if HAS_DROPOUT:
         dv *= dropout_keep_scale
-    dk_head_ptr = dk_ptr + batch * dk_batch_stride + kv_head.to(tl.int64) * dk_head_stride
-    dv_head_ptr = dv_ptr + batch * dv_batch_stride + kv_head.to(tl.int64) * dv_head_stride
-    store_rows(dk_head_ptr, key_index, dk_row_stride, seqlen_k, dk, HEAD_DIM, BLOCK_D)
-    store_rows(dv_head_ptr, key_index, dv_row_stride, seqlen_k, dv, HEAD_DIM, BLOCK_D)
+    dk_head_ptr = (
+        dk_ptr + batch * dk_batch_stride + kv_head.to(tl.int64) * dk_head_stride + k_begin * dk_row_stride
+    )
+    dv_head_ptr = (
+        dv_ptr + batch * dv_batch_stride + kv_head.to(tl.int64) * dv_head_stride + k_begin * dv_row_stride
+    )
+    store_rows(dk_head_ptr, key_index, dk_row_stride, sequence_k, dk, HEAD_DIM, BLOCK_D)
+    store_rows(dv_head_ptr, key_index, dv_row_stride, sequence_k, dv, HEAD_DIM, BLOCK_D)

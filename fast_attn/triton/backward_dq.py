@@ -19,6 +19,7 @@ from .block_ranges import key_blocks_for_query_block
 from .dropout import dropout_keep, dropout_parameters, dropout_row_offsets
 from .grid import program_coordinates
 from .scores import key_block_scores, load_alibi_slope, load_rows, lse_to_log2, mma, qk_gradient, store_rows
+from .sequences import sequence_view
 
 
 @triton.jit
@@ -151,6 +152,10 @@ def attention_backward_dq_kernel(
     softcap,
     alibi_slopes_ptr,
     alibi_batch_stride,
+    cu_seqlens_q_ptr,
+    cu_seqlens_k_ptr,
+    max_seqlen_q,
+    max_seqlen_k,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     LEFT_BOUNDED: tl.constexpr,
@@ -160,6 +165,8 @@ def attention_backward_dq_kernel(
     HAS_DROPOUT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    BAND_PER_SEQUENCE: tl.constexpr,
     STORE_DBIAS: tl.constexpr,
     BATCH_FASTEST: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr,
@@ -168,25 +175,37 @@ def attention_backward_dq_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(Sq, BLOCK_M), Hq, B), or (B, cdiv(Sq, BLOCK_M), Hq) with BATCH_FASTEST
-    (grid.py). dq (B, Hq, Sq, D) through its strides; with
-    STORE_DBIAS, dbias (B, Hq, Sq, Sk) contiguous, zero-initialized (tiles no row
-    sees are not written). The scalars and pointers of the modifiers the variant lacks
-    (first_key_offset, softcap, alibi_*) are None."""
-    pid_m, head, batch, num_m_blocks = program_coordinates(BATCH_FASTEST)
-    batch = batch.to(tl.int64)
+    (grid.py); with IS_VARLEN (cdiv(max_seqlen_q, BLOCK_M), Hq, N). dq (B, Hq, Sq, D)
+    through its strides; with STORE_DBIAS, dbias (B, Hq, Sq, Sk) contiguous,
+    zero-initialized (tiles no row sees are not written). The scalars and pointers of the
+    modifiers the variant lacks (first_key_offset, softcap, alibi_*) are None, and so are
+    those of packed sequences (cu_seqlens_*, max_seqlen_*) without IS_VARLEN."""
+    pid_m, head, program_batch, num_m_blocks = program_coordinates(BATCH_FASTEST)
+    batch, sequence, q_begin, k_begin, bounds = sequence_view(
+        program_batch, seqlen_q, seqlen_k, first_key_offset, last_key_offset,
+        (cu_seqlens_q_ptr, cu_seqlens_k_ptr, max_seqlen_q, max_seqlen_k),
+        IS_VARLEN, BAND_PER_SEQUENCE, LEFT_BOUNDED,
+    )
+    sequence_q, sequence_k, _, _ = bounds
     if RIGHT_BOUNDED:
         pid_m = num_m_blocks - 1 - pid_m  # longest programs first
     start_m = pid_m * BLOCK_M
+    if IS_VARLEN:
+        if start_m >= sequence_q:
+            return  # a block past its sequence's end (the grid is sized by the longest)
     kv_head = (head // kv_group_size).to(tl.int64)
     head = head.to(tl.int64)
 
     query_index = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-    head_row = (batch * heads_q + head) * seqlen_q  # row of (b, h, 0) in (B, Hq, Sq)
-    q_head_ptr = q_ptr + batch * q_batch_stride + head * q_head_stride
-    grad_out_head_ptr = grad_out_ptr + batch * grad_out_batch_stride + head * grad_out_head_stride
+    head_row = (batch * heads_q + head) * seqlen_q + q_begin  # row of (b, h, query 0) in lse
+    q_head_ptr = q_ptr + batch * q_batch_stride + head * q_head_stride + q_begin * q_row_stride
+    grad_out_head_ptr = (
+        grad_out_ptr + batch * grad_out_batch_stride + head * grad_out_head_stride
+        + q_begin * grad_out_row_stride
+    )
     q_do = (q_head_ptr, grad_out_head_ptr, q_row_stride, grad_out_row_stride)
-    k_head_ptr = k_ptr + batch * k_batch_stride + kv_head * k_head_stride
-    v_head_ptr = v_ptr + batch * v_batch_stride + kv_head * v_head_stride
+    k_head_ptr = k_ptr + batch * k_batch_stride + kv_head * k_head_stride + k_begin * k_row_stride
+    v_head_ptr = v_ptr + batch * v_batch_stride + kv_head * v_head_stride + k_begin * v_row_stride
     kv = (k_head_ptr, v_head_ptr, k_row_stride, v_row_stride)
     bias_head_ptr = bias_ptr
     if HAS_BIAS:
@@ -202,11 +221,12 @@ def attention_backward_dq_kernel(
     dropout = dropout_parameters(dropout_seed_ptr, dropout_keep_threshold, dropout_keep_scale, HAS_DROPOUT)
     dropout_rows = (0, 0)
     if HAS_DROPOUT:
-        dropout_rows = dropout_row_offsets(head_row, query_index, seqlen_k)  # (BLOCK_M,) each
-    modifiers = (softcap, load_alibi_slope(alibi_slopes_ptr, alibi_batch_stride, batch, head, HAS_ALIBI))
-    bounds = (seqlen_q, seqlen_k, first_key_offset, last_key_offset)
+        dropout_rows = dropout_row_offsets(head_row, query_index, seqlen_k, k_begin)  # (BLOCK_M,) each
+    modifiers = (softcap, load_alibi_slope(alibi_slopes_ptr, alibi_batch_stride, sequence, head, HAS_ALIBI))
 
-    query_rows = load_query_rows(query_index, head_row, q_do, lse_ptr, delta_ptr, seqlen_q, HEAD_DIM, BLOCK_D)
+    query_rows = load_query_rows(
+        query_index, head_row, q_do, lse_ptr, delta_ptr, sequence_q, HEAD_DIM, BLOCK_D
+    )
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     begin, full_begin, full_end, end = key_blocks_for_query_block(
         start_m, bounds, LEFT_BOUNDED, RIGHT_BOUNDED, BLOCK_M, BLOCK_N
@@ -233,5 +253,5 @@ def attention_backward_dq_kernel(
             )
 
     dq *= scale  # s = capped(scale * q.k) + bias
-    dq_head_ptr = dq_ptr + batch * dq_batch_stride + head * dq_head_stride
-    store_rows(dq_head_ptr, query_index, dq_row_stride, seqlen_q, dq, HEAD_DIM, BLOCK_D)
+    dq_head_ptr = dq_ptr + batch * dq_batch_stride + head * dq_head_stride + q_begin * dq_row_stride
+    store_rows(dq_head_ptr, query_index, dq_row_stride, sequence_q, dq, HEAD_DIM, BLOCK_D)

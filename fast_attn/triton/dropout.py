@@ -3,7 +3,8 @@
 Bit for bit the hash of fast_attn/dropout.py and csrc/attention_params.h: score
 (b, h, i, j) is kept iff lowbias32-style hash(seed, ((b * Hq + h) * Sq + i) * Sk + j)
 >= threshold, all in uint32 arithmetic (multiplications wrap mod 2^32 and shifts
-are logical because the operands are unsigned).
+are logical because the operands are unsigned). For packed sequences the index is the
+score's in the packed (1, Hq, Tq, Tk) problem: i and j count from the packed rows' start.
 """
 
 import triton
@@ -42,14 +43,15 @@ def dropout_parameters(seed_ptr, keep_threshold, keep_scale, HAS_DROPOUT: tl.con
 
 
 @triton.jit
-def dropout_row_offsets(head_row, query_index, seqlen_k):
-    """The uint32 (low, high) halves of ((b * Hq + h) * Sq + i) * Sk for query rows i.
+def dropout_row_offsets(head_row, query_index, seqlen_k, key_begin):
+    """The uint32 (low, high) halves of ((b * Hq + h) * Sq + i) * Sk + key_begin for query rows i.
 
-    head_row: int64 (b * Hq + h) * Sq; query_index: int32 rows. Splitting per row keeps
-    the per-score index arithmetic in 32 bits (an int64 index per score cost ~2
-    registers per score and made the dropout kernels spill).
+    head_row: int64 (b * Hq + h) * Sq, plus a packed sequence's first query row;
+    query_index: int32 rows; key_begin: a packed sequence's first key row (0 otherwise).
+    Splitting per row keeps the per-score index arithmetic in 32 bits (an int64 index
+    per score cost ~2 registers per score and made the dropout kernels spill).
     """
-    row_offset = (head_row.to(tl.int64) + query_index) * seqlen_k  # int64
+    row_offset = (head_row.to(tl.int64) + query_index) * seqlen_k + key_begin  # int64
     return row_offset.to(tl.uint32), (row_offset >> 32).to(tl.uint32)
 
 

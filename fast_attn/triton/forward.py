@@ -20,6 +20,7 @@ from .block_ranges import key_blocks_for_query_block
 from .dropout import dropout_keep, dropout_parameters, dropout_row_offsets
 from .grid import program_coordinates
 from .scores import LN2, key_block_scores, load_alibi_slope, load_rows, mma, store_rows
+from .sequences import sequence_view
 
 
 @triton.jit
@@ -96,6 +97,10 @@ def attention_forward_kernel(
     softcap,
     alibi_slopes_ptr,
     alibi_batch_stride,
+    cu_seqlens_q_ptr,
+    cu_seqlens_k_ptr,
+    max_seqlen_q,
+    max_seqlen_k,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     LEFT_BOUNDED: tl.constexpr,
@@ -105,6 +110,8 @@ def attention_forward_kernel(
     HAS_DROPOUT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    BAND_PER_SEQUENCE: tl.constexpr,
     BATCH_FASTEST: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -112,22 +119,35 @@ def attention_forward_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(Sq, BLOCK_M), Hq, B), or (B, cdiv(Sq, BLOCK_M), Hq) with BATCH_FASTEST
-    (grid.py). out (B, Hq, Sq, D) through its strides; lse
-    (B, Hq, Sq) contiguous float32, natural log. The scalars and pointers of the modifiers
-    the variant lacks (first_key_offset, softcap, alibi_*) are None."""
-    pid_m, head, batch, num_m_blocks = program_coordinates(BATCH_FASTEST)
+    (grid.py); with IS_VARLEN (cdiv(max_seqlen_q, BLOCK_M), Hq, N). out (B, Hq, Sq, D)
+    through its strides; lse (B, Hq, Sq) contiguous float32, natural log. The scalars and
+    pointers of the modifiers the variant lacks (first_key_offset, softcap, alibi_*) are
+    None, and so are those of packed sequences (cu_seqlens_*, max_seqlen_*) without IS_VARLEN."""
+    pid_m, head, program_batch, num_m_blocks = program_coordinates(BATCH_FASTEST)
     if RIGHT_BOUNDED:
         # Later query blocks see more keys: start them first so the tail of the
         # grid is made of short programs.
         pid_m = num_m_blocks - 1 - pid_m
     start_m = pid_m * BLOCK_M
     kv_head = head // kv_group_size
-    batch64 = batch.to(tl.int64)
+    batch64, sequence, q_begin, k_begin, bounds = sequence_view(
+        program_batch, seqlen_q, seqlen_k, first_key_offset, last_key_offset,
+        (cu_seqlens_q_ptr, cu_seqlens_k_ptr, max_seqlen_q, max_seqlen_k),
+        IS_VARLEN, BAND_PER_SEQUENCE, LEFT_BOUNDED,
+    )
+    sequence_q, sequence_k, _, _ = bounds
+    if IS_VARLEN:
+        if start_m >= sequence_q:
+            return  # a block past its sequence's end (the grid is sized by the longest)
 
     query_index = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-    q_head_ptr = q_ptr + batch64 * q_batch_stride + head.to(tl.int64) * q_head_stride
-    k_head_ptr = k_ptr + batch64 * k_batch_stride + kv_head.to(tl.int64) * k_head_stride
-    v_head_ptr = v_ptr + batch64 * v_batch_stride + kv_head.to(tl.int64) * v_head_stride
+    q_head_ptr = q_ptr + batch64 * q_batch_stride + head.to(tl.int64) * q_head_stride + q_begin * q_row_stride
+    k_head_ptr = (
+        k_ptr + batch64 * k_batch_stride + kv_head.to(tl.int64) * k_head_stride + k_begin * k_row_stride
+    )
+    v_head_ptr = (
+        v_ptr + batch64 * v_batch_stride + kv_head.to(tl.int64) * v_head_stride + k_begin * v_row_stride
+    )
     kv = (k_head_ptr, v_head_ptr, k_row_stride, v_row_stride)
     bias_head_ptr = bias_ptr
     if HAS_BIAS:
@@ -140,13 +160,12 @@ def attention_forward_kernel(
     dropout = dropout_parameters(dropout_seed_ptr, dropout_keep_threshold, dropout_keep_scale, HAS_DROPOUT)
     dropout_rows = (0, 0)
     if HAS_DROPOUT:
-        head_row = (batch64 * heads_q + head) * seqlen_q
-        dropout_rows = dropout_row_offsets(head_row, query_index, seqlen_k)  # (BLOCK_M,) each
-    modifiers = (softcap, load_alibi_slope(alibi_slopes_ptr, alibi_batch_stride, batch64, head, HAS_ALIBI))
-    bounds = (seqlen_q, seqlen_k, first_key_offset, last_key_offset)
+        head_row = (batch64 * heads_q + head) * seqlen_q + q_begin  # row of (b, h, query 0) in lse
+        dropout_rows = dropout_row_offsets(head_row, query_index, seqlen_k, k_begin)  # (BLOCK_M,) each
+    modifiers = (softcap, load_alibi_slope(alibi_slopes_ptr, alibi_batch_stride, sequence, head, HAS_ALIBI))
 
     q = load_rows(
-        q_head_ptr, query_index, q_row_stride, seqlen_q, HEAD_DIM, BLOCK_D, True
+        q_head_ptr, query_index, q_row_stride, sequence_q, HEAD_DIM, BLOCK_D, True
     )  # (BLOCK_M, BLOCK_D)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max, log2 domain
@@ -182,7 +201,9 @@ def attention_forward_kernel(
     out = acc * inv_l[:, None]
     lse = tl.where(no_key, float("-inf"), (m_i + tl.log2(tl.where(no_key, 1.0, l_i))) * LN2)
 
-    out_head_ptr = out_ptr + batch64 * out_batch_stride + head.to(tl.int64) * out_head_stride
-    store_rows(out_head_ptr, query_index, out_row_stride, seqlen_q, out, HEAD_DIM, BLOCK_D)
-    lse_row_ptr = lse_ptr + (batch64 * heads_q + head) * seqlen_q
-    tl.store(lse_row_ptr + query_index, lse, mask=query_index < seqlen_q)
+    out_head_ptr = (
+        out_ptr + batch64 * out_batch_stride + head.to(tl.int64) * out_head_stride + q_begin * out_row_stride
+    )
+    store_rows(out_head_ptr, query_index, out_row_stride, sequence_q, out, HEAD_DIM, BLOCK_D)
+    lse_row_ptr = lse_ptr + (batch64 * heads_q + head) * seqlen_q + q_begin
+    tl.store(lse_row_ptr + query_index, lse, mask=query_index < sequence_q)
