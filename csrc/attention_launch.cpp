@@ -227,8 +227,6 @@ AttentionForwardParams make_forward_params(const ForwardInputs& in, const at::Te
 
   p.alibi_slopes = nullptr;
   p.alibi_batch_stride = 0;
-  check_varlen_inputs(in);
-  const int64_t batch = in.cu_seqlens_q ? in.cu_seqlens_q->numel() - 1 : in.q.size(0);
   if (in.alibi_slopes) {
     const at::Tensor& slopes = *in.alibi_slopes;
     p.alibi_slopes = slopes.data_ptr<float>();

@@ -253,7 +253,7 @@ BACKENDS: dict[str, Backend] = {
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         supports_head_dim=lambda d: 1 <= d <= 256,
         head_dims_text="1..256",
-        features=frozenset({"dropout", "sinks", "window", "softcap", "alibi"}),
+        features=frozenset({"dropout", "sinks", "window", "softcap", "alibi", "varlen"}),
         min_capability=(8, 0),
         availability=_triton_unavailable,
         run=_with_sinks(_triton_forward),
