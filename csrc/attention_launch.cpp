@@ -21,6 +21,16 @@ int64_t broadcast_stride(const at::Tensor& t, int64_t dim) {
   return t.size(dim) == 1 ? 0 : t.stride(dim);
 }
 
+// The data of a (B, H, S, D) tensor and its batch, head and row strides, into a params struct's four fields.
+template <class Data>
+void set_data_and_strides(const at::Tensor& t, Data& data, int64_t& batch_stride, int64_t& head_stride,
+                          int64_t& row_stride) {
+  data = t.data_ptr();
+  batch_stride = t.stride(0);
+  head_stride = t.stride(1);
+  row_stride = t.stride(2);
+}
+
 void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q) {
   TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.numel() >= 1 && cu.is_contiguous(),
               "fast_attn: ", name, " must be a contiguous 1-D int32 tensor of N + 1 offsets, got ",
@@ -166,22 +176,10 @@ AttentionForwardParams make_forward_params(const ForwardInputs& in, const at::Te
   p.seqlen_k = in.k.size(2);
   p.head_dim = in.q.size(3);
 
-  p.q = in.q.data_ptr();
-  p.q_batch_stride = in.q.stride(0);
-  p.q_head_stride = in.q.stride(1);
-  p.q_row_stride = in.q.stride(2);
-  p.k = in.k.data_ptr();
-  p.k_batch_stride = in.k.stride(0);
-  p.k_head_stride = in.k.stride(1);
-  p.k_row_stride = in.k.stride(2);
-  p.v = in.v.data_ptr();
-  p.v_batch_stride = in.v.stride(0);
-  p.v_head_stride = in.v.stride(1);
-  p.v_row_stride = in.v.stride(2);
-  p.out = out.data_ptr();
-  p.out_batch_stride = out.stride(0);
-  p.out_head_stride = out.stride(1);
-  p.out_row_stride = out.stride(2);
+  set_data_and_strides(in.q, p.q, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
+  set_data_and_strides(in.k, p.k, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
+  set_data_and_strides(in.v, p.v, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
+  set_data_and_strides(out, p.out, p.out_batch_stride, p.out_head_stride, p.out_row_stride);
   p.lse = lse.data_ptr();
 
   p.bias = nullptr;
@@ -247,23 +245,11 @@ AttentionForwardParams make_forward_params(const ForwardInputs& in, const at::Te
 AttentionBackwardParams make_backward_params(const ForwardInputs& in, const BackwardTensors& t) {
   AttentionBackwardParams p{};
   static_cast<AttentionForwardParams&>(p) = make_forward_params(in, t.out, t.lse);
-  p.grad_out = t.grad_out.data_ptr();
-  p.grad_out_batch_stride = t.grad_out.stride(0);
-  p.grad_out_head_stride = t.grad_out.stride(1);
-  p.grad_out_row_stride = t.grad_out.stride(2);
+  set_data_and_strides(t.grad_out, p.grad_out, p.grad_out_batch_stride, p.grad_out_head_stride, p.grad_out_row_stride);
   p.delta = t.delta.data_ptr();
-  p.dq = t.dq.data_ptr();
-  p.dq_batch_stride = t.dq.stride(0);
-  p.dq_head_stride = t.dq.stride(1);
-  p.dq_row_stride = t.dq.stride(2);
-  p.dk = t.dk.data_ptr();
-  p.dk_batch_stride = t.dk.stride(0);
-  p.dk_head_stride = t.dk.stride(1);
-  p.dk_row_stride = t.dk.stride(2);
-  p.dv = t.dv.data_ptr();
-  p.dv_batch_stride = t.dv.stride(0);
-  p.dv_head_stride = t.dv.stride(1);
-  p.dv_row_stride = t.dv.stride(2);
+  set_data_and_strides(t.dq, p.dq, p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride);
+  set_data_and_strides(t.dk, p.dk, p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride);
+  set_data_and_strides(t.dv, p.dv, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride);
   p.dbias = nullptr;
   if (t.dbias_partials) {
     const at::Tensor& partials = *t.dbias_partials;

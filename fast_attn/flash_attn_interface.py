@@ -77,6 +77,36 @@ def _check_deterministic(deterministic: object, q: torch.Tensor) -> None:
         )
 
 
+def _check_flags(q: torch.Tensor, causal: object, deterministic: object, return_attn_probs: object) -> None:
+    """The boolean options every function takes (deterministic: see _check_deterministic)."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(return_attn_probs, bool):
+        raise TypeError(f"return_attn_probs must be a bool, got {type(return_attn_probs).__name__}")
+    _check_deterministic(deterministic, q)
+
+
+def _attention_keywords(causal: bool, window_size, softcap, alibi_slopes, softmax_scale, dropout_p) -> dict:
+    """flash-attn's options as the keywords of fast_attn.attention and varlen_attention (lse included)."""
+    return dict(
+        causal="bottom_right" if causal else False,
+        window_size=_window(window_size),
+        softcap=_softcap(softcap),
+        alibi_slopes=alibi_slopes,
+        scale=softmax_scale,
+        dropout_p=dropout_p,
+        return_lse=True,
+    )
+
+
+def _unbind_packed(name: str, packed: object, rank: int, layout: str, dim: int, count: int) -> tuple:
+    """The `count` tensors packed along `dim` of a `rank`-D tensor of shape `layout`."""
+    packed = _check_tensor(name, packed, rank, layout)
+    if packed.shape[dim] != count:
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(packed.shape)}")
+    return packed.unbind(dim=dim)
+
+
 def flash_attn_func(
     q,
     k,
@@ -94,22 +124,10 @@ def flash_attn_func(
     q = _check_tensor("q", q, 4, "(B, Sq, Hq, D)")
     k = _check_tensor("k", k, 4, "(B, Sk, Hkv, D)")
     v = _check_tensor("v", v, 4, "(B, Sk, Hkv, D)")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if not isinstance(return_attn_probs, bool):
-        raise TypeError(f"return_attn_probs must be a bool, got {type(return_attn_probs).__name__}")
-    _check_deterministic(deterministic, q)
+    _check_flags(q, causal, deterministic, return_attn_probs)
+    options = _attention_keywords(causal, window_size, softcap, alibi_slopes, softmax_scale, dropout_p)
     out, lse = attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        causal="bottom_right" if causal else False,
-        window_size=_window(window_size),
-        softcap=_softcap(softcap),
-        alibi_slopes=alibi_slopes,
-        scale=softmax_scale,
-        dropout_p=dropout_p,
-        return_lse=True,
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **options
     )  # (B, Hq, Sq, D) views of (B, Sq, Hq, D) memory, lse (B, Hq, Sq)
     out = out.transpose(1, 2)
     return (out, lse, None) if return_attn_probs else out
@@ -127,10 +145,7 @@ def flash_attn_qkvpacked_func(
     return_attn_probs=False,
 ):
     """qkv (B, S, 3, H, D) -> out (B, S, H, D); gradients come back as one (B, S, 3, H, D) tensor."""
-    qkv = _check_tensor("qkv", qkv, 5, "(B, S, 3, H, D)")
-    if qkv.shape[2] != 3:
-        raise ValueError(f"qkv must have shape (B, S, 3, H, D), got {tuple(qkv.shape)}")
-    q, k, v = qkv.unbind(dim=2)
+    q, k, v = _unbind_packed("qkv", qkv, 5, "(B, S, 3, H, D)", dim=2, count=3)
     return flash_attn_func(
         q,
         k,
@@ -159,10 +174,7 @@ def flash_attn_kvpacked_func(
     return_attn_probs=False,
 ):
     """q (B, Sq, Hq, D), kv (B, Sk, 2, Hkv, D) -> out (B, Sq, Hq, D)."""
-    kv = _check_tensor("kv", kv, 5, "(B, Sk, 2, Hkv, D)")
-    if kv.shape[2] != 2:
-        raise ValueError(f"kv must have shape (B, Sk, 2, Hkv, D), got {tuple(kv.shape)}")
-    k, v = kv.unbind(dim=2)
+    k, v = _unbind_packed("kv", kv, 5, "(B, Sk, 2, Hkv, D)", dim=2, count=2)
     return flash_attn_func(
         q,
         k,
@@ -203,26 +215,10 @@ def flash_attn_varlen_func(
         raise NotImplementedError(
             "block_table (a paged KV cache) is not implemented by fast_attn's varlen functions"
         )
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if not isinstance(return_attn_probs, bool):
-        raise TypeError(f"return_attn_probs must be a bool, got {type(return_attn_probs).__name__}")
-    _check_deterministic(deterministic, q)
+    _check_flags(q, causal, deterministic, return_attn_probs)
+    options = _attention_keywords(causal, window_size, softcap, alibi_slopes, softmax_scale, dropout_p)
     out, lse = varlen_attention(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        causal="bottom_right" if causal else False,
-        window_size=_window(window_size),
-        softcap=_softcap(softcap),
-        alibi_slopes=alibi_slopes,
-        scale=softmax_scale,
-        dropout_p=dropout_p,
-        return_lse=True,
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options
     )  # (total_q, Hq, D), lse (Hq, total_q)
     return (out, lse, None) if return_attn_probs else out
 
@@ -241,10 +237,7 @@ def flash_attn_varlen_qkvpacked_func(
     return_attn_probs=False,
 ):
     """qkv (total, 3, H, D) -> out (total, H, D); gradients come back as one (total, 3, H, D) tensor."""
-    qkv = _check_tensor("qkv", qkv, 4, "(total, 3, H, D)")
-    if qkv.shape[1] != 3:
-        raise ValueError(f"qkv must have shape (total, 3, H, D), got {tuple(qkv.shape)}")
-    q, k, v = qkv.unbind(dim=1)
+    q, k, v = _unbind_packed("qkv", qkv, 4, "(total, 3, H, D)", dim=1, count=3)
     return flash_attn_varlen_func(
         q,
         k,
@@ -281,10 +274,7 @@ def flash_attn_varlen_kvpacked_func(
     return_attn_probs=False,
 ):
     """q (total_q, Hq, D), kv (total_k, 2, Hkv, D) -> out (total_q, Hq, D)."""
-    kv = _check_tensor("kv", kv, 4, "(total_k, 2, Hkv, D)")
-    if kv.shape[1] != 2:
-        raise ValueError(f"kv must have shape (total_k, 2, Hkv, D), got {tuple(kv.shape)}")
-    k, v = kv.unbind(dim=1)
+    k, v = _unbind_packed("kv", kv, 4, "(total_k, 2, Hkv, D)", dim=1, count=2)
     return flash_attn_varlen_func(
         q,
         k,

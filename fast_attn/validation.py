@@ -22,6 +22,11 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKEND_NAMES = ("auto", "cuda", "triton", "cpu", "reference")
 
 
+def _size_of(tensor: str, dim: int) -> property:
+    """A property of AttentionProblem: the size of dim `dim` of its tensor `tensor`."""
+    return property(lambda problem: getattr(problem, tensor).shape[dim], doc=f"{tensor}.shape[{dim}]")
+
+
 @dataclass(frozen=True)
 class AttentionProblem:
     """Validated inputs plus the static facts dispatch decides on."""
@@ -43,29 +48,12 @@ class AttentionProblem:
     # k/v (1, Hkv, Tk, D); None when the batch is not packed.
     packed_sequences: tuple | None = None
 
-    @property
-    def batch(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def heads_q(self) -> int:
-        return self.q.shape[1]
-
-    @property
-    def heads_kv(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def seqlen_q(self) -> int:
-        return self.q.shape[2]
-
-    @property
-    def seqlen_k(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        return self.q.shape[3]
+    batch = _size_of("q", 0)
+    heads_q = _size_of("q", 1)
+    heads_kv = _size_of("k", 1)
+    seqlen_q = _size_of("q", 2)
+    seqlen_k = _size_of("k", 2)
+    head_dim = _size_of("q", 3)
 
     @property
     def device(self) -> torch.device:

@@ -54,36 +54,26 @@ class AccumulationTypeProducts {
   // q, grad: the tile's rows query and grad_out rows.
   void load_query_block(const T* q, int64_t q_ld, const T* grad, int64_t grad_ld, int64_t rows) {
     rows_ = rows;
-    if constexpr (kConvertInputs) {
-      load_rows<V>(q_buffer_, head_dim_, q, q_ld, rows, head_dim_, acc_t(1));
-      load_rows<V>(grad_buffer_, head_dim_, grad, grad_ld, rows, head_dim_, acc_t(1));
-      q_ = q_buffer_;
-      grad_ = grad_buffer_;
-      q_ld_ = grad_ld_ = head_dim_;
-    } else {
-      q_ = q;
-      grad_ = grad;
-      q_ld_ = q_ld;
-      grad_ld_ = grad_ld;
-    }
+    queries_ = rows_in_accumulation_type<V>(q_buffer_, q, q_ld, rows, head_dim_);
+    grads_ = rows_in_accumulation_type<V>(grad_buffer_, grad, grad_ld, rows, head_dim_);
   }
 
   // scores (rows x padded_cols, row stride kN) = scale * Q K^T
   void scores(acc_t* scores, int64_t padded_cols) {
-    gemm<V, false>(rows_, padded_cols, head_dim_, q_, q_ld_, k_t_, kN, scores, kN, false);
+    gemm<V, false>(rows_, padded_cols, head_dim_, queries_.data, queries_.ld, k_t_, kN, scores, kN, false);
   }
 
   // dprobs (rows x padded_cols, row stride kN) = dO V^T
   void dprobs(acc_t* dprobs, int64_t padded_cols) {
-    gemm<V, false>(rows_, padded_cols, head_dim_, grad_, grad_ld_, v_t_, kN, dprobs, kN, false);
+    gemm<V, false>(rows_, padded_cols, head_dim_, grads_.data, grads_.ld, v_t_, kN, dprobs, kN, false);
   }
 
   // dV += P^T dO, dK += dS^T Q, dQ += dS (scale K); probs and dscores are
   // (rows x cols) with row stride kN; dk_acc, dv_acc (cols x D) with row stride acc_ld.
   void accumulate_gradients(const acc_t* probs, const acc_t* dscores, int64_t cols, acc_t* dk_acc, acc_t* dv_acc,
                             int64_t acc_ld, acc_t* dq, int64_t dq_ld) {
-    gemm<V, true>(cols, head_dim_, rows_, probs, kN, grad_, grad_ld_, dv_acc, acc_ld, true);
-    gemm<V, true>(cols, head_dim_, rows_, dscores, kN, q_, q_ld_, dk_acc, acc_ld, true);
+    gemm<V, true>(cols, head_dim_, rows_, probs, kN, grads_.data, grads_.ld, dv_acc, acc_ld, true);
+    gemm<V, true>(cols, head_dim_, rows_, dscores, kN, queries_.data, queries_.ld, dk_acc, acc_ld, true);
     gemm<V, false>(rows_, head_dim_, cols, dscores, kN, k_scaled_, d_padded_, dq, dq_ld, true);
   }
 
@@ -94,9 +84,7 @@ class AccumulationTypeProducts {
   acc_t* k_scaled_ = nullptr;     // (kN, D_padded): scale * K
   acc_t* q_buffer_ = nullptr;     // (kM, D): converted queries (16-bit inputs)
   acc_t* grad_buffer_ = nullptr;  // (kM, D): converted grad_out (16-bit inputs)
-  const acc_t* q_ = nullptr;
-  const acc_t* grad_ = nullptr;
-  int64_t q_ld_ = 0, grad_ld_ = 0;
+  Rows<acc_t> queries_, grads_;  // the tile's queries and grad_out rows: the buffers, or the inputs in place
 };
 
 }  // namespace

@@ -71,8 +71,8 @@ class Bfloat16DotProducts {
 
   // scores (rows x padded_cols, row stride kN) = scale * Q K^T; q rows read in place as pairs.
   void scores(float* scores, int64_t padded_cols) {
-    gemm_bf16<false>(rows_, padded_cols, pairs_, reinterpret_cast<const uint32_t*>(q_), q_ld_ / 2,
-                     k_pair_columns_, kN, scores, kN, false);
+    gemm<Bf16PairDots, false>(rows_, padded_cols, pairs_, reinterpret_cast<const uint32_t*>(q_), q_ld_ / 2,
+                              k_pair_columns_, kN, scores, kN, false);
     const __m512 factor = _mm512_set1_ps(scale_);
     for (int64_t m = 0; m < rows_; ++m) {
       for (int64_t n = 0; n < padded_cols; n += 16) {
@@ -83,8 +83,8 @@ class Bfloat16DotProducts {
 
   // dprobs (rows x padded_cols, row stride kN) = dO V^T
   void dprobs(float* dprobs, int64_t padded_cols) {
-    gemm_bf16<false>(rows_, padded_cols, pairs_, reinterpret_cast<const uint32_t*>(grad_), grad_ld_ / 2,
-                     v_pair_columns_, kN, dprobs, kN, false);
+    gemm<Bf16PairDots, false>(rows_, padded_cols, pairs_, reinterpret_cast<const uint32_t*>(grad_), grad_ld_ / 2,
+                              v_pair_columns_, kN, dprobs, kN, false);
   }
 
   // dV += P^T dO, dK += (scale dS)^T Q, dQ += (scale dS) K.
@@ -95,12 +95,12 @@ class Bfloat16DotProducts {
     pack_float_pair_rows(probs_pair_rows_, kN, probs, kN, rows_, padded_cols, 1.0f);
     pack_float_pair_rows(dscores_pair_rows_, kN, dscores, kN, rows_, padded_cols, scale_);
     store_bf16_rows(dscores_bf16_, kN, dscores, kN, rows_, padded_cols, scale_);
-    gemm_bf16<true>(cols, head_dim_, row_pairs, probs_pair_rows_, kN, grad_pair_rows_, d_padded_, dv_acc, acc_ld,
-                    true);
-    gemm_bf16<true>(cols, head_dim_, row_pairs, dscores_pair_rows_, kN, q_pair_rows_, d_padded_, dk_acc, acc_ld,
-                    true);
-    gemm_bf16<false>(rows_, head_dim_, (cols + 1) / 2, reinterpret_cast<const uint32_t*>(dscores_bf16_), kN / 2,
-                     k_pair_rows_, d_padded_, dq, dq_ld, true);
+    gemm<Bf16PairDots, true>(cols, head_dim_, row_pairs, probs_pair_rows_, kN, grad_pair_rows_, d_padded_, dv_acc,
+                             acc_ld, true);
+    gemm<Bf16PairDots, true>(cols, head_dim_, row_pairs, dscores_pair_rows_, kN, q_pair_rows_, d_padded_, dk_acc,
+                             acc_ld, true);
+    gemm<Bf16PairDots, false>(rows_, head_dim_, (cols + 1) / 2, reinterpret_cast<const uint32_t*>(dscores_bf16_),
+                              kN / 2, k_pair_rows_, d_padded_, dq, dq_ld, true);
   }
 
  private:

@@ -60,18 +60,8 @@ class AccumulationTypeForwardProducts {
 
   // Keys and values of one block (cols x D each).
   void load_key_block(const T* k, int64_t k_ld, const T* v, int64_t v_ld, int64_t cols) {
-    if constexpr (kConvertInputs) {
-      load_rows<V>(k_block_, head_dim_, k, k_ld, cols, head_dim_, acc_t(1));
-      load_rows<V>(v_block_, head_dim_, v, v_ld, cols, head_dim_, acc_t(1));
-      k_rows_ = k_block_;
-      v_rows_ = v_block_;
-      k_ld_ = v_ld_ = head_dim_;
-    } else {
-      k_rows_ = k;
-      v_rows_ = v;
-      k_ld_ = k_ld;
-      v_ld_ = v_ld;
-    }
+    keys_ = rows_in_accumulation_type<V>(k_block_, k, k_ld, cols, head_dim_);
+    values_ = rows_in_accumulation_type<V>(v_block_, v, v_ld, cols, head_dim_);
   }
 
   // scores_t (cols x query columns, row stride kM) = S^T of the block.
@@ -79,13 +69,13 @@ class AccumulationTypeForwardProducts {
     if (rows_ <= kFewQueries) {
       few_query_scores(scores_t, cols);
     } else {
-      gemm<V, false>(cols, query_columns_, head_dim_, k_rows_, k_ld_, q_t_, kM, scores_t, kM, false);
+      gemm<V, false>(cols, query_columns_, head_dim_, keys_.data, keys_.ld, q_t_, kM, scores_t, kM, false);
     }
   }
 
   // out_acc (rows x D, row stride ld_out) += P V_block; P^T in probs_t (cols x kM).
   void accumulate_output(const acc_t* probs_t, int64_t cols, acc_t* out_acc, int64_t ld_out) {
-    gemm<V, true>(rows_, head_dim_, cols, probs_t, kM, v_rows_, v_ld_, out_acc, ld_out, true);
+    gemm<V, true>(rows_, head_dim_, cols, probs_t, kM, values_.data, values_.ld, out_acc, ld_out, true);
   }
 
  private:
@@ -97,7 +87,7 @@ class AccumulationTypeForwardProducts {
     const int64_t full = head_dim_ / W * W;
     const int tail = static_cast<int>(head_dim_ - full);
     for (int64_t n = 0; n < cols; ++n) {
-      const acc_t* key = k_rows_ + n * k_ld_;
+      const acc_t* key = keys_.data + n * keys_.ld;
       acc_t* scores = scores_t + n * kM;
       V::zero().store(scores);
       for (int64_t m = 0; m < rows_; ++m) {
@@ -115,9 +105,7 @@ class AccumulationTypeForwardProducts {
   acc_t* q_rows_ = nullptr;   // (kFewQueries, D_padded): scale * q rows, zero-padded, for blocks of few queries
   acc_t* k_block_ = nullptr;  // (kN, D) keys in acc_t (16-bit inputs only)
   acc_t* v_block_ = nullptr;  // (kN, D) values in acc_t (16-bit inputs only)
-  const acc_t* k_rows_ = nullptr;
-  const acc_t* v_rows_ = nullptr;
-  int64_t k_ld_ = 0, v_ld_ = 0;
+  Rows<acc_t> keys_, values_;  // the block's keys and values: k_block_ and v_block_, or the inputs in place
 };
 
 }  // namespace

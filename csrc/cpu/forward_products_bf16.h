@@ -65,8 +65,8 @@ class Bfloat16DotForwardProducts {
       few_query_scores(scores_t, cols);
       return;
     }
-    gemm_bf16<false>(cols, query_columns_, pairs_, reinterpret_cast<const uint32_t*>(k_), k_ld_ / 2,
-                     q_pair_columns_, kM, scores_t, kM, false);
+    gemm<Bf16PairDots, false>(cols, query_columns_, pairs_, reinterpret_cast<const uint32_t*>(k_), k_ld_ / 2,
+                              q_pair_columns_, kM, scores_t, kM, false);
     const __m512 factor = _mm512_set1_ps(scale_);
     for (int64_t n = 0; n < cols; ++n) {
       for (int64_t m = 0; m < query_columns_; m += W) {
@@ -79,8 +79,8 @@ class Bfloat16DotForwardProducts {
   // out_acc (rows x D, row stride ld_out) += P V_block; P^T in probs_t (cols x kM).
   void accumulate_output(const float* probs_t, int64_t cols, float* out_acc, int64_t ld_out) {
     pack_float_pair_rows(probs_pair_rows_, kM, probs_t, kM, cols, query_columns_, 1.0f);  // (ceil(cols/2), kM)
-    gemm_bf16<true>(rows_, head_dim_, (cols + 1) / 2, probs_pair_rows_, kM, v_pair_rows_, d_padded_, out_acc, ld_out,
-                    true);
+    gemm<Bf16PairDots, true>(rows_, head_dim_, (cols + 1) / 2, probs_pair_rows_, kM, v_pair_rows_, d_padded_, out_acc,
+                             ld_out, true);
   }
 
  private:

@@ -5,7 +5,18 @@
 // B's rows are contiguous (cols along a row) with any row stride; A is read
 // one element at a time (broadcast to all lanes), either row-major
 // (A(r, k) = a[r * lda + k]) or column-major (A(r, k) = a[k * lda + r]), so a
-// transposed operand (P^T, dS^T) needs no copy. Accumulation is in V's type.
+// transposed operand (P^T, dS^T) needs no copy.
+//
+// The arithmetic comes from the template argument V: a vector type of
+// floats or doubles (vec_*.h: its reg_* operations, A, B and C all of its value
+// type, accumulation in that type), or the bfloat16 k-pair dot products of
+// tile_gemm_bf16.h (A and B hold pairs of bf16, C is float). V provides Reg
+// (the accumulator), kWidth, kTileVectors, Mask and first_lanes, and:
+//   reg_zero()                                an accumulator of zeros
+//   reg_broadcast(a)                          an element of A on every lane
+//   reg_load(p), reg_load_masked(p, mask)     a vector of a B row or of a C row
+//   reg_fma(a, b, acc)                        acc + a * b
+//   reg_add, reg_store, reg_store_masked      on accumulators and C rows
 //
 // Register tile: 6 rows x 4 vectors (6 x 64 floats) = 24 accumulators, plus 4
 // B vectors and one broadcast, within the 32 AVX-512 registers. Measured on
@@ -30,21 +41,20 @@ constexpr int kTileVectors = 4;  // the most; a vector type may use fewer (V::kT
 // array of 24 vector registers in registers but, depending on the code
 // around it, also stores the whole array to the stack on every k step
 // (measured 28-83 instead of 115 GFLOP/s); named locals never spill.
-template <class V, int MR, int NV, bool kAColumnMajor>
-void gemm_tile(int64_t kdim, const typename V::value_type* a, int64_t lda, const typename V::value_type* b,
-               int64_t ldb, typename V::value_type* c, int64_t ldc, int last_lanes, bool accumulate) {
+template <class V, int MR, int NV, bool kAColumnMajor, class Operand, class Result>
+void gemm_tile(int64_t kdim, const Operand* a, int64_t lda, const Operand* b, int64_t ldb, Result* c, int64_t ldc,
+               int last_lanes, bool accumulate) {
   static_assert(MR >= 1 && MR <= kTileRows && NV >= 1 && NV <= kTileVectors, "tile shape");
   constexpr int W = V::kWidth;
-  using T = typename V::value_type;
   using Reg = typename V::Reg;
   const typename V::Mask last = V::first_lanes(last_lanes);
 
   // Vector v of a B row or C row: masked when it is the last one.
-  auto load = [&](const T* row, int v) {
+  auto load = [&](const auto* row, int v) {
     return v == NV - 1 ? V::reg_load_masked(row + v * W, last) : V::reg_load(row + v * W);
   };
   auto store = [&](Reg x, int r, int v) {
-    T* dst = c + r * ldc + v * W;
+    Result* dst = c + r * ldc + v * W;
     if (accumulate) x = V::reg_add(x, load(c + r * ldc, v));
     if (v == NV - 1) {
       V::reg_store_masked(dst, last, x);
@@ -58,7 +68,7 @@ void gemm_tile(int64_t kdim, const typename V::value_type* a, int64_t lda, const
   Reg c##r##0 = V::reg_zero(), c##r##1 = V::reg_zero(), c##r##2 = V::reg_zero(), c##r##3 = V::reg_zero();
 #define FAST_ATTN_TILE_ROW_FMA(r)                                  \
   if constexpr (MR > r) {                                          \
-    const Reg ar = V::reg_broadcast(a_value(r, k));                \
+    const auto ar = V::reg_broadcast(a_value(r, k));               \
     c##r##0 = V::reg_fma(ar, b0, c##r##0);                         \
     if constexpr (NV > 1) c##r##1 = V::reg_fma(ar, b1, c##r##1);   \
     if constexpr (NV > 2) c##r##2 = V::reg_fma(ar, b2, c##r##2);   \
@@ -79,11 +89,11 @@ void gemm_tile(int64_t kdim, const typename V::value_type* a, int64_t lda, const
   FAST_ATTN_TILE_ROW_DECLARE(4)
   FAST_ATTN_TILE_ROW_DECLARE(5)
   for (int64_t k = 0; k < kdim; ++k) {
-    const T* b_row = b + k * ldb;
-    const Reg b0 = load(b_row, 0);
-    const Reg b1 = NV > 1 ? load(b_row, 1) : b0;
-    const Reg b2 = NV > 2 ? load(b_row, 2) : b0;
-    const Reg b3 = NV > 3 ? load(b_row, 3) : b0;
+    const Operand* b_row = b + k * ldb;
+    const auto b0 = load(b_row, 0);
+    const auto b1 = NV > 1 ? load(b_row, 1) : b0;
+    const auto b2 = NV > 2 ? load(b_row, 2) : b0;
+    const auto b3 = NV > 3 ? load(b_row, 3) : b0;
     FAST_ATTN_TILE_ROW_FMA(0)
     FAST_ATTN_TILE_ROW_FMA(1)
     FAST_ATTN_TILE_ROW_FMA(2)
@@ -102,17 +112,16 @@ void gemm_tile(int64_t kdim, const typename V::value_type* a, int64_t lda, const
 #undef FAST_ATTN_TILE_ROW_STORE
 }
 
-template <class V, bool kAColumnMajor>
+template <class V, bool kAColumnMajor, class Operand, class Result>
 struct GemmTiles {
-  using T = typename V::value_type;
-  using Fn = void (*)(int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t, int, bool);
+  using Fn = void (*)(int64_t, const Operand*, int64_t, const Operand*, int64_t, Result*, int64_t, int, bool);
 
   template <int MR>
   static constexpr Fn at(int nv) {
-    return nv == 1   ? &gemm_tile<V, MR, 1, kAColumnMajor>
-           : nv == 2 ? &gemm_tile<V, MR, 2, kAColumnMajor>
-           : nv == 3 ? &gemm_tile<V, MR, 3, kAColumnMajor>
-                     : &gemm_tile<V, MR, 4, kAColumnMajor>;
+    return nv == 1   ? &gemm_tile<V, MR, 1, kAColumnMajor, Operand, Result>
+           : nv == 2 ? &gemm_tile<V, MR, 2, kAColumnMajor, Operand, Result>
+           : nv == 3 ? &gemm_tile<V, MR, 3, kAColumnMajor, Operand, Result>
+                     : &gemm_tile<V, MR, 4, kAColumnMajor, Operand, Result>;
   }
 
   static Fn select(int mr, int nv) {
@@ -127,12 +136,12 @@ struct GemmTiles {
   }
 };
 
-// C (rows x cols) (+)= A (rows x kdim) * B (kdim x cols). Column panels of 64
+// C (rows x cols) (+)= A (rows x kdim) * B (kdim x cols), with V's arithmetic on
+// A and B elements of type Operand and C of type Result. Column panels of 64
 // outer, so one B panel (kdim x 64) stays in cache across all row tiles.
-template <class V, bool kAColumnMajor>
-void gemm(int64_t rows, int64_t cols, int64_t kdim, const typename V::value_type* a, int64_t lda,
-          const typename V::value_type* b, int64_t ldb, typename V::value_type* c, int64_t ldc,
-          bool accumulate) {
+template <class V, bool kAColumnMajor, class Operand, class Result>
+void gemm(int64_t rows, int64_t cols, int64_t kdim, const Operand* a, int64_t lda, const Operand* b, int64_t ldb,
+          Result* c, int64_t ldc, bool accumulate) {
   constexpr int W = V::kWidth;
   constexpr int64_t kPanel = V::kTileVectors * W;
   for (int64_t c0 = 0; c0 < cols; c0 += kPanel) {
@@ -141,9 +150,9 @@ void gemm(int64_t rows, int64_t cols, int64_t kdim, const typename V::value_type
     const int last_lanes = static_cast<int>(panel - (nv - 1) * W);
     for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
       const int mr = static_cast<int>(std::min<int64_t>(kTileRows, rows - r0));
-      const auto* a_tile = kAColumnMajor ? a + r0 : a + r0 * lda;
-      GemmTiles<V, kAColumnMajor>::select(mr, nv)(kdim, a_tile, lda, b + c0, ldb, c + r0 * ldc + c0, ldc,
-                                                  last_lanes, accumulate);
+      const Operand* a_tile = kAColumnMajor ? a + r0 : a + r0 * lda;
+      GemmTiles<V, kAColumnMajor, Operand, Result>::select(mr, nv)(kdim, a_tile, lda, b + c0, ldb,
+                                                                   c + r0 * ldc + c0, ldc, last_lanes, accumulate);
     }
   }
 }

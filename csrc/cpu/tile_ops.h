@@ -1,11 +1,12 @@
 // Small tile operations shared by the forward and backward CPU kernels:
-// loading blocks of rows into the accumulation type, packing transposed
-// blocks, key-mask flags of a key block. Templates over the vector type V,
-// compiled once per instruction set.
+// loading blocks of rows into the accumulation type (or reading them in
+// place), packing transposed blocks, key-mask flags of a key block. Templates
+// over the vector type V, compiled once per instruction set.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "storage_types.h"
 
@@ -27,6 +28,28 @@ void load_rows(typename V::value_type* dst, int64_t ld_dst, const T* src, int64_
       const int rest = static_cast<int>(cols - c);
       (V::load_first(s + c, rest) * factor).store_first(d + c, rest);
     }
+  }
+}
+
+// Rows of a matrix in the accumulation type, with their row stride.
+template <class A>
+struct Rows {
+  const A* data = nullptr;
+  int64_t ld = 0;
+};
+
+// An input's rows (rows x cols of T, row stride ld_src) in the accumulation type:
+// float and double rows are read where they are; 16-bit rows are converted into
+// `buffer` (row stride cols).
+template <class V, class T>
+Rows<typename V::value_type> rows_in_accumulation_type(typename V::value_type* buffer, const T* src,
+                                                       int64_t ld_src, int64_t rows, int64_t cols) {
+  using acc_t = typename V::value_type;
+  if constexpr (std::is_same<T, acc_t>::value) {
+    return {src, ld_src};
+  } else {
+    load_rows<V>(buffer, cols, src, ld_src, rows, cols, acc_t(1));
+    return {buffer, cols};
   }
 }
 

@@ -23,31 +23,35 @@ void forward_float_products(const AttentionForwardParams& p, const ForwardPlan& 
   forward_worker<V, T, AccumulationTypeForwardProducts<V, T>>(p, plan, counter);
 }
 
-template <class V>
-void forward_on(const AttentionForwardParams& p, const ForwardPlan& plan, TaskCounter& counter) {
-  switch (plan.dtype) {
-    case ElementType::kFloat32: return forward_float_products<V, float>(p, plan, counter);
-    case ElementType::kBFloat16: return forward_float_products<V, BFloat16Bits>(p, plan, counter);
-    case ElementType::kFloat16: return forward_float_products<V, Float16Bits>(p, plan, counter);
-    case ElementType::kFloat64: break;
-  }
-  std::abort();
-}
-
 template <class V, class T>
 void backward_float_products(const AttentionBackwardParams& p, const BackwardPlan& plan, TaskCounter& counter) {
   backward_worker<V, T, AccumulationTypeProducts<V, T>>(p, plan, counter);
 }
 
-template <class V>
-void backward_on(const AttentionBackwardParams& p, const BackwardPlan& plan, TaskCounter& counter) {
-  switch (plan.dtype) {
-    case ElementType::kFloat32: return backward_float_products<V, float>(p, plan, counter);
-    case ElementType::kBFloat16: return backward_float_products<V, BFloat16Bits>(p, plan, counter);
-    case ElementType::kFloat16: return backward_float_products<V, Float16Bits>(p, plan, counter);
+// run(element) with a value of the storage type of a float32, bfloat16 or float16 problem.
+template <class Run>
+void with_storage_type(ElementType dtype, const Run& run) {
+  switch (dtype) {
+    case ElementType::kFloat32: return run(float{});
+    case ElementType::kBFloat16: return run(BFloat16Bits{});
+    case ElementType::kFloat16: return run(Float16Bits{});
     case ElementType::kFloat64: break;
   }
   std::abort();
+}
+
+template <class V>
+void forward_on(const AttentionForwardParams& p, const ForwardPlan& plan, TaskCounter& counter) {
+  with_storage_type(plan.dtype, [&](auto element) {
+    forward_float_products<V, decltype(element)>(p, plan, counter);
+  });
+}
+
+template <class V>
+void backward_on(const AttentionBackwardParams& p, const BackwardPlan& plan, TaskCounter& counter) {
+  with_storage_type(plan.dtype, [&](auto element) {
+    backward_float_products<V, decltype(element)>(p, plan, counter);
+  });
 }
 
 }  // namespace
