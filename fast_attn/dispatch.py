@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _extension
+from .dropout import new_dropout_seed
 from .validation import SUPPORTED_DTYPES, AttentionProblem
 
 # Triton first on GPUs: on an H100 (bf16, 16k tokens, benchmarks/results/h100-20261126.md)
@@ -305,6 +306,13 @@ def select_backend(problem: AttentionProblem, backend: str = "auto") -> Backend:
         if candidate.accepts(problem):
             return candidate
     raise BackendNotSupportedError("no fast_attn backend can run this input")  # reference takes everything
+
+
+def run_problem(problem: AttentionProblem, backend: str = "auto"):
+    """(out, lse) of `problem` on `backend` (see select_backend), with a fresh dropout seed when it drops."""
+    chosen = select_backend(problem, backend)
+    dropout_seed = new_dropout_seed(problem.device) if problem.dropout_p > 0.0 else None
+    return chosen.run(problem, dropout_seed)
 
 
 def available_backends() -> dict[str, str | None]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
-from .dropout import new_dropout_seed
 from .masks import bias_from_mask
 from .validation import build_problem, validate_backend_name
 
@@ -61,9 +60,7 @@ def attention(
         scale=scale,
         dropout_p=dropout_p,
     )
-    chosen = dispatch.select_backend(problem, backend)
-    dropout_seed = new_dropout_seed(problem.device) if problem.dropout_p > 0.0 else None
-    out, lse = chosen.run(problem, dropout_seed)
+    out, lse = dispatch.run_problem(problem, backend)
     return (out, lse) if return_lse else out
 
 

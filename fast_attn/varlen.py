@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
-from .dropout import new_dropout_seed
 from .validation import build_varlen_problem, validate_backend_name
 
 
@@ -67,8 +66,6 @@ def varlen_attention(
         scale=scale,
         dropout_p=dropout_p,
     )
-    chosen = dispatch.select_backend(problem, backend)
-    dropout_seed = new_dropout_seed(problem.device) if problem.dropout_p > 0.0 else None
-    out, lse = chosen.run(problem, dropout_seed)  # (1, Hq, Tq, D) stored (1, Tq, Hq, D), (1, Hq, Tq)
+    out, lse = dispatch.run_problem(problem, backend)  # (1, Hq, Tq, D) stored (1, Tq, Hq, D), (1, Hq, Tq)
     out = out[0].transpose(0, 1)
     return (out, lse[0]) if return_lse else out

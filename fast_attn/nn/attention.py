@@ -113,19 +113,33 @@ class Attention(nn.Module):
     def _split_heads(self, projected: torch.Tensor, heads: int) -> torch.Tensor:
         return projected.unflatten(-1, (heads, self.head_dim))  # (B, S, heads, D)
 
+    def _self_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention's q (..., S, Hq, D) and k, v (..., S, Hkv, D) from one fused projection of x (..., S, E)."""
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_width, kv_width, kv_width], dim=-1)
+        k, v = (self._split_heads(t, self.num_kv_heads) for t in (k, v))
+        return self._split_heads(q, self.num_heads), k, v
+
+    def _score_options(self) -> dict:
+        """The keywords of fast_attn.attention / varlen_attention this layer fixes (dropout in training only)."""
+        return dict(
+            window_size=self.window_size,
+            softcap=self.softcap,
+            alibi_slopes=self.alibi_slopes,
+            sinks=self.sinks,
+            scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+
     def _keys_values(
         self, x: torch.Tensor, context: torch.Tensor | None, cache: KVCache | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (B, Hq, Sq, D) and k, v (B, Hkv, Sk, D), from the projections and the cache."""
-        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        kv_width = self.num_kv_heads * self.head_dim
         if not self.cross_attention:
             if context is not None:
                 raise ValueError("context is only for cross-attention; this layer is self-attention")
-            q, k, v = self.qkv_proj(x).split([q_width, kv_width, kv_width], dim=-1)
-            q, k, v = (
-                self._split_heads(q, self.num_heads),
-                *(self._split_heads(t, self.num_kv_heads) for t in (k, v)),
-            )
+            q, k, v = self._self_projections(x)
             if cache is not None:
                 k, v = cache.append(k, v)  # (B, Hkv, cached + Sq, D)
             else:
@@ -183,12 +197,7 @@ class Attention(nn.Module):
             bias=bias,
             key_mask=key_mask,
             causal="bottom_right" if causal else False,
-            window_size=self.window_size,
-            softcap=self.softcap,
-            alibi_slopes=self.alibi_slopes,
-            sinks=self.sinks,
-            scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0,
+            **self._score_options(),
         )  # (B, Hq, Sq, D)
         out = out.transpose(1, 2).flatten(2)  # (B, Sq, Hq * D)
         return self.out_proj(out)
@@ -222,11 +231,6 @@ class Attention(nn.Module):
             max_seqlen,
             max_seqlen,
             causal="bottom_right" if causal else False,
-            window_size=self.window_size,
-            softcap=self.softcap,
-            alibi_slopes=self.alibi_slopes,
-            sinks=self.sinks,
-            scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0,
+            **self._score_options(),
         )  # (T, Hq, D)
         return self.out_proj(out.flatten(1))
