@@ -109,6 +109,7 @@ def test_varlen(benchmark, impl, dtype, mode):
         with _peak_memory(torch.device("cpu")) as peak:
             step()
         PEAK_MB[name] = peak[0]
+        benchmark.extra_info["peak_mb"] = peak[0]
     benchmark.pedantic(step, rounds=3, warmup_rounds=0)
     MEDIANS.setdefault(name, {})[impl] = benchmark.stats.stats.median
     benchmark.extra_info.update(implementation=impl, lengths=LENGTHS, threads=torch.get_num_threads())
