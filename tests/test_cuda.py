@@ -58,9 +58,8 @@ SM_COUNT = 132  # the emulator sizes the dbias split as for an H100
 class Runner:
     name: str
     device: str
-    forward: Callable  # (q, k, v, bias, key_mask, seed, scale, causal, dropout_p) -> (out, lse)
-    backward: Callable  # (grad_out, grad_lse, q, k, v, bias, key_mask, seed, out, lse, scale, causal,
-    #                      dropout_p, compute_dbias, deterministic) -> (dq, dk, dv, dbias)
+    forward: Callable  # the forward op's arguments (csrc/schema.cpp) -> (out, lse)
+    backward: Callable  # the backward op's arguments -> (dq, dk, dv, dbias)
     launch_count: Callable[[], int] | None = None
 
     def run(self, case: Case, inputs: dict, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
@@ -127,8 +126,8 @@ def emulated() -> Runner:
     return Runner(
         name="emulated",
         device="cpu",
-        forward=lambda *args: module.forward(*args, SM_COUNT),
-        backward=lambda *args: module.backward(*args, SM_COUNT),
+        forward=functools.partial(module.forward, sm_count=SM_COUNT),
+        backward=functools.partial(module.backward, sm_count=SM_COUNT),
         launch_count=module.launch_count,
     )
 
