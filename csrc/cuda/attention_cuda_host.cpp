@@ -36,7 +36,7 @@ constexpr bool head_dim_compiled(int head_dim) {
 
 // Kernels index query and key positions with 32-bit integers (plus a block of slack).
 constexpr int64_t kMaxSequenceLength = std::numeric_limits<int32_t>::max() - (1 << 16);
-// Query heads and batch are grid dims y and z of the forward and dQ kernels.
+// Query heads and batch (varlen: sequences) are grid dims y and z of the forward and dQ kernels.
 constexpr int64_t kMaxGridDim = 65535;
 
 ElementType element_type(const at::Tensor& q) {
@@ -55,12 +55,22 @@ int kernel_head_dim(int64_t head_dim) {
   return *fits;
 }
 
-void check_sizes(const at::Tensor& q, const at::Tensor& k) {
+void check_sizes(const ForwardInputs& in) {
+  const at::Tensor& q = in.q;
+  const at::Tensor& k = in.k;
   TORCH_CHECK(q.size(2) <= kMaxSequenceLength && k.size(2) <= kMaxSequenceLength,
               "fast_attn CUDA kernels support sequences shorter than ", kMaxSequenceLength, ", got Sq = ", q.size(2),
               " and Sk = ", k.size(2));
-  TORCH_CHECK(q.size(0) <= kMaxGridDim && q.size(1) <= kMaxGridDim,
-              "fast_attn CUDA kernels support at most ", kMaxGridDim, " batches and query heads, got q ", q.sizes());
+  const int64_t batch = in.cu_seqlens_q ? in.cu_seqlens_q->numel() - 1 : q.size(0);
+  TORCH_CHECK(batch <= kMaxGridDim && q.size(1) <= kMaxGridDim, "fast_attn CUDA kernels support at most ", kMaxGridDim,
+              " batches (or packed sequences) and query heads, got ", batch, " and ", q.size(1));
+}
+
+// Whether the kernels' grids are empty: no batch (varlen: no sequence), query row or key.
+// Without varlen has_no_scores(q, k) answers it before any work; with it, the sequences'
+// length bounds in the params do.
+bool launches_nothing(const AttentionForwardParams& params) {
+  return params.batch * params.heads_q * params.seqlen_q == 0 || params.seqlen_k == 0;
 }
 
 // cp.async and the 16-byte vector loads need a 16-byte aligned base and batch,
@@ -176,12 +186,11 @@ std::vector<int> compiled_head_dims() {
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const ForwardInputs& in, const DeviceContext& device) {
   check_forward_inputs(in);
-  TORCH_CHECK(!in.cu_seqlens_q, "fast_attn CUDA: packed sequences are not implemented yet");
   const at::Tensor& q = in.q;
   const at::Tensor& k = in.k;
   const ElementType element = element_type(q);
   const int head_dim = kernel_head_dim(q.size(3));
-  check_sizes(q, k);
+  check_sizes(in);
   auto [out, lse] = allocate_forward_outputs(q);
   if (has_no_scores(q, k)) {
     fill_forward_without_scores(out, lse);
@@ -191,6 +200,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const ForwardInputs& in, co
   const at::Tensor k_ready = aligned_for_vector_loads(k);
   const at::Tensor v_ready = aligned_for_vector_loads(in.v);
   const AttentionForwardParams params = make_forward_params(with_qkv(in, q_ready, k_ready, v_ready), out, lse);
+  if (launches_nothing(params)) {
+    fill_forward_without_scores(out, lse);
+    return {out, lse};
+  }
   const LaunchStatus status = element == ElementType::kFloat16
                                   ? forward_for<ElementType::kFloat16>(head_dim, params, device.stream)
                                   : forward_for<ElementType::kBFloat16>(head_dim, params, device.stream);
@@ -202,7 +215,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(co
                                                                               const BackwardInputs& grads,
                                                                               const DeviceContext& device) {
   check_forward_inputs(in);
-  TORCH_CHECK(!in.cu_seqlens_q, "fast_attn CUDA: packed sequences are not implemented yet");
   const at::Tensor& q = in.q;
   const at::Tensor& k = in.k;
   const std::optional<at::Tensor>& bias = in.bias;
@@ -210,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(co
   const bool deterministic = grads.deterministic;
   const ElementType element = element_type(q);
   const int head_dim = kernel_head_dim(q.size(3));
-  check_sizes(q, k);
+  check_sizes(in);
   check_like_q(grads.grad_out, q, "grad_out");
   check_like_q(grads.out, q, "out");
   check_row_vector(grads.lse, q, "lse");
@@ -257,6 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(co
 
   const BackwardTensors tensors{grad_out_ready, out_ready, lse_ready, delta, dq, dk, dv, dbias_partials};
   const AttentionBackwardParams params = make_backward_params(with_qkv(in, q_ready, k_ready, v_ready), tensors);
+  if (launches_nothing(params)) return backward_without_scores(q, k, in.v, bias, compute_dbias);
   BackwardWorkspace workspace{};
   workspace.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
   workspace.grad_lse = grad_lse_ready ? grad_lse_ready->data_ptr<float>() : nullptr;
