@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import shutil
 import tempfile
@@ -34,9 +35,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fast_attn import dispatch
+from fast_attn.causal import parse_causal
+from fast_attn.dropout import new_dropout_seed
+from fast_attn.reference import reference_varlen_attention
 from fast_attn.testing import (
     GRAD_INPUTS,
     Case,
+    VarlenCase,
     assert_error_rule,
     attention_options,
     backward_op_arguments,
@@ -61,9 +66,8 @@ SM_COUNT = 132  # the emulator sizes the dbias split as for an H100
 class Runner:
     name: str
     device: str
-    forward: Callable  # (q, k, v, bias, key_mask, seed, scale, causal, dropout_p) -> (out, lse)
-    backward: Callable  # (grad_out, grad_lse, q, k, v, bias, key_mask, seed, out, lse, scale, causal,
-    #                      dropout_p, compute_dbias, deterministic) -> (dq, dk, dv, dbias)
+    forward: Callable  # the forward op's arguments (csrc/schema.cpp) -> (out, lse)
+    backward: Callable  # the backward op's arguments -> (dq, dk, dv, dbias)
     launch_count: Callable[[], int] | None = None
     head_dims: tuple[int, ...] = ()  # the kernel head dims compiled (the emulator's)
 
@@ -131,8 +135,8 @@ def emulated() -> Runner:
     return Runner(
         name="emulated",
         device="cpu",
-        forward=lambda *args: module.forward(*args, SM_COUNT),
-        backward=lambda *args: module.backward(*args, SM_COUNT),
+        forward=functools.partial(module.forward, sm_count=SM_COUNT),
+        backward=functools.partial(module.backward, sm_count=SM_COUNT),
         launch_count=module.launch_count,
         head_dims=tuple(module.compiled_head_dims()),
     )
@@ -346,6 +350,135 @@ LONG_CASES = [
 @pytest.mark.parametrize("case", LONG_CASES, ids=str)
 def test_gpu_kernels_long(gpu: Runner, case: Case):
     check_case(gpu, case)
+
+
+# ---------------------------------------------------------------------------
+# Packed sequences (varlen): q (1, Hq, Tq, D) and k, v (1, Hkv, Tk, D) views of packed (T, H, D)
+# tensors, each sequence held to the reference run on it alone (reference_varlen_attention: its
+# own ALiBi slopes, causal and window alignment, and its block of the packed dropout mask).
+
+
+@dataclass(frozen=True)
+class CudaVarlenCase:
+    """A VarlenCase through the ops, with the backward's deterministic flag and the max_seqlen
+    bounds the ops get: "exact" (the longest sequences), "derived" (-1: the op derives them from
+    the offsets) or "loose" (70 more: CTAs beyond every sequence)."""
+
+    case: VarlenCase
+    deterministic: bool = False
+    bounds: str = "exact"
+
+    def __str__(self) -> str:
+        flags = ["det" if self.deterministic else "", self.bounds if self.bounds != "exact" else ""]
+        return "-".join([str(self.case), *(f for f in flags if f)])
+
+
+def varlen_case(lengths_q, lengths_k, *, deterministic=False, bounds="exact", **options) -> CudaVarlenCase:
+    return CudaVarlenCase(
+        VarlenCase(lengths_q, lengths_k, **{"dtype": torch.bfloat16, **options}), deterministic, bounds
+    )
+
+
+# Lengths 0 and 1, a sequence without keys and one without queries, lengths crossing the kernels'
+# block sizes (64 and 128 rows), GQA, both causal alignments with Sq_n != Sk_n, windows, softcap,
+# ALiBi per head and per sequence, dropout, both dQ paths (atomic and deterministic).
+VARLEN_CASES = [
+    varlen_case((1, 0, 130, 17), (3, 5, 129, 0), heads_kv=2, head_dim=64),
+    varlen_case((1, 0, 130, 17), (3, 5, 129, 0), heads_kv=2, head_dim=64, deterministic=True, bounds="derived"),
+    varlen_case((33, 70, 5), (50, 40, 5), heads_q=4, heads_kv=2, head_dim=64, causal=True, deterministic=True),
+    varlen_case(
+        (33, 70, 5), (50, 40, 5), heads_q=4, heads_kv=2, head_dim=128, dtype=torch.float16,
+        causal="bottom_right", bounds="loose",
+    ),
+    varlen_case((97, 20), (60, 33), head_dim=64, window_size=(16, 4)),
+    varlen_case((70, 9), (40, 30), head_dim=128, causal="bottom_right", window_size=(8, -1), deterministic=True),
+    varlen_case((45, 66), (70, 30), heads_kv=2, head_dim=32, softcap=5.0, alibi="nh", causal="bottom_right"),
+    varlen_case((40, 0, 65), (33, 7, 80), heads_kv=2, head_dim=64, dropout_p=0.3),
+    varlen_case(
+        (40, 65), (80, 33), heads_q=4, heads_kv=2, head_dim=96, dropout_p=0.2, causal=True, alibi="h",
+        window_size=(20, -1), deterministic=True,
+    ),
+    varlen_case((20, 37), (45, 16), head_dim=256, causal="bottom_right"),
+]  # fmt: skip
+
+
+def check_varlen(runner: Runner, varlen: CudaVarlenCase) -> None:
+    """The forward and backward ops on packed sequences; out, lse, dq, dk and dv of each sequence by
+    the error rule against the float64 reference run on that sequence alone (grad_lse random)."""
+    case = varlen.case
+    inputs = case.make_inputs(runner.device)
+    q, k, v = (inputs[n].detach() for n in ("q", "k", "v"))  # (T, H, D)
+    cu_q, cu_k = inputs["cu_seqlens_q"], inputs["cu_seqlens_k"]
+    longest_q, longest_k = inputs["max_seqlen_q"], inputs["max_seqlen_k"]
+    bounds = {"exact": (longest_q, longest_k), "derived": (-1, -1), "loose": (longest_q + 70, longest_k + 70)}
+    slopes = inputs["alibi_slopes"]
+    seed = new_dropout_seed(torch.device(runner.device)) if case.dropout_p > 0 else None
+    scale = 1.0 / math.sqrt(case.head_dim)
+    causal = int(parse_causal(case.causal))
+    left, right = case.window_size or (-1, -1)
+    trailing = (
+        None if slopes is None else slopes.reshape(-1, case.heads_q),  # (1 or N, Hq)
+        left, right, case.softcap or 0.0, cu_q, cu_k, *bounds[varlen.bounds],
+    )  # fmt: skip
+    packed = [t.transpose(0, 1)[None] for t in (q, k, v)]  # (1, H, T, D) views
+    out, lse = runner.forward(*packed, None, None, seed, scale, causal, case.dropout_p, *trailing)
+    grad_out = torch.randn(q.shape, device=q.device).to(case.dtype)  # (Tq, Hq, D)
+    grad_lse = torch.randn(lse.shape[1:], device=q.device)  # (Hq, Tq)
+    dq, dk, dv, _ = runner.backward(
+        grad_out.transpose(0, 1)[None], grad_lse[None], *packed, None, None, seed, out, lse, scale, causal,
+        case.dropout_p, False, varlen.deterministic, *trailing,
+    )  # fmt: skip
+    actual = {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
+    actual = {name: t[0] if name == "lse" else t[0].transpose(0, 1) for name, t in actual.items()}
+
+    def reference(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        copies = [inputs[n].detach().to(dtype).requires_grad_(True) for n in ("q", "k", "v")]
+        ref_out, ref_lse = reference_varlen_attention(
+            *copies, cu_q, cu_k, causal=case.causal, window_size=case.window_size, softcap=case.softcap,
+            alibi_slopes=slopes, scale=scale, dropout_p=case.dropout_p, dropout_seed=seed, compute_dtype=dtype,
+        )  # fmt: skip
+        grads = torch.autograd.grad(
+            [ref_out, ref_lse], copies, [grad_out.to(ref_out.dtype), grad_lse.to(ref_lse.dtype)]
+        )
+        return {"out": ref_out, "lse": ref_lse, **dict(zip(("dq", "dk", "dv"), grads))}
+
+    exact, same_dtype = reference(torch.float64), reference(case.dtype)
+    assert torch.equal(torch.isneginf(actual["lse"]), torch.isneginf(exact["lse"])), (
+        "rows with lse = -inf differ"
+    )
+    offsets = {"q": cu_q.tolist(), "k": cu_k.tolist()}
+    for n in range(len(offsets["q"]) - 1):
+        for name in actual:
+            dim = 1 if name == "lse" else 0  # lse (Hq, Tq), the others (T, H, D)
+            sequence = offsets["k" if name in ("dk", "dv") else "q"]
+            start, length = sequence[n], sequence[n + 1] - sequence[n]
+            values = (t.narrow(dim, start, length) for t in (actual[name], exact[name], same_dtype[name]))
+            assert_error_rule(f"{varlen} sequence {n} {name}", *values, case.dtype)
+
+
+@pytest.mark.parametrize("varlen", VARLEN_CASES, ids=str)
+def test_varlen(runner: Runner, varlen: CudaVarlenCase):
+    check_varlen(runner, varlen)
+
+
+def test_varlen_without_scores(runner: Runner) -> None:
+    """No sequence (the packed rows belong to none), or no key in any: out 0, lse -inf, zero
+    gradients, and no kernel launched."""
+    for rows, offsets_q, keys, offsets_k in ((5, [0], 4, [0]), (5, [0, 3, 5], 0, [0, 0, 0])):
+        q = torch.randn(rows, 2, 64).to(runner.device, torch.bfloat16).transpose(0, 1)[None]  # (1, Hq, Tq, D)
+        k = torch.randn(keys, 1, 64).to(runner.device, torch.bfloat16).transpose(0, 1)[None]
+        cu_q = torch.tensor(offsets_q, dtype=torch.int32, device=runner.device)
+        cu_k = torch.tensor(offsets_k, dtype=torch.int32, device=runner.device)
+        trailing = (None, -1, -1, 0.0, cu_q, cu_k, -1, -1)  # no modifiers; the packed sequences
+        launches = runner.launch_count() if runner.launch_count else None
+        out, lse = runner.forward(q, k, k, None, None, None, 0.125, 1, 0.0, *trailing)
+        assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+        grad_out = torch.ones_like(q)
+        arguments = (q, k, k, None, None, None, out, lse, 0.125, 1, 0.0, False, False, *trailing)
+        dq, dk, dv, _ = runner.backward(grad_out, None, *arguments)
+        assert torch.all(dq == 0) and torch.all(dk == 0) and torch.all(dv == 0)
+        if launches is not None:
+            assert runner.launch_count() == launches, "packed sequences without scores launched a kernel"
 
 
 # ---------------------------------------------------------------------------

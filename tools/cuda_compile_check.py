@@ -161,8 +161,8 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 
 # The bool template arguments after each kernel's traits, in order (a true one is named in the report).
-KERNEL_FLAGS = {"backward_dkdv": ("dbias", "modifiers")}
-DEFAULT_KERNEL_FLAGS = ("modifiers",)
+KERNEL_FLAGS = {"backward_dkdv": ("dbias", "modifiers", "varlen"), "backward_dbias": ("modifiers",)}
+DEFAULT_KERNEL_FLAGS = ("modifiers", "varlen")
 
 
 def short_name(demangled: str) -> tuple[str, str | None]:

@@ -36,7 +36,7 @@ constexpr bool head_dim_compiled(int head_dim) {
 
 // Kernels index query and key positions with 32-bit integers (plus a block of slack).
 constexpr int64_t kMaxSequenceLength = std::numeric_limits<int32_t>::max() - (1 << 16);
-// Query heads and batch are grid dims y and z of the forward and dQ kernels.
+// Query heads and batch (varlen: sequences) are grid dims y and z of the forward and dQ kernels.
 constexpr int64_t kMaxGridDim = 65535;
 
 ElementType element_type(const at::Tensor& q) {
@@ -55,12 +55,22 @@ int kernel_head_dim(int64_t head_dim) {
   return *fits;
 }
 
-void check_sizes(const at::Tensor& q, const at::Tensor& k) {
+void check_sizes(const ForwardInputs& in) {
+  const at::Tensor& q = in.q;
+  const at::Tensor& k = in.k;
   TORCH_CHECK(q.size(2) <= kMaxSequenceLength && k.size(2) <= kMaxSequenceLength,
               "fast_attn CUDA kernels support sequences shorter than ", kMaxSequenceLength, ", got Sq = ", q.size(2),
               " and Sk = ", k.size(2));
-  TORCH_CHECK(q.size(0) <= kMaxGridDim && q.size(1) <= kMaxGridDim,
-              "fast_attn CUDA kernels support at most ", kMaxGridDim, " batches and query heads, got q ", q.sizes());
+  const int64_t batch = in.cu_seqlens_q ? in.cu_seqlens_q->numel() - 1 : q.size(0);
+  TORCH_CHECK(batch <= kMaxGridDim && q.size(1) <= kMaxGridDim, "fast_attn CUDA kernels support at most ", kMaxGridDim,
+              " batches (or packed sequences) and query heads, got ", batch, " and ", q.size(1));
+}
+
+// Whether the kernels' grids are empty: no batch (varlen: no sequence), query row or key.
+// Without varlen has_no_scores(q, k) answers it before any work; with it, the sequences'
+// length bounds in the params do.
+bool launches_nothing(const AttentionForwardParams& params) {
+  return params.batch * params.heads_q * params.seqlen_q == 0 || params.seqlen_k == 0;
 }
 
 // cp.async and the 16-byte vector loads need a 16-byte aligned base and batch,
@@ -145,6 +155,13 @@ DkdvSchedule unsplit_schedule(const at::Tensor& q, const at::Tensor& k, const at
                       bias.size(3), 1);
 }
 
+// `in` with other (aligned) q, k, v.
+ForwardInputs with_qkv(const ForwardInputs& in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return {q, k, v, in.bias, in.key_mask, in.alibi_slopes, in.dropout_seed, in.scale, in.causal,
+          in.window_left, in.window_right, in.softcap, in.dropout_p, in.cu_seqlens_q, in.cu_seqlens_k,
+          in.max_seqlen_q, in.max_seqlen_k};
+}
+
 void check_like_q(const at::Tensor& t, const at::Tensor& q, const char* name) {
   TORCH_CHECK(t.sizes() == q.sizes() && t.scalar_type() == q.scalar_type() && t.device() == q.device(),
               "fast_attn: ", name, " must match q (", q.sizes(), ", ", q.scalar_type(), "), got ", t.sizes(), ", ",
@@ -167,20 +184,13 @@ std::vector<int> compiled_head_dims() {
   return dims;
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     const std::optional<at::Tensor>& bias,
-                                                     const std::optional<at::Tensor>& key_mask,
-                                                     const std::optional<at::Tensor>& dropout_seed, double scale,
-                                                     int64_t causal, double dropout_p,
-                                                     const std::optional<at::Tensor>& alibi_slopes, int64_t window_left,
-                                                     int64_t window_right, double softcap, const DeviceContext& device) {
-  const ForwardInputs in{q,     k,      v,           bias,         key_mask, alibi_slopes, dropout_seed,
-                         scale, causal, window_left, window_right, softcap,  dropout_p,    std::nullopt,
-                         std::nullopt, -1, -1};
+std::tuple<at::Tensor, at::Tensor> attention_forward(const ForwardInputs& in, const DeviceContext& device) {
   check_forward_inputs(in);
+  const at::Tensor& q = in.q;
+  const at::Tensor& k = in.k;
   const ElementType element = element_type(q);
   const int head_dim = kernel_head_dim(q.size(3));
-  check_sizes(q, k);
+  check_sizes(in);
   auto [out, lse] = allocate_forward_outputs(q);
   if (has_no_scores(q, k)) {
     fill_forward_without_scores(out, lse);
@@ -188,11 +198,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
   }
   const at::Tensor q_ready = aligned_for_vector_loads(q);
   const at::Tensor k_ready = aligned_for_vector_loads(k);
-  const at::Tensor v_ready = aligned_for_vector_loads(v);
-  const ForwardInputs ready{q_ready, k_ready,     v_ready,      bias,    key_mask,  alibi_slopes, dropout_seed,
-                            scale,   causal,      window_left,  window_right, softcap, dropout_p, std::nullopt,
-                            std::nullopt, -1,     -1};
-  const AttentionForwardParams params = make_forward_params(ready, out, lse);
+  const at::Tensor v_ready = aligned_for_vector_loads(in.v);
+  const AttentionForwardParams params = make_forward_params(with_qkv(in, q_ready, k_ready, v_ready), out, lse);
+  if (launches_nothing(params)) {
+    fill_forward_without_scores(out, lse);
+    return {out, lse};
+  }
   const LaunchStatus status = element == ElementType::kFloat16
                                   ? forward_for<ElementType::kFloat16>(head_dim, params, device.stream)
                                   : forward_for<ElementType::kBFloat16>(head_dim, params, device.stream);
@@ -200,41 +211,39 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask,
-    const std::optional<at::Tensor>& dropout_seed, const at::Tensor& out, const at::Tensor& lse, double scale,
-    int64_t causal, double dropout_p, bool compute_dbias, bool deterministic,
-    const std::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, double softcap,
-    const DeviceContext& device) {
-  const ForwardInputs in{q,     k,      v,           bias,         key_mask, alibi_slopes, dropout_seed,
-                         scale, causal, window_left, window_right, softcap,  dropout_p,    std::nullopt,
-                         std::nullopt, -1, -1};
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(const ForwardInputs& in,
+                                                                              const BackwardInputs& grads,
+                                                                              const DeviceContext& device) {
   check_forward_inputs(in);
+  const at::Tensor& q = in.q;
+  const at::Tensor& k = in.k;
+  const std::optional<at::Tensor>& bias = in.bias;
+  const bool compute_dbias = grads.compute_dbias;
+  const bool deterministic = grads.deterministic;
   const ElementType element = element_type(q);
   const int head_dim = kernel_head_dim(q.size(3));
-  check_sizes(q, k);
-  check_like_q(grad_out, q, "grad_out");
-  check_like_q(out, q, "out");
-  check_row_vector(lse, q, "lse");
-  if (grad_lse) {
-    check_row_vector(*grad_lse, q, "grad_lse");
+  check_sizes(in);
+  check_like_q(grads.grad_out, q, "grad_out");
+  check_like_q(grads.out, q, "out");
+  check_row_vector(grads.lse, q, "lse");
+  if (grads.grad_lse) {
+    check_row_vector(*grads.grad_lse, q, "grad_lse");
   }
   TORCH_CHECK(!compute_dbias || bias.has_value(), "fast_attn: compute_dbias needs a bias");
 
-  if (has_no_scores(q, k)) return backward_without_scores(q, k, v, bias, compute_dbias);
+  if (has_no_scores(q, k)) return backward_without_scores(q, k, in.v, bias, compute_dbias);
   at::Tensor dq = empty_bshd_like(q);
   at::Tensor dk = empty_bshd_like(k);
-  at::Tensor dv = empty_bshd_like(v);
+  at::Tensor dv = empty_bshd_like(in.v);
 
   const at::Tensor q_ready = aligned_for_vector_loads(q);
   const at::Tensor k_ready = aligned_for_vector_loads(k);
-  const at::Tensor v_ready = aligned_for_vector_loads(v);
-  const at::Tensor grad_out_ready = aligned_for_vector_loads(grad_out);
-  const at::Tensor out_ready = aligned_for_vector_loads(out);
-  const at::Tensor lse_ready = lse.contiguous();
+  const at::Tensor v_ready = aligned_for_vector_loads(in.v);
+  const at::Tensor grad_out_ready = aligned_for_vector_loads(grads.grad_out);
+  const at::Tensor out_ready = aligned_for_vector_loads(grads.out);
+  const at::Tensor lse_ready = grads.lse.contiguous();
   const std::optional<at::Tensor> grad_lse_ready =
-      grad_lse ? std::optional<at::Tensor>(grad_lse->contiguous()) : std::nullopt;
+      grads.grad_lse ? std::optional<at::Tensor>(grads.grad_lse->contiguous()) : std::nullopt;
   const at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   const at::Tensor dq_accum = deterministic ? at::Tensor()
                                             : at::empty({q.size(0), q.size(1), q.size(2), q.size(3)},
@@ -247,7 +256,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
   if (dbias_by_tiles) {
     dbias_tiles = at::empty(bias->sizes(), bias->options().memory_format(at::MemoryFormat::Contiguous));
   } else if (compute_dbias) {
-    TORCH_CHECK(dkdv_dbias_with_modifiers(head_dim) || (window_left < 0 && softcap == 0.0 && !alibi_slopes),
+    const bool modifiers = in.window_left >= 0 || in.softcap > 0.0 || in.alibi_slopes;
+    TORCH_CHECK(dkdv_dbias_with_modifiers(head_dim) || !modifiers,
                 "fast_attn CUDA kernels do not implement the gradient of a bias with a broadcast dim together ",
                 "with window_left, softcap or alibi_slopes at head dims above 96 (kernel head dim ", head_dim,
                 "); use backend='cpu' or 'reference', or a bias of full (Sq, Sk) rows and columns");
@@ -257,11 +267,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     dbias_partials = allocate_dbias_partials(*bias, splits);
   }
 
-  const ForwardInputs ready{q_ready, k_ready,     v_ready,      bias,    key_mask,  alibi_slopes, dropout_seed,
-                            scale,   causal,      window_left,  window_right, softcap, dropout_p, std::nullopt,
-                            std::nullopt, -1,     -1};
   const BackwardTensors tensors{grad_out_ready, out_ready, lse_ready, delta, dq, dk, dv, dbias_partials};
-  const AttentionBackwardParams params = make_backward_params(ready, tensors);
+  const AttentionBackwardParams params = make_backward_params(with_qkv(in, q_ready, k_ready, v_ready), tensors);
+  if (launches_nothing(params)) return backward_without_scores(q, k, in.v, bias, compute_dbias);
   BackwardWorkspace workspace{};
   workspace.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
   workspace.grad_lse = grad_lse_ready ? grad_lse_ready->data_ptr<float>() : nullptr;

@@ -13,6 +13,8 @@
 #include <tuple>
 #include <vector>
 
+#include "attention_launch.h"
+
 namespace fast_attn::cuda {
 
 struct DeviceContext {
@@ -20,23 +22,23 @@ struct DeviceContext {
   int sm_count;  // sizes the dbias split (CTAs to fill the device)
 };
 
+// What the backward takes beyond the forward's inputs (attention_backward's schema).
+struct BackwardInputs {
+  const at::Tensor& grad_out;                 // (B, Hq, Sq, D) like q
+  const std::optional<at::Tensor>& grad_lse;  // float32 (B, Hq, Sq)
+  const at::Tensor& out;                      // the forward's out and lse
+  const at::Tensor& lse;
+  bool compute_dbias;
+  bool deterministic;
+};
+
 // attention_forward's schema (csrc/schema.cpp): (out, lse).
-std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     const std::optional<at::Tensor>& bias,
-                                                     const std::optional<at::Tensor>& key_mask,
-                                                     const std::optional<at::Tensor>& dropout_seed, double scale,
-                                                     int64_t causal, double dropout_p,
-                                                     const std::optional<at::Tensor>& alibi_slopes, int64_t window_left,
-                                                     int64_t window_right, double softcap, const DeviceContext& device);
+std::tuple<at::Tensor, at::Tensor> attention_forward(const ForwardInputs& in, const DeviceContext& device);
 
 // attention_backward's schema: (dq, dk, dv, dbias), dbias empty unless compute_dbias.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask,
-    const std::optional<at::Tensor>& dropout_seed, const at::Tensor& out, const at::Tensor& lse, double scale,
-    int64_t causal, double dropout_p, bool compute_dbias, bool deterministic,
-    const std::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, double softcap,
-    const DeviceContext& device);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(const ForwardInputs& in,
+                                                                              const BackwardInputs& grads,
+                                                                              const DeviceContext& device);
 
 // Head dims with compiled kernels (FAST_ATTN_CUDA_HEAD_DIMS), ascending.
 std::vector<int> compiled_head_dims();

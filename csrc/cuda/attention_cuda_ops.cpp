@@ -30,12 +30,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, c
                                                           const std::optional<at::Tensor>& alibi_slopes,
                                                           int64_t window_left, int64_t window_right, double softcap,
                                                           const std::optional<at::Tensor>& cu_seqlens_q,
-                                                          const std::optional<at::Tensor>& /*cu_seqlens_k*/,
-                                                          int64_t /*max_seqlen_q*/, int64_t /*max_seqlen_k*/) {
-  TORCH_CHECK(!cu_seqlens_q, "fast_attn CUDA: packed sequences are not implemented yet");
+                                                          const std::optional<at::Tensor>& cu_seqlens_k,
+                                                          int64_t max_seqlen_q, int64_t max_seqlen_k) {
   const c10::cuda::CUDAGuard guard(q.device());
-  return cuda::attention_forward(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, alibi_slopes,
-                                 window_left, window_right, softcap, device_context(q));
+  const ForwardInputs in{q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left,
+                         window_right, softcap, dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k};
+  return cuda::attention_forward(in, device_context(q));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
@@ -44,13 +44,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
     const std::optional<at::Tensor>& dropout_seed, const at::Tensor& out, const at::Tensor& lse, double scale,
     int64_t causal, double dropout_p, bool compute_dbias, bool deterministic,
     const std::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, double softcap,
-    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& /*cu_seqlens_k*/,
-    int64_t /*max_seqlen_q*/, int64_t /*max_seqlen_k*/) {
-  TORCH_CHECK(!cu_seqlens_q, "fast_attn CUDA: packed sequences are not implemented yet");
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k) {
   const c10::cuda::CUDAGuard guard(q.device());
-  return cuda::attention_backward(grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse, scale, causal,
-                                  dropout_p, compute_dbias, deterministic, alibi_slopes, window_left, window_right,
-                                  softcap, device_context(q));
+  const ForwardInputs in{q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left,
+                         window_right, softcap, dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k};
+  return cuda::attention_backward(in, {grad_out, grad_lse, out, lse, compute_dbias, deterministic},
+                                  device_context(q));
 }
 
 }  // namespace

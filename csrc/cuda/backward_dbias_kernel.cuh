@@ -138,7 +138,7 @@ void attention_backward_dbias_kernel(const AttentionBackwardParams params, const
         stage_smem + Traits::kVOffset, static_cast<const Element*>(params.v) + batch * params.v_batch_stride +
                                            kv_head * params.v_head_stride + n0 * params.v_row_stride,
         params.v_row_stride, seqlen_k - n0, head_dim, static_cast<const Element*>(params.v));
-    const int64_t row_offset = (batch * params.heads_q + head) * seqlen_q + m0;
+    const int64_t row_offset = sequence_of<Element, false>(params, batch).lse_index(params, seqlen_q, head, m0);
     load_vector_async<kBlockM, kThreads>(float_smem + Traits::kLseOffset + stage * kBlockM,
                                          static_cast<const float*>(params.lse) + row_offset, seqlen_q - m0,
                                          static_cast<const float*>(params.lse));
@@ -161,7 +161,7 @@ void attention_backward_dbias_kernel(const AttentionBackwardParams params, const
     // The slice's bias tile in log2 units (0 outside the sequences, where every score is masked).
     float* bias_log2 = float_smem + Traits::kBiasOffset + threadIdx.x;  // element (j, e) at (4 j + e) kThreads
     {
-      const ScoreContext<Element> slice_scores(params, slice_batch, slice_head);
+      const ScoreContext<Element> slice_scores(params, sequence_of<Element, false>(params, slice_batch), slice_head);
       FA_UNROLL
       for (int j = 0; j < Traits::kKeyTiles; ++j) {
         FA_UNROLL
@@ -209,7 +209,8 @@ void attention_backward_dbias_kernel(const AttentionBackwardParams params, const
         lse_base[r] = lse == negative_infinity() ? -negative_infinity() : lse * kLog2e;
         delta[r] = load_shared(delta_tile + local_row0 + r * 8);
       }
-      const ScoreContext<Element, kModifiers> scores(params, pair_batch(i), pair_head(i));
+      const ScoreContext<Element, kModifiers> scores(params, sequence_of<Element, false>(params, pair_batch(i)),
+                                                     pair_head(i));
       const bool masked = scores.needs_mask(m0, kBlockM, n0, kBlockN);
       if constexpr (kModifiers) {
         // S in log2 units through the softcap, plus ALiBi, ahead of the loop below

@@ -220,8 +220,10 @@ struct DbiasStep {
   }
 };
 
-// kModifiers: the band's left edge, softcap and ALiBi (score_context.cuh).
-template <typename Traits, bool kWithDbias, bool kModifiers>
+// kModifiers: the band's left edge, softcap and ALiBi (score_context.cuh). kVarlen (never
+// with dbias): packed sequences, a unit's batch index being the sequence's; a key block beyond
+// its sequence is skipped.
+template <typename Traits, bool kWithDbias, bool kModifiers, bool kVarlen>
 FA_KERNEL(Traits::kThreads, Traits::kMinBlocksPerSm)
 void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const BackwardWorkspace workspace) {
   using Element = typename Traits::Element;
@@ -244,13 +246,15 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
   const int dq_row_warp = warp % Traits::kDqRowWarps;
   const int dq_col_warp = warp / Traits::kDqRowWarps;
 
-  const int seqlen_q = static_cast<int>(params.seqlen_q);
-  const int seqlen_k = static_cast<int>(params.seqlen_k);
+  // The lengths of every unit's problem; with varlen those of the CTA's one unit (below).
+  int seqlen_q = static_cast<int>(params.seqlen_q);
+  int seqlen_k = static_cast<int>(params.seqlen_k);
   const int head_dim = static_cast<int>(params.head_dim);
   const int64_t group_size = params.heads_q / params.heads_kv;
-  const int num_m_blocks = static_cast<int>(ceil_div(seqlen_q, kBlockM));
+  int num_m_blocks = static_cast<int>(ceil_div(seqlen_q, kBlockM));
   const bool atomic_dq = workspace.dq_accum != nullptr;
   constexpr bool with_dbias = kWithDbias;
+  static_assert(!(kWithDbias && kVarlen), "packed sequences take no bias");
 
   const DkdvSchedule schedule(params.batch, params.heads_kv, ceil_div(seqlen_k, kBlockN), with_dbias,
                               params.dbias_batch, params.dbias_heads, params.dbias_cols,
@@ -270,23 +274,34 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
   float* delta_smem = float_smem + Traits::kDeltaOffset;
   float* scratch = float_smem + Traits::kScratchOffset;
 
-  for (int64_t unit_index = split; unit_index < schedule.units_per_owner(); unit_index += schedule.num_splits) {
+  // Varlen has no dbias: one unit per CTA (unit 0 of owner blockIdx.x), and no loop at all.
+  for (int64_t unit_index = kVarlen ? 0 : split; unit_index < (kVarlen ? 1 : schedule.units_per_owner());
+       unit_index += schedule.num_splits) {
     const DkdvUnit unit = schedule.unit(owner, unit_index);
-    const int64_t batch = unit.batch;
+    const Sequence<kVarlen> sequence = sequence_of<Element, kVarlen>(params, unit.batch);
+    const int64_t batch = sequence.batch;
     const int n0 = static_cast<int>(unit.key_block) * kBlockN;
+    if constexpr (kVarlen) {  // the CTA's one unit (no dbias): its sequence's lengths
+      seqlen_q = static_cast<int>(sequence.seqlen_q(params));
+      seqlen_k = static_cast<int>(sequence.seqlen_k(params));
+      num_m_blocks = static_cast<int>(ceil_div(seqlen_q, kBlockM));
+      if (n0 >= seqlen_k) {
+        continue;
+      }
+    }
     const int key0 = n0 + key_warp * 16 + group;  // this thread's keys: key0 and key0 + 8
 
     // Query blocks [m_begin, m_end) see some key of this block.
     int first_query = 0;
     if (band_bounds_right(params)) {
-      const int64_t first = n0 - band_last_key_offset(params);
+      const int64_t first = n0 - sequence.band_last_key(params);
       first_query = first > 0 ? (first < seqlen_q ? static_cast<int>(first) : seqlen_q) : 0;
     }
     const int m_begin = first_query >= seqlen_q ? num_m_blocks : first_query / kBlockM;
     int m_end = num_m_blocks;
     if (kModifiers && band_bounds_left(params)) {
       // Rows past the block's last key minus the left edge see none of its keys.
-      const int64_t row_end = (n0 + kBlockN < seqlen_k ? n0 + kBlockN : seqlen_k) - band_first_key_offset(params);
+      const int64_t row_end = (n0 + kBlockN < seqlen_k ? n0 + kBlockN : seqlen_k) - sequence.band_first_key(params);
       m_end = row_end <= 0 ? 0 : static_cast<int>(ceil_div(row_end < seqlen_q ? row_end : seqlen_q, kBlockM));
     }
     // Steps run over (query head of the group, query block), query blocks fastest.
@@ -297,15 +312,16 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
     // Q, dO, lse, delta of (head, query block m0) into `stage`.
     auto load_step = [&](int64_t head, int m0, int stage) {
       const Element* q = static_cast<const Element*>(params.q) + batch * params.q_batch_stride +
-                         head * params.q_head_stride + m0 * params.q_row_stride;
+                         head * params.q_head_stride + (sequence.q_begin() + m0) * params.q_row_stride;
       const Element* grad_out = static_cast<const Element*>(params.grad_out) + batch * params.grad_out_batch_stride +
-                                head * params.grad_out_head_stride + m0 * params.grad_out_row_stride;
+                                head * params.grad_out_head_stride +
+                                (sequence.q_begin() + m0) * params.grad_out_row_stride;
       load_tile_async<kBlockM, kHeadDim, kThreads>(q_smem + stage * QTile::kElements, q, params.q_row_stride,
                                                    seqlen_q - m0, head_dim, static_cast<const Element*>(params.q));
       load_tile_async<kBlockM, kHeadDim, kThreads>(do_smem + stage * QTile::kElements, grad_out,
                                                    params.grad_out_row_stride, seqlen_q - m0, head_dim,
                                                    static_cast<const Element*>(params.grad_out));
-      const int64_t row_offset = (batch * params.heads_q + head) * seqlen_q + m0;
+      const int64_t row_offset = sequence.lse_index(params, seqlen_q, head, m0);
       load_vector_async<kBlockM, kThreads>(lse_smem + stage * kBlockM, static_cast<const float*>(params.lse) + row_offset,
                                            seqlen_q - m0, static_cast<const float*>(params.lse));
       load_vector_async<kBlockM, kThreads>(delta_smem + stage * kBlockM,
@@ -323,9 +339,9 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
     block_sync();  // the previous unit's readers of every shared buffer are done
     if (total_steps > 0) {
       const Element* k = static_cast<const Element*>(params.k) + batch * params.k_batch_stride +
-                         unit.kv_head * params.k_head_stride;
+                         unit.kv_head * params.k_head_stride + sequence.k_begin() * params.k_row_stride;
       const Element* v = static_cast<const Element*>(params.v) + batch * params.v_batch_stride +
-                         unit.kv_head * params.v_head_stride;
+                         unit.kv_head * params.v_head_stride + sequence.k_begin() * params.v_row_stride;
       load_tile_async<kBlockN, kHeadDim, kThreads>(k_smem, k + n0 * params.k_row_stride, params.k_row_stride,
                                                    seqlen_k - n0, head_dim, static_cast<const Element*>(params.k));
       load_tile_async<kBlockN, kHeadDim, kThreads>(v_smem, v + n0 * params.v_row_stride, params.v_row_stride,
@@ -359,7 +375,7 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
           }
         }
       }
-      const ScoreContext<Element, kModifiers> scores(params, batch, head);
+      const ScoreContext<Element, kModifiers, kVarlen> scores(params, sequence, head);
       const bool elementwise = scores.needs_elementwise(m0, kBlockM, n0, kBlockN);
       const DbiasStep dbias{float_smem + Traits::kKeySumOffset + threadIdx.x, kThreads};
 
@@ -508,7 +524,7 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
         for (int r = 0; r < 2; ++r) {
           const int query = m0 + dq_row_warp * 16 + group + r * 8;
           if (query < seqlen_q) {
-            float* dq_row = workspace.dq_accum + ((batch * params.heads_q + head) * seqlen_q + query) * head_dim +
+            float* dq_row = workspace.dq_accum + sequence.lse_index(params, seqlen_q, head, query) * head_dim +
                             col_base;  // column col_base + 8 j + c below
             FA_UNROLL
             for (int j = 0; j < Traits::kDqPartTiles; ++j) {
@@ -528,9 +544,9 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
 
     // dK = scale * sum dS^T Q, dV; stored for keys < Sk and columns < head_dim.
     Element* dk = static_cast<Element*>(params.dk) + batch * params.dk_batch_stride +
-                  unit.kv_head * params.dk_head_stride;
+                  unit.kv_head * params.dk_head_stride + sequence.k_begin() * params.dk_row_stride;
     Element* dv = static_cast<Element*>(params.dv) + batch * params.dv_batch_stride +
-                  unit.kv_head * params.dv_head_stride;
+                  unit.kv_head * params.dv_head_stride + sequence.k_begin() * params.dv_row_stride;
     const int col_base = part * Traits::kPartDim + pair;
     const int cols_left = head_dim - col_base;
     FA_UNROLL
@@ -567,11 +583,15 @@ LaunchStatus run_attention_backward_dkdv(const AttentionBackwardParams& params, 
     if constexpr (kModifiers && !dkdv_dbias_with_modifiers(kHeadDim)) {
       return {false, "no dK/dV kernel with dbias and score modifiers at this head dim"};
     } else {
-      return launch_kernel(attention_backward_dkdv_kernel<Traits, true, kModifiers>, grid, dim3(Traits::kThreads),
-                           Traits::kSmemBytes, stream, params, workspace);
+      return launch_kernel(attention_backward_dkdv_kernel<Traits, true, kModifiers, false>, grid,
+                           dim3(Traits::kThreads), Traits::kSmemBytes, stream, params, workspace);
     }
   }
-  return launch_kernel(attention_backward_dkdv_kernel<Traits, false, kModifiers>, grid, dim3(Traits::kThreads),
+  if (is_varlen(params)) {
+    return launch_kernel(attention_backward_dkdv_kernel<Traits, false, kModifiers, true>, grid,
+                         dim3(Traits::kThreads), Traits::kSmemBytes, stream, params, workspace);
+  }
+  return launch_kernel(attention_backward_dkdv_kernel<Traits, false, kModifiers, false>, grid, dim3(Traits::kThreads),
                        Traits::kSmemBytes, stream, params, workspace);
 }
 

@@ -1,5 +1,5 @@
 // Attention backward, deterministic dQ kernel (the op's deterministic=True):
-// one CTA per (query block, query head, batch), warps own 16 query rows like
+// one CTA per (query block, query head, batch or packed sequence), warps own 16 query rows like
 // the forward, and dQ is accumulated in registers over the key tiles:
 //   S  = Q K^T -> P = exp2(S - lse)   (forward's masks, log2 units)
 //   dP = dO V^T
@@ -44,8 +44,9 @@ struct DqTraits {
   static constexpr size_t kSmemBytes = (kVOffset + 2 * KvTile::kElements) * sizeof(Element);
 };
 
-// kModifiers: the band's left edge, softcap and ALiBi (score_context.cuh).
-template <typename Traits, bool kModifiers>
+// kModifiers: the band's left edge, softcap and ALiBi (score_context.cuh). kVarlen: packed
+// sequences, grid dim z being the sequence's index; a query block beyond its sequence exits.
+template <typename Traits, bool kModifiers, bool kVarlen>
 FA_KERNEL(Traits::kThreads, 1)
 void attention_backward_dq_kernel(const AttentionBackwardParams params) {
   using Element = typename Traits::Element;
@@ -63,35 +64,43 @@ void attention_backward_dq_kernel(const AttentionBackwardParams params) {
 
   const int64_t m_block = static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;
   const int64_t head = blockIdx.y;
-  const int64_t batch = blockIdx.z;
+  const Sequence<kVarlen> sequence = sequence_of<Element, kVarlen>(params, blockIdx.z);
+  const int64_t batch = sequence.batch;
   const int64_t kv_head = head / (params.heads_q / params.heads_kv);
   const int m0 = static_cast<int>(m_block) * kBlockM;
-  const int seqlen_q = static_cast<int>(params.seqlen_q);
-  const int seqlen_k = static_cast<int>(params.seqlen_k);
+  const int seqlen_q = static_cast<int>(sequence.seqlen_q(params));
+  const int seqlen_k = static_cast<int>(sequence.seqlen_k(params));
   const int head_dim = static_cast<int>(params.head_dim);
+  if (kVarlen && m0 >= seqlen_q) {
+    return;
+  }
 
   // Key tiles [first_tile, end_tile) hold keys some row of this block sees (as the forward's).
   int64_t key_end = seqlen_k;
   if (band_bounds_right(params)) {
     const int64_t last_row = (m0 + kBlockM < seqlen_q ? m0 + kBlockM : seqlen_q) - 1;
-    const int64_t band_end = last_row + band_last_key_offset(params) + 1;
+    const int64_t band_end = last_row + sequence.band_last_key(params) + 1;
     key_end = band_end < key_end ? band_end : key_end;
   }
   const int end_tile = key_end > 0 ? static_cast<int>(ceil_div(key_end, kBlockN)) : 0;
   int first_tile = 0;
   if (kModifiers && band_bounds_left(params)) {
-    const int64_t band_begin = m0 + band_first_key_offset(params);
+    const int64_t band_begin = m0 + sequence.band_first_key(params);
     first_tile = band_begin <= 0 ? 0
                  : band_begin < seqlen_k ? static_cast<int>(band_begin / kBlockN)
                                          : static_cast<int>(ceil_div(seqlen_k, kBlockN));
   }
   const int num_tiles = kModifiers ? (end_tile > first_tile ? end_tile - first_tile : 0) : end_tile;
 
-  const Element* q = static_cast<const Element*>(params.q) + batch * params.q_batch_stride + head * params.q_head_stride;
+  // Row 0 of the sequence in q, grad_out, k, v.
+  const Element* q = static_cast<const Element*>(params.q) + batch * params.q_batch_stride +
+                     head * params.q_head_stride + sequence.q_begin() * params.q_row_stride;
   const Element* grad_out = static_cast<const Element*>(params.grad_out) + batch * params.grad_out_batch_stride +
-                            head * params.grad_out_head_stride;
-  const Element* k = static_cast<const Element*>(params.k) + batch * params.k_batch_stride + kv_head * params.k_head_stride;
-  const Element* v = static_cast<const Element*>(params.v) + batch * params.v_batch_stride + kv_head * params.v_head_stride;
+                            head * params.grad_out_head_stride + sequence.q_begin() * params.grad_out_row_stride;
+  const Element* k = static_cast<const Element*>(params.k) + batch * params.k_batch_stride +
+                     kv_head * params.k_head_stride + sequence.k_begin() * params.k_row_stride;
+  const Element* v = static_cast<const Element*>(params.v) + batch * params.v_batch_stride +
+                     kv_head * params.v_head_stride + sequence.k_begin() * params.v_row_stride;
 
   Element* smem = reinterpret_cast<Element*>(dynamic_shared_memory());
   Element* q_smem = smem;
@@ -99,7 +108,7 @@ void attention_backward_dq_kernel(const AttentionBackwardParams params) {
   Element* k_smem = smem + Traits::kKOffset;
   Element* v_smem = smem + Traits::kVOffset;
 
-  const ScoreContext<Element, kModifiers> scores(params, batch, head);
+  const ScoreContext<Element, kModifiers, kVarlen> scores(params, sequence, head);
 
   auto load_kv_tile = [&](int n_block, int stage) {
     const int n0 = n_block * kBlockN;
@@ -117,7 +126,7 @@ void attention_backward_dq_kernel(const AttentionBackwardParams params) {
   FA_UNROLL
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + r * 8;
-    const int64_t index = (batch * params.heads_q + head) * seqlen_q + row;
+    const int64_t index = sequence.lse_index(params, seqlen_q, head, row);
     const float lse = row < seqlen_q ? load_global(static_cast<const float*>(params.lse) + index) : 0.0f;
     lse_base[r] = lse == negative_infinity() ? -negative_infinity() : lse * kLog2e;
     delta[r] = row < seqlen_q ? load_global(static_cast<const float*>(params.delta) + index) : 0.0f;
@@ -219,7 +228,8 @@ void attention_backward_dq_kernel(const AttentionBackwardParams params) {
     }
   }
 
-  Element* dq = static_cast<Element*>(params.dq) + batch * params.dq_batch_stride + head * params.dq_head_stride;
+  Element* dq = static_cast<Element*>(params.dq) + batch * params.dq_batch_stride + head * params.dq_head_stride +
+                sequence.q_begin() * params.dq_row_stride;
   FA_UNROLL
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + r * 8;
@@ -243,8 +253,12 @@ LaunchStatus run_attention_backward_dq(const AttentionBackwardParams& params, cu
   using Traits = DqTraits<typename ElementOf<kElement>::type, kHeadDim>;
   const dim3 grid(static_cast<unsigned>(ceil_div(params.seqlen_q, Traits::kBlockM)),
                   static_cast<unsigned>(params.heads_q), static_cast<unsigned>(params.batch));
-  return launch_kernel(attention_backward_dq_kernel<Traits, kModifiers>, grid, dim3(Traits::kThreads), Traits::kSmemBytes, stream,
-                       params);
+  if (is_varlen(params)) {
+    return launch_kernel(attention_backward_dq_kernel<Traits, kModifiers, true>, grid, dim3(Traits::kThreads),
+                         Traits::kSmemBytes, stream, params);
+  }
+  return launch_kernel(attention_backward_dq_kernel<Traits, kModifiers, false>, grid, dim3(Traits::kThreads),
+                       Traits::kSmemBytes, stream, params);
 }
 
 }  // namespace fast_attn::cuda

@@ -14,6 +14,12 @@ constexpr int kRowThreads = 256;
 constexpr int kThreadsPerRow = 16;
 constexpr int kRowsPerCta = kRowThreads / kThreadsPerRow;
 
+// The number of rows of the (B, Hq, Sq) tensors lse and delta; for varlen of the packed
+// (1, Hq, Tq) ones, every sequence's rows (and rows outside every sequence) alike.
+FAST_ATTN_HOST_DEVICE int64_t row_count(const AttentionBackwardParams& params) {
+  return (is_varlen(params) ? 1 : params.batch) * params.heads_q * params.packed_seqlen_q;
+}
+
 struct RowCoordinates {
   int64_t row;  // (b * Hq + h) * Sq + i, the index into (B, Hq, Sq) tensors
   int64_t batch, head, query;
@@ -21,12 +27,13 @@ struct RowCoordinates {
 };
 
 FA_DEVICE RowCoordinates row_of_thread(const AttentionBackwardParams& params) {
+  const int64_t seqlen_q = params.packed_seqlen_q;
   RowCoordinates c;
   c.row = static_cast<int64_t>(blockIdx.x) * kRowsPerCta + threadIdx.x / kThreadsPerRow;
-  c.valid = c.row < params.batch * params.heads_q * params.seqlen_q;
-  c.query = c.row % params.seqlen_q;
-  c.head = (c.row / params.seqlen_q) % params.heads_q;
-  c.batch = c.row / (params.seqlen_q * params.heads_q);
+  c.valid = c.row < row_count(params);
+  c.query = c.row % seqlen_q;
+  c.head = (c.row / seqlen_q) % params.heads_q;
+  c.batch = c.row / (seqlen_q * params.heads_q);
   return c;
 }
 
@@ -106,7 +113,7 @@ void attention_backward_convert_dq_kernel(const AttentionBackwardParams params, 
 }
 
 dim3 row_grid(const AttentionBackwardParams& params) {
-  return dim3(static_cast<unsigned>(ceil_div(params.batch * params.heads_q * params.seqlen_q, kRowsPerCta)));
+  return dim3(static_cast<unsigned>(ceil_div(row_count(params), kRowsPerCta)));
 }
 
 }  // namespace

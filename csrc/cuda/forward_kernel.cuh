@@ -1,5 +1,5 @@
 // Fused attention forward on tensor cores (sm_80+): one CTA per (query block,
-// query head, batch), 16 x warp_m_tiles query rows per warp, online softmax in
+// query head, batch or packed sequence), 16 x warp_m_tiles query rows per warp, online softmax in
 // registers. With two m16 tiles per warp each K/V fragment read from shared
 // memory feeds two MMAs, halving shared-memory traffic per FLOP.
 //
@@ -49,8 +49,9 @@ struct ForwardTraits {
   static constexpr size_t kSmemBytes = (kVOffset + 2 * KvTile::kElements) * sizeof(Element);
 };
 
-// kModifiers: the band's left edge, softcap and ALiBi (score_context.cuh).
-template <typename Traits, bool kModifiers>
+// kModifiers: the band's left edge, softcap and ALiBi (score_context.cuh). kVarlen: packed
+// sequences, grid dim z being the sequence's index; a query block beyond its sequence exits.
+template <typename Traits, bool kModifiers, bool kVarlen>
 FA_KERNEL(Traits::kThreads, Traits::kMinBlocksPerSm)
 void attention_forward_kernel(const AttentionForwardParams params) {
   using Element = typename Traits::Element;
@@ -69,40 +70,48 @@ void attention_forward_kernel(const AttentionForwardParams params) {
   // Reversed so that the causal blocks with the most key tiles start first.
   const int64_t m_block = static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;
   const int64_t head = blockIdx.y;
-  const int64_t batch = blockIdx.z;
+  const Sequence<kVarlen> sequence = sequence_of<Element, kVarlen>(params, blockIdx.z);
+  const int64_t batch = sequence.batch;
   const int64_t kv_head = head / (params.heads_q / params.heads_kv);
   const int m0 = static_cast<int>(m_block) * kBlockM;
-  const int seqlen_q = static_cast<int>(params.seqlen_q);
-  const int seqlen_k = static_cast<int>(params.seqlen_k);
+  const int seqlen_q = static_cast<int>(sequence.seqlen_q(params));
+  const int seqlen_k = static_cast<int>(sequence.seqlen_k(params));
   const int head_dim = static_cast<int>(params.head_dim);
+  if (kVarlen && m0 >= seqlen_q) {
+    return;
+  }
 
   // Keys any row of this block may see, [first_tile * kBlockN, key_end); tiles outside are skipped entirely.
   int64_t key_end = seqlen_k;
   if (band_bounds_right(params)) {
     const int64_t last_row = (m0 + kBlockM < seqlen_q ? m0 + kBlockM : seqlen_q) - 1;
-    const int64_t band_end = last_row + band_last_key_offset(params) + 1;
+    const int64_t band_end = last_row + sequence.band_last_key(params) + 1;
     key_end = band_end < key_end ? band_end : key_end;
   }
   const int end_tile = key_end > 0 ? static_cast<int>(ceil_div(key_end, kBlockN)) : 0;
   int first_tile = 0;
   if (kModifiers && band_bounds_left(params)) {
-    const int64_t band_begin = m0 + band_first_key_offset(params);  // the block's first row sees no key before it
+    const int64_t band_begin = m0 + sequence.band_first_key(params);  // the block's first row sees no key before it
     first_tile = band_begin <= 0 ? 0
                  : band_begin < seqlen_k ? static_cast<int>(band_begin / kBlockN)
                                          : static_cast<int>(ceil_div(seqlen_k, kBlockN));
   }
   const int num_tiles = kModifiers ? (end_tile > first_tile ? end_tile - first_tile : 0) : end_tile;
 
-  const Element* q = static_cast<const Element*>(params.q) + batch * params.q_batch_stride + head * params.q_head_stride;
-  const Element* k = static_cast<const Element*>(params.k) + batch * params.k_batch_stride + kv_head * params.k_head_stride;
-  const Element* v = static_cast<const Element*>(params.v) + batch * params.v_batch_stride + kv_head * params.v_head_stride;
+  // Row 0 of the sequence in q, k, v.
+  const Element* q = static_cast<const Element*>(params.q) + batch * params.q_batch_stride +
+                     head * params.q_head_stride + sequence.q_begin() * params.q_row_stride;
+  const Element* k = static_cast<const Element*>(params.k) + batch * params.k_batch_stride +
+                     kv_head * params.k_head_stride + sequence.k_begin() * params.k_row_stride;
+  const Element* v = static_cast<const Element*>(params.v) + batch * params.v_batch_stride +
+                     kv_head * params.v_head_stride + sequence.k_begin() * params.v_row_stride;
 
   Element* smem = reinterpret_cast<Element*>(dynamic_shared_memory());
   Element* q_smem = smem;
   Element* k_smem = smem + Traits::kKOffset;
   Element* v_smem = smem + Traits::kVOffset;
 
-  const ScoreContext<Element, kModifiers> scores(params, batch, head);
+  const ScoreContext<Element, kModifiers, kVarlen> scores(params, sequence, head);
 
   auto load_kv_tile = [&](int n_block, int stage) {
     const int n0 = n_block * kBlockN;
@@ -286,8 +295,9 @@ void attention_forward_kernel(const AttentionForwardParams params) {
   }
 
   // out = O / rowsum (0 for rows with no visible key), lse = ln(sum exp(s)).
-  Element* out = static_cast<Element*>(params.out) + batch * params.out_batch_stride + head * params.out_head_stride;
-  float* lse = static_cast<float*>(params.lse) + (batch * params.heads_q + head) * seqlen_q;
+  Element* out = static_cast<Element*>(params.out) + batch * params.out_batch_stride + head * params.out_head_stride +
+                 sequence.q_begin() * params.out_row_stride;
+  float* lse = static_cast<float*>(params.lse) + sequence.lse_index(params, seqlen_q, head, 0);
   FA_UNROLL
   for (int mt = 0; mt < kMTiles; ++mt) {
     FA_UNROLL
@@ -322,8 +332,12 @@ LaunchStatus run_attention_forward(const AttentionForwardParams& params, cudaStr
   using Traits = ForwardTraits<typename ElementOf<kElement>::type, kHeadDim>;
   const dim3 grid(static_cast<unsigned>(ceil_div(params.seqlen_q, Traits::kBlockM)),
                   static_cast<unsigned>(params.heads_q), static_cast<unsigned>(params.batch));
-  return launch_kernel(attention_forward_kernel<Traits, kModifiers>, grid, dim3(Traits::kThreads), Traits::kSmemBytes,
-                       stream, params);
+  if (is_varlen(params)) {
+    return launch_kernel(attention_forward_kernel<Traits, kModifiers, true>, grid, dim3(Traits::kThreads),
+                         Traits::kSmemBytes, stream, params);
+  }
+  return launch_kernel(attention_forward_kernel<Traits, kModifiers, false>, grid, dim3(Traits::kThreads),
+                       Traits::kSmemBytes, stream, params);
 }
 
 }  // namespace fast_attn::cuda

@@ -45,6 +45,9 @@ struct DbiasTiles {
 // kModifiers (in every run_* with a head dim): the kernels for problems with
 // the band's left edge, a softcap or ALiBi (has_score_modifiers in
 // attention_params.h); the others run the kernels without that code.
+// Packed sequences (is_varlen(params)) run kernels of their own (kVarlen), chosen
+// inside the run_* functions: the grids are sized by the sequences' length bounds
+// params.seqlen_q / seqlen_k, and batch is the number of sequences.
 
 // The dK/dV kernel reduces dbias of a bias with a broadcast dim (a bias of full
 // rows and columns has the dbias kernel). With kModifiers as well it spills on

@@ -82,11 +82,14 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                                            const std::optional<at::Tensor>& dropout_seed, double scale, int64_t causal,
                                            double dropout_p, const std::optional<at::Tensor>& alibi_slopes,
                                            int64_t window_left, int64_t window_right, double softcap,
-                                           int64_t sm_count) {
-  const TrackingScope scope({q, k, v, bias, key_mask, dropout_seed, alibi_slopes});
-  return fast_attn::cuda::attention_forward(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p,
-                                            alibi_slopes, window_left, window_right, softcap,
-                                            {nullptr, static_cast<int>(sm_count)});
+                                           const std::optional<at::Tensor>& cu_seqlens_q,
+                                           const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                           int64_t max_seqlen_k, int64_t sm_count) {
+  const TrackingScope scope({q, k, v, bias, key_mask, dropout_seed, alibi_slopes, cu_seqlens_q, cu_seqlens_k});
+  const fast_attn::ForwardInputs in{q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left,
+                                    window_right, softcap, dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k};
+  return fast_attn::cuda::attention_forward(in, {nullptr, static_cast<int>(sm_count)});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
@@ -95,11 +98,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const std::optional<at::Tensor>& dropout_seed, const at::Tensor& out, const at::Tensor& lse, double scale,
     int64_t causal, double dropout_p, bool compute_dbias, bool deterministic,
     const std::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, double softcap,
-    int64_t sm_count) {
-  const TrackingScope scope({grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse, alibi_slopes});
-  return fast_attn::cuda::attention_backward(grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse, scale,
-                                             causal, dropout_p, compute_dbias, deterministic, alibi_slopes,
-                                             window_left, window_right, softcap,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t sm_count) {
+  const TrackingScope scope(
+      {grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k});
+  const fast_attn::ForwardInputs in{q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left,
+                                    window_right, softcap, dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k};
+  return fast_attn::cuda::attention_backward(in, {grad_out, grad_lse, out, lse, compute_dbias, deterministic},
                                              {nullptr, static_cast<int>(sm_count)});
 }
 
@@ -107,8 +113,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fast_attn CUDA kernels on the CPU warp emulator (tests only)";
-  m.def("forward", &forward, "attention_forward of the CUDA implementation, emulated");
-  m.def("backward", &backward, "attention_backward of the CUDA implementation, emulated");
+  // The ops' arguments as their schemas (csrc/schema.cpp) name them, the packed sequences'
+  // with the schemas' defaults, then sm_count by keyword.
+  namespace py = pybind11;
+  m.def("forward", &forward, "attention_forward of the CUDA implementation, emulated", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("bias"), py::arg("key_mask"), py::arg("dropout_seed"), py::arg("scale"),
+        py::arg("causal"), py::arg("dropout_p"), py::arg("alibi_slopes"), py::arg("window_left"),
+        py::arg("window_right"), py::arg("softcap"), py::arg("cu_seqlens_q") = py::none(),
+        py::arg("cu_seqlens_k") = py::none(), py::arg("max_seqlen_q") = -1, py::arg("max_seqlen_k") = -1,
+        py::kw_only(), py::arg("sm_count"));
+  m.def("backward", &backward, "attention_backward of the CUDA implementation, emulated", py::arg("grad_out"),
+        py::arg("grad_lse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias"), py::arg("key_mask"),
+        py::arg("dropout_seed"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("causal"),
+        py::arg("dropout_p"), py::arg("compute_dbias"), py::arg("deterministic"), py::arg("alibi_slopes"),
+        py::arg("window_left"), py::arg("window_right"), py::arg("softcap"), py::arg("cu_seqlens_q") = py::none(),
+        py::arg("cu_seqlens_k") = py::none(), py::arg("max_seqlen_q") = -1, py::arg("max_seqlen_k") = -1,
+        py::kw_only(), py::arg("sm_count"));
   m.def("launch_count", &fast_attn::emu::launch_count, "kernel launches emulated so far");
   m.def("compiled_head_dims", &fast_attn::cuda::compiled_head_dims, "head dims with kernels");
 }
