@@ -9,13 +9,13 @@ computes the one-process reference itself, and checks its own shard.
 from __future__ import annotations
 
 import functools
-import traceback
 import zlib
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.distributed as dist
+from distributed_cases import assert_passed, run_checks
 
 import fast_attn
 from fast_attn.causal import CausalMode
@@ -241,20 +241,14 @@ def _cases() -> dict[str, tuple]:
 
 def _run_cases(rank: int, world: int) -> dict[str, str | None]:
     """Every case on this rank, of the 4: the 2-rank cases in the groups {0, 1} and {2, 3} side by side, the
-    4-rank ones in the default group, the 1-rank ones in a group of this rank alone. Returns name -> None
-    (passed) or the failure's traceback."""
+    4-rank ones in the default group, the 1-rank ones in a group of this rank alone."""
     # Every rank creates every group, in one order.
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     singles = [dist.new_group([r]) for r in range(world)]
     groups = {1: singles[rank], 2: pairs[rank // 2], 4: None}
-    outcomes = {}
-    for name, (size, check) in _cases().items():
-        try:
-            check(groups[size])
-            outcomes[name] = None
-        except Exception:
-            outcomes[name] = traceback.format_exc()
-    return outcomes
+    return run_checks(
+        {name: functools.partial(check, groups[size]) for name, (size, check) in _cases().items()}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -264,8 +258,7 @@ def outcomes():
 
 @pytest.mark.parametrize("name", list(_cases()))
 def test_case(outcomes, name):
-    failures = [f"rank {rank}:\n{o[name]}" for rank, o in enumerate(outcomes) if o[name] is not None]
-    assert not failures, "\n".join(failures)
+    assert_passed(outcomes, name)
 
 
 @pytest.mark.parametrize(
