@@ -21,8 +21,8 @@ import fast_attn
 from fast_attn.causal import CausalMode
 from fast_attn.distributed import context_parallel_attention, gather_sequence, shard_sequence
 from fast_attn.distributed.launch import run_on_cpu_ranks
-from fast_attn.distributed.layout import Piece
-from fast_attn.distributed.ring import visible_block
+from fast_attn.distributed.layout import Piece, shard_pieces
+from fast_attn.distributed.ring import plan_blocks, visible_block
 from fast_attn.reference import _visible_mask
 
 TIMEOUT_S = 240.0
@@ -286,6 +286,33 @@ def test_visible_block_is_the_band(band):
             actual[block.q, block.k] = torch.ones(rows, cols, dtype=torch.bool) if window is None else window
             assert actual[block.q].any(dim=1).all(), (q, kv, block)
         assert torch.equal(actual, expected), (q, kv, band, block)
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("band", [(None, None), (None, 0), (-5, 0), (-3, 9), (-1, None)], ids=str)
+def test_ring_steps_cover_the_band_once(layout, band):
+    """The blocks of every ring step together cover each visible (local query, held key) pair once and
+    nothing else, for 1 to 4 ranks (blocks joined, a rank's own shard as one causal block)."""
+    lo, hi = band
+    for world in (1, 2, 3, 4):
+        seqlen_local = 12
+        for rank in range(world):
+            mine = shard_pieces(rank, world, layout, seqlen_local)
+            for step in range(world):
+                held = shard_pieces((rank - step) % world, world, layout, seqlen_local)
+                positions = [torch.cat([p.start + torch.arange(p.length) for p in ps]) for ps in (mine, held)]
+                relative = positions[1][None, :] - positions[0][:, None]  # j - i of each (local i, held j)
+                expected = (relative >= (lo if lo is not None else -999)) & (
+                    relative <= (hi if hi is not None else 999)
+                )
+                covered = torch.zeros(seqlen_local, seqlen_local, dtype=torch.int64)
+                for block in plan_blocks(mine, held, lo, hi):
+                    rows, cols = block.q.stop - block.q.start, block.k.stop - block.k.start
+                    window = _visible_mask(
+                        rows, cols, CausalMode.NONE, block.window, None, torch.device("cpu")
+                    )
+                    covered[block.q, block.k] += 1 if window is None else window.long()
+                assert torch.equal(covered, expected.long()), (world, rank, step)
 
 
 def test_needs_an_initialized_process_group():

@@ -4,7 +4,8 @@ At step s rank r holds the K/V shard of rank (r - s) mod W and computes its quer
 `batch_isend_irecv` already passes that shard on to rank r + 1 and receives the next one from r - 1.
 Only the visible parts of a (query chunk, key chunk) pair are computed: under the band of the causal
 mask and window (`fast_attn.causal.visible_band`) a pair is wholly visible, wholly hidden, or cut by
-the band, in which case its visible rectangle runs with the band as a window.
+the band, in which case its visible rectangle runs with the band as a window; wholly visible pairs
+side by side run as one block, and so does a rank's own shard when there is no window.
 
 Each block's (out, lse) joins the running result with the lse rule, in float32 (float64 for
 float64): O = O1 - sigmoid(L2 - L1) (O1 - O2), L = log(exp(L1) + exp(L2)).
@@ -63,12 +64,42 @@ def visible_block(q: Piece, kv: Piece, lo: int | None, hi: int | None) -> Block 
     )
 
 
+WHOLLY_VISIBLE = (-1, -1)
+
+
+def _joined(a: Block, b: Block) -> Block | None:
+    """One block for two wholly visible blocks side by side (fewer kernel calls and merges), else None."""
+    if a.window != WHOLLY_VISIBLE or b.window != WHOLLY_VISIBLE:
+        return None
+    if a.q == b.q and a.k.stop == b.k.start:
+        return Block(q=a.q, k=slice(a.k.start, b.k.stop), window=WHOLLY_VISIBLE)
+    if a.k == b.k and a.q.stop == b.q.start:
+        return Block(q=slice(a.q.start, b.q.stop), k=a.k, window=WHOLLY_VISIBLE)
+    return None
+
+
 def plan_blocks(
     q_pieces: tuple[Piece, ...], kv_pieces: tuple[Piece, ...], lo: int | None, hi: int | None
 ) -> tuple[Block, ...]:
-    """The kernel calls of one ring step: every visible (query chunk, key chunk) rectangle."""
-    blocks = (visible_block(q, kv, lo, hi) for q in q_pieces for kv in kv_pieces)
-    return tuple(block for block in blocks if block is not None)
+    """The kernel calls of one ring step: every visible (query chunk, key chunk) rectangle, those side
+    by side and wholly visible joined."""
+    if q_pieces == kv_pieces and lo is None and hi in (None, 0):
+        # A rank's own shard holds its chunks in increasing order, the same for its queries and keys:
+        # without a window, the causal mask over the whole shard (or none) is the global one.
+        rows = slice(0, sum(piece.length for piece in q_pieces))
+        return (Block(q=rows, k=rows, window=WHOLLY_VISIBLE if hi is None else (-1, 0)),)
+    blocks: list[Block] = []
+    for q in q_pieces:
+        for kv in kv_pieces:
+            block = visible_block(q, kv, lo, hi)
+            if block is None:
+                continue
+            joined = _joined(blocks[-1], block) if blocks else None
+            if joined is None:
+                blocks.append(block)
+            else:
+                blocks[-1] = joined
+    return tuple(blocks)
 
 
 @dataclass(frozen=True)
