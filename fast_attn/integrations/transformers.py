@@ -41,6 +41,11 @@ function a model silently receives no padding mask):
   and a graph break under torch.compile. A batch of one row without a mask whose
   `position_ids` do not restart pays that one comparison.
 
+* Context parallelism: a forward given `fast_attn.distributed.shard_model_inputs(...)` (this rank's
+  tokens, their positions in the whole sequence, and a `context_parallel` keyword that transformers
+  hands down to every attention layer) runs each layer through
+  `fast_attn.distributed.context_parallel_attention`; masks, packed sequences and dropout are refused there.
+
 Every keyword argument that reaches `attention_forward` is honoured, or on the
 list of arguments that do not change what attention computes
 (`RESULT_NEUTRAL_KWARGS`), or refused with a ValueError naming the model class
@@ -73,6 +78,8 @@ import warnings
 
 import torch
 
+from ..distributed.attention import context_parallel_attention
+from ..distributed.model_inputs import ContextParallel
 from ..functional import attention
 from ..masks import bias_from_mask
 from ..varlen import varlen_attention
@@ -91,6 +98,7 @@ RESULT_NEUTRAL_KWARGS = frozenset(
         "output_router_logits",
         "return_dict",
         "num_items_in_batch",
+        "shift_labels",  # consumed by the loss (fast_attn.distributed.shard_model_inputs passes them)
         "deterministic",  # ModernBERT: fast_attn's results do not depend on it beyond rounding
     }
 )
@@ -209,6 +217,39 @@ def _packed_attention(module, query, key, value, packed, causal_module, dropout,
     return out.view(batch, seqlen_q, heads_q, head_dim)
 
 
+def _context_parallel_attention(module, query, key, value, context: ContextParallel, refused: dict, dropout,
+                                scaling, causal_module, sliding_window, softcap, s_aux) -> torch.Tensor:  # fmt: skip
+    """This rank's shards through context_parallel_attention: q (B, Hq, S_local, D) -> out (B, S_local, Hq, D).
+    Masks, a position bias, packed sequences and dropout are refused: none is implemented across ranks."""
+    for name, value_given in refused.items():
+        if value_given is not None:
+            raise ValueError(
+                f"{type(module).__name__}: fast_attn's context parallelism does not implement {name} (got "
+                f"{_describe(value_given)}): every token of the sharded sequences is real and attends as the "
+                f"layer's causality and window say; pass the inputs of fast_attn.distributed.shard_model_inputs"
+            )
+    if dropout:
+        raise ValueError(
+            f"{type(module).__name__}: fast_attn's context parallelism does not implement attention dropout "
+            f"(got {dropout}); set the model's attention dropout to 0"
+        )
+    out = context_parallel_attention(
+        query,
+        key,
+        value,
+        group=context.group,
+        mode=context.mode,
+        layout=context.layout,
+        causal=causal_module,
+        window_size=(sliding_window - 1, sliding_window - 1) if sliding_window else None,
+        softcap=softcap,
+        sinks=s_aux,
+        scale=scaling,
+        backend=context.backend,
+    )  # (B, Hq, S_local, D)
+    return out.transpose(1, 2)
+
+
 def attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -226,9 +267,11 @@ def attention_forward(
     cu_seq_lens_k: torch.Tensor | None = None,
     max_length_q: int | None = None,
     max_length_k: int | None = None,
+    context_parallel: ContextParallel | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """The transformers attention function: q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) -> out (B, Sq, Hq, D)."""
+    """The transformers attention function: q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) -> out (B, Sq, Hq, D).
+    With `context_parallel` (fast_attn.distributed.shard_model_inputs) they are this rank's shards."""
     _refuse_unimplemented(module, kwargs)
     if kwargs.get("output_attentions", False):
         warnings.warn(
@@ -241,6 +284,11 @@ def attention_forward(
             f"fast_attn needs the value head dim to equal the query head dim in "
             f"{type(module).__name__}, got query {tuple(query.shape)} and value {tuple(value.shape)}"
         )
+    if context_parallel is not None:
+        refused = {"attention_mask": attention_mask, "position_bias": position_bias,
+                   "cu_seq_lens_q": cu_seq_lens_q, "cu_seq_lens_k": cu_seq_lens_k}  # fmt: skip
+        args = (dropout, scaling, _causal_flag(module, is_causal), sliding_window, softcap, s_aux)
+        return _context_parallel_attention(module, query, key, value, context_parallel, refused, *args), None
     packed = None
     if cu_seq_lens_q is not None or cu_seq_lens_k is not None:
         if position_bias is not None or not (attention_mask is None or _is_sequence_ids(attention_mask)):
