@@ -46,12 +46,15 @@ inline std::tuple<at::Tensor, at::Tensor> attention_forward(
           .typed<std::tuple<at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, int64_t, double,
-              const std::optional<at::Tensor>&, int64_t, int64_t, double)>();
+              const std::optional<at::Tensor>&, int64_t, int64_t, double, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, int64_t, int64_t)>();
   const double softmax_scale = scale.value_or(1.0 / std::sqrt(static_cast<double>(q.size(-1))));
   std::optional<at::Tensor> slopes = modifiers.alibi_slopes;
   if (slopes && slopes->dim() == 1) slopes = slopes->unsqueeze(0);  // (Hq,) -> (1, Hq)
+  // The schema's last four arguments are packed sequences (varlen), not offered here: none.
   return op.call(q, k, v, bias, key_mask, std::nullopt, softmax_scale, static_cast<int64_t>(causal), 0.0, slopes,
-                 modifiers.window_left, modifiers.window_right, modifiers.softcap);
+                 modifiers.window_left, modifiers.window_right, modifiers.softcap, std::nullopt, std::nullopt, -1,
+                 -1);
 }
 
 }  // namespace fast_attn
