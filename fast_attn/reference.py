@@ -179,3 +179,76 @@ def reference_varlen_attention(
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         return q.new_zeros(q.shape), q.new_full((heads_q, total_q), -math.inf, dtype=lse_dtype)
     return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def cache_slots(
+    positions: torch.Tensor,
+    sequence: int,
+    page_size: int,
+    block_table: torch.Tensor | None,
+    cache_batch_idx: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, slot) indices into a cache (rows, slots, Hkv, D) of sequence `sequence`'s key positions.
+
+    A paged cache's rows are its pages: position p lives in page block_table[sequence, p // page_size]
+    at slot p % page_size. A contiguous cache's row is cache_batch_idx[sequence] (or `sequence`).
+    """
+    if block_table is not None:
+        return block_table[sequence].long()[positions // page_size], positions % page_size
+    row = sequence if cache_batch_idx is None else int(cache_batch_idx[sequence])
+    return torch.full_like(positions, row), positions
+
+
+def reference_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    causal: bool = False,
+    alibi_slopes: torch.Tensor | None = None,
+    **options,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoding against a KV cache: (out (B, Sq, Hq, D), lse (B, Hq, Sq)) for q (B, Sq, Hq, D).
+
+    The contract of decode_forward (csrc/schema.cpp): k and v (B, S_new, Hkv, D), when given, are
+    written into k_cache and v_cache in place at positions cache_seqlens[b] .. + S_new - 1 of
+    sequence b; then sequence b attends its keys cache_leftpad[b] .. cache_seqlens[b] + S_new - 1
+    as one reference_attention problem, causal bottom-right, with its row of alibi_slopes ((Hq,) or
+    (B, Hq)); `options` are reference_attention's window_size, softcap, sinks and scale.
+    """
+    batch, _, heads_q, _ = q.shape
+    page_size = k_cache.shape[1]
+    new_rows = 0 if k is None else k.shape[1]
+    ends = cache_seqlens.tolist()
+    starts = [0] * batch if cache_leftpad is None else cache_leftpad.tolist()
+    outs, lses = [], []
+    for b in range(batch):
+        if k is not None:
+            new_positions = torch.arange(ends[b], ends[b] + new_rows, device=q.device)
+            rows, slots = cache_slots(new_positions, b, page_size, block_table, cache_batch_idx)
+            k_cache[rows, slots] = k[b]
+            v_cache[rows, slots] = v[b]
+        positions = torch.arange(starts[b], ends[b] + new_rows, device=q.device)
+        rows, slots = cache_slots(positions, b, page_size, block_table, cache_batch_idx)
+        keys, values = k_cache[rows, slots], v_cache[rows, slots]  # (Lk, Hkv, D)
+        slopes = None
+        if alibi_slopes is not None:
+            slope_rows = alibi_slopes.reshape(-1, heads_q)  # (B or 1, Hq)
+            slopes = slope_rows[b if len(slope_rows) > 1 else 0]
+        out, lse = reference_attention(
+            q[b].transpose(0, 1)[None],
+            keys.transpose(0, 1)[None],
+            values.transpose(0, 1)[None],
+            causal="bottom_right" if causal else False,
+            alibi_slopes=slopes,
+            **options,
+        )  # (1, Hq, Sq, D), (1, Hq, Sq)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.stack(outs), torch.stack(lses)

@@ -26,7 +26,7 @@ from .causal import parse_causal, visible_band
 from .dropout import new_dropout_seed
 from .functional import attention
 from .ops.autograd import accumulation_dtype
-from .reference import reference_attention, reference_varlen_attention
+from .reference import reference_attention, reference_decode_attention, reference_varlen_attention
 from .validation import build_problem, build_varlen_problem
 from .varlen import varlen_attention
 
@@ -709,3 +709,189 @@ def check_varlen_against_reference(
         *((f"d{n}", g, e, s) for n, g, e, s in zip(names, grads, exact[2], same_dtype[2])),
     ]:
         assert_error_rule(f"{case} {name}", actual, exact_value, same_value, dtype)
+
+
+@dataclass(frozen=True)
+class DecodeCase:
+    """A decoding step against a KV cache that a test holds to reference_decode_attention, its
+    options named as in the decode_forward op (csrc/schema.cpp)."""
+
+    lengths: tuple[int, ...]  # each sequence's cache_seqlens: its keys before the new ones
+    new_rows: int = 1  # S_new: keys and values appended in place (0: none given)
+    query_rows: int | None = None  # Sq; None: new_rows (1 when no keys are appended)
+    heads_q: int = 4
+    heads_kv: int = 2
+    head_dim: int = 16
+    dtype: torch.dtype = torch.float32
+    page_size: int | None = None  # None: a contiguous cache (B, S_cache, Hkv, D)
+    interleaved: bool = False  # K and V pages (or rows) alternate in one storage: a strided page dim
+    leftpad: bool = False  # random cache_leftpad
+    batch_idx: bool = False  # a contiguous cache with more rows than sequences, in shuffled order
+    causal: bool = False
+    window_size: tuple[int, int] | None = None
+    softcap: float | None = None
+    alibi: str | None = None  # "h": slopes (Hq,); "bh": slopes (B, Hq)
+    sinks: bool = False  # only through the public function: the op has none
+    num_splits: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.query_rows if self.query_rows is not None else max(self.new_rows, 1)
+
+    def __str__(self) -> str:
+        options = {
+            "new": f"new{self.new_rows}",
+            "rows": f"q{self.rows}",
+            "page": f"page{self.page_size}" if self.page_size else "contiguous",
+            "interleaved": "interleaved" if self.interleaved else "",
+            "leftpad": "leftpad" if self.leftpad else "",
+            "batch_idx": "batchidx" if self.batch_idx else "",
+            "causal": "causal" if self.causal else "",
+            "window": f"w{self.window_size[0]}_{self.window_size[1]}" if self.window_size else "",
+            "softcap": f"cap{self.softcap}" if self.softcap else "",
+            "alibi": f"alibi{self.alibi}" if self.alibi else "",
+            "sinks": "sinks" if self.sinks else "",
+            "splits": f"splits{self.num_splits}" if self.num_splits else "",
+        }
+        lengths = "_".join(map(str, self.lengths))
+        parts = [f"L{lengths}", f"H{self.heads_q}/{self.heads_kv}", f"D{self.head_dim}", str(self.dtype)[6:]]
+        return "-".join(parts + [v for v in options.values() if v])
+
+    def make_inputs(
+        self, device: str | torch.device = "cpu", generator: torch.Generator | None = None
+    ) -> dict:
+        """Random inputs named as decode_attention's arguments: q (B, Sq, Hq, D), the caches
+        filled with random values everywhere (so that a stray read or write shows), k and v
+        (B, S_new, Hkv, D) or None, int32 cache_seqlens, and the optional indirections."""
+        batch, heads_kv, head_dim = len(self.lengths), self.heads_kv, self.head_dim
+        ends = [n + self.new_rows for n in self.lengths]
+
+        def random(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=generator).to(device, self.dtype)
+
+        def int32(values) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int32, device=device)
+
+        block_table = cache_batch_idx = None
+        if self.page_size is None:
+            rows = batch + 2 if self.batch_idx else batch
+            slots = max(ends, default=0) + 3
+            if self.batch_idx:
+                cache_batch_idx = int32(torch.randperm(rows, generator=generator)[:batch].tolist())
+        else:
+            pages_of = [-(-end // self.page_size) for end in ends]
+            max_pages = max(pages_of, default=0) + 1
+            rows, slots = batch * max_pages + 2, self.page_size
+            # Every sequence's pages are distinct random pages; unused entries point at pages too.
+            order = torch.randperm(rows, generator=generator)
+            block_table = int32(order[: batch * max_pages].reshape(batch, max_pages).tolist())
+        if self.interleaved:
+            storage = random(rows, 2, slots, heads_kv, head_dim)
+            k_cache, v_cache = storage[:, 0], storage[:, 1]
+        else:
+            k_cache, v_cache = (
+                random(rows, slots, heads_kv, head_dim),
+                random(rows, slots, heads_kv, head_dim),
+            )
+        leftpad = None
+        if self.leftpad:
+            leftpad = int32([int(torch.randint(0, n + 1, (), generator=generator)) for n in self.lengths])
+        slopes = None
+        if self.alibi is not None:
+            shape = {"h": (self.heads_q,), "bh": (batch, self.heads_q)}[self.alibi]
+            slopes = torch.rand(shape, generator=generator).to(device)
+        new = self.new_rows > 0
+        return {
+            "q": random(batch, self.rows, self.heads_q, head_dim),
+            "k_cache": k_cache,
+            "v_cache": v_cache,
+            "cache_seqlens": int32(list(self.lengths)),
+            "k": random(batch, self.new_rows, heads_kv, head_dim) if new else None,
+            "v": random(batch, self.new_rows, heads_kv, head_dim) if new else None,
+            "cache_leftpad": leftpad,
+            "block_table": block_table,
+            "cache_batch_idx": cache_batch_idx,
+            "alibi_slopes": slopes,
+            "sinks": (torch.randn(self.heads_q, generator=generator) * 2).to(device) if self.sinks else None,
+        }
+
+    def options(self, inputs: dict) -> dict:
+        """The score options of decode_attention and reference_decode_attention (no scale: the default)."""
+        return dict(
+            causal=self.causal,
+            window_size=self.window_size,
+            softcap=self.softcap,
+            alibi_slopes=inputs["alibi_slopes"],
+            sinks=inputs["sinks"],
+        )
+
+
+DECODE_TENSORS = (
+    "q",
+    "k_cache",
+    "v_cache",
+    "cache_seqlens",
+    "k",
+    "v",
+    "cache_leftpad",
+    "block_table",
+    "cache_batch_idx",
+)
+
+
+def decode_op_arguments(case: DecodeCase, inputs: dict) -> tuple:
+    """The positional arguments of a decode_forward op (csrc/schema.cpp) for these inputs."""
+    if case.sinks:
+        raise ValueError(f"{case}: the decode ops take no sinks (fast_attn/ops/sinks.py applies them)")
+    window_left, window_right = case.window_size or (-1, -1)
+    slopes = inputs["alibi_slopes"]
+    return (
+        inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["k"], inputs["v"], inputs["cache_seqlens"],
+        inputs["cache_leftpad"], inputs["block_table"], inputs["cache_batch_idx"],
+        1.0 / math.sqrt(case.head_dim), case.causal,
+        None if slopes is None else slopes.reshape(-1, case.heads_q).float().contiguous(),
+        window_left, window_right, case.softcap or 0.0, case.num_splits,
+    )  # fmt: skip
+
+
+def check_decode_against_reference(
+    run: Callable[[dict], tuple[torch.Tensor, torch.Tensor]],
+    case: DecodeCase,
+    device: str | torch.device = "cpu",
+) -> None:
+    """run(inputs) (a decode op or decode_attention on DecodeCase.make_inputs' tensors, returning
+    (out (B, Sq, Hq, D), lse (B, Hq, Sq))) against reference_decode_attention: out and lse by the
+    error rule, the caches afterwards equal to the reference's to the bit (the new rows written,
+    nothing else touched)."""
+    inputs = case.make_inputs(device)
+
+    def reference(compute_dtype: torch.dtype):
+        copies = {n: inputs[n] for n in DECODE_TENSORS}
+        storage_dtype = torch.float64 if compute_dtype == torch.float64 else case.dtype
+        for name in ("q", "k_cache", "v_cache", "k", "v"):
+            if copies[name] is not None:
+                copies[name] = copies[name].to(storage_dtype, copy=True)
+        out, lse = reference_decode_attention(
+            *(copies[n] for n in DECODE_TENSORS[:4]),
+            **{n: copies[n] for n in DECODE_TENSORS[4:]},
+            **case.options(inputs),
+            compute_dtype=compute_dtype,
+        )
+        return out, lse, copies["k_cache"], copies["v_cache"]
+
+    exact, same_dtype = reference(torch.float64), reference(case.dtype)
+    out, lse = run(inputs)
+    batch, heads_q = len(case.lengths), case.heads_q
+    assert out.shape == (batch, case.rows, heads_q, case.head_dim) and out.dtype == case.dtype, (
+        f"{case}: out {tuple(out.shape)} {out.dtype}"
+    )
+    assert lse.shape == (batch, heads_q, case.rows) and lse.dtype == accumulation_dtype(case.dtype), (
+        f"{case}: lse {tuple(lse.shape)} {lse.dtype}"
+    )
+    for name in ("k_cache", "v_cache"):
+        assert torch.equal(inputs[name], same_dtype[2 if name == "k_cache" else 3]), (
+            f"{case}: {name} differs from the reference's after the in-place write"
+        )
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(exact[1])), f"{case}: rows with lse = -inf differ"
+    assert_error_rule(f"{case} out", out, exact[0], same_dtype[0], case.dtype)
+    assert_error_rule(f"{case} lse", lse, exact[1], same_dtype[1], case.dtype)
