@@ -41,11 +41,14 @@ from fast_attn.reference import reference_varlen_attention
 from fast_attn.testing import (
     GRAD_INPUTS,
     Case,
+    DecodeCase,
     VarlenCase,
     assert_error_rule,
     attention_options,
     backward_op_arguments,
     check_against_reference,
+    check_decode_against_reference,
+    decode_op_arguments,
     forward_op_arguments,
     opcheck_forward_and_backward,
     random_qkv,
@@ -68,6 +71,7 @@ class Runner:
     device: str
     forward: Callable  # the forward op's arguments (csrc/schema.cpp) -> (out, lse)
     backward: Callable  # the backward op's arguments -> (dq, dk, dv, dbias)
+    decode: Callable  # the decode op's arguments -> (out, lse)
     launch_count: Callable[[], int] | None = None
     head_dims: tuple[int, ...] = ()  # the kernel head dims compiled (the emulator's)
 
@@ -109,6 +113,7 @@ def _build_emulator():
         CUDA_SOURCES / "emulation" / "emulation_module.cpp",
         CUDA_SOURCES / "emulation" / "emulated_device.cpp",
         CUDA_SOURCES / "attention_cuda_host.cpp",
+        CUDA_SOURCES / "decode_cuda_host.cpp",
         ROOT / "csrc" / "attention_launch.cpp",
     ]
     # The kernel translation units themselves (the generated instantiations included),
@@ -137,6 +142,7 @@ def emulated() -> Runner:
         device="cpu",
         forward=functools.partial(module.forward, sm_count=SM_COUNT),
         backward=functools.partial(module.backward, sm_count=SM_COUNT),
+        decode=functools.partial(module.decode, sm_count=SM_COUNT),
         launch_count=module.launch_count,
         head_dims=tuple(module.compiled_head_dims()),
     )
@@ -155,6 +161,7 @@ def gpu() -> Runner:
         device="cuda",
         forward=torch.ops.fast_attn.attention_forward,
         backward=torch.ops.fast_attn.attention_backward,
+        decode=torch.ops.fast_attn.decode_forward,
     )
 
 
@@ -479,6 +486,50 @@ def test_varlen_without_scores(runner: Runner) -> None:
         assert torch.all(dq == 0) and torch.all(dk == 0) and torch.all(dv == 0)
         if launches is not None:
             assert runner.launch_count() == launches, "packed sequences without scores launched a kernel"
+
+
+# ---------------------------------------------------------------------------
+# Decoding against a KV cache (decode_forward): the append, split-KV and combine kernels against
+# reference_decode_attention, the caches compared to the bit. Pages of 8 to 256 slots in random
+# block tables (interleaved K/V storage: a page stride that is not page_size * Hkv * D), contiguous
+# caches with leftpad and cache_batch_idx, GQA ratios 1 to 8 with 1 to 4 query rows (32 rows: four
+# CTA row blocks), with and without new rows, the score modifiers, num_splits 0 (the heuristic,
+# which splits these small batches: the emulator's 132 SMs), 1 and 3, an empty sequence.
+
+CudaDecodeCase = functools.partial(DecodeCase, dtype=torch.bfloat16, head_dim=64)
+
+DECODE_CASES = [
+    CudaDecodeCase((37, 100)),
+    CudaDecodeCase((37, 100), num_splits=1, dtype=torch.float16),
+    CudaDecodeCase((90, 5, 63), page_size=16, heads_q=8, heads_kv=1, num_splits=3),
+    CudaDecodeCase(
+        (61, 20), page_size=8, heads_kv=4, new_rows=3, causal=True, interleaved=True, leftpad=True
+    ),
+    CudaDecodeCase((150, 9), new_rows=2, causal=True, window_size=(16, 0), batch_idx=True, leftpad=True),
+    CudaDecodeCase((150, 9), new_rows=0, query_rows=2, batch_idx=True, interleaved=True, dtype=torch.float16),
+    CudaDecodeCase(
+        (45, 77), page_size=64, heads_q=8, heads_kv=2, new_rows=4, causal=True, softcap=30.0, alibi="bh"
+    ),
+    CudaDecodeCase(
+        (120, 33), page_size=16, window_size=(20, 5), alibi="h", num_splits=3, dtype=torch.float16
+    ),
+    CudaDecodeCase((250,), page_size=256, interleaved=True, heads_q=8, heads_kv=1, new_rows=4, causal=True),
+    CudaDecodeCase((0, 40), new_rows=0, query_rows=2, page_size=16),  # sequence 0 is empty: out 0, lse -inf
+    CudaDecodeCase((0, 17), new_rows=2, causal=True, num_splits=3),  # sequence 0 has only its new rows
+    CudaDecodeCase((70, 30), page_size=16, head_dim=32, num_splits=1),
+    CudaDecodeCase((70, 30), page_size=8, head_dim=40, new_rows=2, causal=True, dtype=torch.float16),
+    CudaDecodeCase((70, 30), head_dim=96, heads_q=2, heads_kv=2, softcap=5.0),
+    CudaDecodeCase((50, 64), page_size=16, head_dim=128, dtype=torch.float16, alibi="h", causal=True),
+    CudaDecodeCase((50, 21), page_size=32, head_dim=256, new_rows=0, query_rows=3, causal=True, num_splits=3),
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=str)
+def test_decode(runner: Runner, case: DecodeCase):
+    def run(inputs: dict):
+        return runner.decode(*decode_op_arguments(case, inputs))
+
+    check_decode_against_reference(run, case, runner.device)
 
 
 # ---------------------------------------------------------------------------

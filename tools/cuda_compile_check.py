@@ -60,7 +60,7 @@ ARCH_TARGETS = {
 # local memory is a finding).
 INTENDED_LOCAL_MEMORY: dict[str, str] = {}
 
-TRAITS = ("ForwardTraits", "DkdvTraits", "DqTraits", "DbiasTraits")
+TRAITS = ("ForwardTraits", "DkdvTraits", "DqTraits", "DbiasTraits", "DecodeTraits")
 HEAD_DIMS = tuple(BUILD_MATRIX["head_dims"])
 ELEMENTS = tuple(dtype["cuda_type"] for dtype in BUILD_MATRIX["dtypes"])
 
@@ -166,7 +166,8 @@ DEFAULT_KERNEL_FLAGS = ("modifiers", "varlen")
 
 
 def short_name(demangled: str) -> tuple[str, str | None]:
-    """('forward<bf16, 64, modifiers>', 'ForwardTraits<__nv_bfloat16, 64>') from a demangled kernel name."""
+    """('forward<bf16, 64, modifiers>', 'ForwardTraits<__nv_bfloat16, 64>') from a demangled kernel name
+    (a kernel of neither element type, such as decode_append, by its name alone)."""
     base = re.search(r"(\w+)_kernel", demangled)
     kernel = base.group(1).replace("attention_", "") if base else demangled
     traits = re.search(r"(\w+Traits<[^<>]*>)((?:, (?:true|false))*)>", demangled)
@@ -177,7 +178,7 @@ def short_name(demangled: str) -> tuple[str, str | None]:
         names = KERNEL_FLAGS.get(kernel, DEFAULT_KERNEL_FLAGS)
         variant = "".join(f", {name}" for name, value in zip(names, values) if value == "true")
         return f"{kernel}<{element}, {head_dim}{variant}>", traits.group(1)
-    return f"{kernel}<{element}>", None
+    return (f"{kernel}<{element}>" if element != "?" else kernel), None
 
 
 def traits_launch_shapes(nvcc: str, flags: list[str], workdir: Path) -> dict[str, tuple[int, int]]:
@@ -189,6 +190,7 @@ def traits_launch_shapes(nvcc: str, flags: list[str], workdir: Path) -> dict[str
         '#include "cuda/backward_dkdv_kernel.cuh"',
         '#include "cuda/backward_dq_kernel.cuh"',
         '#include "cuda/backward_dbias_kernel.cuh"',
+        '#include "cuda/decode_kernel.cuh"',
         "using namespace fast_attn::cuda;",
         "int main() {",
     ]

@@ -6,8 +6,10 @@ forward_hdim<D>_<dtype>.cu and backward_hdim<D>_<dtype>.cu, and their
 forward_modifiers_* and backward_modifiers_* twins with the kernels for the
 band's left edge, softcap and ALiBi (kModifiers): one nvcc unit each, so that
 the builds compile them in parallel and a head-dim subset compiles only its
-own. instantiations/head_dims.h hands the same head dims to the host launcher
-(attention_cuda_host.cpp) as an X-macro. The files are checked in, so
+own; decode_hdim<D>_<dtype>.cu holds the split-KV decode kernel (one variant:
+decoding always runs the score modifiers' code). instantiations/head_dims.h
+hands the same head dims to the host launchers (attention_cuda_host.cpp,
+decode_cuda_host.cpp) as an X-macro. The files are checked in, so
 that a CMake build needs no Python; CI runs --check to prove they are current.
 
     python tools/generate_kernels.py          # rewrite csrc/cuda/instantiations/
@@ -53,6 +55,15 @@ template LaunchStatus run_attention_backward_dbias<ElementType::{element_type}, 
 }}  // namespace fast_attn::cuda
 """
 
+DECODE_UNIT = """\
+// Instantiation: split-KV decode kernel, {dtype}, head dim {head_dim}.
+#include "cuda/decode_kernel.cuh"
+
+namespace fast_attn::cuda {{
+template LaunchStatus run_decode<ElementType::{element_type}, {head_dim}>(const DecodeParams&, cudaStream_t);
+}}  // namespace fast_attn::cuda
+"""
+
 # (file name infix, kModifiers, what the unit's comment adds)
 VARIANTS = (("", "false", ""), ("modifiers_", "true", ", score modifiers (left band edge, softcap, ALiBi)"))
 
@@ -80,6 +91,9 @@ def generated_files(matrix: dict) -> dict[Path, str]:
                 for kind, template in (("forward", FORWARD_UNIT), ("backward", BACKWARD_UNIT)):
                     name = f"{kind}_{infix}hdim{head_dim}_{dtype['name']}.cu"
                     files[OUTPUT_DIR / name] = HEADER + template.format(**values)
+            values = dict(dtype=dtype["name"], element_type=dtype["element_type"], head_dim=head_dim)
+            decode_name = f"decode_hdim{head_dim}_{dtype['name']}.cu"
+            files[OUTPUT_DIR / decode_name] = HEADER + DECODE_UNIT.format(**values)
     items = " ".join(f"X({head_dim})" for head_dim in matrix["head_dims"])
     files[OUTPUT_DIR / "head_dims.h"] = HEADER + HEAD_DIMS_HEADER.format(items=items)
     return files

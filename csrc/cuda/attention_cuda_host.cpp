@@ -9,51 +9,12 @@
 
 #include "attention_launch.h"
 #include "backward_schedule.h"
-#include "instantiations/head_dims.h"
+#include "cuda_host_common.h"
 #include "kernel_api.h"
 #include "tile_configs.h"
 
-// The head dims this build compiles, comma-separated: the subset that setup.py or
-// CMake pass as FAST_ATTN_CUDA_HEAD_DIMS, else all of instantiations/head_dims.h.
-#ifndef FAST_ATTN_CUDA_HEAD_DIMS
-#define FAST_ATTN_HEAD_DIM_ITEM(D) D,
-#define FAST_ATTN_CUDA_HEAD_DIMS FAST_ATTN_FOR_EACH_HEAD_DIM(FAST_ATTN_HEAD_DIM_ITEM)
-#endif
-
 namespace fast_attn::cuda {
 namespace {
-
-constexpr int kCompiledHeadDims[] = {FAST_ATTN_CUDA_HEAD_DIMS};
-
-constexpr bool head_dim_compiled(int head_dim) {
-  for (int compiled : kCompiledHeadDims) {
-    if (compiled == head_dim) {
-      return true;
-    }
-  }
-  return false;
-}
-
-// Kernels index query and key positions with 32-bit integers (plus a block of slack).
-constexpr int64_t kMaxSequenceLength = std::numeric_limits<int32_t>::max() - (1 << 16);
-// Query heads and batch (varlen: sequences) are grid dims y and z of the forward and dQ kernels.
-constexpr int64_t kMaxGridDim = 65535;
-
-ElementType element_type(const at::Tensor& q) {
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-              "fast_attn CUDA kernels support float16 and bfloat16, got ", q.scalar_type());
-  return q.scalar_type() == at::kHalf ? ElementType::kFloat16 : ElementType::kBFloat16;
-}
-
-// The smallest compiled kernel head dim that holds head_dim (its extra columns are zero-filled).
-int kernel_head_dim(int64_t head_dim) {
-  TORCH_CHECK(head_dim % 8 == 0, "fast_attn CUDA kernels need a head dim that is a multiple of 8, got ", head_dim);
-  const std::vector<int> dims = compiled_head_dims();
-  const auto fits = std::find_if(dims.begin(), dims.end(), [&](int d) { return d >= head_dim; });
-  TORCH_CHECK(fits != dims.end(), "fast_attn CUDA kernels were compiled for head dims up to ", dims.back(), ", got ",
-              head_dim);
-  return *fits;
-}
 
 void check_sizes(const ForwardInputs& in) {
   const at::Tensor& q = in.q;
@@ -73,40 +34,13 @@ bool launches_nothing(const AttentionForwardParams& params) {
   return params.batch * params.heads_q * params.seqlen_q == 0 || params.seqlen_k == 0;
 }
 
-// cp.async and the 16-byte vector loads need a 16-byte aligned base and batch,
-// head and row strides that are multiples of 8 elements; anything else is
-// copied into a fresh (aligned, contiguous) tensor.
-at::Tensor aligned_for_vector_loads(const at::Tensor& t) {
-  bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  for (int64_t d = 0; d < 3; ++d) {
-    aligned = aligned && (t.size(d) == 1 || t.stride(d) % 8 == 0);
-  }
-  return aligned ? t : at::empty_like(t, at::MemoryFormat::Contiguous).copy_(t);
-}
-
-void check_launch(const LaunchStatus& status, const char* what) {
-  TORCH_CHECK(status.ok, "fast_attn CUDA ", what, " failed: ", status.message);
-}
-
-template <ElementType kElement, int kHeadDim>
-LaunchStatus forward_if_compiled(const AttentionForwardParams& params, cudaStream_t stream) {
-  if constexpr (head_dim_compiled(kHeadDim)) {
-    return has_score_modifiers(params) ? run_attention_forward<kElement, kHeadDim, true>(params, stream)
-                                       : run_attention_forward<kElement, kHeadDim, false>(params, stream);
-  } else {
-    return {false, "head dim not compiled"};
-  }
-}
-
 template <ElementType kElement>
 LaunchStatus forward_for(int head_dim, const AttentionForwardParams& params, cudaStream_t stream) {
-  switch (head_dim) {
-#define FAST_ATTN_FORWARD_CASE(D) \
-  case D: return forward_if_compiled<kElement, D>(params, stream);
-    FAST_ATTN_FOR_EACH_HEAD_DIM(FAST_ATTN_FORWARD_CASE)
-#undef FAST_ATTN_FORWARD_CASE
-    default: return {false, "no kernel for this head dim"};
-  }
+  return launch_for_head_dim(head_dim, [&](auto dim) {
+    constexpr int kHeadDim = decltype(dim)::value;
+    return has_score_modifiers(params) ? run_attention_forward<kElement, kHeadDim, true>(params, stream)
+                                       : run_attention_forward<kElement, kHeadDim, false>(params, stream);
+  });
 }
 
 // dK, dV (and dq) by the dK/dV kernel, or the dQ kernel when deterministic, then
@@ -124,28 +58,15 @@ LaunchStatus backward_kernels(const AttentionBackwardParams& params, const Backw
   return status;
 }
 
-template <ElementType kElement, int kHeadDim>
-LaunchStatus backward_if_compiled(const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
-                                  const DbiasTiles& dbias, bool deterministic, cudaStream_t stream) {
-  if constexpr (head_dim_compiled(kHeadDim)) {
-    return has_score_modifiers(params)
-               ? backward_kernels<kElement, kHeadDim, true>(params, workspace, dbias, deterministic, stream)
-               : backward_kernels<kElement, kHeadDim, false>(params, workspace, dbias, deterministic, stream);
-  } else {
-    return {false, "head dim not compiled"};
-  }
-}
-
 template <ElementType kElement>
 LaunchStatus backward_for(int head_dim, const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
                           const DbiasTiles& dbias, bool deterministic, cudaStream_t stream) {
-  switch (head_dim) {
-#define FAST_ATTN_BACKWARD_CASE(D) \
-  case D: return backward_if_compiled<kElement, D>(params, workspace, dbias, deterministic, stream);
-    FAST_ATTN_FOR_EACH_HEAD_DIM(FAST_ATTN_BACKWARD_CASE)
-#undef FAST_ATTN_BACKWARD_CASE
-    default: return {false, "no kernel for this head dim"};
-  }
+  return launch_for_head_dim(head_dim, [&](auto dim) {
+    constexpr int kHeadDim = decltype(dim)::value;
+    return has_score_modifiers(params)
+               ? backward_kernels<kElement, kHeadDim, true>(params, workspace, dbias, deterministic, stream)
+               : backward_kernels<kElement, kHeadDim, false>(params, workspace, dbias, deterministic, stream);
+  });
 }
 
 // The dK/dV kernel's dbias schedule without splits, for sizing them.

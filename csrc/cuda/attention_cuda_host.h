@@ -19,7 +19,7 @@ namespace fast_attn::cuda {
 
 struct DeviceContext {
   cudaStream_t stream;
-  int sm_count;  // sizes the dbias split (CTAs to fill the device)
+  int sm_count;  // sizes the dbias split and the decode splits (CTAs to fill the device)
 };
 
 // What the backward takes beyond the forward's inputs (attention_backward's schema).
@@ -39,6 +39,32 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const ForwardInputs& in, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(const ForwardInputs& in,
                                                                               const BackwardInputs& grads,
                                                                               const DeviceContext& device);
+
+// decode_forward's arguments (csrc/schema.cpp), in its order.
+struct DecodeInputs {
+  const at::Tensor& q;        // (B, Sq, Hq, D)
+  const at::Tensor& k_cache;  // (Bc, S_cache, Hkv, D) or pages (num_pages, page_size, Hkv, D)
+  const at::Tensor& v_cache;
+  const std::optional<at::Tensor>& k_new;  // (B, S_new, Hkv, D)
+  const std::optional<at::Tensor>& v_new;
+  const at::Tensor& cache_seqlens;                   // int32 (B,)
+  const std::optional<at::Tensor>& cache_leftpad;    // int32 (B,)
+  const std::optional<at::Tensor>& block_table;      // int32 (B, max_pages)
+  const std::optional<at::Tensor>& cache_batch_idx;  // int32 (B,)
+  double scale;
+  bool causal;
+  const std::optional<at::Tensor>& alibi_slopes;  // float32 (B or 1, Hq)
+  int64_t window_left;
+  int64_t window_right;
+  double softcap;
+  int64_t num_splits;  // 0: chosen here (choose_decode_splits)
+};
+
+// decode_forward's schema: (out (B, Sq, Hq, D), lse (B, Hq, Sq)), the new rows written into the caches.
+std::tuple<at::Tensor, at::Tensor> decode_forward(const DecodeInputs& in, const DeviceContext& device);
+
+// The split count of num_splits = 0 (decode_cuda_host.cpp).
+int64_t choose_decode_splits(int64_t work_units, int64_t key_blocks, int sm_count);
 
 // Head dims with compiled kernels (FAST_ATTN_CUDA_HEAD_DIMS), ascending.
 std::vector<int> compiled_head_dims();

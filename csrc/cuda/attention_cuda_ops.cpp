@@ -53,11 +53,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
                                   device_context(q));
 }
 
+std::tuple<at::Tensor, at::Tensor> decode_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const std::optional<at::Tensor>& k_new,
+    const std::optional<at::Tensor>& v_new, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& cache_leftpad, const std::optional<at::Tensor>& block_table,
+    const std::optional<at::Tensor>& cache_batch_idx, double scale, bool causal,
+    const std::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, double softcap,
+    int64_t num_splits) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cuda::DecodeInputs in{q, k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, block_table,
+                              cache_batch_idx, scale, causal, alibi_slopes, window_left, window_right, softcap,
+                              num_splits};
+  return cuda::decode_forward(in, device_context(q));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fast_attn, CUDA, m) {
   m.impl("attention_forward", &attention_forward_cuda);
   m.impl("attention_backward", &attention_backward_cuda);
+  m.impl("decode_forward", &decode_forward_cuda);
 }
 
 }  // namespace fast_attn

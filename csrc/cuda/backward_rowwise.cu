@@ -37,20 +37,6 @@ FA_DEVICE RowCoordinates row_of_thread(const AttentionBackwardParams& params) {
   return c;
 }
 
-// Dot product of two vectors of 8 16-bit elements.
-template <typename Element>
-FA_DEVICE float dot8(const uint4& x, const uint4& y) {
-  uint16_t xs[8], ys[8];
-  std::memcpy(xs, &x, sizeof(xs));
-  std::memcpy(ys, &y, sizeof(ys));
-  float sum = 0.0f;
-  FA_UNROLL
-  for (int i = 0; i < 8; ++i) {
-    sum += ElementOps<Element>::bits_to_float(xs[i]) * ElementOps<Element>::bits_to_float(ys[i]);
-  }
-  return sum;
-}
-
 template <typename Element>
 FA_KERNEL(kRowThreads, 1)
 void attention_backward_preprocess_kernel(const AttentionBackwardParams params, const BackwardWorkspace workspace) {

@@ -98,6 +98,43 @@ struct ElementOf<ElementType::kBFloat16> {
   using type = __nv_bfloat16;
 };
 
+// Vectors of 8 16-bit elements, moved as one 16-byte uint4 (lower index in the lower bytes).
+
+template <typename Element>
+FA_DEVICE float dot8(const uint4& x, const uint4& y) {
+  uint16_t xs[8], ys[8];
+  std::memcpy(xs, &x, sizeof(xs));
+  std::memcpy(ys, &y, sizeof(ys));
+  float sum = 0.0f;
+  FA_UNROLL
+  for (int i = 0; i < 8; ++i) {
+    sum += ElementOps<Element>::bits_to_float(xs[i]) * ElementOps<Element>::bits_to_float(ys[i]);
+  }
+  return sum;
+}
+
+template <typename Element>
+FA_DEVICE void unpack8(const uint4& x, float (&values)[8]) {
+  uint16_t xs[8];
+  std::memcpy(xs, &x, sizeof(xs));
+  FA_UNROLL
+  for (int i = 0; i < 8; ++i) {
+    values[i] = ElementOps<Element>::bits_to_float(xs[i]);
+  }
+}
+
+template <typename Element>
+FA_DEVICE uint4 pack8(const float (&values)[8]) {
+  uint32_t words[4];
+  FA_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    words[i] = ElementOps<Element>::pack(values[2 * i], values[2 * i + 1]);
+  }
+  uint4 packed;
+  std::memcpy(&packed, words, sizeof(packed));
+  return packed;
+}
+
 #if defined(FAST_ATTN_CUDA_EMULATION)
 
 // ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "attention_params.h"
+#include "decode_params.h"
 
 namespace fast_attn::cuda {
 
@@ -84,5 +85,18 @@ LaunchStatus run_attention_backward_dq(const AttentionBackwardParams& params, cu
 template <ElementType kElement>
 LaunchStatus run_attention_backward_convert_dq(const AttentionBackwardParams& params,
                                                const BackwardWorkspace& workspace, cudaStream_t stream);
+
+// Decoding against a KV cache (decode_params.h), three launches in stream order:
+// 1. (new_rows > 0) k_new, v_new written into the caches in place (decode_append.cu);
+LaunchStatus run_decode_append(const DecodeParams& params, cudaStream_t stream);
+
+// 2. the split-KV kernel (decode_kernel.cuh): out and lse with one split, else each split's
+//    partial results;
+template <ElementType kElement, int kHeadDim>
+LaunchStatus run_decode(const DecodeParams& params, cudaStream_t stream);
+
+// 3. (num_splits > 1) the splits merged into out and lse (decode_combine.cu).
+template <ElementType kElement>
+LaunchStatus run_decode_combine(const DecodeParams& params, cudaStream_t stream);
 
 }  // namespace fast_attn::cuda

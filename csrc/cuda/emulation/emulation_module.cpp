@@ -109,6 +109,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
                                              {nullptr, static_cast<int>(sm_count)});
 }
 
+std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                          const std::optional<at::Tensor>& k_new,
+                                          const std::optional<at::Tensor>& v_new, const at::Tensor& cache_seqlens,
+                                          const std::optional<at::Tensor>& cache_leftpad,
+                                          const std::optional<at::Tensor>& block_table,
+                                          const std::optional<at::Tensor>& cache_batch_idx, double scale, bool causal,
+                                          const std::optional<at::Tensor>& alibi_slopes, int64_t window_left,
+                                          int64_t window_right, double softcap, int64_t num_splits, int64_t sm_count) {
+  const TrackingScope scope(
+      {q, k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, block_table, cache_batch_idx, alibi_slopes});
+  const fast_attn::cuda::DecodeInputs in{q, k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad,
+                                         block_table, cache_batch_idx, scale, causal, alibi_slopes, window_left,
+                                         window_right, softcap, num_splits};
+  return fast_attn::cuda::decode_forward(in, {nullptr, static_cast<int>(sm_count)});
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -129,6 +145,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("window_left"), py::arg("window_right"), py::arg("softcap"), py::arg("cu_seqlens_q") = py::none(),
         py::arg("cu_seqlens_k") = py::none(), py::arg("max_seqlen_q") = -1, py::arg("max_seqlen_k") = -1,
         py::kw_only(), py::arg("sm_count"));
+  m.def("decode", &decode, "decode_forward of the CUDA implementation, emulated", py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("k_new"), py::arg("v_new"), py::arg("cache_seqlens"), py::arg("cache_leftpad"),
+        py::arg("block_table"), py::arg("cache_batch_idx"), py::arg("scale"), py::arg("causal"),
+        py::arg("alibi_slopes"), py::arg("window_left"), py::arg("window_right"), py::arg("softcap"),
+        py::arg("num_splits"), py::kw_only(), py::arg("sm_count"));
   m.def("launch_count", &fast_attn::emu::launch_count, "kernel launches emulated so far");
   m.def("compiled_head_dims", &fast_attn::cuda::compiled_head_dims, "head dims with kernels");
 }
