@@ -532,6 +532,67 @@ def test_decode(runner: Runner, case: DecodeCase):
     check_decode_against_reference(run, case, runner.device)
 
 
+def test_decode_splits_agree(runner: Runner):
+    """Any fixed num_splits (empty splits included: 7 splits of 4 key blocks) computes what one
+    split does, to float32 rounding before out's own."""
+    case = CudaDecodeCase((150, 70), page_size=16, heads_q=8, heads_kv=2, new_rows=2, causal=True, alibi="h")
+    inputs = case.make_inputs(runner.device)
+    results = []
+    for splits in (1, 2, 3, 7, 0):
+        arguments = decode_op_arguments(dataclasses.replace(case, num_splits=splits), inputs)
+        results.append(runner.decode(*(a.clone() if isinstance(a, torch.Tensor) else a for a in arguments)))
+    out_one, lse_one = results[0]
+    for out, lse in results[1:]:
+        torch.testing.assert_close(lse, lse_one, rtol=0, atol=1e-5)
+        torch.testing.assert_close(out, out_one)
+
+
+def test_decode_empty(runner: Runner):
+    """No sequence, or no query row: empty outputs and no kernel launched (but the append's)."""
+    for batch, rows in ((0, 1), (2, 0)):
+        q = torch.randn(batch, rows, 4, 64).to(runner.device, torch.bfloat16)
+        cache = torch.randn(2, 16, 2, 64).to(runner.device, torch.bfloat16)
+        seqlens = torch.zeros(batch, dtype=torch.int32, device=runner.device)
+        launches = runner.launch_count() if runner.launch_count else None
+        out, lse = runner.decode(
+            q, cache, cache, None, None, seqlens, None, None, None, 0.125, True, None, -1, -1, 0.0, 0
+        )
+        assert out.shape == q.shape and lse.shape == (batch, 4, rows)
+        if launches is not None:
+            assert runner.launch_count() == launches, "an empty decode launched a kernel"
+
+
+def test_emulated_decode_never_reads_outside_the_cache(emulated: Runner):
+    """block_table entries, cache_seqlens and cache_leftpad out of range (the Python layer refuses
+    them) are clamped: the emulator, which fails any access outside the tensors, runs it."""
+    case = CudaDecodeCase((20, 9), page_size=16, leftpad=True, new_rows=2)
+    inputs = case.make_inputs()
+    arguments = list(decode_op_arguments(case, inputs))
+    arguments[7] = torch.tensor([[1 << 20, -5], [3, 1 << 30]], dtype=torch.int32)  # block_table
+    arguments[5] = torch.tensor([1000, -7], dtype=torch.int32)  # cache_seqlens
+    arguments[6] = torch.tensor([-3, 50], dtype=torch.int32)  # cache_leftpad
+    out, lse = emulated.decode(*arguments)
+    assert out.shape == inputs["q"].shape and not out.isnan().any() and not lse.isnan().any()
+
+
+def test_emulated_decode_refuses_what_the_kernels_cannot_read(emulated: Runner):
+    case = CudaDecodeCase((20, 9), page_size=16)
+    inputs = case.make_inputs()
+    misaligned = (
+        torch.randn(inputs["k_cache"].numel() + 1).to(torch.bfloat16)[1:].view(inputs["k_cache"].shape)
+    )
+    for position, value, message in (
+        (8, torch.zeros(2, dtype=torch.int32), "cache_batch_idx is for contiguous caches"),
+        (15, 129, "num_splits"),
+        (1, misaligned, "16-byte"),
+        (5, torch.zeros(2, dtype=torch.int64), "cache_seqlens"),
+    ):
+        arguments = list(decode_op_arguments(case, inputs))
+        arguments[position] = value
+        with pytest.raises(RuntimeError, match=message):
+            emulated.decode(*arguments)
+
+
 # ---------------------------------------------------------------------------
 # Random problems through the kernel sources (hypothesis): CI runs a fixed set on
 # the emulator, `--fuzz-examples N` N fresh draws (test_fuzz.py covers the GPU).

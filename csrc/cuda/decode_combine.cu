@@ -4,8 +4,8 @@
 // into out (B, Sq, Hq, D) and lse. A split without visible keys has lse_s = -inf (weight 0, out_s
 // 0); a row without any keeps lse -inf and out 0. One warp per row, lane c merging columns
 // 8c .. 8c + 7 (head dims up to 256), the weights taken relative to the largest lse_s.
+#include "decode_merge.cuh"
 #include "decode_params.h"
-#include "device_runtime.cuh"
 
 namespace fast_attn::cuda {
 namespace {
@@ -27,35 +27,23 @@ void decode_combine_kernel(const DecodeParams params) {
   for (int64_t s = 0; s < params.num_splits; ++s) {
     max = fmaxf(max, load_global(params.lse_partial + s * rows + row));
   }
-  float sum = 0.0f;
-  float merged[8] = {};
+  SoftmaxMerge merged;
   if (max != negative_infinity()) {
     for (int64_t s = 0; s < params.num_splits; ++s) {
-      const float weight = exp2f((load_global(params.lse_partial + s * rows + row) - max) * kLog2e);
       const float* partial = params.out_partial + (s * rows + row) * head_dim + chunk * 8;
-      const float4 lo = load_global(reinterpret_cast<const float4*>(partial));
-      const float4 hi = load_global(reinterpret_cast<const float4*>(partial + 4));
-      const float values[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-      sum += weight;
-      FA_UNROLL
-      for (int i = 0; i < 8; ++i) {
-        merged[i] += weight * values[i];
-      }
+      merged.add(exp2f((load_global(params.lse_partial + s * rows + row) - max) * kLog2e), 1.0f,
+                 load_global(reinterpret_cast<const float4*>(partial)),
+                 load_global(reinterpret_cast<const float4*>(partial + 4)));
     }
   }
-  const float out_scale = sum == 0.0f ? 0.0f : 1.0f / sum;
-  FA_UNROLL
-  for (int i = 0; i < 8; ++i) {
-    merged[i] *= out_scale;
-  }
+  merged.normalize();
   // row = (b Hq + head) Sq + query; out is (B, Sq, Hq, D).
   const int64_t query = row % params.seqlen_q;
   const int64_t head = row / params.seqlen_q % params.heads_q;
   const int64_t b = row / (params.seqlen_q * params.heads_q);
-  Element* out = static_cast<Element*>(params.out) + decode_out_offset(params, b, query, head) + chunk * 8;
-  store_global(reinterpret_cast<uint4*>(out), pack8<Element>(merged));
+  merged.store(static_cast<Element*>(params.out) + decode_out_offset(params, b, query, head) + chunk * 8);
   if (chunk == 0) {
-    store_global(params.lse + row, sum == 0.0f ? negative_infinity() : max + logf(sum));
+    store_global(params.lse + row, merged.sum == 0.0f ? negative_infinity() : max + logf(merged.sum));
   }
 }
 

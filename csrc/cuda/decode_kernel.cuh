@@ -21,6 +21,7 @@
 #pragma once
 
 #include "decode_cache.cuh"
+#include "decode_merge.cuh"
 #include "score_context.cuh"
 
 namespace fast_attn::cuda {
@@ -209,39 +210,25 @@ void decode_split_kernel(const DecodeParams params) {
       max = fmaxf(max, load_shared(row + g * kGroupPitch + kHeadDim));
     }
     const float base = max == negative_infinity() ? 0.0f : max;
-    float sum = 0.0f;
-    float out[8] = {};
+    SoftmaxMerge merged;
     for (int g = 0; g < Traits::kGroups; ++g) {
       const float* group_row = row + g * kGroupPitch;
-      const float weight = exp2f(load_shared(group_row + kHeadDim) - base);
-      sum += weight * load_shared(group_row + kHeadDim + 1);
-      const float4 lo = load_shared(reinterpret_cast<const float4*>(group_row + c * 8));
-      const float4 hi = load_shared(reinterpret_cast<const float4*>(group_row + c * 8 + 4));
-      const float values[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-      FA_UNROLL
-      for (int i = 0; i < 8; ++i) {
-        out[i] += weight * values[i];
-      }
+      merged.add(exp2f(load_shared(group_row + kHeadDim) - base), load_shared(group_row + kHeadDim + 1),
+                 load_shared(reinterpret_cast<const float4*>(group_row + c * 8)),
+                 load_shared(reinterpret_cast<const float4*>(group_row + c * 8 + 4)));
     }
-    const float out_scale = sum == 0.0f ? 0.0f : 1.0f / sum;
-    FA_UNROLL
-    for (int i = 0; i < 8; ++i) {
-      out[i] *= out_scale;
-    }
-    const float lse = sum == 0.0f ? negative_infinity() : (base + log2f(sum)) * kLn2;
+    merged.normalize();
+    const float lse = merged.sum == 0.0f ? negative_infinity() : (base + log2f(merged.sum)) * kLn2;
     const int64_t head = head_of(r);
     const int query = query_of(r);
     const int64_t lse_row = (b * params.heads_q + head) * seqlen_q + query;
     if (params.num_splits == 1) {
-      Element* out_row = static_cast<Element*>(params.out) + decode_out_offset(params, b, query, head);
-      store_global(reinterpret_cast<uint4*>(out_row + c * 8), pack8<Element>(out));
+      merged.store(static_cast<Element*>(params.out) + decode_out_offset(params, b, query, head) + c * 8);
       if (c == 0) {
         store_global(params.lse + lse_row, lse);
       }
     } else {
-      float* partial = params.out_partial + (split * lse_rows + lse_row) * head_dim + c * 8;
-      store_global(reinterpret_cast<float4*>(partial), make_float4(out[0], out[1], out[2], out[3]));
-      store_global(reinterpret_cast<float4*>(partial + 4), make_float4(out[4], out[5], out[6], out[7]));
+      merged.store(params.out_partial + (split * lse_rows + lse_row) * head_dim + c * 8);
       if (c == 0) {
         store_global(params.lse_partial + split * lse_rows + lse_row, lse);
       }
