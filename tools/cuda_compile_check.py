@@ -170,7 +170,8 @@ def short_name(demangled: str) -> tuple[str, str | None]:
     (a kernel of neither element type, such as decode_append, by its name alone)."""
     base = re.search(r"(\w+)_kernel", demangled)
     kernel = base.group(1).replace("attention_", "") if base else demangled
-    traits = re.search(r"(\w+Traits<[^<>]*>)((?:, (?:true|false))*)>", demangled)
+    # c++filt writes "> >" where a kernel's only template argument is its traits.
+    traits = re.search(r"(\w+Traits<[^<>]*>)((?:, (?:true|false))*) ?>", demangled)
     element = "bf16" if "bfloat16" in demangled else "fp16" if "__half" in demangled else "?"
     if traits:
         head_dim = re.search(r", (\d+)>", traits.group(1)).group(1)
