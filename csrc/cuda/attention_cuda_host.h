@@ -57,14 +57,11 @@ struct DecodeInputs {
   int64_t window_left;
   int64_t window_right;
   double softcap;
-  int64_t num_splits;  // 0: chosen here (choose_decode_splits)
+  int64_t num_splits;  // 0: chosen by the launcher (decode_cuda_host.cpp)
 };
 
 // decode_forward's schema: (out (B, Sq, Hq, D), lse (B, Hq, Sq)), the new rows written into the caches.
 std::tuple<at::Tensor, at::Tensor> decode_forward(const DecodeInputs& in, const DeviceContext& device);
-
-// The split count of num_splits = 0 (decode_cuda_host.cpp).
-int64_t choose_decode_splits(int64_t work_units, int64_t key_blocks, int sm_count);
 
 // Head dims with compiled kernels (FAST_ATTN_CUDA_HEAD_DIMS), ascending.
 std::vector<int> compiled_head_dims();

@@ -121,8 +121,6 @@ AttentionForwardParams score_params(const DecodeInputs& in) {
   return p;
 }
 
-}  // namespace
-
 // FlashAttention-2's split rule: with `work_units` CTAs per split (here B x Hkv x row blocks)
 // on `sm_count` SMs, s splits fill waves = work_units * s / sm_count waves of the device, with
 // efficiency waves / ceil(waves). The choice is the smallest s whose efficiency is at least 0.85
@@ -148,6 +146,8 @@ int64_t choose_decode_splits(int64_t work_units, int64_t key_blocks, int sm_coun
   }
   return splits;
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> decode_forward(const DecodeInputs& in, const DeviceContext& device) {
   check_decode_inputs(in);
