@@ -69,7 +69,8 @@ class Backend:
     min_capability: tuple[int, int] | None
     availability: Callable[[], str | None]  # None when usable, else why not; evaluated once at import
     run: Callable  # (problem, dropout_seed) -> (out, lse)
-    # Reasons of this backend's own beyond the declared facts: (problem, explicit) -> reasons.
+    # Reasons of this backend's own beyond the declared facts: (problem, explicit) -> reasons. Without
+    # a bias they may read only the device, dtype, head dim and features (see _AUTO_CHOICES).
     extra_reasons: Callable[[AttentionProblem, bool], list[str]] = lambda problem, explicit: []
     # Why a backend that is available cannot serve this machine's devices in practice (info only).
     machine_note: Callable[[], str | None] = lambda: None
@@ -330,11 +331,30 @@ def select_backend(problem: AttentionProblem, backend: str = "auto") -> Backend:
                 f"fast_attn backend '{backend}' cannot run this input: " + "; ".join(reasons)
             )
         return chosen
+    key = _auto_choice_key(problem)
+    chosen = _AUTO_CHOICES.get(key) if key is not None else None
+    if chosen is not None:
+        return chosen
     for name in AUTO_ORDER:
         candidate = BACKENDS[name]
         if candidate.accepts(problem):
+            if key is not None:
+                _AUTO_CHOICES[key] = candidate
             return candidate
     raise BackendNotSupportedError("no fast_attn backend can run this input")  # reference takes everything
+
+
+# "auto"'s choices by the facts that decide them, so that a call repeating an earlier one's facts
+# (every decoding step, every layer) asks no backend again. Without a bias the reasons of every
+# backend read only the device, the dtype, the head dim and the features asked for (the bias's
+# gradient is the one further fact, _cuda_modifier_reasons): a backend's extra_reasons must keep it so.
+_AUTO_CHOICES: dict[tuple, Backend] = {}
+
+
+def _auto_choice_key(problem: AttentionProblem | DecodeProblem) -> tuple | None:
+    if getattr(problem, "bias", None) is not None:
+        return None
+    return (type(problem), problem.device, problem.dtype, problem.head_dim, frozenset(asked_features(problem)))
 
 
 def run_problem(problem: AttentionProblem, backend: str = "auto"):
