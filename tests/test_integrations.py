@@ -311,6 +311,21 @@ def test_the_modifiers_matter(kind, change):
     assert (changed - reference).abs().max() > 0.05 * reference.abs().max()
 
 
+def test_static_cache_generation_compiled_matches_eager():
+    # transformers' StaticCache (keys of the preallocated length, unfilled ones masked) with the
+    # model's forward compiled whole: prefill and decoding steps run fast_attn's ops in the graph.
+    ids = random_ids(2, 7)
+    mask = padding_mask(2, 7, {0: 2}, left=True)
+    arguments = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False}
+    config = {**MODERN_MODELS["mistral"], "tie_word_embeddings": False}
+    expected = build("mistral", "eager", **config).generate(ids, **arguments)
+    model = build("mistral", "fast_attn", **config)
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    tokens = model.generate(ids, **arguments, cache_implementation="static")
+    assert len(set(expected[:, 7:].flatten().tolist())) > 3, "degenerate generation tests nothing"
+    assert torch.equal(tokens, expected)
+
+
 @pytest.mark.parametrize("kind", ["mistral", "gemma2", "gpt_oss", "qwen2", "gemma3"])
 def test_modern_models_generate_like_eager(kind, attention_calls):
     ids = random_ids(3, 7)
