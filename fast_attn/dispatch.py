@@ -354,7 +354,13 @@ _AUTO_CHOICES: dict[tuple, Backend] = {}
 def _auto_choice_key(problem: AttentionProblem | DecodeProblem) -> tuple | None:
     if getattr(problem, "bias", None) is not None:
         return None
-    return (type(problem), problem.device, problem.dtype, problem.head_dim, frozenset(asked_features(problem)))
+    return (
+        type(problem),
+        problem.device,
+        problem.dtype,
+        problem.head_dim,
+        frozenset(asked_features(problem)),
+    )
 
 
 def run_problem(problem: AttentionProblem, backend: str = "auto"):
