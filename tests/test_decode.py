@@ -281,3 +281,46 @@ def test_flash_attn_with_kvcache_refuses_rotary_without_new_keys_or_too_wide():
         )
     with pytest.raises(ValueError, match="rotary_cos has 6 positions, but k is rotated up to position 6"):
         flash_attn_with_kvcache(q, k_cache, k_cache.clone(), new, new, cos, sin, cache_seqlens=6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_decoding_steps_replay_from_one_cuda_graph(backend):
+    # One decoding step captured once, replayed for each token: the step reads cache_seqlens from
+    # the device (no host copy, no sync), so advancing it in place moves the step along the cache.
+    case = DecodeCase(
+        (7, 30), page_size=16, heads_q=8, heads_kv=2, head_dim=64, dtype=torch.bfloat16, causal=True
+    )
+    inputs = case.make_inputs("cuda")
+    static = {n: inputs[n] for n in DECODE_TENSORS}
+    expected_caches = (inputs["k_cache"].clone(), inputs["v_cache"].clone())
+
+    def step():
+        return fast_attn.decode_attention(
+            *(static[n] for n in DECODE_TENSORS[:4]), **{n: static[n] for n in DECODE_TENSORS[4:]},
+            causal=True, backend=backend,
+        )  # fmt: skip
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up: compiles and caches what the first call needs
+    torch.cuda.current_stream().wait_stream(side)
+    inputs["k_cache"].copy_(expected_caches[0])
+    inputs["v_cache"].copy_(expected_caches[1])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for _ in range(3):
+        fresh = case.make_inputs("cuda")
+        for name in ("q", "k", "v"):
+            static[name].copy_(fresh[name])
+        graph.replay()
+        expected, _ = reference_decode_attention(
+            *(static[n].cpu() for n in ("q",)), expected_caches[0].cpu(), expected_caches[1].cpu(),
+            static["cache_seqlens"].cpu(), k=static["k"].cpu(), v=static["v"].cpu(),
+            block_table=static["block_table"].cpu(), causal=True, compute_dtype=torch.float64,
+        )  # fmt: skip
+        torch.testing.assert_close(out.cpu().double(), expected.double(), atol=2e-2, rtol=2e-2)
+        expected_caches = (inputs["k_cache"].clone(), inputs["v_cache"].clone())
+        static["cache_seqlens"].add_(1)
