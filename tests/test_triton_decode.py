@@ -34,6 +34,10 @@ def check(case: DecodeCase, device: str = "cpu") -> None:
     check_decode_against_reference(run_op(case), case, device)
 
 
+# Every option of the op at once: the band's two sides with ALiBi and softcap, paged, split.
+ALL_FEATURES = dict(
+    causal=True, window_size=(12, -1), softcap=4.0, alibi="bh", leftpad=True, page_size=16, num_splits=3
+)
 CASES = [
     # Contiguous caches: GQA ratios 1, 2, 4, 8, each dtype, head dims 16, 40, 64, 128.
     DecodeCase((5, 40), heads_q=2, heads_kv=2),
@@ -59,22 +63,7 @@ CASES = [
     # Softcap and ALiBi, slopes (Hq,) and (B, Hq), with everything else.
     DecodeCase((40, 22), softcap=5.0, alibi="h", dtype=F16),
     DecodeCase((40, 22), new_rows=2, causal=True, alibi="bh", softcap=3.0, page_size=8, interleaved=True),
-    DecodeCase(
-        (51, 6, 30),
-        new_rows=2,
-        query_rows=3,
-        causal=True,
-        window_size=(12, -1),
-        softcap=4.0,
-        alibi="bh",
-        leftpad=True,
-        heads_q=8,
-        heads_kv=2,
-        head_dim=40,
-        dtype=BF16,
-        page_size=16,
-        num_splits=3,
-    ),
+    DecodeCase((51, 6, 30), new_rows=2, query_rows=3, heads_q=8, head_dim=40, dtype=BF16, **ALL_FEATURES),
     # A tile of more rows than one program takes (g * Sq = 96 > 64): two row blocks.
     DecodeCase((40, 20), new_rows=3, query_rows=3, causal=True, heads_q=32, heads_kv=1, alibi="h"),
     # Empty sequences: no keys at all (out 0, lse -inf), next to a full one and all of the batch.

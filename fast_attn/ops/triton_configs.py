@@ -393,19 +393,24 @@ def dbias_splits(programs: int, pairs_per_slice: int, device: torch.device) -> i
 # flight (three stages) more than a large tile. Rows of the tile: g * Sq rounded up to a power
 # of two >= 16 (tl.dot's smallest M), at most _DECODE_MAX_BLOCK_M per program.
 _DECODE_CONFIGS = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}
+# float32's "ieee" dots run on CUDA cores and hold their operands in registers: (64, 4, 3) at D 40
+# spilled 528 B on sm_80, (32, 4, 2) at D 256 160 B on sm_80 and 6.6 KB on sm_90.
+_DECODE_FLOAT32_CONFIGS = {128: (32, 4, 2), 256: (16, 4, 2)}
 _DECODE_MAX_BLOCK_M = 64
 # Under the interpreter, 16-key blocks: small test caches still hold several blocks to split.
 _INTERPRETER_DECODE_CONFIG = (16, 4, 1)
 MAX_DECODE_SPLITS = 128
 
 
-def decode_config(device: torch.device, head_dim: int, tile_rows: int) -> Config:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the decode split kernel for g * Sq = tile_rows."""
+def decode_config(arch: str, head_dim: int, dtype: torch.dtype, tile_rows: int) -> Config:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the decode split kernel on `arch` (device_arch's
+    names; sm_80 and sm_90 alike) for tiles of g * Sq = tile_rows rows."""
     block_m = min(_DECODE_MAX_BLOCK_M, max(16, next_power_of_2(tile_rows)))
-    if device_arch(device) == "interpret":
+    if arch == "interpret":
         return (block_m, *_INTERPRETER_DECODE_CONFIG)
+    table = _DECODE_FLOAT32_CONFIGS if dtype == torch.float32 else _DECODE_CONFIGS
     block_d = head_dim_block(head_dim)
-    return (block_m, *_DECODE_CONFIGS[min(d for d in _DECODE_CONFIGS if d >= block_d)])
+    return (block_m, *table[min(d for d in table if d >= block_d)])
 
 
 def decode_splits(work_units: int, key_blocks: int, device: torch.device) -> int:

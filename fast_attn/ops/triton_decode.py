@@ -23,6 +23,7 @@ from .triton_configs import (
     cdiv,
     decode_config,
     decode_splits,
+    device_arch,
     head_dim_block,
     interpreting,
     next_power_of_2,
@@ -165,7 +166,9 @@ def split_arguments(p: DecodeProblem, out: torch.Tensor, lse: torch.Tensor, num_
     q = p.q
     heads_q, head_dim = q.shape[2], q.shape[3]
     group = heads_q // p.k_cache.shape[2]
-    block_m, block_n, num_warps, num_stages = decode_config(q.device, head_dim, group * q.shape[1])
+    block_m, block_n, num_warps, num_stages = decode_config(
+        device_arch(q.device), head_dim, q.dtype, group * q.shape[1]
+    )
     # The band relative to the diagonal j = i, moved by the kernel to each sequence's bottom-right one.
     left = p.window_left
     right = 0 if p.causal else p.window_right
@@ -203,6 +206,17 @@ def split_arguments(p: DecodeProblem, out: torch.Tensor, lse: torch.Tensor, num_
     return args, constexprs, (num_warps, num_stages)
 
 
+def split_outputs(out: torch.Tensor, lse: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where decode_split_kernel writes: with one split out and lse themselves (as split 0), with
+    several float32 partials (splits, B, Sq, Hq, D) and (splits, B, Hq, Sq) for the merge."""
+    if splits == 1:
+        return out.unsqueeze(0), lse.unsqueeze(0)
+    return (
+        out.new_empty((splits, *out.shape), dtype=torch.float32),
+        lse.new_empty((splits, *lse.shape), dtype=torch.float32),
+    )
+
+
 def merge_arguments(partial_out, partial_lse, out, lse) -> tuple[dict, dict]:
     """(arguments by name, constexprs) of decode_merge_kernel."""
     num_splits, _, seqlen_q, heads_q, head_dim = partial_out.shape
@@ -225,10 +239,12 @@ def merge_arguments(partial_out, partial_lse, out, lse) -> tuple[dict, dict]:
 
 def choose_splits(p: DecodeProblem, num_splits: int) -> int:
     """The splits of a launch: num_splits, or with 0 decode_splits' heuristic; never more than
-    the key blocks the cache can hold nor MAX_DECODE_SPLITS (empty splits would only add work)."""
+    the key blocks the cache can hold nor MAX_DECODE_SPLITS (empty splits would only add work).
+    The host knows shapes, not lengths (reading cache_seqlens would synchronize): a cache much
+    longer than its sequences may get more splits than they need, each cheap when empty."""
     q = p.q
     group = q.shape[2] // p.k_cache.shape[2]
-    block_m, block_n, _, _ = decode_config(q.device, q.shape[3], group * q.shape[1])
+    block_m, block_n, _, _ = decode_config(device_arch(q.device), q.shape[3], q.dtype, group * q.shape[1])
     key_blocks = cdiv(p.capacity, block_n)
     if num_splits == 0:
         work_units = q.shape[0] * p.k_cache.shape[2] * cdiv(group * q.shape[1], block_m)
@@ -274,13 +290,7 @@ def triton_decode_forward(
     if out.numel() == 0:
         return out, lse
     splits = choose_splits(p, num_splits)
-    if splits == 1:
-        targets = (out.unsqueeze(0), lse.unsqueeze(0))  # written directly, as split 0
-    else:
-        targets = (
-            q.new_empty((splits, *out.shape), dtype=torch.float32),
-            q.new_empty((splits, *lse.shape), dtype=torch.float32),
-        )
+    targets = split_outputs(out, lse, splits)
     args, constexprs, (num_warps, num_stages) = split_arguments(p, *targets, splits)
     row_blocks = cdiv(q.shape[2] // heads_kv * seqlen_q, constexprs["BLOCK_M"])
     grid = (splits, row_blocks * heads_kv, batch)

@@ -79,10 +79,9 @@ def _cache_rows(
 
 
 @triton.jit
-def _tile_pointers(row_offsets, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(pointers (R, BLOCK_D), head-dim mask (1, BLOCK_D)) of rows at pointers row_offsets (R,)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    return row_offsets[:, None] + offs_d[None, :], (offs_d < HEAD_DIM)[None, :]
+def _tile_pointers(row_pointers, BLOCK_D: tl.constexpr):
+    """(R, BLOCK_D) pointers of the head-dim elements of rows starting at row_pointers (R,)."""
+    return row_pointers[:, None] + tl.arange(0, BLOCK_D)[None, :]
 
 
 @triton.jit
@@ -159,16 +158,18 @@ def decode_split_kernel(
     head = kv_head * kv_group_size + tile_row % kv_group_size  # (BLOCK_M,) query heads
     row_valid = query_index < seqlen_q
     q_rows = q_ptr + batch64 * q_batch_stride + query_index.to(tl.int64) * q_row_stride + head * q_head_stride
-    q_ptrs, in_head = _tile_pointers(q_rows, HEAD_DIM, BLOCK_D)
-    q = tl.load(q_ptrs, mask=row_valid[:, None] & in_head, other=0.0)  # (BLOCK_M, BLOCK_D)
+    in_head = (tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :]  # (1, BLOCK_D)
+    q = tl.load(_tile_pointers(q_rows, BLOCK_D), mask=row_valid[:, None] & in_head, other=0.0)  # (BLOCK_M, BLOCK_D)
     alibi_slope_log2 = load_alibi_slope(alibi_slopes_ptr, alibi_batch_stride, sequence, head, HAS_ALIBI)
     if HAS_ALIBI:
         alibi_slope_log2 = alibi_slope_log2[:, None]  # (BLOCK_M, 1): each row's head's slope
 
     # The keys any row of the tile sees, cut into num_splits ranges of whole blocks.
-    begin, _, _, visible_end = key_blocks_for_query_block(
+    key_ranges = key_blocks_for_query_block(
         row_block * BLOCK_M // kv_group_size, bounds, LEFT_BOUNDED, RIGHT_BOUNDED, BLOCK_M, BLOCK_N
-    )
+    )  # (begin, full_begin, full_end, end): every block is masked here
+    begin = key_ranges[0]
+    visible_end = key_ranges[3]
     blocks_per_split = tl.cdiv(tl.cdiv(visible_end - begin, BLOCK_N), num_splits)
     split_begin = begin + split * blocks_per_split * BLOCK_N
     split_end = tl.minimum(split_begin + blocks_per_split * BLOCK_N, visible_end)
@@ -190,12 +191,10 @@ def decode_split_kernel(
         )  # (BLOCK_N,) each
         k_rows = k_head_ptr + cache_row * k_cache_row_stride + slot * k_cache_slot_stride
         v_rows = v_head_ptr + cache_row * v_cache_row_stride + slot * v_cache_slot_stride
-        k_ptrs, _ = _tile_pointers(k_rows, HEAD_DIM, BLOCK_D)
-        v_ptrs, _ = _tile_pointers(v_rows, HEAD_DIM, BLOCK_D)
-        k = tl.load(k_ptrs, mask=key_valid[:, None] & in_head, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(v_ptrs, mask=key_valid[:, None] & in_head, other=0.0)  # (BLOCK_N, BLOCK_D)
+        k = tl.load(_tile_pointers(k_rows, BLOCK_D), mask=key_valid[:, None] & in_head, other=0.0)
+        v = tl.load(_tile_pointers(v_rows, BLOCK_D), mask=key_valid[:, None] & in_head, other=0.0)
         qk = mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST_OPERANDS, DOT_PRECISION)
-        scores, _ = scaled_scores(qk, scale_log2, softcap, HAS_SOFTCAP)
+        scores = scaled_scores(qk, scale_log2, softcap, HAS_SOFTCAP)[0]
         scores = masked_scores(
             scores, query_index[:, None], key_index[None, :], None, False, alibi_slope_log2, bounds,
             False, False, HAS_ALIBI, LEFT_BOUNDED, RIGHT_BOUNDED, True,
@@ -209,8 +208,7 @@ def decode_split_kernel(
         out_ptr + split64 * out_split_stride + batch64 * out_batch_stride
         + query_index.to(tl.int64) * out_row_stride + head * out_head_stride
     )
-    out_ptrs, _ = _tile_pointers(out_rows, HEAD_DIM, BLOCK_D)
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & in_head)
+    tl.store(_tile_pointers(out_rows, BLOCK_D), out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & in_head)
     lse_ptrs = lse_ptr + split64 * lse_split_stride + batch64 * lse_batch_stride + head * lse_head_stride + query_index
     tl.store(lse_ptrs, lse, mask=row_valid)
 
