@@ -161,3 +161,18 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 def test_gpu_decode(case):
     check(case, "cuda")
+
+
+def test_torch_compile_fullgraph_under_the_interpreter_or_gpu():
+    # The op captured by torch.compile (on a GPU its kernels wrapped; under the interpreter the op
+    # kept whole), the cache writes functionalized: the same out, lse and caches as eager on
+    # copies of the inputs.
+    case = DecodeCase((90, 33), new_rows=1, heads_q=16, heads_kv=4, head_dim=64, dtype=BF16, page_size=16)
+    inputs = case.make_inputs("cuda" if torch.cuda.is_available() else "cpu")
+    arguments = decode_op_arguments(case, inputs)
+    copies = [a.clone() if isinstance(a, torch.Tensor) else a for a in arguments]
+    compiled = torch.compile(lambda *a: torch.ops.fast_attn.triton_decode_forward(*a), fullgraph=True)
+    for actual, expected in zip(compiled(*arguments), torch.ops.fast_attn.triton_decode_forward(*copies)):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    torch.testing.assert_close(arguments[1], copies[1], rtol=0, atol=0)  # k_cache, the new row written
+    torch.testing.assert_close(arguments[2], copies[2], rtol=0, atol=0)

@@ -136,8 +136,8 @@ def decode_split_kernel(
     UPCAST_OPERANDS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (num_splits, cdiv(g * Sq, BLOCK_M) * Hkv, B). q (B, Sq, Hq, D); out (splits, B, Sq, Hq, D)
-    and lse (splits, B, Hq, Sq) through their strides (split stride 0 with one split: the op's out
-    and lse themselves). first_key_offset and last_key_offset are the band's offsets from the
+    and lse (splits, B, Hq, Sq) through their strides (with one split the op's out and lse
+    themselves, unsqueezed). first_key_offset and last_key_offset are the band's offsets from the
     diagonal j = i (None / 0 without that side), moved here to each sequence's bottom-right
     diagonal j = i + Lk - Sq; softcap and alibi_* are None without them."""
     split = tl.program_id(0)
