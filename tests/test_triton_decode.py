@@ -126,6 +126,23 @@ def test_bad_arguments_are_refused_before_any_kernel_runs():
             op(*arguments[:index], bad, *arguments[index + 1 :])
 
 
+def test_schema_is_decode_forwards():
+    # The same arguments as the C++ op fast_attn::decode_forward (csrc/schema.cpp), in order, with
+    # the same types (an inferred int is a SymInt) and the same mutations.
+    if not hasattr(torch.ops.fast_attn, "decode_forward"):
+        pytest.skip("this build of the extension predates fast_attn::decode_forward")
+
+    def arguments(op):
+        return [
+            (a.name, str(a.type).replace("SymInt", "int"), a.alias_info is not None and a.alias_info.is_write)
+            for a in op.default._schema.arguments
+        ]
+
+    assert arguments(torch.ops.fast_attn.triton_decode_forward) == arguments(
+        torch.ops.fast_attn.decode_forward
+    )
+
+
 def test_opcheck_under_the_interpreter_or_gpu():
     # The schema's mutations (k_cache, v_cache) and fake tensor propagation.
     case = DecodeCase((20, 9), new_rows=2, page_size=8, causal=True, alibi="h")
