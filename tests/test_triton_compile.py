@@ -273,7 +273,7 @@ def make_case(kind: str, case_name: str) -> Case | DecodeCase:
 
 def _decode_launch(kind: str, case: DecodeCase, capability: int):
     """_kernel_launch of the decode kernels: their fixed configuration of decode_config."""
-    problem = triton_decode.DecodeProblem(*decode_op_arguments(case, case.make_inputs())[:-1])
+    problem = triton_decode.DecodeKernelProblem(*decode_op_arguments(case, case.make_inputs())[:-1])
     if kind == "decode_append":
         args, constexprs = triton_decode.append_arguments(problem)
         return triton_decode.decode_append_kernel, args, constexprs, 4, 1, None

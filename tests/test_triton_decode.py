@@ -20,6 +20,7 @@ triton = pytest.importorskip("triton")
 import fast_attn  # noqa: F401  (registers the ops)
 from fast_attn.ops import triton_configs, triton_decode
 from fast_attn.testing import DecodeCase, check_decode_against_reference, decode_op_arguments
+from fast_attn.validation import build_decode_problem
 
 pytestmark = pytest.mark.triton
 
@@ -94,6 +95,30 @@ def test_splits_agree_with_one(num_splits, paged):
     torch.testing.assert_close(lse_n, lse_1, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        DecodeCase((30, 9), new_rows=2, window_size=(6, 2), alibi="h", page_size=8, num_splits=3),
+        DecodeCase((25,), query_rows=2, causal=True, softcap=3.0, alibi="bh", leftpad=True, dtype=BF16),
+    ],
+    ids=str,
+)
+def test_decode_forward_runs_a_validated_problem(case):
+    # triton_decode.decode_forward, what a backend's decode runs: the op on validation's DecodeProblem
+    # (its window, softcap None and (1 or B, Hq) slopes mapped onto the op's arguments).
+    def run(inputs):
+        names = ("k", "v", "cache_leftpad", "block_table", "cache_batch_idx")
+        problem = build_decode_problem(
+            *(inputs[n] for n in ("q", "k_cache", "v_cache", "cache_seqlens")),
+            **{n: inputs[n] for n in names},
+            **case.options(inputs),
+            num_splits=case.num_splits,
+        )
+        return triton_decode.decode_forward(problem)
+
+    check_decode_against_reference(run, case)
+
+
 def test_split_heuristic():
     # Under the interpreter the device has 4 SMs: one work unit wants 4 splits (a full wave), two
     # want 2, a launch that fills 80% of the SMs none; never more splits than key blocks.
@@ -107,7 +132,7 @@ def test_split_heuristic():
     assert triton_configs.decode_splits(1, 1, cpu) == 1
     # What a launch takes: the heuristic bounded by the cache's key blocks (16 keys each here).
     case = DecodeCase((80,), heads_kv=1)
-    problem = triton_decode.DecodeProblem(*decode_op_arguments(case, case.make_inputs())[:-1])
+    problem = triton_decode.DecodeKernelProblem(*decode_op_arguments(case, case.make_inputs())[:-1])
     assert triton_decode.choose_splits(problem, 0) == 4
     assert triton_decode.choose_splits(problem, 500) == triton_configs.cdiv(problem.capacity, 16)
 

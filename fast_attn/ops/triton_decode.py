@@ -41,8 +41,8 @@ from .triton_ops import (
 DECODE_OP = "fast_attn::triton_decode_forward"
 
 
-class DecodeProblem(NamedTuple):
-    """The op's inputs, named as in its schema."""
+class DecodeKernelProblem(NamedTuple):
+    """The op's inputs, named as in its schema (validation.DecodeProblem is the public function's)."""
 
     q: torch.Tensor  # (B, Sq, Hq, D)
     k_cache: torch.Tensor  # (Bc, S_cache, Hkv, D) or pages (num_pages, page_size, Hkv, D)
@@ -78,7 +78,7 @@ def _fits(t: torch.Tensor, dtype: torch.dtype, device: torch.device, shape: tupl
     return t.dtype == dtype and t.device == device and sizes_fit and (t.numel() == 0 or t.stride(-1) == 1)
 
 
-def _check_decode_inputs(p: DecodeProblem, num_splits: int) -> None:
+def _check_decode_inputs(p: DecodeKernelProblem, num_splits: int) -> None:
     # What the kernels index (fast_attn/decode.py validates the public function's arguments):
     # dtypes, devices and shapes. Index values (lengths, page ids) are clamped in the kernels.
     q, k_cache = p.q, p.k_cache
@@ -120,7 +120,7 @@ def _check_decode_inputs(p: DecodeProblem, num_splits: int) -> None:
         raise ValueError(f"fast_attn triton decode: num_splits must be >= 0, got {num_splits}")
 
 
-def _cache_arguments(p: DecodeProblem) -> tuple[dict, dict]:
+def _cache_arguments(p: DecodeKernelProblem) -> tuple[dict, dict]:
     """Arguments of the caches and their indirections shared by the append and split kernels."""
     k_cache = p.k_cache
     paged = p.block_table is not None
@@ -147,7 +147,7 @@ def _cache_arguments(p: DecodeProblem) -> tuple[dict, dict]:
     return args, constexprs
 
 
-def append_arguments(p: DecodeProblem) -> tuple[dict, dict]:
+def append_arguments(p: DecodeKernelProblem) -> tuple[dict, dict]:
     """(arguments by name, constexprs) of decode_append_kernel."""
     args, constexprs = _cache_arguments(p)
     args.update(
@@ -159,7 +159,7 @@ def append_arguments(p: DecodeProblem) -> tuple[dict, dict]:
     return args, constexprs
 
 
-def split_arguments(p: DecodeProblem, out: torch.Tensor, lse: torch.Tensor, num_splits: int):
+def split_arguments(p: DecodeKernelProblem, out: torch.Tensor, lse: torch.Tensor, num_splits: int):
     """(arguments by name, constexprs with the blocks, (num_warps, num_stages)) of
     decode_split_kernel. out (splits, B, Sq, Hq, D) and lse (splits, B, Hq, Sq), contiguous but
     the split dim: the float32 partials, or with one split the op's out and lse unsqueezed."""
@@ -237,7 +237,7 @@ def merge_arguments(partial_out, partial_lse, out, lse) -> tuple[dict, dict]:
     return args, constexprs
 
 
-def choose_splits(p: DecodeProblem, num_splits: int) -> int:
+def choose_splits(p: DecodeKernelProblem, num_splits: int) -> int:
     """The splits of a launch: num_splits, or with 0 decode_splits' heuristic; never more than
     the key blocks the cache can hold nor MAX_DECODE_SPLITS (empty splits would only add work).
     The host knows shapes, not lengths (reading cache_seqlens would synchronize): a cache much
@@ -273,7 +273,7 @@ def triton_decode_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Sq, Hq, D) contiguous in q's dtype and lse (B, Hq, Sq) float32; k_new and v_new
     written into the caches first."""
-    p = DecodeProblem(
+    p = DecodeKernelProblem(
         q, k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, block_table, cache_batch_idx,
         scale, causal, alibi_slopes, window_left, window_right, softcap,
     )  # fmt: skip
@@ -305,3 +305,14 @@ if interpreting():
     # As for the attention ops (triton_ops.py): interpreted kernels cannot be captured, so the op
     # stays one node of a traced graph.
     torch.library.register_torch_dispatch(DECODE_OP, FunctionalTensorMode, _keep_op_whole)
+
+
+def decode_forward(problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the Triton decode op on a validated fast_attn.validation.DecodeProblem: (out (B, Sq, Hq, D),
+    lse (B, Hq, Sq)) without the sinks, which dispatch.run_decode_problem applies."""
+    window_left, window_right = problem.window if problem.window is not None else (-1, -1)
+    return torch.ops.fast_attn.triton_decode_forward(
+        problem.q, problem.k_cache, problem.v_cache, problem.k_new, problem.v_new, problem.cache_seqlens,
+        problem.cache_leftpad, problem.block_table, problem.cache_batch_idx, problem.scale, problem.causal,
+        problem.alibi_slopes, window_left, window_right, problem.softcap or 0.0, problem.num_splits,
+    )  # fmt: skip
