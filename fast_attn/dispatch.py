@@ -25,6 +25,10 @@ from .validation import SUPPORTED_DTYPES, AttentionProblem, DecodeProblem
 # it ran 1.09-1.34x SDPA flash forward and 0.999-1.24x backward, while the mma.sync CUDA
 # kernels ran 0.53-0.79x forward and 0.38-0.58x backward; both are held to the same contract tests.
 AUTO_ORDER = ("triton", "cuda", "cpu", "reference")
+# Decoding is bound by the host path, not by FLOPs: on that H100 a Triton launch cost 144 us of host
+# time per call against SDPA's 18 us, while a C++ op's launch costs a few microseconds, so "auto"
+# decodes with the C++ CUDA kernels first (their speed on a GPU is not measured yet).
+DECODE_AUTO_ORDER = ("cuda", "triton", "cpu", "reference")
 
 
 # The optional features of the contract a backend may lack, and how a refusal names them.
@@ -264,6 +268,12 @@ def _triton_forward(problem: AttentionProblem, dropout_seed):
     return attention_forward(problem, dropout_seed)
 
 
+def _triton_decode(problem: DecodeProblem):
+    from .ops.triton_decode import decode_forward
+
+    return decode_forward(problem)
+
+
 BACKENDS: dict[str, Backend] = {
     "cuda": Backend(
         name="cuda",
@@ -283,12 +293,13 @@ BACKENDS: dict[str, Backend] = {
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         supports_head_dim=lambda d: 1 <= d <= 256,
         head_dims_text="1..256",
-        features=frozenset({"dropout", "sinks", "window", "softcap", "alibi", "varlen"}),
+        features=frozenset({"dropout", "sinks", "window", "softcap", "alibi", "varlen", "kv_cache"}),
         min_capability=(8, 0),
         availability=_triton_unavailable,
         run=_with_sinks(_triton_forward),
         extra_reasons=_triton_on_cpu_reasons,
         machine_note=_triton_machine_note,
+        decode=_triton_decode,
     ),
     "cpu": Backend(
         name="cpu",
@@ -335,7 +346,7 @@ def select_backend(problem: AttentionProblem, backend: str = "auto") -> Backend:
     chosen = _AUTO_CHOICES.get(key) if key is not None else None
     if chosen is not None:
         return chosen
-    for name in AUTO_ORDER:
+    for name in DECODE_AUTO_ORDER if isinstance(problem, DecodeProblem) else AUTO_ORDER:
         candidate = BACKENDS[name]
         if candidate.accepts(problem):
             if key is not None:

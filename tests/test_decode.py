@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fast_attn
+from fast_attn import dispatch
 from fast_attn.flash_attn_interface import flash_attn_with_kvcache
 from fast_attn.reference import reference_attention, reference_decode_attention
 from fast_attn.testing import DECODE_TENSORS, DecodeCase, backend_device, check_decode_against_reference
@@ -89,7 +90,12 @@ DECODE_CASES = [
 
 @pytest.mark.parametrize("case", DECODE_CASES, ids=str)
 def test_decode_attention_matches_the_reference(decode_backend, case):
-    check_decode_against_reference(decode_run(case, decode_backend), case, backend_device(decode_backend))
+    device = backend_device(decode_backend)
+    if case.dtype not in dispatch.BACKENDS[decode_backend].dtypes:
+        with pytest.raises(fast_attn.BackendNotSupportedError, match="supports dtypes"):
+            decode_run(case, decode_backend)(case.make_inputs(device))
+        return
+    check_decode_against_reference(decode_run(case, decode_backend), case, device)
 
 
 def test_decoding_step_by_step_equals_causal_attention_over_the_whole_sequence(decode_backend):

@@ -310,9 +310,4 @@ if interpreting():
 def decode_forward(problem) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the Triton decode op on a validated fast_attn.validation.DecodeProblem: (out (B, Sq, Hq, D),
     lse (B, Hq, Sq)) without the sinks, which dispatch.run_decode_problem applies."""
-    window_left, window_right = problem.window if problem.window is not None else (-1, -1)
-    return torch.ops.fast_attn.triton_decode_forward(
-        problem.q, problem.k_cache, problem.v_cache, problem.k_new, problem.v_new, problem.cache_seqlens,
-        problem.cache_leftpad, problem.block_table, problem.cache_batch_idx, problem.scale, problem.causal,
-        problem.alibi_slopes, window_left, window_right, problem.softcap or 0.0, problem.num_splits,
-    )  # fmt: skip
+    return torch.ops.fast_attn.triton_decode_forward(*problem.op_arguments())
