@@ -7,7 +7,7 @@ The same signatures, (B, S, H, D) layout, return values and semantics as flash-a
 `flash_attn_func`, `flash_attn_qkvpacked_func` and `flash_attn_kvpacked_func`, and of its packed
 variable-length forms `flash_attn_varlen_func`, `flash_attn_varlen_qkvpacked_func` and
 `flash_attn_varlen_kvpacked_func` (q (total_q, Hq, D), int32 cu_seqlens, softmax_lse (Hq, total_q);
-every rule below holds per sequence):
+every rule below holds per sequence), and of its decoding function `flash_attn_with_kvcache`:
 
 * `causal` is aligned bottom-right: query i sees keys j <= i + Sk - Sq. Sq = 2, Sk = 5 gives the rows
   1 1 1 1 0 / 1 1 1 1 1; Sq = 5, Sk = 2 gives three rows that see nothing (their output is 0).
@@ -28,8 +28,8 @@ Differences from flash-attn:
   mode flash-attn 2 adds slope * j instead of -slope * |i + Sk - Sq - j|, which gives the same output
   but an lse larger by slope * (i + Sk - Sq).
 * softmax_lse carries a gradient (flash-attn's does not): using it in a loss differentiates through it.
-* `block_table` (a paged KV cache) is refused by the varlen functions: fast_attn's paged decoding is
-  not there yet.
+* `block_table` (a paged KV cache) is refused by the varlen functions; `flash_attn_with_kvcache` takes it,
+  with any page size (flash-attn needs multiples of 256) and cache_leftpad alongside.
 * max_seqlen_q / max_seqlen_k may also be 0-d tensors (fast_attn.varlen_attention reads none under
   torch.compile).
 * The third value of return_attn_probs is always None (flash-attn returns a debugging tensor of the
