@@ -1,4 +1,4 @@
-"""flash-attn 2.8's training functions over fast_attn's contract, on every device fast_attn runs on.
+"""flash-attn 2.8's training and decoding functions over fast_attn's contract, on every device fast_attn runs on.
 
     from fast_attn.flash_attn_interface import flash_attn_func   # instead of flash_attn's
     out = flash_attn_func(q, k, v, causal=True)                   # q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D)
