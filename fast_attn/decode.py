@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
-from .validation import build_decode_problem, validate_backend_name
+from .validation import build_decode_problem, validate_call_options
 
 
 def decode_attention(
@@ -55,9 +55,7 @@ def decode_attention(
     cost a device-to-host copy and a sync per step, so it is done only with FAST_ATTN_CHECK_CACHE=1;
     without it the kernels clamp what they read and write to the cache's bounds.
     """
-    validate_backend_name(backend)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    validate_call_options(backend, return_lse)
     problem = build_decode_problem(
         q,
         k_cache,

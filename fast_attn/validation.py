@@ -28,10 +28,24 @@ def _size_of(tensor: str, dim: int) -> property:
     return property(lambda problem: getattr(problem, tensor).shape[dim], doc=f"{tensor}.shape[{dim}]")
 
 
+class _OfQuery:
+    """What every problem reads from its q."""
+
+    __slots__ = ()
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+
 # Not frozen: a frozen dataclass's __init__ costs microseconds a call, and the problem is built on
 # every call (decoding steps included); nothing assigns to it after build_problem.
 @dataclass(slots=True)
-class AttentionProblem:
+class AttentionProblem(_OfQuery):
     """Validated inputs plus the static facts dispatch decides on."""
 
     q: torch.Tensor  # (B, Hq, Sq, D), stride(-1) == 1
@@ -57,14 +71,6 @@ class AttentionProblem:
     seqlen_q = _size_of("q", 2)
     seqlen_k = _size_of("k", 2)
     head_dim = _size_of("q", 3)
-
-    @property
-    def device(self) -> torch.device:
-        return self.q.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.q.dtype
 
     @property
     def needs_grad(self) -> bool:
@@ -241,6 +247,13 @@ def validate_backend_name(backend: object) -> str:
     return backend  # type: ignore[return-value]
 
 
+def validate_call_options(backend: object, return_lse: object) -> None:
+    """The options every public attention function takes besides the problem's."""
+    validate_backend_name(backend)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+
+
 def build_problem(
     q: object,
     k: object,
@@ -264,12 +277,6 @@ def build_problem(
     seqlen_k = k.shape[2]
     bias4 = None if bias is None else _normalize_bias(_check_tensor("bias", bias), q, seqlen_k)
     mask = None if key_mask is None else _normalize_key_mask(_check_tensor("key_mask", key_mask), q, seqlen_k)
-    slopes = (
-        None
-        if alibi_slopes is None
-        else _normalize_alibi_slopes(_check_tensor("alibi_slopes", alibi_slopes), q)
-    )
-    sink_logits = None if sinks is None else _normalize_sinks(_check_tensor("sinks", sinks), q)
     return AttentionProblem(
         q=_last_dim_contiguous(q),
         k=_last_dim_contiguous(k),
@@ -277,12 +284,24 @@ def build_problem(
         bias=bias4,
         key_mask=mask,
         causal=parse_causal(causal),
+        dropout_p=_normalize_dropout(dropout_p),
+        **_score_modifiers(q, window_size, softcap, alibi_slopes, sinks, scale),
+    )
+
+
+def _score_modifiers(
+    q: torch.Tensor, window_size=None, softcap=None, alibi_slopes=None, sinks=None, scale=None
+) -> dict:
+    """The problems' window, softcap, alibi_slopes, sinks and scale, for q (B, Hq, Sq, D)."""
+    slopes = None
+    if alibi_slopes is not None:
+        slopes = _normalize_alibi_slopes(_check_tensor("alibi_slopes", alibi_slopes), q)
+    return dict(
         window=_normalize_window(window_size),
         softcap=_normalize_softcap(softcap),
         alibi_slopes=slopes,
-        sinks=sink_logits,
+        sinks=None if sinks is None else _normalize_sinks(_check_tensor("sinks", sinks), q),
         scale=_normalize_scale(scale, q.shape[3]),
-        dropout_p=_normalize_dropout(dropout_p),
     )
 
 
@@ -395,7 +414,7 @@ CHECK_CACHE_VALUES_ON_GPU = os.environ.get("FAST_ATTN_CHECK_CACHE") == "1"
 
 
 @dataclass(slots=True)
-class DecodeProblem:
+class DecodeProblem(_OfQuery):
     """Validated inputs of one decoding step, in flash-attn's (B, S, H, D) layout."""
 
     q: torch.Tensor  # (B, Sq, Hq, D), stride(-1) == 1
@@ -422,14 +441,6 @@ class DecodeProblem:
     heads_q = _size_of("q", 2)
     heads_kv = _size_of("k_cache", 2)
     head_dim = _size_of("q", 3)
-
-    @property
-    def device(self) -> torch.device:
-        return self.q.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.q.dtype
 
     @property
     def new_rows(self) -> int:
@@ -541,14 +552,11 @@ def build_decode_problem(
     block_table: object = None,
     cache_batch_idx: object = None,
     causal: object = False,
-    window_size: object = None,
-    softcap: object = None,
-    alibi_slopes: object = None,
-    sinks: object = None,
-    scale: object = None,
     num_splits: object = 0,
+    **score_options: object,
 ) -> DecodeProblem:
-    """Validate every argument of fast_attn.decode_attention; raise naming the bad one."""
+    """Validate every argument of fast_attn.decode_attention; raise naming the bad one. score_options:
+    window_size, softcap, alibi_slopes, sinks and scale, as build_problem's."""
     q = _check_tensor("q", q)
     k_cache = _check_tensor("k_cache", k_cache)
     v_cache = _check_tensor("v_cache", v_cache)
@@ -592,10 +600,6 @@ def build_decode_problem(
         raise TypeError(f"causal must be a bool (decoding is causal bottom-right), got {causal!r}")
     if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 = chosen by the kernel), got {num_splits!r}")
-    q4 = q.transpose(1, 2)  # (B, Hq, Sq, D): the layout the shared checks name
-    slopes = None
-    if alibi_slopes is not None:
-        slopes = _normalize_alibi_slopes(_check_tensor("alibi_slopes", alibi_slopes), q4)
     problem = DecodeProblem(
         q=_last_dim_contiguous(q),
         k_cache=k_cache,
@@ -607,11 +611,7 @@ def build_decode_problem(
         block_table=table,
         cache_batch_idx=batch_idx,
         causal=causal,
-        window=_normalize_window(window_size),
-        softcap=_normalize_softcap(softcap),
-        alibi_slopes=slopes,
-        sinks=None if sinks is None else _normalize_sinks(_check_tensor("sinks", sinks), q4),
-        scale=_normalize_scale(scale, q.shape[3]),
+        **_score_modifiers(q.transpose(1, 2), **score_options),  # named for q (B, Hq, Sq, D)
         num_splits=int(num_splits),
     )
     if not torch.compiler.is_compiling() and (device.type == "cpu" or CHECK_CACHE_VALUES_ON_GPU):
