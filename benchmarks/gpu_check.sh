@@ -6,6 +6,7 @@
 #   gpu_check.log   the whole log (every test by name, the build, the sanitizer)
 #   bench/results.{json,md} and bench/throughput.png   the benchmark
 #   bench_models.json, longest_sequence.json   end-to-end models, longest sequences
+#   decode/results.{json,md}   the Triton decode op against SDPA, with its bandwidth
 #   cuda_sweep/cuda_tile_sweep.json   candidate CUDA tiles (step cuda_sweep, not in the default STEPS)
 # Each step has its own time limit so that a slow step cannot eat the others'.
 #
@@ -14,7 +15,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(pwd)/gpu_out}
-STEPS=${STEPS:-"build probe overhead tests bench bench_t5 bench_models longest sanitizer wheel"}
+STEPS=${STEPS:-"build probe overhead tests bench bench_decode bench_t5 bench_models longest sanitizer wheel"}
 PY=${PYTHON:-python3}
 # Test groups compiling many Triton variants run in parallel workers when
 # pytest-xdist is there (compilation is CPU-bound; the 16 cores share one GPU).
@@ -29,7 +30,7 @@ else
     "-m gpu tests/test_cuda.py"
     "$PARALLEL tests/test_contract.py tests/test_robustness.py tests/test_fuzz.py"
     "-m gpu tests/test_nn.py tests/test_models.py tests/test_integrations.py"
-    "$PARALLEL -m gpu tests/test_triton.py"
+    "$PARALLEL -m gpu tests/test_triton.py tests/test_triton_decode.py"
   )
 fi
 mkdir -p "$OUT"
@@ -106,6 +107,11 @@ if has_step bench; then
   timeout "${BENCH_TIMEOUT:-300}" $PY -m fast_attn.bench --out "$OUT/bench" --budget-ms "${BENCH_BUDGET_MS:-200}" \
     --seqlen ${BENCH_SEQLENS:-1024 2048 4096 8192 16384} --head-dim ${BENCH_HEAD_DIMS:-64 128} --mode fwd bwd \
     --backend ${BENCH_IMPLS:-fast_attn sdpa:flash sdpa:efficient sdpa:cudnn} 2>>"$LOG" | tee -a "$LOG"
+fi
+
+if has_step bench_decode; then
+  step "benchmark: decoding against a KV cache (Triton decode op vs SDPA)"
+  timeout "${BENCH_DECODE_TIMEOUT:-240}" $PY benchmarks/decode.py --out "$OUT/decode" 2>&1 | tee -a "$LOG"
 fi
 
 if has_step bench_t5; then

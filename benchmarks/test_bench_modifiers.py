@@ -8,7 +8,8 @@ Groups and what each compares (the targets in brackets):
   band are skipped) vs our own full causal attention [<= 0.25x its time] and
   vs SDPA given the equivalent bool mask [>= 4x faster];
 - softcap: softcap 30 vs the same call without it [<= 1.3x];
-- alibi: ALiBi slopes vs the same call without them [<= 1.1x].
+- alibi: ALiBi slopes vs the same call without them [<= 1.1x];
+- sinks: attention sinks (a logit per head) vs the same call without them [<= 1.1x].
 At the end of the module a table of the time ratios is printed.
 """
 
@@ -34,6 +35,7 @@ IMPLEMENTATIONS = {
     "window": ("fast_attn_window", "fast_attn_causal", "sdpa_bool_mask"),
     "softcap": ("fast_attn_softcap", "fast_attn_plain"),
     "alibi": ("fast_attn_alibi", "fast_attn_plain"),
+    "sinks": ("fast_attn_sinks", "fast_attn_plain"),
 }
 
 # Median seconds per (group, implementation), for the ratio table.
@@ -53,11 +55,13 @@ def make_step(impl: str, dtype: torch.dtype, mode: str):
     shape = (BATCH, HEADS, SEQLEN, HEAD_DIM)
     q, k, v = (torch.randn(shape, dtype=dtype).requires_grad_(requires_grad) for _ in range(3))
     slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / HEADS) for h in range(HEADS)])  # ALiBi's geometric slopes
+    sinks = torch.randn(HEADS, requires_grad=requires_grad)
     arguments = {
         "fast_attn_window": {"window_size": WINDOW},
         "fast_attn_causal": {"causal": True},
         "fast_attn_softcap": {"softcap": SOFTCAP},
         "fast_attn_alibi": {"alibi_slopes": slopes},
+        "fast_attn_sinks": {"sinks": sinks},
         "fast_attn_plain": {},
     }
     if impl in arguments:
@@ -79,9 +83,10 @@ def make_step(impl: str, dtype: torch.dtype, mode: str):
 
         return step
     grad_out = torch.randn_like(q)
+    differentiated = (q, k, v, sinks) if impl == "fast_attn_sinks" else (q, k, v)
 
     def step():
-        torch.autograd.grad(attend(), (q, k, v), grad_out)
+        torch.autograd.grad(attend(), differentiated, grad_out)
 
     return step
 

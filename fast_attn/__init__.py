@@ -11,6 +11,7 @@ Importing fast_attn registers the ops, in this order, each on its line below:
 from . import _extension
 
 _extension.load()  # 1.
+from .decode import decode_attention  # noqa: E402
 from .dispatch import BackendNotSupportedError, available_backends  # noqa: E402  3.
 from .functional import attention, scaled_dot_product_attention  # noqa: E402
 from .ops import cpp_ops as _cpp_ops  # noqa: E402,F401  2.
@@ -23,6 +24,7 @@ __all__ = [
     "__version__",
     "attention",
     "available_backends",
+    "decode_attention",
     "scaled_dot_product_attention",
     "swap_attention",
     "varlen_attention",

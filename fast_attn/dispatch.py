@@ -19,12 +19,16 @@ import torch
 
 from . import _extension
 from .dropout import new_dropout_seed
-from .validation import SUPPORTED_DTYPES, AttentionProblem
+from .validation import SUPPORTED_DTYPES, AttentionProblem, DecodeProblem
 
 # Triton first on GPUs: on an H100 (bf16, 16k tokens, benchmarks/results/h100-20261126.md)
 # it ran 1.09-1.34x SDPA flash forward and 0.999-1.24x backward, while the mma.sync CUDA
 # kernels ran 0.53-0.79x forward and 0.38-0.58x backward; both are held to the same contract tests.
 AUTO_ORDER = ("triton", "cuda", "cpu", "reference")
+# Decoding is bound by the host path, not by FLOPs: on that H100 a Triton launch cost 144 us of host
+# time per call against SDPA's 18 us, while a C++ op's launch costs a few microseconds, so "auto"
+# decodes with the C++ CUDA kernels first (their speed on a GPU is not measured yet).
+DECODE_AUTO_ORDER = ("cuda", "triton", "cpu", "reference")
 
 
 # The optional features of the contract a backend may lack, and how a refusal names them.
@@ -35,11 +39,12 @@ FEATURES = {
     "alibi": "alibi_slopes",
     "sinks": "sinks",
     "varlen": "packed sequences (varlen_attention)",
+    "kv_cache": "decoding against a KV cache (decode_attention)",
 }
 ALL_FEATURES = frozenset(FEATURES)
 
 
-def asked_features(problem: AttentionProblem) -> set[str]:
+def asked_features(problem: AttentionProblem | DecodeProblem) -> set[str]:
     """The optional features this problem uses."""
     asked = {
         "dropout": problem.dropout_p > 0.0,
@@ -48,6 +53,7 @@ def asked_features(problem: AttentionProblem) -> set[str]:
         "alibi": problem.alibi_slopes is not None,
         "sinks": problem.sinks is not None,
         "varlen": problem.packed_sequences is not None,
+        "kv_cache": isinstance(problem, DecodeProblem),
     }
     return {feature for feature, used in asked.items() if used}
 
@@ -67,10 +73,14 @@ class Backend:
     min_capability: tuple[int, int] | None
     availability: Callable[[], str | None]  # None when usable, else why not; evaluated once at import
     run: Callable  # (problem, dropout_seed) -> (out, lse)
-    # Reasons of this backend's own beyond the declared facts: (problem, explicit) -> reasons.
+    # Reasons of this backend's own beyond the declared facts: (problem, explicit) -> reasons. Without
+    # a bias they may read only the device, dtype, head dim and features (see _AUTO_CHOICES).
     extra_reasons: Callable[[AttentionProblem, bool], list[str]] = lambda problem, explicit: []
     # Why a backend that is available cannot serve this machine's devices in practice (info only).
     machine_note: Callable[[], str | None] = lambda: None
+    # Its decoding step (feature "kv_cache"): (DecodeProblem) -> (out (B, Sq, Hq, D), lse (B, Hq, Sq))
+    # without the sinks, which run_decode_problem applies.
+    decode: Callable | None = None
 
     def not_supported_reasons(self, problem: AttentionProblem, explicit: bool = True) -> list[str]:
         """Every reason this backend cannot run `problem` (empty when it can)."""
@@ -171,6 +181,8 @@ def _cuda_supports_head_dim(head_dim: int) -> bool:
 def _cuda_modifier_reasons(problem: AttentionProblem, explicit: bool) -> list[str]:
     # The dK/dV kernel that sums a broadcast bias's gradient has no registers left for the score
     # modifiers at kernel head dims of 128 and up (dkdv_dbias_with_modifiers in csrc/cuda/kernel_api.h).
+    if isinstance(problem, DecodeProblem):
+        return []
     bias = problem.bias
     modifiers = problem.softcap is not None or problem.alibi_slopes is not None
     modifiers = modifiers or (problem.window is not None and problem.window[0] >= 0)
@@ -209,6 +221,27 @@ def _run_reference(problem: AttentionProblem, dropout_seed):
     return out.transpose(0, 1)[None], lse[None]  # as the ops give them: (1, Hq, Tq, D), (1, Hq, Tq)
 
 
+def _reference_decode(problem: DecodeProblem):
+    from .reference import reference_decode_attention
+
+    return reference_decode_attention(
+        problem.q,
+        problem.k_cache,
+        problem.v_cache,
+        problem.cache_seqlens,
+        k=problem.k_new,
+        v=problem.v_new,
+        cache_leftpad=problem.cache_leftpad,
+        block_table=problem.block_table,
+        cache_batch_idx=problem.cache_batch_idx,
+        causal=problem.causal,
+        window_size=problem.window,
+        softcap=problem.softcap,
+        alibi_slopes=problem.alibi_slopes,
+        scale=problem.scale,
+    )
+
+
 def _with_sinks(kernel_forward: Callable) -> Callable:
     """A kernel backend's run: its forward op, then the sinks (fast_attn/ops/sinks.py) when asked for."""
 
@@ -235,6 +268,12 @@ def _triton_forward(problem: AttentionProblem, dropout_seed):
     return attention_forward(problem, dropout_seed)
 
 
+def _triton_decode(problem: DecodeProblem):
+    from .ops.triton_decode import decode_forward
+
+    return decode_forward(problem)
+
+
 BACKENDS: dict[str, Backend] = {
     "cuda": Backend(
         name="cuda",
@@ -254,12 +293,13 @@ BACKENDS: dict[str, Backend] = {
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         supports_head_dim=lambda d: 1 <= d <= 256,
         head_dims_text="1..256",
-        features=frozenset({"dropout", "sinks", "window", "softcap", "alibi", "varlen"}),
+        features=frozenset({"dropout", "sinks", "window", "softcap", "alibi", "varlen", "kv_cache"}),
         min_capability=(8, 0),
         availability=_triton_unavailable,
         run=_with_sinks(_triton_forward),
         extra_reasons=_triton_on_cpu_reasons,
         machine_note=_triton_machine_note,
+        decode=_triton_decode,
     ),
     "cpu": Backend(
         name="cpu",
@@ -282,6 +322,7 @@ BACKENDS: dict[str, Backend] = {
         min_capability=None,
         availability=lambda: None,
         run=_run_reference,
+        decode=_reference_decode,
     ),
 }
 
@@ -301,11 +342,36 @@ def select_backend(problem: AttentionProblem, backend: str = "auto") -> Backend:
                 f"fast_attn backend '{backend}' cannot run this input: " + "; ".join(reasons)
             )
         return chosen
-    for name in AUTO_ORDER:
+    key = _auto_choice_key(problem)
+    chosen = _AUTO_CHOICES.get(key) if key is not None else None
+    if chosen is not None:
+        return chosen
+    for name in DECODE_AUTO_ORDER if isinstance(problem, DecodeProblem) else AUTO_ORDER:
         candidate = BACKENDS[name]
         if candidate.accepts(problem):
+            if key is not None:
+                _AUTO_CHOICES[key] = candidate
             return candidate
     raise BackendNotSupportedError("no fast_attn backend can run this input")  # reference takes everything
+
+
+# "auto"'s choices by the facts that decide them, so that a call repeating an earlier one's facts
+# (every decoding step, every layer) asks no backend again. Without a bias the reasons of every
+# backend read only the device, the dtype, the head dim and the features asked for (the bias's
+# gradient is the one further fact, _cuda_modifier_reasons): a backend's extra_reasons must keep it so.
+_AUTO_CHOICES: dict[tuple, Backend] = {}
+
+
+def _auto_choice_key(problem: AttentionProblem | DecodeProblem) -> tuple | None:
+    if getattr(problem, "bias", None) is not None:
+        return None
+    return (
+        type(problem),
+        problem.device,
+        problem.dtype,
+        problem.head_dim,
+        frozenset(asked_features(problem)),
+    )
 
 
 def run_problem(problem: AttentionProblem, backend: str = "auto"):
@@ -313,6 +379,18 @@ def run_problem(problem: AttentionProblem, backend: str = "auto"):
     chosen = select_backend(problem, backend)
     dropout_seed = new_dropout_seed(problem.device) if problem.dropout_p > 0.0 else None
     return chosen.run(problem, dropout_seed)
+
+
+def run_decode_problem(problem: DecodeProblem, backend: str = "auto"):
+    """(out (B, Sq, Hq, D), lse (B, Hq, Sq)) of a decoding step on `backend` (see select_backend);
+    the new keys and values are in the caches afterwards."""
+    out, lse = select_backend(problem, backend).decode(problem)
+    if problem.sinks is None:
+        return out, lse
+    from .ops.sinks import apply_sinks
+
+    out, lse = apply_sinks(out.transpose(1, 2), lse, problem.sinks)
+    return out.transpose(1, 2), lse
 
 
 def available_backends() -> dict[str, str | None]:

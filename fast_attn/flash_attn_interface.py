@@ -1,4 +1,4 @@
-"""flash-attn 2.8's training functions over fast_attn's contract, on every device fast_attn runs on.
+"""flash-attn 2.8's training and decoding functions over fast_attn's contract, on every device fast_attn runs on.
 
     from fast_attn.flash_attn_interface import flash_attn_func   # instead of flash_attn's
     out = flash_attn_func(q, k, v, causal=True)                   # q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D)
@@ -7,7 +7,7 @@ The same signatures, (B, S, H, D) layout, return values and semantics as flash-a
 `flash_attn_func`, `flash_attn_qkvpacked_func` and `flash_attn_kvpacked_func`, and of its packed
 variable-length forms `flash_attn_varlen_func`, `flash_attn_varlen_qkvpacked_func` and
 `flash_attn_varlen_kvpacked_func` (q (total_q, Hq, D), int32 cu_seqlens, softmax_lse (Hq, total_q);
-every rule below holds per sequence):
+every rule below holds per sequence), and of its decoding function `flash_attn_with_kvcache`:
 
 * `causal` is aligned bottom-right: query i sees keys j <= i + Sk - Sq. Sq = 2, Sk = 5 gives the rows
   1 1 1 1 0 / 1 1 1 1 1; Sq = 5, Sk = 2 gives three rows that see nothing (their output is 0).
@@ -28,8 +28,8 @@ Differences from flash-attn:
   mode flash-attn 2 adds slope * j instead of -slope * |i + Sk - Sq - j|, which gives the same output
   but an lse larger by slope * (i + Sk - Sq).
 * softmax_lse carries a gradient (flash-attn's does not): using it in a loss differentiates through it.
-* `block_table` (a paged KV cache) is refused by the varlen functions: fast_attn's paged decoding is
-  not there yet.
+* `block_table` (a paged KV cache) is refused by the varlen functions; `flash_attn_with_kvcache` takes it,
+  with any page size (flash-attn needs multiples of 256) and cache_leftpad alongside.
 * max_seqlen_q / max_seqlen_k may also be 0-d tensors (fast_attn.varlen_attention reads none under
   torch.compile).
 * The third value of return_attn_probs is always None (flash-attn returns a debugging tensor of the
@@ -43,7 +43,9 @@ from __future__ import annotations
 
 import torch
 
+from .decode import decode_attention
 from .functional import attention
+from .rotary import apply_rotary
 from .varlen import varlen_attention
 
 
@@ -294,6 +296,120 @@ def flash_attn_varlen_kvpacked_func(
     )
 
 
+def _rotated(
+    name: str, x: torch.Tensor, rotary_cos, rotary_sin, starts: torch.Tensor, each_row: bool, interleaved
+) -> torch.Tensor:
+    """x (B, S, H, D) rotated at positions starts[b] + i (each_row) or starts[b] (every row)."""
+    if not isinstance(rotary_cos, torch.Tensor) or not isinstance(rotary_sin, torch.Tensor):
+        raise TypeError("rotary_cos and rotary_sin must both be tensors (seqlen_ro, rotary_dim / 2)")
+    if rotary_cos.dim() != 2 or rotary_cos.shape != rotary_sin.shape:
+        raise ValueError(
+            "rotary_cos and rotary_sin must have one shape (seqlen_ro, rotary_dim / 2), got "
+            f"{tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}"
+        )
+    if 2 * rotary_cos.shape[1] > x.shape[-1]:
+        raise ValueError(
+            f"rotary_dim = 2 * rotary_cos.shape[1] = {2 * rotary_cos.shape[1]} exceeds the head dim {x.shape[-1]}"
+        )
+    if rotary_cos.device != x.device:
+        raise ValueError(f"rotary_cos must be on {name}'s device {x.device}, got {rotary_cos.device}")
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"rotary_interleaved must be a bool, got {type(interleaved).__name__}")
+    rows = torch.arange(x.shape[1], device=x.device) if each_row else torch.zeros(x.shape[1], device=x.device)
+    positions = starts.long()[:, None] + rows.long()[None, :]  # (B, S)
+    if not torch.compiler.is_compiling() and x.device.type == "cpu" and positions.numel():
+        if int(positions.max()) >= rotary_cos.shape[0]:
+            raise ValueError(
+                f"rotary_cos has {rotary_cos.shape[0]} positions, but {name} is rotated up to position "
+                f"{int(positions.max())}"
+            )
+    return apply_rotary(x, rotary_cos, rotary_sin, positions, interleaved)
+
+
+def _cache_seqlens(
+    cache_seqlens: object, q: torch.Tensor, k_cache: torch.Tensor, block_table
+) -> torch.Tensor:
+    """flash-attn's cache_seqlens (None: the whole cache; an int: every sequence) as int32 (B,)."""
+    if isinstance(cache_seqlens, torch.Tensor):
+        return cache_seqlens
+    if cache_seqlens is None:
+        pages = 1 if block_table is None else block_table.shape[1]
+        cache_seqlens = pages * k_cache.shape[1]
+    if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, int):
+        raise TypeError(f"cache_seqlens must be an int, an int32 tensor (B,) or None, got {cache_seqlens!r}")
+    return torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
+
+
+def flash_attn_with_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    k=None,
+    v=None,
+    rotary_cos=None,
+    rotary_sin=None,
+    cache_seqlens=None,
+    cache_batch_idx=None,
+    cache_leftpad=None,
+    block_table=None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    rotary_interleaved=True,
+    alibi_slopes=None,
+    num_splits=0,
+    return_softmax_lse=False,
+):
+    """q (B, Sq, Hq, D) against a KV cache, the new k/v (B, S_new, Hkv, D) appended in place first
+    -> out (B, Sq, Hq, D), or (out, softmax_lse (B, Hq, Sq)) with return_softmax_lse.
+
+    fast_attn.decode_attention under flash-attn 2.8's signature (forward only). k_cache/v_cache are
+    (B_cache, S_cache, Hkv, D), or pages (num_pages, page_size, Hkv, D) with block_table (B, max_pages)
+    int32; cache_seqlens is an int32 (B,) tensor, an int, or None (the whole cache). With rotary_cos and
+    rotary_sin (seqlen_ro, rotary_dim / 2), the new keys are rotated at positions cache_seqlens[b] + i
+    before they are written, and q at the same positions when causal or windowed, else every row of q
+    at cache_seqlens[b]; rotary_interleaved as flash-attn's. Differences from flash-attn: any page
+    size (flash-attn needs multiples of 256), any device and dtype fast_attn supports, paged caches
+    with cache_leftpad, and a row that sees no key gives lse -inf.
+    """
+    q = _check_tensor("q", q, 4, "(B, Sq, Hq, D)")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(return_softmax_lse, bool):
+        raise TypeError(f"return_softmax_lse must be a bool, got {type(return_softmax_lse).__name__}")
+    k_cache = _check_tensor("k_cache", k_cache, 4, "(B_cache, S_cache, Hkv, D)")
+    seqlens = _cache_seqlens(cache_seqlens, q, k_cache, block_table)
+    window = _window(window_size)
+    if rotary_cos is not None or rotary_sin is not None:
+        if k is None:
+            raise ValueError("rotary_cos and rotary_sin rotate the new keys: pass k and v with them")
+        k = _check_tensor("k", k, 4, "(B, S_new, Hkv, D)")
+        k = _rotated("k", k, rotary_cos, rotary_sin, seqlens, True, rotary_interleaved)
+        q = _rotated(
+            "q", q, rotary_cos, rotary_sin, seqlens, causal or window is not None, rotary_interleaved
+        )
+    out, lse = decode_attention(
+        q,
+        k_cache,
+        v_cache,
+        seqlens,
+        k=k,
+        v=v,
+        cache_leftpad=cache_leftpad,
+        block_table=block_table,
+        cache_batch_idx=cache_batch_idx,
+        causal=causal,
+        window_size=window,
+        softcap=_softcap(softcap),
+        alibi_slopes=alibi_slopes,
+        scale=softmax_scale,
+        num_splits=num_splits,
+        return_lse=True,
+    )
+    return (out, lse) if return_softmax_lse else out
+
+
 __all__ = [
     "flash_attn_func",
     "flash_attn_kvpacked_func",
@@ -301,4 +417,5 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
 ]

@@ -6,7 +6,7 @@ import torch
 
 from . import dispatch
 from .masks import bias_from_mask
-from .validation import build_problem, validate_backend_name
+from .validation import build_problem, validate_call_options
 
 
 def attention(
@@ -43,9 +43,7 @@ def attention(
     lse (B, Hq, Sq), the float32 (float64 for float64 inputs) log-sum-exp of the scores (sink included).
     A query row with no visible key gives 0 and lse = -inf (the sink's logit with sinks).
     """
-    validate_backend_name(backend)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    validate_call_options(backend, return_lse)
     problem = build_problem(
         q,
         k,

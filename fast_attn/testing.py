@@ -566,6 +566,17 @@ def _test_utils(utils: tuple[str, ...] | None) -> dict:
     return {} if utils is None else {"test_utils": utils}
 
 
+def _score_options(case, inputs: dict) -> dict:
+    """A case's causal, window_size and softcap with its inputs' alibi_slopes and sinks, as keywords."""
+    return dict(
+        causal=case.causal,
+        window_size=case.window_size,
+        softcap=case.softcap,
+        alibi_slopes=inputs["alibi_slopes"],
+        sinks=inputs["sinks"],
+    )
+
+
 @dataclass(frozen=True)
 class VarlenCase:
     """Packed sequences a test holds to the reference run per sequence, its options named as in
@@ -644,13 +655,7 @@ class VarlenCase:
 
     def options(self, inputs: dict) -> dict:
         """varlen_attention's keywords (but dropout_p) for these inputs."""
-        return dict(
-            causal=self.causal,
-            window_size=self.window_size,
-            softcap=self.softcap,
-            alibi_slopes=inputs["alibi_slopes"],
-            sinks=inputs["sinks"],
-        )
+        return _score_options(self, inputs)
 
 
 VARLEN_POSITIONAL = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
@@ -817,13 +822,7 @@ class DecodeCase:
 
     def options(self, inputs: dict) -> dict:
         """The score options of decode_attention and reference_decode_attention (no scale: the default)."""
-        return dict(
-            causal=self.causal,
-            window_size=self.window_size,
-            softcap=self.softcap,
-            alibi_slopes=inputs["alibi_slopes"],
-            sinks=inputs["sinks"],
-        )
+        return _score_options(self, inputs)
 
 
 DECODE_TENSORS = (

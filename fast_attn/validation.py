@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +28,24 @@ def _size_of(tensor: str, dim: int) -> property:
     return property(lambda problem: getattr(problem, tensor).shape[dim], doc=f"{tensor}.shape[{dim}]")
 
 
-@dataclass(frozen=True)
-class AttentionProblem:
+class _OfQuery:
+    """What every problem reads from its q."""
+
+    __slots__ = ()
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+
+# Not frozen: a frozen dataclass's __init__ costs microseconds a call, and the problem is built on
+# every call (decoding steps included); nothing assigns to it after build_problem.
+@dataclass(slots=True)
+class AttentionProblem(_OfQuery):
     """Validated inputs plus the static facts dispatch decides on."""
 
     q: torch.Tensor  # (B, Hq, Sq, D), stride(-1) == 1
@@ -56,14 +73,6 @@ class AttentionProblem:
     head_dim = _size_of("q", 3)
 
     @property
-    def device(self) -> torch.device:
-        return self.q.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.q.dtype
-
-    @property
     def needs_grad(self) -> bool:
         tensors = (self.q, self.k, self.v, self.bias, self.sinks)
         return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -85,6 +94,8 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if _qkv_look_right(q, k, v):
+        return
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             layout = "(B, Hq, Sq, D)" if name == "q" else "(B, Hkv, Sk, D)"
@@ -109,6 +120,22 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             f"the number of query heads must be a multiple of the number of key/value heads "
             f"(Hq % Hkv == 0), got q {_shape(q)} and k {_shape(k)}"
         )
+
+
+def _qkv_look_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """_check_qkv's rules in one expression: the common case of every call passes here at once."""
+    q_shape, k_shape = q.shape, k.shape
+    return (
+        len(q_shape) == len(k_shape) == 4
+        and k_shape == v.shape
+        and q.dtype == k.dtype == v.dtype
+        and q.dtype in SUPPORTED_DTYPES
+        and q.device == k.device == v.device
+        and q_shape[0] == k_shape[0]
+        and q_shape[3] == k_shape[3] >= 1
+        and k_shape[1] >= 1
+        and q_shape[1] % k_shape[1] == 0
+    )
 
 
 def _normalize_bias(bias: torch.Tensor, q: torch.Tensor, seqlen_k: int) -> torch.Tensor:
@@ -220,6 +247,13 @@ def validate_backend_name(backend: object) -> str:
     return backend  # type: ignore[return-value]
 
 
+def validate_call_options(backend: object, return_lse: object) -> None:
+    """The options every public attention function takes besides the problem's."""
+    validate_backend_name(backend)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+
+
 def build_problem(
     q: object,
     k: object,
@@ -243,12 +277,6 @@ def build_problem(
     seqlen_k = k.shape[2]
     bias4 = None if bias is None else _normalize_bias(_check_tensor("bias", bias), q, seqlen_k)
     mask = None if key_mask is None else _normalize_key_mask(_check_tensor("key_mask", key_mask), q, seqlen_k)
-    slopes = (
-        None
-        if alibi_slopes is None
-        else _normalize_alibi_slopes(_check_tensor("alibi_slopes", alibi_slopes), q)
-    )
-    sink_logits = None if sinks is None else _normalize_sinks(_check_tensor("sinks", sinks), q)
     return AttentionProblem(
         q=_last_dim_contiguous(q),
         k=_last_dim_contiguous(k),
@@ -256,12 +284,24 @@ def build_problem(
         bias=bias4,
         key_mask=mask,
         causal=parse_causal(causal),
+        dropout_p=_normalize_dropout(dropout_p),
+        **_score_modifiers(q, window_size, softcap, alibi_slopes, sinks, scale),
+    )
+
+
+def _score_modifiers(
+    q: torch.Tensor, window_size=None, softcap=None, alibi_slopes=None, sinks=None, scale=None
+) -> dict:
+    """The problems' window, softcap, alibi_slopes, sinks and scale, for q (B, Hq, Sq, D)."""
+    slopes = None
+    if alibi_slopes is not None:
+        slopes = _normalize_alibi_slopes(_check_tensor("alibi_slopes", alibi_slopes), q)
+    return dict(
         window=_normalize_window(window_size),
         softcap=_normalize_softcap(softcap),
         alibi_slopes=slopes,
-        sinks=sink_logits,
+        sinks=None if sinks is None else _normalize_sinks(_check_tensor("sinks", sinks), q),
         scale=_normalize_scale(scale, q.shape[3]),
-        dropout_p=_normalize_dropout(dropout_p),
     )
 
 
@@ -365,3 +405,215 @@ def build_varlen_problem(
         slopes = _check_tensor("alibi_slopes", alibi_slopes)
         slopes = _normalize_alibi_slopes(slopes, problem.q, batch=cu_q.shape[0] - 1, batch_name="N")
     return dataclasses.replace(problem, alibi_slopes=slopes, packed_sequences=(cu_q, cu_k, bound_q, bound_k))
+
+
+# Decoding against a KV cache (fast_attn.decode_attention). On CPU tensors the integer inputs'
+# values are always checked (cheap); on a GPU that needs a device-to-host copy and a sync per
+# step, so it is done only with FAST_ATTN_CHECK_CACHE=1 (the kernels clamp what they read).
+CHECK_CACHE_VALUES_ON_GPU = os.environ.get("FAST_ATTN_CHECK_CACHE") == "1"
+
+
+@dataclass(slots=True)
+class DecodeProblem(_OfQuery):
+    """Validated inputs of one decoding step, in flash-attn's (B, S, H, D) layout."""
+
+    q: torch.Tensor  # (B, Sq, Hq, D), stride(-1) == 1
+    k_cache: torch.Tensor  # (Bc, S_cache, Hkv, D) or pages (num_pages, page_size, Hkv, D), stride(-1) == 1
+    v_cache: torch.Tensor  # like k_cache
+    k_new: torch.Tensor | None  # (B, S_new, Hkv, D), written into the caches in place
+    v_new: torch.Tensor | None
+    cache_seqlens: torch.Tensor  # int32 (B,): where each sequence's keys end before the write
+    cache_leftpad: torch.Tensor | None  # int32 (B,): where they start
+    block_table: torch.Tensor | None  # int32 (B, max_pages): a paged cache's page ids
+    cache_batch_idx: torch.Tensor | None  # int32 (B,): a contiguous cache's row of each sequence
+    causal: bool  # bottom-right per sequence
+    window: tuple[int, int] | None
+    softcap: float | None
+    alibi_slopes: torch.Tensor | None  # float32 (B or 1, Hq)
+    sinks: torch.Tensor | None  # (Hq,)
+    scale: float
+    num_splits: int  # 0: the kernel chooses
+    # What dispatch asks of every problem: decoding has neither dropout nor packed sequences.
+    dropout_p = 0.0
+    packed_sequences = None
+
+    batch = _size_of("q", 0)
+    heads_q = _size_of("q", 2)
+    heads_kv = _size_of("k_cache", 2)
+    head_dim = _size_of("q", 3)
+
+    @property
+    def new_rows(self) -> int:
+        return 0 if self.k_new is None else self.k_new.shape[1]
+
+    def op_arguments(self) -> tuple:
+        """The positional arguments of the decode_forward ops (csrc/schema.cpp)."""
+        window_left, window_right = self.window or (-1, -1)
+        return (
+            self.q, self.k_cache, self.v_cache, self.k_new, self.v_new, self.cache_seqlens,
+            self.cache_leftpad, self.block_table, self.cache_batch_idx, self.scale, self.causal,
+            self.alibi_slopes, window_left, window_right, self.softcap or 0.0, self.num_splits,
+        )  # fmt: skip
+
+
+def _check_int32_vector(name: str, value: object, batch: int, device: torch.device) -> torch.Tensor:
+    t = _check_tensor(name, value)
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be an int32 tensor, got {t.dtype}")
+    if _shape(t) != (batch,):
+        raise ValueError(f"{name} must have shape (B,) = ({batch},), got {_shape(t)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
+    return t
+
+
+def _check_decode_tensors(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_new, v_new
+) -> None:
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k_new), ("v", v_new)):
+        if t is None:
+            continue
+        if t.dim() != 4:
+            layout = "(B, Sq, Hq, D)" if name == "q" else "(B, S_new, Hkv, D)"
+            if name.endswith("cache"):
+                layout = "(B_cache, S_cache, Hkv, D) or paged (num_pages, page_size, Hkv, D)"
+            raise ValueError(f"{name} must be 4-D {layout}, got shape {_shape(t)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    if _shape(k_cache) != _shape(v_cache):
+        raise ValueError(
+            f"k_cache and v_cache must have the same shape, got {_shape(k_cache)} and {_shape(v_cache)}"
+        )
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k and v must be given together (the new keys and values), or neither")
+    heads_kv, head_dim = k_cache.shape[2], k_cache.shape[3]
+    if q.shape[3] != head_dim or q.shape[3] < 1:
+        raise ValueError(
+            f"q and k_cache must have the same head dim D >= 1, got q {_shape(q)} and k_cache {_shape(k_cache)}"
+        )
+    if heads_kv < 1 or q.shape[2] % heads_kv != 0:
+        raise ValueError(
+            "the number of query heads must be a multiple of the number of key/value heads "
+            f"(Hq % Hkv == 0), got q {_shape(q)} and k_cache {_shape(k_cache)}"
+        )
+    if k_new is not None:
+        expected = (q.shape[0], k_new.shape[1], heads_kv, head_dim)
+        for name, t in (("k", k_new), ("v", v_new)):
+            if _shape(t) != expected:
+                raise ValueError(f"{name} must have shape (B, S_new, Hkv, D) = {expected}, got {_shape(t)}")
+
+
+def _check_cache_values(problem: DecodeProblem) -> None:
+    """The integer inputs against the cache's capacity (reads their values)."""
+    ends = problem.cache_seqlens.tolist()
+    new_rows = problem.new_rows
+    if any(end < 0 for end in ends):
+        raise ValueError(f"cache_seqlens must be >= 0, got {ends}")
+    if problem.cache_leftpad is not None:
+        starts = problem.cache_leftpad.tolist()
+        if any(start < 0 or start > end for start, end in zip(starts, ends)):
+            raise ValueError(f"cache_leftpad must be in 0..cache_seqlens = {ends}, got {starts}")
+    if problem.block_table is not None:
+        num_pages, page_size = problem.k_cache.shape[:2]
+        capacity, capacity_text = problem.block_table.shape[1] * page_size, "max_pages * page_size"
+        used = [-(-(end + new_rows) // page_size) for end in ends]
+        for b, pages in enumerate(used):
+            ids = problem.block_table[b, :pages].tolist()
+            if any(not 0 <= page < num_pages for page in ids):
+                raise ValueError(
+                    f"block_table[{b}] names pages outside 0..{num_pages - 1} (k_cache has {num_pages}): {ids}"
+                )
+    else:
+        rows, capacity, capacity_text = problem.k_cache.shape[0], problem.k_cache.shape[1], "S_cache"
+        if problem.cache_batch_idx is not None:
+            indices = problem.cache_batch_idx.tolist()
+            if any(not 0 <= row < rows for row in indices):
+                raise ValueError(f"cache_batch_idx must index the cache's {rows} rows, got {indices}")
+    if any(end + new_rows > capacity for end in ends):
+        raise ValueError(
+            f"the cache is too short: cache_seqlens {ends} + {new_rows} new keys exceed "
+            f"{capacity_text} = {capacity}"
+        )
+
+
+def build_decode_problem(
+    q: object,
+    k_cache: object,
+    v_cache: object,
+    cache_seqlens: object,
+    *,
+    k: object = None,
+    v: object = None,
+    cache_leftpad: object = None,
+    block_table: object = None,
+    cache_batch_idx: object = None,
+    causal: object = False,
+    num_splits: object = 0,
+    **score_options: object,
+) -> DecodeProblem:
+    """Validate every argument of fast_attn.decode_attention; raise naming the bad one. score_options:
+    window_size, softcap, alibi_slopes, sinks and scale, as build_problem's."""
+    q = _check_tensor("q", q)
+    k_cache = _check_tensor("k_cache", k_cache)
+    v_cache = _check_tensor("v_cache", v_cache)
+    k_new = None if k is None else _check_tensor("k", k)
+    v_new = None if v is None else _check_tensor("v", v)
+    _check_decode_tensors(q, k_cache, v_cache, k_new, v_new)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(
+                f"{name} must have a contiguous last dim (it is written in place), got strides {t.stride()}"
+            )
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_new, v_new)):
+        raise ValueError(
+            "decode_attention is forward only (no gradient flows into q, k or v): call it under torch.no_grad(), "
+            "or use fast_attn.attention to train"
+        )
+    batch, device = q.shape[0], q.device
+    seqlens = _check_int32_vector("cache_seqlens", cache_seqlens, batch, device)
+    leftpad = (
+        None if cache_leftpad is None else _check_int32_vector("cache_leftpad", cache_leftpad, batch, device)
+    )
+    batch_idx = None
+    if cache_batch_idx is not None:
+        if block_table is not None:
+            raise ValueError("cache_batch_idx cannot be combined with a paged cache (block_table)")
+        batch_idx = _check_int32_vector("cache_batch_idx", cache_batch_idx, batch, device)
+    table = None
+    if block_table is not None:
+        table = _check_tensor("block_table", block_table)
+        if (
+            table.dtype != torch.int32
+            or table.dim() != 2
+            or table.shape[0] != batch
+            or table.device != device
+        ):
+            raise ValueError(
+                f"block_table must be an int32 (B, max_pages) tensor on {device} with B = {batch}, "
+                f"got {table.dtype} of shape {_shape(table)} on {table.device}"
+            )
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool (decoding is causal bottom-right), got {causal!r}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0 = chosen by the kernel), got {num_splits!r}")
+    problem = DecodeProblem(
+        q=_last_dim_contiguous(q),
+        k_cache=k_cache,
+        v_cache=v_cache,
+        k_new=None if k_new is None else _last_dim_contiguous(k_new),
+        v_new=None if v_new is None else _last_dim_contiguous(v_new),
+        cache_seqlens=seqlens,
+        cache_leftpad=leftpad,
+        block_table=table,
+        cache_batch_idx=batch_idx,
+        causal=causal,
+        **_score_modifiers(q.transpose(1, 2), **score_options),  # named for q (B, Hq, Sq, D)
+        num_splits=int(num_splits),
+    )
+    if not torch.compiler.is_compiling() and (device.type == "cpu" or CHECK_CACHE_VALUES_ON_GPU):
+        _check_cache_values(problem)
+    return problem

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
-from .validation import build_varlen_problem, validate_backend_name
+from .validation import build_varlen_problem, validate_call_options
 
 
 def varlen_attention(
@@ -47,9 +47,7 @@ def varlen_attention(
     under torch.compile they are taken as given, and the kernels clamp them so that wrong
     offsets never read or write out of bounds.
     """
-    validate_backend_name(backend)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    validate_call_options(backend, return_lse)
     problem = build_varlen_problem(
         q,
         k,

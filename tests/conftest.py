@@ -56,12 +56,27 @@ def _fresh_seed(request):
     yield
 
 
-@pytest.fixture(params=KERNEL_BACKENDS)
-def kernel_backend(request) -> str:
-    """Each kernel backend's name; skipped (or failed, if required here) where it cannot run."""
-    name, reason = request.param, dispatch.UNAVAILABLE[request.param]
+def _usable_backend(name: str) -> str:
+    """`name`, skipped (or failed, if required here) where it cannot run."""
+    reason = dispatch.UNAVAILABLE[name]
     if reason is not None:
         if name in REQUIRED_BACKENDS:
             pytest.fail(f"backend {name} should be available here: {reason}")
         pytest.skip(f"backend {name}: {reason}")
     return name
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_backend(request) -> str:
+    """Each kernel backend's name."""
+    return _usable_backend(request.param)
+
+
+# The backends that decode against a KV cache (the reference among them: its paging is tested too).
+DECODE_BACKENDS = [name for name, backend in dispatch.BACKENDS.items() if "kv_cache" in backend.features]
+
+
+@pytest.fixture(params=DECODE_BACKENDS)
+def decode_backend(request) -> str:
+    """Each backend that decodes against a KV cache."""
+    return _usable_backend(request.param)

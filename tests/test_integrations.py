@@ -22,7 +22,9 @@ from hf_models import (
 )
 
 import fast_attn.integrations.transformers as integration
+import fast_attn.integrations.transformers_paged as transformers_paged
 from fast_attn.reference import reference_attention
+from fast_attn.varlen import varlen_attention
 
 masking_utils = pytest.importorskip("transformers.masking_utils")
 
@@ -309,6 +311,75 @@ def test_the_modifiers_matter(kind, change):
             model = build(kind, "eager", sharpen=SHARPEN, **{**overrides, **change})
         changed = model(ids).logits
     assert (changed - reference).abs().max() > 0.05 * reference.abs().max()
+
+
+def run_continuous_batching(model, prompts: list[list[int]], new_tokens: int, monkeypatch) -> list[list[int]]:
+    """Greedy transformers.generate_batch (continuous batching, a paged cache of 16-token pages) on the CPU:
+    each prompt's generated tokens. transformers sizes the paged cache from the GPU's free memory, which
+    a CPU reports as 0: the cache is given a budget instead."""
+    continuous_batching = pytest.importorskip("transformers.generation.continuous_batching.cache")
+    if "paged|sdpa" not in transformers.AttentionInterface._global_mapping:
+        pytest.skip(
+            "this transformers accepts only eager, sdpa and flash implementations in continuous batching"
+        )
+    monkeypatch.setattr(
+        continuous_batching.PagedAttentionMemoryHandler, "get_available_memory", lambda self: 1 << 30
+    )
+    config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+    batching = transformers.ContinuousBatchingConfig(
+        page_size=16, num_blocks=16, max_batch_tokens=64, use_cuda_graph=False
+    )
+    with torch.random.fork_rng(devices=[]):  # generate_batch seeds the global generator
+        outputs = model.generate_batch(prompts, generation_config=config, continuous_batching_config=batching)
+    return [outputs[f"req_{i}"].generated_tokens for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma2", "gpt_oss"])
+def test_continuous_batching_generates_like_eager(kind, monkeypatch):
+    # Requests of different lengths share each forward (chunks of prefill and decoding steps packed
+    # in one row): "paged|fast_attn" stores their keys in the paged cache and attends per request.
+    config = {**MODERN_MODELS[kind], "tie_word_embeddings": False}
+    eager = build(kind, "eager", sharpen=SHARPEN, **config)
+    model = build(kind, "fast_attn", sharpen=SHARPEN, **config)
+    prompts = [random_ids(1, length)[0].tolist() for length in (5, 9, 3)]
+    expected = [
+        eager.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt) :].tolist()
+        for prompt in prompts
+    ]
+    assert len({token for tokens in expected for token in tokens}) > 3, "degenerate generation tests nothing"
+    calls = []
+
+    def counted_varlen_attention(*args, **kwargs):
+        calls.append(kwargs["causal"])
+        return varlen_attention(*args, **kwargs)
+
+    monkeypatch.setattr(transformers_paged, "varlen_attention", counted_varlen_attention)
+    assert run_continuous_batching(model, prompts, 6, monkeypatch) == expected
+    assert calls and set(calls) == {"bottom_right"}
+
+
+def test_paged_fast_attn_refuses_to_run_outside_continuous_batching():
+    model = build("mistral", "fast_attn")
+    model.set_attn_implementation("paged|fast_attn")
+    with pytest.raises(
+        ValueError, match="'paged\\|fast_attn' runs only under transformers' continuous batching"
+    ):
+        model(random_ids(1, 4))
+
+
+def test_static_cache_generation_compiled_matches_eager():
+    # transformers' StaticCache (keys of the preallocated length, unfilled ones masked) with the
+    # model's forward compiled whole: prefill and decoding steps run fast_attn's ops in the graph.
+    ids = random_ids(2, 7)
+    mask = padding_mask(2, 7, {0: 2}, left=True)
+    arguments = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False}
+    config = {**MODERN_MODELS["mistral"], "tie_word_embeddings": False}
+    expected = build("mistral", "eager", **config).generate(ids, **arguments)
+    model = build("mistral", "fast_attn", **config)
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    tokens = model.generate(ids, **arguments, cache_implementation="static")
+    assert len(set(expected[:, 7:].flatten().tolist())) > 3, "degenerate generation tests nothing"
+    assert torch.equal(tokens, expected)
 
 
 @pytest.mark.parametrize("kind", ["mistral", "gemma2", "gpt_oss", "qwen2", "gemma3"])

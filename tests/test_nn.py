@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import fast_attn
+from fast_attn import decode_attention
 from fast_attn.nn import Attention, KVCache, MultiheadAttention
+from fast_attn.nn import attention as attention_module
 from fast_attn.testing import assert_error_rule
 
 EMBED, HEADS = 32, 4
@@ -398,6 +400,34 @@ def test_kv_cache_decoding_equals_full_causal_forward(heads, kv_heads):
     assert cache.length == 11
     real = key_mask[:, :, None].expand_as(full)  # padded queries see no key: 0 in both
     torch.testing.assert_close(decoded[real], full[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options", [{}, dict(window_size=(3, 0), softcap=2.0, sinks=True), dict(alibi_slopes=torch.rand(4) / 2)]
+)
+def test_kv_cache_decoding_without_grad_writes_the_cache_through_decode_attention(options, monkeypatch):
+    module = Attention(EMBED, 4, 2, causal=True, **options).eval()
+    if module.sinks is not None:
+        with torch.no_grad():
+            module.sinks.copy_(torch.randn(4))
+    x = torch.randn(2, 10, EMBED)
+    full = module(x)
+    calls = []
+
+    def counted_decode_attention(*args, **kwargs):
+        calls.append(args[3].tolist())  # cache_seqlens before the step
+        return decode_attention(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "decode_attention", counted_decode_attention)
+    cache = module.new_cache(2, 12)
+    with torch.no_grad():
+        steps = [module(x[:, :4], cache=cache)] + [module(x[:, i : i + 1], cache=cache) for i in range(4, 10)]
+        _, keys, values = module._self_projections(x)
+    assert calls == [[0, 0]] + [[i, i] for i in range(4, 10)]
+    assert cache.length == 10 and cache.seqlens.tolist() == [10, 10]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.keys[:, :10], keys)
+    torch.testing.assert_close(cache.values[:, :10], values)
 
 
 def test_cross_attention_cache_projects_the_context_once():

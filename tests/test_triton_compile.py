@@ -27,8 +27,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-from fast_attn.ops import triton_configs, triton_ops  # noqa: E402
+from fast_attn.ops import triton_configs, triton_decode, triton_ops  # noqa: E402
 from fast_attn.ops.autograd import empty_bshd_like  # noqa: E402
+from fast_attn.testing import DecodeCase, decode_op_arguments  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -228,10 +229,84 @@ PREPROCESS_CASES = {
     name: BACKWARD_CASES[name] for name in ("bf16-d128", "fp16-d128-all-features", "bf16-d256")
 }
 
+# The decode kernels (fast_attn/triton/decode.py) on DecodeCase inputs: 8 query heads on 2 kv heads
+# (a 16-row tile with one query row), caches of a few thousand keys, 3 splits unless num_splits = 1
+# (out and lse written directly, in the inputs' dtype).
+DECODE_SPLIT_CASES = {
+    "fp16-d64-contiguous": dict(dtype=torch.float16, head_dim=64),
+    "bf16-d64-paged": dict(dtype=torch.bfloat16, head_dim=64, page_size=16),
+    "fp16-d128-paged": dict(dtype=torch.float16, head_dim=128, page_size=256),
+    "bf16-d128-contiguous-one-split": dict(
+        dtype=torch.bfloat16, head_dim=128, leftpad=True, batch_idx=True, num_splits=1
+    ),
+    "bf16-d128-paged-all-modifiers": dict(
+        new_rows=2,
+        dtype=torch.bfloat16,
+        head_dim=128,
+        page_size=64,
+        interleaved=True,
+        leftpad=True,
+        causal=True,
+        window_size=(1024, -1),
+        softcap=30.0,
+        alibi="bh",
+    ),  # fmt: skip
+    "bf16-d256-paged": dict(dtype=torch.bfloat16, head_dim=256, page_size=16),
+    "fp32-d40-paged": dict(dtype=torch.float32, head_dim=40, page_size=16),
+    "fp32-d256-contiguous": dict(dtype=torch.float32, head_dim=256),
+    # 4 query rows of 4 heads each: a 32-row tile.
+    "bf16-d128-paged-four-rows-causal": dict(
+        new_rows=4, dtype=torch.bfloat16, head_dim=128, heads_q=16, page_size=16, causal=True
+    ),
+}
+DECODE_SPLITS = 3
+DECODE_CASE_DEFAULTS = dict(lengths=(3000, 517), heads_q=8, heads_kv=2, num_splits=DECODE_SPLITS)
+DECODE_KINDS = ("decode_append", "decode_split", "decode_merge")
 
-def _kernel_launch(kind: str, case: Case, capability: int, case_name: str = ""):
+
+def make_case(kind: str, case_name: str) -> Case | DecodeCase:
+    """The problem of a compile case (random inputs: seed first)."""
+    if kind in DECODE_KINDS:
+        return DecodeCase(**{**DECODE_CASE_DEFAULTS, **CASES[kind][case_name]})
+    return Case(**CASES[kind][case_name])
+
+
+def _decode_launch(kind: str, case: DecodeCase, capability: int):
+    """_kernel_launch of the decode kernels: their fixed configuration of decode_config."""
+    problem = triton_decode.DecodeKernelProblem(*decode_op_arguments(case, case.make_inputs())[:-1])
+    if kind == "decode_append":
+        args, constexprs = triton_decode.append_arguments(problem)
+        return triton_decode.decode_append_kernel, args, constexprs, 4, 1, None
+    q = problem.q
+    out = torch.empty(q.shape, dtype=q.dtype)
+    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]))
+    targets = triton_decode.split_outputs(out, lse, case.num_splits)
+    if kind == "decode_merge":
+        args, constexprs = triton_decode.merge_arguments(*targets, out, lse)
+        return triton_decode.decode_merge_kernel, args, constexprs, 4, 1, None
+    args, constexprs, _ = triton_decode.split_arguments(problem, *targets, case.num_splits)
+    arch = "sm90" if capability == 90 else "sm80"
+    tile_rows = case.heads_q // case.heads_kv * q.shape[1]
+    block_m, block_n, num_warps, num_stages = triton_configs.decode_config(
+        arch, case.head_dim, case.dtype, tile_rows
+    )
+    # Fewer than 64 rows per tile: Ampere's mma on sm_90 too (wgmma needs 64 per warpgroup).
+    instruction = None if q.dtype == torch.float32 else "mma.sync"
+    return (
+        triton_decode.decode_split_kernel,
+        args,
+        dict(constexprs, BLOCK_M=block_m, BLOCK_N=block_n),
+        num_warps,
+        num_stages,
+        instruction,
+    )
+
+
+def _kernel_launch(kind: str, case: Case | DecodeCase, capability: int, case_name: str = ""):
     """(kernel, args, constexprs with blocks, num_warps, num_stages, tensor-core instruction
     expected or None) of the first table configuration of `kind` for `case`."""
+    if kind in DECODE_KINDS:
+        return _decode_launch(kind, case, capability)
     if kind == "preprocess":
         args, constexprs = triton_ops.preprocess_arguments(case.out, case.grad_out, case.grad_lse, case.delta)
         return triton_ops.attention_backward_preprocess_kernel, args, constexprs, 4, 1, None
@@ -277,6 +352,12 @@ CASES = {
     "dkdv": BACKWARD_CASES,
     "dq": BACKWARD_CASES,
     "dbias": DBIAS_CASES,
+    "decode_append": {
+        name: DECODE_SPLIT_CASES[name]
+        for name in ("fp16-d64-contiguous", "bf16-d128-paged-all-modifiers", "fp32-d40-paged")
+    },
+    "decode_split": DECODE_SPLIT_CASES,
+    "decode_merge": {name: DECODE_SPLIT_CASES[name] for name in ("fp16-d64-contiguous", "fp16-d128-paged")},
 }
 CASE_IDS = [
     (kind, name, capability) for kind, cases in CASES.items() for name in cases for capability in (80, 90)
@@ -286,7 +367,7 @@ CASE_IDS = [
 def compile_case(kind: str, case_name: str, capability: int) -> dict:
     """Compile one case; what the tests check, as plain data."""
     torch.manual_seed(0)
-    case = Case(**CASES[kind][case_name])
+    case = make_case(kind, case_name)
     kernel, args, constexprs, num_warps, num_stages, instruction = _kernel_launch(
         kind, case, capability, case_name
     )

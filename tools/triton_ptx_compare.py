@@ -58,7 +58,7 @@ def dump(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for kind, name, capability in cases.CASE_IDS:
         torch.manual_seed(0)
-        case = cases.Case(**cases.CASES[kind][name])
+        case = cases.make_case(kind, name)
         kernel, args, constexprs, warps, stages, _ = cases._kernel_launch(kind, case, capability, name)
         compiled = cases.compile_for_target(kernel, args, constexprs, capability, warps, stages)
         (folder / f"{kind}-{name}-{capability}.ptx").write_text("\n".join(instructions(compiled.asm["ptx"])))

@@ -490,6 +490,9 @@ def register() -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    from .transformers_paged import PAGED_IMPLEMENTATION_NAME, paged_attention_forward
+
     AttentionInterface.register(IMPLEMENTATION_NAME, attention_forward)
     AttentionMaskInterface.register(IMPLEMENTATION_NAME, build_attention_mask)
+    AttentionInterface.register(PAGED_IMPLEMENTATION_NAME, paged_attention_forward)  # continuous batching
     return IMPLEMENTATION_NAME

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..decode import decode_attention
 from ..functional import attention
 from ..varlen import varlen_attention
 from .kv_cache import KVCache
@@ -189,6 +190,8 @@ class Attention(nn.Module):
         causal = self.causal if causal is None else causal
         if causal and self.cross_attention:
             raise ValueError("cross-attention cannot be causal")
+        if self._decodes(x, context, bias, key_mask, cache):
+            return self._decode_step(x, causal, cache)
         q, k, v = self._keys_values(x, context, cache)
         out = attention(
             q,
@@ -201,6 +204,25 @@ class Attention(nn.Module):
         )  # (B, Hq, Sq, D)
         out = out.transpose(1, 2).flatten(2)  # (B, Sq, Hq * D)
         return self.out_proj(out)
+
+    def _decodes(self, x, context, bias, key_mask, cache) -> bool:
+        """Whether this call is a decoding step that fast_attn.decode_attention runs: self-attention
+        with a cache, no bias or key mask, and no gradient or dropout (decoding is forward only)."""
+        if cache is None or self.cross_attention or context is not None or bias is not None:
+            return False
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        return key_mask is None and not training and not (self.training and self.dropout > 0.0)
+
+    def _decode_step(self, x: torch.Tensor, causal: bool, cache: KVCache) -> torch.Tensor:
+        """x (B, Sq, embed_dim): its keys and values are written into the cache in place by the kernel."""
+        q, k, v = self._self_projections(x)  # (B, Sq, Hq, D), (B, Sq, Hkv, D)
+        options = self._score_options()
+        del options["dropout_p"]  # 0: _decodes
+        out = decode_attention(
+            q, cache.keys, cache.values, cache.reserve(k, v), k=k, v=v, causal=causal, **options
+        )  # (B, Sq, Hq, D)
+        cache.advance(k.shape[1])
+        return self.out_proj(out.flatten(2))
 
     def _packed_forward(
         self, x, cu_seqlens, max_seqlen, context, bias, key_mask, causal, cache

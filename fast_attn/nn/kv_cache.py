@@ -13,6 +13,10 @@ class KVCache:
     to the kernel need no copy (fast_attn reads any strides with a contiguous
     head dim). For a cross-attention layer the cache is filled once with the
     encoder's keys and values and then only read.
+
+    Decoding writes through fast_attn.decode_attention instead: `seqlens` (int32 (B,), the
+    tokens cached, on the cache's device) is its cache_seqlens; `reserve` checks the room for the
+    step's tokens before the kernel writes them in place, and `advance` counts them afterwards.
     """
 
     def __init__(
@@ -34,27 +38,38 @@ class KVCache:
         self.keys = torch.empty(shape, dtype=dtype, device=device)
         self.values = torch.empty(shape, dtype=dtype, device=device)
         self.length = 0
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)  # self.length in every row
 
     @property
     def max_length(self) -> int:
         return self.keys.shape[1]
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store keys/values (B, S_new, Hkv, D); return all of them as (B, Hkv, S_total, D) views."""
+    def reserve(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Check that keys/values (B, S_new, Hkv, D) fit; return `seqlens`, where they will go."""
         expected = (self.keys.shape[0], keys.shape[1], *self.keys.shape[2:])
         if tuple(keys.shape) != expected or tuple(values.shape) != expected:
             raise ValueError(
-                f"KVCache.append expects keys and values of shape (B, S_new, Hkv, D) = {expected}, "
+                f"KVCache expects keys and values of shape (B, S_new, Hkv, D) = {expected}, "
                 f"got {tuple(keys.shape)} and {tuple(values.shape)}"
             )
-        end = self.length + keys.shape[1]
-        if end > self.max_length:
+        if self.length + keys.shape[1] > self.max_length:
             raise ValueError(
                 f"KVCache is full: {self.length} cached + {keys.shape[1]} new tokens > max_length {self.max_length}"
             )
+        return self.seqlens
+
+    def advance(self, count: int) -> None:
+        """Count `count` tokens written at the end (by decode_attention or append)."""
+        self.length += count
+        self.seqlens.add_(count)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store keys/values (B, S_new, Hkv, D); return all of them as (B, Hkv, S_total, D) views."""
+        self.reserve(keys, values)
+        end = self.length + keys.shape[1]
         self.keys[:, self.length : end] = keys
         self.values[:, self.length : end] = values
-        self.length = end
+        self.advance(keys.shape[1])
         return self.cached()
 
     def cached(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,3 +81,4 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+        self.seqlens.zero_()

@@ -13,6 +13,7 @@ configuration keeps CPU tests fast (the interpreter costs ~2.5 ms per tile).
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -383,3 +384,53 @@ def dbias_splits(programs: int, pairs_per_slice: int, device: torch.device) -> i
     if programs >= target:
         return 1
     return max(1, min(pairs_per_slice, MAX_DBIAS_SPLITS, cdiv(target, max(programs, 1))))
+
+
+# The decode kernels (fast_attn/triton/decode.py), not autotuned: the number of key splits is
+# chosen from the key block, and a fixed tile gives the same bits in every process. By head-dim
+# block, (BLOCK_N, num_warps, num_stages): each key block is BLOCK_N rows of K and V read once for
+# the g * Sq rows of the tile, so the kernel is bound by memory bandwidth and wants loads in
+# flight (three stages) more than a large tile. Rows of the tile: g * Sq rounded up to a power
+# of two >= 16 (tl.dot's smallest M), at most _DECODE_MAX_BLOCK_M per program.
+_DECODE_CONFIGS = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}
+# float32's "ieee" dots run on CUDA cores and hold their operands in registers: (64, 4, 3) at D 40
+# spilled 528 B on sm_80, (32, 4, 2) at D 256 160 B on sm_80 and 6.6 KB on sm_90.
+_DECODE_FLOAT32_CONFIGS = {128: (32, 4, 2), 256: (16, 4, 2)}
+_DECODE_MAX_BLOCK_M = 64
+# Under the interpreter, 16-key blocks: small test caches still hold several blocks to split.
+_INTERPRETER_DECODE_CONFIG = (16, 4, 1)
+MAX_DECODE_SPLITS = 128
+
+
+def decode_config(arch: str, head_dim: int, dtype: torch.dtype, tile_rows: int) -> Config:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the decode split kernel on `arch` (device_arch's
+    names; sm_80 and sm_90 alike) for tiles of g * Sq = tile_rows rows."""
+    block_m = min(_DECODE_MAX_BLOCK_M, max(16, next_power_of_2(tile_rows)))
+    if arch == "interpret":
+        return (block_m, *_INTERPRETER_DECODE_CONFIG)
+    table = _DECODE_FLOAT32_CONFIGS if dtype == torch.float32 else _DECODE_CONFIGS
+    block_d = head_dim_block(head_dim)
+    return (block_m, *table[min(d for d in table if d >= block_d)])
+
+
+def decode_splits(work_units: int, key_blocks: int, device: torch.device) -> int:
+    """How many key ranges each (sequence, kv head, row block) is split into when the caller
+    leaves it to the kernel (num_splits = 0). work_units: programs without splitting; key_blocks:
+    the most key blocks a sequence can have (the cache's capacity in blocks).
+
+    FlashAttention-2's rule: a launch that already fills 80% of the SMs is not split; otherwise
+    each split count s from 1 to min(MAX_DECODE_SPLITS, key_blocks, SMs) runs in waves of SMs, with
+    efficiency = waves / ceil(waves) (waves = work_units * s / SMs: 1 when the last wave is full),
+    and the smallest s within 85% of the best efficiency wins: fewer splits mean less to merge.
+    """
+    sms = multiprocessor_count(device)
+    if work_units >= 0.8 * sms or key_blocks <= 1:
+        return 1
+    candidates = range(1, min(MAX_DECODE_SPLITS, key_blocks, sms) + 1)
+
+    def efficiency(splits: int) -> float:
+        waves = work_units * splits / sms
+        return waves / math.ceil(waves)
+
+    best = max(efficiency(s) for s in candidates)
+    return next(s for s in candidates if efficiency(s) >= 0.85 * best)

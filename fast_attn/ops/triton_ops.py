@@ -658,3 +658,8 @@ if interpreting():
 def attention_forward(problem, dropout_seed):
     """Run the Triton forward op on a validated AttentionProblem; returns (out, lse)."""
     return torch.ops.fast_attn.triton_attention_forward(*autograd.forward_op_arguments(problem, dropout_seed))
+
+
+# The decode op (fast_attn/ops/triton_decode.py) registers with the attention ops: dispatch imports
+# this module to make the Triton backend available.
+from . import triton_decode  # noqa: E402,F401

@@ -12,6 +12,9 @@ block_ranges         which tiles a program visits, and which of them need masks
 sequences            which problem a program works on: a batch, or one of packed sequences
 scores               q.k products turned into masked, biased scores in the log2 domain
 dropout              the contract's dropout hash, bit-identical to fast_attn/dropout.py
+decode               decoding against a KV cache (decode_forward): the in-place append, the
+                     split-KV kernel (query heads of one kv head packed in a tile, paged or
+                     contiguous caches) and the lse merge of its splits
 
 The kernels take flat arguments (torch.compile's wrap_triton passes tensors and
 scalars) and hand their helpers tuples, unpacked where they are read:

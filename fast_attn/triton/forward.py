@@ -24,6 +24,33 @@ from .sequences import sequence_view
 
 
 @triton.jit
+def online_softmax_step(acc, m_i, l_i, scores):
+    """One key block of the online softmax: scores (R, C) in the log2 domain against the running
+    row max m_i (R,), row sum l_i (R,) and unnormalized output acc (R, BLOCK_D). Returns
+    (p, acc, m_i, l_i): p = exp2(scores - new max) (R, C), for the caller to add p @ v to acc,
+    which comes back rescaled to the new max."""
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    p = tl.exp2(scores - m_shift[:, None])
+    alpha = tl.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    return p, acc, m_new, l_i
+
+
+@triton.jit
+def finish_online_softmax(acc, m_i, l_i, out_scale):
+    """(out (R, BLOCK_D), lse (R,), natural log) of an online softmax, out scaled by out_scale.
+    l = 0 only for rows with no visible key (otherwise the max term alone gives 1): out 0 and
+    lse -inf; NaN scores make l NaN and propagate to out and lse, as in the reference."""
+    no_key = l_i == 0.0
+    inv_l = tl.where(no_key, 0.0, out_scale / tl.where(no_key, 1.0, l_i))
+    out = acc * inv_l[:, None]
+    lse = tl.where(no_key, float("-inf"), (m_i + tl.log2(tl.where(no_key, 1.0, l_i))) * LN2)
+    return out, lse
+
+
+@triton.jit
 def _accumulate_key_blocks(
     acc, m_i, l_i, q, query_index, dropout_rows,
     kv, bias, key_mask, modifiers, dropout, bounds, scale_log2, block_begin, block_end,
@@ -42,18 +69,12 @@ def _accumulate_key_blocks(
             HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_KEY_MASK, HAS_SOFTCAP, HAS_ALIBI,
             LEFT_BOUNDED, RIGHT_BOUNDED, UPCAST_OPERANDS, DOT_PRECISION, MASKED,
         )  # (BLOCK_M, BLOCK_N), log2 domain
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = tl.exp2(scores - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)  # lse is of the scores before dropout
-        acc = acc * alpha[:, None]
+        p, acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, scores)  # lse: of the scores before dropout
         if HAS_DROPOUT:
             row_low, row_high = dropout_rows
             keep = dropout_keep(dropout, row_low[:, None], row_high[:, None], key_index[None, :])
             p = tl.where(keep, p, 0.0)  # 1 / (1 - p) is applied once, at the end
         acc = mma(p.to(v.dtype), v, acc, UPCAST_OPERANDS, DOT_PRECISION)
-        m_i = m_new
     return acc, m_i, l_i
 
 
@@ -194,12 +215,7 @@ def attention_forward_kernel(
                 HAS_SOFTCAP, HAS_ALIBI, LEFT_BOUNDED, RIGHT_BOUNDED, UPCAST_OPERANDS, DOT_PRECISION, phase != 1,
             )
 
-    # l = 0 only for rows with no visible key (otherwise the max term alone gives 1);
-    # NaN scores make l NaN and propagate to out and lse, as in the reference.
-    no_key = l_i == 0.0
-    inv_l = tl.where(no_key, 0.0, dropout_keep_scale / tl.where(no_key, 1.0, l_i))
-    out = acc * inv_l[:, None]
-    lse = tl.where(no_key, float("-inf"), (m_i + tl.log2(tl.where(no_key, 1.0, l_i))) * LN2)
+    out, lse = finish_online_softmax(acc, m_i, l_i, dropout_keep_scale)
 
     out_head_ptr = (
         out_ptr + batch64 * out_batch_stride + head.to(tl.int64) * out_head_stride + q_begin * out_row_stride
