@@ -547,6 +547,17 @@ def test_decode_splits_agree(runner: Runner):
         torch.testing.assert_close(out, out_one)
 
 
+def test_emulated_decode_splits_by_wave_efficiency(emulated: Runner):
+    """num_splits = 0 splits the keys (a combine launch follows the split kernel) while B x Hkv
+    CTAs leave the emulator's 132 SMs idle, and not once they fill them: 2 x 66 = 132 units run
+    one whole wave unsplit."""
+    for lengths, heads_kv, launches in (((200,), 1, 3), ((3,) * 66, 2, 2)):
+        case = CudaDecodeCase(lengths, heads_q=heads_kv, heads_kv=heads_kv)  # append, split[, combine]
+        before = emulated.launch_count()
+        emulated.decode(*decode_op_arguments(case, case.make_inputs()))
+        assert emulated.launch_count() - before == launches, f"{case}"
+
+
 def test_decode_empty(runner: Runner):
     """No sequence, or no query row: empty outputs and no kernel launched (but the append's)."""
     for batch, rows in ((0, 1), (2, 0)):
