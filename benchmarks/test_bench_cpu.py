@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fast_attn
-from fast_attn.bench_report import write_ratio_table
+from fast_attn.bench import step_of
 from fast_attn.dispatch import UNAVAILABLE
 from fast_attn.testing import attention_flops
 
@@ -121,20 +121,7 @@ def make_step(impl: str, case: Case, mode: str):
                     q, k, v, attn_mask=attn_mask, is_causal=case.causal, scale=scale
                 )
 
-    if mode == "fwd":
-
-        def step():
-            with torch.no_grad():
-                attend()
-
-        return step
-    wanted = [t for t in (q, k, v, bias) if t is not None]
-    grad_out = torch.randn_like(q)
-
-    def step():
-        torch.autograd.grad(attend(), wanted, grad_out)
-
-    return step
+    return step_of(attend, mode, [t for t in (q, k, v, bias) if t is not None])
 
 
 def estimated_seconds(case: Case, mode: str, impl: str) -> float:
@@ -271,7 +258,7 @@ def test_peak_memory_s4096(benchmark):
     assert peaks["fast_attn"] < score_matrix_bytes, peaks
 
 
-def _ratio_row(group: str, medians: dict[str, float]) -> str | None:
+def ratio_row(group: str, medians: dict[str, float]) -> str | None:
     if "fast_attn" not in medians:
         return None
     ratios = [
@@ -280,8 +267,5 @@ def _ratio_row(group: str, medians: dict[str, float]) -> str | None:
     return f"{group:<48} " + "  ".join(ratios)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _print_ratio_table(request):
-    yield
-    title = f"fast_attn speed / SDPA speed (>1: fast_attn faster), {cpu_name()}, {torch.get_num_threads()} threads"
-    write_ratio_table(request.config, title, MEDIANS, _ratio_row)
+def ratio_title() -> str:
+    return f"fast_attn speed / SDPA speed (>1: fast_attn faster), {cpu_name()}, {torch.get_num_threads()} threads"

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import fast_attn
-from fast_attn.bench_report import write_ratio_table
+from fast_attn.bench import step_of
 from fast_attn.dispatch import UNAVAILABLE
 
 pytestmark = pytest.mark.skipif(UNAVAILABLE["cpu"] is not None, reason=f"CPU kernels: {UNAVAILABLE['cpu']}")
@@ -75,20 +75,8 @@ def make_step(impl: str, dtype: torch.dtype, mode: str):
         def attend():
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    if mode == "fwd":
-
-        def step():
-            with torch.no_grad():
-                attend()
-
-        return step
-    grad_out = torch.randn_like(q)
     differentiated = (q, k, v, sinks) if impl == "fast_attn_sinks" else (q, k, v)
-
-    def step():
-        torch.autograd.grad(attend(), differentiated, grad_out)
-
-    return step
+    return step_of(attend, mode, differentiated)
 
 
 CASES = [
@@ -110,7 +98,7 @@ def test_modifier(benchmark, group, impl, dtype, mode):
     benchmark.extra_info.update(implementation=impl, threads=torch.get_num_threads(), torch=torch.__version__)
 
 
-def _ratio_row(name: str, medians: dict[str, float]) -> str | None:
+def ratio_row(name: str, medians: dict[str, float]) -> str | None:
     impls = IMPLEMENTATIONS[name.split()[0]]
     if impls[0] not in medians:
         return None
@@ -119,8 +107,5 @@ def _ratio_row(name: str, medians: dict[str, float]) -> str | None:
     return f"{name:<36} {' '.join(ratios)}   ({times})"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _print_ratio_table(request):
-    yield
-    title = f"time of the modifier's call / time of the other call, {torch.get_num_threads()} threads"
-    write_ratio_table(request.config, title, MEDIANS, _ratio_row)
+def ratio_title() -> str:
+    return f"time of the modifier's call / time of the other call, {torch.get_num_threads()} threads"

@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import fast_attn
-from fast_attn.bench import _peak_memory
-from fast_attn.bench_report import write_ratio_table
+from fast_attn.bench import _peak_memory, step_of
 from fast_attn.dispatch import UNAVAILABLE
 
 pytestmark = pytest.mark.skipif(UNAVAILABLE["cpu"] is not None, reason=f"CPU kernels: {UNAVAILABLE['cpu']}")
@@ -85,16 +84,7 @@ def make_step(impl: str, dtype: torch.dtype, mode: str):
     q, k, v = (
         torch.randn(TOTAL, HEADS, HEAD_DIM, dtype=dtype).requires_grad_(mode == "fwd_bwd") for _ in range(3)
     )
-    attend = make_attend(impl, q, k, v)
-    if mode == "fwd":
-
-        def step():
-            with torch.no_grad():
-                attend()
-
-        return step
-    grad_out = torch.randn_like(q)
-    return lambda: torch.autograd.grad(attend(), (q, k, v), grad_out)
+    return step_of(make_attend(impl, q, k, v), mode, (q, k, v))
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -115,7 +105,7 @@ def test_varlen(benchmark, impl, dtype, mode):
     benchmark.extra_info.update(implementation=impl, lengths=LENGTHS, threads=torch.get_num_threads())
 
 
-def _ratio_row(name: str, medians: dict[str, float]) -> str | None:
+def ratio_row(name: str, medians: dict[str, float]) -> str | None:
     if "fast_attn_varlen" not in medians:
         return None
     ours = medians["fast_attn_varlen"]
@@ -126,8 +116,5 @@ def _ratio_row(name: str, medians: dict[str, float]) -> str | None:
     return f"{name:<40} {ratios}   ({times}; varlen peak {PEAK_MB.get(name, float('nan')):.0f} MB)"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _print_ratio_table(request):
-    yield
-    title = f"time of varlen_attention / time of the other call, {torch.get_num_threads()} threads, lengths {LENGTHS}"
-    write_ratio_table(request.config, title, MEDIANS, _ratio_row)
+def ratio_title() -> str:
+    return f"time of varlen_attention / time of the other call, {torch.get_num_threads()} threads, lengths {LENGTHS}"

@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import transformers
+from random_models import bert_classifier_config, random_model
 
 from fast_attn.integrations.transformers import register
 
@@ -45,22 +46,8 @@ def make_batch(generator: torch.Generator, batch: int, length: int):
 
 def train(implementation: str, steps: int, batch: int, length: int) -> tuple[list[float], float, float]:
     """Losses per step, final accuracy on held-out batches, seconds."""
-    config = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=length,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=2,
-        pad_token_id=PAD,
-    )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForSequenceClassification.from_config(
-        config, attn_implementation=implementation
-    )
+    config = bert_classifier_config(VOCAB, length, PAD)
+    model = random_model(transformers.AutoModelForSequenceClassification, config, implementation)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     data = torch.Generator().manual_seed(1)
     losses = []

@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import torch.distributed as dist
 import transformers
+from random_models import llama_config, random_model
 
 from fast_attn.distributed import run_on_cpu_ranks, shard_model_inputs
 from fast_attn.integrations.transformers import register
@@ -38,18 +39,7 @@ LOSS_TOLERANCE = 1e-6
 
 def small_llama(dtype: torch.dtype):
     register()
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        attention_dropout=0.0,
-    )
-    torch.manual_seed(0)  # the same weights on every rank
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="fast_attn")
+    model = random_model(transformers.AutoModelForCausalLM, llama_config(VOCAB), "fast_attn")
     return model.to(dtype)
 
 

@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import transformers
 from greedy_generation import check_same_tokens, parse_new_tokens
+from random_models import gpt2_config, random_model
 
 from fast_attn.models import GPT
 
@@ -25,19 +26,8 @@ from fast_attn.models import GPT
 def main() -> None:
     new_tokens = parse_new_tokens(__doc__, default=48)
 
-    config = transformers.GPT2Config(
-        vocab_size=500,
-        n_positions=256,
-        n_embd=128,
-        n_layer=4,
-        n_head=4,
-        initializer_range=0.2,
-        bos_token_id=0,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    eager = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    config = gpt2_config()
+    eager = random_model(transformers.AutoModelForCausalLM, config, "eager").eval()
     ours = GPT.from_hf(eager).eval()
 
     prompts = torch.randint(1, config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(1))

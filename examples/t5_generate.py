@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import transformers
 from greedy_generation import check_same_tokens, parse_new_tokens
+from random_models import random_model, t5_config
 
 from fast_attn.models import T5
 
@@ -29,21 +30,8 @@ from fast_attn.models import T5
 def main() -> None:
     new_tokens = parse_new_tokens(__doc__, default=32)
 
-    config = transformers.T5Config(
-        vocab_size=500,
-        d_model=128,
-        d_kv=32,
-        num_heads=4,
-        d_ff=256,
-        num_layers=3,
-        num_decoder_layers=3,
-        feed_forward_proj="gated-gelu",
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=None,
-    )
-    torch.manual_seed(0)
-    eager = transformers.AutoModelForSeq2SeqLM.from_config(config, attn_implementation="eager").eval()
+    config = t5_config()
+    eager = random_model(transformers.AutoModelForSeq2SeqLM, config, "eager").eval()
     # A random LM head of its own: tied to the embedding, a random decoder tends to repeat its input token.
     eager.lm_head.weight = torch.nn.Parameter(torch.randn_like(eager.lm_head.weight))
     ours = T5.from_hf(eager).eval()

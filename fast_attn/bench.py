@@ -263,6 +263,20 @@ SAMPLE_MS = 5.0
 MAX_CALLS_PER_SAMPLE = 50
 
 
+def step_of(attend: Callable, mode: str, inputs) -> Callable:
+    """A no-argument callable for a benchmark's timer: attend() without autograd (mode "fwd"),
+    else attend() and the gradients of `inputs` for a random output gradient shaped like inputs[0]."""
+    if mode == "fwd":
+
+        def step():
+            with torch.no_grad():
+                attend()
+
+        return step
+    grad_out = torch.randn_like(inputs[0])
+    return lambda: torch.autograd.grad(attend(), inputs, grad_out)
+
+
 def _time_calls(fn: Callable, device: torch.device, calls: int) -> float:
     """Milliseconds for `calls` back-to-back calls of fn (events on a GPU)."""
     if device.type == "cuda":

@@ -198,16 +198,23 @@ def _cuda_modifier_reasons(problem: AttentionProblem, explicit: bool) -> list[st
     ]
 
 
-def _run_reference(problem: AttentionProblem, dropout_seed):
-    from .reference import reference_attention, reference_varlen_attention
-
-    options = dict(
+def _reference_score_options(problem: AttentionProblem | DecodeProblem) -> dict:
+    """The problem's causality and score modifiers as the reference functions' keywords (sinks apart)."""
+    return dict(
         causal=problem.causal,
         window_size=problem.window,
         softcap=problem.softcap,
         alibi_slopes=problem.alibi_slopes,
-        sinks=problem.sinks,
         scale=problem.scale,
+    )
+
+
+def _run_reference(problem: AttentionProblem, dropout_seed):
+    from .reference import reference_attention, reference_varlen_attention
+
+    options = dict(
+        _reference_score_options(problem),
+        sinks=problem.sinks,
         dropout_p=problem.dropout_p,
         dropout_seed=dropout_seed,
     )
@@ -234,11 +241,7 @@ def _reference_decode(problem: DecodeProblem):
         cache_leftpad=problem.cache_leftpad,
         block_table=problem.block_table,
         cache_batch_idx=problem.cache_batch_idx,
-        causal=problem.causal,
-        window_size=problem.window,
-        softcap=problem.softcap,
-        alibi_slopes=problem.alibi_slopes,
-        scale=problem.scale,
+        **_reference_score_options(problem),
     )
 
 

@@ -62,19 +62,19 @@ def attention(
     return (out, lse) if return_lse else out
 
 
-def _sdpa_mask_arguments(attn_mask: torch.Tensor, query: torch.Tensor, seqlen_k: int):
-    """Map SDPA's attn_mask onto (bias, key_mask): a bool mask that only varies
-    along batch and keys becomes the in-kernel key mask; any other bool mask
+def _sdpa_mask_keywords(attn_mask: torch.Tensor, query: torch.Tensor, seqlen_k: int) -> dict:
+    """Map SDPA's attn_mask onto attention's keywords: a bool mask that only varies
+    along batch and keys becomes the in-kernel key_mask; any other bool mask
     becomes a -inf bias; a float mask is the bias."""
     if attn_mask.dtype != torch.bool:
-        return attn_mask, None
+        return {"bias": attn_mask}
     if attn_mask.dim() > 4:
         raise ValueError(f"attn_mask must broadcast to (B, H, L, S), got shape {tuple(attn_mask.shape)}")
     mask4 = attn_mask[(None,) * (4 - attn_mask.dim())] if attn_mask.dim() < 4 else attn_mask
     if mask4.shape[1] == 1 and mask4.shape[2] == 1 and mask4.shape[3] == seqlen_k:
         if mask4.shape[0] in (1, query.shape[0]):
-            return None, mask4[:, 0, 0, :]
-    return bias_from_mask(attn_mask, query.dtype), None
+            return {"key_mask": mask4[:, 0, 0, :]}
+    return {"bias": bias_from_mask(attn_mask, query.dtype)}
 
 
 def scaled_dot_product_attention(
@@ -112,21 +112,12 @@ def scaled_dot_product_attention(
         raise ValueError(
             f"query has {query.shape[1]} heads but key has {key.shape[1]}; pass enable_gqa=True for GQA"
         )
-    bias, key_mask = (None, None)
+    masks = {}
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
         if unbatched_heads and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)
-        bias, key_mask = _sdpa_mask_arguments(attn_mask, query, key.shape[2])
-    out = attention(
-        query,
-        key,
-        value,
-        bias=bias,
-        key_mask=key_mask,
-        causal=bool(is_causal),
-        scale=scale,
-        dropout_p=dropout_p,
-    )
+        masks = _sdpa_mask_keywords(attn_mask, query, key.shape[2])
+    out = attention(query, key, value, **masks, causal=bool(is_causal), scale=scale, dropout_p=dropout_p)
     return out.squeeze(1) if unbatched_heads else out

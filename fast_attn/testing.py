@@ -461,16 +461,8 @@ def check_against_reference(
     reference_inputs = {
         n: inputs.get(n) for n in ("q", "k", "v", "bias", "key_mask", "alibi_slopes", "sinks")
     }
-    options = dict(
-        causal=case.causal,
-        window_size=case.window_size,
-        softcap=case.softcap,
-        scale=case.scale,
-        dropout_p=case.dropout_p,
-        dropout_seed=inputs.get("dropout_seed"),
-        grad_out=grad_out,
-        grad_lse=grad_lse,
-    )
+    options = {n: getattr(case, n) for n in ("causal", "window_size", "softcap", "scale", "dropout_p")}
+    options.update(dropout_seed=inputs.get("dropout_seed"), grad_out=grad_out, grad_lse=grad_lse)
     exact = run_reference(reference_inputs, compute_dtype=torch.float64, **options)
     same_dtype = run_reference(reference_inputs, compute_dtype=dtype, **options)
     assert_error_rule(f"{case} out", out, exact.out, same_dtype.out, dtype)

@@ -43,8 +43,6 @@ from fast_attn.triton.dropout import dropout_keep, dropout_row_offsets, load_dro
 
 pytestmark = [
     pytest.mark.triton,
-    # numpy warns about the intended uint32 wrap-around of the dropout hash in the interpreter.
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:Deterministic behavior was enabled:UserWarning"),
 ]
 

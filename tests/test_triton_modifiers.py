@@ -19,11 +19,7 @@ triton = pytest.importorskip("triton")
 
 from fast_attn.testing import Case, attention_runner, check_against_reference
 
-pytestmark = [
-    pytest.mark.triton,
-    # numpy warns about the intended uint32 wrap-around of the dropout hash in the interpreter.
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-]
+pytestmark = pytest.mark.triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F16, F32 = torch.float16, torch.float32

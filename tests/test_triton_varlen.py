@@ -25,11 +25,7 @@ from fast_attn.causal import CausalMode  # noqa: E402
 from fast_attn.dropout import dropout_keep_mask  # noqa: E402
 from fast_attn.testing import assert_error_rule, rounded_output_reference, run_reference  # noqa: E402
 
-pytestmark = [
-    pytest.mark.triton,
-    # numpy warns about the intended uint32 wrap-around of the dropout hash in the interpreter.
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-]
+pytestmark = pytest.mark.triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F16, F32 = torch.float16, torch.float32

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..nn.attention import Attention
-from .hf_weights import WeightLink, load_from_hf, weight_and_bias
+from .hf_weights import WeightLink, config_from_hf, hf_field, load_from_hf, weight_and_bias
 from .layers import activation
 
 
@@ -21,34 +21,22 @@ from .layers import activation
 class BertConfig:
     vocab_size: int = 30522
     hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
+    num_layers: int = hf_field(12, "num_hidden_layers")
+    num_heads: int = hf_field(12, "num_attention_heads")
     intermediate_size: int = 3072
-    activation: str = "gelu"
-    max_positions: int = 512
+    activation: str = hf_field("gelu", "hidden_act")
+    max_positions: int = hf_field(512, "max_position_embeddings")
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
+    hidden_dropout: float = hf_field(0.1, "hidden_dropout_prob")
+    attention_dropout: float = hf_field(0.1, "attention_probs_dropout_prob")
 
     @classmethod
     def from_hf(cls, hf_config) -> BertConfig:
         """The config of a transformers BertConfig (an encoder: is_decoder must be False)."""
         if getattr(hf_config, "is_decoder", False) or getattr(hf_config, "add_cross_attention", False):
             raise ValueError("BertEncoder is an encoder; this BertConfig is a decoder / has cross-attention")
-        return cls(
-            vocab_size=hf_config.vocab_size,
-            hidden_size=hf_config.hidden_size,
-            num_layers=hf_config.num_hidden_layers,
-            num_heads=hf_config.num_attention_heads,
-            intermediate_size=hf_config.intermediate_size,
-            activation=hf_config.hidden_act,
-            max_positions=hf_config.max_position_embeddings,
-            type_vocab_size=hf_config.type_vocab_size,
-            layer_norm_eps=hf_config.layer_norm_eps,
-            hidden_dropout=hf_config.hidden_dropout_prob,
-            attention_dropout=hf_config.attention_probs_dropout_prob,
-        )
+        return config_from_hf(cls, hf_config)
 
 
 class BertLayer(nn.Module):

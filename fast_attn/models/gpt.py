@@ -15,23 +15,23 @@ from torch import nn
 
 from ..nn.attention import Attention
 from ..nn.kv_cache import KVCache
-from .hf_weights import WeightLink, load_from_hf, weight_and_bias
+from .hf_weights import WeightLink, config_from_hf, hf_field, load_from_hf, weight_and_bias
 from .layers import MLP
 
 
 @dataclass
 class GPTConfig:
     vocab_size: int = 50257
-    max_positions: int = 1024
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    intermediate_size: int | None = None  # default 4 * hidden_size
-    activation: str = "gelu_new"
-    layer_norm_eps: float = 1e-5
-    embedding_dropout: float = 0.1
-    residual_dropout: float = 0.1
-    attention_dropout: float = 0.1
+    max_positions: int = hf_field(1024, "n_positions")
+    hidden_size: int = hf_field(768, "n_embd")
+    num_layers: int = hf_field(12, "n_layer")
+    num_heads: int = hf_field(12, "n_head")
+    intermediate_size: int | None = hf_field(None, "n_inner")  # default 4 * hidden_size
+    activation: str = hf_field("gelu_new", "activation_function")
+    layer_norm_eps: float = hf_field(1e-5, "layer_norm_epsilon")
+    embedding_dropout: float = hf_field(0.1, "embd_pdrop")
+    residual_dropout: float = hf_field(0.1, "resid_pdrop")
+    attention_dropout: float = hf_field(0.1, "attn_pdrop")
     scale_attn_weights: bool = True  # scores scaled by 1 / sqrt(head_dim)
     scale_attn_by_inverse_layer_idx: bool = False  # and by 1 / (layer index + 1)
 
@@ -40,21 +40,7 @@ class GPTConfig:
         """The config of a transformers GPT2Config."""
         if getattr(hf_config, "add_cross_attention", False):
             raise ValueError("GPT does not implement GPT-2's cross-attention (add_cross_attention=True)")
-        return cls(
-            vocab_size=hf_config.vocab_size,
-            max_positions=hf_config.n_positions,
-            hidden_size=hf_config.n_embd,
-            num_layers=hf_config.n_layer,
-            num_heads=hf_config.n_head,
-            intermediate_size=hf_config.n_inner,
-            activation=hf_config.activation_function,
-            layer_norm_eps=hf_config.layer_norm_epsilon,
-            embedding_dropout=hf_config.embd_pdrop,
-            residual_dropout=hf_config.resid_pdrop,
-            attention_dropout=hf_config.attn_pdrop,
-            scale_attn_weights=hf_config.scale_attn_weights,
-            scale_attn_by_inverse_layer_idx=hf_config.scale_attn_by_inverse_layer_idx,
-        )
+        return config_from_hf(cls, hf_config)
 
 
 class GPTBlock(nn.Module):

@@ -1,4 +1,7 @@
-"""Moving weights between our models and transformers' ones.
+"""Moving configs and weights between our models and transformers' ones.
+
+A config field reads transformers' config attribute of its own name, or the one
+`hf_field` names (config_from_hf).
 
 A model lists its WeightLinks: which transformers parameters make up each of
 ours. Several are concatenated along dim 0 (the fused q/k/v projection is
@@ -9,10 +12,26 @@ transformers' names, which is how the tests compare gradients.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
+
+
+def hf_field(default, hf_name: str):
+    """A config field that transformers' config holds under another name, `hf_name`."""
+    return field(default=default, metadata={"hf_name": hf_name})
+
+
+def config_from_hf(config_class, hf_config, **values):
+    """A `config_class` (a dataclass) with each field read from transformers' `hf_config`
+    under its own name or its hf_field name, but for those `values` give."""
+    read = {
+        f.name: getattr(hf_config, f.metadata.get("hf_name", f.name))
+        for f in fields(config_class)
+        if f.name not in values
+    }
+    return config_class(**read, **values)
 
 
 @dataclass(frozen=True)

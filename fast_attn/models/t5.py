@@ -19,7 +19,7 @@ from torch import nn
 
 from ..nn.attention import Attention
 from ..nn.kv_cache import KVCache
-from .hf_weights import WeightLink, load_from_hf
+from .hf_weights import WeightLink, config_from_hf, hf_field, load_from_hf
 from .layers import RMSNorm, activation
 
 
@@ -34,9 +34,9 @@ class T5Config:
     num_decoder_layers: int | None = None  # default num_layers
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
-    dropout: float = 0.1
-    layer_norm_eps: float = 1e-6
-    feed_forward: str = "relu"  # "act" or "gated-act" (T5 v1.1: "gated-gelu")
+    dropout: float = hf_field(0.1, "dropout_rate")
+    layer_norm_eps: float = hf_field(1e-6, "layer_norm_epsilon")
+    feed_forward: str = hf_field("relu", "feed_forward_proj")  # "act" or "gated-act" (T5 v1.1: "gated-gelu")
     scale_decoder_outputs: bool = True  # multiply by d_model ** -0.5 before the tied LM head (original T5)
     tie_word_embeddings: bool = True
     decoder_start_token_id: int = 0
@@ -45,22 +45,11 @@ class T5Config:
     def from_hf(cls, hf_config) -> T5Config:
         """The config of a transformers T5Config."""
         scale_outputs = getattr(hf_config, "scale_decoder_outputs", hf_config.tie_word_embeddings)
-        return cls(
-            vocab_size=hf_config.vocab_size,
-            d_model=hf_config.d_model,
-            d_kv=hf_config.d_kv,
-            num_heads=hf_config.num_heads,
-            d_ff=hf_config.d_ff,
-            num_layers=hf_config.num_layers,
-            num_decoder_layers=hf_config.num_decoder_layers,
-            relative_attention_num_buckets=hf_config.relative_attention_num_buckets,
-            relative_attention_max_distance=hf_config.relative_attention_max_distance,
-            dropout=hf_config.dropout_rate,
-            layer_norm_eps=hf_config.layer_norm_epsilon,
-            feed_forward=hf_config.feed_forward_proj,
+        return config_from_hf(
+            cls,
+            hf_config,
             scale_decoder_outputs=bool(scale_outputs),
             tie_word_embeddings=bool(hf_config.tie_word_embeddings),
-            decoder_start_token_id=hf_config.decoder_start_token_id,
         )
 
 

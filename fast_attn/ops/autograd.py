@@ -47,55 +47,17 @@ def empty_bshd_like(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty((batch, seqlen, heads, head_dim)).transpose(1, 2)
 
 
-def forward_fake(
-    q,
-    k,
-    v,
-    bias,
-    key_mask,
-    dropout_seed,
-    scale,
-    causal,
-    dropout_p,
-    alibi_slopes=None,
-    window_left=-1,
-    window_right=-1,
-    softcap=0.0,
-    cu_seqlens_q=None,
-    cu_seqlens_k=None,
-    max_seqlen_q=-1,
-    max_seqlen_k=-1,
-):
+def forward_fake(q, *_):
+    """Every forward op's fake kernel: out and lse as the kernels return them for q."""
     out = empty_bshd_like(q)
     lse = q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
     return out, lse
 
 
-def backward_fake(
-    grad_out,
-    grad_lse,
-    q,
-    k,
-    v,
-    bias,
-    key_mask,
-    dropout_seed,
-    out,
-    lse,
-    scale,
-    causal,
-    dropout_p,
-    compute_dbias,
-    deterministic,
-    alibi_slopes=None,
-    window_left=-1,
-    window_right=-1,
-    softcap=0.0,
-    cu_seqlens_q=None,
-    cu_seqlens_k=None,
-    max_seqlen_q=-1,
-    max_seqlen_k=-1,
-):
+def backward_fake(grad_out, grad_lse, q, k, v, bias, *rest):
+    """Every backward op's fake kernel: dq, dk, dv as the kernels return them, and dbias in the
+    bias's shape with compute_dbias (rest: the schema's arguments after bias)."""
+    key_mask, dropout_seed, out, lse, scale, causal, dropout_p, compute_dbias, *_ = rest
     dbias = bias.new_empty(bias.shape) if compute_dbias else q.new_empty((0,))
     return empty_bshd_like(q), empty_bshd_like(k), empty_bshd_like(v), dbias
 
@@ -130,30 +92,11 @@ def make_backward(backward_op):
             grad_out = grad_out.contiguous()
         compute_dbias = bias is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dbias = backward_op(
-            grad_out,
-            grad_lse,
-            q,
-            k,
-            v,
-            bias,
-            key_mask,
-            dropout_seed,
-            out,
-            lse,
-            ctx.scale,
-            ctx.causal,
-            ctx.dropout_p,
-            compute_dbias,
-            torch.are_deterministic_algorithms_enabled(),
-            alibi_slopes,
-            ctx.window_left,
-            ctx.window_right,
-            ctx.softcap,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            ctx.max_seqlen_q,
-            ctx.max_seqlen_k,
-        )
+            grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse,
+            ctx.scale, ctx.causal, ctx.dropout_p, compute_dbias, torch.are_deterministic_algorithms_enabled(),
+            alibi_slopes, ctx.window_left, ctx.window_right, ctx.softcap,
+            cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k,
+        )  # fmt: skip
         # key_mask, dropout_seed, the scalars, the modifiers and the packed sequences
         no_gradients = (None,) * 13
         return (dq, dk, dv, dbias if compute_dbias else None, *no_gradients)

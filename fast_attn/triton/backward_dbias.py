@@ -33,6 +33,25 @@ from .scores import load_alibi_slope
 
 
 @triton.jit
+def _head_rows(tensor, batch, head):
+    """(pointer to the rows of slice (batch, head), row stride) of `tensor`, given as
+    (pointer, batch stride, head stride, row stride, ...)."""
+    return tensor[0] + batch * tensor[1] + head * tensor[2], tensor[3]
+
+
+@triton.jit
+def _tile_range(tile, end, BLOCK: tl.constexpr, FULL: tl.constexpr):
+    """[begin, stop) of the tile-th block of BLOCK along a dim the bias has in full (FULL),
+    cut at `end`; else the whole [0, end), which the bias broadcasts over."""
+    begin = 0
+    stop = end
+    if FULL:
+        begin = tile * BLOCK
+        stop = tl.minimum(begin + BLOCK, end)
+    return begin, stop
+
+
+@triton.jit
 def _pair_of_slice(
     pair, bias_batch, bias_head, heads_per_slice, heads_q, seqlen_q, kv_group_size, inputs,
     HAS_KEY_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -40,28 +59,23 @@ def _pair_of_slice(
     """For the pair-th (batch, head) pair that reads bias slice (bias_batch, bias_head): the
     row of (b, h, 0) in (B, Hq, Sq), the pair's q_do, kv, bias and key_mask tuples, and its
     ALiBi slope (load_alibi_slope). inputs: the kernel's pointers and strides, grouped by
-    input as unpacked below."""
-    (
-        (q_ptr, q_batch_stride, q_head_stride, q_row_stride),
-        (grad_out_ptr, grad_out_batch_stride, grad_out_head_stride, grad_out_row_stride),
-        (k_ptr, k_batch_stride, k_head_stride, k_row_stride),
-        (v_ptr, v_batch_stride, v_head_stride, v_row_stride),
-        (bias_ptr, bias_batch_stride, bias_head_stride, bias_row_stride, bias_col_stride),
-        (key_mask_ptr, key_mask_batch_stride, key_mask_col_stride),
-        (alibi_slopes_ptr, alibi_batch_stride),
-    ) = inputs
+    input as the kernel packs them."""
+    q, grad_out, k, v, bias, key_mask, alibi = inputs
     batch = (bias_batch + pair // heads_per_slice).to(tl.int64)
     head = (bias_head + pair % heads_per_slice).to(tl.int64)
     kv_head = head // kv_group_size
     head_row = (batch * heads_q + head) * seqlen_q
-    q_head_ptr = q_ptr + batch * q_batch_stride + head * q_head_stride
-    grad_out_head_ptr = grad_out_ptr + batch * grad_out_batch_stride + head * grad_out_head_stride
-    k_head_ptr = k_ptr + batch * k_batch_stride + kv_head * k_head_stride
-    v_head_ptr = v_ptr + batch * v_batch_stride + kv_head * v_head_stride
-    bias_head_ptr = bias_ptr + batch * bias_batch_stride + head * bias_head_stride
+    q_head_ptr, q_row_stride = _head_rows(q, batch, head)
+    grad_out_head_ptr, grad_out_row_stride = _head_rows(grad_out, batch, head)
+    k_head_ptr, k_row_stride = _head_rows(k, batch, kv_head)
+    v_head_ptr, v_row_stride = _head_rows(v, batch, kv_head)
+    bias_head_ptr, bias_row_stride = _head_rows(bias, batch, head)
+    bias_col_stride = bias[4]
+    key_mask_ptr, key_mask_batch_stride, key_mask_col_stride = key_mask
     key_mask_row_ptr = key_mask_ptr
     if HAS_KEY_MASK:
         key_mask_row_ptr = key_mask_ptr + batch * key_mask_batch_stride
+    alibi_slopes_ptr, alibi_batch_stride = alibi
     return (
         head_row,
         (q_head_ptr, grad_out_head_ptr, q_row_stride, grad_out_row_stride),
@@ -162,12 +176,7 @@ def attention_backward_dbias_kernel(
     row_tile = tile // num_col_tiles
     col_tile = tile % num_col_tiles
 
-    if ROWS_FULL:
-        rows_begin = row_tile * BLOCK_M
-        rows_end = tl.minimum(rows_begin + BLOCK_M, seqlen_q)
-    else:
-        rows_begin = 0
-        rows_end = seqlen_q
+    rows_begin, rows_end = _tile_range(row_tile, seqlen_q, BLOCK_M, ROWS_FULL)
     dropout = dropout_parameters(dropout_seed_ptr, dropout_keep_threshold, dropout_keep_scale, HAS_DROPOUT)
     bounds = (seqlen_q, seqlen_k, first_key_offset, last_key_offset)
     inputs = (
@@ -242,12 +251,7 @@ def attention_backward_dbias_kernel(
                 begin, full_begin, full_end, end = key_blocks_for_query_block(
                     start_m, bounds, LEFT_BOUNDED, RIGHT_BOUNDED, BLOCK_M, BLOCK_N
                 )
-                if COLS_FULL:
-                    keys_begin = col_tile * BLOCK_N
-                    keys_end = tl.minimum(keys_begin + BLOCK_N, end)
-                else:
-                    keys_begin = 0
-                    keys_end = end
+                keys_begin, keys_end = _tile_range(col_tile, end, BLOCK_N, COLS_FULL)
                 if LEFT_BOUNDED:
                     keys_begin = tl.maximum(keys_begin, begin)
                 for phase in tl.static_range(3):
