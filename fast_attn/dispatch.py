@@ -265,6 +265,10 @@ def _cpp_forward(problem: AttentionProblem, dropout_seed):
     return attention_forward(problem, dropout_seed)
 
 
+def _cpp_decode(problem: DecodeProblem):
+    return torch.ops.fast_attn.decode_forward(*problem.op_arguments())
+
+
 def _triton_forward(problem: AttentionProblem, dropout_seed):
     from .ops.triton_ops import attention_forward
 
@@ -284,11 +288,12 @@ BACKENDS: dict[str, Backend] = {
         dtypes=(torch.float16, torch.bfloat16),
         supports_head_dim=_cuda_supports_head_dim,
         head_dims_text=f"8..{max(CUDA_HEAD_DIMS)} step 8" if CUDA_HEAD_DIMS else "none compiled",
-        features=frozenset({"dropout", "sinks", "window", "softcap", "alibi", "varlen"}),
+        features=frozenset({"dropout", "sinks", "window", "softcap", "alibi", "varlen", "kv_cache"}),
         min_capability=(8, 0),
         availability=_cuda_unavailable,
         run=_with_sinks(_cpp_forward),
         extra_reasons=_cuda_modifier_reasons,
+        decode=_cpp_decode,
     ),
     "triton": Backend(
         name="triton",
