@@ -183,6 +183,7 @@ def extension_modules(choice: BuildChoice):
         "csrc/schema.cpp",
         "csrc/attention_autograd.cpp",
         "csrc/attention_launch.cpp",
+        "csrc/decode_launch.cpp",
     ]
     sources += sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [str(ROOT / "csrc")]

@@ -21,16 +21,6 @@ int64_t broadcast_stride(const at::Tensor& t, int64_t dim) {
   return t.size(dim) == 1 ? 0 : t.stride(dim);
 }
 
-// The data of a (B, H, S, D) tensor and its batch, head and row strides, into a params struct's four fields.
-template <class Data>
-void set_data_and_strides(const at::Tensor& t, Data& data, int64_t& batch_stride, int64_t& head_stride,
-                          int64_t& row_stride) {
-  data = t.data_ptr();
-  batch_stride = t.stride(0);
-  head_stride = t.stride(1);
-  row_stride = t.stride(2);
-}
-
 void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q) {
   TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.numel() >= 1 && cu.is_contiguous(),
               "fast_attn: ", name, " must be a contiguous 1-D int32 tensor of N + 1 offsets, got ",

@@ -67,6 +67,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_without_scor
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
     bool compute_dbias);
 
+// The data of a 4-D tensor and its first three strides (of a (B, H, S, D) tensor: batch, head and
+// row), into four fields of a params struct.
+template <class Data>
+void set_data_and_strides(const at::Tensor& t, Data& data, int64_t& stride0, int64_t& stride1, int64_t& stride2) {
+  data = t.data_ptr();
+  stride0 = t.stride(0);
+  stride1 = t.stride(1);
+  stride2 = t.stride(2);
+}
+
 AttentionForwardParams make_forward_params(const ForwardInputs& in, const at::Tensor& out, const at::Tensor& lse);
 
 struct BackwardTensors {

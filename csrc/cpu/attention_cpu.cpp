@@ -1,7 +1,8 @@
 // TORCH_LIBRARY_IMPL(fast_attn, CPU): host side of the fused CPU kernels.
 // Checks and allocates through attention_launch.h, plans the tasks (from
 // shapes only, so results do not depend on the thread count), picks the
-// instruction set at run time and runs the workers under at::parallel_for.
+// instruction set at run time (kernel_selection.h) and runs the workers under
+// at::parallel_for.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,8 +13,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <initializer_list>
 #include <limits>
 #include <optional>
@@ -23,6 +22,7 @@
 
 #include "attention_launch.h"
 #include "cpu/cpu_kernels.h"
+#include "cpu/kernel_selection.h"
 
 namespace fast_attn::cpu {
 namespace {
@@ -37,53 +37,6 @@ constexpr int64_t kMaxDqAccumulatorBytes = int64_t{256} << 20;
 // elements are grouped into at most this many chunks, each with its own dbias
 // partial sum: bounds that memory to a few copies of the bias.
 constexpr int64_t kMaxDbiasChunks = 4;
-
-ElementType element_type(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat: return ElementType::kFloat32;
-    case at::kBFloat16: return ElementType::kBFloat16;
-    case at::kHalf: return ElementType::kFloat16;
-    case at::kDouble: return ElementType::kFloat64;
-    default: TORCH_CHECK(false, "fast_attn CPU: unsupported dtype ", dtype);
-  }
-}
-
-struct CpuFeatures {
-  bool avx2 = false;
-  bool avx512 = false;
-  bool avx512_bf16 = false;
-};
-
-CpuFeatures detect_cpu_features() {
-  __builtin_cpu_init();
-  CpuFeatures features;
-  features.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  features.avx512 = features.avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  features.avx512_bf16 = features.avx512 && __builtin_cpu_supports("avx512bf16");
-  return features;
-}
-
-// The instruction-set level a call may use: the CPU's, lowered by
-// FAST_ATTN_CPU_ISA ("generic": portable kernels, "avx2": no AVX-512,
-// "avx512": no bf16 dot products, anything else or unset: all the CPU has).
-// Read on every call so tests can cover each path on one machine.
-CpuFeatures allowed_features() {
-  static const CpuFeatures detected = detect_cpu_features();
-  CpuFeatures allowed = detected;
-  const char* forced = std::getenv("FAST_ATTN_CPU_ISA");
-  if (forced != nullptr && std::strcmp(forced, "generic") == 0) allowed = CpuFeatures{};
-  if (forced != nullptr && std::strcmp(forced, "avx2") == 0) allowed.avx512 = allowed.avx512_bf16 = false;
-  if (forced != nullptr && std::strcmp(forced, "avx512") == 0) allowed.avx512_bf16 = false;
-  return allowed;
-}
-
-const KernelSet& kernels_for(at::ScalarType dtype) {
-  const CpuFeatures allowed = allowed_features();
-  if (dtype == at::kDouble) return generic_kernels();
-  if (allowed.avx512) return avx512_kernels();
-  return allowed.avx2 ? avx2_kernels() : generic_kernels();
-}
 
 bool even_strides_and_aligned(const at::Tensor& t) {
   return t.stride(0) % 2 == 0 && t.stride(1) % 2 == 0 && t.stride(2) % 2 == 0 &&
@@ -148,16 +101,6 @@ std::vector<SequenceBlock> plan_sequence_blocks(const AttentionForwardParams& p)
     }
   }
   return heaviest_first(std::move(blocks));
-}
-
-// One worker per thread; workers take tasks from a shared counter.
-template <class Worker, class Params, class Plan>
-void run_workers(Worker worker, const Params& params, const Plan& plan) {
-  TaskCounter counter;
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), plan.num_tasks));
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) worker(params, plan, counter);
-  });
 }
 
 ExactScales exact_scales(double scale, double dropout_p, double softcap) {
@@ -394,14 +337,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
 }
 
 }  // namespace
-}  // namespace fast_attn::cpu
-
-namespace fast_attn::cpu {
-
-const char* instruction_set_in_use() {
-  return allowed_features().avx512_bf16 ? "avx512+bf16" : kernels_for(at::kFloat).isa;
-}
-
 }  // namespace fast_attn::cpu
 
 TORCH_LIBRARY_IMPL(fast_attn, CPU, m) {

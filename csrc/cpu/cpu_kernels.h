@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "attention_params.h"
+#include "decode_params.h"
 
 namespace fast_attn::cpu {
 
@@ -117,6 +118,26 @@ struct BackwardPlan {
   bool dbias_store_direct;
 };
 
+// Decoding (decode_kernel.h): one task per (sequence, kv head, split of its keys); task t is
+// split t % num_splits of kv head (t / num_splits) % Hkv of sequence
+// sequence_order[t / (num_splits * Hkv)].
+constexpr int64_t kMaxDecodeSplits = 64;
+
+struct DecodePlan {
+  ElementType dtype;
+  ExactScales scales;  // scale and softcap (no dropout)
+  int64_t num_splits;  // 1 .. kMaxDecodeSplits
+  int64_t num_tasks;   // B * Hkv * num_splits
+  const int64_t* sequence_order;  // (B): the sequences, those with the most visible keys first
+  // num_splits > 1: each split's normalized output (num_splits, B, Sq, Hq, D) and lse
+  // (num_splits, B, Hq, Sq), contiguous in the accumulation type, and per (sequence, kv head)
+  // (b * Hkv + kv head) the number of its splits done: the last one merges them.
+  void* partial_out;
+  void* partial_lse;
+  int64_t partial_lse_split_stride;
+  std::atomic<int64_t>* splits_done;
+};
+
 struct TaskCounter {
   std::atomic<int64_t> next{0};
 };
@@ -124,11 +145,13 @@ struct TaskCounter {
 // Each worker runs tasks taken from `counter` until none is left.
 using ForwardWorker = void (*)(const AttentionForwardParams&, const ForwardPlan&, TaskCounter&);
 using BackwardWorker = void (*)(const AttentionBackwardParams&, const BackwardPlan&, TaskCounter&);
+using DecodeWorker = void (*)(const DecodeParams&, const DecodePlan&, TaskCounter&);
 
 struct KernelSet {
   const char* isa;
   ForwardWorker forward;
   BackwardWorker backward;
+  DecodeWorker decode;
 };
 
 // AVX-512 (float32, bfloat16, float16): needs avx512f/bw/vl/dq at run time.

@@ -6,7 +6,8 @@
 //   S^T = K_block (scale q)^T     keys x queries, q scaled while packed
 //   O  += P V_block               P read from P^T
 //
-// 16-bit inputs are converted: the query block once, each key block once.
+// 16-bit inputs are converted: the query block once, each key block once (the keys of a
+// block of few queries are read in place, widened as they are loaded).
 #pragma once
 
 #include <algorithm>
@@ -60,14 +61,21 @@ class AccumulationTypeForwardProducts {
 
   // Keys and values of one block (cols x D each).
   void load_key_block(const T* k, int64_t k_ld, const T* v, int64_t v_ld, int64_t cols) {
-    keys_ = rows_in_accumulation_type<V>(k_block_, k, k_ld, cols, head_dim_);
+    k_ = k;
+    k_ld_ = k_ld;
+    if (rows_ > kFewQueries) keys_ = rows_in_accumulation_type<V>(k_block_, k, k_ld, cols, head_dim_);
     values_ = rows_in_accumulation_type<V>(v_block_, v, v_ld, cols, head_dim_);
   }
 
   // scores_t (cols x query columns, row stride kM) = S^T of the block.
   void scores(acc_t* scores_t, int64_t cols) {
     if (rows_ <= kFewQueries) {
-      few_query_scores(scores_t, cols);
+      switch (rows_) {
+        case 1: return few_query_scores<1>(scores_t, cols);
+        case 2: return few_query_scores<2>(scores_t, cols);
+        case 3: return few_query_scores<3>(scores_t, cols);
+        default: return few_query_scores<kFewQueries>(scores_t, cols);
+      }
     } else {
       gemm<V, false>(cols, query_columns_, head_dim_, keys_.data, keys_.ld, q_t_, kM, scores_t, kM, false);
     }
@@ -79,33 +87,64 @@ class AccumulationTypeForwardProducts {
   }
 
  private:
-  // S^T of a block of at most kFewQueries queries: one dot product along D per (key,
-  // query), vectorized over D. The tile product vectorizes over W query columns, all
-  // but `rows` of them padding here (W times the work at one query). Columns rows..W-1
-  // get 0, what the product with the zero-padded q^T gives.
+  // S^T of a block of R <= kFewQueries queries: dot products along D, vectorized over D, each
+  // key row read once (in place, widened on load) for all R queries. The tile product vectorizes
+  // over W query columns, all but R of them padding here (W times the work at one query).
+  // Columns R..W-1 get 0, what the product with the zero-padded q^T gives.
+  template <int R>
   void few_query_scores(acc_t* scores_t, int64_t cols) {
+    // kDotChains independent accumulators: KR keys x R queries per pass over D (one FMA chain
+    // per accumulator would wait on the FMA latency).
+    constexpr int KR = std::max(1, kDotChains / R);
+    int64_t n = 0;
+    for (; n + KR <= cols; n += KR) key_dots<R, KR>(scores_t, n);
+    for (; n < cols; ++n) key_dots<R, 1>(scores_t, n);
+  }
+
+  // S^T rows n .. n + KR - 1: lane m of row n + k is key n + k times query m (scaled).
+  template <int R, int KR>
+  void key_dots(acc_t* scores_t, int64_t n) {
     const int64_t full = head_dim_ / W * W;
     const int tail = static_cast<int>(head_dim_ - full);
-    for (int64_t n = 0; n < cols; ++n) {
-      const acc_t* key = keys_.data + n * keys_.ld;
-      acc_t* scores = scores_t + n * kM;
-      V::zero().store(scores);
-      for (int64_t m = 0; m < rows_; ++m) {
-        const acc_t* query = q_rows_ + m * d_padded_;
-        V dot = V::zero();
-        for (int64_t d = 0; d < full; d += W) dot = V::fma(V::load(key + d), V::load(query + d), dot);
-        if (tail > 0) dot = V::fma(V::load_first(key + full, tail), V::load(query + full), dot);
-        scores[m] = dot.reduce_add();
+    V acc[KR][R];
+    for (int k = 0; k < KR; ++k) {
+      for (int m = 0; m < R; ++m) acc[k][m] = V::zero();
+    }
+    auto step = [&](int64_t d, auto load_key) {
+      V key[KR];
+      for (int k = 0; k < KR; ++k) key[k] = load_key(k_ + (n + k) * k_ld_ + d);
+      for (int m = 0; m < R; ++m) {
+        const V query = V::load(q_rows_ + m * d_padded_ + d);
+        for (int k = 0; k < KR; ++k) acc[k][m] = V::fma(key[k], query, acc[k][m]);
+      }
+    };
+    for (int64_t d = 0; d < full; d += W) step(d, [](const T* key) { return V::load(key); });
+    if (tail > 0) step(full, [tail](const T* key) { return V::load_first(key, tail); });
+    for (int k = 0; k < KR; ++k) {
+      acc_t* scores = scores_t + (n + k) * kM;
+      if constexpr (R == 1) {
+        V::zero().store(scores);
+        scores[0] = acc[k][0].reduce_add();
+      } else {
+        V lanes[W];  // lane m of their sum_lanes: the sum of acc[k][m]'s lanes
+        for (int m = 0; m < W; ++m) lanes[m] = m < R ? acc[k][m] : V::zero();
+        V::sum_lanes(lanes).store(scores);
       }
     }
   }
 
+  // Accumulators of few_query_scores: fill the FMA pipelines, fit the registers.
+  static constexpr int kDotChains = 8;
+
   int64_t head_dim_ = 0, d_padded_ = 0, rows_ = 0, query_columns_ = 0;
   acc_t* q_t_ = nullptr;      // (D, kM): scale * q^T of the block, zero-padded columns
   acc_t* q_rows_ = nullptr;   // (kFewQueries, D_padded): scale * q rows, zero-padded, for blocks of few queries
+  const T* k_ = nullptr;      // the block's keys as given (read in place by few_query_scores)
+  int64_t k_ld_ = 0;
   acc_t* k_block_ = nullptr;  // (kN, D) keys in acc_t (16-bit inputs only)
   acc_t* v_block_ = nullptr;  // (kN, D) values in acc_t (16-bit inputs only)
-  Rows<acc_t> keys_, values_;  // the block's keys and values: k_block_ and v_block_, or the inputs in place
+  // The block's keys (blocks of many queries) and values: k_block_ and v_block_, or the inputs in place.
+  Rows<acc_t> keys_, values_;
 };
 
 }  // namespace

@@ -30,7 +30,7 @@
 namespace fast_attn::cpu {
 
 const KernelSet& avx2_kernels() {
-  static const KernelSet kernels{"avx2", &forward_on<VecAvx2>, &backward_on<VecAvx2>};
+  static const KernelSet kernels{"avx2", &forward_on<VecAvx2>, &backward_on<VecAvx2>, &decode_on<VecAvx2>};
   return kernels;
 }
 

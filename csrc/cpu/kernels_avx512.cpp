@@ -31,7 +31,7 @@
 namespace fast_attn::cpu {
 
 const KernelSet& avx512_kernels() {
-  static const KernelSet kernels{"avx512", &forward_on<VecAvx512>, &backward_on<VecAvx512>};
+  static const KernelSet kernels{"avx512", &forward_on<VecAvx512>, &backward_on<VecAvx512>, &decode_on<VecAvx512>};
   return kernels;
 }
 

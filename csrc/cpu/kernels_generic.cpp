@@ -28,10 +28,15 @@ void backward_generic(const AttentionBackwardParams& p, const BackwardPlan& plan
   backward_on<VecFloat>(p, plan, counter);
 }
 
+void decode_generic(const DecodeParams& p, const DecodePlan& plan, TaskCounter& counter) {
+  if (plan.dtype == ElementType::kFloat64) return decode_worker<VecDouble, double>(p, plan, counter);
+  decode_on<VecFloat>(p, plan, counter);
+}
+
 }  // namespace
 
 const KernelSet& generic_kernels() {
-  static const KernelSet kernels{"generic", &forward_generic, &backward_generic};
+  static const KernelSet kernels{"generic", &forward_generic, &backward_generic, &decode_generic};
   return kernels;
 }
 

@@ -189,6 +189,15 @@ struct VecAvx2 {
     return {_mm256_and_ps(_mm256_castsi256_ps(keep), _mm256_set1_ps(keep_scale))};
   }
 
+  // Lane r: the sum of rows[r]'s lanes (rows may be clobbered, as on the other vector types).
+  // Horizontal adds: pairs of lanes, then quads (rows 0-3 and 4-7 of each 128-bit half), then the halves.
+  static VecAvx2 sum_lanes(VecAvx2 (&rows)[kWidth]) {
+    const __m256 rows0123 = _mm256_hadd_ps(_mm256_hadd_ps(rows[0].v, rows[1].v), _mm256_hadd_ps(rows[2].v, rows[3].v));
+    const __m256 rows4567 = _mm256_hadd_ps(_mm256_hadd_ps(rows[4].v, rows[5].v), _mm256_hadd_ps(rows[6].v, rows[7].v));
+    return {_mm256_add_ps(_mm256_permute2f128_ps(rows0123, rows4567, 0x20),
+                          _mm256_permute2f128_ps(rows0123, rows4567, 0x31))};
+  }
+
   // rows[r] lane c <-> rows[c] lane r: 32-bit pairs, 64-bit pairs, then 128-bit halves.
   static void transpose(VecAvx2 (&rows)[kWidth]) {
     __m256 pairs[kWidth];

@@ -181,6 +181,14 @@ struct VecAvx512 {
     return {_mm512_maskz_mov_ps(keep, _mm512_set1_ps(keep_scale))};
   }
 
+  // Lane r: the sum of rows[r]'s lanes (rows transposed in place, then added).
+  static VecAvx512 sum_lanes(VecAvx512 (&rows)[kWidth]) {
+    transpose(rows);
+    VecAvx512 sum = rows[0];
+    for (int c = 1; c < kWidth; ++c) sum = sum + rows[c];
+    return sum;
+  }
+
   // rows[r] lane c <-> rows[c] lane r, in three shuffle stages: 32-bit pairs,
   // 64-bit pairs, then 128-bit lanes across registers.
   static void transpose(VecAvx512 (&rows)[kWidth]) {

@@ -167,6 +167,13 @@ struct VecGeneric {
     return r;
   }
 
+  // Lane r: the sum of rows[r]'s lanes.
+  static VecGeneric sum_lanes(VecGeneric (&rows)[kWidth]) {
+    VecGeneric sum;
+    for (int r = 0; r < kWidth; ++r) sum.lane[r] = rows[r].reduce_add();
+    return sum;
+  }
+
   // rows[r].lane[c] <-> rows[c].lane[r]
   static void transpose(VecGeneric (&rows)[kWidth]) {
     for (int r = 0; r < kWidth; ++r) {

@@ -1,4 +1,4 @@
-// The forward and backward workers of one vector type of floats (VecAvx512,
+// The forward, backward and decode workers of one vector type of floats (VecAvx512,
 // VecAvx2 or the portable VecGeneric<float>) for float32, bfloat16 and float16;
 // float64 runs the portable kernels' VecGeneric<double> (kernels_generic.cpp).
 // Included inside the target region of the translation unit that compiles that
@@ -12,6 +12,7 @@
 #include "cpu/backward_kernel.h"
 #include "cpu/backward_products.h"
 #include "cpu/cpu_kernels.h"
+#include "cpu/decode_kernel.h"
 #include "cpu/forward_kernel.h"
 #include "cpu/forward_products.h"
 
@@ -52,6 +53,11 @@ void backward_on(const AttentionBackwardParams& p, const BackwardPlan& plan, Tas
   with_storage_type(plan.dtype, [&](auto element) {
     backward_float_products<V, decltype(element)>(p, plan, counter);
   });
+}
+
+template <class V>
+void decode_on(const DecodeParams& p, const DecodePlan& plan, TaskCounter& counter) {
+  with_storage_type(plan.dtype, [&](auto element) { decode_worker<V, decltype(element)>(p, plan, counter); });
 }
 
 }  // namespace
