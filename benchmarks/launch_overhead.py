@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import fast_attn
+from fast_attn import dispatch
 from fast_attn.dispatch import UNAVAILABLE
 
 CALLS = 300
@@ -65,6 +66,8 @@ def main() -> None:
         both = _per_call_us(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), grad))
         print(f"{name:<18} {forward:8.1f} {both:11.1f}", flush=True)
     _print_decode_step(device, dtype, backends)
+    if device == "cpu":
+        _print_cpu_decoding_route()
     if "fast_attn:triton" in impls:
         triton_forward = impls["fast_attn:triton"]
         with torch.no_grad():
@@ -95,6 +98,34 @@ def _print_decode_step(device: str, dtype: torch.dtype, backends: tuple[str, ...
             for name, fn in impls.items():
                 rows.setdefault(name, []).append(_per_call_us(fn))
     for name, times in rows.items():
+        print(f"{name:<18}" + "".join(f" {t:9.1f}" for t in times), flush=True)
+
+
+def _print_cpu_decoding_route() -> None:
+    """fast_attn.attention on few query rows with the CPU backend: always as a decoding step, never
+    (the forward kernel), and SDPA; dispatch picks between the two (dispatch.MAX_DECODING_ROWS)."""
+    print(
+        f"CPU, one thread, float32, D 64, us per call:\n{'H q/kv Sq Sk':<18} {'sdpa':>9} {'decode':>9} {'forward':>9}"
+    )
+    for heads_q, heads_kv, seqlen_q, seqlen_k in ((12, 12, 1, 64), (12, 12, 1, 512), (12, 12, 1, 4096),
+                                                 (32, 8, 1, 64), (32, 8, 1, 512), (32, 4, 4, 1024)):  # fmt: skip
+        q = torch.randn(1, heads_q, seqlen_q, 64)
+        k, v = (torch.randn(1, heads_kv, seqlen_k, 64) for _ in range(2))
+        times = [_per_call_us(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))]
+        saved = dispatch.MAX_DECODING_ROWS, dispatch.DECODING_KEYS
+        for setting in ((saved[0], 0), (0, saved[1])):  # every few-row problem as a decoding step; none
+            dispatch.MAX_DECODING_ROWS, dispatch.DECODING_KEYS = setting
+            try:
+                times.append(
+                    _per_call_us(
+                        lambda q=q, k=k, v=v: fast_attn.attention(
+                            q, k, v, causal="bottom_right", backend="cpu"
+                        )
+                    )
+                )
+            finally:
+                dispatch.MAX_DECODING_ROWS, dispatch.DECODING_KEYS = saved
+        name = f"{heads_q}/{heads_kv} {seqlen_q} {seqlen_k}"
         print(f"{name:<18}" + "".join(f" {t:9.1f}" for t in times), flush=True)
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _extension
+from .causal import CausalMode
 from .dropout import new_dropout_seed
 from .validation import SUPPORTED_DTYPES, AttentionProblem, DecodeProblem
 
@@ -269,6 +270,55 @@ def _cpp_decode(problem: DecodeProblem):
     return torch.ops.fast_attn.decode_forward(*problem.op_arguments())
 
 
+# A CPU problem of at most MAX_DECODING_ROWS query rows runs as a decoding step when its query heads
+# share kv heads (GQA) or it has DECODING_KEYS keys or more: the decode kernel packs the rows of a kv
+# head's query heads into one tile and splits long key ranges, where the forward kernel's tiles hold
+# 64 query rows of one head. benchmarks/launch_overhead.py compares them; on the 2-core AVX2
+# machine (one thread, float32, D 64, us per call as a decoding step / through the forward kernel):
+# H 32/8, Sq 1: 74 / 99 at Sk 64, 166 / 306 at Sk 512; H 12/12, Sq 1: 1927 / 2460 at Sk 4096,
+# but 92 / 78 at Sk 64 and 176 / 160 at Sk 512.
+MAX_DECODING_ROWS = 4
+DECODING_KEYS = 2048
+# Such a call splits its keys into parts of at least DECODING_SPLIT_KEYS keys until it has
+# DECODING_TASKS (sequence, kv head, split) tasks: a rule of the shapes alone, so that its results,
+# like the forward kernel's, do not depend on the thread count.
+DECODING_TASKS = 8
+DECODING_SPLIT_KEYS = 256
+
+
+def _runs_as_decoding(problem: AttentionProblem) -> bool:
+    """Whether the CPU decode kernel computes this problem: few query rows, and nothing that kernel
+    lacks (a bias, a key mask, dropout, packed sequences, a gradient, top-left causal alignment; under
+    torch.compile the op's in-place cache arguments would be copied)."""
+    return (
+        problem.seqlen_q <= MAX_DECODING_ROWS
+        and (problem.heads_q > problem.heads_kv or problem.seqlen_k >= DECODING_KEYS)
+        and problem.bias is None
+        and problem.key_mask is None
+        and problem.dropout_p == 0.0
+        and problem.packed_sequences is None
+        and (problem.causal != CausalMode.TOP_LEFT or problem.seqlen_q == problem.seqlen_k)
+        and not problem.needs_grad
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _cpu_forward(problem: AttentionProblem, dropout_seed):
+    """The CPU backend's forward: a decoding step over k and v as a full cache when it runs as one."""
+    if not _runs_as_decoding(problem):
+        return _cpp_forward(problem, dropout_seed)
+    window_left, window_right = problem.window or (-1, -1)
+    seqlens = torch.full((problem.batch,), problem.seqlen_k, dtype=torch.int32)
+    pairs = problem.batch * problem.heads_kv
+    splits = max(1, min(-(-DECODING_TASKS // max(pairs, 1)), problem.seqlen_k // DECODING_SPLIT_KEYS))
+    out, lse = torch.ops.fast_attn.decode_forward(
+        problem.q.transpose(1, 2), problem.k.transpose(1, 2), problem.v.transpose(1, 2), None, None, seqlens,
+        None, None, None, problem.scale, problem.causal != CausalMode.NONE, problem.alibi_slopes,
+        window_left, window_right, problem.softcap or 0.0, splits,
+    )  # fmt: skip
+    return out.transpose(1, 2), lse  # (B, Hq, Sq, D) stored (B, Sq, Hq, D), as attention_forward's
+
+
 def _triton_forward(problem: AttentionProblem, dropout_seed):
     from .ops.triton_ops import attention_forward
 
@@ -315,10 +365,11 @@ BACKENDS: dict[str, Backend] = {
         dtypes=SUPPORTED_DTYPES,
         supports_head_dim=lambda d: 1 <= d <= 256,
         head_dims_text="1..256",
-        features=frozenset({"dropout", "window", "softcap", "alibi", "sinks", "varlen"}),
+        features=frozenset({"dropout", "window", "softcap", "alibi", "sinks", "varlen", "kv_cache"}),
         min_capability=None,
         availability=_cpu_unavailable,
-        run=_with_sinks(_cpp_forward),
+        run=_with_sinks(_cpu_forward),
+        decode=_cpp_decode,
     ),
     "reference": Backend(
         name="reference",

@@ -411,6 +411,7 @@ def build_varlen_problem(
 # values are always checked (cheap); on a GPU that needs a device-to-host copy and a sync per
 # step, so it is done only with FAST_ATTN_CHECK_CACHE=1 (the kernels clamp what they read).
 CHECK_CACHE_VALUES_ON_GPU = os.environ.get("FAST_ATTN_CHECK_CACHE") == "1"
+MAX_DECODE_SPLITS = 128  # flash-attn's bound; the kernels may use fewer
 
 
 @dataclass(slots=True)
@@ -598,8 +599,12 @@ def build_decode_problem(
             )
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool (decoding is causal bottom-right), got {causal!r}")
-    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0 (0 = chosen by the kernel), got {num_splits!r}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
+        raise TypeError(f"num_splits must be an int, got {num_splits!r}")
+    if not 0 <= num_splits <= MAX_DECODE_SPLITS:
+        raise ValueError(
+            f"num_splits must be in 0..{MAX_DECODE_SPLITS} (0 = chosen per call), got {num_splits}"
+        )
     problem = DecodeProblem(
         q=_last_dim_contiguous(q),
         k_cache=k_cache,

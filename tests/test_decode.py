@@ -255,7 +255,8 @@ def test_bad_decode_input_raises_before_anything_is_written(name, corrupt, messa
     "keywords, message",
     [
         (dict(causal="bottom_right"), r"causal must be a bool"),
-        (dict(num_splits=-1), r"num_splits must be an int >= 0"),
+        (dict(num_splits=-1), r"num_splits must be in 0\.\.128"),
+        (dict(num_splits=129), r"num_splits must be in 0\.\.128"),
         (dict(window_size=(3,)), r"window_size must be None or two ints"),
         (dict(softcap=0.0), r"softcap must be a finite number > 0"),
         (dict(alibi_slopes=torch.ones(3)), r"alibi_slopes must have shape \(Hq,\) = \(4,\)"),
@@ -330,3 +331,57 @@ def test_decoding_steps_replay_from_one_cuda_graph(backend):
         torch.testing.assert_close(out.cpu().double(), expected.double(), atol=2e-2, rtol=2e-2)
         expected_caches = (inputs["k_cache"].clone(), inputs["v_cache"].clone())
         static["cache_seqlens"].add_(1)
+
+
+ROUTED_SHAPES = [  # (B, Hq, Hkv, Sq, Sk, D): few query rows with GQA, or many keys
+    (2, 8, 2, 1, 70, 64),
+    (1, 4, 1, 4, 300, 40),
+    (3, 6, 6, 2, 2100, 16),
+    (1, 4, 2, 3, 3, 32),
+]
+
+
+@pytest.mark.parametrize("shape", ROUTED_SHAPES, ids=lambda s: "B{}-H{}/{}-Sq{}-Sk{}-D{}".format(*s))
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(causal="bottom_right"),
+        dict(causal=True),
+        dict(window_size=(20, 3), softcap=2.0),
+        dict(causal="bottom_right", alibi_slopes="h", sinks=True),
+    ],
+    ids=["bottom_right", "top_left", "window_softcap", "alibi_sinks"],
+)
+def test_cpu_attention_on_few_query_rows_runs_as_a_decoding_step(shape, options, monkeypatch):
+    # fast_attn.attention without gradient on few query rows takes the CPU decode kernel, not the
+    # forward kernel (counted); its result is the reference's, and the same whatever the thread count.
+    batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim = shape
+    q = torch.randn(batch, heads_q, seqlen_q, head_dim)
+    k, v = (torch.randn(batch, heads_kv, seqlen_k, head_dim) for _ in range(2))
+    options = dict(options)
+    if options.pop("alibi_slopes", None):
+        options["alibi_slopes"] = torch.rand(heads_q)
+    if options.pop("sinks", None):
+        options["sinks"] = torch.randn(heads_q)
+    routed = options.get("causal") is not True or seqlen_q == seqlen_k
+    forward_kernel_calls = []
+    forward_kernel = dispatch._cpp_forward
+
+    def counted(problem, seed):
+        forward_kernel_calls.append(problem.q.shape)
+        return forward_kernel(problem, seed)
+
+    monkeypatch.setattr(dispatch, "_cpp_forward", counted)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            out, lse = fast_attn.attention(q, k, v, **options, return_lse=True, backend="cpu")
+            torch.set_num_threads(1)
+            single = fast_attn.attention(q, k, v, **options, return_lse=True, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert len(forward_kernel_calls) == (0 if routed else 2)
+    expected, expected_lse = reference_attention(q.double(), k.double(), v.double(), **options)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), expected_lse, atol=2e-5, rtol=2e-5)
+    assert torch.equal(out, single[0]) and torch.equal(lse, single[1])
