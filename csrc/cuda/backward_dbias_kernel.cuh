@@ -162,16 +162,10 @@ void attention_backward_dbias_kernel(const AttentionBackwardParams params, const
     float* bias_log2 = float_smem + Traits::kBiasOffset + threadIdx.x;  // element (j, e) at (4 j + e) kThreads
     {
       const ScoreContext<Element> slice_scores(params, sequence_of<Element, false>(params, slice_batch), slice_head);
-      FA_UNROLL
-      for (int j = 0; j < Traits::kKeyTiles; ++j) {
-        FA_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          const int row = row0 + (e >> 1) * 8;
-          const int key = key_base + j * 8 + (e & 1);
-          store_shared(bias_log2 + (4 * j + e) * kThreads,
-                       slice_scores.in_bounds(row, key) ? slice_scores.bias_value(row, key) * kLog2e : 0.0f);
-        }
-      }
+      for_each_accumulator<Traits::kKeyTiles>(row0, key_base, [&](int j, int e, int row, int key) {
+        store_shared(bias_log2 + (4 * j + e) * kThreads,
+                     slice_scores.in_bounds(row, key) ? slice_scores.bias_value(row, key) * kLog2e : 0.0f);
+      });
     }
 
     for (int64_t i = 0; i < num_pairs; ++i) {
@@ -227,46 +221,34 @@ void attention_backward_dbias_kernel(const AttentionBackwardParams params, const
           }
         }
       }
-      FA_UNROLL
-      for (int j = 0; j < Traits::kKeyTiles; ++j) {
-        FA_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          const int row = row0 + (e >> 1) * 8;
-          const int key = key_base + j * 8 + (e & 1);
-          float score = (kModifiers ? acc_s[j][e] : acc_s[j][e] * scores.scale_log2()) +
-                        load_shared(bias_log2 + (4 * j + e) * kThreads);
-          if (masked && !scores.visible(row, key)) {
-            score = negative_infinity();
-          }
-          const float probability = exp2f(score - lse_base[e >> 1]);
-          float dropout_factor = scores.dropout_keep_scale();
-          if (scores.dropout() && scores.in_bounds(row, key) && !scores.keeps(row, key)) {
-            dropout_factor = 0.0f;
-          }
-          acc_dbias[j][e] += probability * (acc_dp[j][e] * dropout_factor - delta[e >> 1]);
+      for_each_accumulator<Traits::kKeyTiles>(row0, key_base, [&](int j, int e, int row, int key) {
+        float score = (kModifiers ? acc_s[j][e] : acc_s[j][e] * scores.scale_log2()) +
+                      load_shared(bias_log2 + (4 * j + e) * kThreads);
+        if (masked && !scores.visible(row, key)) {
+          score = negative_infinity();
         }
-      }
+        const float probability = exp2f(score - lse_base[e >> 1]);
+        float dropout_factor = scores.dropout_keep_scale();
+        if (scores.dropout() && scores.in_bounds(row, key) && !scores.keeps(row, key)) {
+          dropout_factor = 0.0f;
+        }
+        acc_dbias[j][e] += probability * (acc_dp[j][e] * dropout_factor - delta[e >> 1]);
+      });
     }
   }
 
   // The tile, once, for rows < Sq and keys < Sk (zeros where no key is visible).
   const int64_t slice = (slice_batch * dbias.heads + slice_head) * params.seqlen_q * params.seqlen_k;
-  FA_UNROLL
-  for (int j = 0; j < Traits::kKeyTiles; ++j) {
-    FA_UNROLL
-    for (int e = 0; e < 4; ++e) {
-      const int row = row0 + (e >> 1) * 8;
-      const int key = key_base + j * 8 + (e & 1);
-      if (row < seqlen_q && key < seqlen_k) {
-        const int64_t index = slice + static_cast<int64_t>(row) * seqlen_k + key;
-        if (params.bias_is_fp32) {
-          store_global(static_cast<float*>(dbias.data) + index, acc_dbias[j][e]);
-        } else {
-          store_global(static_cast<Element*>(dbias.data) + index, ElementOps<Element>::from_float(acc_dbias[j][e]));
-        }
+  for_each_accumulator<Traits::kKeyTiles>(row0, key_base, [&](int j, int e, int row, int key) {
+    if (row < seqlen_q && key < seqlen_k) {
+      const int64_t index = slice + static_cast<int64_t>(row) * seqlen_k + key;
+      if (params.bias_is_fp32) {
+        store_global(static_cast<float*>(dbias.data) + index, acc_dbias[j][e]);
+      } else {
+        store_global(static_cast<Element*>(dbias.data) + index, ElementOps<Element>::from_float(acc_dbias[j][e]));
       }
     }
-  }
+  });
 }
 
 template <ElementType kElement, int kHeadDim, bool kModifiers>

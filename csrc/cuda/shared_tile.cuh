@@ -148,6 +148,20 @@ FA_DEVICE void mma_pair_each_m_tile(float (&acc)[kMTiles][kTiles][4], const uint
   }
 }
 
+// f(j, e, row, col) for each element (j, e) of a warp's C accumulators acc[kTiles][4]
+// (16 rows x 8 kTiles columns): row row0 + 8 (e / 2), column col0 + 8 j + e % 2, where
+// row0 is the tile's first row + lane / 4 and col0 its first column + 2 (lane % 4).
+template <int kTiles, typename F>
+FA_DEVICE void for_each_accumulator(int row0, int col0, F&& f) {
+  FA_UNROLL
+  for (int j = 0; j < kTiles; ++j) {
+    FA_UNROLL
+    for (int e = 0; e < 4; ++e) {
+      f(j, e, row0 + (e >> 1) * 8, col0 + j * 8 + (e & 1));
+    }
+  }
+}
+
 template <int kTiles>
 FA_DEVICE void zero_accumulators(float (&acc)[kTiles][4]) {
   FA_UNROLL
