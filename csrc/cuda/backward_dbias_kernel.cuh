@@ -34,36 +34,24 @@
 namespace fast_attn::cuda {
 
 template <typename Element_, int kHeadDim_>
-struct DbiasTraits {
-  using Element = Element_;
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr DbiasTileConfig kConfig = dbias_tile_config(kHeadDim);
-  static constexpr int kBlockM = kConfig.block_m;
-  static constexpr int kBlockN = kConfig.block_n;
-  static constexpr int kWarps = kConfig.warps;
-  static constexpr int kThreads = kWarps * kWarpSize;
-  static_assert(kBlockM == 16 * kWarps, "each warp owns 16 query rows");
-  static_assert(kBlockN % 16 == 0, "key tiles are a whole number of k16 steps");
-  static_assert(kBlockM <= kThreads, "one lse / delta row per thread");
+struct DbiasTraits : MmaKernelTraits<Element_, kHeadDim_, dbias_tile_config> {
+  using Base = MmaKernelTraits<Element_, kHeadDim_, dbias_tile_config>;
+  static_assert(Base::kBlockM == 16 * Base::kWarps, "each warp owns 16 query rows");
+  static_assert(Base::kBlockM <= Base::kThreads, "one lse / delta row per thread");
 
-  static constexpr int kDimSteps = kHeadDim / 16;  // k16 steps of Q K^T and dO V^T
-  static constexpr int kKeyTiles = kBlockN / 8;    // n8 tiles of S
-
-  using QTile = SharedTile<kBlockM, kHeadDim>;
-  using KvTile = SharedTile<kBlockN, kHeadDim>;
   // One stage: Q, dO, K, V; two stages, then lse and delta of each stage (floats).
-  static constexpr int kDoOffset = QTile::kElements;
-  static constexpr int kKOffset = 2 * QTile::kElements;
-  static constexpr int kVOffset = kKOffset + KvTile::kElements;
-  static constexpr int kStageElements = kVOffset + KvTile::kElements;
-  static constexpr int kElementBytes = 2 * kStageElements * static_cast<int>(sizeof(Element));
+  static constexpr int kDoOffset = Base::QTile::kElements;
+  static constexpr int kKOffset = 2 * Base::QTile::kElements;
+  static constexpr int kVOffset = kKOffset + Base::KvTile::kElements;
+  static constexpr int kStageElements = kVOffset + Base::KvTile::kElements;
+  static constexpr int kElementBytes = 2 * kStageElements * static_cast<int>(sizeof(Element_));
   static_assert(kElementBytes % 16 == 0, "float region stays 16-byte aligned");
   // Floats: lse stages 0 and 1, delta stages 0 and 1, then the bias tile in
   // log2 units, thread t's element (j, e) at (4 j + e) kThreads + t (no bank conflicts).
   static constexpr int kLseOffset = 0;
-  static constexpr int kDeltaOffset = 2 * kBlockM;
-  static constexpr int kBiasOffset = 4 * kBlockM;
-  static constexpr int kFloats = kBiasOffset + kKeyTiles * 4 * kThreads;
+  static constexpr int kDeltaOffset = 2 * Base::kBlockM;
+  static constexpr int kBiasOffset = 4 * Base::kBlockM;
+  static constexpr int kFloats = kBiasOffset + Base::kKeyTiles * 4 * Base::kThreads;
   static constexpr size_t kSmemBytes = kElementBytes + kFloats * sizeof(float);
 };
 

@@ -16,30 +16,16 @@
 namespace fast_attn::cuda {
 
 template <typename Element_, int kHeadDim_>
-struct DqTraits {
-  using Element = Element_;
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr DqTileConfig kConfig = dq_tile_config(kHeadDim);
-  static constexpr int kBlockM = kConfig.block_m;
-  static constexpr int kBlockN = kConfig.block_n;
-  static constexpr int kWarps = kConfig.warps;
-  static constexpr int kThreads = kWarps * kWarpSize;
-  static constexpr bool kInRegisters = kConfig.q_do_in_registers;
-  static_assert(kBlockM == 16 * kWarps, "each warp owns 16 query rows");
-  static_assert(kBlockN % 16 == 0, "key tiles are a whole number of k16 steps");
+struct DqTraits : MmaKernelTraits<Element_, kHeadDim_, dq_tile_config> {
+  using Base = MmaKernelTraits<Element_, kHeadDim_, dq_tile_config>;
+  static constexpr bool kInRegisters = Base::kConfig.q_do_in_registers;
+  static_assert(Base::kBlockM == 16 * Base::kWarps, "each warp owns 16 query rows");
 
-  static constexpr int kDimTiles = kHeadDim / 8;
-  static constexpr int kDimSteps = kHeadDim / 16;
-  static constexpr int kKeyTiles = kBlockN / 8;
-  static constexpr int kKeySteps = kBlockN / 16;
-
-  using QTile = SharedTile<kBlockM, kHeadDim>;
-  using KvTile = SharedTile<kBlockN, kHeadDim>;
   // Q, dO, K stages 0 and 1, V stages 0 and 1.
-  static constexpr int kDoOffset = QTile::kElements;
-  static constexpr int kKOffset = 2 * QTile::kElements;
-  static constexpr int kVOffset = kKOffset + 2 * KvTile::kElements;
-  static constexpr size_t kSmemBytes = (kVOffset + 2 * KvTile::kElements) * sizeof(Element);
+  static constexpr int kDoOffset = Base::QTile::kElements;
+  static constexpr int kKOffset = 2 * Base::QTile::kElements;
+  static constexpr int kVOffset = kKOffset + 2 * Base::KvTile::kElements;
+  static constexpr size_t kSmemBytes = (kVOffset + 2 * Base::KvTile::kElements) * sizeof(Element_);
 };
 
 // kModifiers: the band's left edge, softcap and ALiBi (score_context.cuh). kVarlen: packed
@@ -199,14 +185,8 @@ void attention_backward_dq_kernel(const AttentionBackwardParams params) {
 template <ElementType kElement, int kHeadDim, bool kModifiers>
 LaunchStatus run_attention_backward_dq(const AttentionBackwardParams& params, cudaStream_t stream) {
   using Traits = DqTraits<typename ElementOf<kElement>::type, kHeadDim>;
-  const dim3 grid(static_cast<unsigned>(ceil_div(params.seqlen_q, Traits::kBlockM)),
-                  static_cast<unsigned>(params.heads_q), static_cast<unsigned>(params.batch));
-  if (is_varlen(params)) {
-    return launch_kernel(attention_backward_dq_kernel<Traits, kModifiers, true>, grid, dim3(Traits::kThreads),
-                         Traits::kSmemBytes, stream, params);
-  }
-  return launch_kernel(attention_backward_dq_kernel<Traits, kModifiers, false>, grid, dim3(Traits::kThreads),
-                       Traits::kSmemBytes, stream, params);
+  return launch_per_query_block<Traits>(attention_backward_dq_kernel<Traits, kModifiers, false>,
+                                        attention_backward_dq_kernel<Traits, kModifiers, true>, params, stream);
 }
 
 }  // namespace fast_attn::cuda

@@ -19,32 +19,18 @@
 namespace fast_attn::cuda {
 
 template <typename Element_, int kHeadDim_>
-struct ForwardTraits {
-  using Element = Element_;
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr ForwardTileConfig kConfig = forward_tile_config(kHeadDim);
-  static constexpr int kBlockM = kConfig.block_m;
-  static constexpr int kBlockN = kConfig.block_n;
-  static constexpr int kWarps = kConfig.warps;
-  static constexpr int kThreads = kWarps * kWarpSize;
-  static constexpr int kMinBlocksPerSm = kConfig.min_blocks_per_sm;
-  static constexpr bool kQInRegisters = kConfig.q_in_registers;
-  static constexpr int kMTiles = kConfig.warp_m_tiles;  // m16 tiles of query rows per warp
+struct ForwardTraits : MmaKernelTraits<Element_, kHeadDim_, forward_tile_config> {
+  using Base = MmaKernelTraits<Element_, kHeadDim_, forward_tile_config>;
+  static constexpr int kMinBlocksPerSm = Base::kConfig.min_blocks_per_sm;
+  static constexpr bool kQInRegisters = Base::kConfig.q_in_registers;
+  static constexpr int kMTiles = Base::kConfig.warp_m_tiles;  // m16 tiles of query rows per warp
   static constexpr int kWarpRows = 16 * kMTiles;
-  static_assert(kBlockM == kWarpRows * kWarps, "each warp owns 16 x warp_m_tiles query rows");
-  static_assert(kBlockN % 16 == 0, "key tiles are a whole number of k16 steps");
+  static_assert(Base::kBlockM == kWarpRows * Base::kWarps, "each warp owns 16 x warp_m_tiles query rows");
 
-  static constexpr int kDimTiles = kHeadDim / 8;   // n8 tiles of O
-  static constexpr int kDimSteps = kHeadDim / 16;  // k16 steps of Q K^T
-  static constexpr int kKeyTiles = kBlockN / 8;    // n8 tiles of S
-  static constexpr int kKeySteps = kBlockN / 16;   // k16 steps of P V
-
-  using QTile = SharedTile<kBlockM, kHeadDim>;
-  using KvTile = SharedTile<kBlockN, kHeadDim>;
   // Q, then K stages 0 and 1, then V stages 0 and 1.
-  static constexpr int kKOffset = QTile::kElements;
-  static constexpr int kVOffset = kKOffset + 2 * KvTile::kElements;
-  static constexpr size_t kSmemBytes = (kVOffset + 2 * KvTile::kElements) * sizeof(Element);
+  static constexpr int kKOffset = Base::QTile::kElements;
+  static constexpr int kVOffset = kKOffset + 2 * Base::KvTile::kElements;
+  static constexpr size_t kSmemBytes = (kVOffset + 2 * Base::KvTile::kElements) * sizeof(Element_);
 };
 
 // kModifiers: the band's left edge, softcap and ALiBi (score_context.cuh). kVarlen: packed
@@ -261,14 +247,8 @@ void attention_forward_kernel(const AttentionForwardParams params) {
 template <ElementType kElement, int kHeadDim, bool kModifiers>
 LaunchStatus run_attention_forward(const AttentionForwardParams& params, cudaStream_t stream) {
   using Traits = ForwardTraits<typename ElementOf<kElement>::type, kHeadDim>;
-  const dim3 grid(static_cast<unsigned>(ceil_div(params.seqlen_q, Traits::kBlockM)),
-                  static_cast<unsigned>(params.heads_q), static_cast<unsigned>(params.batch));
-  if (is_varlen(params)) {
-    return launch_kernel(attention_forward_kernel<Traits, kModifiers, true>, grid, dim3(Traits::kThreads),
-                         Traits::kSmemBytes, stream, params);
-  }
-  return launch_kernel(attention_forward_kernel<Traits, kModifiers, false>, grid, dim3(Traits::kThreads),
-                       Traits::kSmemBytes, stream, params);
+  return launch_per_query_block<Traits>(attention_forward_kernel<Traits, kModifiers, false>,
+                                        attention_forward_kernel<Traits, kModifiers, true>, params, stream);
 }
 
 }  // namespace fast_attn::cuda

@@ -105,6 +105,18 @@ struct QueryBlock {
   }
 };
 
+// Launches kernel, or varlen_kernel for packed sequences, on the grid QueryBlock reads:
+// the query blocks of params.seqlen_q (the sequences' bound with varlen) x the query heads
+// x the batch (or the sequences).
+template <typename Traits, typename Params>
+LaunchStatus launch_per_query_block(void (*kernel)(const Params), void (*varlen_kernel)(const Params),
+                                    const Params& params, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(params.seqlen_q, Traits::kBlockM)),
+                  static_cast<unsigned>(params.heads_q), static_cast<unsigned>(params.batch));
+  return launch_kernel(is_varlen(params) ? varlen_kernel : kernel, grid, dim3(Traits::kThreads), Traits::kSmemBytes,
+                       stream, params);
+}
+
 // Row r (0: the C fragment's row group, 1: group + 8) of this thread's accumulators
 // acc (n8 tiles of head-dim columns), times scale, into the output row `row`: columns
 // pair + 8 j, those below head_dim.
