@@ -34,36 +34,24 @@
 namespace fast_attn::cuda {
 
 template <typename Element_, int kHeadDim_>
-struct DbiasTraits {
-  using Element = Element_;
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr DbiasTileConfig kConfig = dbias_tile_config(kHeadDim);
-  static constexpr int kBlockM = kConfig.block_m;
-  static constexpr int kBlockN = kConfig.block_n;
-  static constexpr int kWarps = kConfig.warps;
-  static constexpr int kThreads = kWarps * kWarpSize;
-  static_assert(kBlockM == 16 * kWarps, "each warp owns 16 query rows");
-  static_assert(kBlockN % 16 == 0, "key tiles are a whole number of k16 steps");
-  static_assert(kBlockM <= kThreads, "one lse / delta row per thread");
+struct DbiasTraits : MmaKernelTraits<Element_, kHeadDim_, dbias_tile_config> {
+  using Base = MmaKernelTraits<Element_, kHeadDim_, dbias_tile_config>;
+  static_assert(Base::kBlockM == 16 * Base::kWarps, "each warp owns 16 query rows");
+  static_assert(Base::kBlockM <= Base::kThreads, "one lse / delta row per thread");
 
-  static constexpr int kDimSteps = kHeadDim / 16;  // k16 steps of Q K^T and dO V^T
-  static constexpr int kKeyTiles = kBlockN / 8;    // n8 tiles of S
-
-  using QTile = SharedTile<kBlockM, kHeadDim>;
-  using KvTile = SharedTile<kBlockN, kHeadDim>;
   // One stage: Q, dO, K, V; two stages, then lse and delta of each stage (floats).
-  static constexpr int kDoOffset = QTile::kElements;
-  static constexpr int kKOffset = 2 * QTile::kElements;
-  static constexpr int kVOffset = kKOffset + KvTile::kElements;
-  static constexpr int kStageElements = kVOffset + KvTile::kElements;
-  static constexpr int kElementBytes = 2 * kStageElements * static_cast<int>(sizeof(Element));
+  static constexpr int kDoOffset = Base::QTile::kElements;
+  static constexpr int kKOffset = 2 * Base::QTile::kElements;
+  static constexpr int kVOffset = kKOffset + Base::KvTile::kElements;
+  static constexpr int kStageElements = kVOffset + Base::KvTile::kElements;
+  static constexpr int kElementBytes = 2 * kStageElements * static_cast<int>(sizeof(Element_));
   static_assert(kElementBytes % 16 == 0, "float region stays 16-byte aligned");
   // Floats: lse stages 0 and 1, delta stages 0 and 1, then the bias tile in
   // log2 units, thread t's element (j, e) at (4 j + e) kThreads + t (no bank conflicts).
   static constexpr int kLseOffset = 0;
-  static constexpr int kDeltaOffset = 2 * kBlockM;
-  static constexpr int kBiasOffset = 4 * kBlockM;
-  static constexpr int kFloats = kBiasOffset + kKeyTiles * 4 * kThreads;
+  static constexpr int kDeltaOffset = 2 * Base::kBlockM;
+  static constexpr int kBiasOffset = 4 * Base::kBlockM;
+  static constexpr int kFloats = kBiasOffset + Base::kKeyTiles * 4 * Base::kThreads;
   static constexpr size_t kSmemBytes = kElementBytes + kFloats * sizeof(float);
 };
 
@@ -162,16 +150,10 @@ void attention_backward_dbias_kernel(const AttentionBackwardParams params, const
     float* bias_log2 = float_smem + Traits::kBiasOffset + threadIdx.x;  // element (j, e) at (4 j + e) kThreads
     {
       const ScoreContext<Element> slice_scores(params, sequence_of<Element, false>(params, slice_batch), slice_head);
-      FA_UNROLL
-      for (int j = 0; j < Traits::kKeyTiles; ++j) {
-        FA_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          const int row = row0 + (e >> 1) * 8;
-          const int key = key_base + j * 8 + (e & 1);
-          store_shared(bias_log2 + (4 * j + e) * kThreads,
-                       slice_scores.in_bounds(row, key) ? slice_scores.bias_value(row, key) * kLog2e : 0.0f);
-        }
-      }
+      for_each_accumulator<Traits::kKeyTiles>(row0, key_base, [&](int j, int e, int row, int key) {
+        store_shared(bias_log2 + (4 * j + e) * kThreads,
+                     slice_scores.in_bounds(row, key) ? slice_scores.bias_value(row, key) * kLog2e : 0.0f);
+      });
     }
 
     for (int64_t i = 0; i < num_pairs; ++i) {
@@ -227,46 +209,34 @@ void attention_backward_dbias_kernel(const AttentionBackwardParams params, const
           }
         }
       }
-      FA_UNROLL
-      for (int j = 0; j < Traits::kKeyTiles; ++j) {
-        FA_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          const int row = row0 + (e >> 1) * 8;
-          const int key = key_base + j * 8 + (e & 1);
-          float score = (kModifiers ? acc_s[j][e] : acc_s[j][e] * scores.scale_log2()) +
-                        load_shared(bias_log2 + (4 * j + e) * kThreads);
-          if (masked && !scores.visible(row, key)) {
-            score = negative_infinity();
-          }
-          const float probability = exp2f(score - lse_base[e >> 1]);
-          float dropout_factor = scores.dropout_keep_scale();
-          if (scores.dropout() && scores.in_bounds(row, key) && !scores.keeps(row, key)) {
-            dropout_factor = 0.0f;
-          }
-          acc_dbias[j][e] += probability * (acc_dp[j][e] * dropout_factor - delta[e >> 1]);
+      for_each_accumulator<Traits::kKeyTiles>(row0, key_base, [&](int j, int e, int row, int key) {
+        float score = (kModifiers ? acc_s[j][e] : acc_s[j][e] * scores.scale_log2()) +
+                      load_shared(bias_log2 + (4 * j + e) * kThreads);
+        if (masked && !scores.visible(row, key)) {
+          score = negative_infinity();
         }
-      }
+        const float probability = exp2f(score - lse_base[e >> 1]);
+        float dropout_factor = scores.dropout_keep_scale();
+        if (scores.dropout() && scores.in_bounds(row, key) && !scores.keeps(row, key)) {
+          dropout_factor = 0.0f;
+        }
+        acc_dbias[j][e] += probability * (acc_dp[j][e] * dropout_factor - delta[e >> 1]);
+      });
     }
   }
 
   // The tile, once, for rows < Sq and keys < Sk (zeros where no key is visible).
   const int64_t slice = (slice_batch * dbias.heads + slice_head) * params.seqlen_q * params.seqlen_k;
-  FA_UNROLL
-  for (int j = 0; j < Traits::kKeyTiles; ++j) {
-    FA_UNROLL
-    for (int e = 0; e < 4; ++e) {
-      const int row = row0 + (e >> 1) * 8;
-      const int key = key_base + j * 8 + (e & 1);
-      if (row < seqlen_q && key < seqlen_k) {
-        const int64_t index = slice + static_cast<int64_t>(row) * seqlen_k + key;
-        if (params.bias_is_fp32) {
-          store_global(static_cast<float*>(dbias.data) + index, acc_dbias[j][e]);
-        } else {
-          store_global(static_cast<Element*>(dbias.data) + index, ElementOps<Element>::from_float(acc_dbias[j][e]));
-        }
+  for_each_accumulator<Traits::kKeyTiles>(row0, key_base, [&](int j, int e, int row, int key) {
+    if (row < seqlen_q && key < seqlen_k) {
+      const int64_t index = slice + static_cast<int64_t>(row) * seqlen_k + key;
+      if (params.bias_is_fp32) {
+        store_global(static_cast<float*>(dbias.data) + index, acc_dbias[j][e]);
+      } else {
+        store_global(static_cast<Element*>(dbias.data) + index, ElementOps<Element>::from_float(acc_dbias[j][e]));
       }
     }
-  }
+  });
 }
 
 template <ElementType kElement, int kHeadDim, bool kModifiers>

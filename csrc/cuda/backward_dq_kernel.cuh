@@ -10,38 +10,22 @@
 // matmuls of the five), the price of not accumulating dq with atomics.
 #pragma once
 
-#include "device_runtime.cuh"
-#include "score_context.cuh"
-#include "shared_tile.cuh"
+#include "query_block.cuh"
 #include "tile_configs.h"
 
 namespace fast_attn::cuda {
 
 template <typename Element_, int kHeadDim_>
-struct DqTraits {
-  using Element = Element_;
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr DqTileConfig kConfig = dq_tile_config(kHeadDim);
-  static constexpr int kBlockM = kConfig.block_m;
-  static constexpr int kBlockN = kConfig.block_n;
-  static constexpr int kWarps = kConfig.warps;
-  static constexpr int kThreads = kWarps * kWarpSize;
-  static constexpr bool kInRegisters = kConfig.q_do_in_registers;
-  static_assert(kBlockM == 16 * kWarps, "each warp owns 16 query rows");
-  static_assert(kBlockN % 16 == 0, "key tiles are a whole number of k16 steps");
+struct DqTraits : MmaKernelTraits<Element_, kHeadDim_, dq_tile_config> {
+  using Base = MmaKernelTraits<Element_, kHeadDim_, dq_tile_config>;
+  static constexpr bool kInRegisters = Base::kConfig.q_do_in_registers;
+  static_assert(Base::kBlockM == 16 * Base::kWarps, "each warp owns 16 query rows");
 
-  static constexpr int kDimTiles = kHeadDim / 8;
-  static constexpr int kDimSteps = kHeadDim / 16;
-  static constexpr int kKeyTiles = kBlockN / 8;
-  static constexpr int kKeySteps = kBlockN / 16;
-
-  using QTile = SharedTile<kBlockM, kHeadDim>;
-  using KvTile = SharedTile<kBlockN, kHeadDim>;
   // Q, dO, K stages 0 and 1, V stages 0 and 1.
-  static constexpr int kDoOffset = QTile::kElements;
-  static constexpr int kKOffset = 2 * QTile::kElements;
-  static constexpr int kVOffset = kKOffset + 2 * KvTile::kElements;
-  static constexpr size_t kSmemBytes = (kVOffset + 2 * KvTile::kElements) * sizeof(Element);
+  static constexpr int kDoOffset = Base::QTile::kElements;
+  static constexpr int kKOffset = 2 * Base::QTile::kElements;
+  static constexpr int kVOffset = kKOffset + 2 * Base::KvTile::kElements;
+  static constexpr size_t kSmemBytes = (kVOffset + 2 * Base::KvTile::kElements) * sizeof(Element_);
 };
 
 // kModifiers: the band's left edge, softcap and ALiBi (score_context.cuh). kVarlen: packed
@@ -54,53 +38,24 @@ void attention_backward_dq_kernel(const AttentionBackwardParams params) {
   using KvTile = typename Traits::KvTile;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
-  constexpr int kHeadDim = Traits::kHeadDim;
-  constexpr int kThreads = Traits::kThreads;
 
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const int group = lane / 4;
   const int pair = 2 * (lane % 4);
 
-  const int64_t m_block = static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;
-  const int64_t head = blockIdx.y;
-  const Sequence<kVarlen> sequence = sequence_of<Element, kVarlen>(params, blockIdx.z);
-  const int64_t batch = sequence.batch;
-  const int64_t kv_head = head / (params.heads_q / params.heads_kv);
-  const int m0 = static_cast<int>(m_block) * kBlockM;
-  const int seqlen_q = static_cast<int>(sequence.seqlen_q(params));
-  const int seqlen_k = static_cast<int>(sequence.seqlen_k(params));
-  const int head_dim = static_cast<int>(params.head_dim);
-  if (kVarlen && m0 >= seqlen_q) {
+  // The query block, its key tiles and its rows in the tensors, as the forward's (query_block.cuh).
+  const QueryBlock<Traits, kModifiers, kVarlen> block(params);
+  if (block.past_end()) {
     return;
   }
-
-  // Key tiles [first_tile, end_tile) hold keys some row of this block sees (as the forward's).
-  int64_t key_end = seqlen_k;
-  if (band_bounds_right(params)) {
-    const int64_t last_row = (m0 + kBlockM < seqlen_q ? m0 + kBlockM : seqlen_q) - 1;
-    const int64_t band_end = last_row + sequence.band_last_key(params) + 1;
-    key_end = band_end < key_end ? band_end : key_end;
-  }
-  const int end_tile = key_end > 0 ? static_cast<int>(ceil_div(key_end, kBlockN)) : 0;
-  int first_tile = 0;
-  if (kModifiers && band_bounds_left(params)) {
-    const int64_t band_begin = m0 + sequence.band_first_key(params);
-    first_tile = band_begin <= 0 ? 0
-                 : band_begin < seqlen_k ? static_cast<int>(band_begin / kBlockN)
-                                         : static_cast<int>(ceil_div(seqlen_k, kBlockN));
-  }
-  const int num_tiles = kModifiers ? (end_tile > first_tile ? end_tile - first_tile : 0) : end_tile;
-
-  // Row 0 of the sequence in q, grad_out, k, v.
-  const Element* q = static_cast<const Element*>(params.q) + batch * params.q_batch_stride +
-                     head * params.q_head_stride + sequence.q_begin() * params.q_row_stride;
-  const Element* grad_out = static_cast<const Element*>(params.grad_out) + batch * params.grad_out_batch_stride +
-                            head * params.grad_out_head_stride + sequence.q_begin() * params.grad_out_row_stride;
-  const Element* k = static_cast<const Element*>(params.k) + batch * params.k_batch_stride +
-                     kv_head * params.k_head_stride + sequence.k_begin() * params.k_row_stride;
-  const Element* v = static_cast<const Element*>(params.v) + batch * params.v_batch_stride +
-                     kv_head * params.v_head_stride + sequence.k_begin() * params.v_row_stride;
+  const int m0 = block.m0;
+  const int seqlen_q = block.seqlen_q;
+  const int end_tile = block.end_tile;
+  const int num_tiles = block.num_tiles;
+  const Element* grad_out = block.query_rows(static_cast<const Element*>(params.grad_out),
+                                             params.grad_out_batch_stride, params.grad_out_head_stride,
+                                             params.grad_out_row_stride);
 
   Element* smem = reinterpret_cast<Element*>(dynamic_shared_memory());
   Element* q_smem = smem;
@@ -108,17 +63,7 @@ void attention_backward_dq_kernel(const AttentionBackwardParams params) {
   Element* k_smem = smem + Traits::kKOffset;
   Element* v_smem = smem + Traits::kVOffset;
 
-  const ScoreContext<Element, kModifiers, kVarlen> scores(params, sequence, head);
-
-  auto load_kv_tile = [&](int n_block, int stage) {
-    const int n0 = n_block * kBlockN;
-    load_tile_async<kBlockN, kHeadDim, kThreads>(k_smem + stage * KvTile::kElements, k + n0 * params.k_row_stride,
-                                                 params.k_row_stride, seqlen_k - n0, head_dim,
-                                                 static_cast<const Element*>(params.k));
-    load_tile_async<kBlockN, kHeadDim, kThreads>(v_smem + stage * KvTile::kElements, v + n0 * params.v_row_stride,
-                                                 params.v_row_stride, seqlen_k - n0, head_dim,
-                                                 static_cast<const Element*>(params.v));
-  };
+  const ScoreContext<Element, kModifiers, kVarlen> scores(params, block.sequence, block.head);
 
   const int row0 = m0 + warp * 16 + group;  // this thread's rows: row0 and row0 + 8
   float lse_base[2];                            // lse in log2 units, +inf for rows that saw no key
@@ -126,7 +71,7 @@ void attention_backward_dq_kernel(const AttentionBackwardParams params) {
   FA_UNROLL
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + r * 8;
-    const int64_t index = sequence.lse_index(params, seqlen_q, head, row);
+    const int64_t index = block.sequence.lse_index(params, seqlen_q, block.head, row);
     const float lse = row < seqlen_q ? load_global(static_cast<const float*>(params.lse) + index) : 0.0f;
     lse_base[r] = lse == negative_infinity() ? -negative_infinity() : lse * kLog2e;
     delta[r] = row < seqlen_q ? load_global(static_cast<const float*>(params.delta) + index) : 0.0f;
@@ -138,12 +83,9 @@ void attention_backward_dq_kernel(const AttentionBackwardParams params) {
   uint32_t do_fragments[Traits::kInRegisters ? Traits::kDimSteps : 1][4];
 
   if (num_tiles > 0) {
-    load_tile_async<kBlockM, kHeadDim, kThreads>(q_smem, q + m0 * params.q_row_stride, params.q_row_stride,
-                                                 seqlen_q - m0, head_dim, static_cast<const Element*>(params.q));
-    load_tile_async<kBlockM, kHeadDim, kThreads>(do_smem, grad_out + m0 * params.grad_out_row_stride,
-                                                 params.grad_out_row_stride, seqlen_q - m0, head_dim,
-                                                 static_cast<const Element*>(params.grad_out));
-    load_kv_tile(end_tile - 1, 0);
+    block.load_query_tile(q_smem, block.q, params.q_row_stride, params.q);
+    block.load_query_tile(do_smem, grad_out, params.grad_out_row_stride, params.grad_out);
+    block.load_kv_tile(k_smem, v_smem, end_tile - 1, 0);
     cp_async_commit();
   }
 
@@ -153,7 +95,7 @@ void attention_backward_dq_kernel(const AttentionBackwardParams params) {
     cp_async_wait<0>();
     block_sync();  // tile `it` has landed; every warp is done with tile it - 1
     if (it + 1 < num_tiles) {
-      load_kv_tile(n_block - 1, stage ^ 1);
+      block.load_kv_tile(k_smem, v_smem, n_block - 1, stage ^ 1);
       cp_async_commit();
     }
     const Element* k_tile = k_smem + stage * KvTile::kElements;
@@ -228,37 +170,23 @@ void attention_backward_dq_kernel(const AttentionBackwardParams params) {
     }
   }
 
-  Element* dq = static_cast<Element*>(params.dq) + batch * params.dq_batch_stride + head * params.dq_head_stride +
-                sequence.q_begin() * params.dq_row_stride;
+  Element* dq = block.query_rows(static_cast<Element*>(params.dq), params.dq_batch_stride, params.dq_head_stride,
+                                 params.dq_row_stride);
   FA_UNROLL
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + r * 8;
     if (row >= seqlen_q) {
       continue;
     }
-    Element* dq_row = dq + row * params.dq_row_stride + pair;  // column pair + 8 j below
-    const int cols_left = head_dim - pair;
-    FA_UNROLL
-    for (int j = 0; j < Traits::kDimTiles; ++j) {
-      if (j * 8 < cols_left) {
-        store_global(reinterpret_cast<uint32_t*>(dq_row + j * 8),
-                     ElementOps<Element>::pack(acc_dq[j][2 * r] * params.scale, acc_dq[j][2 * r + 1] * params.scale));
-      }
-    }
+    store_accumulator_row(dq + row * params.dq_row_stride, acc_dq, r, params.scale, pair, block.head_dim);
   }
 }
 
 template <ElementType kElement, int kHeadDim, bool kModifiers>
 LaunchStatus run_attention_backward_dq(const AttentionBackwardParams& params, cudaStream_t stream) {
   using Traits = DqTraits<typename ElementOf<kElement>::type, kHeadDim>;
-  const dim3 grid(static_cast<unsigned>(ceil_div(params.seqlen_q, Traits::kBlockM)),
-                  static_cast<unsigned>(params.heads_q), static_cast<unsigned>(params.batch));
-  if (is_varlen(params)) {
-    return launch_kernel(attention_backward_dq_kernel<Traits, kModifiers, true>, grid, dim3(Traits::kThreads),
-                         Traits::kSmemBytes, stream, params);
-  }
-  return launch_kernel(attention_backward_dq_kernel<Traits, kModifiers, false>, grid, dim3(Traits::kThreads),
-                       Traits::kSmemBytes, stream, params);
+  return launch_per_query_block<Traits>(attention_backward_dq_kernel<Traits, kModifiers, false>,
+                                        attention_backward_dq_kernel<Traits, kModifiers, true>, params, stream);
 }
 
 }  // namespace fast_attn::cuda

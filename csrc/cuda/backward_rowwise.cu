@@ -98,8 +98,12 @@ void attention_backward_convert_dq_kernel(const AttentionBackwardParams params, 
   }
 }
 
-dim3 row_grid(const AttentionBackwardParams& params) {
-  return dim3(static_cast<unsigned>(ceil_div(row_count(params), kRowsPerCta)));
+// Launches kernel with kRowsPerCta (batch, head, query) rows per CTA, CTAs enough for every row.
+LaunchStatus launch_per_row(void (*kernel)(const AttentionBackwardParams, const BackwardWorkspace),
+                            const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
+                            cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(row_count(params), kRowsPerCta)));
+  return launch_kernel(kernel, grid, dim3(kRowThreads), 0, stream, params, workspace);
 }
 
 }  // namespace
@@ -107,17 +111,15 @@ dim3 row_grid(const AttentionBackwardParams& params) {
 template <ElementType kElement>
 LaunchStatus run_attention_backward_preprocess(const AttentionBackwardParams& params,
                                                const BackwardWorkspace& workspace, cudaStream_t stream) {
-  using Element = typename ElementOf<kElement>::type;
-  return launch_kernel(attention_backward_preprocess_kernel<Element>, row_grid(params), dim3(kRowThreads), 0, stream,
-                       params, workspace);
+  return launch_per_row(attention_backward_preprocess_kernel<typename ElementOf<kElement>::type>, params, workspace,
+                        stream);
 }
 
 template <ElementType kElement>
 LaunchStatus run_attention_backward_convert_dq(const AttentionBackwardParams& params,
                                                const BackwardWorkspace& workspace, cudaStream_t stream) {
-  using Element = typename ElementOf<kElement>::type;
-  return launch_kernel(attention_backward_convert_dq_kernel<Element>, row_grid(params), dim3(kRowThreads), 0, stream,
-                       params, workspace);
+  return launch_per_row(attention_backward_convert_dq_kernel<typename ElementOf<kElement>::type>, params, workspace,
+                        stream);
 }
 
 template LaunchStatus run_attention_backward_preprocess<ElementType::kFloat16>(const AttentionBackwardParams&,

@@ -13,40 +13,24 @@
 // i's math, and one barrier per tile guards both stages.
 #pragma once
 
-#include "device_runtime.cuh"
-#include "score_context.cuh"
-#include "shared_tile.cuh"
+#include "query_block.cuh"
 #include "tile_configs.h"
 
 namespace fast_attn::cuda {
 
 template <typename Element_, int kHeadDim_>
-struct ForwardTraits {
-  using Element = Element_;
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr ForwardTileConfig kConfig = forward_tile_config(kHeadDim);
-  static constexpr int kBlockM = kConfig.block_m;
-  static constexpr int kBlockN = kConfig.block_n;
-  static constexpr int kWarps = kConfig.warps;
-  static constexpr int kThreads = kWarps * kWarpSize;
-  static constexpr int kMinBlocksPerSm = kConfig.min_blocks_per_sm;
-  static constexpr bool kQInRegisters = kConfig.q_in_registers;
-  static constexpr int kMTiles = kConfig.warp_m_tiles;  // m16 tiles of query rows per warp
+struct ForwardTraits : MmaKernelTraits<Element_, kHeadDim_, forward_tile_config> {
+  using Base = MmaKernelTraits<Element_, kHeadDim_, forward_tile_config>;
+  static constexpr int kMinBlocksPerSm = Base::kConfig.min_blocks_per_sm;
+  static constexpr bool kQInRegisters = Base::kConfig.q_in_registers;
+  static constexpr int kMTiles = Base::kConfig.warp_m_tiles;  // m16 tiles of query rows per warp
   static constexpr int kWarpRows = 16 * kMTiles;
-  static_assert(kBlockM == kWarpRows * kWarps, "each warp owns 16 x warp_m_tiles query rows");
-  static_assert(kBlockN % 16 == 0, "key tiles are a whole number of k16 steps");
+  static_assert(Base::kBlockM == kWarpRows * Base::kWarps, "each warp owns 16 x warp_m_tiles query rows");
 
-  static constexpr int kDimTiles = kHeadDim / 8;   // n8 tiles of O
-  static constexpr int kDimSteps = kHeadDim / 16;  // k16 steps of Q K^T
-  static constexpr int kKeyTiles = kBlockN / 8;    // n8 tiles of S
-  static constexpr int kKeySteps = kBlockN / 16;   // k16 steps of P V
-
-  using QTile = SharedTile<kBlockM, kHeadDim>;
-  using KvTile = SharedTile<kBlockN, kHeadDim>;
   // Q, then K stages 0 and 1, then V stages 0 and 1.
-  static constexpr int kKOffset = QTile::kElements;
-  static constexpr int kVOffset = kKOffset + 2 * KvTile::kElements;
-  static constexpr size_t kSmemBytes = (kVOffset + 2 * KvTile::kElements) * sizeof(Element);
+  static constexpr int kKOffset = Base::QTile::kElements;
+  static constexpr int kVOffset = kKOffset + 2 * Base::KvTile::kElements;
+  static constexpr size_t kSmemBytes = (kVOffset + 2 * Base::KvTile::kElements) * sizeof(Element_);
 };
 
 // kModifiers: the band's left edge, softcap and ALiBi (score_context.cuh). kVarlen: packed
@@ -59,69 +43,26 @@ void attention_forward_kernel(const AttentionForwardParams params) {
   using KvTile = typename Traits::KvTile;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
-  constexpr int kHeadDim = Traits::kHeadDim;
-  constexpr int kThreads = Traits::kThreads;
 
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const int group = lane / 4;       // C fragment rows group, group + 8
   const int pair = 2 * (lane % 4);  // C fragment columns pair, pair + 1
 
-  // Reversed so that the causal blocks with the most key tiles start first.
-  const int64_t m_block = static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;
-  const int64_t head = blockIdx.y;
-  const Sequence<kVarlen> sequence = sequence_of<Element, kVarlen>(params, blockIdx.z);
-  const int64_t batch = sequence.batch;
-  const int64_t kv_head = head / (params.heads_q / params.heads_kv);
-  const int m0 = static_cast<int>(m_block) * kBlockM;
-  const int seqlen_q = static_cast<int>(sequence.seqlen_q(params));
-  const int seqlen_k = static_cast<int>(sequence.seqlen_k(params));
-  const int head_dim = static_cast<int>(params.head_dim);
-  if (kVarlen && m0 >= seqlen_q) {
+  const QueryBlock<Traits, kModifiers, kVarlen> block(params);
+  if (block.past_end()) {
     return;
   }
-
-  // Keys any row of this block may see, [first_tile * kBlockN, key_end); tiles outside are skipped entirely.
-  int64_t key_end = seqlen_k;
-  if (band_bounds_right(params)) {
-    const int64_t last_row = (m0 + kBlockM < seqlen_q ? m0 + kBlockM : seqlen_q) - 1;
-    const int64_t band_end = last_row + sequence.band_last_key(params) + 1;
-    key_end = band_end < key_end ? band_end : key_end;
-  }
-  const int end_tile = key_end > 0 ? static_cast<int>(ceil_div(key_end, kBlockN)) : 0;
-  int first_tile = 0;
-  if (kModifiers && band_bounds_left(params)) {
-    const int64_t band_begin = m0 + sequence.band_first_key(params);  // the block's first row sees no key before it
-    first_tile = band_begin <= 0 ? 0
-                 : band_begin < seqlen_k ? static_cast<int>(band_begin / kBlockN)
-                                         : static_cast<int>(ceil_div(seqlen_k, kBlockN));
-  }
-  const int num_tiles = kModifiers ? (end_tile > first_tile ? end_tile - first_tile : 0) : end_tile;
-
-  // Row 0 of the sequence in q, k, v.
-  const Element* q = static_cast<const Element*>(params.q) + batch * params.q_batch_stride +
-                     head * params.q_head_stride + sequence.q_begin() * params.q_row_stride;
-  const Element* k = static_cast<const Element*>(params.k) + batch * params.k_batch_stride +
-                     kv_head * params.k_head_stride + sequence.k_begin() * params.k_row_stride;
-  const Element* v = static_cast<const Element*>(params.v) + batch * params.v_batch_stride +
-                     kv_head * params.v_head_stride + sequence.k_begin() * params.v_row_stride;
+  const int m0 = block.m0;
+  const int end_tile = block.end_tile;
+  const int num_tiles = block.num_tiles;
 
   Element* smem = reinterpret_cast<Element*>(dynamic_shared_memory());
   Element* q_smem = smem;
   Element* k_smem = smem + Traits::kKOffset;
   Element* v_smem = smem + Traits::kVOffset;
 
-  const ScoreContext<Element, kModifiers, kVarlen> scores(params, sequence, head);
-
-  auto load_kv_tile = [&](int n_block, int stage) {
-    const int n0 = n_block * kBlockN;
-    load_tile_async<kBlockN, kHeadDim, kThreads>(k_smem + stage * KvTile::kElements, k + n0 * params.k_row_stride,
-                                                 params.k_row_stride, seqlen_k - n0, head_dim,
-                                                 static_cast<const Element*>(params.k));
-    load_tile_async<kBlockN, kHeadDim, kThreads>(v_smem + stage * KvTile::kElements, v + n0 * params.v_row_stride,
-                                                 params.v_row_stride, seqlen_k - n0, head_dim,
-                                                 static_cast<const Element*>(params.v));
-  };
+  const ScoreContext<Element, kModifiers, kVarlen> scores(params, block.sequence, block.head);
 
   constexpr int kMTiles = Traits::kMTiles;
   float acc_o[kMTiles][Traits::kDimTiles][4];
@@ -136,9 +77,8 @@ void attention_forward_kernel(const AttentionForwardParams params) {
   uint32_t q_fragments[kMTiles][Traits::kQInRegisters ? Traits::kDimSteps : 1][4];
 
   if (num_tiles > 0) {
-    load_tile_async<kBlockM, kHeadDim, kThreads>(q_smem, q + m0 * params.q_row_stride, params.q_row_stride,
-                                                 seqlen_q - m0, head_dim, static_cast<const Element*>(params.q));
-    load_kv_tile(end_tile - 1, 0);
+    block.load_query_tile(q_smem, block.q, params.q_row_stride, params.q);
+    block.load_kv_tile(k_smem, v_smem, end_tile - 1, 0);
     cp_async_commit();
   }
 
@@ -152,7 +92,7 @@ void attention_forward_kernel(const AttentionForwardParams params) {
     cp_async_wait<0>();
     block_sync();  // tile `it` has landed; every warp is done with tile it - 1 (the other stage)
     if (it + 1 < num_tiles) {
-      load_kv_tile(n_block - 1, stage ^ 1);
+      block.load_kv_tile(k_smem, v_smem, n_block - 1, stage ^ 1);
       cp_async_commit();
     }
     const Element* k_tile = k_smem + stage * KvTile::kElements;
@@ -203,25 +143,16 @@ void attention_forward_kernel(const AttentionForwardParams params) {
     if (scores.needs_elementwise(m0, kBlockM, n0, kBlockN)) {
       FA_UNROLL
       for (int mt = 0; mt < kMTiles; ++mt) {
-        FA_UNROLL
-        for (int j = 0; j < Traits::kKeyTiles; ++j) {
-          FA_UNROLL
-          for (int e = 0; e < 4; ++e) {
-            acc_s[mt][j][e] =
-                scores.score_log2(acc_s[mt][j][e], row0 + mt * 16 + (e >> 1) * 8, key_base + j * 8 + (e & 1));
-          }
-        }
+        for_each_accumulator<Traits::kKeyTiles>(row0 + mt * 16, key_base, [&](int j, int e, int row, int key) {
+          acc_s[mt][j][e] = scores.score_log2(acc_s[mt][j][e], row, key);
+        });
       }
     } else {
       FA_UNROLL
       for (int mt = 0; mt < kMTiles; ++mt) {
-        FA_UNROLL
-        for (int j = 0; j < Traits::kKeyTiles; ++j) {
-          FA_UNROLL
-          for (int e = 0; e < 4; ++e) {
-            acc_s[mt][j][e] *= scores.scale_log2();
-          }
-        }
+        for_each_accumulator<Traits::kKeyTiles>(row0, key_base, [&](int j, int e, int, int) {
+          acc_s[mt][j][e] *= scores.scale_log2();
+        });
       }
     }
 
@@ -263,17 +194,11 @@ void attention_forward_kernel(const AttentionForwardParams params) {
         }
       }
       if (scores.dropout()) {
-        FA_UNROLL
-        for (int j = 0; j < Traits::kKeyTiles; ++j) {
-          FA_UNROLL
-          for (int e = 0; e < 4; ++e) {
-            const int row = row0 + mt * 16 + (e >> 1) * 8;
-            const int key = key_base + j * 8 + (e & 1);
-            if (scores.in_bounds(row, key) && !scores.keeps(row, key)) {
-              acc_s[mt][j][e] = 0.0f;  // kept ones are scaled by 1 / (1 - p) once, at the end
-            }
+        for_each_accumulator<Traits::kKeyTiles>(row0 + mt * 16, key_base, [&](int j, int e, int row, int key) {
+          if (scores.in_bounds(row, key) && !scores.keeps(row, key)) {
+            acc_s[mt][j][e] = 0.0f;  // kept ones are scaled by 1 / (1 - p) once, at the end
           }
-        }
+        });
       }
     }
 
@@ -295,9 +220,9 @@ void attention_forward_kernel(const AttentionForwardParams params) {
   }
 
   // out = O / rowsum (0 for rows with no visible key), lse = ln(sum exp(s)).
-  Element* out = static_cast<Element*>(params.out) + batch * params.out_batch_stride + head * params.out_head_stride +
-                 sequence.q_begin() * params.out_row_stride;
-  float* lse = static_cast<float*>(params.lse) + sequence.lse_index(params, seqlen_q, head, 0);
+  Element* out = block.query_rows(static_cast<Element*>(params.out), params.out_batch_stride, params.out_head_stride,
+                                  params.out_row_stride);
+  float* lse = static_cast<float*>(params.lse) + block.sequence.lse_index(params, block.seqlen_q, block.head, 0);
   FA_UNROLL
   for (int mt = 0; mt < kMTiles; ++mt) {
     FA_UNROLL
@@ -306,19 +231,11 @@ void attention_forward_kernel(const AttentionForwardParams params) {
       sum += shfl_xor(sum, 1);
       sum += shfl_xor(sum, 2);
       const int row = row0 + mt * 16 + r * 8;
-      if (row >= seqlen_q) {
+      if (row >= block.seqlen_q) {
         continue;
       }
       const float out_scale = sum == 0.0f ? 0.0f : scores.dropout_keep_scale() / sum;
-      Element* out_row = out + row * params.out_row_stride + pair;  // column pair + 8 j below
-      const int cols_left = head_dim - pair;
-      FA_UNROLL
-      for (int j = 0; j < Traits::kDimTiles; ++j) {
-        if (j * 8 < cols_left) {
-          store_global(reinterpret_cast<uint32_t*>(out_row + j * 8),
-                       ElementOps<Element>::pack(acc_o[mt][j][2 * r] * out_scale, acc_o[mt][j][2 * r + 1] * out_scale));
-        }
-      }
+      store_accumulator_row(out + row * params.out_row_stride, acc_o[mt], r, out_scale, pair, block.head_dim);
       if (lane % 4 == 0) {
         const float base = row_max[mt][r] == negative_infinity() ? 0.0f : row_max[mt][r];
         store_global(lse + row, sum == 0.0f ? negative_infinity() : (base + log2f(sum)) * kLn2);
@@ -330,14 +247,8 @@ void attention_forward_kernel(const AttentionForwardParams params) {
 template <ElementType kElement, int kHeadDim, bool kModifiers>
 LaunchStatus run_attention_forward(const AttentionForwardParams& params, cudaStream_t stream) {
   using Traits = ForwardTraits<typename ElementOf<kElement>::type, kHeadDim>;
-  const dim3 grid(static_cast<unsigned>(ceil_div(params.seqlen_q, Traits::kBlockM)),
-                  static_cast<unsigned>(params.heads_q), static_cast<unsigned>(params.batch));
-  if (is_varlen(params)) {
-    return launch_kernel(attention_forward_kernel<Traits, kModifiers, true>, grid, dim3(Traits::kThreads),
-                         Traits::kSmemBytes, stream, params);
-  }
-  return launch_kernel(attention_forward_kernel<Traits, kModifiers, false>, grid, dim3(Traits::kThreads),
-                       Traits::kSmemBytes, stream, params);
+  return launch_per_query_block<Traits>(attention_forward_kernel<Traits, kModifiers, false>,
+                                        attention_forward_kernel<Traits, kModifiers, true>, params, stream);
 }
 
 }  // namespace fast_attn::cuda

@@ -148,6 +148,20 @@ FA_DEVICE void mma_pair_each_m_tile(float (&acc)[kMTiles][kTiles][4], const uint
   }
 }
 
+// f(j, e, row, col) for each element (j, e) of a warp's C accumulators acc[kTiles][4]
+// (16 rows x 8 kTiles columns): row row0 + 8 (e / 2), column col0 + 8 j + e % 2, where
+// row0 is the tile's first row + lane / 4 and col0 its first column + 2 (lane % 4).
+template <int kTiles, typename F>
+FA_DEVICE void for_each_accumulator(int row0, int col0, F&& f) {
+  FA_UNROLL
+  for (int j = 0; j < kTiles; ++j) {
+    FA_UNROLL
+    for (int e = 0; e < 4; ++e) {
+      f(j, e, row0 + (e >> 1) * 8, col0 + j * 8 + (e & 1));
+    }
+  }
+}
+
 template <int kTiles>
 FA_DEVICE void zero_accumulators(float (&acc)[kTiles][4]) {
   FA_UNROLL
@@ -185,5 +199,29 @@ FA_DEVICE void scores_and_dprobs(float (&acc_s)[kTiles][4], float (&acc_dp)[kTil
     }
   }
 }
+
+// What the traits of the tensor-core kernels (forward, dQ, dK/dV, dbias) share: the
+// element type, the head dim, the tile config that kConfigOf (tile_configs.h) gives it,
+// with that config's query and key tile rows (kBlockM, kBlockN) and warps, and the
+// fragment counts and shared-memory tiles that follow from them.
+template <typename Element_, int kHeadDim_, auto kConfigOf>
+struct MmaKernelTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr decltype(kConfigOf(0)) kConfig = kConfigOf(kHeadDim);
+  static constexpr int kBlockM = kConfig.block_m;
+  static constexpr int kBlockN = kConfig.block_n;
+  static constexpr int kWarps = kConfig.warps;
+  static constexpr int kThreads = kWarps * kWarpSize;
+  static_assert(kBlockN % 16 == 0, "key tiles are a whole number of k16 steps");
+
+  static constexpr int kDimTiles = kHeadDim / 8;   // n8 tiles of the head dim (of O, dQ)
+  static constexpr int kDimSteps = kHeadDim / 16;  // k16 steps of the head dim (of Q K^T, dO V^T)
+  static constexpr int kKeyTiles = kBlockN / 8;    // n8 tiles of a key tile (of S)
+  static constexpr int kKeySteps = kBlockN / 16;   // k16 steps of a key tile (of P V, dS K)
+
+  using QTile = SharedTile<kBlockM, kHeadDim>;
+  using KvTile = SharedTile<kBlockN, kHeadDim>;
+};
 
 }  // namespace fast_attn::cuda
