@@ -2,7 +2,9 @@
 at B 1, Hq 32, Hkv 8, D 128, 32768 cached keys, one query row (one new key appended in place),
 float32 and bfloat16.
 
-    pytest benchmarks/test_bench_decode.py --benchmark-only
+    pytest benchmarks/test_bench_decode.py --benchmark-only -s
+
+(-s lets the ratio table printed at the end of the module through pytest's output capture.)
 
 Compared (the targets in brackets), each the best of several rounds (the machine is shared):
 - fast_attn_2_threads: the op on a contiguous cache, 2 threads, num_splits chosen by the kernel;
@@ -11,7 +13,6 @@ Compared (the targets in brackets), each the best of several rounds (the machine
   contiguous, enable_gqa=True, 2 threads [the op >= 1.5x faster];
 - fast_attn_paged_256, fast_attn_paged_16: the op on pages of 256 and 16 keys in shuffled order,
   2 threads [<= 1.1x the contiguous cache's time].
-At the end of the module a table of the time ratios is printed.
 """
 
 from __future__ import annotations

@@ -139,6 +139,17 @@ def test_splits_agree_with_one_split(dtype, num_splits):
     torch.testing.assert_close(split_lse, lse, rtol=tolerance, atol=tolerance)
 
 
+def test_automatic_splits_occupy_idle_threads():
+    # One (sequence, kv head) pair for 2 threads: num_splits=0 cuts its 3000 keys in two.
+    case = DecodeCase((3000,), heads_q=4, heads_kv=1, page_size=16)
+    (auto_out, auto_lse), (out, lse) = run_twice(
+        case, {"threads": 2, "num_splits": 0}, {"threads": 2, "num_splits": 1}
+    )
+    assert not torch.equal(auto_out, out), "no rounding at all: the splits did not run"
+    torch.testing.assert_close(auto_out, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(auto_lse, lse, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_threads_give_identical_results(num_splits):
     case = DecodeCase((2500, 600, 1), new_rows=1, heads_q=4, heads_kv=2, page_size=16, num_splits=num_splits)

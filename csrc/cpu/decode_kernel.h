@@ -8,7 +8,7 @@
 // cross a page, read through the cache's slot stride where they are (16-bit ones
 // converted once per tile by the products policy, forward_products.h), and go
 // through the forward kernel's score steps: softcap, ALiBi, the band (bottom-right per
-// sequence), online softmax, P V.
+// sequence), online softmax, P V. The rows of the next kBlockN keys are prefetched meanwhile.
 //
 // Split-KV: the keys some query row sees are cut into num_splits chunks of whole key
 // tiles. With one split a task stores out and lse; otherwise it stores its normalized
@@ -29,7 +29,6 @@
 #include "decode_params.h"
 #include "forward_products.h"
 #include "score_tile.h"
-#include "tile_ops.h"
 
 namespace fast_attn::cpu {
 namespace {
@@ -98,22 +97,26 @@ class DecodeKernel {
     const int64_t begin = std::max(split_range.begin, row_range.begin);
     const int64_t end = std::min(split_range.end, row_range.end);
     const LaneBand band{p_.has_left, p_.has_right, diagonal - p_.window_left, diagonal + p_.window_right, m0, groups_};
+    int64_t next = begin;  // the next key whose rows to prefetch
     for (int64_t j0 = begin; j0 < end;) {
       const KeyTile keys = key_tile(b, kv_head, sequence, j0, end);
       const int64_t cols = keys.cols;
-      if (j0 + cols < end) prefetch(key_tile(b, kv_head, sequence, j0 + cols, end));
+      // Keys up to kN past this tile are requested during its softmax, one key per step.
+      next = std::max(next, j0 + cols);
+      const int64_t ahead = std::min(end, j0 + cols + kN);
+      auto prefetch_next = [&] {
+        if (next >= ahead) return;
+        prefetch(key_tile(b, kv_head, sequence, next, next + 1));
+        ++next;
+      };
       products_.load_key_block(keys.k, p_.k_slot_stride, keys.v, p_.v_slot_stride, cols);
       // S^T (cols x lanes) = scale * K_tile (cols x D) q^T (D x lanes)
       products_.scores(tile_.scores_t, cols);
       if (plan_.scales.softcap > 0.0) tile_.apply_softcap(cols, query_vectors, plan_.scales.softcap);
       if (p_.alibi_slopes != nullptr) tile_.add_alibi(cols, query_vectors, j0 - diagonal);
       tile_.mask_band(band, rows, j0, cols, query_vectors);
-      tile_.softmax_update(cols, query_vectors, [this] {
-        next_keys_.step_row();
-        next_values_.step_row();
-      });
-      next_keys_.finish();
-      next_values_.finish();
+      tile_.softmax_update(cols, query_vectors, prefetch_next);
+      while (next < ahead) prefetch_next();
       tile_.rescale_output(rows, query_vectors);
       // out_acc (lanes x D) += P (lanes x cols) * V_tile (cols x D)
       products_.accumulate_output(tile_.scores_t, cols, tile_.out_acc, tile_.d_padded);
@@ -141,13 +144,15 @@ class DecodeKernel {
     return {k, v, std::min({kN, end - j0, p_.page_size - slot})};
   }
 
-  // Starts fetching a tile's key and value rows into the cache, spread over the current tile's
-  // softmax (one key's rows per step): each row is a few lines Hkv * D elements apart from the
-  // next, a pattern the hardware prefetchers do not follow.
-  void prefetch(const KeyTile& keys) {
+  // Requests the lines of a key's key and value rows into L2. Consecutive rows of one kv head
+  // are Hkv * D elements apart (and pages anywhere), a pattern the hardware prefetchers do
+  // not follow.
+  void prefetch(const KeyTile& key) const {
     const int64_t row_bytes = p_.head_dim * static_cast<int64_t>(sizeof(T));
-    next_keys_.start(keys.k, p_.k_slot_stride * sizeof(T), keys.cols, row_bytes);
-    next_values_.start(keys.v, p_.v_slot_stride * sizeof(T), keys.cols, row_bytes);
+    for (int64_t line = 0; line < row_bytes; line += 64) {
+      __builtin_prefetch(reinterpret_cast<const char*>(key.k) + line, 0, 2);
+      __builtin_prefetch(reinterpret_cast<const char*>(key.v) + line, 0, 2);
+    }
   }
 
   // The lanes' scaled query rows into the products' packed q, the tile reset, and the lanes'
@@ -233,7 +238,6 @@ class DecodeKernel {
   const DecodeParams& p_;
   const DecodePlan& plan_;
   const int64_t groups_;  // g = Hq / Hkv query heads per kv head
-  LinePrefetcher next_keys_, next_values_;  // the next tile's rows
   ScoreTile<V> tile_;
   Products products_;
   T* q_rows_;             // (kM, D): the lanes' query rows, gathered

@@ -83,8 +83,8 @@ int64_t load_key_flags(typename V::value_type* flags, const uint8_t* mask_row, i
   return visible;
 }
 
-// Prefetches the cache lines of a block of rows into L2, one line per step() (or
-// one row per step_row()), so the requests are spread over other work. Used on bias tiles a step
+// Prefetches the cache lines of a block of rows into L2, one line per step(),
+// so the requests are spread over other work. Used on bias tiles a step
 // ahead: their rows are Sk * 4 bytes apart, too many streams for the
 // hardware prefetchers, and a burst of 256 prefetches (a 64 x 64 float tile)
 // fills the miss queue (measured: ~1 us stall per tile, 2.3 ms of a 22 ms T5
@@ -107,14 +107,6 @@ class LinePrefetcher {
       line_ = 0;
       ++row_;
     }
-  }
-
-  // What is left of the current row, at once.
-  void step_row() {
-    if (row_ >= rows_) return;
-    for (; line_ < lines_per_row_; ++line_) __builtin_prefetch(base_ + row_ * row_stride_ + line_ * 64, 0, 2);
-    line_ = 0;
-    ++row_;
   }
 
   void finish() {
