@@ -26,7 +26,7 @@ if [[ -n "${TESTS:-}" ]]; then
 else
   TEST_GROUPS=(
     # What no GPU has confirmed yet (README: Awaiting a GPU) comes first.
-    "$PARALLEL tests/test_score_modifiers.py tests/test_triton_modifiers.py tests/test_flash_attn_interface.py tests/test_varlen.py tests/test_triton_varlen.py"
+    "$PARALLEL tests/test_decode.py tests/test_score_modifiers.py tests/test_triton_modifiers.py tests/test_flash_attn_interface.py tests/test_varlen.py tests/test_triton_varlen.py"
     "-m gpu tests/test_cuda.py"
     "$PARALLEL tests/test_contract.py tests/test_robustness.py tests/test_fuzz.py"
     "-m gpu tests/test_nn.py tests/test_models.py tests/test_integrations.py"
