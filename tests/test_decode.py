@@ -385,3 +385,30 @@ def test_cpu_attention_on_few_query_rows_runs_as_a_decoding_step(shape, options,
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse.double(), expected_lse, atol=2e-5, rtol=2e-5)
     assert torch.equal(out, single[0]) and torch.equal(lse, single[1])
+
+
+def test_decode_attention_compiles_whole_with_the_cache_written_in_place():
+    # torch.compile(fullgraph=True) of a decoding step on the CPU kernels: the op's in-place writes
+    # reach the caches passed in, and out and lse are eager's.
+    case = DecodeCase((5, 9), page_size=8, causal=True, sinks=True)
+    inputs = case.make_inputs()
+    expected_caches = (inputs["k_cache"].clone(), inputs["v_cache"].clone())
+    names = ("q", "k_cache", "v_cache", "cache_seqlens", "k", "v", "block_table", "sinks")
+
+    def step(q, k_cache, v_cache, cache_seqlens, k, v, block_table, sinks):
+        return fast_attn.decode_attention(
+            q, k_cache, v_cache, cache_seqlens, k=k, v=v, block_table=block_table, causal=True, sinks=sinks,
+            return_lse=True, backend="cpu",
+        )  # fmt: skip
+
+    with torch.no_grad():
+        out, lse = torch.compile(step, fullgraph=True)(*(inputs[n] for n in names))
+        expected, expected_lse = reference_decode_attention(
+            inputs["q"], *expected_caches, inputs["cache_seqlens"], k=inputs["k"], v=inputs["v"],
+            block_table=inputs["block_table"], causal=True, sinks=inputs["sinks"],
+        )  # fmt: skip
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(lse, expected_lse)
+    assert torch.equal(inputs["k_cache"], expected_caches[0]) and torch.equal(
+        inputs["v_cache"], expected_caches[1]
+    )
