@@ -26,6 +26,7 @@ from .causal import parse_causal, visible_band
 from .dropout import new_dropout_seed
 from .functional import attention
 from .ops.autograd import accumulation_dtype
+from .ops.sinks import apply_sinks
 from .reference import reference_attention, reference_decode_attention, reference_varlen_attention
 from .validation import build_problem, build_varlen_problem
 from .varlen import varlen_attention
@@ -175,7 +176,11 @@ def rounded_output_reference(
     dS_ij = P_ij (dP_ij - delta_i) by -P_ij (delta_i - exact delta_i), which is
     what that gradient on lse_i adds (d lse_i / d s_ij = P_ij): so this is the
     float64 reference with it as lse's gradient (added to grad_lse, the
-    problem's own, when given)."""
+    problem's own, when given). With sinks, see _rounded_output_reference_with_sinks."""
+    if inputs.get("sinks") is not None:
+        return _rounded_output_reference_with_sinks(
+            inputs, out_dtype=out_dtype, grad_out=grad_out, grad_lse=grad_lse, **kwargs
+        )
     exact_out = run_reference(inputs, compute_dtype=torch.float64, **kwargs).out  # (B, H, Sq, D)
     accumulate = torch.float64 if out_dtype == torch.float64 else torch.float32
     rounded_out = exact_out.to(out_dtype) if fed_out is None else fed_out.detach().to(out_dtype)
@@ -186,6 +191,51 @@ def rounded_output_reference(
     return run_reference(
         inputs, compute_dtype=torch.float64, grad_out=grad_out, grad_lse=rounding_grad_lse, **kwargs
     )
+
+
+def _rounded_output_reference_with_sinks(
+    inputs: dict[str, torch.Tensor | None],
+    *,
+    out_dtype: torch.dtype,
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    **kwargs,
+) -> ReferenceResults:
+    """rounded_output_reference for kernels whose sinks are applied to their result afterwards
+    (fast_attn/ops/sinks.py): the kernel's backward sums delta_i from its own output before the
+    sinks, rounded to out_dtype, against the gradient that reaches it through the sinks
+    (grad_out * weight, rounded to out_dtype as apply_sinks hands it over). So the float64 reference
+    runs in the same two steps, and the rounding's error enters as a gradient on the lse before the
+    sinks. The kernel's own output is not used: it is only known after the sinks."""
+    copies = {
+        name: t.detach().double().requires_grad_(t.requires_grad)
+        if t is not None and t.is_floating_point() and name != "alibi_slopes"
+        else t
+        for name, t in inputs.items()
+    }
+    sinks = copies["sinks"]
+    others = {name: t for name, t in copies.items() if name not in ("q", "k", "v", "sinks")}
+    out_before, lse_before = reference_attention(
+        copies["q"], copies["k"], copies["v"], compute_dtype=torch.float64, **others, **kwargs
+    )  # (B, H, Sq, D), (B, H, Sq)
+    exact_before = out_before.detach()
+    rounded_before = exact_before.to(out_dtype).double()
+    # The sinks see the kernel's rounded output (their gradient and the lse's gradient they hand the
+    # kernel are computed from it); gradients flow on as through the exact one.
+    out, lse = apply_sinks(out_before + (rounded_before - exact_before), lse_before, sinks)
+    accumulate = torch.float64 if out_dtype == torch.float64 else torch.float32
+    weight = torch.exp(lse_before - lse).detach().to(accumulate)
+    grad_into_kernel = (grad_out.to(accumulate) * weight[..., None]).to(out_dtype)
+    delta = (grad_into_kernel.to(accumulate) * rounded_before.to(accumulate)).sum(-1).double()
+    rounding_grad_lse = (grad_into_kernel.double() * exact_before).sum(-1) - delta
+    outputs, output_grads = [out], [grad_out.double()]
+    for output, output_grad in ((lse_before, rounding_grad_lse), (lse, grad_lse)):
+        if output_grad is not None and output.requires_grad:
+            outputs.append(output)
+            output_grads.append(output_grad.double())
+    wanted = {n: t for n, t in copies.items() if t is not None and t.is_floating_point() and t.requires_grad}
+    grads = torch.autograd.grad(outputs, list(wanted.values()), output_grads)
+    return ReferenceResults(out=out, lse=lse, grads=dict(zip(wanted.keys(), grads)))
 
 
 def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
