@@ -584,6 +584,11 @@ def build_decode_problem(
         if block_table is not None:
             raise ValueError("cache_batch_idx cannot be combined with a paged cache (block_table)")
         batch_idx = _check_int32_vector("cache_batch_idx", cache_batch_idx, batch, device)
+    elif block_table is None and k_cache.shape[0] < batch:
+        raise ValueError(
+            f"k_cache has {k_cache.shape[0]} rows for B = {batch} sequences: give each sequence a row, "
+            "or name them with cache_batch_idx"
+        )
     table = None
     if block_table is not None:
         table = _check_tensor("block_table", block_table)

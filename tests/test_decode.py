@@ -222,6 +222,11 @@ BAD_DECODE_INPUTS = [
     ),
     ("heads", lambda i: i.update(q=i["q"][:, :, :3]), r"Hq % Hkv == 0"),
     (
+        "cache_rows",
+        lambda i: i.update(block_table=None, k_cache=i["k_cache"][:1], v_cache=i["v_cache"][:1]),
+        r"k_cache has 1 rows for B = 2 sequences",
+    ),
+    (
         "batch_idx_paged",
         lambda i: i.update(cache_batch_idx=torch.zeros(2, dtype=torch.int32)),
         r"cache_batch_idx cannot be combined with a paged cache",
