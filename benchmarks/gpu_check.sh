@@ -7,6 +7,7 @@
 #   bench/results.{json,md} and bench/throughput.png   the benchmark
 #   bench_models.json, longest_sequence.json   end-to-end models, longest sequences
 #   decode/results.{json,md}   the Triton decode op against SDPA, with its bandwidth
+#   context_parallel.json   the ring and the all-to-all on one NCCL rank against plain attention
 #   cuda_sweep/cuda_tile_sweep.json   candidate CUDA tiles (step cuda_sweep, not in the default STEPS)
 # Each step has its own time limit so that a slow step cannot eat the others'.
 #
@@ -15,7 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(pwd)/gpu_out}
-STEPS=${STEPS:-"build probe overhead tests bench bench_decode bench_t5 bench_models longest sanitizer wheel"}
+STEPS=${STEPS:-"build probe overhead tests bench bench_decode context_parallel bench_t5 bench_models longest sanitizer wheel"}
 PY=${PYTHON:-python3}
 # Test groups compiling many Triton variants run in parallel workers when
 # pytest-xdist is there (compilation is CPU-bound; the 16 cores share one GPU).
@@ -27,7 +28,7 @@ else
   TEST_GROUPS=(
     # What no GPU has confirmed yet (README: Awaiting a GPU) comes first.
     "$PARALLEL tests/test_decode.py tests/test_score_modifiers.py tests/test_triton_modifiers.py tests/test_flash_attn_interface.py tests/test_varlen.py tests/test_triton_varlen.py"
-    "-m gpu tests/test_cuda.py"
+    "-m gpu tests/test_cuda.py tests/test_distributed.py"
     "$PARALLEL tests/test_contract.py tests/test_robustness.py tests/test_fuzz.py"
     "-m gpu tests/test_nn.py tests/test_models.py tests/test_integrations.py"
     "$PARALLEL -m gpu tests/test_triton.py tests/test_triton_decode.py"
@@ -112,6 +113,12 @@ fi
 if has_step bench_decode; then
   step "benchmark: decoding against a KV cache (Triton decode op vs SDPA)"
   timeout "${BENCH_DECODE_TIMEOUT:-240}" $PY benchmarks/decode.py --out "$OUT/decode" 2>&1 | tee -a "$LOG"
+fi
+
+if has_step context_parallel; then
+  step "benchmark: context parallelism on one NCCL rank (ring, all-to-all) against plain attention"
+  timeout "${CONTEXT_PARALLEL_TIMEOUT:-120}" $PY benchmarks/context_parallel.py --device cuda \
+    --json "$OUT/context_parallel.json" 2>&1 | tee -a "$LOG"
 fi
 
 if has_step bench_t5; then

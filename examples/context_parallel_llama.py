@@ -27,7 +27,7 @@ import torch.distributed as dist
 import transformers
 from random_models import llama_config, random_model
 
-from fast_attn.distributed import run_on_cpu_ranks, shard_model_inputs
+from fast_attn.distributed import run_on_local_ranks, shard_model_inputs
 from fast_attn.integrations.transformers import register
 
 VOCAB = 101
@@ -90,7 +90,7 @@ def main() -> None:
         report = check_rank(dist.get_rank(), dist.get_world_size(), args.seqlen, args.dtype)
         dist.destroy_process_group()
     else:
-        report = run_on_cpu_ranks(check_rank, 2, args.seqlen, args.dtype)[0]
+        report = run_on_local_ranks(check_rank, 2, args.seqlen, args.dtype)[0]
     if os.environ.get("RANK", "0") == "0":
         print("\n".join(report + ["loss and gradients equal one process's"]))
 

@@ -1,7 +1,7 @@
 """Many checks run in one spawn of CPU ranks and reported as one pytest test each (not a test file).
 
 A spawn costs every rank an import of torch and fast_attn, which dwarfs the checks themselves; so a
-test module spawns its ranks once (run_on_cpu_ranks in a module-scoped fixture), each rank runs every
+test module spawns its ranks once (run_on_local_ranks in a module-scoped fixture), each rank runs every
 check with `run_checks`, and one parametrized test per check reads its outcome with `assert_passed`.
 """
 

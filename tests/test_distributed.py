@@ -1,9 +1,11 @@
-"""fast_attn.distributed on gloo CPU ranks: context_parallel_attention against fast_attn.attention on the
-whole sequence in one process (output, lse and every gradient), both modes and layouts, and bad input.
+"""fast_attn.distributed on gloo CPU ranks (and NCCL GPU ranks, marker gpu): context_parallel_attention
+against fast_attn.attention on the whole sequence in one process (output, lse and every gradient), both
+modes and layouts, and bad input.
 
-One spawn of 4 ranks (run_on_cpu_ranks, a module-scoped fixture) runs every case, in groups of 4, 2 and 1
-ranks; test_case reports each case's outcome. Every rank builds the same whole problem from one seed,
-computes the one-process reference itself, and checks its own shard.
+One spawn of 4 CPU ranks (run_on_local_ranks, a module-scoped fixture) runs every case, in groups of 4, 2
+and 1 ranks; test_case reports each case's outcome. Every rank builds the same whole problem from one
+seed, computes the one-process reference itself, and checks its own shard. On a GPU machine one spawn of
+NCCL ranks (one per GPU, at most 2) runs the GPU cases with the cuda and triton backends the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from distributed_cases import assert_passed, run_checks
 import fast_attn
 from fast_attn.causal import CausalMode
 from fast_attn.distributed import context_parallel_attention, gather_sequence, shard_sequence
-from fast_attn.distributed.launch import run_on_cpu_ranks
+from fast_attn.distributed.launch import run_on_local_ranks
 from fast_attn.distributed.layout import Piece, shard_pieces
 from fast_attn.distributed.ring import plan_blocks, visible_block
 from fast_attn.reference import _visible_mask
@@ -39,7 +41,9 @@ class Setting:
     softcap: float | None = None
     sinks: bool = False
     return_lse: bool = False
+    head_dim: int = 8
     dtype: torch.dtype = torch.float64
+    device: str = "cpu"
     backend: str = "auto"
 
     def __str__(self) -> str:
@@ -51,6 +55,7 @@ class Setting:
         ]
         parts += [f"s{self.seqlen}"] + ([f"window{self.window[0]}-{self.window[1]}"] if self.window else [])
         parts += ["softcap"] * bool(self.softcap) + ["sinks"] * self.sinks + ["lse"] * self.return_lse
+        parts += [] if self.head_dim == 8 else [f"d{self.head_dim}"]
         parts += [] if self.dtype == torch.float64 else [str(self.dtype).replace("torch.", "")]
         return "-".join(parts + ([] if self.backend == "auto" else [self.backend]))
 
@@ -83,18 +88,20 @@ SETTINGS_4 = [
 def _inputs(setting: Setting, generator: torch.Generator) -> dict:
     """The whole problem, the same on every rank: q, k, v, sinks, and the gradients of out and lse."""
     heads_q, heads_kv = setting.heads
-    shape = (2, heads_q, setting.seqlen, 8)
+    shape = (2, heads_q, setting.seqlen, setting.head_dim)
+    kv_shape = (2, heads_kv, setting.seqlen, setting.head_dim)
+    lse_dtype = torch.float64 if setting.dtype == torch.float64 else torch.float32
 
-    def randn(*size):
-        return torch.randn(*size, generator=generator, dtype=torch.float64).to(setting.dtype)
+    def randn(*size, dtype=setting.dtype):
+        return torch.randn(*size, generator=generator, dtype=torch.float64).to(setting.device, dtype)
 
     return {
         "q": randn(*shape),
-        "k": randn(2, heads_kv, setting.seqlen, 8),
-        "v": randn(2, heads_kv, setting.seqlen, 8),
+        "k": randn(*kv_shape),
+        "v": randn(*kv_shape),
         "sinks": randn(heads_q) if setting.sinks else None,
         "grad_out": randn(*shape),
-        "grad_lse": randn(*shape[:3]).to(torch.float64 if setting.dtype == torch.float64 else torch.float32),
+        "grad_lse": randn(*shape[:3], dtype=lse_dtype),
     }
 
 
@@ -104,7 +111,19 @@ def _options(setting: Setting) -> dict:
         "window_size": setting.window,
         "softcap": setting.softcap,
         "return_lse": True,
+        "backend": setting.backend,
     }
+
+
+def _tolerance(setting: Setting, wanted: torch.Tensor) -> dict:
+    """float64 and float32 differ by the order of their sums; half precision also by where each path
+    rounds its partial results (the ring merges blocks in float32 and rounds once; the whole sequence
+    rounds its own way), a few units of the last place of the largest value."""
+    if setting.dtype == torch.float64:
+        return {"atol": 1e-10, "rtol": 1e-10}
+    if setting.dtype == torch.float32:
+        return {"atol": 2e-5, "rtol": 2e-5}
+    return {"atol": 2e-2 * max(1.0, wanted.abs().max().item()), "rtol": 2e-2}
 
 
 def _check_setting(setting: Setting, group) -> None:
@@ -132,9 +151,8 @@ def _check_setting(setting: Setting, group) -> None:
     sinks = whole["sinks"].detach().clone().requires_grad_() if setting.sinks else None
     options = _options(setting) | {"return_lse": setting.return_lse}
     result = context_parallel_attention(
-        mine["q"], mine["k"], mine["v"], group=group, mode=setting.mode, layout=layout, sinks=sinks,
-        backend=setting.backend, **options,
-    )  # fmt: skip
+        mine["q"], mine["k"], mine["v"], group=group, mode=setting.mode, layout=layout, sinks=sinks, **options
+    )
     out_mine, lse_mine = result if setting.return_lse else (result, None)
     # The loss on the gathered output is the same on every rank; gather_sequence's backward keeps each its part.
     cp_loss = (gather_sequence(out_mine, 2, group=group, layout=layout) * inputs["grad_out"]).sum()
@@ -144,19 +162,18 @@ def _check_setting(setting: Setting, group) -> None:
         )
     cp_loss.backward()
 
-    tolerance = (
-        {"atol": 1e-10, "rtol": 1e-10} if setting.dtype == torch.float64 else {"atol": 2e-5, "rtol": 2e-5}
-    )
     expected = {"out": out, "lse": lse} | {f"d{name}": whole[name].grad for name in mine}
     actual = {"out": out_mine} | ({"lse": lse_mine} if setting.return_lse else {})
     actual |= {f"d{name}": t.grad for name, t in mine.items()}
     for name, value in actual.items():
         wanted = shard_sequence(expected[name].detach(), 2, group=group, layout=layout)
+        tolerance = _tolerance(setting, wanted)
         torch.testing.assert_close(value, wanted, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
     if setting.sinks:
         dsinks = sinks.grad.clone()
         dist.all_reduce(dsinks, group=group)
-        torch.testing.assert_close(dsinks, whole["sinks"].grad, **tolerance)
+        wanted = whole["sinks"].grad
+        torch.testing.assert_close(dsinks, wanted, **_tolerance(setting, wanted))
 
 
 def _expect_error(error: type[Exception], words: str, function, *args, **kwargs) -> None:
@@ -253,12 +270,62 @@ def _run_cases(rank: int, world: int) -> dict[str, str | None]:
 
 @pytest.fixture(scope="module")
 def outcomes():
-    return run_on_cpu_ranks(_run_cases, 4, timeout_s=TIMEOUT_S)
+    return run_on_local_ranks(_run_cases, 4, timeout_s=TIMEOUT_S)
 
 
 @pytest.mark.parametrize("name", list(_cases()))
 def test_case(outcomes, name):
     assert_passed(outcomes, name)
+
+
+# NCCL ranks with one GPU each, on the GPU backends: half precision at a head dim the kernels are tuned for.
+GPU_SETTINGS = [
+    Setting(mode, layout, causal=causal, seqlen=512, head_dim=64, dtype=dtype, device="cuda", backend=backend)
+    for backend in ("cuda", "triton")
+    for mode, layout, causal, dtype in (
+        ("ring", "zigzag", True, torch.bfloat16),
+        ("ring", "contiguous", False, torch.float16),
+        ("all_to_all", "zigzag", True, torch.bfloat16),
+    )
+] + [
+    Setting(mode, "zigzag", causal=True, seqlen=512, head_dim=64, window=(100, -1), softcap=20.0, sinks=True,
+            return_lse=True, dtype=torch.bfloat16, device="cuda", backend=backend)
+    for backend in ("cuda", "triton")
+    for mode in ("ring", "all_to_all")
+]  # fmt: skip
+GPU_WORLD = 2  # the most NCCL ranks the GPU cases use (one GPU each)
+
+
+def _gpu_cases() -> dict[str, tuple]:
+    """Every GPU case: name -> (group size, check(group)); each setting on one rank and on GPU_WORLD."""
+    return {
+        f"{size}-ranks-{s}": (size, functools.partial(_check_setting, s))
+        for size in (1, GPU_WORLD)
+        for s in GPU_SETTINGS
+    }
+
+
+def _run_gpu_cases(rank: int, world: int) -> dict[str, str | None]:
+    """The GPU cases this many ranks can run: the 1-rank ones in a group of this rank alone, the others in
+    the default group when there are GPU_WORLD ranks."""
+    singles = [dist.new_group([r]) for r in range(world)]  # every rank creates every group, in one order
+    groups = {1: singles[rank]} | ({GPU_WORLD: None} if world == GPU_WORLD else {})
+    cases = {name: case for name, case in _gpu_cases().items() if case[0] in groups}
+    return run_checks({name: functools.partial(check, groups[size]) for name, (size, check) in cases.items()})
+
+
+@pytest.fixture(scope="module")
+def gpu_outcomes():
+    world = min(GPU_WORLD, torch.cuda.device_count())
+    return run_on_local_ranks(_run_gpu_cases, world, device="cuda", timeout_s=TIMEOUT_S)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(_gpu_cases()))
+def test_gpu_case(gpu_outcomes, name):
+    if name not in gpu_outcomes[0]:
+        pytest.skip(f"needs {GPU_WORLD} GPUs (NCCL takes one per rank); this machine has {len(gpu_outcomes)}")
+    assert_passed(gpu_outcomes, name)
 
 
 @pytest.mark.parametrize(

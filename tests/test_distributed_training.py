@@ -20,7 +20,7 @@ from distributed_cases import assert_passed, run_checks
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from fast_attn.distributed import run_on_cpu_ranks, shard_model_inputs
+from fast_attn.distributed import run_on_local_ranks, shard_model_inputs
 from fast_attn.models import GPT, GPTConfig
 
 pytest.importorskip("transformers")
@@ -114,7 +114,7 @@ def _run_checks(rank: int, world: int) -> dict[str, str | None]:
 
 @pytest.fixture(scope="module")
 def outcomes():
-    return run_on_cpu_ranks(_run_checks, 2, timeout_s=TIMEOUT_S)
+    return run_on_local_ranks(_run_checks, 2, timeout_s=TIMEOUT_S)
 
 
 @pytest.mark.parametrize("name", list(CHECKS))

@@ -6,13 +6,13 @@
 
 Modes: "ring" (K/V passed round the ranks, zigzag-balanced for causal masks, ring.py) and
 "all_to_all" (heads split over the ranks, all_to_all.py); layouts in layout.py; transformers
-models through shard_model_inputs (model_inputs.py); run_on_cpu_ranks (launch.py) runs a function
-on a few gloo CPU ranks. Only torch.distributed's collectives and P2P ops move data: NCCL on GPUs,
+models through shard_model_inputs (model_inputs.py); run_on_local_ranks (launch.py) runs a function
+on a few local ranks. Only torch.distributed's collectives and P2P ops move data: NCCL on GPUs,
 gloo on CPUs. docs/DISTRIBUTED.md says when to use which mode and what each costs.
 """
 
 from .attention import context_parallel_attention
-from .launch import run_on_cpu_ranks
+from .launch import run_on_local_ranks
 from .layout import gather_sequence, shard_sequence
 from .model_inputs import ContextParallel, shard_model_inputs
 
@@ -20,7 +20,7 @@ __all__ = [
     "ContextParallel",
     "context_parallel_attention",
     "gather_sequence",
-    "run_on_cpu_ranks",
+    "run_on_local_ranks",
     "shard_model_inputs",
     "shard_sequence",
 ]

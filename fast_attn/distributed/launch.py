@@ -1,6 +1,6 @@
-"""Run a function on a few CPU ranks of a gloo group on this machine: for tests, examples and benchmarks.
-
-On GPUs, launch with torchrun instead (docs/DISTRIBUTED.md).
+"""Run a function on a few ranks of a process group on this machine: gloo CPU ranks, or NCCL ranks with
+one GPU each. For tests, examples and benchmarks; to train on GPUs, launch with torchrun instead
+(docs/DISTRIBUTED.md).
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world, port, threads, group_timeout_s, results, fn, args):
+def _rank_main(rank, world, device, port, threads, group_timeout_s, results, fn, args):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's own connections on the loopback too
     torch.set_num_threads(threads)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo",
+        "nccl" if device == "cuda" else "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world,
@@ -37,20 +39,33 @@ def _rank_main(rank, world, port, threads, group_timeout_s, results, fn, args):
         dist.destroy_process_group()
 
 
-def run_on_cpu_ranks(
-    fn, world: int, *args, threads: int = 1, timeout_s: float = 300.0, group_timeout_s: float = 60.0
+def run_on_local_ranks(
+    fn,
+    world: int,
+    *args,
+    device: str = "cpu",
+    threads: int = 1,
+    timeout_s: float = 300.0,
+    group_timeout_s: float = 60.0,
 ) -> list:
-    """fn(rank, world, *args) in `world` spawned processes joined in the default gloo group over
+    """fn(rank, world, *args) in `world` spawned processes joined in the default process group over
     127.0.0.1 (a free port), each with `threads` intra-op threads. Returns fn's results by rank.
+    device "cpu": a gloo group; "cuda": an NCCL group, rank r on GPU r (NCCL takes one GPU per rank).
 
     fn and its results must pickle. A rank that raises ends the others and its error is raised here
     (torch.multiprocessing.ProcessRaisedException); past timeout_s every rank is killed and TimeoutError
     raised. A collective that waits for a rank longer than group_timeout_s fails that rank.
     """
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and world > torch.cuda.device_count():
+        raise ValueError(
+            f"world={world} NCCL ranks need a GPU each; this machine has {torch.cuda.device_count()}"
+        )
     results = mp.get_context("spawn").SimpleQueue()
     processes = mp.start_processes(
         _rank_main,
-        args=(world, _free_port(), threads, group_timeout_s, results, fn, args),
+        args=(world, device, _free_port(), threads, group_timeout_s, results, fn, args),
         nprocs=world,
         join=False,
         start_method="spawn",
