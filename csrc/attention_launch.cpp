@@ -1,5 +1,8 @@
 #include "attention_launch.h"
 
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -253,14 +256,34 @@ AttentionBackwardParams make_backward_params(const ForwardInputs& in, const Back
   return p;
 }
 
-at::Tensor compute_delta(const at::Tensor& grad_out, const at::Tensor& out,
+at::Tensor compute_delta(const at::Tensor& grad_out, const at::Tensor& out_in,
                          const std::optional<at::Tensor>& grad_lse) {
+  const at::Tensor out = out_in.scalar_type() == grad_out.scalar_type() && out_in.stride(3) == 1
+                             ? out_in
+                             : out_in.to(grad_out.scalar_type()).contiguous();
   const at::ScalarType acc = accumulation_dtype(out.scalar_type());
-  at::Tensor delta = (grad_out.to(acc) * out.to(acc)).sum(-1);
-  if (grad_lse) {
-    delta = delta - grad_lse->to(acc);
-  }
-  return delta.contiguous();
+  const int64_t batch = out.size(0), heads = out.size(1), rows = out.size(2), head_dim = out.size(3);
+  at::Tensor delta = at::empty({batch, heads, rows}, out.options().dtype(acc));
+  // One pass over the rows of grad_out and out where they lie (the last dims contiguous, any
+  // other strides), each product and sum in the accumulation type: no converted copies.
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fast_attn_delta", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* dout = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* o = out.const_data_ptr<scalar_t>();
+    acc_t* d = delta.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, batch * heads * rows, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / (heads * rows), h = r / rows % heads, i = r % rows;
+        const scalar_t* dout_row = dout + b * grad_out.stride(0) + h * grad_out.stride(1) + i * grad_out.stride(2);
+        const scalar_t* o_row = o + b * out.stride(0) + h * out.stride(1) + i * out.stride(2);
+        acc_t sum = 0;
+        for (int64_t c = 0; c < head_dim; ++c) sum += static_cast<acc_t>(dout_row[c]) * static_cast<acc_t>(o_row[c]);
+        d[r] = sum;
+      }
+    });
+  });
+  if (grad_lse) delta.sub_(grad_lse->to(acc));
+  return delta;
 }
 
 at::Tensor allocate_dbias_partials(const at::Tensor& bias, int64_t num_splits) {

@@ -92,7 +92,8 @@ struct BackwardTensors {
 
 AttentionBackwardParams make_backward_params(const ForwardInputs& in, const BackwardTensors& t);
 
-// delta = rowsum(grad_out * out) - grad_lse in the accumulation dtype, (B, Hq, Sq).
+// delta = rowsum(grad_out * out) - grad_lse in the accumulation dtype, (B, Hq, Sq); grad_out's
+// last dim contiguous (out is brought to grad_out's dtype and a contiguous last dim if it lacks them).
 at::Tensor compute_delta(const at::Tensor& grad_out, const at::Tensor& out,
                          const std::optional<at::Tensor>& grad_lse);
 
