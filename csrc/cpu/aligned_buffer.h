@@ -27,8 +27,9 @@ class AlignedBuffer {
   unsigned char* data_;
 };
 
-// Hands out consecutive 64-byte aligned arrays from a buffer; sized by a
-// first pass with a null base (count_only) so layout and size cannot drift.
+// Hands out consecutive 64-byte aligned arrays from a buffer; with a null base
+// it only counts their bytes (CarvedScratch's first pass), so layout and size
+// cannot drift.
 class ScratchCarver {
  public:
   explicit ScratchCarver(unsigned char* base) : base_(base) {}
@@ -45,6 +46,27 @@ class ScratchCarver {
  private:
   unsigned char* base_;
   size_t offset_ = 0;
+};
+
+// The scratch of one kernel object: carve(ScratchCarver&) takes its arrays, once
+// with a null base to size the buffer and once for real.
+class CarvedScratch {
+ public:
+  template <class Carve>
+  explicit CarvedScratch(const Carve& carve) : buffer_(bytes_taken(carve)) {
+    ScratchCarver carver(buffer_.data());
+    carve(carver);
+  }
+
+ private:
+  template <class Carve>
+  static size_t bytes_taken(const Carve& carve) {
+    ScratchCarver sizing(nullptr);
+    carve(sizing);
+    return sizing.bytes();
+  }
+
+  AlignedBuffer buffer_;
 };
 
 }  // namespace

@@ -28,6 +28,7 @@
 #include "aligned_buffer.h"
 #include "attention_params.h"
 #include "cpu_kernels.h"
+#include "task_loop.h"
 #include "tile_ops.h"
 
 namespace fast_attn::cpu {
@@ -41,20 +42,7 @@ class BackwardKernel {
   static constexpr int64_t kN = kBackwardBlockN;
 
  public:
-  static size_t scratch_bytes(const AttentionBackwardParams& p) {
-    ScratchCarver carver(nullptr);
-    Scratch s;
-    s.carve(carver, p.head_dim);
-    Products products;
-    products.carve(carver, p.head_dim);
-    return carver.bytes();
-  }
-
-  BackwardKernel(const AttentionBackwardParams& p, const BackwardPlan& plan, unsigned char* scratch)
-      : params_(p), plan_(plan), p_(p) {
-    ScratchCarver carver(scratch);
-    s_.carve(carver, p.head_dim);
-    products_.carve(carver, p.head_dim);
+  BackwardKernel(const AttentionBackwardParams& p, const BackwardPlan& plan) : params_(p), plan_(plan), p_(p) {
     for (int64_t n = 0; n < kN; ++n) s_.key_index[n] = static_cast<acc_t>(n);
   }
 
@@ -112,6 +100,11 @@ class BackwardKernel {
   };
 
   static constexpr acc_t neg_inf() { return -std::numeric_limits<acc_t>::infinity(); }
+
+  void carve(ScratchCarver& carver) {
+    s_.carve(carver, p_.head_dim);
+    products_.carve(carver, p_.head_dim);
+  }
 
   void run_kv_block(int64_t b, int64_t kv_head, int64_t j0, int64_t chunk, int64_t split) {
     const int64_t cols = std::min(kN, p_.seqlen_k - j0);
@@ -400,17 +393,13 @@ class BackwardKernel {
   Scratch s_;
   Products products_;
   LinePrefetcher bias_prefetch_;  // the next query block's bias tile
+  CarvedScratch scratch_{[this](ScratchCarver& carver) { carve(carver); }};  // last: holds the arrays above
 };
 
-// Runs backward tasks from `counter` until none is left, with scratch of its own.
+// Runs backward tasks from `counter` until none is left.
 template <class V, class T, class Products>
 void backward_worker(const AttentionBackwardParams& p, const BackwardPlan& plan, TaskCounter& counter) {
-  using Kernel = BackwardKernel<V, T, Products>;
-  AlignedBuffer scratch(Kernel::scratch_bytes(p));
-  Kernel kernel(p, plan, scratch.data());
-  for (int64_t task = counter.next.fetch_add(1); task < plan.num_tasks; task = counter.next.fetch_add(1)) {
-    kernel.run(task);
-  }
+  run_tasks<BackwardKernel<V, T, Products>>(p, plan, counter);
   std::atomic_thread_fence(std::memory_order_seq_cst);  // completes the streaming dbias stores
 }
 

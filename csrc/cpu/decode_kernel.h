@@ -29,6 +29,7 @@
 #include "decode_params.h"
 #include "forward_products.h"
 #include "score_tile.h"
+#include "task_loop.h"
 
 namespace fast_attn::cpu {
 namespace {
@@ -42,14 +43,7 @@ class DecodeKernel {
   static constexpr int64_t kN = kBlockN;
 
  public:
-  // Scratch of its own: sized by a first carve with a null base, then carved for real.
-  DecodeKernel(const DecodeParams& p, const DecodePlan& plan)
-      : p_(p),
-        plan_(plan),
-        groups_(p.heads_q / p.heads_kv),
-        scratch_(carve(nullptr)) {
-    carve(scratch_.data());
-  }
+  DecodeKernel(const DecodeParams& p, const DecodePlan& plan) : p_(p), plan_(plan), groups_(p.heads_q / p.heads_kv) {}
 
   void run(int64_t task) {
     const int64_t group = task / plan_.num_splits;  // (sequence, kv head), heaviest sequences first
@@ -68,14 +62,11 @@ class DecodeKernel {
   }
 
  private:
-  // Points the scratch arrays into `base`; returns the bytes they take.
-  size_t carve(unsigned char* base) {
-    ScratchCarver carver(base);
+  void carve(ScratchCarver& carver) {
     tile_.carve(carver, p_.head_dim);
     products_.carve(carver, p_.head_dim);
     q_rows_ = carver.take<T>(kM * p_.head_dim);
     split_weights_ = carver.take<acc_t>(kMaxDecodeSplits);
-    return carver.bytes();
   }
 
   // Split `split`'s keys: a chunk of whole key tiles of the keys some query row sees.
@@ -242,16 +233,13 @@ class DecodeKernel {
   Products products_;
   T* q_rows_;             // (kM, D): the lanes' query rows, gathered
   acc_t* split_weights_;  // (kMaxDecodeSplits): exp(lse_s - lse) while merging
-  AlignedBuffer scratch_;  // last: sized by carve() on the members above
+  CarvedScratch scratch_{[this](ScratchCarver& carver) { carve(carver); }};  // last: holds the arrays above
 };
 
 // Runs decode tasks from `counter` until none is left.
 template <class V, class T>
 void decode_worker(const DecodeParams& p, const DecodePlan& plan, TaskCounter& counter) {
-  DecodeKernel<V, T> kernel(p, plan);
-  for (int64_t task = counter.next.fetch_add(1); task < plan.num_tasks; task = counter.next.fetch_add(1)) {
-    kernel.run(task);
-  }
+  run_tasks<DecodeKernel<V, T>>(p, plan, counter);
 }
 
 }  // namespace

@@ -26,6 +26,7 @@
 #include "attention_params.h"
 #include "cpu_kernels.h"
 #include "score_tile.h"
+#include "task_loop.h"
 #include "tile_ops.h"
 
 namespace fast_attn::cpu {
@@ -39,22 +40,7 @@ class ForwardKernel {
   static constexpr int64_t kN = kBlockN;
 
  public:
-  static size_t scratch_bytes(const AttentionForwardParams& p) {
-    ScratchCarver carver(nullptr);
-    ScoreTile<V> tile;
-    tile.carve(carver, p.head_dim);
-    carver.take<acc_t>(kN);  // key_flags_
-    Products products;
-    products.carve(carver, p.head_dim);
-    return carver.bytes();
-  }
-
-  ForwardKernel(const AttentionForwardParams& p, const ForwardPlan& plan, unsigned char* scratch)
-      : params_(p), plan_(plan), p_(p) {
-    ScratchCarver carver(scratch);
-    tile_.carve(carver, p.head_dim);
-    key_flags_ = carver.take<acc_t>(kN);
-    products_.carve(carver, p.head_dim);
+  ForwardKernel(const AttentionForwardParams& p, const ForwardPlan& plan) : params_(p), plan_(plan), p_(p) {
     for (int64_t m = 0; m < kM; ++m) tile_.lane_position[m] = static_cast<acc_t>(m);
   }
 
@@ -84,6 +70,12 @@ class ForwardKernel {
 
  private:
   static constexpr acc_t neg_inf() { return ScoreTile<V>::neg_inf(); }
+
+  void carve(ScratchCarver& carver) {
+    tile_.carve(carver, p_.head_dim);
+    key_flags_ = carver.take<acc_t>(kN);
+    products_.carve(carver, p_.head_dim);
+  }
 
   void run_block(int64_t b, int64_t h, int64_t i0) {
     const int64_t rows = std::min(kM, p_.seqlen_q - i0);
@@ -227,16 +219,13 @@ class ForwardKernel {
   acc_t* key_flags_;  // (kN): 1 = key visible (key mask)
   Products products_;
   LinePrefetcher bias_prefetch_;  // the next key block's bias tile
+  CarvedScratch scratch_{[this](ScratchCarver& carver) { carve(carver); }};  // last: holds the arrays above
 };
 
-// Runs forward tasks from `counter` until none is left, with scratch of its own.
+// Runs forward tasks from `counter` until none is left.
 template <class V, class T, class Products>
 void forward_worker(const AttentionForwardParams& p, const ForwardPlan& plan, TaskCounter& counter) {
-  AlignedBuffer scratch(ForwardKernel<V, T, Products>::scratch_bytes(p));
-  ForwardKernel<V, T, Products> kernel(p, plan, scratch.data());
-  for (int64_t task = counter.next.fetch_add(1); task < plan.num_tasks; task = counter.next.fetch_add(1)) {
-    kernel.run(task);
-  }
+  run_tasks<ForwardKernel<V, T, Products>>(p, plan, counter);
 }
 
 }  // namespace

@@ -2,22 +2,9 @@
 // vec_avx2.h), for x86 CPUs without AVX-512. As in kernels_avx512.cpp: no global
 // -m flag, only the code between push_options and pop_options targets AVX2,
 // everything in it has internal linkage except avx2_kernels(), attention_cpu.cpp
-// calls it only when the CPU reports those features, and standard headers come
+// calls it only when the CPU reports those features, and the other headers come
 // before the target region.
-#include <immintrin.h>
-
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <limits>
-#include <new>
-#include <type_traits>
-
-#include "attention_params.h"
-#include "cpu/cpu_kernels.h"
+#include "cpu/headers_before_target_region.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -29,9 +16,6 @@
 
 namespace fast_attn::cpu {
 
-const KernelSet& avx2_kernels() {
-  static const KernelSet kernels{"avx2", &forward_on<VecAvx2>, &backward_on<VecAvx2>, &decode_on<VecAvx2>};
-  return kernels;
-}
+const KernelSet& avx2_kernels() { return kKernelsOn<VecAvx2>; }
 
 }  // namespace fast_attn::cpu

@@ -3,22 +3,10 @@
 // pop_options targets AVX-512, and attention_cpu.cpp calls it only when the
 // CPU reports those features. Everything compiled here has internal linkage
 // (anonymous namespaces) except avx512_kernels(), so no AVX-512 copy of an
-// inline function can replace a portable one at link time. Standard headers
-// are included before the target region for the same reason.
-#include <immintrin.h>
-
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <limits>
-#include <new>
-#include <type_traits>
-
-#include "attention_params.h"
-#include "cpu/cpu_kernels.h"
+// inline function can replace a portable one at link time. The other headers
+// are included before the target region for the same reason
+// (headers_before_target_region.h).
+#include "cpu/headers_before_target_region.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
@@ -30,9 +18,6 @@
 
 namespace fast_attn::cpu {
 
-const KernelSet& avx512_kernels() {
-  static const KernelSet kernels{"avx512", &forward_on<VecAvx512>, &backward_on<VecAvx512>, &decode_on<VecAvx512>};
-  return kernels;
-}
+const KernelSet& avx512_kernels() { return kKernelsOn<VecAvx512>; }
 
 }  // namespace fast_attn::cpu

@@ -2,22 +2,9 @@
 // (forward_products_bf16.h, backward_products_bf16.h),
 // compiled for avx512f/bw/vl/dq + avx512bf16 inside a target region only (see
 // kernels_avx512.cpp for why everything here has internal linkage and the
-// standard headers come first). attention_cpu.cpp calls it only where the CPU
+// other headers come first). attention_cpu.cpp calls it only where the CPU
 // reports avx512bf16.
-#include <immintrin.h>
-
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <limits>
-#include <new>
-#include <type_traits>
-
-#include "attention_params.h"
-#include "cpu/cpu_kernels.h"
+#include "cpu/headers_before_target_region.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")

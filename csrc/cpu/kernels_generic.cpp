@@ -36,7 +36,7 @@ void decode_generic(const DecodeParams& p, const DecodePlan& plan, TaskCounter& 
 }  // namespace
 
 const KernelSet& generic_kernels() {
-  static const KernelSet kernels{"generic", &forward_generic, &backward_generic, &decode_generic};
+  static const KernelSet kernels{VecFloat::kInstructionSet, &forward_generic, &backward_generic, &decode_generic};
   return kernels;
 }
 

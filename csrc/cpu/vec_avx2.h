@@ -25,6 +25,7 @@ namespace {
 struct VecAvx2 {
   using value_type = float;
   using Mask = __m256i;  // all ones in the lanes that count
+  static constexpr const char* kInstructionSet = "avx2";
   static constexpr int kWidth = 8;
   static constexpr int kTileVectors = 2;
   __m256 v;

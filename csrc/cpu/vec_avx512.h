@@ -19,6 +19,7 @@ namespace {
 struct VecAvx512 {
   using value_type = float;
   using Mask = __mmask16;
+  static constexpr const char* kInstructionSet = "avx512";  // the name kernel selection reports
   static constexpr int kWidth = 16;
   static constexpr int kTileVectors = 4;  // register tile of the matrix products: 6 rows x 4 vectors
   __m512 v;

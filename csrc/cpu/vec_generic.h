@@ -20,6 +20,7 @@ template <class T>
 struct VecGeneric {
   using value_type = T;
   using Mask = int;  // number of leading lanes
+  static constexpr const char* kInstructionSet = "generic";
   static constexpr int kWidth = 16;
   static constexpr int kTileVectors = 4;  // register tile of the matrix products: 6 rows x 4 vectors
   T lane[kWidth];

@@ -60,5 +60,9 @@ void decode_on(const DecodeParams& p, const DecodePlan& plan, TaskCounter& count
   with_storage_type(plan.dtype, [&](auto element) { decode_worker<V, decltype(element)>(p, plan, counter); });
 }
 
+// The kernels of V for float32, bfloat16 and float16, named by V's instruction set.
+template <class V>
+constexpr KernelSet kKernelsOn{V::kInstructionSet, &forward_on<V>, &backward_on<V>, &decode_on<V>};
+
 }  // namespace
 }  // namespace fast_attn::cpu
