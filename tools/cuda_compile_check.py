@@ -160,9 +160,15 @@ def demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, result.stdout.splitlines()))
 
 
-# The bool template arguments after each kernel's traits, in order (a true one is named in the report).
-KERNEL_FLAGS = {"backward_dkdv": ("dbias", "modifiers", "varlen"), "backward_dbias": ("modifiers",)}
+# The template arguments after each kernel's traits, in order: a bool's name is in the report when
+# it is true; "path" is a KernelPath (kernel_api.h), named unless it is the general one.
+KERNEL_FLAGS = {
+    "forward": ("path", "varlen"),
+    "backward_dkdv": ("dbias", "path", "varlen"),
+    "backward_dbias": ("modifiers",),
+}
 DEFAULT_KERNEL_FLAGS = ("modifiers", "varlen")
+KERNEL_PATHS = ("fast", "causal", "general", "modifiers")  # KernelPath's values in order
 
 
 def short_name(demangled: str) -> tuple[str, str | None]:
@@ -170,14 +176,21 @@ def short_name(demangled: str) -> tuple[str, str | None]:
     (a kernel of neither element type, such as decode_append, by its name alone)."""
     base = re.search(r"(\w+)_kernel", demangled)
     kernel = base.group(1).replace("attention_", "") if base else demangled
+    demangled = re.sub(
+        r"\(fast_attn::cuda::KernelPath\)(\d)", lambda m: KERNEL_PATHS[int(m.group(1))], demangled
+    )
     # c++filt writes "> >" where a kernel's only template argument is its traits.
-    traits = re.search(r"(\w+Traits<[^<>]*>)((?:, (?:true|false))*) ?>", demangled)
+    traits = re.search(rf"(\w+Traits<[^<>]*>)((?:, (?:true|false|{'|'.join(KERNEL_PATHS)}))*) ?>", demangled)
     element = "bf16" if "bfloat16" in demangled else "fp16" if "__half" in demangled else "?"
     if traits:
         head_dim = re.search(r", (\d+)>", traits.group(1)).group(1)
-        values = re.findall(r"true|false", traits.group(2))
+        values = re.findall(r"\w+", traits.group(2))
         names = KERNEL_FLAGS.get(kernel, DEFAULT_KERNEL_FLAGS)
-        variant = "".join(f", {name}" for name, value in zip(names, values) if value == "true")
+        variant = "".join(
+            f", {value if name == 'path' else name}"
+            for name, value in zip(names, values)
+            if value == "true" or (name == "path" and value != "general")
+        )
         return f"{kernel}<{element}, {head_dim}{variant}>", traits.group(1)
     return (f"{kernel}<{element}>" if element != "?" else kernel), None
 

@@ -18,7 +18,14 @@
 // dK and dV of a kv head sum over its query heads inside one CTA: no atomics,
 // deterministic. Q, dO, lse and delta of the next step are prefetched with
 // cp.async into the other of two stages while the current step computes.
+//
+// kPath (kernel_api.h): the kGeneral and kModifiers kernels decide per step at run time
+// which elementwise code it needs; the kFast and kCausal kernels branch once per step
+// between two chunk loops, the one of the steps whose scores no mask reaches having no
+// mask, bias or dropout code at all.
 #pragma once
+
+#include <type_traits>
 
 #include "backward_schedule.h"
 #include "device_runtime.cuh"
@@ -220,12 +227,15 @@ struct DbiasStep {
   }
 };
 
-// kModifiers: the band's left edge, softcap and ALiBi (score_context.cuh). kVarlen (never
-// with dbias): packed sequences, a unit's batch index being the sequence's; a key block beyond
-// its sequence is skipped.
-template <typename Traits, bool kWithDbias, bool kModifiers, bool kVarlen>
+// kPath: the problems it runs (kernel_api.h); kModifiers adds the band's left edge, softcap and
+// ALiBi (score_context.cuh). kVarlen (kGeneral, kModifiers; never with dbias): packed sequences,
+// a unit's batch index being the sequence's; a key block beyond its sequence is skipped.
+template <typename Traits, bool kWithDbias, KernelPath kPath, bool kVarlen>
 FA_KERNEL(Traits::kThreads, Traits::kMinBlocksPerSm)
 void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const BackwardWorkspace workspace) {
+  constexpr bool kModifiers = kPath == KernelPath::kModifiers;
+  constexpr bool kSpecialized = is_specialized(kPath);
+  static_assert(!(kSpecialized && (kVarlen || kWithDbias)), "kFast and kCausal have no packed sequences or bias");
   using Element = typename Traits::Element;
   using KvTile = typename Traits::KvTile;
   using QTile = typename Traits::QTile;
@@ -379,119 +389,132 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
       const bool elementwise = scores.needs_elementwise(m0, kBlockM, n0, kBlockN);
       const DbiasStep dbias{float_smem + Traits::kKeySumOffset + threadIdx.x, kThreads};
 
-      FA_NO_UNROLL
-      for (int chunk = 0; chunk < Traits::kChunks; ++chunk) {
-        const int cq = chunk * kChunkM;  // the chunk's first query, within the block
-        // S^T = K Q^T and dP^T = V dO^T. Element (j, e): key key0 + 8 (e / 2), query m0 + cq + 8 j + pair + e % 2.
-        float acc_s[Traits::kChunkTiles][4];
-        float acc_dp[Traits::kChunkTiles][4];
-        zero_accumulators(acc_s);
-        zero_accumulators(acc_dp);
-        FA_UNROLL
-        for (int kk = 0; kk < Traits::kDimSteps; ++kk) {
-          uint32_t a_k[4];
-          uint32_t a_v[4];
-          if constexpr (Traits::kKvInRegisters) {
-            FA_UNROLL
-            for (int i = 0; i < 4; ++i) {
-              a_k[i] = k_fragments[kk][i];
-              a_v[i] = v_fragments[kk][i];
+      float softcap_slope[kModifiers ? Traits::kChunkTiles : 1][4];  // a chunk's, below
+      // The step's chunks; kMasked: whether masks may apply to its scores.
+      const auto chunks = [&](auto masked) {
+        constexpr bool kMasked = decltype(masked)::value;
+        FA_NO_UNROLL
+        for (int chunk = 0; chunk < Traits::kChunks; ++chunk) {
+          const int cq = chunk * kChunkM;  // the chunk's first query, within the block
+          // S^T = K Q^T and dP^T = V dO^T. Element (j, e): key key0 + 8 (e / 2), query m0 + cq + 8 j + pair + e % 2.
+          float acc_s[Traits::kChunkTiles][4];
+          float acc_dp[Traits::kChunkTiles][4];
+          zero_accumulators(acc_s);
+          zero_accumulators(acc_dp);
+          FA_UNROLL
+          for (int kk = 0; kk < Traits::kDimSteps; ++kk) {
+            uint32_t a_k[4];
+            uint32_t a_v[4];
+            if constexpr (Traits::kKvInRegisters) {
+              FA_UNROLL
+              for (int i = 0; i < 4; ++i) {
+                a_k[i] = k_fragments[kk][i];
+                a_v[i] = v_fragments[kk][i];
+              }
+            } else {
+              load_a_operand<KvTile>(a_k, k_smem, key_warp * 16, kk * 16, lane);
+              load_a_operand<KvTile>(a_v, v_smem, key_warp * 16, kk * 16, lane);
             }
-          } else {
-            load_a_operand<KvTile>(a_k, k_smem, key_warp * 16, kk * 16, lane);
-            load_a_operand<KvTile>(a_v, v_smem, key_warp * 16, kk * 16, lane);
-          }
-          FA_UNROLL
-          for (int nn = 0; nn < Traits::kChunkSteps; ++nn) {
-            uint32_t b[4];
-            load_b_operands_n_major<QTile>(b, q_tile, cq + nn * 16, kk * 16, lane);
-            mma_m16n8k16<Element>(acc_s[2 * nn], a_k, b[0], b[1]);
-            mma_m16n8k16<Element>(acc_s[2 * nn + 1], a_k, b[2], b[3]);
-            load_b_operands_n_major<QTile>(b, do_tile, cq + nn * 16, kk * 16, lane);
-            mma_m16n8k16<Element>(acc_dp[2 * nn], a_v, b[0], b[1]);
-            mma_m16n8k16<Element>(acc_dp[2 * nn + 1], a_v, b[2], b[3]);
-          }
-        }
-
-        // P^T = exp2(s - lse log2(e)); a row with lse = -inf saw no key, and +inf
-        // as its base makes all its probabilities 0 (never inf - inf).
-        // dS^T = P^T (dP^T Z - delta) into acc_dp; then acc_s = P^T Z. Under a softcap,
-        // dS^T's factor 1 - t^2 (for dK and dQ) waits in softcap_slope until dbias has
-        // taken dS^T itself.
-        float softcap_slope[kModifiers ? Traits::kChunkTiles : 1][4];
-        const int q0 = m0 + cq;
-        const int query_base = q0 + pair;  // element (j, e): query query_base + 8 j + e % 2
-        FA_UNROLL
-        for (int j = 0; j < Traits::kChunkTiles; ++j) {
-          FA_UNROLL
-          for (int c = 0; c < 2; ++c) {
-            const float lse = load_shared(lse_tile + cq + pair + j * 8 + c);
-            const float base = lse == negative_infinity() ? -negative_infinity() : lse * kLog2e;
-            const float delta = load_shared(delta_tile + cq + pair + j * 8 + c);
             FA_UNROLL
-            for (int r = 0; r < 2; ++r) {
-              const int e = 2 * r + c;
-              const int query = query_base + j * 8 + c;
-              const int key = key0 + r * 8;
-              float slope = 1.0f;
-              const float score =
-                  elementwise ? scores.score_log2(acc_s[j][e], query, key, slope) : acc_s[j][e] * scores.scale_log2();
-              if constexpr (kModifiers) {
-                softcap_slope[j][e] = slope;
-              }
-              const float probability = exp2f(score - base);
-              float dropout_factor = scores.dropout_keep_scale();
-              if (scores.dropout() && scores.in_bounds(query, key) && !scores.keeps(query, key)) {
-                dropout_factor = 0.0f;
-              }
-              acc_dp[j][e] = probability * (acc_dp[j][e] * dropout_factor - delta);
-              acc_s[j][e] = probability * dropout_factor;
+            for (int nn = 0; nn < Traits::kChunkSteps; ++nn) {
+              uint32_t b[4];
+              load_b_operands_n_major<QTile>(b, q_tile, cq + nn * 16, kk * 16, lane);
+              mma_m16n8k16<Element>(acc_s[2 * nn], a_k, b[0], b[1]);
+              mma_m16n8k16<Element>(acc_s[2 * nn + 1], a_k, b[2], b[3]);
+              load_b_operands_n_major<QTile>(b, do_tile, cq + nn * 16, kk * 16, lane);
+              mma_m16n8k16<Element>(acc_dp[2 * nn], a_v, b[0], b[1]);
+              mma_m16n8k16<Element>(acc_dp[2 * nn + 1], a_v, b[2], b[3]);
             }
           }
-        }
 
-        if constexpr (with_dbias) {
-          dbias.add_chunk(params, acc_dp, scratch + key_warp * kBlockM, cq, chunk == 0, owns_keys, lane);
-        }
-        if (scores.softcap()) {
+          // P^T = exp2(s - lse log2(e)); a row with lse = -inf saw no key, and +inf
+          // as its base makes all its probabilities 0 (never inf - inf).
+          // dS^T = P^T (dP^T Z - delta) into acc_dp; then acc_s = P^T Z. Under a softcap,
+          // dS^T's factor 1 - t^2 (for dK and dQ) waits in softcap_slope until dbias has
+          // taken dS^T itself.
+          const int q0 = m0 + cq;
+          const int query_base = q0 + pair;  // element (j, e): query query_base + 8 j + e % 2
           FA_UNROLL
           for (int j = 0; j < Traits::kChunkTiles; ++j) {
             FA_UNROLL
-            for (int e = 0; e < 4; ++e) {
-              acc_dp[j][e] *= softcap_slope[j][e];
+            for (int c = 0; c < 2; ++c) {
+              const float lse = load_shared(lse_tile + cq + pair + j * 8 + c);
+              const float base = lse == negative_infinity() ? -negative_infinity() : lse * kLog2e;
+              const float delta = load_shared(delta_tile + cq + pair + j * 8 + c);
+              FA_UNROLL
+              for (int r = 0; r < 2; ++r) {
+                const int e = 2 * r + c;
+                const int query = query_base + j * 8 + c;
+                const int key = key0 + r * 8;
+                float slope = 1.0f;
+                const float score = kMasked && elementwise ? scores.score_log2(acc_s[j][e], query, key, slope)
+                                                           : acc_s[j][e] * scores.scale_log2();
+                if constexpr (kModifiers) {
+                  softcap_slope[j][e] = slope;
+                }
+                const float probability = exp2f(score - base);
+                float dropout_factor = kSpecialized ? 1.0f : scores.dropout_keep_scale();
+                if (!kSpecialized && scores.dropout() && scores.in_bounds(query, key) && !scores.keeps(query, key)) {
+                  dropout_factor = 0.0f;
+                }
+                acc_dp[j][e] = probability * (acc_dp[j][e] * dropout_factor - delta);
+                acc_s[j][e] = probability * dropout_factor;
+              }
             }
           }
-        }
 
-        // dV += (P^T Z) dO and dK += dS^T Q over the chunk's queries. The 16-bit
-        // dS^T operand (register i: key row group + 8 (i % 2), query columns
-        // 16 kk + 8 (i / 2) + pair) is also published to shared memory for dQ = dS K.
-        FA_UNROLL
-        for (int kk = 0; kk < Traits::kChunkSteps; ++kk) {
-          uint32_t a_p[4];
-          uint32_t a_ds[4];
-          accumulators_to_a_operand<Element>(a_p, acc_s, kk);
-          accumulators_to_a_operand<Element>(a_ds, acc_dp, kk);
-          if (atomic_dq && owns_keys) {
+          if constexpr (with_dbias) {
+            dbias.add_chunk(params, acc_dp, scratch + key_warp * kBlockM, cq, chunk == 0, owns_keys, lane);
+          }
+          if (scores.softcap()) {
             FA_UNROLL
-            for (int i = 0; i < 4; ++i) {
-              const int key_local = key_warp * 16 + group + (i % 2) * 8;
-              const int query_local = cq + kk * 16 + (i / 2) * 8 + pair;
-              store_shared(reinterpret_cast<uint32_t*>(ds_smem + DsTile::offset(key_local, query_local)), a_ds[i]);
+            for (int j = 0; j < Traits::kChunkTiles; ++j) {
+              FA_UNROLL
+              for (int e = 0; e < 4; ++e) {
+                acc_dp[j][e] *= softcap_slope[j][e];
+              }
             }
           }
+
+          // dV += (P^T Z) dO and dK += dS^T Q over the chunk's queries. The 16-bit
+          // dS^T operand (register i: key row group + 8 (i % 2), query columns
+          // 16 kk + 8 (i / 2) + pair) is also published to shared memory for dQ = dS K.
           FA_UNROLL
-          for (int dn = 0; dn < Traits::kPartSteps; ++dn) {
-            const int col = part * Traits::kPartDim + dn * 16;
-            uint32_t b[4];
-            load_b_operands_k_major<QTile>(b, do_tile, cq + kk * 16, col, lane);
-            mma_m16n8k16<Element>(acc_dv[2 * dn], a_p, b[0], b[1]);
-            mma_m16n8k16<Element>(acc_dv[2 * dn + 1], a_p, b[2], b[3]);
-            load_b_operands_k_major<QTile>(b, q_tile, cq + kk * 16, col, lane);
-            mma_m16n8k16<Element>(acc_dk[2 * dn], a_ds, b[0], b[1]);
-            mma_m16n8k16<Element>(acc_dk[2 * dn + 1], a_ds, b[2], b[3]);
+          for (int kk = 0; kk < Traits::kChunkSteps; ++kk) {
+            uint32_t a_p[4];
+            uint32_t a_ds[4];
+            accumulators_to_a_operand<Element>(a_p, acc_s, kk);
+            accumulators_to_a_operand<Element>(a_ds, acc_dp, kk);
+            if (atomic_dq && owns_keys) {
+              FA_UNROLL
+              for (int i = 0; i < 4; ++i) {
+                const int key_local = key_warp * 16 + group + (i % 2) * 8;
+                const int query_local = cq + kk * 16 + (i / 2) * 8 + pair;
+                store_shared(reinterpret_cast<uint32_t*>(ds_smem + DsTile::offset(key_local, query_local)), a_ds[i]);
+              }
+            }
+            FA_UNROLL
+            for (int dn = 0; dn < Traits::kPartSteps; ++dn) {
+              const int col = part * Traits::kPartDim + dn * 16;
+              uint32_t b[4];
+              load_b_operands_k_major<QTile>(b, do_tile, cq + kk * 16, col, lane);
+              mma_m16n8k16<Element>(acc_dv[2 * dn], a_p, b[0], b[1]);
+              mma_m16n8k16<Element>(acc_dv[2 * dn + 1], a_p, b[2], b[3]);
+              load_b_operands_k_major<QTile>(b, q_tile, cq + kk * 16, col, lane);
+              mma_m16n8k16<Element>(acc_dk[2 * dn], a_ds, b[0], b[1]);
+              mma_m16n8k16<Element>(acc_dk[2 * dn + 1], a_ds, b[2], b[3]);
+            }
           }
         }
+      };
+      if constexpr (kSpecialized) {
+        if (elementwise) {
+          chunks(std::true_type{});
+        } else {
+          chunks(std::false_type{});
+        }
+      } else {
+        chunks(std::true_type{});
       }
 
       if constexpr (with_dbias) {
@@ -570,28 +593,35 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
   }
 }
 
-template <ElementType kElement, int kHeadDim, bool kModifiers>
+template <ElementType kElement, int kHeadDim, KernelPath kPath>
 LaunchStatus run_attention_backward_dkdv(const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
                                          cudaStream_t stream) {
   using Traits = DkdvTraits<typename ElementOf<kElement>::type, kHeadDim>;
+  constexpr bool kModifiers = kPath == KernelPath::kModifiers;
   const bool with_dbias = params.dbias != nullptr;
   const DkdvSchedule schedule(params.batch, params.heads_kv, ceil_div(params.seqlen_k, Traits::kBlockN), with_dbias,
                               params.dbias_batch, params.dbias_heads, params.dbias_cols,
                               with_dbias ? params.dbias_num_splits : 1);
   const dim3 grid(static_cast<unsigned>(schedule.ctas()));
-  if (with_dbias) {
-    if constexpr (kModifiers && !dkdv_dbias_with_modifiers(kHeadDim)) {
-      return {false, "no dK/dV kernel with dbias and score modifiers at this head dim"};
-    } else {
-      return launch_kernel(attention_backward_dkdv_kernel<Traits, true, kModifiers, false>, grid,
+  if constexpr (is_specialized(kPath)) {
+    if (kernel_path(params) != kPath) {
+      return {false, "dK/dV kernel path does not match the problem"};
+    }
+  } else {
+    if (with_dbias) {
+      if constexpr (kModifiers && !dkdv_dbias_with_modifiers(kHeadDim)) {
+        return {false, "no dK/dV kernel with dbias and score modifiers at this head dim"};
+      } else {
+        return launch_kernel(attention_backward_dkdv_kernel<Traits, true, kPath, false>, grid,
+                             dim3(Traits::kThreads), Traits::kSmemBytes, stream, params, workspace);
+      }
+    }
+    if (is_varlen(params)) {
+      return launch_kernel(attention_backward_dkdv_kernel<Traits, false, kPath, true>, grid,
                            dim3(Traits::kThreads), Traits::kSmemBytes, stream, params, workspace);
     }
   }
-  if (is_varlen(params)) {
-    return launch_kernel(attention_backward_dkdv_kernel<Traits, false, kModifiers, true>, grid,
-                         dim3(Traits::kThreads), Traits::kSmemBytes, stream, params, workspace);
-  }
-  return launch_kernel(attention_backward_dkdv_kernel<Traits, false, kModifiers, false>, grid, dim3(Traits::kThreads),
+  return launch_kernel(attention_backward_dkdv_kernel<Traits, false, kPath, false>, grid, dim3(Traits::kThreads),
                        Traits::kSmemBytes, stream, params, workspace);
 }
 

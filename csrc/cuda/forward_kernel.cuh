@@ -5,13 +5,21 @@
 //
 // Per K/V tile (descending, so the tiles that need masks come first):
 //   S = Q K^T          mma.m16n8k16, Q fragments in registers (or re-read at D = 256)
-//   S -> log2 units     scale, softcap, bias, ALiBi, band / key / bound masks
+//   S -> log2 units     scale, softcap, bias, ALiBi, band / key / bound masks (masked tiles);
+//                       scale only (the others)
 //   online softmax      row max over the quad (2 shuffles), rescale O and the row sums
 //   O += P V            P converted from C to A fragments in registers
 // K and V tiles are double-buffered with cp.async: the copy of tile i + 1 is
 // issued right after the barrier that opens tile i, so it overlaps all of tile
 // i's math, and one barrier per tile guards both stages.
+//
+// kPath (kernel_api.h): the kGeneral and kModifiers kernels decide per tile at run time
+// which elementwise code it needs; the kFast and kCausal kernels run the masked tiles
+// (the first ones) in one loop and the rest in a second loop whose body has no mask,
+// bias or dropout code at all.
 #pragma once
+
+#include <type_traits>
 
 #include "query_block.cuh"
 #include "tile_configs.h"
@@ -33,11 +41,15 @@ struct ForwardTraits : MmaKernelTraits<Element_, kHeadDim_, forward_tile_config>
   static constexpr size_t kSmemBytes = (kVOffset + 2 * Base::KvTile::kElements) * sizeof(Element_);
 };
 
-// kModifiers: the band's left edge, softcap and ALiBi (score_context.cuh). kVarlen: packed
-// sequences, grid dim z being the sequence's index; a query block beyond its sequence exits.
-template <typename Traits, bool kModifiers, bool kVarlen>
+// kPath: the problems it runs (kernel_api.h); kModifiers adds the band's left edge, softcap and
+// ALiBi (score_context.cuh). kVarlen (kGeneral, kModifiers): packed sequences, grid dim z being
+// the sequence's index; a query block beyond its sequence exits.
+template <typename Traits, KernelPath kPath, bool kVarlen>
 FA_KERNEL(Traits::kThreads, Traits::kMinBlocksPerSm)
 void attention_forward_kernel(const AttentionForwardParams params) {
+  constexpr bool kModifiers = kPath == KernelPath::kModifiers;
+  constexpr bool kSpecialized = is_specialized(kPath);
+  static_assert(!(kSpecialized && kVarlen), "packed sequences run the kGeneral and kModifiers kernels");
   using Element = typename Traits::Element;
   using QTile = typename Traits::QTile;
   using KvTile = typename Traits::KvTile;
@@ -86,7 +98,9 @@ void attention_forward_kernel(const AttentionForwardParams params) {
   // This thread's rows in m16 tile mt: row0 + 16 mt and row0 + 16 mt + 8.
   const int row0 = m0 + warp_row0 + group;
 
-  for (int it = 0; it < num_tiles; ++it) {
+  // Key tile `it` of the block's (descending), kMasked: whether masks may apply to its scores.
+  const auto key_tile = [&](int it, auto masked) {
+    constexpr bool kMasked = decltype(masked)::value;
     const int n_block = end_tile - 1 - it;
     const int stage = it & 1;
     cp_async_wait<0>();
@@ -140,7 +154,7 @@ void attention_forward_kernel(const AttentionForwardParams params) {
     // Scores in log2 units; element (mt, j, e) is row row0 + 16 mt + 8 (e / 2), key key_base + 8 j + e % 2.
     const int n0 = n_block * kBlockN;
     const int key_base = n0 + pair;
-    if (scores.needs_elementwise(m0, kBlockM, n0, kBlockN)) {
+    if (kMasked && scores.needs_elementwise(m0, kBlockM, n0, kBlockN)) {
       FA_UNROLL
       for (int mt = 0; mt < kMTiles; ++mt) {
         for_each_accumulator<Traits::kKeyTiles>(row0 + mt * 16, key_base, [&](int j, int e, int row, int key) {
@@ -193,7 +207,7 @@ void attention_forward_kernel(const AttentionForwardParams params) {
           acc_s[mt][j][e] = probability;
         }
       }
-      if (scores.dropout()) {
+      if (!kSpecialized && scores.dropout()) {
         for_each_accumulator<Traits::kKeyTiles>(row0 + mt * 16, key_base, [&](int j, int e, int row, int key) {
           if (scores.in_bounds(row, key) && !scores.keeps(row, key)) {
             acc_s[mt][j][e] = 0.0f;  // kept ones are scaled by 1 / (1 - p) once, at the end
@@ -217,6 +231,30 @@ void attention_forward_kernel(const AttentionForwardParams params) {
         mma_pair_each_m_tile<Element>(acc_o, a, b, dn);
       }
     }
+  };
+
+  // kFast, kCausal: the tiles some score of the block is masked in come first, the rest run
+  // unmasked: [first_masked, end_tile) are the tiles with keys past Sk, or (kCausal) past the band's
+  // right edge at the block's first row m0, which sees keys [0, m0 + band_last_key + 1).
+  int masked_tiles = num_tiles;
+  if constexpr (kSpecialized) {
+    int64_t first_masked = block.seqlen_k / kBlockN;
+    if constexpr (kPath == KernelPath::kCausal) {
+      const int64_t visible_end = m0 + block.sequence.band_last_key(params) + 1;
+      const int64_t first_crossed = visible_end > 0 ? visible_end / kBlockN : 0;
+      first_masked = first_crossed < first_masked ? first_crossed : first_masked;
+    }
+    const int64_t masked = end_tile - first_masked;
+    masked_tiles = masked < 0 ? 0 : (masked < num_tiles ? static_cast<int>(masked) : num_tiles);
+  }
+  int it = 0;
+  for (; it < masked_tiles; ++it) {
+    key_tile(it, std::true_type{});
+  }
+  if constexpr (kSpecialized) {
+    for (; it < num_tiles; ++it) {
+      key_tile(it, std::false_type{});
+    }
   }
 
   // out = O / rowsum (0 for rows with no visible key), lse = ln(sum exp(s)).
@@ -234,7 +272,8 @@ void attention_forward_kernel(const AttentionForwardParams params) {
       if (row >= block.seqlen_q) {
         continue;
       }
-      const float out_scale = sum == 0.0f ? 0.0f : scores.dropout_keep_scale() / sum;
+      const float keep_scale = kSpecialized ? 1.0f : scores.dropout_keep_scale();
+      const float out_scale = sum == 0.0f ? 0.0f : keep_scale / sum;
       store_accumulator_row(out + row * params.out_row_stride, acc_o[mt], r, out_scale, pair, block.head_dim);
       if (lane % 4 == 0) {
         const float base = row_max[mt][r] == negative_infinity() ? 0.0f : row_max[mt][r];
@@ -244,11 +283,20 @@ void attention_forward_kernel(const AttentionForwardParams params) {
   }
 }
 
-template <ElementType kElement, int kHeadDim, bool kModifiers>
+template <ElementType kElement, int kHeadDim, KernelPath kPath>
 LaunchStatus run_attention_forward(const AttentionForwardParams& params, cudaStream_t stream) {
   using Traits = ForwardTraits<typename ElementOf<kElement>::type, kHeadDim>;
-  return launch_per_query_block<Traits>(attention_forward_kernel<Traits, kModifiers, false>,
-                                        attention_forward_kernel<Traits, kModifiers, true>, params, stream);
+  if constexpr (is_specialized(kPath)) {
+    if (kernel_path(params) != kPath) {
+      return {false, "forward kernel path does not match the problem"};
+    }
+    // No varlen kernel: packed sequences take the kGeneral path (kernel_path).
+    const auto kernel = attention_forward_kernel<Traits, kPath, false>;
+    return launch_per_query_block<Traits>(kernel, kernel, params, stream);
+  } else {
+    return launch_per_query_block<Traits>(attention_forward_kernel<Traits, kPath, false>,
+                                          attention_forward_kernel<Traits, kPath, true>, params, stream);
+  }
 }
 
 }  // namespace fast_attn::cuda
