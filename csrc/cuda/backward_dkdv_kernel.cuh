@@ -386,7 +386,12 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
         }
       }
       const ScoreContext<Element, kModifiers, kVarlen> scores(params, sequence, head);
-      const bool elementwise = scores.needs_elementwise(m0, kBlockM, n0, kBlockN);
+      // kGeneral, kModifiers: whether the step's scores need the elementwise code; kFast, kCausal:
+      // whether a mask reaches them (keys past Sk, or the band's right edge at row m0).
+      const bool elementwise =
+          kSpecialized ? n0 + kBlockN > seqlen_k ||
+                             (kPath == KernelPath::kCausal && n0 + kBlockN - 1 > m0 + params.band_last_key)
+                       : scores.needs_elementwise(m0, kBlockM, n0, kBlockN);
       const DbiasStep dbias{float_smem + Traits::kKeySumOffset + threadIdx.x, kThreads};
 
       float softcap_slope[kModifiers ? Traits::kChunkTiles : 1][4];  // a chunk's, below
@@ -434,6 +439,18 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
           // taken dS^T itself.
           const int q0 = m0 + cq;
           const int query_base = q0 + pair;  // element (j, e): query query_base + 8 j + e % 2
+          // kFast, kCausal masked steps: key key0 + 8 r is seen by the queries from
+          // query_base + first_visible[r] on (none past Sk; kCausal: those from key - band_last_key).
+          int first_visible[2] = {0, 0};
+          if constexpr (kSpecialized && kMasked) {
+            FA_UNROLL
+            for (int r = 0; r < 2; ++r) {
+              const int key = key0 + r * 8;
+              const int64_t first_query = kPath == KernelPath::kCausal ? key - params.band_last_key : 0;
+              const int64_t offset = key < seqlen_k ? first_query - query_base : kChunkM;
+              first_visible[r] = offset < 0 ? 0 : (offset > kChunkM ? kChunkM : static_cast<int>(offset));
+            }
+          }
           FA_UNROLL
           for (int j = 0; j < Traits::kChunkTiles; ++j) {
             FA_UNROLL
@@ -447,8 +464,14 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
                 const int query = query_base + j * 8 + c;
                 const int key = key0 + r * 8;
                 float slope = 1.0f;
-                const float score = kMasked && elementwise ? scores.score_log2(acc_s[j][e], query, key, slope)
-                                                           : acc_s[j][e] * scores.scale_log2();
+                float score;
+                if constexpr (kSpecialized) {
+                  score = kMasked && 8 * j + c < first_visible[r] ? negative_infinity()
+                                                                  : acc_s[j][e] * scores.scale_log2();
+                } else {
+                  score = kMasked && elementwise ? scores.score_log2(acc_s[j][e], query, key, slope)
+                                                 : acc_s[j][e] * scores.scale_log2();
+                }
                 if constexpr (kModifiers) {
                   softcap_slope[j][e] = slope;
                 }

@@ -5,7 +5,8 @@
 //
 // Per K/V tile (descending, so the tiles that need masks come first):
 //   S = Q K^T          mma.m16n8k16, Q fragments in registers (or re-read at D = 256)
-//   S -> log2 units     scale, softcap, bias, ALiBi, band / key / bound masks (masked tiles);
+//   S -> log2 units     scale, softcap, bias, ALiBi, band / key / bound masks (masked tiles;
+//                       kFast, kCausal: the key bound and band's right edge, one compare per score);
 //                       scale only (the others)
 //   online softmax      row max over the quad (2 shuffles), rescale O and the row sums
 //   O += P V            P converted from C to A fragments in registers
@@ -154,7 +155,31 @@ void attention_forward_kernel(const AttentionForwardParams params) {
     // Scores in log2 units; element (mt, j, e) is row row0 + 16 mt + 8 (e / 2), key key_base + 8 j + e % 2.
     const int n0 = n_block * kBlockN;
     const int key_base = n0 + pair;
-    if (kMasked && scores.needs_elementwise(m0, kBlockM, n0, kBlockN)) {
+    if constexpr (kSpecialized && kMasked) {
+      // Row `row` sees keys up to last_key: Sk - 1, or (kCausal) row + band_last_key if smaller.
+      // Per row one limit, last_key - key_base; per score one compare with the constant 8 j + e % 2.
+      FA_UNROLL
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        FA_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          int64_t last_key = block.seqlen_k - 1;
+          if constexpr (kPath == KernelPath::kCausal) {
+            const int64_t band_key = row0 + mt * 16 + r * 8 + params.band_last_key;
+            last_key = band_key < last_key ? band_key : last_key;
+          }
+          const int64_t offset = last_key - key_base;
+          const int limit = offset < -1 ? -1 : (offset > kBlockN ? kBlockN : static_cast<int>(offset));
+          FA_UNROLL
+          for (int j = 0; j < Traits::kKeyTiles; ++j) {
+            FA_UNROLL
+            for (int c = 0; c < 2; ++c) {
+              float& score = acc_s[mt][j][2 * r + c];
+              score = 8 * j + c > limit ? negative_infinity() : score * scores.scale_log2();
+            }
+          }
+        }
+      }
+    } else if (kMasked && scores.needs_elementwise(m0, kBlockM, n0, kBlockN)) {
       FA_UNROLL
       for (int mt = 0; mt < kMTiles; ++mt) {
         for_each_accumulator<Traits::kKeyTiles>(row0 + mt * 16, key_base, [&](int j, int e, int row, int key) {
