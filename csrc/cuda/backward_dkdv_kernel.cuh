@@ -464,18 +464,20 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
                 const int query = query_base + j * 8 + c;
                 const int key = key0 + r * 8;
                 float slope = 1.0f;
-                float score;
+                float probability;
                 if constexpr (kSpecialized) {
-                  score = kMasked && 8 * j + c < first_visible[r] ? negative_infinity()
-                                                                  : acc_s[j][e] * scores.scale_log2();
+                  // q.k c - base, c = scale log2(e), as one FFMA; a masked score's -inf stays -inf.
+                  const bool masked_out = kMasked && 8 * j + c < first_visible[r];
+                  const float dot = masked_out ? negative_infinity() : acc_s[j][e];
+                  probability = exp2f(fmaf(dot, scores.scale_log2(), -base));
                 } else {
-                  score = kMasked && elementwise ? scores.score_log2(acc_s[j][e], query, key, slope)
-                                                 : acc_s[j][e] * scores.scale_log2();
+                  const float score = kMasked && elementwise ? scores.score_log2(acc_s[j][e], query, key, slope)
+                                                             : acc_s[j][e] * scores.scale_log2();
+                  probability = exp2f(score - base);
                 }
                 if constexpr (kModifiers) {
                   softcap_slope[j][e] = slope;
                 }
-                const float probability = exp2f(score - base);
                 float dropout_factor = kSpecialized ? 1.0f : scores.dropout_keep_scale();
                 if (!kSpecialized && scores.dropout() && scores.in_bounds(query, key) && !scores.keeps(query, key)) {
                   dropout_factor = 0.0f;

@@ -79,7 +79,7 @@ void attention_forward_kernel(const AttentionForwardParams params) {
 
   constexpr int kMTiles = Traits::kMTiles;
   float acc_o[kMTiles][Traits::kDimTiles][4];
-  float row_max[kMTiles][2];  // log2 units, rows group and group + 8 of each m16 tile
+  float row_max[kMTiles][2];  // log2 units (kFast, kCausal: q.k units), rows group and group + 8 of each m16 tile
   float row_sum[kMTiles][2];  // this thread's columns only, until the end
   FA_UNROLL
   for (int mt = 0; mt < kMTiles; ++mt) {
@@ -155,11 +155,12 @@ void attention_forward_kernel(const AttentionForwardParams params) {
     // Scores in log2 units; element (mt, j, e) is row row0 + 16 mt + 8 (e / 2), key key_base + 8 j + e % 2.
     const int n0 = n_block * kBlockN;
     const int key_base = n0 + pair;
-    if constexpr (kSpecialized && kMasked) {
-      // Row `row` sees keys up to last_key: Sk - 1, or (kCausal) row + band_last_key if smaller.
-      // Per row one limit, last_key - key_base; per score one compare with the constant 8 j + e % 2.
+    if constexpr (kSpecialized) {
+      // kFast, kCausal: scores stay q.k (the scale is folded into the softmax's exponent below).
+      // Masked tiles: row `row` sees keys up to last_key, Sk - 1 or (kCausal) row + band_last_key if
+      // smaller; per row one limit, last_key - key_base, per score one compare with the constant 8 j + e % 2.
       FA_UNROLL
-      for (int mt = 0; mt < kMTiles; ++mt) {
+      for (int mt = 0; kMasked && mt < kMTiles; ++mt) {
         FA_UNROLL
         for (int r = 0; r < 2; ++r) {
           int64_t last_key = block.seqlen_k - 1;
@@ -174,7 +175,7 @@ void attention_forward_kernel(const AttentionForwardParams params) {
             FA_UNROLL
             for (int c = 0; c < 2; ++c) {
               float& score = acc_s[mt][j][2 * r + c];
-              score = 8 * j + c > limit ? negative_infinity() : score * scores.scale_log2();
+              score = 8 * j + c > limit ? negative_infinity() : score;
             }
           }
         }
@@ -197,47 +198,109 @@ void attention_forward_kernel(const AttentionForwardParams params) {
 
     // Online softmax, per m16 tile. A row whose scores are all -inf so far keeps
     // max -inf and uses 0 as its exponent base, so that no -inf - -inf (NaN) is formed.
-    FA_UNROLL
-    for (int mt = 0; mt < kMTiles; ++mt) {
-      float tile_max[2] = {negative_infinity(), negative_infinity()};
+    if constexpr (kSpecialized) {
+      // Scores in q.k units (scale > 0 keeps their order), c = scale log2(e): p = exp2(s c - m c), one
+      // FFMA and one exp2 per score, the row max m in q.k units too. O and the row sums are rescaled
+      // only when the max of some row of the warp grew; otherwise each row's factor
+      // exp2((m_old - m_new) c) is exp2(0) = 1 exactly, and skipping it changes no bit.
+      const float scale_log2 = scores.scale_log2();
+      float new_max[kMTiles][2];
+      bool grew = false;
       FA_UNROLL
-      for (int j = 0; j < Traits::kKeyTiles; ++j) {
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        float tile_max[2] = {negative_infinity(), negative_infinity()};
         FA_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          tile_max[e >> 1] = fmaxf(tile_max[e >> 1], acc_s[mt][j][e]);
-        }
-      }
-      float base[2];
-      FA_UNROLL
-      for (int r = 0; r < 2; ++r) {
-        tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 1));
-        tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 2));
-        const float new_max = fmaxf(row_max[mt][r], tile_max[r]);
-        base[r] = new_max == negative_infinity() ? 0.0f : new_max;
-        const float correction = exp2f(row_max[mt][r] - base[r]);
-        row_max[mt][r] = new_max;
-        row_sum[mt][r] *= correction;
-        FA_UNROLL
-        for (int j = 0; j < Traits::kDimTiles; ++j) {
-          acc_o[mt][j][2 * r] *= correction;
-          acc_o[mt][j][2 * r + 1] *= correction;
-        }
-      }
-      FA_UNROLL
-      for (int j = 0; j < Traits::kKeyTiles; ++j) {
-        FA_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          const float probability = exp2f(acc_s[mt][j][e] - base[e >> 1]);
-          row_sum[mt][e >> 1] += probability;  // the softmax denominator counts dropped scores too
-          acc_s[mt][j][e] = probability;
-        }
-      }
-      if (!kSpecialized && scores.dropout()) {
-        for_each_accumulator<Traits::kKeyTiles>(row0 + mt * 16, key_base, [&](int j, int e, int row, int key) {
-          if (scores.in_bounds(row, key) && !scores.keeps(row, key)) {
-            acc_s[mt][j][e] = 0.0f;  // kept ones are scaled by 1 / (1 - p) once, at the end
+        for (int j = 0; j < Traits::kKeyTiles; ++j) {
+          FA_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            tile_max[e >> 1] = fmaxf(tile_max[e >> 1], acc_s[mt][j][e]);
           }
-        });
+        }
+        FA_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 1));
+          tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 2));
+          new_max[mt][r] = fmaxf(row_max[mt][r], tile_max[r]);
+          grew = grew || new_max[mt][r] > row_max[mt][r];
+        }
+      }
+      if (warp_any(grew)) {
+        FA_UNROLL
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          FA_UNROLL
+          for (int r = 0; r < 2; ++r) {
+            const float base = new_max[mt][r] == negative_infinity() ? 0.0f : new_max[mt][r];
+            const float correction = exp2f((row_max[mt][r] - base) * scale_log2);
+            row_sum[mt][r] *= correction;
+            FA_UNROLL
+            for (int j = 0; j < Traits::kDimTiles; ++j) {
+              acc_o[mt][j][2 * r] *= correction;
+              acc_o[mt][j][2 * r + 1] *= correction;
+            }
+          }
+        }
+      }
+      FA_UNROLL
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        float scaled_base[2];
+        FA_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          row_max[mt][r] = new_max[mt][r];
+          scaled_base[r] = (new_max[mt][r] == negative_infinity() ? 0.0f : new_max[mt][r]) * scale_log2;
+        }
+        FA_UNROLL
+        for (int j = 0; j < Traits::kKeyTiles; ++j) {
+          FA_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            const float probability = exp2f(fmaf(acc_s[mt][j][e], scale_log2, -scaled_base[e >> 1]));
+            row_sum[mt][e >> 1] += probability;
+            acc_s[mt][j][e] = probability;
+          }
+        }
+      }
+    } else {
+      FA_UNROLL
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        float tile_max[2] = {negative_infinity(), negative_infinity()};
+        FA_UNROLL
+        for (int j = 0; j < Traits::kKeyTiles; ++j) {
+          FA_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            tile_max[e >> 1] = fmaxf(tile_max[e >> 1], acc_s[mt][j][e]);
+          }
+        }
+        float base[2];
+        FA_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 1));
+          tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 2));
+          const float new_max = fmaxf(row_max[mt][r], tile_max[r]);
+          base[r] = new_max == negative_infinity() ? 0.0f : new_max;
+          const float correction = exp2f(row_max[mt][r] - base[r]);
+          row_max[mt][r] = new_max;
+          row_sum[mt][r] *= correction;
+          FA_UNROLL
+          for (int j = 0; j < Traits::kDimTiles; ++j) {
+            acc_o[mt][j][2 * r] *= correction;
+            acc_o[mt][j][2 * r + 1] *= correction;
+          }
+        }
+        FA_UNROLL
+        for (int j = 0; j < Traits::kKeyTiles; ++j) {
+          FA_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            const float probability = exp2f(acc_s[mt][j][e] - base[e >> 1]);
+            row_sum[mt][e >> 1] += probability;  // the softmax denominator counts dropped scores too
+            acc_s[mt][j][e] = probability;
+          }
+        }
+        if (scores.dropout()) {
+          for_each_accumulator<Traits::kKeyTiles>(row0 + mt * 16, key_base, [&](int j, int e, int row, int key) {
+            if (scores.in_bounds(row, key) && !scores.keeps(row, key)) {
+              acc_s[mt][j][e] = 0.0f;  // kept ones are scaled by 1 / (1 - p) once, at the end
+            }
+          });
+        }
       }
     }
 
@@ -301,7 +364,9 @@ void attention_forward_kernel(const AttentionForwardParams params) {
       const float out_scale = sum == 0.0f ? 0.0f : keep_scale / sum;
       store_accumulator_row(out + row * params.out_row_stride, acc_o[mt], r, out_scale, pair, block.head_dim);
       if (lane % 4 == 0) {
-        const float base = row_max[mt][r] == negative_infinity() ? 0.0f : row_max[mt][r];
+        // kFast, kCausal: the row max in log2 units is m c (m in q.k units).
+        const float max_log2 = kSpecialized ? row_max[mt][r] * scores.scale_log2() : row_max[mt][r];
+        const float base = row_max[mt][r] == negative_infinity() ? 0.0f : max_log2;
         store_global(lse + row, sum == 0.0f ? negative_infinity() : (base + log2f(sum)) * kLn2);
       }
     }
