@@ -74,6 +74,7 @@ class Runner:
     decode: Callable  # the decode op's arguments -> (out, lse)
     launch_count: Callable[[], int] | None = None
     head_dims: tuple[int, ...] = ()  # the kernel head dims compiled (the emulator's)
+    kernel_path: Callable | None = None  # the forward op's arguments -> the host's KernelPath (emulator)
 
     def run(self, case: Case, inputs: dict, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
         """The forward and backward ops on `case` (a fast_attn.testing.Run)."""
@@ -145,6 +146,7 @@ def emulated() -> Runner:
         decode=functools.partial(module.decode, sm_count=SM_COUNT),
         launch_count=module.launch_count,
         head_dims=tuple(module.compiled_head_dims()),
+        kernel_path=module.kernel_path,
     )
 
 
@@ -334,6 +336,37 @@ ALL_CASES = SHAPE_CASES + MASK_CASES + BIAS_CASES + DROPOUT_CASES + MODIFIER_CAS
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=str)
 def test_kernels(runner: Runner, case: Case):
+    check_case(runner, case)
+
+
+# The forward and dK/dV kernels' paths (KernelPath, csrc/cuda/kernel_api.h): the one the host
+# picks for each kind of problem, each on awkward shapes. The forward's tiles are 128 x 128 at
+# D 64 and 128 x 64 at D 128, the dK/dV kernel's key blocks 128 and 64: several key tiles with
+# a partial last one, Sq != Sk, both causal alignments with diagonal tiles (masked) and tiles
+# below the diagonal (unmasked), rows that see no key; the general path for a scale <= 0.
+PATH_CASES = [
+    (CudaCase(1, 2, 2, 300, 200, 64), "fast"),
+    (CudaCase(2, 4, 2, 200, 300, 128, dtype=torch.float16, grad_lse=True), "fast"),
+    (CudaCase(1, 2, 2, 128, 256, 128, layout="bshd"), "fast"),
+    (CudaCase(1, 2, 1, 150, 270, 64, deterministic=True), "fast"),
+    (CudaCase(1, 2, 2, 300, 300, 64, causal=True), "causal"),
+    (CudaCase(1, 2, 2, 256, 256, 128, causal=True, grad_lse=True), "causal"),
+    (CudaCase(1, 2, 1, 200, 330, 128, causal="bottom_right"), "causal"),
+    (CudaCase(1, 2, 2, 330, 200, 64, dtype=torch.float16, causal="bottom_right"), "causal"),
+    (CudaCase(1, 2, 2, 270, 150, 64, causal=True, deterministic=True), "causal"),
+    (CudaCase(1, 2, 2, 150, 230, 64, window_size=(-1, 7)), "causal"),
+    (CudaCase(1, 2, 2, 200, 150, 64, scale=-0.3), "general"),
+    (CudaCase(1, 2, 2, 97, 97, 64, causal=True, key_mask=True), "general"),
+    (CudaCase(1, 2, 2, 97, 97, 64, dropout_p=0.2), "general"),
+    (CudaCase(1, 2, 2, 97, 97, 64, bias_shape=(1, 2, 97, 97)), "general"),
+    (CudaCase(1, 2, 2, 97, 97, 64, causal=True, softcap=5.0), "modifiers"),
+]
+
+
+@pytest.mark.parametrize(("case", "path"), PATH_CASES, ids=str)
+def test_kernel_paths(runner: Runner, case: Case, path: str):
+    if runner.kernel_path is not None:
+        assert runner.kernel_path(*forward_op_arguments(case, case.make_inputs())) == path
     check_case(runner, case)
 
 

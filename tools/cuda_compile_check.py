@@ -12,7 +12,10 @@ parallel. The run fails (exit status 1) on:
   - dynamic shared memory above what the arch allows one CTA,
   - registers x threads of one CTA above the SM's register file.
 It writes csrc/cuda/PTXAS_REPORT.md: per kernel and arch, registers, spills,
-stack, shared memory, threads and the CTAs per SM they allow.
+stack, shared memory, threads and the CTAs per SM they allow; and, for the forward
+and dK/dV kernels of SASS_UNITS, the SASS instruction counts of their main loops
+(sass_loops: the cubins disassembled by the cuobjdump and nvdisasm found on PATH,
+else those that ship with Triton).
 
 Dynamic shared memory and threads per CTA come from the kernels' own traits:
 a small host program including the kernel headers prints them.
@@ -60,6 +63,18 @@ ARCH_TARGETS = {
 # local memory is a finding).
 INTENDED_LOCAL_MEMORY: dict[str, str] = {}
 
+# The units whose forward and dK/dV kernels (paths fast, causal, general) get SASS loop counts.
+SASS_UNITS = tuple(
+    f"{kind}_hdim{head_dim}_{dtype}"
+    for kind in ("forward", "backward")
+    for head_dim in (64, 128)
+    for dtype in ("fp16", "bf16")
+)
+SASS_KERNELS = ("forward", "backward_dkdv")
+# SASS opcodes counted per loop (by their name before the first '.'); FP32 sums the float ALU ones.
+SASS_COUNTED = ("HMMA", "LDSM", "MUFU", "BAR")
+SASS_FP32 = ("FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP")
+
 TRAITS = ("ForwardTraits", "DkdvTraits", "DqTraits", "DbiasTraits", "DecodeTraits")
 HEAD_DIMS = tuple(BUILD_MATRIX["head_dims"])
 ELEMENTS = tuple(dtype["cuda_type"] for dtype in BUILD_MATRIX["dtypes"])
@@ -80,12 +95,25 @@ class KernelReport:
 
 
 @dataclass
+class SassLoop:
+    """One loop of a kernel's SASS: the instructions from its head label to its backward branch."""
+
+    head: int  # address of the first instruction
+    end: int  # address of the backward branch
+    opcodes: list[str]
+
+    def count(self, *names: str) -> int:
+        return sum(1 for opcode in self.opcodes if opcode in names)
+
+
+@dataclass
 class CompileResult:
     source: Path
     arch: Arch
     returncode: int
     output: str
     kernels: list[KernelReport] = field(default_factory=list)
+    loops: dict[str, list[SassLoop]] = field(default_factory=dict)  # mangled kernel name -> its main loops
 
 
 def matrix_archs() -> list[Arch]:
@@ -160,9 +188,15 @@ def demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, result.stdout.splitlines()))
 
 
-# The bool template arguments after each kernel's traits, in order (a true one is named in the report).
-KERNEL_FLAGS = {"backward_dkdv": ("dbias", "modifiers", "varlen"), "backward_dbias": ("modifiers",)}
+# The template arguments after each kernel's traits, in order: a bool's name is in the report when
+# it is true; "path" is a KernelPath (kernel_api.h), named unless it is the general one.
+KERNEL_FLAGS = {
+    "forward": ("path", "varlen"),
+    "backward_dkdv": ("dbias", "path", "varlen"),
+    "backward_dbias": ("modifiers",),
+}
 DEFAULT_KERNEL_FLAGS = ("modifiers", "varlen")
+KERNEL_PATHS = ("fast", "causal", "general", "modifiers")  # KernelPath's values in order
 
 
 def short_name(demangled: str) -> tuple[str, str | None]:
@@ -170,16 +204,106 @@ def short_name(demangled: str) -> tuple[str, str | None]:
     (a kernel of neither element type, such as decode_append, by its name alone)."""
     base = re.search(r"(\w+)_kernel", demangled)
     kernel = base.group(1).replace("attention_", "") if base else demangled
+    demangled = re.sub(
+        r"\(fast_attn::cuda::KernelPath\)(\d)", lambda m: KERNEL_PATHS[int(m.group(1))], demangled
+    )
     # c++filt writes "> >" where a kernel's only template argument is its traits.
-    traits = re.search(r"(\w+Traits<[^<>]*>)((?:, (?:true|false))*) ?>", demangled)
+    traits = re.search(rf"(\w+Traits<[^<>]*>)((?:, (?:true|false|{'|'.join(KERNEL_PATHS)}))*) ?>", demangled)
     element = "bf16" if "bfloat16" in demangled else "fp16" if "__half" in demangled else "?"
     if traits:
         head_dim = re.search(r", (\d+)>", traits.group(1)).group(1)
-        values = re.findall(r"true|false", traits.group(2))
+        values = re.findall(r"\w+", traits.group(2))
         names = KERNEL_FLAGS.get(kernel, DEFAULT_KERNEL_FLAGS)
-        variant = "".join(f", {name}" for name, value in zip(names, values) if value == "true")
+        variant = "".join(
+            f", {value if name == 'path' else name}"
+            for name, value in zip(names, values)
+            if value == "true" or (name == "path" and value != "general")
+        )
         return f"{kernel}<{element}, {head_dim}{variant}>", traits.group(1)
     return (f"{kernel}<{element}>" if element != "?" else kernel), None
+
+
+def sass_tools() -> tuple[str, str] | None:
+    """(cuobjdump, nvdisasm): on PATH, else Triton's copies; None when neither has both."""
+    found = (shutil.which("cuobjdump"), shutil.which("nvdisasm"))
+    if all(found):
+        return found
+    try:
+        import triton
+    except ImportError:
+        return None
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    tools = (bin_dir / "cuobjdump", bin_dir / "nvdisasm")
+    return (str(tools[0]), str(tools[1])) if all(t.is_file() for t in tools) else None
+
+
+SASS_FUNCTION = re.compile(r"^\.text\.(\S+):$")
+SASS_LABEL = re.compile(r"^(\.L_x_\d+):$")
+SASS_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^;]*;")
+SASS_BRANCH_TARGET = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
+
+
+def sass_loops(listing: str) -> dict[str, list[SassLoop]]:
+    """{mangled kernel: its main loops} from an `nvdisasm -c` listing.
+
+    A loop is a backward branch: a BRA whose target label lies at or before it; its body is every
+    instruction from that label to the branch (all basic blocks between them, so a body's counts
+    are static: each conditional block inside it is counted once). A kernel's main loops are the
+    loops that hold HMMA instructions and hold no smaller loop that does, in code order."""
+    functions: dict[str, list[tuple[int, str, str]]] = {}
+    labels: dict[str, dict[str, int]] = {}
+    current = None
+    pending_labels: list[str] = []
+    for line in listing.splitlines():
+        if match := SASS_FUNCTION.match(line.strip()):
+            current = match.group(1)
+            functions[current], labels[current], pending_labels = [], {}, []
+        elif current is None:
+            continue
+        elif match := SASS_LABEL.match(line.strip()):
+            pending_labels.append(match.group(1))
+        elif match := SASS_INSTRUCTION.match(line):
+            address = int(match.group(1), 16)
+            for label in pending_labels:
+                labels[current][label] = address
+            pending_labels = []
+            functions[current].append((address, match.group(2), line))
+    result = {}
+    for name, instructions in functions.items():
+        loops = []
+        for address, opcode, line in instructions:
+            target = SASS_BRANCH_TARGET.search(line) if opcode == "BRA" else None
+            head = labels[name].get(target.group(1)) if target else None
+            if head is not None and head <= address:
+                body = [op for a, op, _ in instructions if head <= a <= address]
+                loops.append(SassLoop(head, address, body))
+        with_mma = [loop for loop in loops if loop.count("HMMA")]
+        result[name] = sorted(
+            (
+                loop
+                for loop in with_mma
+                if not any(o is not loop and loop.head <= o.head and o.end <= loop.end for o in with_mma)
+            ),
+            key=lambda loop: loop.head,
+        )
+    return result
+
+
+def disassemble_loops(tools: tuple[str, str], objfile: Path) -> dict[str, list[SassLoop]]:
+    """sass_loops of every cubin in the object file nvcc wrote."""
+    cuobjdump, nvdisasm = tools
+    folder = objfile.with_suffix(".cubins")
+    folder.mkdir()
+    subprocess.run(
+        [cuobjdump, "-xelf", "all", str(objfile.resolve())], cwd=folder, check=True, capture_output=True
+    )
+    loops = {}
+    for cubin in sorted(folder.glob("*.cubin")):
+        listing = subprocess.run(
+            [nvdisasm, "-c", str(cubin)], check=True, capture_output=True, text=True
+        ).stdout
+        loops.update(sass_loops(listing))
+    return loops
 
 
 def traits_launch_shapes(nvcc: str, flags: list[str], workdir: Path) -> dict[str, tuple[int, int]]:
@@ -215,13 +339,18 @@ def traits_launch_shapes(nvcc: str, flags: list[str], workdir: Path) -> dict[str
     return shapes
 
 
-def compile_one(nvcc: str, flags: list[str], source: Path, arch: Arch, workdir: Path) -> CompileResult:
+def compile_one(
+    nvcc: str, flags: list[str], source: Path, arch: Arch, workdir: Path, tools: tuple[str, str] | None
+) -> CompileResult:
     output = workdir / f"{source.stem}.{arch.name}.o"
     proc = subprocess.run(
         nvcc_command(nvcc, flags, source, arch, output), capture_output=True, text=True, check=False
     )
     text = proc.stdout + proc.stderr
-    return CompileResult(source, arch, proc.returncode, text, parse_ptxas(text, arch.name))
+    result = CompileResult(source, arch, proc.returncode, text, parse_ptxas(text, arch.name))
+    if proc.returncode == 0 and tools is not None and source.stem in SASS_UNITS:
+        result.loops = disassemble_loops(tools, output)
+    return result
 
 
 def ctas_per_sm(arch: Arch, registers: int, threads: int, smem: int) -> tuple[int, int]:
@@ -318,7 +447,64 @@ def write_report(
                 f"{max(k.stack_frame, k.cumulative_stack)} | {smem} | {threads or '-'} | {by_regs} | {by_smem} |"
             )
         lines.append("")
+    lines += sass_section(results, archs)
     path.write_text("\n".join(lines))
+
+
+def sass_section(results: list[CompileResult], archs: list[Arch]) -> list[str]:
+    """The report's SASS loop counts of the kernels SASS_KERNELS names, paths fast, causal and general."""
+    lines = [
+        "## SASS per main-loop iteration",
+        "",
+        (
+            "The forward's main loop runs once per key tile, the dK/dV kernel's once per chunk of queries "
+            "(kChunkM queries x 16 keys per warp). Each unit of `SASS_UNITS` is disassembled "
+            "(`cuobjdump -xelf all`, `nvdisasm -c`). A loop is a backward branch: a `BRA` whose target label "
+            "lies before it; its body is every instruction from that label to the branch, all basic blocks "
+            "between them, so the counts are static (a conditional block inside the body, such as the "
+            "prefetch of the next tile, counts once). A kernel's main loops are those holding HMMA and no "
+            "smaller loop that does, in code order: one in the general kernels (which test per tile at run "
+            "time what they need); two in the fast and causal kernels, the loop of the masked tiles (or "
+            "steps) and the unmasked loop, told apart by their size (the unmasked one is the smaller, marked "
+            "*unmasked*). FP32 = " + " + ".join(SASS_FP32) + "; counts per warp."
+        ),
+        "",
+    ]
+    columns = ("instructions", *SASS_COUNTED[:3], *SASS_FP32, "FP32", SASS_COUNTED[3])
+    for arch in archs:
+        lines += [
+            f"### {arch.name}",
+            "",
+            "| kernel | loop | " + " | ".join(columns) + " |",
+            "| --- | --- | " + " | ".join("---:" for _ in columns) + " |",
+        ]
+        rows = []
+        for result in results:
+            if result.arch is not arch:
+                continue
+            for kernel in result.kernels:
+                kind = kernel.name.split("<")[0]
+                loops = result.loops.get(kernel.mangled, [])
+                if (
+                    kind not in SASS_KERNELS
+                    or not loops
+                    or any(f in kernel.name for f in ("varlen", "dbias"))
+                ):
+                    continue
+                smallest = min(loops, key=lambda loop: len(loop.opcodes)) if len(loops) > 1 else None
+                for index, loop in enumerate(loops):
+                    label = f"{index + 1} of {len(loops)}" + (", *unmasked*" if loop is smallest else "")
+                    counts = [
+                        len(loop.opcodes),
+                        *(loop.count(name) for name in SASS_COUNTED[:3]),
+                        *(loop.count(name) for name in SASS_FP32),
+                        loop.count(*SASS_FP32),
+                        loop.count(SASS_COUNTED[3]),
+                    ]
+                    rows.append(f"| {kernel.name} | {label} | " + " | ".join(str(c) for c in counts) + " |")
+        lines += sorted(rows)
+        lines.append("")
+    return lines
 
 
 def main() -> int:
@@ -336,11 +522,20 @@ def main() -> int:
     archs = matrix_archs()
     flags = torch_nvcc_flags() + BUILD_MATRIX["nvcc_flags"]
     sources = sorted(CUDA_DIR.glob("*.cu")) + sorted((CUDA_DIR / "instantiations").glob("*.cu"))
+    tools = sass_tools()
+    if tools is None and not args.no_report:
+        print(
+            "cuda_compile_check: cuobjdump and nvdisasm not found (PATH or Triton) for the SASS counts",
+            file=sys.stderr,
+        )
+        return 1
     with tempfile.TemporaryDirectory(prefix="fast_attn_ptxas_") as tmp:
         workdir = Path(tmp)
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             shapes_future = pool.submit(traits_launch_shapes, nvcc, flags, workdir)
-            futures = [pool.submit(compile_one, nvcc, flags, s, a, workdir) for s in sources for a in archs]
+            futures = [
+                pool.submit(compile_one, nvcc, flags, s, a, workdir, tools) for s in sources for a in archs
+            ]
             results = [f.result() for f in futures]
             shapes = shapes_future.result()
     names = demangle(sorted({k.mangled for r in results for k in r.kernels}))

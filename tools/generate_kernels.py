@@ -2,8 +2,9 @@
 """Write the CUDA kernels' instantiation units from csrc/cuda/build_matrix.json.
 
 For each head dim and dtype of the matrix, csrc/cuda/instantiations/ gets
-forward_hdim<D>_<dtype>.cu and backward_hdim<D>_<dtype>.cu, and their
-forward_modifiers_* and backward_modifiers_* twins with the kernels for the
+forward_hdim<D>_<dtype>.cu and backward_hdim<D>_<dtype>.cu, with the forward and
+dK/dV kernels of the paths kFast, kCausal and kGeneral (KernelPath, kernel_api.h),
+and their forward_modifiers_* and backward_modifiers_* twins with the kernels for the
 band's left edge, softcap and ALiBi (kModifiers): one nvcc unit each, so that
 the builds compile them in parallel and a head-dim subset compiles only its
 own; decode_hdim<D>_<dtype>.cu holds the split-KV decode kernel (one variant:
@@ -34,9 +35,7 @@ FORWARD_UNIT = """\
 #include "cuda/forward_kernel.cuh"
 
 namespace fast_attn::cuda {{
-template LaunchStatus run_attention_forward<ElementType::{element_type}, {head_dim}, {modifiers}>(
-    const AttentionForwardParams&, cudaStream_t);
-}}  // namespace fast_attn::cuda
+{forward_paths}}}  // namespace fast_attn::cuda
 """
 
 BACKWARD_UNIT = """\
@@ -46,9 +45,7 @@ BACKWARD_UNIT = """\
 #include "cuda/backward_dq_kernel.cuh"
 
 namespace fast_attn::cuda {{
-template LaunchStatus run_attention_backward_dkdv<ElementType::{element_type}, {head_dim}, {modifiers}>(
-    const AttentionBackwardParams&, const BackwardWorkspace&, cudaStream_t);
-template LaunchStatus run_attention_backward_dq<ElementType::{element_type}, {head_dim}, {modifiers}>(
+{dkdv_paths}template LaunchStatus run_attention_backward_dq<ElementType::{element_type}, {head_dim}, {modifiers}>(
     const AttentionBackwardParams&, cudaStream_t);
 template LaunchStatus run_attention_backward_dbias<ElementType::{element_type}, {head_dim}, {modifiers}>(
     const AttentionBackwardParams&, const DbiasTiles&, cudaStream_t);
@@ -64,8 +61,21 @@ template LaunchStatus run_decode<ElementType::{element_type}, {head_dim}>(const 
 }}  // namespace fast_attn::cuda
 """
 
-# (file name infix, kModifiers, what the unit's comment adds)
-VARIANTS = (("", "false", ""), ("modifiers_", "true", ", score modifiers (left band edge, softcap, ALiBi)"))
+FORWARD_PATH = """\
+template LaunchStatus run_attention_forward<ElementType::{element_type}, {head_dim}, KernelPath::{path}>(
+    const AttentionForwardParams&, cudaStream_t);
+"""
+
+DKDV_PATH = """\
+template LaunchStatus run_attention_backward_dkdv<ElementType::{element_type}, {head_dim}, KernelPath::{path}>(
+    const AttentionBackwardParams&, const BackwardWorkspace&, cudaStream_t);
+"""
+
+# (file name infix, kModifiers, the forward and dK/dV kernel paths, what the unit's comment adds)
+VARIANTS = (
+    ("", "false", ("kFast", "kCausal", "kGeneral"), ", paths fast, causal and general"),
+    ("modifiers_", "true", ("kModifiers",), ", score modifiers (left band edge, softcap, ALiBi)"),
+)
 
 HEAD_DIMS_HEADER = """\
 // The head dims with instantiation units: X(D) for each, in the build matrix's order.
@@ -80,13 +90,16 @@ def generated_files(matrix: dict) -> dict[Path, str]:
     files = {}
     for head_dim in matrix["head_dims"]:
         for dtype in matrix["dtypes"]:
-            for infix, modifiers, what in VARIANTS:
+            for infix, modifiers, paths, what in VARIANTS:
+                kernel = dict(element_type=dtype["element_type"], head_dim=head_dim)
                 values = dict(
                     dtype=dtype["name"],
                     element_type=dtype["element_type"],
                     head_dim=head_dim,
                     modifiers=modifiers,
                     what=what,
+                    forward_paths="".join(FORWARD_PATH.format(path=path, **kernel) for path in paths),
+                    dkdv_paths="".join(DKDV_PATH.format(path=path, **kernel) for path in paths),
                 )
                 for kind, template in (("forward", FORWARD_UNIT), ("backward", BACKWARD_UNIT)):
                     name = f"{kind}_{infix}hdim{head_dim}_{dtype['name']}.cu"

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <iterator>
 #include <limits>
+#include <type_traits>
 
 #include "attention_launch.h"
 #include "backward_schedule.h"
@@ -34,21 +35,35 @@ bool launches_nothing(const AttentionForwardParams& params) {
   return params.batch * params.heads_q * params.seqlen_q == 0 || params.seqlen_k == 0;
 }
 
+// launch(std::integral_constant<KernelPath, P>{}) for the kernel path P of params.
+template <typename Launch>
+LaunchStatus launch_for_path(const AttentionForwardParams& params, const Launch& launch) {
+  switch (kernel_path(params)) {
+    case KernelPath::kFast: return launch(std::integral_constant<KernelPath, KernelPath::kFast>{});
+    case KernelPath::kCausal: return launch(std::integral_constant<KernelPath, KernelPath::kCausal>{});
+    case KernelPath::kGeneral: return launch(std::integral_constant<KernelPath, KernelPath::kGeneral>{});
+    case KernelPath::kModifiers: return launch(std::integral_constant<KernelPath, KernelPath::kModifiers>{});
+  }
+  return {false, "no kernel path"};
+}
+
 template <ElementType kElement>
 LaunchStatus forward_for(int head_dim, const AttentionForwardParams& params, cudaStream_t stream) {
   return launch_for_head_dim(head_dim, [&](auto dim) {
     constexpr int kHeadDim = decltype(dim)::value;
-    return has_score_modifiers(params) ? run_attention_forward<kElement, kHeadDim, true>(params, stream)
-                                       : run_attention_forward<kElement, kHeadDim, false>(params, stream);
+    return launch_for_path(params, [&](auto path) {
+      return run_attention_forward<kElement, kHeadDim, decltype(path)::value>(params, stream);
+    });
   });
 }
 
-// dK, dV (and dq) by the dK/dV kernel, or the dQ kernel when deterministic, then
-// dbias by its own kernel when dbias.data is set (a bias of full rows and columns).
-template <ElementType kElement, int kHeadDim, bool kModifiers>
+// dK, dV (and dq) by the dK/dV kernel of the problem's path, or the dQ kernel when deterministic,
+// then dbias by its own kernel when dbias.data is set (a bias of full rows and columns).
+template <ElementType kElement, int kHeadDim, KernelPath kPath>
 LaunchStatus backward_kernels(const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
                               const DbiasTiles& dbias, bool deterministic, cudaStream_t stream) {
-  LaunchStatus status = run_attention_backward_dkdv<kElement, kHeadDim, kModifiers>(params, workspace, stream);
+  constexpr bool kModifiers = kPath == KernelPath::kModifiers;
+  LaunchStatus status = run_attention_backward_dkdv<kElement, kHeadDim, kPath>(params, workspace, stream);
   if (status.ok && deterministic) {
     status = run_attention_backward_dq<kElement, kHeadDim, kModifiers>(params, stream);
   }
@@ -63,9 +78,10 @@ LaunchStatus backward_for(int head_dim, const AttentionBackwardParams& params, c
                           const DbiasTiles& dbias, bool deterministic, cudaStream_t stream) {
   return launch_for_head_dim(head_dim, [&](auto dim) {
     constexpr int kHeadDim = decltype(dim)::value;
-    return has_score_modifiers(params)
-               ? backward_kernels<kElement, kHeadDim, true>(params, workspace, dbias, deterministic, stream)
-               : backward_kernels<kElement, kHeadDim, false>(params, workspace, dbias, deterministic, stream);
+    return launch_for_path(params, [&](auto path) {
+      return backward_kernels<kElement, kHeadDim, decltype(path)::value>(params, workspace, dbias, deterministic,
+                                                                         stream);
+    });
   });
 }
 

@@ -18,6 +18,13 @@
 // dK and dV of a kv head sum over its query heads inside one CTA: no atomics,
 // deterministic. Q, dO, lse and delta of the next step are prefetched with
 // cp.async into the other of two stages while the current step computes.
+//
+// kPath (kernel_api.h): the kGeneral and kModifiers kernels decide per step at run time
+// which elementwise code it needs; the kFast and kCausal kernels have no bias or dropout
+// code, and mask (one compare per score against a per-key limit) only in the steps that
+// keys past Sk or the band's right edge reach, the limit leaving every score of the
+// other steps unmasked. One chunk loop serves every step: the loop as a lambda instantiated
+// masked and unmasked made ptxas spill (kFast, kCausal at D 256; kModifiers at D 128, sm_80).
 #pragma once
 
 #include "backward_schedule.h"
@@ -220,12 +227,15 @@ struct DbiasStep {
   }
 };
 
-// kModifiers: the band's left edge, softcap and ALiBi (score_context.cuh). kVarlen (never
-// with dbias): packed sequences, a unit's batch index being the sequence's; a key block beyond
-// its sequence is skipped.
-template <typename Traits, bool kWithDbias, bool kModifiers, bool kVarlen>
+// kPath: the problems it runs (kernel_api.h); kModifiers adds the band's left edge, softcap and
+// ALiBi (score_context.cuh). kVarlen (kGeneral, kModifiers; never with dbias): packed sequences,
+// a unit's batch index being the sequence's; a key block beyond its sequence is skipped.
+template <typename Traits, bool kWithDbias, KernelPath kPath, bool kVarlen>
 FA_KERNEL(Traits::kThreads, Traits::kMinBlocksPerSm)
 void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const BackwardWorkspace workspace) {
+  constexpr bool kModifiers = kPath == KernelPath::kModifiers;
+  constexpr bool kSpecialized = is_specialized(kPath);
+  static_assert(!(kSpecialized && (kVarlen || kWithDbias)), "kFast and kCausal have no packed sequences or bias");
   using Element = typename Traits::Element;
   using KvTile = typename Traits::KvTile;
   using QTile = typename Traits::QTile;
@@ -376,7 +386,12 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
         }
       }
       const ScoreContext<Element, kModifiers, kVarlen> scores(params, sequence, head);
-      const bool elementwise = scores.needs_elementwise(m0, kBlockM, n0, kBlockN);
+      // kGeneral, kModifiers: whether the step's scores need the elementwise code; kFast, kCausal:
+      // whether a mask reaches them (keys past Sk, or the band's right edge at row m0).
+      const bool elementwise =
+          kSpecialized ? n0 + kBlockN > seqlen_k ||
+                             (kPath == KernelPath::kCausal && n0 + kBlockN - 1 > m0 + params.band_last_key)
+                       : scores.needs_elementwise(m0, kBlockM, n0, kBlockN);
       const DbiasStep dbias{float_smem + Traits::kKeySumOffset + threadIdx.x, kThreads};
 
       FA_NO_UNROLL
@@ -421,6 +436,18 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
         float softcap_slope[kModifiers ? Traits::kChunkTiles : 1][4];
         const int q0 = m0 + cq;
         const int query_base = q0 + pair;  // element (j, e): query query_base + 8 j + e % 2
+        // kFast, kCausal masked steps: key key0 + 8 r is seen by the queries from
+        // query_base + first_visible[r] on (none past Sk; kCausal: those from key - band_last_key).
+        int first_visible[2] = {0, 0};
+        if (kSpecialized && elementwise) {
+          FA_UNROLL
+          for (int r = 0; r < 2; ++r) {
+            const int key = key0 + r * 8;
+            const int64_t first_query = kPath == KernelPath::kCausal ? key - params.band_last_key : 0;
+            const int64_t offset = key < seqlen_k ? first_query - query_base : kChunkM;
+            first_visible[r] = offset < 0 ? 0 : (offset > kChunkM ? kChunkM : static_cast<int>(offset));
+          }
+        }
         FA_UNROLL
         for (int j = 0; j < Traits::kChunkTiles; ++j) {
           FA_UNROLL
@@ -434,14 +461,22 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
               const int query = query_base + j * 8 + c;
               const int key = key0 + r * 8;
               float slope = 1.0f;
-              const float score =
-                  elementwise ? scores.score_log2(acc_s[j][e], query, key, slope) : acc_s[j][e] * scores.scale_log2();
+              float probability;
+              if constexpr (kSpecialized) {
+                // q.k c - base, c = scale log2(e), as one FFMA; a masked score's -inf stays -inf.
+                const bool masked_out = 8 * j + c < first_visible[r];
+                const float dot = masked_out ? negative_infinity() : acc_s[j][e];
+                probability = exp2f(fmaf(dot, scores.scale_log2(), -base));
+              } else {
+                const float score =
+                    elementwise ? scores.score_log2(acc_s[j][e], query, key, slope) : acc_s[j][e] * scores.scale_log2();
+                probability = exp2f(score - base);
+              }
               if constexpr (kModifiers) {
                 softcap_slope[j][e] = slope;
               }
-              const float probability = exp2f(score - base);
-              float dropout_factor = scores.dropout_keep_scale();
-              if (scores.dropout() && scores.in_bounds(query, key) && !scores.keeps(query, key)) {
+              float dropout_factor = kSpecialized ? 1.0f : scores.dropout_keep_scale();
+              if (!kSpecialized && scores.dropout() && scores.in_bounds(query, key) && !scores.keeps(query, key)) {
                 dropout_factor = 0.0f;
               }
               acc_dp[j][e] = probability * (acc_dp[j][e] * dropout_factor - delta);
@@ -570,28 +605,35 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
   }
 }
 
-template <ElementType kElement, int kHeadDim, bool kModifiers>
+template <ElementType kElement, int kHeadDim, KernelPath kPath>
 LaunchStatus run_attention_backward_dkdv(const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
                                          cudaStream_t stream) {
   using Traits = DkdvTraits<typename ElementOf<kElement>::type, kHeadDim>;
+  constexpr bool kModifiers = kPath == KernelPath::kModifiers;
   const bool with_dbias = params.dbias != nullptr;
   const DkdvSchedule schedule(params.batch, params.heads_kv, ceil_div(params.seqlen_k, Traits::kBlockN), with_dbias,
                               params.dbias_batch, params.dbias_heads, params.dbias_cols,
                               with_dbias ? params.dbias_num_splits : 1);
   const dim3 grid(static_cast<unsigned>(schedule.ctas()));
-  if (with_dbias) {
-    if constexpr (kModifiers && !dkdv_dbias_with_modifiers(kHeadDim)) {
-      return {false, "no dK/dV kernel with dbias and score modifiers at this head dim"};
-    } else {
-      return launch_kernel(attention_backward_dkdv_kernel<Traits, true, kModifiers, false>, grid,
+  if constexpr (is_specialized(kPath)) {
+    if (kernel_path(params) != kPath) {
+      return {false, "dK/dV kernel path does not match the problem"};
+    }
+  } else {
+    if (with_dbias) {
+      if constexpr (kModifiers && !dkdv_dbias_with_modifiers(kHeadDim)) {
+        return {false, "no dK/dV kernel with dbias and score modifiers at this head dim"};
+      } else {
+        return launch_kernel(attention_backward_dkdv_kernel<Traits, true, kPath, false>, grid,
+                             dim3(Traits::kThreads), Traits::kSmemBytes, stream, params, workspace);
+      }
+    }
+    if (is_varlen(params)) {
+      return launch_kernel(attention_backward_dkdv_kernel<Traits, false, kPath, true>, grid,
                            dim3(Traits::kThreads), Traits::kSmemBytes, stream, params, workspace);
     }
   }
-  if (is_varlen(params)) {
-    return launch_kernel(attention_backward_dkdv_kernel<Traits, false, kModifiers, true>, grid,
-                         dim3(Traits::kThreads), Traits::kSmemBytes, stream, params, workspace);
-  }
-  return launch_kernel(attention_backward_dkdv_kernel<Traits, false, kModifiers, false>, grid, dim3(Traits::kThreads),
+  return launch_kernel(attention_backward_dkdv_kernel<Traits, false, kPath, false>, grid, dim3(Traits::kThreads),
                        Traits::kSmemBytes, stream, params, workspace);
 }
 

@@ -153,6 +153,7 @@ FA_DEVICE void cp_async_4(void* smem, const void* gmem, bool fill) { emu::cp_asy
 FA_DEVICE void cp_async_commit() { emu::cp_async_commit(); }
 template <int kPendingGroups>
 FA_DEVICE void cp_async_wait() { emu::cp_async_wait(kPendingGroups); }
+FA_DEVICE bool warp_any(bool predicate) { return emu::vote_any(predicate); }
 FA_DEVICE float shfl_xor(float value, int lane_mask) {
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
@@ -266,6 +267,8 @@ FA_DEVICE void cp_async_wait() {
 }
 
 FA_DEVICE float shfl_xor(float value, int lane_mask) { return __shfl_xor_sync(0xffffffffu, value, lane_mask); }
+// Whether the predicate holds in some lane of the (whole, converged) warp.
+FA_DEVICE bool warp_any(bool predicate) { return __any_sync(0xffffffffu, predicate) != 0; }
 
 template <typename T>
 FA_DEVICE T load_global(const T* address) {

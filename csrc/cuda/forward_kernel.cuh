@@ -5,13 +5,22 @@
 //
 // Per K/V tile (descending, so the tiles that need masks come first):
 //   S = Q K^T          mma.m16n8k16, Q fragments in registers (or re-read at D = 256)
-//   S -> log2 units     scale, softcap, bias, ALiBi, band / key / bound masks
+//   S -> log2 units     scale, softcap, bias, ALiBi, band / key / bound masks (masked tiles;
+//                       kFast, kCausal: the key bound and band's right edge, one compare per score);
+//                       scale only (the others)
 //   online softmax      row max over the quad (2 shuffles), rescale O and the row sums
 //   O += P V            P converted from C to A fragments in registers
 // K and V tiles are double-buffered with cp.async: the copy of tile i + 1 is
 // issued right after the barrier that opens tile i, so it overlaps all of tile
 // i's math, and one barrier per tile guards both stages.
+//
+// kPath (kernel_api.h): the kGeneral and kModifiers kernels decide per tile at run time
+// which elementwise code it needs; the kFast and kCausal kernels run the masked tiles
+// (the first ones) in one loop and the rest in a second loop whose body has no mask,
+// bias or dropout code at all.
 #pragma once
+
+#include <type_traits>
 
 #include "query_block.cuh"
 #include "tile_configs.h"
@@ -33,11 +42,15 @@ struct ForwardTraits : MmaKernelTraits<Element_, kHeadDim_, forward_tile_config>
   static constexpr size_t kSmemBytes = (kVOffset + 2 * Base::KvTile::kElements) * sizeof(Element_);
 };
 
-// kModifiers: the band's left edge, softcap and ALiBi (score_context.cuh). kVarlen: packed
-// sequences, grid dim z being the sequence's index; a query block beyond its sequence exits.
-template <typename Traits, bool kModifiers, bool kVarlen>
+// kPath: the problems it runs (kernel_api.h); kModifiers adds the band's left edge, softcap and
+// ALiBi (score_context.cuh). kVarlen (kGeneral, kModifiers): packed sequences, grid dim z being
+// the sequence's index; a query block beyond its sequence exits.
+template <typename Traits, KernelPath kPath, bool kVarlen>
 FA_KERNEL(Traits::kThreads, Traits::kMinBlocksPerSm)
 void attention_forward_kernel(const AttentionForwardParams params) {
+  constexpr bool kModifiers = kPath == KernelPath::kModifiers;
+  constexpr bool kSpecialized = is_specialized(kPath);
+  static_assert(!(kSpecialized && kVarlen), "packed sequences run the kGeneral and kModifiers kernels");
   using Element = typename Traits::Element;
   using QTile = typename Traits::QTile;
   using KvTile = typename Traits::KvTile;
@@ -66,7 +79,7 @@ void attention_forward_kernel(const AttentionForwardParams params) {
 
   constexpr int kMTiles = Traits::kMTiles;
   float acc_o[kMTiles][Traits::kDimTiles][4];
-  float row_max[kMTiles][2];  // log2 units, rows group and group + 8 of each m16 tile
+  float row_max[kMTiles][2];  // log2 units (kFast, kCausal: q.k units), rows group and group + 8 of each m16 tile
   float row_sum[kMTiles][2];  // this thread's columns only, until the end
   FA_UNROLL
   for (int mt = 0; mt < kMTiles; ++mt) {
@@ -86,7 +99,9 @@ void attention_forward_kernel(const AttentionForwardParams params) {
   // This thread's rows in m16 tile mt: row0 + 16 mt and row0 + 16 mt + 8.
   const int row0 = m0 + warp_row0 + group;
 
-  for (int it = 0; it < num_tiles; ++it) {
+  // Key tile `it` of the block's (descending), kMasked: whether masks may apply to its scores.
+  const auto key_tile = [&](int it, auto masked) {
+    constexpr bool kMasked = decltype(masked)::value;
     const int n_block = end_tile - 1 - it;
     const int stage = it & 1;
     cp_async_wait<0>();
@@ -140,7 +155,32 @@ void attention_forward_kernel(const AttentionForwardParams params) {
     // Scores in log2 units; element (mt, j, e) is row row0 + 16 mt + 8 (e / 2), key key_base + 8 j + e % 2.
     const int n0 = n_block * kBlockN;
     const int key_base = n0 + pair;
-    if (scores.needs_elementwise(m0, kBlockM, n0, kBlockN)) {
+    if constexpr (kSpecialized) {
+      // kFast, kCausal: scores stay q.k (the scale is folded into the softmax's exponent below).
+      // Masked tiles: row `row` sees keys up to last_key, Sk - 1 or (kCausal) row + band_last_key if
+      // smaller; per row one limit, last_key - key_base, per score one compare with the constant 8 j + e % 2.
+      FA_UNROLL
+      for (int mt = 0; kMasked && mt < kMTiles; ++mt) {
+        FA_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          int64_t last_key = block.seqlen_k - 1;
+          if constexpr (kPath == KernelPath::kCausal) {
+            const int64_t band_key = row0 + mt * 16 + r * 8 + params.band_last_key;
+            last_key = band_key < last_key ? band_key : last_key;
+          }
+          const int64_t offset = last_key - key_base;
+          const int limit = offset < -1 ? -1 : (offset > kBlockN ? kBlockN : static_cast<int>(offset));
+          FA_UNROLL
+          for (int j = 0; j < Traits::kKeyTiles; ++j) {
+            FA_UNROLL
+            for (int c = 0; c < 2; ++c) {
+              float& score = acc_s[mt][j][2 * r + c];
+              score = 8 * j + c > limit ? negative_infinity() : score;
+            }
+          }
+        }
+      }
+    } else if (kMasked && scores.needs_elementwise(m0, kBlockM, n0, kBlockN)) {
       FA_UNROLL
       for (int mt = 0; mt < kMTiles; ++mt) {
         for_each_accumulator<Traits::kKeyTiles>(row0 + mt * 16, key_base, [&](int j, int e, int row, int key) {
@@ -158,47 +198,109 @@ void attention_forward_kernel(const AttentionForwardParams params) {
 
     // Online softmax, per m16 tile. A row whose scores are all -inf so far keeps
     // max -inf and uses 0 as its exponent base, so that no -inf - -inf (NaN) is formed.
-    FA_UNROLL
-    for (int mt = 0; mt < kMTiles; ++mt) {
-      float tile_max[2] = {negative_infinity(), negative_infinity()};
+    if constexpr (kSpecialized) {
+      // Scores in q.k units (scale > 0 keeps their order), c = scale log2(e): p = exp2(s c - m c), one
+      // FFMA and one exp2 per score, the row max m in q.k units too. O and the row sums are rescaled
+      // only when the max of some row of the warp grew; otherwise each row's factor
+      // exp2((m_old - m_new) c) is exp2(0) = 1 exactly, and skipping it changes no bit.
+      const float scale_log2 = scores.scale_log2();
+      float new_max[kMTiles][2];
+      bool grew = false;
       FA_UNROLL
-      for (int j = 0; j < Traits::kKeyTiles; ++j) {
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        float tile_max[2] = {negative_infinity(), negative_infinity()};
         FA_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          tile_max[e >> 1] = fmaxf(tile_max[e >> 1], acc_s[mt][j][e]);
-        }
-      }
-      float base[2];
-      FA_UNROLL
-      for (int r = 0; r < 2; ++r) {
-        tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 1));
-        tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 2));
-        const float new_max = fmaxf(row_max[mt][r], tile_max[r]);
-        base[r] = new_max == negative_infinity() ? 0.0f : new_max;
-        const float correction = exp2f(row_max[mt][r] - base[r]);
-        row_max[mt][r] = new_max;
-        row_sum[mt][r] *= correction;
-        FA_UNROLL
-        for (int j = 0; j < Traits::kDimTiles; ++j) {
-          acc_o[mt][j][2 * r] *= correction;
-          acc_o[mt][j][2 * r + 1] *= correction;
-        }
-      }
-      FA_UNROLL
-      for (int j = 0; j < Traits::kKeyTiles; ++j) {
-        FA_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          const float probability = exp2f(acc_s[mt][j][e] - base[e >> 1]);
-          row_sum[mt][e >> 1] += probability;  // the softmax denominator counts dropped scores too
-          acc_s[mt][j][e] = probability;
-        }
-      }
-      if (scores.dropout()) {
-        for_each_accumulator<Traits::kKeyTiles>(row0 + mt * 16, key_base, [&](int j, int e, int row, int key) {
-          if (scores.in_bounds(row, key) && !scores.keeps(row, key)) {
-            acc_s[mt][j][e] = 0.0f;  // kept ones are scaled by 1 / (1 - p) once, at the end
+        for (int j = 0; j < Traits::kKeyTiles; ++j) {
+          FA_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            tile_max[e >> 1] = fmaxf(tile_max[e >> 1], acc_s[mt][j][e]);
           }
-        });
+        }
+        FA_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 1));
+          tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 2));
+          new_max[mt][r] = fmaxf(row_max[mt][r], tile_max[r]);
+          grew = grew || new_max[mt][r] > row_max[mt][r];
+        }
+      }
+      if (warp_any(grew)) {
+        FA_UNROLL
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          FA_UNROLL
+          for (int r = 0; r < 2; ++r) {
+            const float base = new_max[mt][r] == negative_infinity() ? 0.0f : new_max[mt][r];
+            const float correction = exp2f((row_max[mt][r] - base) * scale_log2);
+            row_sum[mt][r] *= correction;
+            FA_UNROLL
+            for (int j = 0; j < Traits::kDimTiles; ++j) {
+              acc_o[mt][j][2 * r] *= correction;
+              acc_o[mt][j][2 * r + 1] *= correction;
+            }
+          }
+        }
+      }
+      FA_UNROLL
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        float scaled_base[2];
+        FA_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          row_max[mt][r] = new_max[mt][r];
+          scaled_base[r] = (new_max[mt][r] == negative_infinity() ? 0.0f : new_max[mt][r]) * scale_log2;
+        }
+        FA_UNROLL
+        for (int j = 0; j < Traits::kKeyTiles; ++j) {
+          FA_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            const float probability = exp2f(fmaf(acc_s[mt][j][e], scale_log2, -scaled_base[e >> 1]));
+            row_sum[mt][e >> 1] += probability;
+            acc_s[mt][j][e] = probability;
+          }
+        }
+      }
+    } else {
+      FA_UNROLL
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        float tile_max[2] = {negative_infinity(), negative_infinity()};
+        FA_UNROLL
+        for (int j = 0; j < Traits::kKeyTiles; ++j) {
+          FA_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            tile_max[e >> 1] = fmaxf(tile_max[e >> 1], acc_s[mt][j][e]);
+          }
+        }
+        float base[2];
+        FA_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 1));
+          tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 2));
+          const float new_max = fmaxf(row_max[mt][r], tile_max[r]);
+          base[r] = new_max == negative_infinity() ? 0.0f : new_max;
+          const float correction = exp2f(row_max[mt][r] - base[r]);
+          row_max[mt][r] = new_max;
+          row_sum[mt][r] *= correction;
+          FA_UNROLL
+          for (int j = 0; j < Traits::kDimTiles; ++j) {
+            acc_o[mt][j][2 * r] *= correction;
+            acc_o[mt][j][2 * r + 1] *= correction;
+          }
+        }
+        FA_UNROLL
+        for (int j = 0; j < Traits::kKeyTiles; ++j) {
+          FA_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            const float probability = exp2f(acc_s[mt][j][e] - base[e >> 1]);
+            row_sum[mt][e >> 1] += probability;  // the softmax denominator counts dropped scores too
+            acc_s[mt][j][e] = probability;
+          }
+        }
+        if (scores.dropout()) {
+          for_each_accumulator<Traits::kKeyTiles>(row0 + mt * 16, key_base, [&](int j, int e, int row, int key) {
+            if (scores.in_bounds(row, key) && !scores.keeps(row, key)) {
+              acc_s[mt][j][e] = 0.0f;  // kept ones are scaled by 1 / (1 - p) once, at the end
+            }
+          });
+        }
       }
     }
 
@@ -217,6 +319,30 @@ void attention_forward_kernel(const AttentionForwardParams params) {
         mma_pair_each_m_tile<Element>(acc_o, a, b, dn);
       }
     }
+  };
+
+  // kFast, kCausal: the tiles some score of the block is masked in come first, the rest run
+  // unmasked: [first_masked, end_tile) are the tiles with keys past Sk, or (kCausal) past the band's
+  // right edge at the block's first row m0, which sees keys [0, m0 + band_last_key + 1).
+  int masked_tiles = num_tiles;
+  if constexpr (kSpecialized) {
+    int64_t first_masked = block.seqlen_k / kBlockN;
+    if constexpr (kPath == KernelPath::kCausal) {
+      const int64_t visible_end = m0 + block.sequence.band_last_key(params) + 1;
+      const int64_t first_crossed = visible_end > 0 ? visible_end / kBlockN : 0;
+      first_masked = first_crossed < first_masked ? first_crossed : first_masked;
+    }
+    const int64_t masked = end_tile - first_masked;
+    masked_tiles = masked < 0 ? 0 : (masked < num_tiles ? static_cast<int>(masked) : num_tiles);
+  }
+  int it = 0;
+  for (; it < masked_tiles; ++it) {
+    key_tile(it, std::true_type{});
+  }
+  if constexpr (kSpecialized) {
+    for (; it < num_tiles; ++it) {
+      key_tile(it, std::false_type{});
+    }
   }
 
   // out = O / rowsum (0 for rows with no visible key), lse = ln(sum exp(s)).
@@ -234,21 +360,33 @@ void attention_forward_kernel(const AttentionForwardParams params) {
       if (row >= block.seqlen_q) {
         continue;
       }
-      const float out_scale = sum == 0.0f ? 0.0f : scores.dropout_keep_scale() / sum;
+      const float keep_scale = kSpecialized ? 1.0f : scores.dropout_keep_scale();
+      const float out_scale = sum == 0.0f ? 0.0f : keep_scale / sum;
       store_accumulator_row(out + row * params.out_row_stride, acc_o[mt], r, out_scale, pair, block.head_dim);
       if (lane % 4 == 0) {
-        const float base = row_max[mt][r] == negative_infinity() ? 0.0f : row_max[mt][r];
+        // kFast, kCausal: the row max in log2 units is m c (m in q.k units).
+        const float max_log2 = kSpecialized ? row_max[mt][r] * scores.scale_log2() : row_max[mt][r];
+        const float base = row_max[mt][r] == negative_infinity() ? 0.0f : max_log2;
         store_global(lse + row, sum == 0.0f ? negative_infinity() : (base + log2f(sum)) * kLn2);
       }
     }
   }
 }
 
-template <ElementType kElement, int kHeadDim, bool kModifiers>
+template <ElementType kElement, int kHeadDim, KernelPath kPath>
 LaunchStatus run_attention_forward(const AttentionForwardParams& params, cudaStream_t stream) {
   using Traits = ForwardTraits<typename ElementOf<kElement>::type, kHeadDim>;
-  return launch_per_query_block<Traits>(attention_forward_kernel<Traits, kModifiers, false>,
-                                        attention_forward_kernel<Traits, kModifiers, true>, params, stream);
+  if constexpr (is_specialized(kPath)) {
+    if (kernel_path(params) != kPath) {
+      return {false, "forward kernel path does not match the problem"};
+    }
+    // No varlen kernel: packed sequences take the kGeneral path (kernel_path).
+    const auto kernel = attention_forward_kernel<Traits, kPath, false>;
+    return launch_per_query_block<Traits>(kernel, kernel, params, stream);
+  } else {
+    return launch_per_query_block<Traits>(attention_forward_kernel<Traits, kPath, false>,
+                                          attention_forward_kernel<Traits, kPath, true>, params, stream);
+  }
 }
 
 }  // namespace fast_attn::cuda

@@ -43,9 +43,31 @@ struct DbiasTiles {
   int64_t heads;
 };
 
-// kModifiers (in every run_* with a head dim): the kernels for problems with
-// the band's left edge, a softcap or ALiBi (has_score_modifiers in
+// kModifiers (in run_attention_backward_dq and run_attention_backward_dbias): the kernels for
+// problems with the band's left edge, a softcap or ALiBi (has_score_modifiers in
 // attention_params.h); the others run the kernels without that code.
+//
+// The forward and dK/dV kernels are compiled for one path each (kernel_path picks it):
+//   kFast:      no bias, key mask, dropout, band edge or score modifier, scale > 0; only the
+//               key tile that crosses Sk masks scores;
+//   kCausal:    kFast with the band's right edge (causal, or a window without a left edge):
+//               only the key tiles that the edge or Sk crosses mask scores;
+//   kGeneral:   every other problem without score modifiers (bias, key mask, dropout, packed
+//               sequences, scale <= 0), each tile testing at run time what it needs;
+//   kModifiers: kGeneral with the band's left edge, softcap and ALiBi.
+enum class KernelPath : int { kFast = 0, kCausal = 1, kGeneral = 2, kModifiers = 3 };
+
+constexpr bool is_specialized(KernelPath path) { return path == KernelPath::kFast || path == KernelPath::kCausal; }
+
+inline KernelPath kernel_path(const AttentionForwardParams& p) {
+  if (has_score_modifiers(p)) {
+    return KernelPath::kModifiers;
+  }
+  if (p.bias != nullptr || p.key_mask != nullptr || p.dropout_seed != nullptr || is_varlen(p) || !(p.scale > 0.0f)) {
+    return KernelPath::kGeneral;
+  }
+  return band_bounds_right(p) ? KernelPath::kCausal : KernelPath::kFast;
+}
 // Packed sequences (is_varlen(params)) run kernels of their own (kVarlen), chosen
 // inside the run_* functions: the grids are sized by the sequences' length bounds
 // params.seqlen_q / seqlen_k, and batch is the number of sequences.
@@ -58,7 +80,7 @@ constexpr bool dkdv_dbias_with_modifiers(int head_dim) { return head_dim < 128; 
 
 // Forward: out and lse of params. kHeadDim is the compiled kernel head dim
 // (>= params.head_dim; the columns beyond params.head_dim are zero-filled).
-template <ElementType kElement, int kHeadDim, bool kModifiers>
+template <ElementType kElement, int kHeadDim, KernelPath kPath>
 LaunchStatus run_attention_forward(const AttentionForwardParams& params, cudaStream_t stream);
 
 // Backward step 1: delta = rowsum(grad_out * out) - grad_lse, and zero dq_accum.
@@ -67,7 +89,7 @@ LaunchStatus run_attention_backward_preprocess(const AttentionBackwardParams& pa
                                                const BackwardWorkspace& workspace, cudaStream_t stream);
 
 // Backward step 2: dk, dv (and dbias partials; and dq_accum unless deterministic).
-template <ElementType kElement, int kHeadDim, bool kModifiers>
+template <ElementType kElement, int kHeadDim, KernelPath kPath>
 LaunchStatus run_attention_backward_dkdv(const AttentionBackwardParams& params,
                                          const BackwardWorkspace& workspace, cudaStream_t stream);
 

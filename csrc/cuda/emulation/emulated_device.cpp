@@ -24,7 +24,7 @@ constexpr size_t kMaxDynamicSharedBytes = 166912;  // sm_80's opt-in limit (163 
 constexpr uint32_t kNever = 0xffffffffu;
 
 enum class FiberState { kRunnable, kAtBarrier, kInCollective, kExited };
-enum class Collective { kNone, kLdmatrix, kLdmatrixTrans, kMma, kShuffle };
+enum class Collective { kNone, kLdmatrix, kLdmatrixTrans, kMma, kShuffle, kVoteAny };
 
 const char* collective_name(Collective kind) {
   switch (kind) {
@@ -32,6 +32,7 @@ const char* collective_name(Collective kind) {
     case Collective::kLdmatrixTrans: return "ldmatrix.x4.trans";
     case Collective::kMma: return "mma.sync.m16n8k16";
     case Collective::kShuffle: return "shfl.sync.bfly";
+    case Collective::kVoteAny: return "vote.sync.any";
     default: return "none";
   }
 }
@@ -365,6 +366,16 @@ void execute_shuffle(WarpState& w) {
 
 // Deposits this lane's inputs; the last lane to arrive executes the collective
 // for the whole warp and wakes the others. Returns this lane's slot.
+void execute_vote_any(WarpState& w) {
+  bool any = false;
+  for (int lane = 0; lane < kWarpSize; ++lane) {
+    any = any || w.lanes[lane].value != 0;
+  }
+  for (int lane = 0; lane < kWarpSize; ++lane) {
+    w.lanes[lane].r[0] = any ? 1 : 0;
+  }
+}
+
 LaneSlot& warp_collective(Collective kind, const LaneSlot& input) {
   Runtime& rt = g_runtime;
   Fiber* fiber = rt.current;
@@ -382,6 +393,7 @@ LaneSlot& warp_collective(Collective kind, const LaneSlot& input) {
       case Collective::kLdmatrixTrans: execute_ldmatrix(w, true); break;
       case Collective::kMma: execute_mma(w); break;
       case Collective::kShuffle: execute_shuffle(w); break;
+      case Collective::kVoteAny: execute_vote_any(w); break;
       default: break;
     }
     w.arrived = 0;
@@ -544,6 +556,12 @@ uint32_t shfl_xor(uint32_t value, int lane_mask) {
   input.value = value;
   input.lane_mask = lane_mask;
   return warp_collective(Collective::kShuffle, input).r[0];
+}
+
+bool vote_any(bool predicate) {
+  LaneSlot input{};
+  input.value = predicate ? 1 : 0;
+  return warp_collective(Collective::kVoteAny, input).r[0] != 0;
 }
 
 void cp_async(void* smem, const void* gmem, int bytes, bool fill) {

@@ -48,6 +48,8 @@ void cp_async(void* smem, const void* gmem, int bytes, bool fill);
 void cp_async_commit();
 void cp_async_wait(int pending_groups);
 uint32_t shfl_xor(uint32_t value, int lane_mask);
+// vote.sync.any.pred over the whole warp
+bool vote_any(bool predicate);
 
 void check_global_read(const void* address, size_t bytes);
 void check_global_write(const void* address, size_t bytes, bool atomic);

@@ -13,8 +13,11 @@
 #include <cstring>
 #include <initializer_list>
 #include <optional>
+#include <string>
 
 #include "../attention_cuda_host.h"
+#include "../kernel_api.h"
+#include "attention_launch.h"
 #include "emulated_device.h"
 
 namespace {
@@ -92,6 +95,27 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   return fast_attn::cuda::attention_forward(in, {nullptr, static_cast<int>(sm_count)});
 }
 
+// The path of the forward and dK/dV kernels (KernelPath, kernel_api.h) that the host picks
+// for the forward op's arguments: "fast", "causal", "general" or "modifiers".
+std::string kernel_path(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask,
+                        const std::optional<at::Tensor>& dropout_seed, double scale, int64_t causal, double dropout_p,
+                        const std::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right,
+                        double softcap, const std::optional<at::Tensor>& cu_seqlens_q,
+                        const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  const fast_attn::ForwardInputs in{q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left,
+                                    window_right, softcap, dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k};
+  const auto [out, lse] = fast_attn::allocate_forward_outputs(q);
+  switch (fast_attn::cuda::kernel_path(fast_attn::make_forward_params(in, out, lse))) {
+    case fast_attn::cuda::KernelPath::kFast: return "fast";
+    case fast_attn::cuda::KernelPath::kCausal: return "causal";
+    case fast_attn::cuda::KernelPath::kGeneral: return "general";
+    case fast_attn::cuda::KernelPath::kModifiers: return "modifiers";
+  }
+  return "none";
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask,
@@ -150,6 +174,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("block_table"), py::arg("cache_batch_idx"), py::arg("scale"), py::arg("causal"),
         py::arg("alibi_slopes"), py::arg("window_left"), py::arg("window_right"), py::arg("softcap"),
         py::arg("num_splits"), py::kw_only(), py::arg("sm_count"));
+  m.def("kernel_path", &kernel_path, "the forward and dK/dV kernels' path for the forward op's arguments",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias"), py::arg("key_mask"), py::arg("dropout_seed"),
+        py::arg("scale"), py::arg("causal"), py::arg("dropout_p"), py::arg("alibi_slopes"), py::arg("window_left"),
+        py::arg("window_right"), py::arg("softcap"), py::arg("cu_seqlens_q") = py::none(),
+        py::arg("cu_seqlens_k") = py::none(), py::arg("max_seqlen_q") = -1, py::arg("max_seqlen_k") = -1);
   m.def("launch_count", &fast_attn::emu::launch_count, "kernel launches emulated so far");
   m.def("compiled_head_dims", &fast_attn::cuda::compiled_head_dims, "head dims with kernels");
 }

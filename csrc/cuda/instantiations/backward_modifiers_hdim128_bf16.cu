@@ -5,7 +5,7 @@
 #include "cuda/backward_dq_kernel.cuh"
 
 namespace fast_attn::cuda {
-template LaunchStatus run_attention_backward_dkdv<ElementType::kBFloat16, 128, true>(
+template LaunchStatus run_attention_backward_dkdv<ElementType::kBFloat16, 128, KernelPath::kModifiers>(
     const AttentionBackwardParams&, const BackwardWorkspace&, cudaStream_t);
 template LaunchStatus run_attention_backward_dq<ElementType::kBFloat16, 128, true>(
     const AttentionBackwardParams&, cudaStream_t);

@@ -3,6 +3,6 @@
 #include "cuda/forward_kernel.cuh"
 
 namespace fast_attn::cuda {
-template LaunchStatus run_attention_forward<ElementType::kBFloat16, 256, true>(
+template LaunchStatus run_attention_forward<ElementType::kBFloat16, 256, KernelPath::kModifiers>(
     const AttentionForwardParams&, cudaStream_t);
 }  // namespace fast_attn::cuda

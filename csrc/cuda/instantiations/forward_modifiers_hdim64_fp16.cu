@@ -3,6 +3,6 @@
 #include "cuda/forward_kernel.cuh"
 
 namespace fast_attn::cuda {
-template LaunchStatus run_attention_forward<ElementType::kFloat16, 64, true>(
+template LaunchStatus run_attention_forward<ElementType::kFloat16, 64, KernelPath::kModifiers>(
     const AttentionForwardParams&, cudaStream_t);
 }  // namespace fast_attn::cuda

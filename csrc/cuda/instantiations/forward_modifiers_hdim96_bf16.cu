@@ -3,6 +3,6 @@
 #include "cuda/forward_kernel.cuh"
 
 namespace fast_attn::cuda {
-template LaunchStatus run_attention_forward<ElementType::kBFloat16, 96, true>(
+template LaunchStatus run_attention_forward<ElementType::kBFloat16, 96, KernelPath::kModifiers>(
     const AttentionForwardParams&, cudaStream_t);
 }  // namespace fast_attn::cuda
