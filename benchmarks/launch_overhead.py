@@ -7,7 +7,9 @@ it is what a synchronizing timer adds to every call. Prints one line per
 implementation and mode, then the time per call of a decoding step (one query
 against a KV cache, where the host path competes with the kernel), then where the
 host time of the Triton forward and forward+backward goes (cProfile). Without a GPU it times the CPU backend on
-one thread against SDPA's CPU kernel, the kernels' own work being tiny there too.
+one thread against SDPA's CPU kernel, the kernels' own work being tiny there too, and first
+the two decoding-sized calls of issue 17's host-cost target as ratios to SDPA on the same tensors
+(fast_attn.attention and fast_attn.decode_attention; target <= 1.2x).
 
     python benchmarks/launch_overhead.py
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import cProfile
 import io
 import pstats
+import statistics
 import time
 
 import torch
@@ -45,12 +48,56 @@ def _per_call_us(fn) -> float:
     return (time.perf_counter() - begin) / CALLS * 1e6
 
 
+def _interleaved_us(impls: dict, rounds: int = 300, calls: int = 50) -> dict[str, tuple[float, float]]:
+    """(median, min) us per call of each implementation over `rounds` short rounds, the implementations
+    taking turns: on a shared machine a preemption spoils a few rounds of each, not one implementation."""
+    for fn in impls.values():
+        for _ in range(200):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    for _ in range(rounds):
+        for name, fn in impls.items():
+            begin = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - begin) / calls * 1e6)
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
+
+
+def _print_cpu_host_cost() -> None:
+    """Issue 17's host-cost target on one thread, float32: one decoding-sized call, q (1, 12, 1, 64)
+    against 64 keys of 12 heads, D 64, through fast_attn.attention and through fast_attn.decode_attention
+    (a (1, 1, 12, 64) query against the first 64 positions of a (1, 128, 12, 64) cache), each against SDPA
+    on the same tensors in the same run, no grad."""
+    q = torch.randn(1, 12, 1, 64)
+    k, v = (torch.randn(1, 12, 64, 64) for _ in range(2))
+    q_step = q.transpose(1, 2).contiguous()  # (1, 1, 12, 64)
+    k_cache, v_cache = (torch.zeros(1, 128, 12, 64) for _ in range(2))
+    k_cache[:, :64], v_cache[:, :64] = k.transpose(1, 2), v.transpose(1, 2)
+    seqlens = torch.tensor([64], dtype=torch.int32)
+    cases = {
+        "attention": lambda: fast_attn.attention(q, k, v),
+        "decode_attention": lambda: fast_attn.decode_attention(q_step, k_cache, v_cache, seqlens),
+    }
+    print(
+        "host cost, CPU, one thread, fp32, q (1, 12, 1, 64), 64 keys, D 64, no grad, us per call (median / min):"
+    )
+    with torch.no_grad():
+        times = _interleaved_us({"sdpa": lambda: F.scaled_dot_product_attention(q, k, v), **cases})
+    sdpa = times["sdpa"][0]
+    print(f"{'sdpa':<18} {sdpa:8.1f} / {times['sdpa'][1]:6.1f}")
+    for name in cases:
+        median, least = times[name]
+        print(f"{name:<18} {median:8.1f} / {least:6.1f}   {median / sdpa:5.2f}x sdpa", flush=True)
+
+
 def main() -> None:
     if torch.cuda.is_available():
         device, dtype, backends = "cuda", torch.bfloat16, ("cuda", "triton")
     else:
         device, dtype, backends = "cpu", torch.float32, ("cpu",)
         torch.set_num_threads(1)
+        _print_cpu_host_cost()
     q, k, v = (torch.randn(1, 2, 64, 64, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn_like(q)
     impls = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}

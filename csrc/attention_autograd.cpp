@@ -145,12 +145,28 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   }
 };
 
+// Whether autograd would record this call: grad mode on and a differentiable input (q, k, v, the
+// bias) requiring grad.
+bool records_gradient(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const std::optional<at::Tensor>& bias) {
+  if (!at::GradMode::is_enabled()) return false;
+  return q.requires_grad() || k.requires_grad() || v.requires_grad() || (bias && bias->requires_grad());
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& dropout_seed, double scale,
     int64_t causal, double dropout_p, const std::optional<at::Tensor>& alibi_slopes, int64_t window_left,
     int64_t window_right, double softcap, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  if (!records_gradient(q, k, v, bias)) {
+    // Nothing to differentiate: the device kernel directly, without the Function's node, saved
+    // tensors and saved data (a few microseconds, as much as a decoding-sized problem's math).
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_forward_op(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p,
+                           {alibi_slopes, window_left, window_right, softcap},
+                           {cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k});
+  }
   variable_list outputs =
       AttentionFunction::apply(q, k, v, bias, key_mask, dropout_seed, scale, causal, dropout_p, alibi_slopes,
                                window_left, window_right, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);

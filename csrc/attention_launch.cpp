@@ -131,9 +131,11 @@ void check_forward_inputs(const ForwardInputs& in) {
 }
 
 at::Tensor empty_bshd_like(const at::Tensor& like) {
-  // Stored (B, S, H, D) so that (B, S, H * D) views are free, as models want.
-  return at::empty({like.size(0), like.size(2), like.size(1), like.size(3)}, like.options())
-      .transpose(1, 2);
+  // Stored (B, S, H, D) so that (B, S, H * D) views are free, as models want; allocated with those
+  // strides at once (an empty tensor and a transposed view of it cost one op more per call).
+  const int64_t batch = like.size(0), heads = like.size(1), seqlen = like.size(2), head_dim = like.size(3);
+  return at::empty_strided({batch, heads, seqlen, head_dim},
+                           {seqlen * heads * head_dim, head_dim, heads * head_dim, 1}, like.options());
 }
 
 bool has_no_scores(const at::Tensor& q, const at::Tensor& k) {

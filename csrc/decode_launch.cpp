@@ -83,15 +83,18 @@ void check_shapes(const DecodeInputs& in) {
   TORCH_CHECK(in.num_splits >= 0, kOp, "num_splits must be >= 0 (0 = chosen by the kernel), got ", in.num_splits);
 }
 
+// t itself on the CPU (no op call), else a copy on the host.
+at::Tensor on_host(const at::Tensor& t) { return t.is_cpu() ? t : t.cpu(); }
+
 // Every cache position a sequence writes (cache_seqlens[b] .. + S_new - 1) or reads (from
 // cache_leftpad[b] on) lies in the cache, and so does its page or cache row.
 void check_positions(const DecodeInputs& in) {
   const int64_t batch = in.q.size(0), new_rows = in.k_new ? in.k_new->size(1) : 0;
   const int64_t rows = in.k_cache.size(0), slots = in.k_cache.size(1);
-  const at::Tensor seqlens = in.cache_seqlens.cpu();
-  const at::Tensor leftpad = in.cache_leftpad ? in.cache_leftpad->cpu() : at::Tensor();
-  const at::Tensor batch_idx = in.cache_batch_idx ? in.cache_batch_idx->cpu() : at::Tensor();
-  const at::Tensor table = in.block_table ? in.block_table->cpu() : at::Tensor();
+  const at::Tensor seqlens = on_host(in.cache_seqlens);
+  const at::Tensor leftpad = in.cache_leftpad ? on_host(*in.cache_leftpad) : at::Tensor();
+  const at::Tensor batch_idx = in.cache_batch_idx ? on_host(*in.cache_batch_idx) : at::Tensor();
+  const at::Tensor table = in.block_table ? on_host(*in.block_table) : at::Tensor();
   const int64_t capacity = in.block_table ? table.size(1) * slots : slots;
   if (!in.block_table && !in.cache_batch_idx) {
     TORCH_CHECK(batch <= rows, kOp, "k_cache has ", rows, " rows for ", batch, " sequences (and no cache_batch_idx)");

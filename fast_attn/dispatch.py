@@ -20,6 +20,7 @@ import torch
 from . import _extension
 from .causal import CausalMode
 from .dropout import new_dropout_seed
+from .ops import cpp_ops
 from .validation import SUPPORTED_DTYPES, AttentionProblem, DecodeProblem
 
 # Triton first on GPUs: on an H100 (bf16, 16k tokens, benchmarks/results/h100-20261126.md)
@@ -45,18 +46,22 @@ FEATURES = {
 ALL_FEATURES = frozenset(FEATURES)
 
 
+def _feature_flags(problem: AttentionProblem | DecodeProblem) -> tuple[bool, ...]:
+    """Whether this problem uses each optional feature, in the order of FEATURES."""
+    return (
+        problem.dropout_p > 0.0,
+        problem.window is not None,
+        problem.softcap is not None,
+        problem.alibi_slopes is not None,
+        problem.sinks is not None,
+        problem.packed_sequences is not None,
+        isinstance(problem, DecodeProblem),
+    )
+
+
 def asked_features(problem: AttentionProblem | DecodeProblem) -> set[str]:
     """The optional features this problem uses."""
-    asked = {
-        "dropout": problem.dropout_p > 0.0,
-        "window": problem.window is not None,
-        "softcap": problem.softcap is not None,
-        "alibi": problem.alibi_slopes is not None,
-        "sinks": problem.sinks is not None,
-        "varlen": problem.packed_sequences is not None,
-        "kv_cache": isinstance(problem, DecodeProblem),
-    }
-    return {feature for feature, used in asked.items() if used}
+    return {feature for feature, used in zip(FEATURES, _feature_flags(problem)) if used}
 
 
 class BackendNotSupportedError(NotImplementedError):
@@ -118,21 +123,17 @@ def _extension_unavailable() -> str | None:
 
 
 def _cpu_unavailable() -> str | None:
-    from .ops.cpp_ops import has_kernel_for
-
     reason = _extension_unavailable()
-    if reason is None and not has_kernel_for("CPU"):
+    if reason is None and not cpp_ops.has_kernel_for("CPU"):
         reason = "this build of fast_attn registered no CPU kernel"
     return reason
 
 
 def _cuda_unavailable() -> str | None:
-    from .ops.cpp_ops import has_kernel_for
-
     reason = _extension_unavailable()
     if reason is not None:
         return reason
-    if not _extension.build_info().get("with_cuda") or not has_kernel_for("CUDA"):
+    if not _extension.build_info().get("with_cuda") or not cpp_ops.has_kernel_for("CUDA"):
         return "this build of fast_attn has no CUDA kernels (built without CUDA)"
     if not torch.cuda.is_available():
         return "no CUDA device is available"
@@ -261,13 +262,11 @@ def _with_sinks(kernel_forward: Callable) -> Callable:
 
 
 def _cpp_forward(problem: AttentionProblem, dropout_seed):
-    from .ops.cpp_ops import attention_forward
-
-    return attention_forward(problem, dropout_seed)
+    return cpp_ops.attention_forward(problem, dropout_seed)
 
 
 def _cpp_decode(problem: DecodeProblem):
-    return torch.ops.fast_attn.decode_forward(*problem.op_arguments())
+    return torch.ops.fast_attn.decode_forward.default(*problem.op_arguments())
 
 
 # A CPU problem of at most MAX_DECODING_ROWS query rows runs as a decoding step when its query heads
@@ -290,14 +289,16 @@ def _runs_as_decoding(problem: AttentionProblem) -> bool:
     """Whether the CPU decode kernel computes this problem: few query rows, and nothing that kernel
     lacks (a bias, a key mask, dropout, packed sequences, a gradient, top-left causal alignment; under
     torch.compile the op's in-place cache arguments would be copied)."""
+    _, heads_q, seqlen_q, _ = problem.q.shape
+    _, heads_kv, seqlen_k, _ = problem.k.shape
     return (
-        problem.seqlen_q <= MAX_DECODING_ROWS
-        and (problem.heads_q > problem.heads_kv or problem.seqlen_k >= DECODING_KEYS)
+        seqlen_q <= MAX_DECODING_ROWS
+        and (heads_q > heads_kv or seqlen_k >= DECODING_KEYS)
         and problem.bias is None
         and problem.key_mask is None
         and problem.dropout_p == 0.0
         and problem.packed_sequences is None
-        and (problem.causal != CausalMode.TOP_LEFT or problem.seqlen_q == problem.seqlen_k)
+        and (problem.causal != CausalMode.TOP_LEFT or seqlen_q == seqlen_k)
         and not problem.needs_grad
         and not torch.compiler.is_compiling()
     )
@@ -311,7 +312,7 @@ def _cpu_forward(problem: AttentionProblem, dropout_seed):
     seqlens = torch.full((problem.batch,), problem.seqlen_k, dtype=torch.int32)
     pairs = problem.batch * problem.heads_kv
     splits = max(1, min(-(-DECODING_TASKS // max(pairs, 1)), problem.seqlen_k // DECODING_SPLIT_KEYS))
-    out, lse = torch.ops.fast_attn.decode_forward(
+    out, lse = torch.ops.fast_attn.decode_forward.default(
         problem.q.transpose(1, 2), problem.k.transpose(1, 2), problem.v.transpose(1, 2), None, None, seqlens,
         None, None, None, problem.scale, problem.causal != CausalMode.NONE, problem.alibi_slopes,
         window_left, window_right, problem.softcap or 0.0, splits,
@@ -422,15 +423,10 @@ _AUTO_CHOICES: dict[tuple, Backend] = {}
 
 
 def _auto_choice_key(problem: AttentionProblem | DecodeProblem) -> tuple | None:
-    if getattr(problem, "bias", None) is not None:
+    if problem.bias is not None:
         return None
-    return (
-        type(problem),
-        problem.device,
-        problem.dtype,
-        problem.head_dim,
-        frozenset(asked_features(problem)),
-    )
+    q = problem.q  # its last dim is the head dim in either problem's layout
+    return (type(problem), q.device, q.dtype, q.shape[-1], _feature_flags(problem))
 
 
 def run_problem(problem: AttentionProblem, backend: str = "auto"):

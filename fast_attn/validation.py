@@ -89,8 +89,9 @@ def _check_tensor(name: str, value: object) -> torch.Tensor:
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    # Kernels read any strides as long as the head dim is contiguous.
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+    # Kernels read any strides as long as the head dim is contiguous (is_contiguous() answers the
+    # common case without building a stride).
+    return t if t.is_contiguous() or t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -179,6 +180,8 @@ def _normalize_scale(scale: object, head_dim: int) -> float:
 
 
 def _normalize_dropout(dropout_p: object) -> float:
+    if type(dropout_p) is float and 0.0 <= dropout_p < 1.0:  # the common case, before the ABC checks
+        return dropout_p
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a real number, got {type(dropout_p).__name__}")
     dropout_p = float(dropout_p)
@@ -274,34 +277,46 @@ def build_problem(
     k = _check_tensor("k", k)
     v = _check_tensor("v", v)
     _check_qkv(q, k, v)
-    seqlen_k = k.shape[2]
-    bias4 = None if bias is None else _normalize_bias(_check_tensor("bias", bias), q, seqlen_k)
-    mask = None if key_mask is None else _normalize_key_mask(_check_tensor("key_mask", key_mask), q, seqlen_k)
+    bias4 = mask = None
+    if bias is not None:
+        bias4 = _normalize_bias(_check_tensor("bias", bias), q, k.shape[2])
+    if key_mask is not None:
+        mask = _normalize_key_mask(_check_tensor("key_mask", key_mask), q, k.shape[2])
+    window, softcap, slopes, sinks, scale = _score_modifiers(
+        q, window_size, softcap, alibi_slopes, sinks, scale
+    )
+    # Positional, in the order of AttentionProblem's fields: twelve keywords cost ~0.6 us more a call.
     return AttentionProblem(
-        q=_last_dim_contiguous(q),
-        k=_last_dim_contiguous(k),
-        v=_last_dim_contiguous(v),
-        bias=bias4,
-        key_mask=mask,
-        causal=parse_causal(causal),
-        dropout_p=_normalize_dropout(dropout_p),
-        **_score_modifiers(q, window_size, softcap, alibi_slopes, sinks, scale),
+        _last_dim_contiguous(q),
+        _last_dim_contiguous(k),
+        _last_dim_contiguous(v),
+        bias4,
+        mask,
+        parse_causal(causal),
+        window,
+        softcap,
+        slopes,
+        sinks,
+        scale,
+        _normalize_dropout(dropout_p),
     )
 
 
 def _score_modifiers(
     q: torch.Tensor, window_size=None, softcap=None, alibi_slopes=None, sinks=None, scale=None
-) -> dict:
-    """The problems' window, softcap, alibi_slopes, sinks and scale, for q (B, Hq, Sq, D)."""
+) -> tuple:
+    """The problems' (window, softcap, alibi_slopes, sinks, scale), for q (B, Hq, Sq, D)."""
+    if window_size is None and softcap is None and alibi_slopes is None and sinks is None:
+        return None, None, None, None, _normalize_scale(scale, q.shape[3])
     slopes = None
     if alibi_slopes is not None:
         slopes = _normalize_alibi_slopes(_check_tensor("alibi_slopes", alibi_slopes), q)
-    return dict(
-        window=_normalize_window(window_size),
-        softcap=_normalize_softcap(softcap),
-        alibi_slopes=slopes,
-        sinks=None if sinks is None else _normalize_sinks(_check_tensor("sinks", sinks), q),
-        scale=_normalize_scale(scale, q.shape[3]),
+    return (
+        _normalize_window(window_size),
+        _normalize_softcap(softcap),
+        slopes,
+        None if sinks is None else _normalize_sinks(_check_tensor("sinks", sinks), q),
+        _normalize_scale(scale, q.shape[3]),
     )
 
 
@@ -434,7 +449,8 @@ class DecodeProblem(_OfQuery):
     sinks: torch.Tensor | None  # (Hq,)
     scale: float
     num_splits: int  # 0: the kernel chooses
-    # What dispatch asks of every problem: decoding has neither dropout nor packed sequences.
+    # What dispatch asks of every problem: decoding has no bias, no dropout and no packed sequences.
+    bias = None
     dropout_p = 0.0
     packed_sequences = None
 
@@ -471,6 +487,8 @@ def _check_int32_vector(name: str, value: object, batch: int, device: torch.devi
 def _check_decode_tensors(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_new, v_new
 ) -> None:
+    if _decode_tensors_look_right(q, k_cache, v_cache, k_new, v_new):
+        return
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k_new), ("v", v_new)):
         if t is None:
             continue
@@ -508,11 +526,40 @@ def _check_decode_tensors(
                 raise ValueError(f"{name} must have shape (B, S_new, Hkv, D) = {expected}, got {_shape(t)}")
 
 
+def _decode_tensors_look_right(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_new, v_new
+) -> bool:
+    """_check_decode_tensors' rules in one expression: the common case of every step passes here at once."""
+    q_shape, cache_shape = q.shape, k_cache.shape
+    dtype, device = q.dtype, q.device
+    looks_right = (
+        len(q_shape) == len(cache_shape) == 4
+        and v_cache.shape == cache_shape
+        and dtype in SUPPORTED_DTYPES
+        and k_cache.dtype == dtype == v_cache.dtype
+        and k_cache.device == device == v_cache.device
+        and q_shape[3] == cache_shape[3] >= 1
+        and cache_shape[2] >= 1
+        and q_shape[2] % cache_shape[2] == 0
+    )
+    if not looks_right or k_new is None or v_new is None:
+        return looks_right and k_new is None and v_new is None
+    new_shape = k_new.shape
+    return (
+        len(new_shape) == 4
+        and new_shape == v_new.shape
+        and new_shape[0] == q_shape[0]
+        and new_shape[2:] == cache_shape[2:]
+        and k_new.dtype == dtype == v_new.dtype
+        and k_new.device == device == v_new.device
+    )
+
+
 def _check_cache_values(problem: DecodeProblem) -> None:
     """The integer inputs against the cache's capacity (reads their values)."""
     ends = problem.cache_seqlens.tolist()
     new_rows = problem.new_rows
-    if any(end < 0 for end in ends):
+    if ends and min(ends) < 0:
         raise ValueError(f"cache_seqlens must be >= 0, got {ends}")
     if problem.cache_leftpad is not None:
         starts = problem.cache_leftpad.tolist()
@@ -534,7 +581,7 @@ def _check_cache_values(problem: DecodeProblem) -> None:
             indices = problem.cache_batch_idx.tolist()
             if any(not 0 <= row < rows for row in indices):
                 raise ValueError(f"cache_batch_idx must index the cache's {rows} rows, got {indices}")
-    if any(end + new_rows > capacity for end in ends):
+    if ends and max(ends) + new_rows > capacity:
         raise ValueError(
             f"the cache is too short: cache_seqlens {ends} + {new_rows} new keys exceed "
             f"{capacity_text} = {capacity}"
@@ -565,11 +612,15 @@ def build_decode_problem(
     v_new = None if v is None else _check_tensor("v", v)
     _check_decode_tensors(q, k_cache, v_cache, k_new, v_new)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.stride(-1) != 1 and t.shape[-1] > 1:
+        if not t.is_contiguous() and t.stride(-1) != 1 and t.shape[-1] > 1:
             raise ValueError(
                 f"{name} must have a contiguous last dim (it is written in place), got strides {t.stride()}"
             )
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_new, v_new)):
+    if torch.is_grad_enabled() and (
+        q.requires_grad
+        or (k_new is not None and k_new.requires_grad)
+        or (v_new is not None and v_new.requires_grad)
+    ):
         raise ValueError(
             "decode_attention is forward only (no gradient flows into q, k or v): call it under torch.no_grad(), "
             "or use fast_attn.attention to train"
@@ -604,25 +655,38 @@ def build_decode_problem(
             )
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool (decoding is causal bottom-right), got {causal!r}")
-    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
+    if type(num_splits) is not int and (
+        isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral)
+    ):
         raise TypeError(f"num_splits must be an int, got {num_splits!r}")
     if not 0 <= num_splits <= MAX_DECODE_SPLITS:
         raise ValueError(
             f"num_splits must be in 0..{MAX_DECODE_SPLITS} (0 = chosen per call), got {num_splits}"
         )
+    # The modifiers are named for q (B, Hq, Sq, D); the transposed view costs an op call, so it is
+    # made only for those that read q's heads (its head dim is the last either way).
+    reads_heads = score_options.get("alibi_slopes") is not None or score_options.get("sinks") is not None
+    window, softcap, slopes, sinks, scale = _score_modifiers(
+        q.transpose(1, 2) if reads_heads else q, **score_options
+    )
+    # Positional, in the order of DecodeProblem's fields (as build_problem's).
     problem = DecodeProblem(
-        q=_last_dim_contiguous(q),
-        k_cache=k_cache,
-        v_cache=v_cache,
-        k_new=None if k_new is None else _last_dim_contiguous(k_new),
-        v_new=None if v_new is None else _last_dim_contiguous(v_new),
-        cache_seqlens=seqlens,
-        cache_leftpad=leftpad,
-        block_table=table,
-        cache_batch_idx=batch_idx,
-        causal=causal,
-        **_score_modifiers(q.transpose(1, 2), **score_options),  # named for q (B, Hq, Sq, D)
-        num_splits=int(num_splits),
+        _last_dim_contiguous(q),
+        k_cache,
+        v_cache,
+        None if k_new is None else _last_dim_contiguous(k_new),
+        None if v_new is None else _last_dim_contiguous(v_new),
+        seqlens,
+        leftpad,
+        table,
+        batch_idx,
+        causal,
+        window,
+        softcap,
+        slopes,
+        sinks,
+        scale,
+        int(num_splits),
     )
     if not torch.compiler.is_compiling() and (device.type == "cpu" or CHECK_CACHE_VALUES_ON_GPU):
         _check_cache_values(problem)

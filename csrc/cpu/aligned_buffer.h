@@ -10,21 +10,57 @@
 namespace fast_attn::cpu {
 namespace {
 
+// Each thread keeps the block of its last buffer (up to kMaxSpareBytes) for its next one: a worker
+// of the next call takes it instead of allocating and freeing its scratch again. On a decoding-sized
+// problem the allocator's work on a block of ~80 KiB (and the page faults when it returns memory to
+// the system) cost as much as the math.
 class AlignedBuffer {
  public:
-  explicit AlignedBuffer(size_t bytes) {
-    const size_t rounded = (bytes + 63) / 64 * 64;
-    data_ = static_cast<unsigned char*>(std::aligned_alloc(64, rounded == 0 ? 64 : rounded));
+  static constexpr size_t kMaxSpareBytes = size_t{1} << 20;
+
+  explicit AlignedBuffer(size_t bytes) : bytes_(bytes == 0 ? 64 : (bytes + 63) / 64 * 64) {
+    Spare& spare = thread_spare();
+    if (spare.data != nullptr && spare.bytes >= bytes_) {
+      data_ = spare.data;
+      bytes_ = spare.bytes;
+      spare = Spare{};
+      return;
+    }
+    data_ = static_cast<unsigned char*>(std::aligned_alloc(64, bytes_));
     if (data_ == nullptr) throw std::bad_alloc();
   }
   AlignedBuffer(const AlignedBuffer&) = delete;
   AlignedBuffer& operator=(const AlignedBuffer&) = delete;
-  ~AlignedBuffer() { std::free(data_); }
+  ~AlignedBuffer() {
+    Spare& spare = thread_spare();
+    if (bytes_ <= kMaxSpareBytes && bytes_ > spare.bytes) {
+      std::free(spare.data);
+      spare.data = data_;
+      spare.bytes = bytes_;
+    } else {
+      std::free(data_);
+    }
+  }
 
   unsigned char* data() { return data_; }
 
  private:
+  struct Spare {
+    unsigned char* data = nullptr;
+    size_t bytes = 0;
+  };
+  // Freed when its thread ends.
+  struct SpareOwner {
+    Spare spare;
+    ~SpareOwner() { std::free(spare.data); }
+  };
+  static Spare& thread_spare() {
+    static thread_local SpareOwner owner;
+    return owner.spare;
+  }
+
   unsigned char* data_;
+  size_t bytes_;
 };
 
 // Hands out consecutive 64-byte aligned arrays from a buffer; with a null base

@@ -103,6 +103,12 @@ std::vector<SequenceBlock> plan_sequence_blocks(const AttentionForwardParams& p)
   return heaviest_first(std::move(blocks));
 }
 
+// The multiply-adds of a forward's two products (S = q k^T, P v) over every query row and key (an
+// estimate from the shapes that ignores bands and masks; the backward's are about twice as many).
+int64_t product_multiply_adds(const at::Tensor& q, const at::Tensor& k) {
+  return 2 * q.size(0) * q.size(1) * q.size(2) * k.size(2) * q.size(3);
+}
+
 ExactScales exact_scales(double scale, double dropout_p, double softcap) {
   return ExactScales{scale, dropout_p > 0.0 ? 1.0 / (1.0 - dropout_p) : 1.0, softcap};
 }
@@ -160,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
     plan.num_tasks = q.size(0) * q.size(1) * plan.num_q_blocks;
     plan.last_query_block_first = !(band_bounds_left(params) && !band_bounds_right(params));
   }
-  run_workers(forward_worker_for(q, k), params, plan);
+  run_workers(forward_worker_for(q, k), params, plan, product_multiply_adds(q, k));
   return {out, lse};
 }
 
@@ -327,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     dk.zero_();  // keys in no sequence: no task writes them
     dv.zero_();
   }
-  run_workers(backward_worker_for(q, grad_out), params, setup.plan);
+  run_workers(backward_worker_for(q, grad_out), params, setup.plan, 2 * product_multiply_adds(q, k));
 
   if (setup.dq_accum.defined()) {
     dq.copy_(setup.plan.kv_splits == 1 ? setup.dq_accum[0] : setup.dq_accum.sum(0));

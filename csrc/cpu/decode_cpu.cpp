@@ -86,7 +86,8 @@ std::tuple<at::Tensor, at::Tensor> decode_forward_cpu(
   DecodePlan plan{};
   plan.dtype = element_type(q.scalar_type());
   plan.scales = ExactScales{scale, 1.0, softcap};
-  plan.num_splits = choose_splits(params, num_splits, *std::max_element(keys.begin(), keys.end()));
+  const int64_t most_keys = *std::max_element(keys.begin(), keys.end());
+  plan.num_splits = choose_splits(params, num_splits, most_keys);
   plan.num_tasks = params.batch * params.heads_kv * plan.num_splits;
   plan.sequence_order = order.data();
   at::Tensor partial_out, partial_lse;
@@ -100,7 +101,9 @@ std::tuple<at::Tensor, at::Tensor> decode_forward_cpu(
     plan.partial_lse_split_stride = partial_lse.stride(0);
     plan.splits_done = splits_done.data();
   }
-  run_workers(kernels_for(q.scalar_type()).decode, params, plan);
+  // The products' multiply-adds (q k^T and P v) of every query row against the most keys a sequence sees.
+  const int64_t multiply_adds = 2 * params.batch * params.heads_q * params.seqlen_q * most_keys * params.head_dim;
+  run_workers(kernels_for(q.scalar_type()).decode, params, plan, multiply_adds);
   return {out, lse};
 }
 

@@ -54,15 +54,20 @@ Rows<typename V::value_type> rows_in_accumulation_type(typename V::value_type* b
 }
 
 // dst (cols x padded_rows, row stride ld_dst) = scale * transpose(src (rows x cols of T));
-// columns rows..padded_rows-1 of dst are zero, so whole vectors can be read.
+// columns rows..padded_rows-1 of dst are zero, so whole vectors can be read (padded_rows is a
+// multiple of the vector width). The vectors that hold padding are zeroed whole before the rows are
+// written: one store each instead of a loop of up to W - 1 scalar ones (one query row's block, as
+// decoding has, was mostly that loop).
 template <class V, class T>
 void pack_transposed(typename V::value_type* dst, int64_t ld_dst, int64_t padded_rows, const T* src,
                      int64_t ld_src, int64_t rows, int64_t cols, typename V::value_type scale) {
   using acc_t = typename V::value_type;
+  constexpr int W = V::kWidth;
+  const int64_t first_padding_vector = rows / W * W;
   for (int64_t c = 0; c < cols; ++c) {
     acc_t* d = dst + c * ld_dst;
+    for (int64_t r = first_padding_vector; r < padded_rows; r += W) V::zero().store(d + r);
     for (int64_t r = 0; r < rows; ++r) d[r] = scale * static_cast<acc_t>(to_float(src[r * ld_src + c]));
-    for (int64_t r = rows; r < padded_rows; ++r) d[r] = acc_t(0);
   }
 }
 

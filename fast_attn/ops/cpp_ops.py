@@ -62,5 +62,8 @@ if _extension.load()[0] is not None:
 
 
 def attention_forward(problem, dropout_seed):
-    """Run the C++ forward op (CPU or CUDA implementation, by the tensors' device)."""
-    return torch.ops.fast_attn.attention_forward(*autograd.forward_op_arguments(problem, dropout_seed))
+    """Run the C++ forward op (CPU or CUDA implementation, by the tensors' device). Its one overload is
+    called directly: the packet would match the arguments against its overloads first (~0.8 us)."""
+    return torch.ops.fast_attn.attention_forward.default(
+        *autograd.forward_op_arguments(problem, dropout_seed)
+    )
