@@ -61,9 +61,11 @@ class ScoreTile {
 
   static constexpr acc_t neg_inf() { return -std::numeric_limits<acc_t>::infinity(); }
 
-  // Before the first key block of a task's query lanes: nothing seen, output 0.
+  // Before the first key block of a task's query_vectors * W lanes: nothing seen, output 0.
+  // Only those lanes' output rows are zeroed (one query row of a decoding step would
+  // otherwise clear all kM rows, 16 KiB at D 64, per task).
   void start(int query_vectors) {
-    std::fill(out_acc, out_acc + kM * d_padded, acc_t(0));
+    std::fill(out_acc, out_acc + query_vectors * W * d_padded, acc_t(0));
     for (int mv = 0; mv < query_vectors; ++mv) {
       V::broadcast(neg_inf()).store(row_max + mv * W);
       V::zero().store(row_sum + mv * W);
