@@ -8,6 +8,7 @@
 #   bench_models.json, longest_sequence.json   end-to-end models, longest sequences
 #   decode/results.{json,md}   the Triton decode op against SDPA, with its bandwidth
 #   context_parallel.json   the ring and the all-to-all on one NCCL rank against plain attention
+#   bench_window/results.{json,md}   a (256, 0) window against SDPA's bool mask and FlexAttention
 #   cuda_sweep/cuda_tile_sweep.json   candidate CUDA tiles (step cuda_sweep, not in the default STEPS)
 # Each step has its own time limit so that a slow step cannot eat the others'.
 #
@@ -16,7 +17,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(pwd)/gpu_out}
-STEPS=${STEPS:-"build probe overhead tests bench bench_decode context_parallel bench_t5 bench_models longest sanitizer wheel"}
+STEPS=${STEPS:-"build probe overhead tests bench bench_window bench_decode context_parallel bench_t5 bench_models longest sanitizer wheel"}
 PY=${PYTHON:-python3}
 # Test groups compiling many Triton variants run in parallel workers when
 # pytest-xdist is there (compilation is CPU-bound; the 16 cores share one GPU).
@@ -108,6 +109,13 @@ if has_step bench; then
   timeout "${BENCH_TIMEOUT:-300}" $PY -m fast_attn.bench --out "$OUT/bench" --budget-ms "${BENCH_BUDGET_MS:-200}" \
     --seqlen ${BENCH_SEQLENS:-1024 2048 4096 8192 16384} --head-dim ${BENCH_HEAD_DIMS:-64 128} --mode fwd bwd \
     --backend ${BENCH_IMPLS:-fast_attn sdpa:flash sdpa:efficient sdpa:cudnn} 2>>"$LOG" | tee -a "$LOG"
+fi
+
+if has_step bench_window; then
+  step "benchmark: a sliding window (256, 0) against SDPA with the bool mask and FlexAttention"
+  timeout "${BENCH_WINDOW_TIMEOUT:-180}" $PY -m fast_attn.bench --out "$OUT/bench_window" --window 256 \
+    --causal true --seqlen 4096 16384 --head-dim 64 128 --mode fwd fwd_bwd --budget-ms "${BENCH_BUDGET_MS:-200}" \
+    2>>"$LOG" | tee -a "$LOG"
 fi
 
 if has_step bench_decode; then
