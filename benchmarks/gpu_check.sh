@@ -9,6 +9,7 @@
 #   decode/results.{json,md}   the Triton decode op against SDPA, with its bandwidth
 #   context_parallel.json   the ring and the all-to-all on one NCCL rank against plain attention
 #   bench_window/results.{json,md}   a (256, 0) window against SDPA's bool mask and FlexAttention
+#   bench_modifiers.json   window, softcap, ALiBi and sinks against the same calls without them
 #   cuda_sweep/cuda_tile_sweep.json   candidate CUDA tiles (step cuda_sweep, not in the default STEPS)
 # Each step has its own time limit so that a slow step cannot eat the others'.
 #
@@ -17,7 +18,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(pwd)/gpu_out}
-STEPS=${STEPS:-"build probe overhead tests bench bench_window bench_decode context_parallel bench_t5 bench_models longest sanitizer wheel"}
+STEPS=${STEPS:-"build probe overhead tests bench bench_window bench_modifiers bench_decode context_parallel bench_t5 bench_models longest sanitizer wheel"}
 PY=${PYTHON:-python3}
 # Test groups compiling many Triton variants run in parallel workers when
 # pytest-xdist is there (compilation is CPU-bound; the 16 cores share one GPU).
@@ -116,6 +117,13 @@ if has_step bench_window; then
   timeout "${BENCH_WINDOW_TIMEOUT:-180}" $PY -m fast_attn.bench --out "$OUT/bench_window" --window 256 \
     --causal true --seqlen 4096 16384 --head-dim 64 128 --mode fwd fwd_bwd --budget-ms "${BENCH_BUDGET_MS:-200}" \
     2>>"$LOG" | tee -a "$LOG"
+fi
+
+if has_step bench_modifiers; then
+  step "benchmark: the score modifiers' cost (window vs causal, softcap, ALiBi, sinks vs none), bf16"
+  timeout "${BENCH_MODIFIERS_TIMEOUT:-180}" $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_modifiers.py \
+    --benchmark-only --benchmark-columns=median,rounds --benchmark-json "$OUT/bench_modifiers.json" 2>&1 \
+    | tail -n 30 | tee -a "$LOG"
 fi
 
 if has_step bench_decode; then

@@ -1,5 +1,6 @@
-"""CPU kernel benchmarks of the score modifiers at (B 1, H 8, S 4096, D 64),
-float32 and bfloat16, forward and forward+backward.
+"""Benchmarks of the score modifiers at (B 1, H 8, S 4096, D 64), forward and
+forward+backward: on the CPU kernels in float32 and bfloat16, or on a GPU machine
+with backend "auto" in bfloat16 (gpu_check.sh, step bench_modifiers).
 
     pytest benchmarks/test_bench_modifiers.py --benchmark-only
 
@@ -23,12 +24,16 @@ import fast_attn
 from fast_attn.bench import step_of
 from fast_attn.dispatch import UNAVAILABLE
 
-pytestmark = pytest.mark.skipif(UNAVAILABLE["cpu"] is not None, reason=f"CPU kernels: {UNAVAILABLE['cpu']}")
+ON_GPU = torch.cuda.is_available()
+DEVICE, BACKEND = ("cuda", "auto") if ON_GPU else ("cpu", "cpu")
+pytestmark = pytest.mark.skipif(
+    not ON_GPU and UNAVAILABLE["cpu"] is not None, reason=f"CPU kernels: {UNAVAILABLE['cpu']}"
+)
 
 BATCH, HEADS, SEQLEN, HEAD_DIM = 1, 8, 4096, 64
 WINDOW = (256, 0)
 SOFTCAP = 30.0
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"bf16": torch.bfloat16} if ON_GPU else {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ("fwd", "fwd_bwd")
 # (group, implementation): the implementations each group compares, the first the modifier's.
 IMPLEMENTATIONS = {
@@ -53,9 +58,10 @@ def make_step(impl: str, dtype: torch.dtype, mode: str):
     """A no-argument callable running one forward (or forward + backward)."""
     requires_grad = mode == "fwd_bwd"
     shape = (BATCH, HEADS, SEQLEN, HEAD_DIM)
-    q, k, v = (torch.randn(shape, dtype=dtype).requires_grad_(requires_grad) for _ in range(3))
-    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / HEADS) for h in range(HEADS)])  # ALiBi's geometric slopes
-    sinks = torch.randn(HEADS, requires_grad=requires_grad)
+    q, k, v = (torch.randn(shape, dtype=dtype, device=DEVICE).requires_grad_(requires_grad) for _ in range(3))
+    # ALiBi's geometric slopes
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / HEADS) for h in range(HEADS)], device=DEVICE)
+    sinks = torch.randn(HEADS, device=DEVICE, requires_grad=requires_grad)
     arguments = {
         "fast_attn_window": {"window_size": WINDOW},
         "fast_attn_causal": {"causal": True},
@@ -67,16 +73,24 @@ def make_step(impl: str, dtype: torch.dtype, mode: str):
     if impl in arguments:
 
         def attend():
-            return fast_attn.attention(q, k, v, backend="cpu", **arguments[impl])
+            return fast_attn.attention(q, k, v, backend=BACKEND, **arguments[impl])
 
     else:
-        mask = band_mask(SEQLEN, *WINDOW)
+        mask = band_mask(SEQLEN, *WINDOW).to(DEVICE)
 
         def attend():
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     differentiated = (q, k, v, sinks) if impl == "fast_attn_sinks" else (q, k, v)
-    return step_of(attend, mode, differentiated)
+    step = step_of(attend, mode, differentiated)
+    if not ON_GPU:
+        return step
+
+    def synchronized_step():
+        step()
+        torch.cuda.synchronize()
+
+    return synchronized_step
 
 
 CASES = [
@@ -93,9 +107,11 @@ def test_modifier(benchmark, group, impl, dtype, mode):
     name = f"{group} {mode} {dtype} B{BATCH} H{HEADS} S{SEQLEN} D{HEAD_DIM}"
     benchmark.group = name
     step = make_step(impl, DTYPES[dtype], mode)
-    benchmark.pedantic(step, rounds=3 if impl == "sdpa_bool_mask" else 5, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=3 if impl == "sdpa_bool_mask" else 5, iterations=10 if ON_GPU else 1,
+                       warmup_rounds=1)  # fmt: skip
     MEDIANS.setdefault(name, {})[impl] = benchmark.stats.stats.median
-    benchmark.extra_info.update(implementation=impl, threads=torch.get_num_threads(), torch=torch.__version__)
+    where = torch.cuda.get_device_name() if ON_GPU else f"{torch.get_num_threads()} threads"
+    benchmark.extra_info.update(implementation=impl, device=where, torch=torch.__version__)
 
 
 def ratio_row(name: str, medians: dict[str, float]) -> str | None:
@@ -108,4 +124,5 @@ def ratio_row(name: str, medians: dict[str, float]) -> str | None:
 
 
 def ratio_title() -> str:
-    return f"time of the modifier's call / time of the other call, {torch.get_num_threads()} threads"
+    where = torch.cuda.get_device_name() if ON_GPU else f"{torch.get_num_threads()} threads"
+    return f"time of the modifier's call / time of the other call, {where}"
