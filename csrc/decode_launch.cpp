@@ -33,7 +33,9 @@ void check_indices(const at::Tensor& t, const char* name, int64_t dim, const at:
               t.sizes());
 }
 
-void check_shapes(const DecodeInputs& in) {
+}  // namespace
+
+void check_decode_shapes(const DecodeInputs& in) {
   const at::Tensor& q = in.q;
   TORCH_CHECK(q.dim() == 4, kOp, "q must be 4-D (B, Sq, Hq, D), got shape ", q.sizes());
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble || q.scalar_type() == at::kHalf ||
@@ -83,6 +85,8 @@ void check_shapes(const DecodeInputs& in) {
   TORCH_CHECK(in.num_splits >= 0, kOp, "num_splits must be >= 0 (0 = chosen by the kernel), got ", in.num_splits);
 }
 
+namespace {
+
 // t itself on the CPU (no op call), else a copy on the host.
 at::Tensor on_host(const at::Tensor& t) { return t.is_cpu() ? t : t.cpu(); }
 
@@ -125,7 +129,7 @@ void check_positions(const DecodeInputs& in) {
 }  // namespace
 
 void check_decode_inputs(const DecodeInputs& in) {
-  check_shapes(in);
+  check_decode_shapes(in);
   check_positions(in);
 }
 

@@ -32,11 +32,15 @@ struct DecodeInputs {
   int64_t num_splits;    // 0 = chosen by the kernel
 };
 
-// Checks what a kernel relies on: ranks, shapes, dtypes, devices, contiguous last dims, and the
-// values that place keys in the caches (cache_seqlens, cache_leftpad, block_table,
-// cache_batch_idx), read on the host, so that no key is read or written outside the caches.
-// The Python layer checks most of it first with friendlier messages; these checks keep a direct
-// torch.ops call from reading or writing out of bounds.
+// What every backend's kernels rely on that the tensors' metadata shows: ranks, shapes, dtypes
+// (float32, float64, float16 or bfloat16), devices, contiguous last dims, the options' ranges.
+void check_decode_shapes(const DecodeInputs& in);
+
+// check_decode_shapes, and the values that place keys in the caches (cache_seqlens,
+// cache_leftpad, block_table, cache_batch_idx), read on the host, so that no key is read or
+// written outside the caches (the CPU op's checks). The Python layer checks most of it first
+// with friendlier messages; these checks keep a direct torch.ops call from reading or writing out
+// of bounds.
 void check_decode_inputs(const DecodeInputs& in);
 
 // out (B, Sq, Hq, D) contiguous in q's dtype, lse (B, Hq, Sq) float32 (float64 for float64).

@@ -116,6 +116,7 @@ def _build_emulator():
         CUDA_SOURCES / "attention_cuda_host.cpp",
         CUDA_SOURCES / "decode_cuda_host.cpp",
         ROOT / "csrc" / "attention_launch.cpp",
+        ROOT / "csrc" / "decode_launch.cpp",
     ]
     # The kernel translation units themselves (the generated instantiations included),
     # compiled as C++ through one-line wrappers.
@@ -626,7 +627,7 @@ def test_emulated_decode_refuses_what_the_kernels_cannot_read(emulated: Runner):
         torch.randn(inputs["k_cache"].numel() + 1).to(torch.bfloat16)[1:].view(inputs["k_cache"].shape)
     )
     for position, value, message in (
-        (8, torch.zeros(2, dtype=torch.int32), "cache_batch_idx is for contiguous caches"),
+        (8, torch.zeros(2, dtype=torch.int32), "cache_batch_idx goes with contiguous caches only"),
         (15, 129, "num_splits"),
         (1, misaligned, "16-byte"),
         (5, torch.zeros(2, dtype=torch.int64), "cache_seqlens"),

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "attention_launch.h"
+#include "decode_launch.h"
 
 namespace fast_attn::cuda {
 
@@ -40,27 +41,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(co
                                                                               const BackwardInputs& grads,
                                                                               const DeviceContext& device);
 
-// decode_forward's arguments (csrc/schema.cpp), in its order.
-struct DecodeInputs {
-  const at::Tensor& q;        // (B, Sq, Hq, D)
-  const at::Tensor& k_cache;  // (Bc, S_cache, Hkv, D) or pages (num_pages, page_size, Hkv, D)
-  const at::Tensor& v_cache;
-  const std::optional<at::Tensor>& k_new;  // (B, S_new, Hkv, D)
-  const std::optional<at::Tensor>& v_new;
-  const at::Tensor& cache_seqlens;                   // int32 (B,)
-  const std::optional<at::Tensor>& cache_leftpad;    // int32 (B,)
-  const std::optional<at::Tensor>& block_table;      // int32 (B, max_pages)
-  const std::optional<at::Tensor>& cache_batch_idx;  // int32 (B,)
-  double scale;
-  bool causal;
-  const std::optional<at::Tensor>& alibi_slopes;  // float32 (B or 1, Hq)
-  int64_t window_left;
-  int64_t window_right;
-  double softcap;
-  int64_t num_splits;  // 0: chosen by the launcher (decode_cuda_host.cpp)
-};
-
-// decode_forward's schema: (out (B, Sq, Hq, D), lse (B, Hq, Sq)), the new rows written into the caches.
+// decode_forward's schema (its arguments: DecodeInputs, decode_launch.h; num_splits 0 is chosen by
+// decode_cuda_host.cpp): (out (B, Sq, Hq, D), lse (B, Hq, Sq)), the new rows written into the caches.
 std::tuple<at::Tensor, at::Tensor> decode_forward(const DecodeInputs& in, const DeviceContext& device);
 
 // Head dims with compiled kernels (FAST_ATTN_CUDA_HEAD_DIMS), ascending.

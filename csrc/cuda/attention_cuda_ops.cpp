@@ -61,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor> decode_forward_cuda(
     const std::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, double softcap,
     int64_t num_splits) {
   const c10::cuda::CUDAGuard guard(q.device());
-  const cuda::DecodeInputs in{q, k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, block_table,
+  const DecodeInputs in{q, k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, block_table,
                               cache_batch_idx, scale, causal, alibi_slopes, window_left, window_right, softcap,
                               num_splits};
   return cuda::decode_forward(in, device_context(q));

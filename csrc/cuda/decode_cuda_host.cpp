@@ -13,6 +13,7 @@
 #include "attention_cuda_host.h"
 #include "attention_launch.h"
 #include "cuda_host_common.h"
+#include "decode_launch.h"
 #include "decode_params.h"
 #include "kernel_api.h"
 
@@ -21,57 +22,23 @@ namespace {
 
 constexpr int64_t kMaxDecodeSplits = 128;
 
-void check_int32_vector(const at::Tensor& t, int64_t length, const at::Tensor& q, const char* name) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == length && t.scalar_type() == at::kInt && t.device() == q.device(),
-              "fast_attn: ", name, " must be int32 (", length, ",) on q's device, got ", t.sizes(), " ",
-              t.scalar_type());
-}
-
-// (B, S, Hkv, D) like the cache rows, in q's dtype and on its device, last dim contiguous.
-void check_new_rows(const at::Tensor& t, const at::Tensor& q, const at::Tensor& cache, const char* name) {
-  TORCH_CHECK(t.dim() == 4 && t.size(0) == q.size(0) && t.size(2) == cache.size(2) && t.size(3) == q.size(3) &&
-                  t.scalar_type() == q.scalar_type() && t.device() == q.device() && t.stride(3) == 1,
-              "fast_attn: ", name, " must be (B, S_new, Hkv, D) = (", q.size(0), ", S_new, ", cache.size(2), ", ",
-              q.size(3), ") in q's dtype with a contiguous last dim, got ", t.sizes(), " ", t.scalar_type());
-}
-
 // The caches are written in place, so they cannot be copied into aligned memory as q can.
-void check_cache(const at::Tensor& cache, const at::Tensor& q, const char* name) {
-  TORCH_CHECK(cache.dim() == 4 && cache.size(3) == q.size(3) && cache.scalar_type() == q.scalar_type() &&
-                  cache.device() == q.device() && cache.stride(3) == 1,
-              "fast_attn: ", name, " must be 4-D with q's head dim ", q.size(3), ", dtype and device and a contiguous ",
-              "last dim, got ", cache.sizes(), " ", cache.scalar_type());
+void check_cache_alignment(const at::Tensor& cache, const char* name) {
   TORCH_CHECK(cache.numel() == 0 || aligned_for_vectors(cache), "fast_attn CUDA decode kernels read ", name,
               " with 16-byte vectors: it needs a 16-byte aligned base and page, slot and head strides that are ",
               "multiples of 8 elements, got strides ", cache.strides());
 }
 
-void check_decode_inputs(const DecodeInputs& in) {
-  const at::Tensor& q = in.q;
-  TORCH_CHECK(q.dim() == 4 && q.stride(3) == 1, "fast_attn: q must be (B, Sq, Hq, D) with a contiguous last dim");
-  check_cache(in.k_cache, q, "k_cache");
-  check_cache(in.v_cache, q, "v_cache");
-  TORCH_CHECK(in.k_cache.sizes() == in.v_cache.sizes(), "fast_attn: k_cache and v_cache differ in shape");
-  const int64_t batch = q.size(0);
-  const int64_t heads_kv = in.k_cache.size(2);
-  TORCH_CHECK(heads_kv > 0 && q.size(2) % heads_kv == 0, "fast_attn: Hq = ", q.size(2),
-              " must be a multiple of the caches' Hkv = ", heads_kv);
-  TORCH_CHECK(in.k_new.has_value() == in.v_new.has_value(), "fast_attn: k_new and v_new come together");
-  if (in.k_new) {
-    check_new_rows(*in.k_new, q, in.k_cache, "k_new");
-    check_new_rows(*in.v_new, q, in.k_cache, "v_new");
-    TORCH_CHECK(in.k_new->size(1) == in.v_new->size(1), "fast_attn: k_new and v_new differ in S_new");
-  }
-  check_int32_vector(in.cache_seqlens, batch, q, "cache_seqlens");
-  if (in.cache_leftpad) check_int32_vector(*in.cache_leftpad, batch, q, "cache_leftpad");
-  if (in.cache_batch_idx) check_int32_vector(*in.cache_batch_idx, batch, q, "cache_batch_idx");
+// check_decode_shapes (decode_launch.h), and what the CUDA kernels add: aligned caches, what fits
+// their grids and index types, at most kMaxDecodeSplits splits, and the checks of cache rows and
+// pages that need no values read (a GPU reads none here: the kernels clamp to the caches' bounds).
+void check_cuda_decode_inputs(const DecodeInputs& in) {
+  check_decode_shapes(in);
+  check_cache_alignment(in.k_cache, "k_cache");
+  check_cache_alignment(in.v_cache, "v_cache");
+  const int64_t batch = in.q.size(0);
   if (in.block_table) {
-    const at::Tensor& table = *in.block_table;
-    TORCH_CHECK(table.dim() == 2 && table.size(0) == batch && table.scalar_type() == at::kInt &&
-                    table.device() == q.device(),
-                "fast_attn: block_table must be int32 (B, max_pages) on q's device, got ", table.sizes());
-    TORCH_CHECK(!in.cache_batch_idx, "fast_attn: cache_batch_idx is for contiguous caches, not with block_table");
-    TORCH_CHECK(in.k_cache.size(1) > 0 && (table.size(1) == 0 || in.k_cache.size(0) > 0),
+    TORCH_CHECK(in.k_cache.size(1) > 0 && (in.block_table->size(1) == 0 || in.k_cache.size(0) > 0),
                 "fast_attn: a paged cache needs pages of at least one slot");
   } else {
     TORCH_CHECK(in.cache_batch_idx || in.k_cache.size(0) >= batch || in.k_cache.size(1) == 0,
@@ -83,15 +50,8 @@ void check_decode_inputs(const DecodeInputs& in) {
               kMaxSequenceLength, ", got a cache of ", capacity, " positions per sequence");
   TORCH_CHECK(batch <= kMaxGridDim, "fast_attn CUDA decode kernels support at most ", kMaxGridDim,
               " sequences, got ", batch);
-  TORCH_CHECK(in.num_splits >= 0 && in.num_splits <= kMaxDecodeSplits, "fast_attn: num_splits must be in [0, ",
-              kMaxDecodeSplits, "], got ", in.num_splits);
-  if (in.alibi_slopes) {
-    const at::Tensor& slopes = *in.alibi_slopes;
-    TORCH_CHECK(slopes.dim() == 2 && (slopes.size(0) == 1 || slopes.size(0) == batch) && slopes.size(1) == q.size(2) &&
-                    slopes.scalar_type() == at::kFloat && slopes.is_contiguous() && slopes.device() == q.device(),
-                "fast_attn: alibi_slopes must be float32 (B or 1, Hq) contiguous on q's device, got ",
-                slopes.sizes());
-  }
+  TORCH_CHECK(in.num_splits <= kMaxDecodeSplits, "fast_attn: num_splits must be in [0, ", kMaxDecodeSplits,
+              "], got ", in.num_splits);
 }
 
 DecodeRows rows_of(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
@@ -150,7 +110,7 @@ int64_t choose_decode_splits(int64_t work_units, int64_t key_blocks, int sm_coun
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> decode_forward(const DecodeInputs& in, const DeviceContext& device) {
-  check_decode_inputs(in);
+  check_cuda_decode_inputs(in);
   const at::Tensor& q = in.q;
   const ElementType element = element_type(q);
   const int head_dim = kernel_head_dim(q.size(3));

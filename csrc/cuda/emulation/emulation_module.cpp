@@ -143,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor&
                                           int64_t window_right, double softcap, int64_t num_splits, int64_t sm_count) {
   const TrackingScope scope(
       {q, k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, block_table, cache_batch_idx, alibi_slopes});
-  const fast_attn::cuda::DecodeInputs in{q, k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad,
+  const fast_attn::DecodeInputs in{q, k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad,
                                          block_table, cache_batch_idx, scale, causal, alibi_slopes, window_left,
                                          window_right, softcap, num_splits};
   return fast_attn::cuda::decode_forward(in, {nullptr, static_cast<int>(sm_count)});
