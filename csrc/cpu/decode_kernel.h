@@ -4,11 +4,14 @@
 // times Sq query rows that share kv head hk are the lanes of one score tile
 // (score_tile.h): lane l is row m = m0 + l of the group, query i = m / g of head
 // hk * g + m % g, so each key and value row of the split is read once for all of them
-// (once per kBlockM rows of the group). Keys come in tiles of at most kBlockN that never
-// cross a page, read through the cache's slot stride where they are (16-bit ones
-// converted once per tile by the products policy, forward_products.h), and go
-// through the forward kernel's score steps: softcap, ALiBi, the band (bottom-right per
-// sequence), online softmax, P V. The rows of the next kBlockN keys are prefetched meanwhile.
+// (once per kBlockM rows of the group). Keys come in tiles of at most kBlockN. A 16-bit
+// cache's tile is gathered across pages: the products policy (forward_products.h) converts
+// its rows once per tile, page run by page run, into its buffers (the keys of a few-lane tile
+// are read in place, a pointer per row), so pages of 16 keys still make tiles of kBlockN. A
+// float cache's rows are read in place through the slot stride, so its tiles never cross a
+// page. key_rows() is where a key's rows are. Each tile goes through the forward kernel's
+// score steps: softcap, ALiBi, the band (bottom-right per sequence), online softmax, P V.
+// The rows of the next 2 kBlockN keys, on whatever pages, are prefetched meanwhile.
 //
 // Split-KV: the keys some query row sees are cut into num_splits chunks of whole key
 // tiles. With one split a task stores out and lse; otherwise it stores its normalized
@@ -90,17 +93,23 @@ class DecodeKernel {
     const LaneBand band{p_.has_left, p_.has_right, diagonal - p_.window_left, diagonal + p_.window_right, m0, groups_};
     int64_t next = begin;  // the next key whose rows to prefetch
     for (int64_t j0 = begin; j0 < end;) {
-      const KeyTile keys = key_tile(b, kv_head, sequence, j0, end);
-      const int64_t cols = keys.cols;
-      // Keys up to kN past this tile are requested during its softmax, one key per step.
+      // The tile's keys j0 .. j0 + cols - 1, one run of rows per page (one run in all unless gathered).
+      const int64_t tile_end = std::min(end, j0 + kN);
+      int64_t cols = 0;
+      do {
+        const KeyRows run = key_rows(b, kv_head, sequence, j0 + cols, tile_end);
+        products_.load_key_rows(run.k, p_.k_slot_stride, run.v, p_.v_slot_stride, cols, run.count);
+        cols += run.count;
+      } while (Products::kGathersKeyRows && j0 + cols < tile_end);
+      // Keys up to 2 kN past this tile are requested during its softmax, one key per step: the next
+      // tile's rows were requested a tile earlier still.
       next = std::max(next, j0 + cols);
-      const int64_t ahead = std::min(end, j0 + cols + kN);
+      const int64_t ahead = std::min(end, j0 + cols + 2 * kN);
       auto prefetch_next = [&] {
         if (next >= ahead) return;
-        prefetch(key_tile(b, kv_head, sequence, next, next + 1));
+        prefetch(key_rows(b, kv_head, sequence, next, next + 1));
         ++next;
       };
-      products_.load_key_block(keys.k, p_.k_slot_stride, keys.v, p_.v_slot_stride, cols);
       // S^T (cols x lanes) = scale * K_tile (cols x D) q^T (D x lanes)
       products_.scores(tile_.scores_t, cols);
       if (plan_.scales.softcap > 0.0) tile_.apply_softcap(cols, query_vectors, plan_.scales.softcap);
@@ -116,15 +125,15 @@ class DecodeKernel {
     store_rows(b, kv_head, split, m0, rows);
   }
 
-  // Keys j0 .. j0 + cols - 1 of a sequence (at most kN, cache positions in one page) and their
-  // first key and value rows.
-  struct KeyTile {
+  // Keys j0 .. j0 + count - 1 of a sequence, the run of them before `end` on key j0's page, and
+  // key j0's key and value rows (the run's rows are a slot stride apart).
+  struct KeyRows {
     const T* k;
     const T* v;
-    int64_t cols;
+    int64_t count;
   };
 
-  KeyTile key_tile(int64_t b, int64_t kv_head, const SequenceKeys& sequence, int64_t j0, int64_t end) const {
+  KeyRows key_rows(int64_t b, int64_t kv_head, const SequenceKeys& sequence, int64_t j0, int64_t end) const {
     const int64_t position = sequence.first_position + j0;
     const int64_t page = cache_page(p_, b, position);
     const int64_t slot = position % p_.page_size;
@@ -132,13 +141,13 @@ class DecodeKernel {
                  kv_head * p_.k_head_stride;
     const T* v = static_cast<const T*>(p_.v_cache) + page * p_.v_page_stride + slot * p_.v_slot_stride +
                  kv_head * p_.v_head_stride;
-    return {k, v, std::min({kN, end - j0, p_.page_size - slot})};
+    return {k, v, std::min(end - j0, p_.page_size - slot)};
   }
 
   // Requests the lines of a key's key and value rows into L2. Consecutive rows of one kv head
   // are Hkv * D elements apart (and pages anywhere), a pattern the hardware prefetchers do
   // not follow.
-  void prefetch(const KeyTile& key) const {
+  void prefetch(const KeyRows& key) const {
     const int64_t row_bytes = p_.head_dim * static_cast<int64_t>(sizeof(T));
     for (int64_t line = 0; line < row_bytes; line += 64) {
       __builtin_prefetch(reinterpret_cast<const char*>(key.k) + line, 0, 2);

@@ -7,7 +7,10 @@
 //   O  += P V_block               P read from P^T
 //
 // 16-bit inputs are converted: the query block once, each key block once (the keys of a
-// block of few queries are read in place, widened as they are loaded).
+// block of few queries are read in place, widened as they are loaded). Their key blocks may
+// be gathered from several runs of rows (load_key_rows; the decode kernel's tiles across
+// pages): the conversion copies each run into the block's buffers, and the keys read in
+// place are read through a pointer per key row.
 #pragma once
 
 #include <algorithm>
@@ -35,6 +38,9 @@ class AccumulationTypeForwardProducts {
   // their scores from dot products along D (few_query_scores).
   static constexpr int64_t kFewQueries = 4;
   static_assert(kFewQueries <= W, "a block of few queries fits one query vector");
+  // Whether a key block may be loaded as several runs of rows (load_key_rows with n0 > 0):
+  // only where its rows are copied (float and double rows are read in place, one row stride).
+  static constexpr bool kGathersKeyRows = kConvertInputs;
 
   void carve(ScratchCarver& c, int64_t head_dim) {
     head_dim_ = head_dim;
@@ -61,10 +67,22 @@ class AccumulationTypeForwardProducts {
 
   // Keys and values of one block (cols x D each).
   void load_key_block(const T* k, int64_t k_ld, const T* v, int64_t v_ld, int64_t cols) {
-    k_ = k;
-    k_ld_ = k_ld;
-    if (rows_ > kFewQueries) keys_ = rows_in_accumulation_type<V>(k_block_, k, k_ld, cols, head_dim_);
-    values_ = rows_in_accumulation_type<V>(v_block_, v, v_ld, cols, head_dim_);
+    load_key_rows(k, k_ld, v, v_ld, 0, cols);
+  }
+
+  // Rows n0 .. n0 + cols - 1 of a key block's keys and values (cols x D each, row strides k_ld and
+  // v_ld), loaded in order from n0 = 0; n0 > 0 only where kGathersKeyRows.
+  void load_key_rows(const T* k, int64_t k_ld, const T* v, int64_t v_ld, int64_t n0, int64_t cols) {
+    if (rows_ <= kFewQueries) {
+      for (int64_t n = 0; n < cols; ++n) key_rows_[n0 + n] = k + n * k_ld;
+    }
+    const int64_t offset = kConvertInputs ? n0 * head_dim_ : 0;
+    if (rows_ > kFewQueries) {
+      const Rows<acc_t> keys = rows_in_accumulation_type<V>(k_block_ + offset, k, k_ld, cols, head_dim_);
+      if (n0 == 0) keys_ = keys;
+    }
+    const Rows<acc_t> values = rows_in_accumulation_type<V>(v_block_ + offset, v, v_ld, cols, head_dim_);
+    if (n0 == 0) values_ = values;
   }
 
   // scores_t (cols x query columns, row stride kM) = S^T of the block.
@@ -110,9 +128,11 @@ class AccumulationTypeForwardProducts {
     for (int k = 0; k < KR; ++k) {
       for (int m = 0; m < R; ++m) acc[k][m] = V::zero();
     }
+    const T* rows[KR];
+    for (int k = 0; k < KR; ++k) rows[k] = key_rows_[n + k];
     auto step = [&](int64_t d, auto load_key) {
       V key[KR];
-      for (int k = 0; k < KR; ++k) key[k] = load_key(k_ + (n + k) * k_ld_ + d);
+      for (int k = 0; k < KR; ++k) key[k] = load_key(rows[k] + d);
       for (int m = 0; m < R; ++m) {
         const V query = V::load(q_rows_ + m * d_padded_ + d);
         for (int k = 0; k < KR; ++k) acc[k][m] = V::fma(key[k], query, acc[k][m]);
@@ -139,8 +159,7 @@ class AccumulationTypeForwardProducts {
   int64_t head_dim_ = 0, d_padded_ = 0, rows_ = 0, query_columns_ = 0;
   acc_t* q_t_ = nullptr;      // (D, kM): scale * q^T of the block, zero-padded columns
   acc_t* q_rows_ = nullptr;   // (kFewQueries, D_padded): scale * q rows, zero-padded, for blocks of few queries
-  const T* k_ = nullptr;      // the block's keys as given (read in place by few_query_scores)
-  int64_t k_ld_ = 0;
+  const T* key_rows_[kN] = {};  // the block's key rows as given (read in place by few_query_scores)
   acc_t* k_block_ = nullptr;  // (kN, D) keys in acc_t (16-bit inputs only)
   acc_t* v_block_ = nullptr;  // (kN, D) values in acc_t (16-bit inputs only)
   // The block's keys (blocks of many queries) and values: k_block_ and v_block_, or the inputs in place.
