@@ -69,6 +69,31 @@ def test_long_sequences(dtype, seqlen_q, seqlen_k, causal):
     check(Case(1, 2, 1, seqlen_q, seqlen_k, 64, dtype, causal))
 
 
+# Every option a task of one query row may carry (its tile has one lane: the one-lane softmax and the
+# one-row P V product): Sq 1 (decoding without GQA) and Sq 65 (a last query block of one row).
+ONE_ROW_OPTIONS = [
+    {},
+    {"causal": "bottom_right", "window_size": (30, 0)},
+    {"causal": True},
+    {"window_size": (5, 3)},
+    {"softcap": 3.0, "alibi": "bh"},
+    {"sinks": True, "scale": -0.3},
+    {"bias": True},
+    {"key_mask": True, "empty_key_rows": (1,)},
+    {"dropout_p": 0.25},
+]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=str)
+@pytest.mark.parametrize("seqlen_q", [1, 65])
+@pytest.mark.parametrize("options", ONE_ROW_OPTIONS, ids=str)
+def test_one_query_row_tasks(options, seqlen_q, dtype):
+    options = dict(options)
+    if options.pop("bias", False):
+        options["bias_shape"] = (2, 3, seqlen_q, 77)
+    check(Case(2, 3, 3, seqlen_q, 77, 40, dtype, **options))
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
 def test_bshd_transposed_inputs(dtype):
     case = Case(

@@ -63,6 +63,18 @@ def test_gqa_and_query_rows(heads, query_rows, new_rows):
                      page_size=16, causal=True))  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "options",
+    [dict(causal=True, window_size=(50, 0)), dict(alibi="bh", softcap=5.0), dict(window_size=(100, 3))],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_one_query_row_per_kv_head(options, dtype):
+    # Hq == Hkv and one query row: each task's tile has one lane (the one-lane softmax, the one-row
+    # P V product), over key ranges that are no multiple of the vector width.
+    check(DecodeCase((1, 77, 300), heads_q=3, heads_kv=3, head_dim=40, dtype=dtype, page_size=8, **options))
+
+
 # A group of g * Sq = 8 * 12 = 96 rows is two lane blocks of the tile (64 + 32).
 def test_more_rows_than_one_tile():
     check(DecodeCase((40, 500), new_rows=12, heads_q=16, heads_kv=2, causal=True, window_size=(30, 0)))

@@ -172,7 +172,7 @@ class DecodeKernel {
       }
     }
     products_.load_query_block(q_rows_, p_.head_dim, rows, query_vectors, static_cast<acc_t>(plan_.scales.scale));
-    tile_.start(query_vectors);
+    tile_.start(query_vectors, rows);
   }
 
   // out and lse of the lanes' rows (one split), or the split's partial out and lse.

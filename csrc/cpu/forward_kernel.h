@@ -90,7 +90,7 @@ class ForwardKernel {
     kv_end_ = keys.end;
 
     products_.load_query_block(q, p_.q_row_stride, rows, query_vectors, static_cast<acc_t>(plan_.scales.scale));
-    tile_.start(query_vectors);
+    tile_.start(query_vectors, rows);
     if (p_.alibi_slopes != nullptr) {
       const acc_t slope = static_cast<acc_t>(p_.alibi_slopes[b * p_.alibi_batch_stride + h]);
       std::fill(tile_.lane_minus_slope, tile_.lane_minus_slope + kM, -slope);

@@ -64,7 +64,9 @@ class ScoreTile {
   // Before the first key block of a task's query_vectors * W lanes: nothing seen, output 0.
   // Only those lanes' output rows are zeroed (one query row of a decoding step would
   // otherwise clear all kM rows, 16 KiB at D 64, per task).
-  void start(int query_vectors) {
+  // `lanes` of them hold query rows (the others are padding).
+  void start(int query_vectors, int64_t lanes) {
+    one_lane_ = lanes == 1;
     std::fill(out_acc, out_acc + query_vectors * W * d_padded, acc_t(0));
     for (int mv = 0; mv < query_vectors; ++mv) {
       V::broadcast(neg_inf()).store(row_max + mv * W);
@@ -135,6 +137,7 @@ class ScoreTile {
   // per_key() runs once per key and query vector (the forward spreads prefetches over it).
   template <class PerKey>
   void softmax_update(int64_t cols, int query_vectors, PerKey&& per_key) {
+    if (one_lane_) return softmax_update_one_lane(cols, per_key);
     for (int mv = 0; mv < query_vectors; ++mv) {
       acc_t* s = scores_t + mv * W;
       V block_max = V::broadcast(neg_inf());
@@ -154,6 +157,40 @@ class ScoreTile {
       new_max.store(row_max + mv * W);
       block_alpha.store(alpha + mv * W);
     }
+  }
+
+  // softmax_update of a tile whose one lane holds a query row (a task of one row: decoding without
+  // GQA). Its scores, lane 0 of each key's row, are gathered W keys to a vector, so that exp runs
+  // once per W keys instead of once per key on W - 1 padding lanes. Every lane of the running max,
+  // sum and alpha gets lane 0's value.
+  template <class PerKey>
+  void softmax_update_one_lane(int64_t cols, PerKey&& per_key) {
+    alignas(64) acc_t keys[W];
+    auto gather = [&](int64_t n0) {
+      for (int i = 0; i < W; ++i) keys[i] = n0 + i < cols ? scores_t[(n0 + i) * kM] : neg_inf();
+      return V::load(keys);
+    };
+    V block_max = V::broadcast(neg_inf());
+    for (int64_t n0 = 0; n0 < cols; n0 += W) block_max = V::max(block_max, gather(n0));
+    block_max.store(keys);
+    const acc_t old_max = row_max[0];
+    acc_t new_max = old_max;
+    for (int i = 0; i < W; ++i) new_max = std::max(new_max, keys[i]);
+    const V shift = V::broadcast(new_max).replace_neg_inf(acc_t(0));
+    const V block_alpha = (V::broadcast(old_max) - shift).exp();
+    V sum = V::zero();
+    for (int64_t n0 = 0; n0 < cols; n0 += W) {
+      const V prob = (gather(n0) - shift).exp();
+      prob.store(keys);
+      for (int i = 0; i < W && n0 + i < cols; ++i) {
+        scores_t[(n0 + i) * kM] = keys[i];
+        per_key();
+      }
+      sum = sum + prob;
+    }
+    V::fma(V::load(row_sum), block_alpha, V::broadcast(sum.reduce_add())).store(row_sum);
+    V::broadcast(new_max).store(row_max);
+    block_alpha.store(alpha);
   }
 
   // out_acc's rows *= alpha, unless every alpha is 1.
@@ -181,6 +218,9 @@ class ScoreTile {
     if (d < head_dim) (V::load(o + d) * inv).store_first(dst + d, static_cast<int>(head_dim - d));
     return empty ? neg_inf() : row_max[m] + std::log(sum);
   }
+
+ private:
+  bool one_lane_ = false;  // the task's tile has one query row (softmax_update_one_lane)
 };
 
 }  // namespace

@@ -136,12 +136,82 @@ struct GemmTiles {
   }
 };
 
+// A product of one row (a decoding step's query): NV <= kRowVectors vectors of the C row at once.
+// gemm_tile's one-row tile would keep only kTileVectors FMA chains (2 with AVX2), each step waiting
+// on the last one's latency; kRowVectors chains fill the FMA pipelines. Every element of C sees the
+// FMAs of gemm_tile in the same order, so the result is the same to the bit.
+constexpr int kRowVectors = 8;
+
+template <class V, int NV, bool kAColumnMajor, class Operand, class Result>
+void gemm_row_chunk(int64_t kdim, const Operand* a, int64_t lda, const Operand* b, int64_t ldb, Result* c,
+                    int last_lanes, bool accumulate) {
+  static_assert(NV >= 1 && NV <= kRowVectors, "row chunk shape");
+  constexpr int W = V::kWidth;
+  using Reg = typename V::Reg;
+  const typename V::Mask last = V::first_lanes(last_lanes);
+  auto load = [&](const auto* row, int v) {
+    return v == NV - 1 ? V::reg_load_masked(row + v * W, last) : V::reg_load(row + v * W);
+  };
+  auto store = [&](Reg x, int v) {
+    if (accumulate) x = V::reg_add(x, load(c, v));
+    if (v == NV - 1) {
+      V::reg_store_masked(c + v * W, last, x);
+    } else {
+      V::reg_store(c + v * W, x);
+    }
+  };
+  // Named accumulators, as in gemm_tile: as an array, GCC stores all of them on every k step.
+  Reg c0 = V::reg_zero(), c1 = V::reg_zero(), c2 = V::reg_zero(), c3 = V::reg_zero();
+  Reg c4 = V::reg_zero(), c5 = V::reg_zero(), c6 = V::reg_zero(), c7 = V::reg_zero();
+  for (int64_t k = 0; k < kdim; ++k) {
+    const auto ak = V::reg_broadcast(kAColumnMajor ? a[k * lda] : a[k]);
+    const Operand* b_row = b + k * ldb;
+    c0 = V::reg_fma(ak, load(b_row, 0), c0);
+    if constexpr (NV > 1) c1 = V::reg_fma(ak, load(b_row, 1), c1);
+    if constexpr (NV > 2) c2 = V::reg_fma(ak, load(b_row, 2), c2);
+    if constexpr (NV > 3) c3 = V::reg_fma(ak, load(b_row, 3), c3);
+    if constexpr (NV > 4) c4 = V::reg_fma(ak, load(b_row, 4), c4);
+    if constexpr (NV > 5) c5 = V::reg_fma(ak, load(b_row, 5), c5);
+    if constexpr (NV > 6) c6 = V::reg_fma(ak, load(b_row, 6), c6);
+    if constexpr (NV > 7) c7 = V::reg_fma(ak, load(b_row, 7), c7);
+  }
+  store(c0, 0);
+  if constexpr (NV > 1) store(c1, 1);
+  if constexpr (NV > 2) store(c2, 2);
+  if constexpr (NV > 3) store(c3, 3);
+  if constexpr (NV > 4) store(c4, 4);
+  if constexpr (NV > 5) store(c5, 5);
+  if constexpr (NV > 6) store(c6, 6);
+  if constexpr (NV > 7) store(c7, 7);
+}
+
+// C (1 x cols) (+)= A (1 x kdim) * B (kdim x cols), in chunks of kRowVectors vectors.
+template <class V, bool kAColumnMajor, class Operand, class Result>
+void gemm_row(int64_t cols, int64_t kdim, const Operand* a, int64_t lda, const Operand* b, int64_t ldb, Result* c,
+              bool accumulate) {
+  constexpr int W = V::kWidth;
+  constexpr int64_t kChunk = kRowVectors * W;
+  using Fn = void (*)(int64_t, const Operand*, int64_t, const Operand*, int64_t, Result*, int, bool);
+  constexpr Fn kChunks[kRowVectors] = {
+      &gemm_row_chunk<V, 1, kAColumnMajor, Operand, Result>, &gemm_row_chunk<V, 2, kAColumnMajor, Operand, Result>,
+      &gemm_row_chunk<V, 3, kAColumnMajor, Operand, Result>, &gemm_row_chunk<V, 4, kAColumnMajor, Operand, Result>,
+      &gemm_row_chunk<V, 5, kAColumnMajor, Operand, Result>, &gemm_row_chunk<V, 6, kAColumnMajor, Operand, Result>,
+      &gemm_row_chunk<V, 7, kAColumnMajor, Operand, Result>, &gemm_row_chunk<V, 8, kAColumnMajor, Operand, Result>};
+  for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {
+    const int64_t chunk = std::min(kChunk, cols - c0);
+    const int nv = static_cast<int>((chunk + W - 1) / W);
+    const int last_lanes = static_cast<int>(chunk - (nv - 1) * W);
+    kChunks[nv - 1](kdim, a, lda, b + c0, ldb, c + c0, last_lanes, accumulate);
+  }
+}
+
 // C (rows x cols) (+)= A (rows x kdim) * B (kdim x cols), with V's arithmetic on
 // A and B elements of type Operand and C of type Result. Column panels of 64
 // outer, so one B panel (kdim x 64) stays in cache across all row tiles.
 template <class V, bool kAColumnMajor, class Operand, class Result>
 void gemm(int64_t rows, int64_t cols, int64_t kdim, const Operand* a, int64_t lda, const Operand* b, int64_t ldb,
           Result* c, int64_t ldc, bool accumulate) {
+  if (rows == 1) return gemm_row<V, kAColumnMajor>(cols, kdim, a, lda, b, ldb, c, accumulate);
   constexpr int W = V::kWidth;
   constexpr int64_t kPanel = V::kTileVectors * W;
   for (int64_t c0 = 0; c0 < cols; c0 += kPanel) {
