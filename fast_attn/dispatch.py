@@ -261,10 +261,6 @@ def _with_sinks(kernel_forward: Callable) -> Callable:
     return run
 
 
-def _cpp_forward(problem: AttentionProblem, dropout_seed):
-    return cpp_ops.attention_forward(problem, dropout_seed)
-
-
 def _cpp_decode(problem: DecodeProblem):
     return torch.ops.fast_attn.decode_forward.default(*problem.op_arguments())
 
@@ -291,10 +287,10 @@ def _runs_as_decoding(problem: AttentionProblem) -> bool:
     torch.compile the op's in-place cache arguments would be copied)."""
     _, heads_q, seqlen_q, _ = problem.q.shape
     _, heads_kv, seqlen_k, _ = problem.k.shape
+    if seqlen_q > MAX_DECODING_ROWS or (heads_q == heads_kv and seqlen_k < DECODING_KEYS):
+        return False
     return (
-        seqlen_q <= MAX_DECODING_ROWS
-        and (heads_q > heads_kv or seqlen_k >= DECODING_KEYS)
-        and problem.bias is None
+        problem.bias is None
         and problem.key_mask is None
         and problem.dropout_p == 0.0
         and problem.packed_sequences is None
@@ -307,7 +303,7 @@ def _runs_as_decoding(problem: AttentionProblem) -> bool:
 def _cpu_forward(problem: AttentionProblem, dropout_seed):
     """The CPU backend's forward: a decoding step over k and v as a full cache when it runs as one."""
     if not _runs_as_decoding(problem):
-        return _cpp_forward(problem, dropout_seed)
+        return cpp_ops.attention_forward(problem, dropout_seed)
     window_left, window_right = problem.window or (-1, -1)
     seqlens = torch.full((problem.batch,), problem.seqlen_k, dtype=torch.int32)
     pairs = problem.batch * problem.heads_kv
@@ -342,7 +338,7 @@ BACKENDS: dict[str, Backend] = {
         features=frozenset({"dropout", "sinks", "window", "softcap", "alibi", "varlen", "kv_cache"}),
         min_capability=(8, 0),
         availability=_cuda_unavailable,
-        run=_with_sinks(_cpp_forward),
+        run=_with_sinks(cpp_ops.attention_forward),
         extra_reasons=_cuda_modifier_reasons,
         decode=_cpp_decode,
     ),

@@ -12,6 +12,7 @@ import torch
 import fast_attn
 from fast_attn import dispatch
 from fast_attn.flash_attn_interface import flash_attn_with_kvcache
+from fast_attn.ops import cpp_ops
 from fast_attn.reference import reference_attention, reference_decode_attention
 from fast_attn.testing import DECODE_TENSORS, DecodeCase, backend_device, check_decode_against_reference
 
@@ -370,13 +371,13 @@ def test_cpu_attention_on_few_query_rows_runs_as_a_decoding_step(shape, options,
         options["sinks"] = torch.randn(heads_q)
     routed = options.get("causal") is not True or seqlen_q == seqlen_k
     forward_kernel_calls = []
-    forward_kernel = dispatch._cpp_forward
+    forward_kernel = cpp_ops.attention_forward
 
     def counted(problem, seed):
         forward_kernel_calls.append(problem.q.shape)
         return forward_kernel(problem, seed)
 
-    monkeypatch.setattr(dispatch, "_cpp_forward", counted)
+    monkeypatch.setattr(cpp_ops, "attention_forward", counted)
     threads = torch.get_num_threads()
     try:
         with torch.no_grad():
