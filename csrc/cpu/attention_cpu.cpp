@@ -23,6 +23,7 @@
 #include "attention_launch.h"
 #include "cpu/cpu_kernels.h"
 #include "cpu/kernel_selection.h"
+#include "op_signatures.h"
 
 namespace fast_attn::cpu {
 namespace {
@@ -132,19 +133,9 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                         const at::Tensor& v, const std::optional<at::Tensor>& bias,
-                                                         const std::optional<at::Tensor>& key_mask,
-                                                         const std::optional<at::Tensor>& dropout_seed, double scale,
-                                                         int64_t causal, double dropout_p,
-                                                         const std::optional<at::Tensor>& alibi_slopes,
-                                                         int64_t window_left, int64_t window_right, double softcap,
-                                                         const std::optional<at::Tensor>& cu_seqlens_q,
-                                                         const std::optional<at::Tensor>& cu_seqlens_k,
-                                                         int64_t max_seqlen_q, int64_t max_seqlen_k) {
-  const ForwardInputs in{q,       k,           v,          bias,         key_mask,     alibi_slopes, dropout_seed,
-                         scale,   causal,      window_left, window_right, softcap,     dropout_p,    cu_seqlens_q,
-                         cu_seqlens_k, max_seqlen_q, max_seqlen_k};
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const ForwardInputs& in) {
+  const at::Tensor& q = in.q;
+  const at::Tensor& k = in.k;
   check_forward_inputs(in);
   auto [out, lse] = allocate_forward_outputs(q);
   if (has_no_scores(q, k)) {
@@ -154,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
   const AttentionForwardParams params = make_forward_params(in, out, lse);
   ForwardPlan plan{};
   plan.dtype = element_type(q.scalar_type());
-  plan.scales = exact_scales(scale, dropout_p, softcap);
+  plan.scales = exact_scales(in.scale, in.dropout_p, in.softcap);
   std::vector<SequenceBlock> sequence_blocks;
   if (is_varlen(params)) {
     if (!sequences_cover_rows(params, /*keys=*/false)) fill_forward_without_scores(out, lse);
@@ -291,25 +282,21 @@ at::Tensor dbias_partials_for(const at::Tensor& bias, const BackwardSetup& setup
   return partials;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
-    const at::Tensor& grad_out_in, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
-    const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& dropout_seed,
-    const at::Tensor& out, const at::Tensor& lse, double scale, int64_t causal, double dropout_p,
-    bool compute_dbias, bool /*deterministic: this backward always is*/, const std::optional<at::Tensor>& alibi_slopes,
-    int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& cu_seqlens_q,
-    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
-  const ForwardInputs in{q,       k,           v,          bias,         key_mask,     alibi_slopes, dropout_seed,
-                         scale,   causal,      window_left, window_right, softcap,     dropout_p,    cu_seqlens_q,
-                         cu_seqlens_k, max_seqlen_q, max_seqlen_k};
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(const ForwardInputs& in,
+                                                                                 const BackwardInputs& grads) {
+  const at::Tensor& q = in.q;
+  const at::Tensor& k = in.k;
+  const at::Tensor& v = in.v;
+  const std::optional<at::Tensor>& bias = in.bias;
+  const bool compute_dbias = grads.compute_dbias;  // grads.deterministic: this backward always is
   check_forward_inputs(in);
   TORCH_CHECK(!compute_dbias || bias.has_value(), "fast_attn: compute_dbias needs a bias");
-  TORCH_CHECK(grad_out_in.sizes() == q.sizes() && out.sizes() == q.sizes(),
+  TORCH_CHECK(grads.grad_out.sizes() == q.sizes() && grads.out.sizes() == q.sizes(),
               "fast_attn: grad_out and out must have q's shape ", q.sizes());
-  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3), "fast_attn: lse must have shape (B, Hq, Sq)");
-  const at::Tensor grad_out = grad_out_in.scalar_type() == q.scalar_type() && grad_out_in.stride(3) == 1
-                                  ? grad_out_in
-                                  : grad_out_in.to(q.scalar_type()).contiguous();
+  TORCH_CHECK(grads.lse.sizes() == q.sizes().slice(0, 3), "fast_attn: lse must have shape (B, Hq, Sq)");
+  const at::Tensor grad_out = grads.grad_out.scalar_type() == q.scalar_type() && grads.grad_out.stride(3) == 1
+                                  ? grads.grad_out
+                                  : grads.grad_out.to(q.scalar_type()).contiguous();
 
   if (has_no_scores(q, k)) return backward_without_scores(q, k, v, bias, compute_dbias);
   at::Tensor dq = empty_bshd_like(q);
@@ -317,17 +304,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   at::Tensor dv = empty_bshd_like(v);
 
   const at::ScalarType acc = accumulation_dtype(q.scalar_type());
-  const at::Tensor delta = compute_delta(grad_out, out, grad_lse);
-  const at::Tensor lse_acc = lse.to(acc).contiguous();
-  const ExactScales scales = exact_scales(scale, dropout_p, softcap);
+  const at::Tensor delta = compute_delta(grad_out, grads.out, grads.grad_lse);
+  const at::Tensor lse_acc = grads.lse.to(acc).contiguous();
+  const ExactScales scales = exact_scales(in.scale, in.dropout_p, in.softcap);
   // Varlen plans from the sequences (the forward params; the backward's are made once the
   // dbias partials, which other plans size, exist).
-  BackwardSetup setup = cu_seqlens_q ? plan_sequences_backward(make_forward_params(in, out, lse_acc), q, dq, scales)
-                                     : plan_backward(q, k, bias, compute_dbias, dq, scales);
+  BackwardSetup setup = in.cu_seqlens_q
+                            ? plan_sequences_backward(make_forward_params(in, grads.out, lse_acc), q, dq, scales)
+                            : plan_backward(q, k, bias, compute_dbias, dq, scales);
   std::optional<at::Tensor> dbias_partials;
   if (compute_dbias) dbias_partials = dbias_partials_for(*bias, setup);
 
-  const BackwardTensors tensors{grad_out, out, lse_acc, delta, dq, dk, dv, dbias_partials};
+  const BackwardTensors tensors{grad_out, grads.out, lse_acc, delta, dq, dk, dv, dbias_partials};
   const AttentionBackwardParams params = make_backward_params(in, tensors);
   if (is_varlen(params) && !sequences_cover_rows(params, /*keys=*/true)) {
     dk.zero_();  // keys in no sequence: no task writes them
@@ -346,6 +334,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
 }  // namespace fast_attn::cpu
 
 TORCH_LIBRARY_IMPL(fast_attn, CPU, m) {
-  m.impl("attention_forward", &fast_attn::cpu::attention_forward_cpu);
-  m.impl("attention_backward", &fast_attn::cpu::attention_backward_cpu);
+  m.impl("attention_forward", &fast_attn::attention_forward_op<&fast_attn::cpu::attention_forward_cpu>);
+  m.impl("attention_backward", &fast_attn::attention_backward_op<&fast_attn::cpu::attention_backward_cpu>);
 }

@@ -18,6 +18,7 @@
 #include "cpu/cpu_kernels.h"
 #include "cpu/kernel_selection.h"
 #include "decode_launch.h"
+#include "op_signatures.h"
 
 namespace fast_attn::cpu {
 namespace {
@@ -54,22 +55,16 @@ int64_t choose_splits(const DecodeParams& p, int64_t num_splits, int64_t most_ke
   return std::clamp<int64_t>(std::min(ceil_div(threads, pairs), most_keys / kMinSplitKeys), 1, kMaxDecodeSplits);
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_forward_cpu(
-    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const std::optional<at::Tensor>& k_new,
-    const std::optional<at::Tensor>& v_new, const at::Tensor& cache_seqlens,
-    const std::optional<at::Tensor>& cache_leftpad, const std::optional<at::Tensor>& block_table,
-    const std::optional<at::Tensor>& cache_batch_idx, double scale, bool causal,
-    const std::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, double softcap,
-    int64_t num_splits) {
-  const DecodeInputs in{q,     k_cache, v_cache,      k_new,       v_new,        cache_seqlens, cache_leftpad,
-                        block_table, cache_batch_idx, scale, causal, alibi_slopes, window_left,   window_right,
-                        softcap, num_splits};
+std::tuple<at::Tensor, at::Tensor> decode_forward_cpu(const DecodeInputs& in) {
+  const at::Tensor& q = in.q;
   check_decode_inputs(in);
   auto [out, lse] = allocate_decode_outputs(q);
   const DecodeParams params = make_decode_params(in, out, lse);
-  if (k_new) {
-    write_rows(*k_new, k_cache.data_ptr(), params.k_page_stride, params.k_slot_stride, params.k_head_stride, params);
-    write_rows(*v_new, v_cache.data_ptr(), params.v_page_stride, params.v_slot_stride, params.v_head_stride, params);
+  if (in.k_new) {
+    write_rows(*in.k_new, in.k_cache.data_ptr(), params.k_page_stride, params.k_slot_stride, params.k_head_stride,
+               params);
+    write_rows(*in.v_new, in.v_cache.data_ptr(), params.v_page_stride, params.v_slot_stride, params.v_head_stride,
+               params);
   }
   if (lse.numel() == 0) return {out, lse};
 
@@ -85,9 +80,9 @@ std::tuple<at::Tensor, at::Tensor> decode_forward_cpu(
 
   DecodePlan plan{};
   plan.dtype = element_type(q.scalar_type());
-  plan.scales = ExactScales{scale, 1.0, softcap};
+  plan.scales = ExactScales{in.scale, 1.0, in.softcap};
   const int64_t most_keys = *std::max_element(keys.begin(), keys.end());
-  plan.num_splits = choose_splits(params, num_splits, most_keys);
+  plan.num_splits = choose_splits(params, in.num_splits, most_keys);
   plan.num_tasks = params.batch * params.heads_kv * plan.num_splits;
   plan.sequence_order = order.data();
   at::Tensor partial_out, partial_lse;
@@ -110,4 +105,6 @@ std::tuple<at::Tensor, at::Tensor> decode_forward_cpu(
 }  // namespace
 }  // namespace fast_attn::cpu
 
-TORCH_LIBRARY_IMPL(fast_attn, CPU, m) { m.impl("decode_forward", &fast_attn::cpu::decode_forward_cpu); }
+TORCH_LIBRARY_IMPL(fast_attn, CPU, m) {
+  m.impl("decode_forward", &fast_attn::decode_forward_op<&fast_attn::cpu::decode_forward_cpu>);
+}

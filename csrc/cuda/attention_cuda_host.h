@@ -9,28 +9,18 @@
 #include <ATen/ATen.h>
 #include <cuda_runtime_api.h>
 
-#include <optional>
 #include <tuple>
 #include <vector>
 
 #include "attention_launch.h"
 #include "decode_launch.h"
+#include "op_signatures.h"
 
 namespace fast_attn::cuda {
 
 struct DeviceContext {
   cudaStream_t stream;
   int sm_count;  // sizes the dbias split and the decode splits (CTAs to fill the device)
-};
-
-// What the backward takes beyond the forward's inputs (attention_backward's schema).
-struct BackwardInputs {
-  const at::Tensor& grad_out;                 // (B, Hq, Sq, D) like q
-  const std::optional<at::Tensor>& grad_lse;  // float32 (B, Hq, Sq)
-  const at::Tensor& out;                      // the forward's out and lse
-  const at::Tensor& lse;
-  bool compute_dbias;
-  bool deterministic;
 };
 
 // attention_forward's schema (csrc/schema.cpp): (out, lse).

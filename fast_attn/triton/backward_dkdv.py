@@ -17,7 +17,7 @@ Per query block, with transposed tiles (keys along rows):
 import triton
 import triton.language as tl
 
-from .block_ranges import query_blocks_for_key_block
+from .block_ranges import phase_range, query_blocks_for_key_block
 from .dropout import dropout_keep, dropout_parameters, dropout_row_offsets
 from .grid import program_coordinates
 from .scores import (
@@ -218,16 +218,8 @@ def attention_backward_dkdv_kernel(
         bias = (bias_head_ptr, bias_row_stride, bias_col_stride)
         modifiers = (softcap, load_alibi_slope(alibi_slopes_ptr, alibi_batch_stride, sequence, head, HAS_ALIBI))
         for phase in tl.static_range(3):
-            # Rows [begin, full_begin) and [full_end, end) with masks, [full_begin, full_end) without.
-            if phase == 0:
-                lo = begin
-                hi = full_begin
-            elif phase == 1:
-                lo = full_begin
-                hi = full_end
-            else:
-                lo = full_end
-                hi = end
+            # The query rows of phase_range's three parts.
+            lo, hi = phase_range(phase, begin, full_begin, full_end, end)
             dk, dv = _accumulate_query_blocks(
                 dk, dv, k, v, key_index, key_allowed, (head_row, seqlen_k, k_begin), q_do,
                 lse_ptr + head_row, delta_ptr + head_row, bias, modifiers, dropout, bounds, scale_log2, lo, hi,

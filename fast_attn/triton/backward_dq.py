@@ -15,7 +15,7 @@ program also stores dS as dbias; a broadcast bias is reduced by backward_dbias.
 import triton
 import triton.language as tl
 
-from .block_ranges import key_blocks_for_query_block
+from .block_ranges import key_blocks_for_query_block, phase_range
 from .dropout import dropout_keep, dropout_parameters, dropout_row_offsets
 from .grid import program_coordinates
 from .scores import key_block_scores, load_alibi_slope, load_rows, lse_to_log2, mma, qk_gradient, store_rows
@@ -232,17 +232,8 @@ def attention_backward_dq_kernel(
         start_m, bounds, LEFT_BOUNDED, RIGHT_BOUNDED, BLOCK_M, BLOCK_N
     )
     for phase in tl.static_range(3):
-        # Keys [begin, full_begin) with masks (none without a left edge), [full_begin, full_end)
-        # without, then [full_end, end) with masks.
-        if phase == 0:
-            lo = begin
-            hi = full_begin
-        elif phase == 1:
-            lo = full_begin
-            hi = full_end
-        else:
-            lo = full_end
-            hi = end
+        # The keys of phase_range's three parts; the first (masked) is empty without a left edge.
+        lo, hi = phase_range(phase, begin, full_begin, full_end, end)
         if LEFT_BOUNDED or phase > 0:
             dq = _accumulate_key_blocks(
                 dq, query_rows, query_index, dropout_rows, dbias_head_ptr,

@@ -99,3 +99,20 @@ def query_blocks_for_key_block(
         full_begin = tl.minimum(full_begin, end)
         full_end = tl.minimum(tl.maximum(tl.minimum(full_end, left_full_rows_end), full_begin), end)
     return begin, full_begin, full_end, end
+
+
+@triton.jit
+def phase_range(phase: tl.constexpr, begin, full_begin, full_end, end):
+    """The part of a range cut in three (as the functions above return it) that phase 0, 1
+    or 2 of a loop visits: [begin, full_begin) with masks, [full_begin, full_end) without,
+    [full_end, end) with masks. Returns (lo, hi)."""
+    if phase == 0:
+        lo = begin
+        hi = full_begin
+    elif phase == 1:
+        lo = full_begin
+        hi = full_end
+    else:
+        lo = full_end
+        hi = end
+    return lo, hi

@@ -19,6 +19,7 @@
 #include "../kernel_api.h"
 #include "attention_launch.h"
 #include "emulated_device.h"
+#include "op_signatures.h"
 
 namespace {
 
@@ -79,34 +80,16 @@ class TrackingScope {
   at::Allocator* previous_;
 };
 
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           const std::optional<at::Tensor>& bias,
-                                           const std::optional<at::Tensor>& key_mask,
-                                           const std::optional<at::Tensor>& dropout_seed, double scale, int64_t causal,
-                                           double dropout_p, const std::optional<at::Tensor>& alibi_slopes,
-                                           int64_t window_left, int64_t window_right, double softcap,
-                                           const std::optional<at::Tensor>& cu_seqlens_q,
-                                           const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
-                                           int64_t max_seqlen_k, int64_t sm_count) {
-  const TrackingScope scope({q, k, v, bias, key_mask, dropout_seed, alibi_slopes, cu_seqlens_q, cu_seqlens_k});
-  const fast_attn::ForwardInputs in{q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left,
-                                    window_right, softcap, dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                    max_seqlen_k};
+std::tuple<at::Tensor, at::Tensor> forward(const fast_attn::ForwardInputs& in, int64_t sm_count) {
+  const TrackingScope scope(
+      {in.q, in.k, in.v, in.bias, in.key_mask, in.dropout_seed, in.alibi_slopes, in.cu_seqlens_q, in.cu_seqlens_k});
   return fast_attn::cuda::attention_forward(in, {nullptr, static_cast<int>(sm_count)});
 }
 
 // The path of the forward and dK/dV kernels (KernelPath, kernel_api.h) that the host picks
 // for the forward op's arguments: "fast", "causal", "general" or "modifiers".
-std::string kernel_path(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask,
-                        const std::optional<at::Tensor>& dropout_seed, double scale, int64_t causal, double dropout_p,
-                        const std::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right,
-                        double softcap, const std::optional<at::Tensor>& cu_seqlens_q,
-                        const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
-  const fast_attn::ForwardInputs in{q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left,
-                                    window_right, softcap, dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                    max_seqlen_k};
-  const auto [out, lse] = fast_attn::allocate_forward_outputs(q);
+std::string kernel_path(const fast_attn::ForwardInputs& in) {
+  const auto [out, lse] = fast_attn::allocate_forward_outputs(in.q);
   switch (fast_attn::cuda::kernel_path(fast_attn::make_forward_params(in, out, lse))) {
     case fast_attn::cuda::KernelPath::kFast: return "fast";
     case fast_attn::cuda::KernelPath::kCausal: return "causal";
@@ -116,36 +99,17 @@ std::string kernel_path(const at::Tensor& q, const at::Tensor& k, const at::Tens
   return "none";
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask,
-    const std::optional<at::Tensor>& dropout_seed, const at::Tensor& out, const at::Tensor& lse, double scale,
-    int64_t causal, double dropout_p, bool compute_dbias, bool deterministic,
-    const std::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, double softcap,
-    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t sm_count) {
-  const TrackingScope scope(
-      {grad_out, grad_lse, q, k, v, bias, key_mask, dropout_seed, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k});
-  const fast_attn::ForwardInputs in{q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left,
-                                    window_right, softcap, dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                    max_seqlen_k};
-  return fast_attn::cuda::attention_backward(in, {grad_out, grad_lse, out, lse, compute_dbias, deterministic},
-                                             {nullptr, static_cast<int>(sm_count)});
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const fast_attn::ForwardInputs& in,
+                                                                    const fast_attn::BackwardInputs& grads,
+                                                                    int64_t sm_count) {
+  const TrackingScope scope({grads.grad_out, grads.grad_lse, in.q, in.k, in.v, in.bias, in.key_mask, in.dropout_seed,
+                             grads.out, grads.lse, in.alibi_slopes, in.cu_seqlens_q, in.cu_seqlens_k});
+  return fast_attn::cuda::attention_backward(in, grads, {nullptr, static_cast<int>(sm_count)});
 }
 
-std::tuple<at::Tensor, at::Tensor> decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                          const std::optional<at::Tensor>& k_new,
-                                          const std::optional<at::Tensor>& v_new, const at::Tensor& cache_seqlens,
-                                          const std::optional<at::Tensor>& cache_leftpad,
-                                          const std::optional<at::Tensor>& block_table,
-                                          const std::optional<at::Tensor>& cache_batch_idx, double scale, bool causal,
-                                          const std::optional<at::Tensor>& alibi_slopes, int64_t window_left,
-                                          int64_t window_right, double softcap, int64_t num_splits, int64_t sm_count) {
-  const TrackingScope scope(
-      {q, k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, block_table, cache_batch_idx, alibi_slopes});
-  const fast_attn::DecodeInputs in{q, k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad,
-                                         block_table, cache_batch_idx, scale, causal, alibi_slopes, window_left,
-                                         window_right, softcap, num_splits};
+std::tuple<at::Tensor, at::Tensor> decode(const fast_attn::DecodeInputs& in, int64_t sm_count) {
+  const TrackingScope scope({in.q, in.k_cache, in.v_cache, in.k_new, in.v_new, in.cache_seqlens, in.cache_leftpad,
+                             in.block_table, in.cache_batch_idx, in.alibi_slopes});
   return fast_attn::cuda::decode_forward(in, {nullptr, static_cast<int>(sm_count)});
 }
 
@@ -156,27 +120,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The ops' arguments as their schemas (csrc/schema.cpp) name them, the packed sequences'
   // with the schemas' defaults, then sm_count by keyword.
   namespace py = pybind11;
-  m.def("forward", &forward, "attention_forward of the CUDA implementation, emulated", py::arg("q"), py::arg("k"),
-        py::arg("v"), py::arg("bias"), py::arg("key_mask"), py::arg("dropout_seed"), py::arg("scale"),
-        py::arg("causal"), py::arg("dropout_p"), py::arg("alibi_slopes"), py::arg("window_left"),
+  m.def("forward", &fast_attn::attention_forward_op<&forward, int64_t>,
+        "attention_forward of the CUDA implementation, emulated", py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("bias"), py::arg("key_mask"), py::arg("dropout_seed"), py::arg("scale"), py::arg("causal"),
+        py::arg("dropout_p"), py::arg("alibi_slopes"), py::arg("window_left"), py::arg("window_right"),
+        py::arg("softcap"), py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none(),
+        py::arg("max_seqlen_q") = -1, py::arg("max_seqlen_k") = -1, py::kw_only(), py::arg("sm_count"));
+  m.def("backward", &fast_attn::attention_backward_op<&backward, int64_t>,
+        "attention_backward of the CUDA implementation, emulated", py::arg("grad_out"), py::arg("grad_lse"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias"), py::arg("key_mask"), py::arg("dropout_seed"),
+        py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("causal"), py::arg("dropout_p"),
+        py::arg("compute_dbias"), py::arg("deterministic"), py::arg("alibi_slopes"), py::arg("window_left"),
         py::arg("window_right"), py::arg("softcap"), py::arg("cu_seqlens_q") = py::none(),
         py::arg("cu_seqlens_k") = py::none(), py::arg("max_seqlen_q") = -1, py::arg("max_seqlen_k") = -1,
         py::kw_only(), py::arg("sm_count"));
-  m.def("backward", &backward, "attention_backward of the CUDA implementation, emulated", py::arg("grad_out"),
-        py::arg("grad_lse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias"), py::arg("key_mask"),
-        py::arg("dropout_seed"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("causal"),
-        py::arg("dropout_p"), py::arg("compute_dbias"), py::arg("deterministic"), py::arg("alibi_slopes"),
-        py::arg("window_left"), py::arg("window_right"), py::arg("softcap"), py::arg("cu_seqlens_q") = py::none(),
-        py::arg("cu_seqlens_k") = py::none(), py::arg("max_seqlen_q") = -1, py::arg("max_seqlen_k") = -1,
-        py::kw_only(), py::arg("sm_count"));
-  m.def("decode", &decode, "decode_forward of the CUDA implementation, emulated", py::arg("q"), py::arg("k_cache"),
-        py::arg("v_cache"), py::arg("k_new"), py::arg("v_new"), py::arg("cache_seqlens"), py::arg("cache_leftpad"),
+  m.def("decode", &fast_attn::decode_forward_op<&decode, int64_t>,
+        "decode_forward of the CUDA implementation, emulated", py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("k_new"), py::arg("v_new"), py::arg("cache_seqlens"), py::arg("cache_leftpad"),
         py::arg("block_table"), py::arg("cache_batch_idx"), py::arg("scale"), py::arg("causal"),
         py::arg("alibi_slopes"), py::arg("window_left"), py::arg("window_right"), py::arg("softcap"),
         py::arg("num_splits"), py::kw_only(), py::arg("sm_count"));
-  m.def("kernel_path", &kernel_path, "the forward and dK/dV kernels' path for the forward op's arguments",
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias"), py::arg("key_mask"), py::arg("dropout_seed"),
-        py::arg("scale"), py::arg("causal"), py::arg("dropout_p"), py::arg("alibi_slopes"), py::arg("window_left"),
+  m.def("kernel_path", &fast_attn::attention_forward_op<&kernel_path>,
+        "the forward and dK/dV kernels' path for the forward op's arguments", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("bias"), py::arg("key_mask"), py::arg("dropout_seed"), py::arg("scale"),
+        py::arg("causal"), py::arg("dropout_p"), py::arg("alibi_slopes"), py::arg("window_left"),
         py::arg("window_right"), py::arg("softcap"), py::arg("cu_seqlens_q") = py::none(),
         py::arg("cu_seqlens_k") = py::none(), py::arg("max_seqlen_q") = -1, py::arg("max_seqlen_k") = -1);
   m.def("launch_count", &fast_attn::emu::launch_count, "kernel launches emulated so far");
