@@ -42,6 +42,26 @@ struct ForwardTraits : MmaKernelTraits<Element_, kHeadDim_, forward_tile_config>
   static constexpr size_t kSmemBytes = (kVOffset + 2 * Base::KvTile::kElements) * sizeof(Element_);
 };
 
+// tile_max[r] = the max of row r (0: the C fragment's row group, 1: group + 8) of an m16 tile's
+// scores acc (kTiles n8 tiles of keys) over the quad of lanes that holds the row (2 shuffles):
+// every lane of the quad gets the whole row's max.
+template <int kTiles>
+FA_DEVICE void quad_row_max(float (&tile_max)[2], const float (&acc)[kTiles][4]) {
+  tile_max[0] = tile_max[1] = negative_infinity();
+  FA_UNROLL
+  for (int j = 0; j < kTiles; ++j) {
+    FA_UNROLL
+    for (int e = 0; e < 4; ++e) {
+      tile_max[e >> 1] = fmaxf(tile_max[e >> 1], acc[j][e]);
+    }
+  }
+  FA_UNROLL
+  for (int r = 0; r < 2; ++r) {
+    tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 1));
+    tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 2));
+  }
+}
+
 // kPath: the problems it runs (kernel_api.h); kModifiers adds the band's left edge, softcap and
 // ALiBi (score_context.cuh). kVarlen (kGeneral, kModifiers): packed sequences, grid dim z being
 // the sequence's index; a query block beyond its sequence exits.
@@ -208,18 +228,10 @@ void attention_forward_kernel(const AttentionForwardParams params) {
       bool grew = false;
       FA_UNROLL
       for (int mt = 0; mt < kMTiles; ++mt) {
-        float tile_max[2] = {negative_infinity(), negative_infinity()};
-        FA_UNROLL
-        for (int j = 0; j < Traits::kKeyTiles; ++j) {
-          FA_UNROLL
-          for (int e = 0; e < 4; ++e) {
-            tile_max[e >> 1] = fmaxf(tile_max[e >> 1], acc_s[mt][j][e]);
-          }
-        }
+        float tile_max[2];
+        quad_row_max(tile_max, acc_s[mt]);
         FA_UNROLL
         for (int r = 0; r < 2; ++r) {
-          tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 1));
-          tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 2));
           new_max[mt][r] = fmaxf(row_max[mt][r], tile_max[r]);
           grew = grew || new_max[mt][r] > row_max[mt][r];
         }
@@ -261,19 +273,11 @@ void attention_forward_kernel(const AttentionForwardParams params) {
     } else {
       FA_UNROLL
       for (int mt = 0; mt < kMTiles; ++mt) {
-        float tile_max[2] = {negative_infinity(), negative_infinity()};
-        FA_UNROLL
-        for (int j = 0; j < Traits::kKeyTiles; ++j) {
-          FA_UNROLL
-          for (int e = 0; e < 4; ++e) {
-            tile_max[e >> 1] = fmaxf(tile_max[e >> 1], acc_s[mt][j][e]);
-          }
-        }
+        float tile_max[2];
+        quad_row_max(tile_max, acc_s[mt]);
         float base[2];
         FA_UNROLL
         for (int r = 0; r < 2; ++r) {
-          tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 1));
-          tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 2));
           const float new_max = fmaxf(row_max[mt][r], tile_max[r]);
           base[r] = new_max == negative_infinity() ? 0.0f : new_max;
           const float correction = exp2f(row_max[mt][r] - base[r]);
