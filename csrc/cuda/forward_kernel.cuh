@@ -1,10 +1,11 @@
 // Fused attention forward on tensor cores (sm_80+): one CTA per (query block,
 // query head, batch or packed sequence), 16 x warp_m_tiles query rows per warp, online softmax in
 // registers. With two m16 tiles per warp each K/V fragment read from shared
-// memory feeds two MMAs, halving shared-memory traffic per FLOP.
+// memory feeds two MMAs, halving shared-memory traffic per FLOP. The kFast and
+// kCausal kernels have a tile of their own (ForwardTraits, tile_configs.h).
 //
 // Per K/V tile (descending, so the tiles that need masks come first):
-//   S = Q K^T          mma.m16n8k16, Q fragments in registers (or re-read at D = 256)
+//   S = Q K^T          mma.m16n8k16, Q fragments in registers or re-read from shared memory
 //   S -> log2 units     scale, softcap, bias, ALiBi, band / key / bound masks (masked tiles;
 //                       kFast, kCausal: the key bound and band's right edge, one compare per score);
 //                       scale only (the others)
@@ -27,9 +28,16 @@
 
 namespace fast_attn::cuda {
 
-template <typename Element_, int kHeadDim_>
-struct ForwardTraits : MmaKernelTraits<Element_, kHeadDim_, forward_tile_config> {
-  using Base = MmaKernelTraits<Element_, kHeadDim_, forward_tile_config>;
+// kSpecialized: the tile of the kFast and kCausal kernels (forward_tile_config), else that of the
+// kGeneral and kModifiers kernels (forward_general_tile_config).
+template <bool kSpecialized>
+constexpr ForwardTileConfig forward_path_tile_config(int head_dim) {
+  return kSpecialized ? forward_tile_config(head_dim) : forward_general_tile_config(head_dim);
+}
+
+template <typename Element_, int kHeadDim_, bool kSpecialized>
+struct ForwardTraits : MmaKernelTraits<Element_, kHeadDim_, forward_path_tile_config<kSpecialized>> {
+  using Base = MmaKernelTraits<Element_, kHeadDim_, forward_path_tile_config<kSpecialized>>;
   static constexpr int kMinBlocksPerSm = Base::kConfig.min_blocks_per_sm;
   static constexpr bool kQInRegisters = Base::kConfig.q_in_registers;
   static constexpr int kMTiles = Base::kConfig.warp_m_tiles;  // m16 tiles of query rows per warp
@@ -379,7 +387,7 @@ void attention_forward_kernel(const AttentionForwardParams params) {
 
 template <ElementType kElement, int kHeadDim, KernelPath kPath>
 LaunchStatus run_attention_forward(const AttentionForwardParams& params, cudaStream_t stream) {
-  using Traits = ForwardTraits<typename ElementOf<kElement>::type, kHeadDim>;
+  using Traits = ForwardTraits<typename ElementOf<kElement>::type, kHeadDim, is_specialized(kPath)>;
   if constexpr (is_specialized(kPath)) {
     if (kernel_path(params) != kPath) {
       return {false, "forward kernel path does not match the problem"};
