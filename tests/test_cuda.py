@@ -341,10 +341,13 @@ def test_kernels(runner: Runner, case: Case):
 
 
 # The forward and dK/dV kernels' paths (KernelPath, csrc/cuda/kernel_api.h): the one the host
-# picks for each kind of problem, each on awkward shapes. The forward's tiles are 128 x 128 at
-# D 64 and 128 x 64 at D 128, the dK/dV kernel's key blocks 128 and 64: several key tiles with
-# a partial last one, Sq != Sk, both causal alignments with diagonal tiles (masked) and tiles
-# below the diagonal (unmasked), rows that see no key; the general path for a scale <= 0.
+# picks for each kind of problem, each on awkward shapes. The kFast and kCausal forward tiles are
+# 128 x 64 at D 64 and 128 x 32 at D 128 (4 warps x 32 query rows, two m16 tiles each), the
+# dK/dV kernel's key blocks 128 and 64: several key tiles with a partial last one, Sq != Sk, both
+# causal alignments with diagonal tiles (masked) and tiles below the diagonal (unmasked), rows
+# that see no key; the general path for a scale <= 0. The warps' two m16 tiles: Sq 100 leaves the
+# last warp's second tile past Sq, Sq 120 half of it; with Sk = Sq + 16 (bottom right) the
+# diagonal of a key tile masks one m16 tile of a warp entirely and the other in part.
 PATH_CASES = [
     (CudaCase(1, 2, 2, 300, 200, 64), "fast"),
     (CudaCase(2, 4, 2, 200, 300, 128, dtype=torch.float16, grad_lse=True), "fast"),
@@ -356,6 +359,11 @@ PATH_CASES = [
     (CudaCase(1, 2, 2, 330, 200, 64, dtype=torch.float16, causal="bottom_right"), "causal"),
     (CudaCase(1, 2, 2, 270, 150, 64, causal=True, deterministic=True), "causal"),
     (CudaCase(1, 2, 2, 150, 230, 64, window_size=(-1, 7)), "causal"),
+    (CudaCase(1, 2, 2, 100, 150, 64), "fast"),
+    (CudaCase(1, 2, 1, 120, 90, 128, dtype=torch.float16), "fast"),
+    (CudaCase(1, 2, 2, 100, 116, 64, causal="bottom_right"), "causal"),
+    (CudaCase(1, 2, 2, 120, 136, 128, causal="bottom_right", grad_lse=True), "causal"),
+    (CudaCase(1, 2, 2, 100, 100, 128, causal=True), "causal"),
     (CudaCase(1, 2, 2, 200, 150, 64, scale=-0.3), "general"),
     (CudaCase(1, 2, 2, 97, 97, 64, causal=True, key_mask=True), "general"),
     (CudaCase(1, 2, 2, 97, 97, 64, dropout_p=0.2), "general"),

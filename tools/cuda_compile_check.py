@@ -75,7 +75,15 @@ SASS_KERNELS = ("forward", "backward_dkdv")
 SASS_COUNTED = ("HMMA", "LDSM", "MUFU", "BAR")
 SASS_FP32 = ("FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP")
 
-TRAITS = ("ForwardTraits", "DkdvTraits", "DqTraits", "DbiasTraits", "DecodeTraits")
+# The kernels' traits, each with its template arguments after the element type and head dim, one
+# tuple per instantiation (ForwardTraits: kSpecialized, the kFast / kCausal kernels' tile or not).
+TRAITS = {
+    "ForwardTraits": (", true", ", false"),
+    "DkdvTraits": ("",),
+    "DqTraits": ("",),
+    "DbiasTraits": ("",),
+    "DecodeTraits": ("",),
+}
 HEAD_DIMS = tuple(BUILD_MATRIX["head_dims"])
 ELEMENTS = tuple(dtype["cuda_type"] for dtype in BUILD_MATRIX["dtypes"])
 
@@ -200,7 +208,7 @@ KERNEL_PATHS = ("fast", "causal", "general", "modifiers")  # KernelPath's values
 
 
 def short_name(demangled: str) -> tuple[str, str | None]:
-    """('forward<bf16, 64, modifiers>', 'ForwardTraits<__nv_bfloat16, 64>') from a demangled kernel name
+    """('forward<bf16, 64, modifiers>', 'ForwardTraits<__nv_bfloat16, 64, false>') from a demangled kernel name
     (a kernel of neither element type, such as decode_append, by its name alone)."""
     base = re.search(r"(\w+)_kernel", demangled)
     kernel = base.group(1).replace("attention_", "") if base else demangled
@@ -211,7 +219,7 @@ def short_name(demangled: str) -> tuple[str, str | None]:
     traits = re.search(rf"(\w+Traits<[^<>]*>)((?:, (?:true|false|{'|'.join(KERNEL_PATHS)}))*) ?>", demangled)
     element = "bf16" if "bfloat16" in demangled else "fp16" if "__half" in demangled else "?"
     if traits:
-        head_dim = re.search(r", (\d+)>", traits.group(1)).group(1)
+        head_dim = re.search(r", (\d+)[,>]", traits.group(1)).group(1)
         values = re.findall(r"\w+", traits.group(2))
         names = KERNEL_FLAGS.get(kernel, DEFAULT_KERNEL_FLAGS)
         variant = "".join(
@@ -307,7 +315,7 @@ def disassemble_loops(tools: tuple[str, str], objfile: Path) -> dict[str, list[S
 
 
 def traits_launch_shapes(nvcc: str, flags: list[str], workdir: Path) -> dict[str, tuple[int, int]]:
-    """{'ForwardTraits<__half, 64>': (threads, dynamic smem bytes), ...} printed by the traits themselves."""
+    """{'ForwardTraits<__half, 64, true>': (threads, dynamic smem bytes), ...} printed by the traits themselves."""
     source = workdir / "traits_sizes.cu"
     lines = [
         "#include <cstdio>",
@@ -319,13 +327,14 @@ def traits_launch_shapes(nvcc: str, flags: list[str], workdir: Path) -> dict[str
         "using namespace fast_attn::cuda;",
         "int main() {",
     ]
-    for traits in TRAITS:
+    for traits, arguments in TRAITS.items():
         for element in ELEMENTS:
             for head_dim in HEAD_DIMS:
-                t = f"{traits}<{element}, {head_dim}>"
-                lines.append(
-                    f'  std::printf("%s|%d|%zu\\n", "{t}", {t}::kThreads, static_cast<size_t>({t}::kSmemBytes));'
-                )
+                for rest in arguments:
+                    t = f"{traits}<{element}, {head_dim}{rest}>"
+                    lines.append(
+                        f'  std::printf("%s|%d|%zu\\n", "{t}", {t}::kThreads, static_cast<size_t>({t}::kSmemBytes));'
+                    )
     lines += ["  return 0;", "}"]
     source.write_text("\n".join(lines) + "\n")
     binary = workdir / "traits_sizes"

@@ -1,10 +1,11 @@
 // Fused attention forward on tensor cores (sm_80+): one CTA per (query block,
 // query head, batch or packed sequence), 16 x warp_m_tiles query rows per warp, online softmax in
 // registers. With two m16 tiles per warp each K/V fragment read from shared
-// memory feeds two MMAs, halving shared-memory traffic per FLOP.
+// memory feeds two MMAs, halving shared-memory traffic per FLOP. The kFast and
+// kCausal kernels have a tile of their own (ForwardTraits, tile_configs.h).
 //
 // Per K/V tile (descending, so the tiles that need masks come first):
-//   S = Q K^T          mma.m16n8k16, Q fragments in registers (or re-read at D = 256)
+//   S = Q K^T          mma.m16n8k16, Q fragments in registers or re-read from shared memory
 //   S -> log2 units     scale, softcap, bias, ALiBi, band / key / bound masks (masked tiles;
 //                       kFast, kCausal: the key bound and band's right edge, one compare per score);
 //                       scale only (the others)
@@ -27,9 +28,16 @@
 
 namespace fast_attn::cuda {
 
-template <typename Element_, int kHeadDim_>
-struct ForwardTraits : MmaKernelTraits<Element_, kHeadDim_, forward_tile_config> {
-  using Base = MmaKernelTraits<Element_, kHeadDim_, forward_tile_config>;
+// kSpecialized: the tile of the kFast and kCausal kernels (forward_tile_config), else that of the
+// kGeneral and kModifiers kernels (forward_general_tile_config).
+template <bool kSpecialized>
+constexpr ForwardTileConfig forward_path_tile_config(int head_dim) {
+  return kSpecialized ? forward_tile_config(head_dim) : forward_general_tile_config(head_dim);
+}
+
+template <typename Element_, int kHeadDim_, bool kSpecialized>
+struct ForwardTraits : MmaKernelTraits<Element_, kHeadDim_, forward_path_tile_config<kSpecialized>> {
+  using Base = MmaKernelTraits<Element_, kHeadDim_, forward_path_tile_config<kSpecialized>>;
   static constexpr int kMinBlocksPerSm = Base::kConfig.min_blocks_per_sm;
   static constexpr bool kQInRegisters = Base::kConfig.q_in_registers;
   static constexpr int kMTiles = Base::kConfig.warp_m_tiles;  // m16 tiles of query rows per warp
@@ -41,6 +49,26 @@ struct ForwardTraits : MmaKernelTraits<Element_, kHeadDim_, forward_tile_config>
   static constexpr int kVOffset = kKOffset + 2 * Base::KvTile::kElements;
   static constexpr size_t kSmemBytes = (kVOffset + 2 * Base::KvTile::kElements) * sizeof(Element_);
 };
+
+// tile_max[r] = the max of row r (0: the C fragment's row group, 1: group + 8) of an m16 tile's
+// scores acc (kTiles n8 tiles of keys) over the quad of lanes that holds the row (2 shuffles):
+// every lane of the quad gets the whole row's max.
+template <int kTiles>
+FA_DEVICE void quad_row_max(float (&tile_max)[2], const float (&acc)[kTiles][4]) {
+  tile_max[0] = tile_max[1] = negative_infinity();
+  FA_UNROLL
+  for (int j = 0; j < kTiles; ++j) {
+    FA_UNROLL
+    for (int e = 0; e < 4; ++e) {
+      tile_max[e >> 1] = fmaxf(tile_max[e >> 1], acc[j][e]);
+    }
+  }
+  FA_UNROLL
+  for (int r = 0; r < 2; ++r) {
+    tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 1));
+    tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 2));
+  }
+}
 
 // kPath: the problems it runs (kernel_api.h); kModifiers adds the band's left edge, softcap and
 // ALiBi (score_context.cuh). kVarlen (kGeneral, kModifiers): packed sequences, grid dim z being
@@ -208,18 +236,10 @@ void attention_forward_kernel(const AttentionForwardParams params) {
       bool grew = false;
       FA_UNROLL
       for (int mt = 0; mt < kMTiles; ++mt) {
-        float tile_max[2] = {negative_infinity(), negative_infinity()};
-        FA_UNROLL
-        for (int j = 0; j < Traits::kKeyTiles; ++j) {
-          FA_UNROLL
-          for (int e = 0; e < 4; ++e) {
-            tile_max[e >> 1] = fmaxf(tile_max[e >> 1], acc_s[mt][j][e]);
-          }
-        }
+        float tile_max[2];
+        quad_row_max(tile_max, acc_s[mt]);
         FA_UNROLL
         for (int r = 0; r < 2; ++r) {
-          tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 1));
-          tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 2));
           new_max[mt][r] = fmaxf(row_max[mt][r], tile_max[r]);
           grew = grew || new_max[mt][r] > row_max[mt][r];
         }
@@ -261,19 +281,11 @@ void attention_forward_kernel(const AttentionForwardParams params) {
     } else {
       FA_UNROLL
       for (int mt = 0; mt < kMTiles; ++mt) {
-        float tile_max[2] = {negative_infinity(), negative_infinity()};
-        FA_UNROLL
-        for (int j = 0; j < Traits::kKeyTiles; ++j) {
-          FA_UNROLL
-          for (int e = 0; e < 4; ++e) {
-            tile_max[e >> 1] = fmaxf(tile_max[e >> 1], acc_s[mt][j][e]);
-          }
-        }
+        float tile_max[2];
+        quad_row_max(tile_max, acc_s[mt]);
         float base[2];
         FA_UNROLL
         for (int r = 0; r < 2; ++r) {
-          tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 1));
-          tile_max[r] = fmaxf(tile_max[r], shfl_xor(tile_max[r], 2));
           const float new_max = fmaxf(row_max[mt][r], tile_max[r]);
           base[r] = new_max == negative_infinity() ? 0.0f : new_max;
           const float correction = exp2f(row_max[mt][r] - base[r]);
@@ -375,7 +387,7 @@ void attention_forward_kernel(const AttentionForwardParams params) {
 
 template <ElementType kElement, int kHeadDim, KernelPath kPath>
 LaunchStatus run_attention_forward(const AttentionForwardParams& params, cudaStream_t stream) {
-  using Traits = ForwardTraits<typename ElementOf<kElement>::type, kHeadDim>;
+  using Traits = ForwardTraits<typename ElementOf<kElement>::type, kHeadDim, is_specialized(kPath)>;
   if constexpr (is_specialized(kPath)) {
     if (kernel_path(params) != kPath) {
       return {false, "forward kernel path does not match the problem"};

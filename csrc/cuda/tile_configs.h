@@ -4,11 +4,31 @@
 //
 // The backward kernels give each warp 16 rows of the MMA M dimension (one m16
 // tile); the forward may give it two (warp_m_tiles), so that every K/V fragment
-// read from shared memory feeds two MMAs. Why these sizes
-// (to be re-tuned on the H100 by measurement):
-// - forward: 8 warps = 128 query rows per CTA so that each K/V tile fetched
-//   from L2 serves 128 rows (with 64 rows, K/V re-reads at S = 16k need about
-//   6 TB/s of L2 bandwidth at 400 TFLOP/s; with 128 rows half of that).
+// read from shared memory feeds two MMAs. Why these sizes (none measured on a GPU
+// yet; csrc/cuda/PTXAS_REPORT.md gives the registers, shared memory, CTAs per SM
+// and main-loop SASS that follow from them):
+// - forward, kFast and kCausal kernels (forward_tile_config), FlashAttention-2's
+//   layout: 4 warps x 32 query rows (two m16 tiles each) = 128 rows per CTA.
+//   128 rows: each K/V tile fetched from L2 serves 128 rows (with 64, K/V
+//   re-reads at S = 16k need about 6 TB/s of L2 bandwidth at 400 TFLOP/s).
+//   32 rows per warp: each K or V fragment read from shared memory feeds two
+//   MMAs (with 16, 256 bytes read per MMA made the loop shared-memory bound).
+//   4 warps at <= 255 registers and <= 81 KiB of shared memory: two CTAs per SM
+//   on sm_80 (164 KiB) and sm_90, each with its own barrier, so that one CTA's
+//   softmax overlaps the other's MMAs. The key tile is the widest whose S
+//   (2 x block_n / 2 floats per thread) fits beside O (2 x D / 2) without spills:
+//   D 32, 64: 64 keys, Q in registers (128 keys spill 64-96 bytes);
+//   D 96: 64 keys, Q re-read from shared memory (in registers it would take
+//   48 of them);
+//   D 128: 32 keys, Q re-read from shared memory (64 keys spill 84-88 bytes on
+//   sm_80 even so; FlashAttention-2's 128 x 64 spills too). 32 keys in two
+//   stages take the shared memory of 64 keys in one, so K/V stay double-buffered
+//   with one barrier per tile.
+//   D 256 takes the general kernels' tile: O alone would be 2 x 128 floats per thread.
+// - forward, kGeneral and kModifiers kernels (forward_general_tile_config):
+//   8 warps x 16 rows, one CTA per SM. Their loops carry the bias, mask, dropout
+//   and modifier code, with which two m16 tiles per warp spill (kModifiers on
+//   sm_80: 104 bytes at D 64 with Q in shared memory, 16 bytes at D 128).
 //   Q fragments stay in registers for D <= 128 (32 registers at D = 128);
 //   at D = 256 they would take 64 and are re-read from shared memory instead.
 // - dK/dV: each warp owns 16 keys of the CTA's key block and keeps their dK and
@@ -19,7 +39,8 @@
 //
 // Tuning: benchmarks/cuda_tile_sweep.py writes csrc/cuda/tile_overrides.h (never
 // committed, see .gitignore) defining forward_tile_override and dkdv_tile_override,
-// builds, measures and deletes it. An override with warps == 0 means "none".
+// builds, measures and deletes it. An override with warps == 0 means "none"; a
+// forward override replaces the tile of every forward kernel.
 #pragma once
 
 namespace fast_attn::cuda {
@@ -65,7 +86,8 @@ struct DqTileConfig {
 
 namespace fast_attn::cuda {
 
-constexpr ForwardTileConfig forward_tile_config(int head_dim) {
+// The forward tile of the kGeneral and kModifiers kernels.
+constexpr ForwardTileConfig forward_general_tile_config(int head_dim) {
 #ifdef FAST_ATTN_TILE_OVERRIDES
   if (forward_tile_override(head_dim).warps != 0) {
     return forward_tile_override(head_dim);
@@ -77,6 +99,23 @@ constexpr ForwardTileConfig forward_tile_config(int head_dim) {
     case 96: return {128, 64, 8, 1, true, 1};
     case 128: return {128, 64, 8, 1, true, 1};
     case 256: return {128, 32, 8, 1, false, 1};
+    default: return {0, 0, 0, 0, false, 0};
+  }
+}
+
+// The forward tile of the kFast and kCausal kernels (kernel_api.h).
+constexpr ForwardTileConfig forward_tile_config(int head_dim) {
+#ifdef FAST_ATTN_TILE_OVERRIDES
+  if (forward_tile_override(head_dim).warps != 0) {
+    return forward_tile_override(head_dim);
+  }
+#endif
+  switch (head_dim) {
+    case 32: return {128, 64, 4, 2, true, 2};
+    case 64: return {128, 64, 4, 2, true, 2};
+    case 96: return {128, 64, 4, 2, false, 2};
+    case 128: return {128, 32, 4, 2, false, 2};
+    case 256: return forward_general_tile_config(head_dim);
     default: return {0, 0, 0, 0, false, 0};
   }
 }
