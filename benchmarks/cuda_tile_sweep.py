@@ -296,6 +296,29 @@ def measure_in(
     return processes.run(command, timeout, cwd=tree, env=tree_environment(tree))
 
 
+def markdown(results: list[dict]) -> str:
+    """One row per candidate: the CUDA kernels' TFLOP/s and their ratio to SDPA flash measured in the
+    same process, per mode and causal, or why it has none."""
+    timings = [f"{mode} causal={causal}" for mode in ("fwd", "bwd") for causal in (0, 1)]
+    lines = [
+        f"CUDA kernels' TFLOP/s (and their ratio to SDPA flash, timed in the same process) at S = {SEQLEN},"
+        f" bf16, {TOKENS} tokens, hidden {HIDDEN}",
+        "",
+        "| D | variant | forward tile | dK/dV tile | build (s) | " + " | ".join(timings) + " | note |",
+        "| --- " * (6 + len(timings)) + "|",
+    ]
+    for r in results:
+        tflops = r.get("tflops", {})
+        cells = []
+        for timing in timings:
+            cuda, flash = tflops.get(f"{timing} cuda"), tflops.get(f"{timing} flash")
+            cells.append(f"{cuda:.0f} ({cuda / flash:.2f}x)" if cuda and flash else "")
+        note = r.get("error", r.get("skipped", "")).replace("\n", " ").replace("|", "/")[:200]
+        row = [r["head_dim"], r["variant"], r["forward"], r["dkdv"], r.get("build_s", ""), *cells, note]
+        lines.append("| " + " | ".join(str(cell) for cell in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 class Sweep:
     """Candidates built side by side (`build_workers` builds of cpu_count / build_workers jobs each),
     measured one at a time in order as their builds finish, within an optional time budget: a build
@@ -363,6 +386,7 @@ class Sweep:
 
     def save(self) -> None:
         (self.out / "cuda_tile_sweep.json").write_text(json.dumps(self.results, indent=1))
+        (self.out / "cuda_tile_sweep.md").write_text(markdown(self.results))
 
     def run(self, head_dims: list[int]) -> None:
         self.out.mkdir(parents=True, exist_ok=True)

@@ -219,3 +219,17 @@ def test_sweep_refuses_a_measurement_of_another_package(monkeypatch, tmp_path):
     runs.measure_in = lambda tree, head_dim, processes, timeout: (0, checkout, "")
     written, _ = _fake_sweep(monkeypatch, tmp_path, runs, budget=None)
     assert all(r["error"].startswith("measured the package at") for r in written)
+
+
+def test_markdown_gives_each_candidate_its_ratios_or_why_not():
+    times = {
+        f"{m} causal={c} {n}": 100.0 * (1 + (n == "flash"))
+        for m in ("fwd", "bwd")
+        for c in (0, 1)
+        for n in ("cuda", "flash")
+    }
+    measured = sweep.Candidate(64, 1).record() | {"build_s": 50.0, "check": "passed", "tflops": times}
+    skipped = sweep.Candidate(128, 1).record() | {"skipped": "budget spent before its build"}
+    table = sweep.markdown([measured, skipped]).splitlines()
+    assert table[-2].startswith("| 64 | 1 |") and table[-2].count("100 (0.50x)") == 4
+    assert table[-1].startswith("| 128 | 1 |") and table[-1].endswith("| budget spent before its build |")
