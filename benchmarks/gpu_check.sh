@@ -27,7 +27,10 @@
 # Every step's limit is cut to what is left of TOTAL_SECONDS; the sweep's budget ends
 # SWEEP_MARGIN (15) seconds before its limit, and the sweep is skipped when that budget is
 # under SWEEP_MIN_SECONDS (90). Expected (estimates, not timings): build 60-90 s, tests
-# 60-90 s, bench 60-70 s, so 230-300 s for the sweep. Overrides (TESTS, BENCH_*, ...) win.
+# 60-90 s, bench 60-70 s, so 230-300 s for the sweep: one or two rounds of 4 candidate builds
+# (each a whole build for one head dim, the tile-independent C++ units included), so 4 to 8
+# of its 10 candidates, the released tiles and variant 1 of both head dims first.
+# Overrides (TESTS, BENCH_*, ...) win.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(pwd)/gpu_out}

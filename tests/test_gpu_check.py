@@ -5,14 +5,16 @@ fake python that records the build's environment. Checked: the steps and their o
 is asked to do, and that no step's limit reaches past TOTAL_SECONDS (480) from the start, however
 long the steps before it took.
 
-Build estimate behind the expected case (an estimate, not a timing): sm_90a -O3 compiles on this
-project's 2-core CPU machine, one unit at a time (2026-12-07), took 26 + 12 + 7 + 11 + 4 s for the
-bf16 units at D 64 (forward, backward, their modifier paths, decode) and 13 + 11 + 5 + 10 + 5 s at
-D 128; with fp16 taken as the same and 10 s for the three other .cu units, 215 s of CUDA
-compilation, 14 s on 16 cores. The host and CPU C++ units (torch's headers) took about 60 s each
-there, 12 of them; the whole build (every head dim) took 42-54 s on the H100 machine's 16 cores
-on 2026-11-26 (benchmarks/logs). So 60-90 s expected for the build, 180 s allowed: a build cut
-off leaves nothing to measure, and a slow one only shortens the sweep."""
+Build estimate behind the expected case (an estimate, not a timing). On this project's 2-core
+CPU machine (2026-12-07, one unit at a time), sm_90a -O3 compiles of the bf16 units took
+26 + 12 + 7 + 11 + 4 s at D 64 (forward, backward, their modifier paths, decode) and
+13 + 11 + 5 + 10 + 5 s at D 128: with fp16 taken as the same and 10 s for the three other .cu
+units, 215 s of CUDA compilation. The 12 host and CPU C++ units took 355 s together (7 to 95 s
+each; ninja's log of a CPU-only build), and the three CUDA host units, not compilable here, are
+taken as 120 s: about 690 s of compilation, 43 s on 16 cores, but the longest unit (95 s here)
+sets the wall time. The whole build (every head dim) took 42-54 s on the H100 machine's 16 cores
+on 2026-11-26 (benchmarks/logs), so its cores are faster: 60-90 s expected for the build, 180 s
+allowed (a build cut off leaves nothing to measure; a slow one only shortens the sweep)."""
 
 from __future__ import annotations
 
