@@ -4,6 +4,7 @@ and the overrides header it writes names every candidate (and goes away)."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -99,11 +100,10 @@ def test_a_candidate_tree_holds_its_header_and_leaves_the_checkout_alone(tmp_pat
 def test_a_candidate_tree_is_what_its_measurement_imports(tmp_path):
     """Its package comes before the checkout's (and before an editable install of it)."""
     tree = sweep.copy_tree(sweep.Candidate(64, 1), tmp_path)
-    for extension in (ROOT / "fast_attn").glob("_C*.so"):  # the build's stand-in
-        shutil.copy2(extension, tree / "fast_attn")
+    shutil.copy2(importlib.import_module("fast_attn._C").__file__, tree / "fast_attn")  # the build's stand-in
     done = subprocess.run(
         [sys.executable, "-c", "import fast_attn; print(fast_attn.__file__)"],
-        cwd=tree,
+        cwd=tmp_path,  # not the tree: python -c would find its package there by itself
         env=sweep.tree_environment(tree),
         capture_output=True,
         text=True,
