@@ -10,20 +10,48 @@
 #   context_parallel.json   the ring and the all-to-all on one NCCL rank against plain attention
 #   bench_window/results.{json,md}   a (256, 0) window against SDPA's bool mask and FlexAttention
 #   bench_modifiers.json   window, softcap, ALiBi and sinks against the same calls without them
-#   cuda_sweep/cuda_tile_sweep.json   candidate CUDA tiles (step cuda_sweep, not in the default STEPS)
+#   cuda_sweep/cuda_tile_sweep.{json,md}   candidate CUDA tiles (step cuda_sweep, not in the default STEPS)
+#   steps.md        each step that ran: when it started, its time limit, how long it took, its exit status
 # Each step has its own time limit so that a slow step cannot eat the others'.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh            # everything
 #   STEPS="build bench" bash benchmarks/gpu_check.sh     # a subset
+#   STEPS=cuda_kernels bash benchmarks/gpu_check.sh      # issue 15's CUDA kernels, 8 minutes at most
+#
+# The preset cuda_kernels runs, within TOTAL_SECONDS (480) of the script's start:
+#   build       the CUDA extension for this card and head dims 64 and 128 only      limit 180 s
+#   tests       -m gpu tests/test_cuda.py (correctness before speed)                 limit 120 s
+#   bench       CUDA and Triton forward and backward against SDPA flash, bf16,
+#               D 64 and 128, causal and not, S 1024..16384                           limit 100 s
+#   cuda_sweep  the tile sweep at D 64 and 128 in whatever time is left              the rest
+# Every step's limit is cut to what is left of TOTAL_SECONDS; the sweep's budget ends
+# SWEEP_MARGIN (15) seconds before its limit, and the sweep is skipped when that budget is
+# under SWEEP_MIN_SECONDS (90). Expected (estimates, not timings): build 60-90 s, tests
+# 60-90 s, bench 60-70 s, so 230-300 s for the sweep: one or two rounds of 4 candidate builds
+# (each a whole build for one head dim, the tile-independent C++ units included), so 4 to 8
+# of its 10 candidates, the released tiles and variant 1 of both head dims first.
+# Overrides (TESTS, BENCH_*, ...) win.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(pwd)/gpu_out}
-STEPS=${STEPS:-"build probe overhead tests bench bench_window bench_modifiers bench_decode context_parallel bench_t5 bench_models longest sanitizer wheel"}
 PY=${PYTHON:-python3}
+START=$(date +%s)
 # Test groups compiling many Triton variants run in parallel workers when
 # pytest-xdist is there (compilation is CPU-bound; the 16 cores share one GPU).
 PARALLEL=""
 if $PY -c "import xdist" 2>/dev/null; then PARALLEL="-n ${TEST_WORKERS:-8}"; fi
+if [[ "${STEPS:-}" == cuda_kernels ]]; then
+  STEPS="build tests bench cuda_sweep"
+  export FAST_ATTN_CUDA_HEAD_DIMS=${FAST_ATTN_CUDA_HEAD_DIMS:-64,128}
+  TOTAL_SECONDS=${TOTAL_SECONDS:-480}
+  BUILD_TIMEOUT=${BUILD_TIMEOUT:-180}
+  TESTS=${TESTS:-"$PARALLEL -m gpu tests/test_cuda.py"}
+  TEST_TIMEOUT=${TEST_TIMEOUT:-120}
+  BENCH_TIMEOUT=${BENCH_TIMEOUT:-100}
+  BENCH_IMPLS=${BENCH_IMPLS:-"fast_attn:cuda fast_attn:triton sdpa:flash"}
+  SWEEP_HEAD_DIMS=${SWEEP_HEAD_DIMS:-"64 128"}
+fi
+STEPS=${STEPS:-"build probe overhead tests bench bench_window bench_modifiers bench_decode context_parallel bench_t5 bench_models longest sanitizer wheel"}
 if [[ -n "${TESTS:-}" ]]; then
   IFS=';' read -r -a TEST_GROUPS <<< "$TESTS"   # groups separated by ';'
 else
@@ -38,10 +66,38 @@ else
 fi
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
+STEPS_MD="$OUT/steps.md"
+printf '| step | started (s after the start) | limit (s) | took (s) | exit status (124: cut off) |\n| --- | --- | --- | --- | --- |\n' \
+  > "$STEPS_MD"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
 step() { echo "=== $1 [$(date +%T)]" | tee -a "$LOG"; }
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
+# A step's time limit: its own, cut to what is left of TOTAL_SECONDS (when set) since the start.
+limit() {
+  local own=$1
+  if [[ -n "${TOTAL_SECONDS:-}" ]]; then
+    local left=$(( START + TOTAL_SECONDS - $(date +%s) ))
+    (( left < own )) && own=$(( left > 0 ? left : 0 ))
+  fi
+  echo "$own"
+}
+# timed NAME LIMIT COMMAND...: the command under `timeout LIMIT` (none at all when LIMIT <= 0:
+# `timeout 0` would never stop it), and a row of steps.md.
+timed() {
+  local name=$1 seconds=$2 begin status
+  shift 2
+  begin=$(date +%s)
+  if (( seconds <= 0 )); then
+    echo "no time left for $name" | tee -a "$LOG"
+    status=124
+  else
+    timeout "$seconds" "$@"
+    status=$?
+  fi
+  echo "| $name | $(( begin - START )) | $seconds | $(( $(date +%s) - begin )) | $status |" >> "$STEPS_MD"
+  return "$status"
+}
 
 step "environment"
 {
@@ -55,7 +111,7 @@ if has_step build; then
   arch=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')")
   start=$(date +%s)
   if ! MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} FAST_ATTN_BUILD_CUDA=1 \
-      timeout "${BUILD_TIMEOUT:-330}" $PY -m pip install --no-build-isolation --no-deps -e . >>"$LOG" 2>&1; then
+      timed build "$(limit "${BUILD_TIMEOUT:-330}")" $PY -m pip install --no-build-isolation --no-deps -e . >>"$LOG" 2>&1; then
     echo "BUILD FAILED" | tee -a "$LOG"
     grep -E "error|Error" "$LOG" | head -40
     exit 1
@@ -94,12 +150,12 @@ if has_step tests; then
   # Marked-gpu tests of the kernel suites, then the device-adaptive contract and
   # robustness suites, then the GPU variants of the model tests. The CUDA
   # emulator tests are CI's business.
-  deadline=$(( $(date +%s) + ${TEST_TIMEOUT:-240} ))
+  deadline=$(( $(date +%s) + $(limit "${TEST_TIMEOUT:-240}") ))
   for group in "${TEST_GROUPS[@]}"; do
     left=$(( deadline - $(date +%s) ))
     if (( left <= 5 )); then echo "no time left for: $group" | tee -a "$LOG"; continue; fi
     echo "--- pytest $group" | tee -a "$LOG"
-    timeout "$left" $PY -m pytest -v -p no:cacheprovider --tb=short -rfE $group >>"$LOG" 2>&1
+    timed "tests: $group" "$left" $PY -m pytest -v -p no:cacheprovider --tb=short -rfE $group >>"$LOG" 2>&1
     echo "pytest exit status $? for: $group" | tee -a "$LOG"
   done
   grep -E "FAILED|ERROR|passed|failed" "$LOG" | grep -v "PASSED" | tail -n 40
@@ -107,9 +163,12 @@ fi
 
 if has_step bench; then
   step "benchmark against SDPA"
-  timeout "${BENCH_TIMEOUT:-300}" $PY -m fast_attn.bench --out "$OUT/bench" --budget-ms "${BENCH_BUDGET_MS:-200}" \
-    --seqlen ${BENCH_SEQLENS:-1024 2048 4096 8192 16384} --head-dim ${BENCH_HEAD_DIMS:-64 128} --mode fwd bwd \
+  # results.{json,md} are rewritten after each measurement: a bench cut off keeps what it measured.
+  timed bench "$(limit "${BENCH_TIMEOUT:-300}")" $PY -m fast_attn.bench --out "$OUT/bench" \
+    --budget-ms "${BENCH_BUDGET_MS:-200}" --seqlen ${BENCH_SEQLENS:-1024 2048 4096 8192 16384} \
+    --head-dim ${BENCH_HEAD_DIMS:-64 128} --mode fwd bwd \
     --backend ${BENCH_IMPLS:-fast_attn sdpa:flash sdpa:efficient sdpa:cudnn} 2>>"$LOG" | tee -a "$LOG"
+  echo "exit status ${PIPESTATUS[0]}" | tee -a "$LOG"
 fi
 
 if has_step bench_window; then
@@ -158,11 +217,16 @@ if has_step longest; then
 fi
 
 if has_step cuda_sweep; then
-  # Opt-in, about 4 minutes per head dim (5 builds and measurements, then the released
-  # tiles rebuilt): one head dim per call fits the device's 10-minute limit with room.
+  # Opt-in. Candidates are built side by side in folders of their own (the checkout's build
+  # is left alone) and measured as they finish; the sweep stops starting work when its
+  # budget, SWEEP_MARGIN seconds inside its limit, is spent, and its json keeps what it measured.
   step "CUDA tile sweep"
-  timeout "${SWEEP_TIMEOUT:-500}" $PY benchmarks/cuda_tile_sweep.py --out "$OUT/cuda_sweep" \
-    --head-dim ${SWEEP_HEAD_DIMS:-128} 2>&1 | tee -a "$LOG"
+  sweep_limit=$(limit "${SWEEP_TIMEOUT:-500}")
+  # Less than a round of builds and measurements is not worth starting.
+  (( sweep_limit - ${SWEEP_MARGIN:-15} < ${SWEEP_MIN_SECONDS:-90} )) && sweep_limit=0
+  timed cuda_sweep "$sweep_limit" $PY benchmarks/cuda_tile_sweep.py --out "$OUT/cuda_sweep" \
+    --head-dim ${SWEEP_HEAD_DIMS:-128} --budget-seconds $(( sweep_limit - ${SWEEP_MARGIN:-15} )) 2>&1 | tee -a "$LOG"
+  echo "exit status ${PIPESTATUS[0]}" | tee -a "$LOG"
 fi
 
 if has_step sanitizer; then
@@ -179,3 +243,4 @@ if has_step wheel; then
     timeout "${WHEEL_TIMEOUT:-300}" bash tools/check_wheel.sh "$(mktemp -d)" 2>&1 | tail -n 20 | tee -a "$LOG"
 fi
 step "done"
+cat "$STEPS_MD"

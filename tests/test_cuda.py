@@ -151,6 +151,32 @@ def emulated() -> Runner:
     )
 
 
+def _within_compiled_head_dims(op: Callable) -> Callable:
+    """The op, skipping a case whose head dim (the last dim of its first tensor) is above every
+    head dim this extension compiled: a build for some head dims (FAST_ATTN_CUDA_HEAD_DIMS=64,128,
+    as benchmarks/gpu_check.sh's cuda_kernels preset builds) runs a smaller one padded, a larger
+    one not at all."""
+
+    @functools.wraps(op)
+    def call(*args):
+        head_dim = args[0].shape[-1]
+        if head_dim > max(dispatch.CUDA_HEAD_DIMS):
+            pytest.skip(
+                f"head dim {head_dim}: this build's CUDA kernels go up to {max(dispatch.CUDA_HEAD_DIMS)}"
+            )
+        return op(*args)
+
+    return call
+
+
+def test_gpu_runner_skips_head_dims_above_the_build(monkeypatch):
+    monkeypatch.setattr(dispatch, "CUDA_HEAD_DIMS", (64, 128))
+    op = _within_compiled_head_dims(lambda *args: "ran")
+    assert op(torch.empty(1, 1, 1, 96)) == "ran"
+    with pytest.raises(pytest.skip.Exception, match="head dim 256: this build's CUDA kernels go up to 128"):
+        op(torch.empty(1, 1, 1, 256))
+
+
 @pytest.fixture(scope="session")
 def gpu() -> Runner:
     from fast_attn.ops.cpp_ops import has_kernel_for
@@ -159,12 +185,13 @@ def gpu() -> Runner:
         pytest.skip("needs a CUDA GPU")
     if not has_kernel_for("CUDA"):
         pytest.fail("a CUDA GPU is present but fast_attn was built without CUDA kernels")
+    ops = torch.ops.fast_attn
     return Runner(
         name="gpu",
         device="cuda",
-        forward=torch.ops.fast_attn.attention_forward,
-        backward=torch.ops.fast_attn.attention_backward,
-        decode=torch.ops.fast_attn.decode_forward,
+        forward=_within_compiled_head_dims(ops.attention_forward),
+        backward=_within_compiled_head_dims(ops.attention_backward),
+        decode=_within_compiled_head_dims(ops.decode_forward),
     )
 
 
