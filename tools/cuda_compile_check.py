@@ -75,7 +75,14 @@ SASS_KERNELS = ("forward", "backward_dkdv")
 SASS_COUNTED = ("HMMA", "LDSM", "MUFU", "BAR")
 SASS_FP32 = ("FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP")
 
-TRAITS = ("ForwardTraits", "DkdvTraits", "DqTraits", "DbiasTraits", "DecodeTraits")
+# Each kernel's traits, with the template arguments after the element type and head dim.
+TRAITS = {
+    "ForwardTraits": ("",),
+    "DkdvTraits": (", false", ", true"),  # the general paths' tiles, the specialized paths'
+    "DqTraits": ("",),
+    "DbiasTraits": ("",),
+    "DecodeTraits": ("",),
+}
 HEAD_DIMS = tuple(BUILD_MATRIX["head_dims"])
 ELEMENTS = tuple(dtype["cuda_type"] for dtype in BUILD_MATRIX["dtypes"])
 
@@ -211,7 +218,7 @@ def short_name(demangled: str) -> tuple[str, str | None]:
     traits = re.search(rf"(\w+Traits<[^<>]*>)((?:, (?:true|false|{'|'.join(KERNEL_PATHS)}))*) ?>", demangled)
     element = "bf16" if "bfloat16" in demangled else "fp16" if "__half" in demangled else "?"
     if traits:
-        head_dim = re.search(r", (\d+)>", traits.group(1)).group(1)
+        head_dim = re.search(r", (\d+)[,>]", traits.group(1)).group(1)
         values = re.findall(r"\w+", traits.group(2))
         names = KERNEL_FLAGS.get(kernel, DEFAULT_KERNEL_FLAGS)
         variant = "".join(
@@ -319,13 +326,14 @@ def traits_launch_shapes(nvcc: str, flags: list[str], workdir: Path) -> dict[str
         "using namespace fast_attn::cuda;",
         "int main() {",
     ]
-    for traits in TRAITS:
+    for traits, variants in TRAITS.items():
         for element in ELEMENTS:
             for head_dim in HEAD_DIMS:
-                t = f"{traits}<{element}, {head_dim}>"
-                lines.append(
-                    f'  std::printf("%s|%d|%zu\\n", "{t}", {t}::kThreads, static_cast<size_t>({t}::kSmemBytes));'
-                )
+                for variant in variants:
+                    t = f"{traits}<{element}, {head_dim}{variant}>"
+                    lines.append(
+                        f'  std::printf("%s|%d|%zu\\n", "{t}", {t}::kThreads, static_cast<size_t>({t}::kSmemBytes));'
+                    )
     lines += ["  return 0;", "}"]
     source.write_text("\n".join(lines) + "\n")
     binary = workdir / "traits_sizes"

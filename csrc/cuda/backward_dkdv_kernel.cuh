@@ -45,11 +45,13 @@ constexpr int largest_divisor_at_most(int n, int limit) {
   return best;
 }
 
-template <typename Element_, int kHeadDim_>
+// kSpecialized: the tiles of the kFast and kCausal kernels (is_specialized in kernel_api.h).
+template <typename Element_, int kHeadDim_, bool kSpecialized_>
 struct DkdvTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr DkdvTileConfig kConfig = dkdv_tile_config(kHeadDim);
+  static constexpr DkdvTileConfig kConfig =
+      kSpecialized_ ? dkdv_specialized_tile_config(kHeadDim) : dkdv_tile_config(kHeadDim);
   static constexpr int kBlockN = kConfig.block_n;
   static constexpr int kBlockM = kConfig.block_m;
   static constexpr int kChunkM = kConfig.chunk_m;
@@ -58,6 +60,7 @@ struct DkdvTraits {
   static constexpr int kMinBlocksPerSm = kConfig.min_blocks_per_sm;
   static constexpr int kSplit = kConfig.split_head_dim;
   static constexpr bool kKvInRegisters = kConfig.kv_in_registers;
+  static constexpr bool kSpecialized = kSpecialized_;
 
   static constexpr int kKeyWarps = kWarps / kSplit;  // warps along the key block
   static constexpr int kPartDim = kHeadDim / kSplit;  // dK / dV columns per warp
@@ -236,6 +239,7 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
   constexpr bool kModifiers = kPath == KernelPath::kModifiers;
   constexpr bool kSpecialized = is_specialized(kPath);
   static_assert(!(kSpecialized && (kVarlen || kWithDbias)), "kFast and kCausal have no packed sequences or bias");
+  static_assert(kSpecialized == Traits::kSpecialized, "the tiles of the kernel's path");
   using Element = typename Traits::Element;
   using KvTile = typename Traits::KvTile;
   using QTile = typename Traits::QTile;
@@ -608,7 +612,7 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
 template <ElementType kElement, int kHeadDim, KernelPath kPath>
 LaunchStatus run_attention_backward_dkdv(const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
                                          cudaStream_t stream) {
-  using Traits = DkdvTraits<typename ElementOf<kElement>::type, kHeadDim>;
+  using Traits = DkdvTraits<typename ElementOf<kElement>::type, kHeadDim, is_specialized(kPath)>;
   constexpr bool kModifiers = kPath == KernelPath::kModifiers;
   const bool with_dbias = params.dbias != nullptr;
   const DkdvSchedule schedule(params.batch, params.heads_kv, ceil_div(params.seqlen_k, Traits::kBlockN), with_dbias,
