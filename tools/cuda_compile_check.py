@@ -474,7 +474,8 @@ def sass_section(results: list[CompileResult], archs: list[Arch]) -> list[str]:
             "smaller loop that does, in code order: one in the general kernels (which test per tile at run "
             "time what they need); two in the fast and causal kernels, the loop of the masked tiles (or "
             "steps) and the unmasked loop, told apart by their size (the unmasked one is the smaller, marked "
-            "*unmasked*). FP32 = " + " + ".join(SASS_FP32) + "; counts per warp."
+            "*unmasked*), except the dK/dV kernel's at D 128, one loop serving both "
+            "(`kTwoLoops`, backward_dkdv_kernel.cuh). FP32 = " + " + ".join(SASS_FP32) + "; counts per warp."
         ),
         "",
     ]
