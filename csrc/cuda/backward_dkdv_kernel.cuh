@@ -14,7 +14,10 @@
 //   dS^T *= 1 - t^2                   softcap's t = tanh(scale q.k / c) (kModifiers)
 //   dV  += (P^T Z) dO,  dK += dS^T Q  (scale applied to dK once at the end)
 //   dS^T -> shared memory
-// then, per step, dq_accum += dS K with float atomics (scaled when converted).
+// then, per step, dq_accum += dS K with float atomics (scaled when converted): each thread's two
+// neighbouring columns in one red.global.add.v2.f32 on sm_90 in the kFast and kCausal kernels
+// (the others keep scalar ones: the vector's register pair made ptxas spill kGeneral at D 128,
+// 24 B on sm_90a).
 // dK and dV of a kv head sum over its query heads inside one CTA: no atomics,
 // deterministic. Q, dO, lse and delta of the next step are prefetched with
 // cp.async into the other of two stages while the current step computes.
@@ -593,8 +596,12 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
             FA_UNROLL
             for (int j = 0; j < Traits::kDqPartTiles; ++j) {
               if (j * 8 < cols_left) {
-                atomic_add_global(dq_row + j * 8, acc_dq[j][2 * r]);
-                atomic_add_global(dq_row + j * 8 + 1, acc_dq[j][2 * r + 1]);
+                if constexpr (kSpecialized) {
+                  atomic_add_global_pair(dq_row + j * 8, acc_dq[j][2 * r], acc_dq[j][2 * r + 1]);
+                } else {
+                  atomic_add_global(dq_row + j * 8, acc_dq[j][2 * r]);
+                  atomic_add_global(dq_row + j * 8 + 1, acc_dq[j][2 * r + 1]);
+                }
               }
             }
           }
