@@ -391,6 +391,14 @@ PATH_CASES = [
     (CudaCase(1, 2, 2, 100, 116, 64, causal="bottom_right"), "causal"),
     (CudaCase(1, 2, 2, 120, 136, 128, causal="bottom_right", grad_lse=True), "causal"),
     (CudaCase(1, 2, 2, 100, 100, 128, causal=True), "causal"),
+    # The kFast and kCausal dK/dV kernels' chunks of 32 queries (dkdv_specialized_tile_config):
+    # query blocks ending inside a chunk (Sq 45, 77, 100, 161), the band's edge crossing chunks
+    # at an offset that is no multiple of 16 (81), GQA and MQA, deterministic, D 32, 96 and 128.
+    (CudaCase(1, 4, 2, 100, 181, 64, causal="bottom_right"), "causal"),
+    (CudaCase(2, 3, 1, 161, 200, 96, dtype=torch.float16, causal=True), "causal"),
+    (CudaCase(1, 2, 2, 77, 300, 96, deterministic=True), "fast"),
+    (CudaCase(1, 4, 1, 45, 140, 128, causal=True, deterministic=True), "causal"),
+    (CudaCase(1, 2, 1, 70, 140, 32, grad_lse=True), "fast"),
     (CudaCase(1, 2, 2, 200, 150, 64, scale=-0.3), "general"),
     (CudaCase(1, 2, 2, 97, 97, 64, causal=True, key_mask=True), "general"),
     (CudaCase(1, 2, 2, 97, 97, 64, dropout_p=0.2), "general"),

@@ -76,10 +76,11 @@ SASS_COUNTED = ("HMMA", "LDSM", "MUFU", "BAR")
 SASS_FP32 = ("FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP")
 
 # The kernels' traits, each with its template arguments after the element type and head dim, one
-# tuple per instantiation (ForwardTraits: kSpecialized, the kFast / kCausal kernels' tile or not).
+# tuple per instantiation (ForwardTraits, DkdvTraits: kSpecialized, the kFast / kCausal kernels' tile
+# or not).
 TRAITS = {
     "ForwardTraits": (", true", ", false"),
-    "DkdvTraits": ("",),
+    "DkdvTraits": (", true", ", false"),
     "DqTraits": ("",),
     "DbiasTraits": ("",),
     "DecodeTraits": ("",),
@@ -475,7 +476,8 @@ def sass_section(results: list[CompileResult], archs: list[Arch]) -> list[str]:
             "smaller loop that does, in code order: one in the general kernels (which test per tile at run "
             "time what they need); two in the fast and causal kernels, the loop of the masked tiles (or "
             "steps) and the unmasked loop, told apart by their size (the unmasked one is the smaller, marked "
-            "*unmasked*). FP32 = " + " + ".join(SASS_FP32) + "; counts per warp."
+            "*unmasked*), except the dK/dV kernel's at D 128, one loop serving both "
+            "(`kTwoLoops`, backward_dkdv_kernel.cuh). FP32 = " + " + ".join(SASS_FP32) + "; counts per warp."
         ),
         "",
     ]

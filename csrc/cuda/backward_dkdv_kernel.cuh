@@ -14,7 +14,10 @@
 //   dS^T *= 1 - t^2                   softcap's t = tanh(scale q.k / c) (kModifiers)
 //   dV  += (P^T Z) dO,  dK += dS^T Q  (scale applied to dK once at the end)
 //   dS^T -> shared memory
-// then, per step, dq_accum += dS K with float atomics (scaled when converted).
+// then, per step, dq_accum += dS K with float atomics (scaled when converted): each thread's two
+// neighbouring columns in one red.global.add.v2.f32 on sm_90 in the kFast and kCausal kernels
+// (the others keep scalar ones: the vector's register pair made ptxas spill kGeneral at D 128,
+// 24 B on sm_90a).
 // dK and dV of a kv head sum over its query heads inside one CTA: no atomics,
 // deterministic. Q, dO, lse and delta of the next step are prefetched with
 // cp.async into the other of two stages while the current step computes.
@@ -22,10 +25,12 @@
 // kPath (kernel_api.h): the kGeneral and kModifiers kernels decide per step at run time
 // which elementwise code it needs; the kFast and kCausal kernels have no bias or dropout
 // code, and mask (one compare per score against a per-key limit) only in the steps that
-// keys past Sk or the band's right edge reach, the limit leaving every score of the
-// other steps unmasked. One chunk loop serves every step: the loop as a lambda instantiated
-// masked and unmasked made ptxas spill (kFast, kCausal at D 256; kModifiers at D 128, sm_80).
+// keys past Sk or the band's right edge reach. Those steps run one chunk loop and the others
+// a second one with no mask or lse test (kTwoLoops); at D 128 and 256 one loop serves both,
+// the limit leaving every score of the unmasked steps unmasked.
 #pragma once
+
+#include <type_traits>
 
 #include "backward_schedule.h"
 #include "device_runtime.cuh"
@@ -45,11 +50,13 @@ constexpr int largest_divisor_at_most(int n, int limit) {
   return best;
 }
 
-template <typename Element_, int kHeadDim_>
+// kSpecialized: the tiles of the kFast and kCausal kernels (is_specialized in kernel_api.h).
+template <typename Element_, int kHeadDim_, bool kSpecialized_>
 struct DkdvTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr DkdvTileConfig kConfig = dkdv_tile_config(kHeadDim);
+  static constexpr DkdvTileConfig kConfig =
+      kSpecialized_ ? dkdv_specialized_tile_config(kHeadDim) : dkdv_tile_config(kHeadDim);
   static constexpr int kBlockN = kConfig.block_n;
   static constexpr int kBlockM = kConfig.block_m;
   static constexpr int kChunkM = kConfig.chunk_m;
@@ -58,6 +65,7 @@ struct DkdvTraits {
   static constexpr int kMinBlocksPerSm = kConfig.min_blocks_per_sm;
   static constexpr int kSplit = kConfig.split_head_dim;
   static constexpr bool kKvInRegisters = kConfig.kv_in_registers;
+  static constexpr bool kSpecialized = kSpecialized_;
 
   static constexpr int kKeyWarps = kWarps / kSplit;  // warps along the key block
   static constexpr int kPartDim = kHeadDim / kSplit;  // dK / dV columns per warp
@@ -235,7 +243,11 @@ FA_KERNEL(Traits::kThreads, Traits::kMinBlocksPerSm)
 void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const BackwardWorkspace workspace) {
   constexpr bool kModifiers = kPath == KernelPath::kModifiers;
   constexpr bool kSpecialized = is_specialized(kPath);
+  // kFast and kCausal at D <= 96 run the masked and the unmasked steps in two chunk loops; at
+  // D 128 and 256 two loops spill (16 and 44 bytes on sm_80), one loop serves both.
+  constexpr bool kTwoLoops = kSpecialized && Traits::kHeadDim <= 96;
   static_assert(!(kSpecialized && (kVarlen || kWithDbias)), "kFast and kCausal have no packed sequences or bias");
+  static_assert(kSpecialized == Traits::kSpecialized, "the tiles of the kernel's path");
   using Element = typename Traits::Element;
   using KvTile = typename Traits::KvTile;
   using QTile = typename Traits::QTile;
@@ -385,148 +397,168 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
           }
         }
       }
-      const ScoreContext<Element, kModifiers, kVarlen> scores(params, sequence, head);
+      using Scores = ScoreContext<Element, kModifiers, kVarlen>;
+      const Scores step_scores(params, sequence, head);
       // kGeneral, kModifiers: whether the step's scores need the elementwise code; kFast, kCausal:
       // whether a mask reaches them (keys past Sk, or the band's right edge at row m0).
       const bool elementwise =
           kSpecialized ? n0 + kBlockN > seqlen_k ||
                              (kPath == KernelPath::kCausal && n0 + kBlockN - 1 > m0 + params.band_last_key)
-                       : scores.needs_elementwise(m0, kBlockM, n0, kBlockN);
+                       : step_scores.needs_elementwise(m0, kBlockM, n0, kBlockN);
       const DbiasStep dbias{float_smem + Traits::kKeySumOffset + threadIdx.x, kThreads};
 
-      FA_NO_UNROLL
-      for (int chunk = 0; chunk < Traits::kChunks; ++chunk) {
-        const int cq = chunk * kChunkM;  // the chunk's first query, within the block
-        // S^T = K Q^T and dP^T = V dO^T. Element (j, e): key key0 + 8 (e / 2), query m0 + cq + 8 j + pair + e % 2.
-        float acc_s[Traits::kChunkTiles][4];
-        float acc_dp[Traits::kChunkTiles][4];
-        zero_accumulators(acc_s);
-        zero_accumulators(acc_dp);
-        FA_UNROLL
-        for (int kk = 0; kk < Traits::kDimSteps; ++kk) {
-          uint32_t a_k[4];
-          uint32_t a_v[4];
-          if constexpr (Traits::kKvInRegisters) {
-            FA_UNROLL
-            for (int i = 0; i < 4; ++i) {
-              a_k[i] = k_fragments[kk][i];
-              a_v[i] = v_fragments[kk][i];
+      // The step's chunks. kTwoLoops: masked_tag is std::true_type when a mask reaches the step and
+      // std::false_type when none does, the second loop having no mask or lse test at all.
+      auto chunks = [&](auto masked_tag) {
+        constexpr bool kUnmasked = kTwoLoops && !decltype(masked_tag)::value;
+        const bool masked = kTwoLoops ? decltype(masked_tag)::value : elementwise;
+        // Built again in here: the step's context read through the capture made ptxas spill
+        // kModifiers at D 128 (16 bytes, sm_80).
+        const Scores scores(params, sequence, head);
+        FA_NO_UNROLL
+        for (int chunk = 0; chunk < Traits::kChunks; ++chunk) {
+          const int cq = chunk * kChunkM;  // the chunk's first query, within the block
+          // S^T = K Q^T and dP^T = V dO^T. Element (j, e): key key0 + 8 (e / 2), query m0 + cq + 8 j + pair + e % 2.
+          float acc_s[Traits::kChunkTiles][4];
+          float acc_dp[Traits::kChunkTiles][4];
+          zero_accumulators(acc_s);
+          zero_accumulators(acc_dp);
+          FA_UNROLL
+          for (int kk = 0; kk < Traits::kDimSteps; ++kk) {
+            uint32_t a_k[4];
+            uint32_t a_v[4];
+            if constexpr (Traits::kKvInRegisters) {
+              FA_UNROLL
+              for (int i = 0; i < 4; ++i) {
+                a_k[i] = k_fragments[kk][i];
+                a_v[i] = v_fragments[kk][i];
+              }
+            } else {
+              load_a_operand<KvTile>(a_k, k_smem, key_warp * 16, kk * 16, lane);
+              load_a_operand<KvTile>(a_v, v_smem, key_warp * 16, kk * 16, lane);
             }
-          } else {
-            load_a_operand<KvTile>(a_k, k_smem, key_warp * 16, kk * 16, lane);
-            load_a_operand<KvTile>(a_v, v_smem, key_warp * 16, kk * 16, lane);
+            FA_UNROLL
+            for (int nn = 0; nn < Traits::kChunkSteps; ++nn) {
+              uint32_t b[4];
+              load_b_operands_n_major<QTile>(b, q_tile, cq + nn * 16, kk * 16, lane);
+              mma_m16n8k16<Element>(acc_s[2 * nn], a_k, b[0], b[1]);
+              mma_m16n8k16<Element>(acc_s[2 * nn + 1], a_k, b[2], b[3]);
+              load_b_operands_n_major<QTile>(b, do_tile, cq + nn * 16, kk * 16, lane);
+              mma_m16n8k16<Element>(acc_dp[2 * nn], a_v, b[0], b[1]);
+              mma_m16n8k16<Element>(acc_dp[2 * nn + 1], a_v, b[2], b[3]);
+            }
           }
-          FA_UNROLL
-          for (int nn = 0; nn < Traits::kChunkSteps; ++nn) {
-            uint32_t b[4];
-            load_b_operands_n_major<QTile>(b, q_tile, cq + nn * 16, kk * 16, lane);
-            mma_m16n8k16<Element>(acc_s[2 * nn], a_k, b[0], b[1]);
-            mma_m16n8k16<Element>(acc_s[2 * nn + 1], a_k, b[2], b[3]);
-            load_b_operands_n_major<QTile>(b, do_tile, cq + nn * 16, kk * 16, lane);
-            mma_m16n8k16<Element>(acc_dp[2 * nn], a_v, b[0], b[1]);
-            mma_m16n8k16<Element>(acc_dp[2 * nn + 1], a_v, b[2], b[3]);
-          }
-        }
 
-        // P^T = exp2(s - lse log2(e)); a row with lse = -inf saw no key, and +inf
-        // as its base makes all its probabilities 0 (never inf - inf).
-        // dS^T = P^T (dP^T Z - delta) into acc_dp; then acc_s = P^T Z. Under a softcap,
-        // dS^T's factor 1 - t^2 (for dK and dQ) waits in softcap_slope until dbias has
-        // taken dS^T itself.
-        float softcap_slope[kModifiers ? Traits::kChunkTiles : 1][4];
-        const int q0 = m0 + cq;
-        const int query_base = q0 + pair;  // element (j, e): query query_base + 8 j + e % 2
-        // kFast, kCausal masked steps: key key0 + 8 r is seen by the queries from
-        // query_base + first_visible[r] on (none past Sk; kCausal: those from key - band_last_key).
-        int first_visible[2] = {0, 0};
-        if (kSpecialized && elementwise) {
-          FA_UNROLL
-          for (int r = 0; r < 2; ++r) {
-            const int key = key0 + r * 8;
-            const int64_t first_query = kPath == KernelPath::kCausal ? key - params.band_last_key : 0;
-            const int64_t offset = key < seqlen_k ? first_query - query_base : kChunkM;
-            first_visible[r] = offset < 0 ? 0 : (offset > kChunkM ? kChunkM : static_cast<int>(offset));
-          }
-        }
-        FA_UNROLL
-        for (int j = 0; j < Traits::kChunkTiles; ++j) {
-          FA_UNROLL
-          for (int c = 0; c < 2; ++c) {
-            const float lse = load_shared(lse_tile + cq + pair + j * 8 + c);
-            const float base = lse == negative_infinity() ? -negative_infinity() : lse * kLog2e;
-            const float delta = load_shared(delta_tile + cq + pair + j * 8 + c);
+          // P^T = exp2(s - lse log2(e)); a row with lse = -inf saw no key, and +inf
+          // as its base makes all its probabilities 0 (never inf - inf). kUnmasked: every row of
+          // the step sees the block's first key, so its lse is finite (0, zero-filled, past Sq).
+          // dS^T = P^T (dP^T Z - delta) into acc_dp; then acc_s = P^T Z. Under a softcap,
+          // dS^T's factor 1 - t^2 (for dK and dQ) waits in softcap_slope until dbias has
+          // taken dS^T itself.
+          float softcap_slope[kPath == KernelPath::kModifiers ? Traits::kChunkTiles : 1][4];
+          const int q0 = m0 + cq;
+          const int query_base = q0 + pair;  // element (j, e): query query_base + 8 j + e % 2
+          // kFast, kCausal masked steps: key key0 + 8 r is seen by the queries from
+          // query_base + first_visible[r] on (none past Sk; kCausal: those from key - band_last_key).
+          int first_visible[2] = {0, 0};
+          if (kSpecialized && masked) {
             FA_UNROLL
             for (int r = 0; r < 2; ++r) {
-              const int e = 2 * r + c;
-              const int query = query_base + j * 8 + c;
               const int key = key0 + r * 8;
-              float slope = 1.0f;
-              float probability;
-              if constexpr (kSpecialized) {
-                // q.k c - base, c = scale log2(e), as one FFMA; a masked score's -inf stays -inf.
-                const bool masked_out = 8 * j + c < first_visible[r];
-                const float dot = masked_out ? negative_infinity() : acc_s[j][e];
-                probability = exp2f(fmaf(dot, scores.scale_log2(), -base));
-              } else {
-                const float score =
-                    elementwise ? scores.score_log2(acc_s[j][e], query, key, slope) : acc_s[j][e] * scores.scale_log2();
-                probability = exp2f(score - base);
-              }
-              if constexpr (kModifiers) {
-                softcap_slope[j][e] = slope;
-              }
-              float dropout_factor = kSpecialized ? 1.0f : scores.dropout_keep_scale();
-              if (!kSpecialized && scores.dropout() && scores.in_bounds(query, key) && !scores.keeps(query, key)) {
-                dropout_factor = 0.0f;
-              }
-              acc_dp[j][e] = probability * (acc_dp[j][e] * dropout_factor - delta);
-              acc_s[j][e] = probability * dropout_factor;
+              const int64_t first_query = kPath == KernelPath::kCausal ? key - params.band_last_key : 0;
+              const int64_t offset = key < seqlen_k ? first_query - query_base : kChunkM;
+              first_visible[r] = offset < 0 ? 0 : (offset > kChunkM ? kChunkM : static_cast<int>(offset));
             }
           }
-        }
-
-        if constexpr (with_dbias) {
-          dbias.add_chunk(params, acc_dp, scratch + key_warp * kBlockM, cq, chunk == 0, owns_keys, lane);
-        }
-        if (scores.softcap()) {
           FA_UNROLL
           for (int j = 0; j < Traits::kChunkTiles; ++j) {
             FA_UNROLL
-            for (int e = 0; e < 4; ++e) {
-              acc_dp[j][e] *= softcap_slope[j][e];
+            for (int c = 0; c < 2; ++c) {
+              const float lse = load_shared(lse_tile + cq + pair + j * 8 + c);
+              const float base =
+                  !kUnmasked && lse == negative_infinity() ? -negative_infinity() : lse * kLog2e;
+              const float delta = load_shared(delta_tile + cq + pair + j * 8 + c);
+              FA_UNROLL
+              for (int r = 0; r < 2; ++r) {
+                const int e = 2 * r + c;
+                const int query = query_base + j * 8 + c;
+                const int key = key0 + r * 8;
+                float slope = 1.0f;
+                float probability;
+                if constexpr (kUnmasked) {
+                  probability = exp2f(fmaf(acc_s[j][e], scores.scale_log2(), -base));  // as below, unmasked
+                } else if constexpr (kSpecialized) {
+                  // q.k c - base, c = scale log2(e), as one FFMA; a masked score's -inf stays -inf.
+                  const bool masked_out = 8 * j + c < first_visible[r];
+                  const float dot = masked_out ? negative_infinity() : acc_s[j][e];
+                  probability = exp2f(fmaf(dot, scores.scale_log2(), -base));
+                } else {
+                  const float score =
+                      masked ? scores.score_log2(acc_s[j][e], query, key, slope) : acc_s[j][e] * scores.scale_log2();
+                  probability = exp2f(score - base);
+                }
+                if constexpr (kModifiers) {
+                  softcap_slope[j][e] = slope;
+                }
+                float dropout_factor = kSpecialized ? 1.0f : scores.dropout_keep_scale();
+                if (!kSpecialized && scores.dropout() && scores.in_bounds(query, key) && !scores.keeps(query, key)) {
+                  dropout_factor = 0.0f;
+                }
+                acc_dp[j][e] = probability * (acc_dp[j][e] * dropout_factor - delta);
+                acc_s[j][e] = probability * dropout_factor;
+              }
+            }
+          }
+
+          if constexpr (with_dbias) {
+            dbias.add_chunk(params, acc_dp, scratch + key_warp * kBlockM, cq, chunk == 0, owns_keys, lane);
+          }
+          if (scores.softcap()) {
+            FA_UNROLL
+            for (int j = 0; j < Traits::kChunkTiles; ++j) {
+              FA_UNROLL
+              for (int e = 0; e < 4; ++e) {
+                acc_dp[j][e] *= softcap_slope[j][e];
+              }
+            }
+          }
+
+          // dV += (P^T Z) dO and dK += dS^T Q over the chunk's queries. The 16-bit
+          // dS^T operand (register i: key row group + 8 (i % 2), query columns
+          // 16 kk + 8 (i / 2) + pair) is also published to shared memory for dQ = dS K.
+          FA_UNROLL
+          for (int kk = 0; kk < Traits::kChunkSteps; ++kk) {
+            uint32_t a_p[4];
+            uint32_t a_ds[4];
+            accumulators_to_a_operand<Element>(a_p, acc_s, kk);
+            accumulators_to_a_operand<Element>(a_ds, acc_dp, kk);
+            if (atomic_dq && owns_keys) {
+              FA_UNROLL
+              for (int i = 0; i < 4; ++i) {
+                const int key_local = key_warp * 16 + group + (i % 2) * 8;
+                const int query_local = cq + kk * 16 + (i / 2) * 8 + pair;
+                store_shared(reinterpret_cast<uint32_t*>(ds_smem + DsTile::offset(key_local, query_local)), a_ds[i]);
+              }
+            }
+            FA_UNROLL
+            for (int dn = 0; dn < Traits::kPartSteps; ++dn) {
+              const int col = part * Traits::kPartDim + dn * 16;
+              uint32_t b[4];
+              load_b_operands_k_major<QTile>(b, do_tile, cq + kk * 16, col, lane);
+              mma_m16n8k16<Element>(acc_dv[2 * dn], a_p, b[0], b[1]);
+              mma_m16n8k16<Element>(acc_dv[2 * dn + 1], a_p, b[2], b[3]);
+              load_b_operands_k_major<QTile>(b, q_tile, cq + kk * 16, col, lane);
+              mma_m16n8k16<Element>(acc_dk[2 * dn], a_ds, b[0], b[1]);
+              mma_m16n8k16<Element>(acc_dk[2 * dn + 1], a_ds, b[2], b[3]);
             }
           }
         }
 
-        // dV += (P^T Z) dO and dK += dS^T Q over the chunk's queries. The 16-bit
-        // dS^T operand (register i: key row group + 8 (i % 2), query columns
-        // 16 kk + 8 (i / 2) + pair) is also published to shared memory for dQ = dS K.
-        FA_UNROLL
-        for (int kk = 0; kk < Traits::kChunkSteps; ++kk) {
-          uint32_t a_p[4];
-          uint32_t a_ds[4];
-          accumulators_to_a_operand<Element>(a_p, acc_s, kk);
-          accumulators_to_a_operand<Element>(a_ds, acc_dp, kk);
-          if (atomic_dq && owns_keys) {
-            FA_UNROLL
-            for (int i = 0; i < 4; ++i) {
-              const int key_local = key_warp * 16 + group + (i % 2) * 8;
-              const int query_local = cq + kk * 16 + (i / 2) * 8 + pair;
-              store_shared(reinterpret_cast<uint32_t*>(ds_smem + DsTile::offset(key_local, query_local)), a_ds[i]);
-            }
-          }
-          FA_UNROLL
-          for (int dn = 0; dn < Traits::kPartSteps; ++dn) {
-            const int col = part * Traits::kPartDim + dn * 16;
-            uint32_t b[4];
-            load_b_operands_k_major<QTile>(b, do_tile, cq + kk * 16, col, lane);
-            mma_m16n8k16<Element>(acc_dv[2 * dn], a_p, b[0], b[1]);
-            mma_m16n8k16<Element>(acc_dv[2 * dn + 1], a_p, b[2], b[3]);
-            load_b_operands_k_major<QTile>(b, q_tile, cq + kk * 16, col, lane);
-            mma_m16n8k16<Element>(acc_dk[2 * dn], a_ds, b[0], b[1]);
-            mma_m16n8k16<Element>(acc_dk[2 * dn + 1], a_ds, b[2], b[3]);
-          }
-        }
+      };
+      if (!kTwoLoops || elementwise) {
+        chunks(std::true_type{});
+      } else if constexpr (kTwoLoops) {
+        chunks(std::false_type{});
       }
 
       if constexpr (with_dbias) {
@@ -564,8 +596,12 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
             FA_UNROLL
             for (int j = 0; j < Traits::kDqPartTiles; ++j) {
               if (j * 8 < cols_left) {
-                atomic_add_global(dq_row + j * 8, acc_dq[j][2 * r]);
-                atomic_add_global(dq_row + j * 8 + 1, acc_dq[j][2 * r + 1]);
+                if constexpr (kSpecialized) {
+                  atomic_add_global_pair(dq_row + j * 8, acc_dq[j][2 * r], acc_dq[j][2 * r + 1]);
+                } else {
+                  atomic_add_global(dq_row + j * 8, acc_dq[j][2 * r]);
+                  atomic_add_global(dq_row + j * 8 + 1, acc_dq[j][2 * r + 1]);
+                }
               }
             }
           }
@@ -608,7 +644,7 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
 template <ElementType kElement, int kHeadDim, KernelPath kPath>
 LaunchStatus run_attention_backward_dkdv(const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
                                          cudaStream_t stream) {
-  using Traits = DkdvTraits<typename ElementOf<kElement>::type, kHeadDim>;
+  using Traits = DkdvTraits<typename ElementOf<kElement>::type, kHeadDim, is_specialized(kPath)>;
   constexpr bool kModifiers = kPath == KernelPath::kModifiers;
   const bool with_dbias = params.dbias != nullptr;
   const DkdvSchedule schedule(params.batch, params.heads_kv, ceil_div(params.seqlen_k, Traits::kBlockN), with_dbias,

@@ -175,6 +175,11 @@ FA_DEVICE void atomic_add_global(float* address, float value) {
   emu::check_global_write(address, sizeof(float), true);
   *address += value;
 }
+FA_DEVICE void atomic_add_global_pair(float* address, float first, float second) {
+  emu::check_global_write(address, 2 * sizeof(float), true);
+  address[0] += first;
+  address[1] += second;
+}
 template <typename T>
 FA_DEVICE T load_shared(const T* address) {
   emu::note_shared_read(address, sizeof(T));
@@ -279,6 +284,16 @@ FA_DEVICE void store_global(T* address, T value) {
   *address = value;
 }
 FA_DEVICE void atomic_add_global(float* address, float value) { atomicAdd(address, value); }
+// address[0] += first, address[1] += second (address 8-byte aligned): one red.global.add.v2.f32
+// on sm_90 (REDG.E.ADD.F32x2), two scalar ones before it.
+FA_DEVICE void atomic_add_global_pair(float* address, float first, float second) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(address), "f"(first), "f"(second) : "memory");
+#else
+  atomicAdd(address, first);
+  atomicAdd(address + 1, second);
+#endif
+}
 template <typename T>
 FA_DEVICE T load_shared(const T* address) {
   return *address;

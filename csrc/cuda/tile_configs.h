@@ -40,7 +40,8 @@
 // Tuning: benchmarks/cuda_tile_sweep.py writes csrc/cuda/tile_overrides.h (never
 // committed, see .gitignore) defining forward_tile_override and dkdv_tile_override,
 // builds, measures and deletes it. An override with warps == 0 means "none"; a
-// forward override replaces the tile of every forward kernel.
+// forward override replaces the tile of every forward kernel, the dK/dV override
+// the tiles of every path.
 #pragma once
 
 namespace fast_attn::cuda {
@@ -122,8 +123,9 @@ constexpr ForwardTileConfig forward_tile_config(int head_dim) {
 
 // chunk_m bounds the registers: a warp holds dK and dV (16 x D / split each,
 // D / split / 4 floats per thread) plus S^T and dP^T of one chunk (chunk_m / 4
-// floats each). At D = 128 a chunk of 32 still spills at 255 registers (with
-// masks, bias and dropout compiled in); 16 does not.
+// floats each). The kGeneral and kModifiers kernels (kernel_api.h) take these
+// tiles: with masks, bias and dropout compiled in, a chunk of 32 spills at D = 128
+// (255 registers); 16 does not.
 constexpr DkdvTileConfig dkdv_tile_config(int head_dim) {
 #ifdef FAST_ATTN_TILE_OVERRIDES
   if (dkdv_tile_override(head_dim).warps != 0) {
@@ -135,6 +137,29 @@ constexpr DkdvTileConfig dkdv_tile_config(int head_dim) {
     case 64: return {128, 64, 16, 8, 1, 1, true};
     case 96: return {128, 64, 16, 8, 1, 1, false};
     case 128: return {128, 64, 16, 8, 1, 1, false};
+    case 256: return {64, 32, 16, 8, 2, 1, false};
+    default: return {0, 0, 0, 0, 0, 0, false};
+  }
+}
+
+// The kFast and kCausal kernels, which have no bias, dropout or modifier code: a chunk of 32
+// queries at D <= 128 (spill-free, 255 registers at most), so that each chunk's fixed costs
+// (addresses, loop control, the K and V fragments re-read at D >= 96) are spread over 64
+// (D = 64) or 128 (D = 128) MMAs instead of half that, and S^T, dP^T have 8 independent
+// accumulators each instead of 4. At D = 256 the general path's tiles. The key blocks are the
+// general path's: the host sizes the dbias schedule from dkdv_tile_config, these kernels
+// take no bias.
+constexpr DkdvTileConfig dkdv_specialized_tile_config(int head_dim) {
+#ifdef FAST_ATTN_TILE_OVERRIDES
+  if (dkdv_tile_override(head_dim).warps != 0) {
+    return dkdv_tile_override(head_dim);
+  }
+#endif
+  switch (head_dim) {
+    case 32: return {128, 64, 32, 8, 1, 1, true};
+    case 64: return {128, 64, 32, 8, 1, 1, true};
+    case 96: return {128, 64, 32, 8, 1, 1, false};
+    case 128: return {128, 64, 32, 8, 1, 1, false};
     case 256: return {64, 32, 16, 8, 2, 1, false};
     default: return {0, 0, 0, 0, 0, 0, false};
   }

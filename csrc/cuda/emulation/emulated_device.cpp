@@ -622,6 +622,9 @@ void check_global_read(const void* address, size_t bytes) {
 
 void check_global_write(const void* address, size_t bytes, bool atomic) {
   check_global_range(address, bytes, atomic ? "global atomic add" : "global write");
+  if (atomic && reinterpret_cast<uintptr_t>(address) % bytes != 0) {
+    fail("global atomic add of " + std::to_string(bytes) + " bytes at " + hex(address) + " is not aligned to them");
+  }
   Runtime& rt = g_runtime;
   const uintptr_t begin = reinterpret_cast<uintptr_t>(address) & ~(kWriteGrain - 1);
   const uintptr_t end = reinterpret_cast<uintptr_t>(address) + bytes;

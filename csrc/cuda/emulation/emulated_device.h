@@ -12,7 +12,8 @@
 //   - shared-memory races: a read or write of bytes that another warp wrote or
 //     read since the last __syncthreads, a read of bytes with a copy in flight,
 //   - shared or global accesses out of bounds (global: outside every
-//     registered allocation), misaligned ldmatrix / cp.async addresses,
+//     registered allocation), misaligned ldmatrix / cp.async / atomic add
+//     addresses (a vector atomic add is aligned to all its bytes),
 //   - two CTAs of one launch writing the same global bytes without atomics, or
 //     one reading what another wrote,
 //   - barriers or collectives that not all threads reach, divergent
