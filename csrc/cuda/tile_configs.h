@@ -82,18 +82,19 @@ struct DqTileConfig {
 
 #if __has_include("tile_overrides.h")
 #include "tile_overrides.h"
-#define FAST_ATTN_TILE_OVERRIDES 1
+#else
+namespace fast_attn::cuda {
+// No sweep is building: no tile is overridden.
+constexpr ForwardTileConfig forward_tile_override(int) { return {}; }
+constexpr DkdvTileConfig dkdv_tile_override(int) { return {}; }
+}  // namespace fast_attn::cuda
 #endif
 
 namespace fast_attn::cuda {
 
 // The forward tile of the kGeneral and kModifiers kernels.
 constexpr ForwardTileConfig forward_general_tile_config(int head_dim) {
-#ifdef FAST_ATTN_TILE_OVERRIDES
-  if (forward_tile_override(head_dim).warps != 0) {
-    return forward_tile_override(head_dim);
-  }
-#endif
+  if (forward_tile_override(head_dim).warps != 0) return forward_tile_override(head_dim);
   switch (head_dim) {
     case 32: return {128, 128, 8, 1, true, 1};
     case 64: return {128, 128, 8, 1, true, 1};
@@ -106,11 +107,7 @@ constexpr ForwardTileConfig forward_general_tile_config(int head_dim) {
 
 // The forward tile of the kFast and kCausal kernels (kernel_api.h).
 constexpr ForwardTileConfig forward_tile_config(int head_dim) {
-#ifdef FAST_ATTN_TILE_OVERRIDES
-  if (forward_tile_override(head_dim).warps != 0) {
-    return forward_tile_override(head_dim);
-  }
-#endif
+  if (forward_tile_override(head_dim).warps != 0) return forward_tile_override(head_dim);
   switch (head_dim) {
     case 32: return {128, 64, 4, 2, true, 2};
     case 64: return {128, 64, 4, 2, true, 2};
@@ -127,11 +124,7 @@ constexpr ForwardTileConfig forward_tile_config(int head_dim) {
 // tiles: with masks, bias and dropout compiled in, a chunk of 32 spills at D = 128
 // (255 registers); 16 does not.
 constexpr DkdvTileConfig dkdv_tile_config(int head_dim) {
-#ifdef FAST_ATTN_TILE_OVERRIDES
-  if (dkdv_tile_override(head_dim).warps != 0) {
-    return dkdv_tile_override(head_dim);
-  }
-#endif
+  if (dkdv_tile_override(head_dim).warps != 0) return dkdv_tile_override(head_dim);
   switch (head_dim) {
     case 32: return {128, 64, 32, 8, 1, 1, true};
     case 64: return {128, 64, 16, 8, 1, 1, true};
@@ -150,11 +143,7 @@ constexpr DkdvTileConfig dkdv_tile_config(int head_dim) {
 // general path's: the host sizes the dbias schedule from dkdv_tile_config, these kernels
 // take no bias.
 constexpr DkdvTileConfig dkdv_specialized_tile_config(int head_dim) {
-#ifdef FAST_ATTN_TILE_OVERRIDES
-  if (dkdv_tile_override(head_dim).warps != 0) {
-    return dkdv_tile_override(head_dim);
-  }
-#endif
+  if (dkdv_tile_override(head_dim).warps != 0) return dkdv_tile_override(head_dim);
   switch (head_dim) {
     case 32: return {128, 64, 32, 8, 1, 1, true};
     case 64: return {128, 64, 32, 8, 1, 1, true};
