@@ -262,7 +262,7 @@ def _with_sinks(kernel_forward: Callable) -> Callable:
 
 
 def _cpp_decode(problem: DecodeProblem):
-    return torch.ops.fast_attn.decode_forward.default(*problem.op_arguments())
+    return cpp_ops.decode_forward(problem.op_arguments())
 
 
 # A CPU problem of at most MAX_DECODING_ROWS query rows runs as a decoding step when its query heads
@@ -308,11 +308,11 @@ def _cpu_forward(problem: AttentionProblem, dropout_seed):
     seqlens = torch.full((problem.batch,), problem.seqlen_k, dtype=torch.int32)
     pairs = problem.batch * problem.heads_kv
     splits = max(1, min(-(-DECODING_TASKS // max(pairs, 1)), problem.seqlen_k // DECODING_SPLIT_KEYS))
-    out, lse = torch.ops.fast_attn.decode_forward.default(
+    out, lse = cpp_ops.decode_forward((
         problem.q.transpose(1, 2), problem.k.transpose(1, 2), problem.v.transpose(1, 2), None, None, seqlens,
         None, None, None, problem.scale, problem.causal != CausalMode.NONE, problem.alibi_slopes,
         window_left, window_right, problem.softcap or 0.0, splits,
-    )  # fmt: skip
+    ))  # fmt: skip
     return out.transpose(1, 2), lse  # (B, Hq, Sq, D) stored (B, Sq, Hq, D), as attention_forward's
 
 
