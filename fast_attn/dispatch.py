@@ -2,9 +2,10 @@
 
 Each backend declares what it supports and answers `not_supported_reasons`.
 "auto" takes the first backend with no reasons, in the order triton, cuda,
-cpu, reference (fastest measured first); a backend named explicitly that cannot run the input raises
-with every reason. Decisions use static facts only (device, dtype, head dim,
-features, compute capability), so compiled graphs stay whole.
+cpu, reference (fastest measured first), or cuda first for a decoding step (auto_order); a backend
+named explicitly that cannot run the input raises with every reason. Decisions use static facts only
+(device, dtype, head dim, features, compute capability, and whether a GPU call is a decoding step:
+few query rows, no gradient), so compiled graphs stay whole.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from .validation import SUPPORTED_DTYPES, AttentionProblem, DecodeProblem
 AUTO_ORDER = ("triton", "cuda", "cpu", "reference")
 # Decoding is bound by the host path, not by FLOPs: on that H100 a Triton launch cost 144 us of host
 # time per call against SDPA's 18 us, while a C++ op's launch costs a few microseconds, so "auto"
-# decodes with the C++ CUDA kernels first (their speed on a GPU is not measured yet).
+# decodes with the C++ CUDA kernels first (their speed on a GPU is not measured yet): decode_attention's
+# steps, and attention's calls of at most MAX_DECODING_ROWS query rows on a GPU without a gradient
+# (a transformers model's generation steps).
 DECODE_AUTO_ORDER = ("cuda", "triton", "cpu", "reference")
 
 
@@ -402,7 +405,7 @@ def select_backend(problem: AttentionProblem, backend: str = "auto") -> Backend:
     chosen = _AUTO_CHOICES.get(key) if key is not None else None
     if chosen is not None:
         return chosen
-    for name in DECODE_AUTO_ORDER if isinstance(problem, DecodeProblem) else AUTO_ORDER:
+    for name in auto_order(problem):
         candidate = BACKENDS[name]
         if candidate.accepts(problem):
             if key is not None:
@@ -411,10 +414,23 @@ def select_backend(problem: AttentionProblem, backend: str = "auto") -> Backend:
     raise BackendNotSupportedError("no fast_attn backend can run this input")  # reference takes everything
 
 
+def auto_order(problem: AttentionProblem | DecodeProblem) -> tuple[str, ...]:
+    """The backends "auto" tries, in order: DECODE_AUTO_ORDER for a decoding step (a DecodeProblem, or
+    an attention call on a GPU with few query rows and no gradient), AUTO_ORDER otherwise."""
+    if isinstance(problem, DecodeProblem) or _is_gpu_decoding_step(problem):
+        return DECODE_AUTO_ORDER
+    return AUTO_ORDER
+
+
+def _is_gpu_decoding_step(problem: AttentionProblem) -> bool:
+    return problem.q.is_cuda and problem.seqlen_q <= MAX_DECODING_ROWS and not problem.needs_grad
+
+
 # "auto"'s choices by the facts that decide them, so that a call repeating an earlier one's facts
 # (every decoding step, every layer) asks no backend again. Without a bias the reasons of every
 # backend read only the device, the dtype, the head dim and the features asked for (the bias's
 # gradient is the one further fact, _cuda_modifier_reasons): a backend's extra_reasons must keep it so.
+# Whether a GPU call is a decoding step picks the order they are asked in (auto_order).
 _AUTO_CHOICES: dict[tuple, Backend] = {}
 
 
@@ -422,7 +438,8 @@ def _auto_choice_key(problem: AttentionProblem | DecodeProblem) -> tuple | None:
     if problem.bias is not None:
         return None
     q = problem.q  # its last dim is the head dim in either problem's layout
-    return (type(problem), q.device, q.dtype, q.shape[-1], _feature_flags(problem))
+    decoding_step = isinstance(problem, AttentionProblem) and _is_gpu_decoding_step(problem)
+    return (type(problem), q.device, q.dtype, q.shape[-1], _feature_flags(problem), decoding_step)
 
 
 def run_problem(problem: AttentionProblem, backend: str = "auto"):

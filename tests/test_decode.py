@@ -393,6 +393,45 @@ def test_cpu_attention_on_few_query_rows_runs_as_a_decoding_step(shape, options,
     assert torch.equal(out, single[0]) and torch.equal(lse, single[1])
 
 
+@pytest.mark.parametrize("on_gpu", [True, False])
+@pytest.mark.parametrize("seqlen_q", [1, dispatch.MAX_DECODING_ROWS, dispatch.MAX_DECODING_ROWS + 1])
+@pytest.mark.parametrize("needs_grad", [False, True])
+def test_auto_asks_the_cuda_kernels_first_for_a_gpu_decoding_step(on_gpu, seqlen_q, needs_grad):
+    # A decoding step is host-bound: "auto" asks the C++ CUDA kernels before Triton for attention
+    # calls on a GPU with few query rows and no gradient, as for every decode_attention step.
+    # auto_order reads only these facts of the problem (a stand-in here: no GPU on this machine).
+    from types import SimpleNamespace
+
+    problem = SimpleNamespace(q=SimpleNamespace(is_cuda=on_gpu), seqlen_q=seqlen_q, needs_grad=needs_grad)
+    decoding = on_gpu and seqlen_q <= dispatch.MAX_DECODING_ROWS and not needs_grad
+    assert dispatch.auto_order(problem) == (dispatch.DECODE_AUTO_ORDER if decoding else dispatch.AUTO_ORDER)
+
+
+def test_auto_asks_the_cuda_kernels_first_for_every_decode_attention_step():
+    case = DecodeCase((5, 9), page_size=8)
+    inputs = case.make_inputs()
+    problem = fast_attn.validation.build_decode_problem(
+        *(inputs[n] for n in DECODE_TENSORS[:4]), **{n: inputs[n] for n in DECODE_TENSORS[4:]}
+    )
+    assert dispatch.auto_order(problem) == dispatch.DECODE_AUTO_ORDER
+
+
+@pytest.mark.gpu
+def test_gpu_attention_decoding_steps_run_on_the_cuda_kernels():
+    if dispatch.UNAVAILABLE["cuda"] is not None:
+        pytest.skip(f"backend cuda: {dispatch.UNAVAILABLE['cuda']}")
+    q = torch.randn(2, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 300, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    with torch.no_grad():
+        step = fast_attn.validation.build_problem(q, k, v, causal="bottom_right")
+        assert dispatch.select_backend(step).name == "cuda"
+        out = fast_attn.attention(q, k, v, causal="bottom_right")
+    expected, _ = reference_attention(q.double(), k.double(), v.double(), causal="bottom_right")
+    torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)
+    training = fast_attn.validation.build_problem(q.requires_grad_(), k, v, causal="bottom_right")
+    assert dispatch.auto_order(training) == dispatch.AUTO_ORDER
+
+
 def test_decode_attention_compiles_whole_with_the_cache_written_in_place():
     # torch.compile(fullgraph=True) of a decoding step on the CPU kernels: the op's in-place writes
     # reach the caches passed in, and out and lse are eager's.
