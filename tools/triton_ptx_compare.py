@@ -51,7 +51,9 @@ def without_register_names(lines: list[str]) -> list[str]:
 
 def dump(folder: Path) -> None:
     os.environ.pop("TRITON_INTERPRET", None)
-    sys.path.insert(0, str(ROOT / "tests"))
+    # This checkout's kernels, not those of a fast_attn installed elsewhere (an editable install
+    # of another worktree would otherwise be imported, and its code dumped).
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
     import test_triton_compile as cases
     import torch
 

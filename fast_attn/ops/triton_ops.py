@@ -164,6 +164,23 @@ def _packed_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_s
     )
 
 
+def _kernel_problem(
+    q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
+    dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+) -> KernelProblem:  # fmt: skip
+    """The attention ops' inputs as a KernelProblem, checked for what the kernels cannot
+    survive (_check_inputs, _check_packed_sequences), the packed sequences' bounds resolved."""
+    _check_inputs(q, dropout_p, dropout_seed)
+    _check_packed_sequences(
+        q, bias, key_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+    )
+    return KernelProblem(
+        q, k, v, bias, key_mask, alibi_slopes, dropout_seed,
+        scale, causal, window_left, window_right, softcap, dropout_p,
+        *_packed_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+    )  # fmt: skip
+
+
 def _shapes_only(q: torch.Tensor) -> bool:
     """Tracing with fake tensors under the interpreter: wrap_triton cannot capture an
     interpreted kernel (it would run it on tensors without data), so the op returns
@@ -423,31 +440,15 @@ def triton_attention_forward(
     max_seqlen_k: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, Sq, D) stored (B, Sq, Hq, D)-contiguous and lse (B, Hq, Sq) float32."""
-    _check_inputs(q, dropout_p, dropout_seed)
-    _check_packed_sequences(
-        q, bias, key_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
-    )
+    problem = _kernel_problem(
+        q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
+        dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    )  # fmt: skip
     heads_q, head_dim = q.shape[1], q.shape[3]
     out = empty_bshd_like(q)
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     if out.numel() == 0 or _shapes_only(q):
         return out, lse
-    problem = KernelProblem(
-        q,
-        k,
-        v,
-        bias,
-        key_mask,
-        alibi_slopes,
-        dropout_seed,
-        scale,
-        causal,
-        window_left,
-        window_right,
-        softcap,
-        dropout_p,
-        *_packed_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
-    )
     seqlen_q, seqlen_k = problem.seqlens
     if seqlen_k == 0 or problem.is_varlen:
         # Rows that see no key: all of them without keys, and the packed rows that no
@@ -504,10 +505,10 @@ def triton_attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv like q, k, v (stored (B, S, H, D)-contiguous) and dbias in the bias's
     shape and dtype (an empty tensor without compute_dbias). Always deterministic."""
-    _check_inputs(q, dropout_p, dropout_seed)
-    _check_packed_sequences(
-        q, bias, key_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
-    )
+    problem = _kernel_problem(
+        q, k, v, bias, key_mask, alibi_slopes, dropout_seed, scale, causal, window_left, window_right, softcap,
+        dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    )  # fmt: skip
     heads_q, head_dim = q.shape[1], q.shape[3]
     heads_kv = k.shape[1]
     dq, dk, dv = empty_bshd_like(q), empty_bshd_like(k), empty_bshd_like(v)
@@ -525,22 +526,6 @@ def triton_attention_backward(
         if want_dbias:
             dbias = torch.zeros_like(bias, memory_format=torch.contiguous_format)
         return dq, dk, dv, dbias
-    problem = KernelProblem(
-        q,
-        k,
-        v,
-        bias,
-        key_mask,
-        alibi_slopes,
-        dropout_seed,
-        scale,
-        causal,
-        window_left,
-        window_right,
-        softcap,
-        dropout_p,
-        *_packed_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
-    )
     seqlen_q, seqlen_k = problem.seqlens
     if problem.is_varlen:
         # The kernels write only the sequences' rows: the packed rows that no sequence

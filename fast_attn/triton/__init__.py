@@ -9,6 +9,7 @@ backward_dq          dQ: one program per query block, looping over key blocks; a
 backward_dbias       dbias of a broadcast bias: each program owns one tile of the bias
                      and sums the score gradients of every (batch, head) that reads it
 block_ranges         which tiles a program visits, and which of them need masks
+head_slices          where a program's (batch, head) slice of each input starts
 sequences            which problem a program works on: a batch, or one of packed sequences
 scores               q.k products turned into masked, biased scores in the log2 domain
 dropout              the contract's dropout hash, bit-identical to fast_attn/dropout.py
@@ -31,8 +32,8 @@ scalars) and hand their helpers tuples, unpacked where they are read:
     varlen    (cu_seqlens_q pointer, cu_seqlens_k pointer, max_seqlen_q, max_seqlen_k):
               packed sequences (IS_VARLEN), read by sequences.sequence_view
 A head pointer points at one (batch, head) slice, the key mask's row pointer at one
-batch's row. Constexprs stay separate parameters: a value unpacked from a tuple is a
-runtime value, and an `if` on it would not compile out. The scalars and pointers of
+batch's row; head_slices builds them. Constexprs stay separate parameters: a value
+unpacked from a tuple is a runtime value, and an `if` on it would not compile out. The scalars and pointers of
 the score modifiers (first_key_offset, softcap, alibi_slopes_ptr, alibi_batch_stride)
 are None when the variant lacks them: a None argument leaves the compiled signature,
 so a kernel without a modifier compiles exactly as it did before the modifier existed.

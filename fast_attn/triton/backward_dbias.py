@@ -29,14 +29,8 @@ import triton.language as tl
 from .backward_dq import load_query_rows, score_gradient_tile
 from .block_ranges import key_blocks_for_query_block
 from .dropout import dropout_parameters, dropout_row_offsets
+from .head_slices import bias_slice, key_mask_row, key_value_rows, query_grad_out_rows
 from .scores import load_alibi_slope
-
-
-@triton.jit
-def _head_rows(tensor, batch, head):
-    """(pointer to the rows of slice (batch, head), row stride) of `tensor`, given as
-    (pointer, batch stride, head stride, row stride, ...)."""
-    return tensor[0] + batch * tensor[1] + head * tensor[2], tensor[3]
 
 
 @triton.jit
@@ -58,97 +52,45 @@ def _pair_of_slice(
 ):
     """For the pair-th (batch, head) pair that reads bias slice (bias_batch, bias_head): the
     row of (b, h, 0) in (B, Hq, Sq), the pair's q_do, kv, bias and key_mask tuples, and its
-    ALiBi slope (load_alibi_slope). inputs: the kernel's pointers and strides, grouped by
-    input as the kernel packs them."""
+    ALiBi slope (load_alibi_slope). inputs: the kernel's pointers and strides, a tuple per
+    input as head_slices takes them."""
     q, grad_out, k, v, bias, key_mask, alibi = inputs
     batch = (bias_batch + pair // heads_per_slice).to(tl.int64)
     head = (bias_head + pair % heads_per_slice).to(tl.int64)
     kv_head = head // kv_group_size
     head_row = (batch * heads_q + head) * seqlen_q
-    q_head_ptr, q_row_stride = _head_rows(q, batch, head)
-    grad_out_head_ptr, grad_out_row_stride = _head_rows(grad_out, batch, head)
-    k_head_ptr, k_row_stride = _head_rows(k, batch, kv_head)
-    v_head_ptr, v_row_stride = _head_rows(v, batch, kv_head)
-    bias_head_ptr, bias_row_stride = _head_rows(bias, batch, head)
-    bias_col_stride = bias[4]
-    key_mask_ptr, key_mask_batch_stride, key_mask_col_stride = key_mask
-    key_mask_row_ptr = key_mask_ptr
-    if HAS_KEY_MASK:
-        key_mask_row_ptr = key_mask_ptr + batch * key_mask_batch_stride
     alibi_slopes_ptr, alibi_batch_stride = alibi
     return (
         head_row,
-        (q_head_ptr, grad_out_head_ptr, q_row_stride, grad_out_row_stride),
-        (k_head_ptr, v_head_ptr, k_row_stride, v_row_stride),
-        (bias_head_ptr, bias_row_stride, bias_col_stride),
-        (key_mask_row_ptr, key_mask_col_stride),
+        query_grad_out_rows(q, grad_out, batch, head, 0),
+        key_value_rows(k, v, batch, kv_head, 0),
+        bias_slice(bias, batch, head, True),
+        key_mask_row(key_mask, batch, HAS_KEY_MASK),
         load_alibi_slope(alibi_slopes_ptr, alibi_batch_stride, batch, head, HAS_ALIBI),
     )
 
 
 @triton.jit
 def attention_backward_dbias_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    bias_ptr,
-    key_mask_ptr,
-    dropout_seed_ptr,
-    grad_out_ptr,
-    lse_ptr,
-    delta_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, key_mask_ptr, dropout_seed_ptr, grad_out_ptr, lse_ptr, delta_ptr,
     dbias_partials_ptr,
-    q_batch_stride,
-    q_head_stride,
-    q_row_stride,
-    k_batch_stride,
-    k_head_stride,
-    k_row_stride,
-    v_batch_stride,
-    v_head_stride,
-    v_row_stride,
-    bias_batch_stride,
-    bias_head_stride,
-    bias_row_stride,
-    bias_col_stride,
-    key_mask_batch_stride,
-    key_mask_col_stride,
-    grad_out_batch_stride,
-    grad_out_head_stride,
-    grad_out_row_stride,
-    partials_split_stride,
-    partials_batch_stride,
-    partials_head_stride,
-    partials_row_stride,
-    heads_q,
-    seqlen_q,
-    seqlen_k,
-    kv_group_size,
+    q_batch_stride, q_head_stride, q_row_stride,
+    k_batch_stride, k_head_stride, k_row_stride,
+    v_batch_stride, v_head_stride, v_row_stride,
+    bias_batch_stride, bias_head_stride, bias_row_stride, bias_col_stride,
+    key_mask_batch_stride, key_mask_col_stride,
+    grad_out_batch_stride, grad_out_head_stride, grad_out_row_stride,
+    partials_split_stride, partials_batch_stride, partials_head_stride, partials_row_stride,
+    heads_q, seqlen_q, seqlen_k, kv_group_size,
     scale_log2,
-    first_key_offset,
-    last_key_offset,
-    dropout_keep_threshold,
-    dropout_keep_scale,
-    softcap,
-    alibi_slopes_ptr,
-    alibi_batch_stride,
-    heads_per_slice,
-    pairs_per_slice,
-    pairs_per_split,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    LEFT_BOUNDED: tl.constexpr,
-    RIGHT_BOUNDED: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    ROWS_FULL: tl.constexpr,
-    COLS_FULL: tl.constexpr,
-    UPCAST_OPERANDS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    first_key_offset, last_key_offset,
+    dropout_keep_threshold, dropout_keep_scale,
+    softcap, alibi_slopes_ptr, alibi_batch_stride,
+    heads_per_slice, pairs_per_slice, pairs_per_split,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LEFT_BOUNDED: tl.constexpr, RIGHT_BOUNDED: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    ROWS_FULL: tl.constexpr, COLS_FULL: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (row tiles * key tiles * num_splits, Hb, Bb); row tiles: cdiv(Sq, BLOCK_M)
     with ROWS_FULL, else 1; key tiles: cdiv(Sk, BLOCK_N) with COLS_FULL, else 1.

@@ -20,6 +20,7 @@ import triton.language as tl
 from .block_ranges import phase_range, query_blocks_for_key_block
 from .dropout import dropout_keep, dropout_parameters, dropout_row_offsets
 from .grid import program_coordinates
+from .head_slices import bias_slice, key_mask_row, key_value_rows, query_grad_out_rows
 from .scores import (
     load_alibi_slope,
     load_key_allowed,
@@ -94,74 +95,27 @@ def _accumulate_query_blocks(
 
 @triton.jit
 def attention_backward_dkdv_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    bias_ptr,
-    key_mask_ptr,
-    dropout_seed_ptr,
-    grad_out_ptr,
-    lse_ptr,
-    delta_ptr,
-    dk_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, key_mask_ptr, dropout_seed_ptr, grad_out_ptr, lse_ptr, delta_ptr, dk_ptr,
     dv_ptr,
-    q_batch_stride,
-    q_head_stride,
-    q_row_stride,
-    k_batch_stride,
-    k_head_stride,
-    k_row_stride,
-    v_batch_stride,
-    v_head_stride,
-    v_row_stride,
-    bias_batch_stride,
-    bias_head_stride,
-    bias_row_stride,
-    bias_col_stride,
-    key_mask_batch_stride,
-    key_mask_col_stride,
-    grad_out_batch_stride,
-    grad_out_head_stride,
-    grad_out_row_stride,
-    dk_batch_stride,
-    dk_head_stride,
-    dk_row_stride,
-    dv_batch_stride,
-    dv_head_stride,
-    dv_row_stride,
-    heads_q,
-    seqlen_q,
-    seqlen_k,
-    kv_group_size,
-    scale,
-    scale_log2,
-    first_key_offset,
-    last_key_offset,
-    dropout_keep_threshold,
-    dropout_keep_scale,
-    softcap,
-    alibi_slopes_ptr,
-    alibi_batch_stride,
-    cu_seqlens_q_ptr,
-    cu_seqlens_k_ptr,
-    max_seqlen_q,
-    max_seqlen_k,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    LEFT_BOUNDED: tl.constexpr,
-    RIGHT_BOUNDED: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    BAND_PER_SEQUENCE: tl.constexpr,
-    BATCH_FASTEST: tl.constexpr,
-    UPCAST_OPERANDS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    q_batch_stride, q_head_stride, q_row_stride,
+    k_batch_stride, k_head_stride, k_row_stride,
+    v_batch_stride, v_head_stride, v_row_stride,
+    bias_batch_stride, bias_head_stride, bias_row_stride, bias_col_stride,
+    key_mask_batch_stride, key_mask_col_stride,
+    grad_out_batch_stride, grad_out_head_stride, grad_out_row_stride,
+    dk_batch_stride, dk_head_stride, dk_row_stride,
+    dv_batch_stride, dv_head_stride, dv_row_stride,
+    heads_q, seqlen_q, seqlen_k, kv_group_size,
+    scale, scale_log2,
+    first_key_offset, last_key_offset,
+    dropout_keep_threshold, dropout_keep_scale,
+    softcap, alibi_slopes_ptr, alibi_batch_stride,
+    cu_seqlens_q_ptr, cu_seqlens_k_ptr, max_seqlen_q, max_seqlen_k,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LEFT_BOUNDED: tl.constexpr, RIGHT_BOUNDED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, IS_VARLEN: tl.constexpr, BAND_PER_SEQUENCE: tl.constexpr,
+    BATCH_FASTEST: tl.constexpr, UPCAST_OPERANDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(Sk, BLOCK_N), Hkv, B), or (B, cdiv(Sk, BLOCK_N), Hkv) with BATCH_FASTEST
     (grid.py); with IS_VARLEN (cdiv(max_seqlen_k, BLOCK_N), Hkv, N). dk, dv (B, Hkv, Sk, D)
@@ -181,18 +135,19 @@ def attention_backward_dkdv_kernel(
             return  # a block past its sequence's end (the grid is sized by the longest)
 
     key_index = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-    k_head_ptr = (
-        k_ptr + batch * k_batch_stride + kv_head.to(tl.int64) * k_head_stride + k_begin * k_row_stride
-    )
-    v_head_ptr = (
-        v_ptr + batch * v_batch_stride + kv_head.to(tl.int64) * v_head_stride + k_begin * v_row_stride
+    k_head_ptr, v_head_ptr, _, _ = key_value_rows(
+        (k_ptr, k_batch_stride, k_head_stride, k_row_stride),
+        (v_ptr, v_batch_stride, v_head_stride, v_row_stride),
+        batch, kv_head, k_begin,
     )
     k = load_rows(
         k_head_ptr, key_index, k_row_stride, sequence_k, HEAD_DIM, BLOCK_D, True
     )  # (BLOCK_N, BLOCK_D)
     v = load_rows(v_head_ptr, key_index, v_row_stride, sequence_k, HEAD_DIM, BLOCK_D, True)
     if HAS_KEY_MASK:
-        key_mask = (key_mask_ptr + batch * key_mask_batch_stride, key_mask_col_stride)
+        key_mask = key_mask_row(
+            (key_mask_ptr, key_mask_batch_stride, key_mask_col_stride), batch, HAS_KEY_MASK
+        )
         key_allowed = load_key_allowed(key_mask, key_index, seqlen_k)[:, None]
     else:
         key_allowed = False
@@ -205,17 +160,16 @@ def attention_backward_dkdv_kernel(
     )
     for group_index in range(kv_group_size):
         head = (kv_head * kv_group_size + group_index).to(tl.int64)
-        q_head_ptr = q_ptr + batch * q_batch_stride + head * q_head_stride + q_begin * q_row_stride
-        grad_out_head_ptr = (
-            grad_out_ptr + batch * grad_out_batch_stride + head * grad_out_head_stride
-        + q_begin * grad_out_row_stride
+        q_do = query_grad_out_rows(
+            (q_ptr, q_batch_stride, q_head_stride, q_row_stride),
+            (grad_out_ptr, grad_out_batch_stride, grad_out_head_stride, grad_out_row_stride),
+            batch, head, q_begin,
         )
-        q_do = (q_head_ptr, grad_out_head_ptr, q_row_stride, grad_out_row_stride)
         head_row = (batch * heads_q + head) * seqlen_q + q_begin  # row of (b, h, query 0) in lse
-        bias_head_ptr = bias_ptr
-        if HAS_BIAS:
-            bias_head_ptr = bias_ptr + batch * bias_batch_stride + head * bias_head_stride
-        bias = (bias_head_ptr, bias_row_stride, bias_col_stride)
+        bias = bias_slice(
+            (bias_ptr, bias_batch_stride, bias_head_stride, bias_row_stride, bias_col_stride),
+            batch, head, HAS_BIAS,
+        )
         modifiers = (softcap, load_alibi_slope(alibi_slopes_ptr, alibi_batch_stride, sequence, head, HAS_ALIBI))
         for phase in tl.static_range(3):
             # The query rows of phase_range's three parts.
@@ -230,11 +184,10 @@ def attention_backward_dkdv_kernel(
     dk *= scale  # s = capped(scale * q.k) + bias
     if HAS_DROPOUT:
         dv *= dropout_keep_scale
-    dk_head_ptr = (
-        dk_ptr + batch * dk_batch_stride + kv_head.to(tl.int64) * dk_head_stride + k_begin * dk_row_stride
-    )
-    dv_head_ptr = (
-        dv_ptr + batch * dv_batch_stride + kv_head.to(tl.int64) * dv_head_stride + k_begin * dv_row_stride
+    dk_head_ptr, dv_head_ptr, _, _ = key_value_rows(
+        (dk_ptr, dk_batch_stride, dk_head_stride, dk_row_stride),
+        (dv_ptr, dv_batch_stride, dv_head_stride, dv_row_stride),
+        batch, kv_head, k_begin,
     )
     store_rows(dk_head_ptr, key_index, dk_row_stride, sequence_k, dk, HEAD_DIM, BLOCK_D)
     store_rows(dv_head_ptr, key_index, dv_row_stride, sequence_k, dv, HEAD_DIM, BLOCK_D)

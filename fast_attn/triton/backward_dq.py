@@ -18,6 +18,7 @@ import triton.language as tl
 from .block_ranges import key_blocks_for_query_block, phase_range
 from .dropout import dropout_keep, dropout_parameters, dropout_row_offsets
 from .grid import program_coordinates
+from .head_slices import bias_slice, head_rows, key_mask_row, key_value_rows, query_grad_out_rows
 from .scores import key_block_scores, load_alibi_slope, load_rows, lse_to_log2, mma, qk_gradient, store_rows
 from .sequences import sequence_view
 
@@ -107,72 +108,26 @@ def _accumulate_key_blocks(
 
 @triton.jit
 def attention_backward_dq_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    bias_ptr,
-    key_mask_ptr,
-    dropout_seed_ptr,
-    grad_out_ptr,
-    lse_ptr,
-    delta_ptr,
-    dq_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, key_mask_ptr, dropout_seed_ptr, grad_out_ptr, lse_ptr, delta_ptr, dq_ptr,
     dbias_ptr,
-    q_batch_stride,
-    q_head_stride,
-    q_row_stride,
-    k_batch_stride,
-    k_head_stride,
-    k_row_stride,
-    v_batch_stride,
-    v_head_stride,
-    v_row_stride,
-    bias_batch_stride,
-    bias_head_stride,
-    bias_row_stride,
-    bias_col_stride,
-    key_mask_batch_stride,
-    key_mask_col_stride,
-    grad_out_batch_stride,
-    grad_out_head_stride,
-    grad_out_row_stride,
-    dq_batch_stride,
-    dq_head_stride,
-    dq_row_stride,
-    heads_q,
-    seqlen_q,
-    seqlen_k,
-    kv_group_size,
-    scale,
-    scale_log2,
-    first_key_offset,
-    last_key_offset,
-    dropout_keep_threshold,
-    dropout_keep_scale,
-    softcap,
-    alibi_slopes_ptr,
-    alibi_batch_stride,
-    cu_seqlens_q_ptr,
-    cu_seqlens_k_ptr,
-    max_seqlen_q,
-    max_seqlen_k,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    LEFT_BOUNDED: tl.constexpr,
-    RIGHT_BOUNDED: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    BAND_PER_SEQUENCE: tl.constexpr,
-    STORE_DBIAS: tl.constexpr,
-    BATCH_FASTEST: tl.constexpr,
-    UPCAST_OPERANDS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    q_batch_stride, q_head_stride, q_row_stride,
+    k_batch_stride, k_head_stride, k_row_stride,
+    v_batch_stride, v_head_stride, v_row_stride,
+    bias_batch_stride, bias_head_stride, bias_row_stride, bias_col_stride,
+    key_mask_batch_stride, key_mask_col_stride,
+    grad_out_batch_stride, grad_out_head_stride, grad_out_row_stride,
+    dq_batch_stride, dq_head_stride, dq_row_stride,
+    heads_q, seqlen_q, seqlen_k, kv_group_size,
+    scale, scale_log2,
+    first_key_offset, last_key_offset,
+    dropout_keep_threshold, dropout_keep_scale,
+    softcap, alibi_slopes_ptr, alibi_batch_stride,
+    cu_seqlens_q_ptr, cu_seqlens_k_ptr, max_seqlen_q, max_seqlen_k,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LEFT_BOUNDED: tl.constexpr, RIGHT_BOUNDED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, IS_VARLEN: tl.constexpr, BAND_PER_SEQUENCE: tl.constexpr,
+    STORE_DBIAS: tl.constexpr, BATCH_FASTEST: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(Sq, BLOCK_M), Hq, B), or (B, cdiv(Sq, BLOCK_M), Hq) with BATCH_FASTEST
     (grid.py); with IS_VARLEN (cdiv(max_seqlen_q, BLOCK_M), Hq, N). dq (B, Hq, Sq, D)
@@ -198,23 +153,21 @@ def attention_backward_dq_kernel(
 
     query_index = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     head_row = (batch * heads_q + head) * seqlen_q + q_begin  # row of (b, h, query 0) in lse
-    q_head_ptr = q_ptr + batch * q_batch_stride + head * q_head_stride + q_begin * q_row_stride
-    grad_out_head_ptr = (
-        grad_out_ptr + batch * grad_out_batch_stride + head * grad_out_head_stride
-        + q_begin * grad_out_row_stride
+    q_do = query_grad_out_rows(
+        (q_ptr, q_batch_stride, q_head_stride, q_row_stride),
+        (grad_out_ptr, grad_out_batch_stride, grad_out_head_stride, grad_out_row_stride),
+        batch, head, q_begin,
     )
-    q_do = (q_head_ptr, grad_out_head_ptr, q_row_stride, grad_out_row_stride)
-    k_head_ptr = k_ptr + batch * k_batch_stride + kv_head * k_head_stride + k_begin * k_row_stride
-    v_head_ptr = v_ptr + batch * v_batch_stride + kv_head * v_head_stride + k_begin * v_row_stride
-    kv = (k_head_ptr, v_head_ptr, k_row_stride, v_row_stride)
-    bias_head_ptr = bias_ptr
-    if HAS_BIAS:
-        bias_head_ptr = bias_ptr + batch * bias_batch_stride + head * bias_head_stride
-    bias = (bias_head_ptr, bias_row_stride, bias_col_stride)
-    key_mask_row_ptr = key_mask_ptr
-    if HAS_KEY_MASK:
-        key_mask_row_ptr = key_mask_ptr + batch * key_mask_batch_stride
-    key_mask = (key_mask_row_ptr, key_mask_col_stride)
+    kv = key_value_rows(
+        (k_ptr, k_batch_stride, k_head_stride, k_row_stride),
+        (v_ptr, v_batch_stride, v_head_stride, v_row_stride),
+        batch, kv_head, k_begin,
+    )
+    bias = bias_slice(
+        (bias_ptr, bias_batch_stride, bias_head_stride, bias_row_stride, bias_col_stride),
+        batch, head, HAS_BIAS,
+    )
+    key_mask = key_mask_row((key_mask_ptr, key_mask_batch_stride, key_mask_col_stride), batch, HAS_KEY_MASK)
     dbias_head_ptr = dbias_ptr
     if STORE_DBIAS:
         dbias_head_ptr = dbias_ptr + head_row * seqlen_k
@@ -244,5 +197,7 @@ def attention_backward_dq_kernel(
             )
 
     dq *= scale  # s = capped(scale * q.k) + bias
-    dq_head_ptr = dq_ptr + batch * dq_batch_stride + head * dq_head_stride + q_begin * dq_row_stride
+    dq_head_ptr, _ = head_rows(
+        (dq_ptr, dq_batch_stride, dq_head_stride, dq_row_stride), batch, head, q_begin
+    )
     store_rows(dq_head_ptr, query_index, dq_row_stride, sequence_q, dq, HEAD_DIM, BLOCK_D)

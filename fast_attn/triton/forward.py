@@ -19,6 +19,7 @@ import triton.language as tl
 from .block_ranges import key_blocks_for_query_block, phase_range
 from .dropout import dropout_keep, dropout_parameters, dropout_row_offsets
 from .grid import program_coordinates
+from .head_slices import bias_slice, head_rows, key_mask_row, key_value_rows
 from .scores import LN2, key_block_scores, load_alibi_slope, load_rows, mma, store_rows
 from .sequences import sequence_view
 
@@ -80,64 +81,24 @@ def _accumulate_key_blocks(
 
 @triton.jit
 def attention_forward_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    bias_ptr,
-    key_mask_ptr,
-    dropout_seed_ptr,
-    out_ptr,
-    lse_ptr,
-    q_batch_stride,
-    q_head_stride,
-    q_row_stride,
-    k_batch_stride,
-    k_head_stride,
-    k_row_stride,
-    v_batch_stride,
-    v_head_stride,
-    v_row_stride,
-    bias_batch_stride,
-    bias_head_stride,
-    bias_row_stride,
-    bias_col_stride,
-    key_mask_batch_stride,
-    key_mask_col_stride,
-    out_batch_stride,
-    out_head_stride,
-    out_row_stride,
-    heads_q,
-    seqlen_q,
-    seqlen_k,
-    kv_group_size,
+    q_ptr, k_ptr, v_ptr, bias_ptr, key_mask_ptr, dropout_seed_ptr, out_ptr, lse_ptr,
+    q_batch_stride, q_head_stride, q_row_stride,
+    k_batch_stride, k_head_stride, k_row_stride,
+    v_batch_stride, v_head_stride, v_row_stride,
+    bias_batch_stride, bias_head_stride, bias_row_stride, bias_col_stride,
+    key_mask_batch_stride, key_mask_col_stride,
+    out_batch_stride, out_head_stride, out_row_stride,
+    heads_q, seqlen_q, seqlen_k, kv_group_size,
     scale_log2,
-    first_key_offset,
-    last_key_offset,
-    dropout_keep_threshold,
-    dropout_keep_scale,
-    softcap,
-    alibi_slopes_ptr,
-    alibi_batch_stride,
-    cu_seqlens_q_ptr,
-    cu_seqlens_k_ptr,
-    max_seqlen_q,
-    max_seqlen_k,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    LEFT_BOUNDED: tl.constexpr,
-    RIGHT_BOUNDED: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    BAND_PER_SEQUENCE: tl.constexpr,
-    BATCH_FASTEST: tl.constexpr,
-    UPCAST_OPERANDS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    first_key_offset, last_key_offset,
+    dropout_keep_threshold, dropout_keep_scale,
+    softcap, alibi_slopes_ptr, alibi_batch_stride,
+    cu_seqlens_q_ptr, cu_seqlens_k_ptr, max_seqlen_q, max_seqlen_k,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, LEFT_BOUNDED: tl.constexpr, RIGHT_BOUNDED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, IS_VARLEN: tl.constexpr, BAND_PER_SEQUENCE: tl.constexpr,
+    BATCH_FASTEST: tl.constexpr, UPCAST_OPERANDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(Sq, BLOCK_M), Hq, B), or (B, cdiv(Sq, BLOCK_M), Hq) with BATCH_FASTEST
     (grid.py); with IS_VARLEN (cdiv(max_seqlen_q, BLOCK_M), Hq, N). out (B, Hq, Sq, D)
@@ -162,22 +123,17 @@ def attention_forward_kernel(
             return  # a block past its sequence's end (the grid is sized by the longest)
 
     query_index = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-    q_head_ptr = q_ptr + batch64 * q_batch_stride + head.to(tl.int64) * q_head_stride + q_begin * q_row_stride
-    k_head_ptr = (
-        k_ptr + batch64 * k_batch_stride + kv_head.to(tl.int64) * k_head_stride + k_begin * k_row_stride
+    q_head_ptr, _ = head_rows((q_ptr, q_batch_stride, q_head_stride, q_row_stride), batch64, head, q_begin)
+    kv = key_value_rows(
+        (k_ptr, k_batch_stride, k_head_stride, k_row_stride),
+        (v_ptr, v_batch_stride, v_head_stride, v_row_stride),
+        batch64, kv_head, k_begin,
     )
-    v_head_ptr = (
-        v_ptr + batch64 * v_batch_stride + kv_head.to(tl.int64) * v_head_stride + k_begin * v_row_stride
+    bias = bias_slice(
+        (bias_ptr, bias_batch_stride, bias_head_stride, bias_row_stride, bias_col_stride),
+        batch64, head, HAS_BIAS,
     )
-    kv = (k_head_ptr, v_head_ptr, k_row_stride, v_row_stride)
-    bias_head_ptr = bias_ptr
-    if HAS_BIAS:
-        bias_head_ptr = bias_ptr + batch64 * bias_batch_stride + head.to(tl.int64) * bias_head_stride
-    bias = (bias_head_ptr, bias_row_stride, bias_col_stride)
-    key_mask_row_ptr = key_mask_ptr
-    if HAS_KEY_MASK:
-        key_mask_row_ptr = key_mask_ptr + batch64 * key_mask_batch_stride
-    key_mask = (key_mask_row_ptr, key_mask_col_stride)
+    key_mask = key_mask_row((key_mask_ptr, key_mask_batch_stride, key_mask_col_stride), batch64, HAS_KEY_MASK)
     dropout = dropout_parameters(dropout_seed_ptr, dropout_keep_threshold, dropout_keep_scale, HAS_DROPOUT)
     dropout_rows = (0, 0)
     if HAS_DROPOUT:
@@ -208,8 +164,8 @@ def attention_forward_kernel(
 
     out, lse = finish_online_softmax(acc, m_i, l_i, dropout_keep_scale)
 
-    out_head_ptr = (
-        out_ptr + batch64 * out_batch_stride + head.to(tl.int64) * out_head_stride + q_begin * out_row_stride
+    out_head_ptr, _ = head_rows(
+        (out_ptr, out_batch_stride, out_head_stride, out_row_stride), batch64, head, q_begin
     )
     store_rows(out_head_ptr, query_index, out_row_stride, sequence_q, out, HEAD_DIM, BLOCK_D)
     lse_row_ptr = lse_ptr + (batch64 * heads_q + head) * seqlen_q + q_begin
