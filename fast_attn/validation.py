@@ -477,7 +477,7 @@ def _check_int32_vector(name: str, value: object, batch: int, device: torch.devi
     t = _check_tensor(name, value)
     if t.dtype != torch.int32:
         raise TypeError(f"{name} must be an int32 tensor, got {t.dtype}")
-    if _shape(t) != (batch,):
+    if t.shape != (batch,):
         raise ValueError(f"{name} must have shape (B,) = ({batch},), got {_shape(t)}")
     if t.device != device:
         raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
@@ -600,11 +600,15 @@ def build_decode_problem(
     block_table: object = None,
     cache_batch_idx: object = None,
     causal: object = False,
+    window_size: object = None,
+    softcap: object = None,
+    alibi_slopes: object = None,
+    sinks: object = None,
+    scale: object = None,
     num_splits: object = 0,
-    **score_options: object,
 ) -> DecodeProblem:
-    """Validate every argument of fast_attn.decode_attention; raise naming the bad one. score_options:
-    window_size, softcap, alibi_slopes, sinks and scale, as build_problem's."""
+    """Validate every argument of fast_attn.decode_attention; raise naming the bad one. window_size,
+    softcap, alibi_slopes, sinks and scale as build_problem's."""
     q = _check_tensor("q", q)
     k_cache = _check_tensor("k_cache", k_cache)
     v_cache = _check_tensor("v_cache", v_cache)
@@ -665,9 +669,9 @@ def build_decode_problem(
         )
     # The modifiers are named for q (B, Hq, Sq, D); the transposed view costs an op call, so it is
     # made only for those that read q's heads (its head dim is the last either way).
-    reads_heads = score_options.get("alibi_slopes") is not None or score_options.get("sinks") is not None
+    reads_heads = alibi_slopes is not None or sinks is not None
     window, softcap, slopes, sinks, scale = _score_modifiers(
-        q.transpose(1, 2) if reads_heads else q, **score_options
+        q.transpose(1, 2) if reads_heads else q, window_size, softcap, alibi_slopes, sinks, scale
     )
     # Positional, in the order of DecodeProblem's fields (as build_problem's).
     problem = DecodeProblem(
