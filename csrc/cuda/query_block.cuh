@@ -103,6 +103,31 @@ struct QueryBlock {
                                                  params.v_row_stride, seqlen_k - n0, head_dim,
                                                  static_cast<const Element*>(params.v));
   }
+
+  // Key tile n_block of K (load_k_tile) or V (load_v_tile) alone into `tile`. kFull: a tile
+  // whose keys all lie below seqlen_k, every tile but the block's last (end_tile - 1), copied
+  // without a bound per row (load_full_tile_async).
+  template <bool kFull>
+  FA_DEVICE void load_k_tile(Element* tile, int n_block) const {
+    load_key_rows<kFull>(tile, k, params.k_row_stride, params.k, n_block);
+  }
+  template <bool kFull>
+  FA_DEVICE void load_v_tile(Element* tile, int n_block) const {
+    load_key_rows<kFull>(tile, v, params.v_row_stride, params.v, n_block);
+  }
+
+ private:
+  template <bool kFull>
+  FA_DEVICE void load_key_rows(Element* tile, const Element* rows, int64_t row_stride, const void* data,
+                               int n_block) const {
+    const int n0 = n_block * kBlockN;
+    if constexpr (kFull) {
+      load_full_tile_async<kBlockN, kHeadDim, kThreads>(tile, rows + n0 * row_stride, row_stride, head_dim);
+    } else {
+      load_tile_async<kBlockN, kHeadDim, kThreads>(tile, rows + n0 * row_stride, row_stride, seqlen_k - n0, head_dim,
+                                                   static_cast<const Element*>(data));
+    }
+  }
 };
 
 // Launches kernel, or varlen_kernel for packed sequences, on the grid QueryBlock reads:
