@@ -13,8 +13,9 @@ namespace fast_attn::cuda {
 // Grid: x the query block, reversed so that the causal blocks with the most key
 // tiles start first; y the query head; z the batch or (kVarlen) the packed
 // sequence, whose query blocks beyond its length have nothing to do (past_end).
-// Traits: kBlockM, kBlockN, kHeadDim, kThreads; its K/V tiles are double-buffered,
-// stage s of K at k_smem + s * KvTile::kElements (likewise V).
+// Traits: kBlockM, kBlockN, kHeadDim, kThreads. load_kv_tile copies into double-buffered
+// K/V tiles, stage s of K at k_smem + s * KvTile::kElements (likewise V); load_k_tile and
+// load_v_tile into the tile they are given.
 template <typename Traits, bool kModifiers, bool kVarlen>
 struct QueryBlock {
   using Element = typename Traits::Element;
