@@ -67,11 +67,11 @@ FORWARD_CANDIDATES = {
         (128, 64, 4, 2, False, 2),
     ],
     128: [
-        (128, 32, 4, 2, False, 2),
+        (128, 48, 4, 2, False, 2),
         (128, 64, 8, 1, True, 1),
         (64, 64, 4, 2, True, 1),
         (128, 32, 8, 1, True, 1),
-        (64, 32, 4, 2, True, 1),
+        (128, 32, 4, 2, False, 2),
     ],
 }
 # DkdvTileConfig: (block_n, block_m, chunk_m, warps, split_head_dim, min_blocks_per_sm, kv_in_registers),

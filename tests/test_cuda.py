@@ -369,7 +369,7 @@ def test_kernels(runner: Runner, case: Case):
 
 # The forward and dK/dV kernels' paths (KernelPath, csrc/cuda/kernel_api.h): the one the host
 # picks for each kind of problem, each on awkward shapes. The kFast and kCausal forward tiles are
-# 128 x 64 at D 64 and 128 x 32 at D 128 (4 warps x 32 query rows, two m16 tiles each), the
+# 128 x 64 at D 64 and 128 x 48 at D 128 (4 warps x 32 query rows, two m16 tiles each), the
 # dK/dV kernel's key blocks 128 and 64: several key tiles with a partial last one, Sq != Sk, both
 # causal alignments with diagonal tiles (masked) and tiles below the diagonal (unmasked), rows
 # that see no key; the general path for a scale <= 0. The warps' two m16 tiles: Sq 100 leaves the
@@ -391,6 +391,11 @@ PATH_CASES = [
     (CudaCase(1, 2, 2, 100, 116, 64, causal="bottom_right"), "causal"),
     (CudaCase(1, 2, 2, 120, 136, 128, causal="bottom_right", grad_lse=True), "causal"),
     (CudaCase(1, 2, 2, 100, 100, 128, causal=True), "causal"),
+    # D 128's single-buffered key tiles of 48: Sk a multiple of 48 (no masked tile), one key tile
+    # (no copy in the loop), D 120 in the D 128 kernel (zero-filled columns in every copy).
+    (CudaCase(1, 2, 2, 130, 144, 128), "fast"),
+    (CudaCase(1, 2, 1, 70, 40, 128, causal="bottom_right"), "causal"),
+    (CudaCase(1, 2, 2, 150, 200, 120, causal=True), "causal"),
     # The kFast and kCausal dK/dV kernels' chunks of 32 queries (dkdv_specialized_tile_config):
     # query blocks ending inside a chunk (Sq 45, 77, 100, 161), the band's edge crossing chunks
     # at an offset that is no multiple of 16 (81), GQA and MQA, deterministic, D 32, 96 and 128.

@@ -477,7 +477,10 @@ def sass_section(results: list[CompileResult], archs: list[Arch]) -> list[str]:
             "time what they need); two in the fast and causal kernels, the loop of the masked tiles (or "
             "steps) and the unmasked loop, told apart by their size (the unmasked one is the smaller, marked "
             "*unmasked*), except the dK/dV kernel's at D 128, one loop serving both "
-            "(`kTwoLoops`, backward_dkdv_kernel.cuh). FP32 = " + " + ".join(SASS_FP32) + "; counts per warp."
+            "(`kTwoLoops`, backward_dkdv_kernel.cuh), and the fast forward kernel's, whose one masked tile "
+            "at most runs outside the loop: its one loop is the unmasked one. FP32 = "
+            + " + ".join(SASS_FP32)
+            + "; counts per warp."
         ),
         "",
     ]

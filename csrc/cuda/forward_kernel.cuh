@@ -9,16 +9,22 @@
 //   S -> log2 units     scale, softcap, bias, ALiBi, band / key / bound masks (masked tiles;
 //                       kFast, kCausal: the key bound and band's right edge, one compare per score);
 //                       scale only (the others)
-//   online softmax      row max over the quad (2 shuffles), rescale O and the row sums
-//   O += P V            P converted from C to A fragments in registers
-// K and V tiles are double-buffered with cp.async: the copy of tile i + 1 is
-// issued right after the barrier that opens tile i, so it overlaps all of tile
-// i's math, and one barrier per tile guards both stages.
+//   online softmax      row max over the quad (2 shuffles), rescale O and the row sums,
+//                       P packed into the A fragments of P V as soon as it is computed
+//   O += P V            P from registers
+// K and V tiles are copied with cp.async (ForwardTraits::kKvStages), double-buffered where
+// the shared memory allows: the copy of tile i + 1 is issued right after the barrier that
+// opens tile i, so it overlaps all of tile i's math, and one barrier per tile guards both
+// stages. Single-buffered (FlashAttention-2's pipeline, where two stages would cost the
+// second CTA per SM): the barrier that opens tile i issues V of tile i, which lands during
+// S and the softmax; a second barrier, once V has landed and every warp is done with K,
+// issues K of tile i + 1, which lands during O += P V. Every key tile but the block's
+// first (its last, end_tile - 1) lies below Sk, so only the first copies bound rows.
 //
 // kPath (kernel_api.h): the kGeneral and kModifiers kernels decide per tile at run time
 // which elementwise code it needs; the kFast and kCausal kernels run the masked tiles
-// (the first ones) in one loop and the rest in a second loop whose body has no mask,
-// bias or dropout code at all.
+// (the first ones) in one loop (kFast: at most one tile, run without a loop) and the rest
+// in a second loop whose body has no mask, bias or dropout code at all.
 #pragma once
 
 #include <type_traits>
@@ -44,10 +50,16 @@ struct ForwardTraits : MmaKernelTraits<Element_, kHeadDim_, forward_path_tile_co
   static constexpr int kWarpRows = 16 * kMTiles;
   static_assert(Base::kBlockM == kWarpRows * Base::kWarps, "each warp owns 16 x warp_m_tiles query rows");
 
-  // Q, then K stages 0 and 1, then V stages 0 and 1.
+  // K/V stages: two where the shared memory of kMinBlocksPerSm CTAs allows them on sm_80 (164 KiB
+  // per SM, 1 KiB of it reserved per CTA), else one (the pipelines: the comment at the top).
+  static constexpr size_t kQBytes = Base::QTile::kElements * sizeof(Element_);
+  static constexpr size_t kKvStageBytes = 2 * Base::KvTile::kElements * sizeof(Element_);
+  static constexpr int kKvStages = (kQBytes + 2 * kKvStageBytes + 1024) * kMinBlocksPerSm <= 167936 ? 2 : 1;
+
+  // Q, then the K stages, then the V stages.
   static constexpr int kKOffset = Base::QTile::kElements;
-  static constexpr int kVOffset = kKOffset + 2 * Base::KvTile::kElements;
-  static constexpr size_t kSmemBytes = (kVOffset + 2 * Base::KvTile::kElements) * sizeof(Element_);
+  static constexpr int kVOffset = kKOffset + kKvStages * Base::KvTile::kElements;
+  static constexpr size_t kSmemBytes = (kVOffset + kKvStages * Base::KvTile::kElements) * sizeof(Element_);
 };
 
 // tile_max[r] = the max of row r (0: the C fragment's row group, 1: group + 8) of an m16 tile's
@@ -119,7 +131,9 @@ void attention_forward_kernel(const AttentionForwardParams params) {
 
   if (num_tiles > 0) {
     block.load_query_tile(q_smem, block.q, params.q_row_stride, params.q);
-    block.load_kv_tile(k_smem, v_smem, end_tile - 1, 0);
+    // The block's last key tile, the only one that may hold keys past seqlen_k: K and V into stage 0.
+    block.template load_k_tile<false>(k_smem, end_tile - 1);
+    block.template load_v_tile<false>(v_smem, end_tile - 1);
     cp_async_commit();
   }
 
@@ -131,15 +145,24 @@ void attention_forward_kernel(const AttentionForwardParams params) {
   const auto key_tile = [&](int it, auto masked) {
     constexpr bool kMasked = decltype(masked)::value;
     const int n_block = end_tile - 1 - it;
-    const int stage = it & 1;
-    cp_async_wait<0>();
-    block_sync();  // tile `it` has landed; every warp is done with tile it - 1 (the other stage)
-    if (it + 1 < num_tiles) {
-      block.load_kv_tile(k_smem, v_smem, n_block - 1, stage ^ 1);
-      cp_async_commit();
-    }
+    const int stage = Traits::kKvStages == 2 ? it & 1 : 0;
     const Element* k_tile = k_smem + stage * KvTile::kElements;
     const Element* v_tile = v_smem + stage * KvTile::kElements;
+    cp_async_wait<0>();
+    block_sync();
+    if constexpr (Traits::kKvStages == 2) {
+      // Tile `it` has landed; every warp is done with tile it - 1, whose stage takes tile it + 1.
+      if (it + 1 < num_tiles) {
+        block.template load_k_tile<true>(k_smem + (stage ^ 1) * KvTile::kElements, n_block - 1);
+        block.template load_v_tile<true>(v_smem + (stage ^ 1) * KvTile::kElements, n_block - 1);
+        cp_async_commit();
+      }
+    } else if (it > 0) {
+      // K of tile `it` has landed; every warp is done with V of tile it - 1: V of tile `it` follows
+      // (tile 0's came with its K).
+      block.template load_v_tile<true>(v_smem, n_block);
+      cp_async_commit();
+    }
     if constexpr (Traits::kQInRegisters) {
       if (it == 0) {
         FA_UNROLL
@@ -191,13 +214,11 @@ void attention_forward_kernel(const AttentionForwardParams params) {
       for (int mt = 0; kMasked && mt < kMTiles; ++mt) {
         FA_UNROLL
         for (int r = 0; r < 2; ++r) {
-          int64_t last_key = block.seqlen_k - 1;
+          int limit = block.seqlen_k - 1 - key_base;  // 32-bit: keys and Sk are
           if constexpr (kPath == KernelPath::kCausal) {
-            const int64_t band_key = row0 + mt * 16 + r * 8 + params.band_last_key;
-            last_key = band_key < last_key ? band_key : last_key;
+            const int64_t band_offset = row0 + mt * 16 + r * 8 - key_base + params.band_last_key;
+            limit = band_offset < limit ? (band_offset < -1 ? -1 : static_cast<int>(band_offset)) : limit;
           }
-          const int64_t offset = last_key - key_base;
-          const int limit = offset < -1 ? -1 : (offset > kBlockN ? kBlockN : static_cast<int>(offset));
           FA_UNROLL
           for (int j = 0; j < Traits::kKeyTiles; ++j) {
             FA_UNROLL
@@ -224,13 +245,15 @@ void attention_forward_kernel(const AttentionForwardParams params) {
       }
     }
 
+    uint32_t p_frag[Traits::kKeySteps][kMTiles][4];  // P as A fragments of O += P V, per k16 step and m16 tile
     // Online softmax, per m16 tile. A row whose scores are all -inf so far keeps
     // max -inf and uses 0 as its exponent base, so that no -inf - -inf (NaN) is formed.
     if constexpr (kSpecialized) {
       // Scores in q.k units (scale > 0 keeps their order), c = scale log2(e): p = exp2(s c - m c), one
-      // FFMA and one exp2 per score, the row max m in q.k units too. O and the row sums are rescaled
-      // only when the max of some row of the warp grew; otherwise each row's factor
-      // exp2((m_old - m_new) c) is exp2(0) = 1 exactly, and skipping it changes no bit.
+      // FFMA and one exp2 per score, the row max m in q.k units too. The row sums are rescaled by
+      // each row's factor exp2((m_old - m_new) c); O only when the max of some row of the warp grew
+      // (otherwise every factor is exp2(0) = 1 exactly, and skipping it changes no bit), after P is
+      // packed, when the scores no longer hold registers.
       const float scale_log2 = scores.scale_log2();
       float new_max[kMTiles][2];
       bool grew = false;
@@ -244,29 +267,17 @@ void attention_forward_kernel(const AttentionForwardParams params) {
           grew = grew || new_max[mt][r] > row_max[mt][r];
         }
       }
-      if (warp_any(grew)) {
-        FA_UNROLL
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          FA_UNROLL
-          for (int r = 0; r < 2; ++r) {
-            const float base = new_max[mt][r] == negative_infinity() ? 0.0f : new_max[mt][r];
-            const float correction = exp2f((row_max[mt][r] - base) * scale_log2);
-            row_sum[mt][r] *= correction;
-            FA_UNROLL
-            for (int j = 0; j < Traits::kDimTiles; ++j) {
-              acc_o[mt][j][2 * r] *= correction;
-              acc_o[mt][j][2 * r + 1] *= correction;
-            }
-          }
-        }
-      }
+      float correction[kMTiles][2];
       FA_UNROLL
       for (int mt = 0; mt < kMTiles; ++mt) {
         float scaled_base[2];
         FA_UNROLL
         for (int r = 0; r < 2; ++r) {
+          const float base = new_max[mt][r] == negative_infinity() ? 0.0f : new_max[mt][r];
+          scaled_base[r] = base * scale_log2;
+          correction[mt][r] = exp2f((row_max[mt][r] - base) * scale_log2);
           row_max[mt][r] = new_max[mt][r];
-          scaled_base[r] = (new_max[mt][r] == negative_infinity() ? 0.0f : new_max[mt][r]) * scale_log2;
+          row_sum[mt][r] *= correction[mt][r];
         }
         FA_UNROLL
         for (int j = 0; j < Traits::kKeyTiles; ++j) {
@@ -275,6 +286,22 @@ void attention_forward_kernel(const AttentionForwardParams params) {
             const float probability = exp2f(fmaf(acc_s[mt][j][e], scale_log2, -scaled_base[e >> 1]));
             row_sum[mt][e >> 1] += probability;
             acc_s[mt][j][e] = probability;
+          }
+        }
+        FA_UNROLL
+        for (int kk = 0; kk < Traits::kKeySteps; ++kk) {
+          accumulators_to_a_operand<Element>(p_frag[kk][mt], acc_s[mt], kk);
+        }
+      }
+      if (warp_any(grew)) {
+        FA_UNROLL
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          FA_UNROLL
+          for (int j = 0; j < Traits::kDimTiles; ++j) {
+            FA_UNROLL
+            for (int e = 0; e < 4; ++e) {
+              acc_o[mt][j][e] *= correction[mt][e >> 1];
+            }
           }
         }
       }
@@ -313,22 +340,30 @@ void attention_forward_kernel(const AttentionForwardParams params) {
             }
           });
         }
+        FA_UNROLL
+        for (int kk = 0; kk < Traits::kKeySteps; ++kk) {
+          accumulators_to_a_operand<Element>(p_frag[kk][mt], acc_s[mt], kk);
+        }
+      }
+    }
+
+    if constexpr (Traits::kKvStages == 1) {
+      cp_async_wait<0>();
+      block_sync();  // V of tile `it` has landed; every warp is done with K of tile `it`: K of tile it + 1 follows
+      if (it + 1 < num_tiles) {
+        block.template load_k_tile<true>(k_smem, n_block - 1);
+        cp_async_commit();
       }
     }
 
     // O += P V, P (kWarpRows x kBlockN) from registers: each V fragment serves every m16 tile.
     FA_UNROLL
     for (int kk = 0; kk < Traits::kKeySteps; ++kk) {
-      uint32_t a[kMTiles][4];
-      FA_UNROLL
-      for (int mt = 0; mt < kMTiles; ++mt) {
-        accumulators_to_a_operand<Element>(a[mt], acc_s[mt], kk);
-      }
       FA_UNROLL
       for (int dn = 0; dn < Traits::kDimSteps; ++dn) {
         uint32_t b[4];
         load_b_operands_k_major<KvTile>(b, v_tile, kk * 16, dn * 16, lane);
-        mma_pair_each_m_tile<Element>(acc_o, a, b, dn);
+        mma_pair_each_m_tile<Element>(acc_o, p_frag[kk], b, dn);
       }
     }
   };
@@ -348,8 +383,16 @@ void attention_forward_kernel(const AttentionForwardParams params) {
     masked_tiles = masked < 0 ? 0 : (masked < num_tiles ? static_cast<int>(masked) : num_tiles);
   }
   int it = 0;
-  for (; it < masked_tiles; ++it) {
-    key_tile(it, std::true_type{});
+  if constexpr (kPath == KernelPath::kFast) {
+    // kFast masks only the tile holding key Sk - 1 (masked_tiles <= 1), run without a loop: as
+    // a loop of at most one iteration it cost 16-24 bytes of spills at D 128.
+    if (masked_tiles > 0) {
+      key_tile(it++, std::true_type{});
+    }
+  } else {
+    for (; it < masked_tiles; ++it) {
+      key_tile(it, std::true_type{});
+    }
   }
   if constexpr (kSpecialized) {
     for (; it < num_tiles; ++it) {

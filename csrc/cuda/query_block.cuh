@@ -13,8 +13,9 @@ namespace fast_attn::cuda {
 // Grid: x the query block, reversed so that the causal blocks with the most key
 // tiles start first; y the query head; z the batch or (kVarlen) the packed
 // sequence, whose query blocks beyond its length have nothing to do (past_end).
-// Traits: kBlockM, kBlockN, kHeadDim, kThreads; its K/V tiles are double-buffered,
-// stage s of K at k_smem + s * KvTile::kElements (likewise V).
+// Traits: kBlockM, kBlockN, kHeadDim, kThreads. load_kv_tile copies into double-buffered
+// K/V tiles, stage s of K at k_smem + s * KvTile::kElements (likewise V); load_k_tile and
+// load_v_tile into the tile they are given.
 template <typename Traits, bool kModifiers, bool kVarlen>
 struct QueryBlock {
   using Element = typename Traits::Element;
@@ -102,6 +103,31 @@ struct QueryBlock {
     load_tile_async<kBlockN, kHeadDim, kThreads>(v_smem + stage * KvTile::kElements, v + n0 * params.v_row_stride,
                                                  params.v_row_stride, seqlen_k - n0, head_dim,
                                                  static_cast<const Element*>(params.v));
+  }
+
+  // Key tile n_block of K (load_k_tile) or V (load_v_tile) alone into `tile`. kFull: a tile
+  // whose keys all lie below seqlen_k, every tile but the block's last (end_tile - 1), copied
+  // without a bound per row (load_full_tile_async).
+  template <bool kFull>
+  FA_DEVICE void load_k_tile(Element* tile, int n_block) const {
+    load_key_rows<kFull>(tile, k, params.k_row_stride, params.k, n_block);
+  }
+  template <bool kFull>
+  FA_DEVICE void load_v_tile(Element* tile, int n_block) const {
+    load_key_rows<kFull>(tile, v, params.v_row_stride, params.v, n_block);
+  }
+
+ private:
+  template <bool kFull>
+  FA_DEVICE void load_key_rows(Element* tile, const Element* rows, int64_t row_stride, const void* data,
+                               int n_block) const {
+    const int n0 = n_block * kBlockN;
+    if constexpr (kFull) {
+      load_full_tile_async<kBlockN, kHeadDim, kThreads>(tile, rows + n0 * row_stride, row_stride, head_dim);
+    } else {
+      load_tile_async<kBlockN, kHeadDim, kThreads>(tile, rows + n0 * row_stride, row_stride, seqlen_k - n0, head_dim,
+                                                   static_cast<const Element*>(data));
+    }
   }
 };
 

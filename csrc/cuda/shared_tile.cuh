@@ -68,6 +68,33 @@ FA_DEVICE void load_tile_async(Element* smem, const Element* gmem, int64_t row_s
   }
 }
 
+// load_tile_async of a tile whose kRows rows all exist (valid_rows >= kRows): no bound per row,
+// so each pass is one pointer step and the copy. A chunk past valid_cols is zero-filled; its
+// thread's address is then its row's first element, which exists.
+template <int kRows, int kCols, int kThreads, typename Element>
+FA_DEVICE void load_full_tile_async(Element* smem, const Element* gmem, int64_t row_stride, int valid_cols) {
+  using Tile = SharedTile<kRows, kCols>;
+  constexpr int kChunksPerRow = kCols / 8;
+  constexpr int kSlots = kChunksPerRow <= 4 ? 4 : kChunksPerRow <= 8 ? 8 : kChunksPerRow <= 16 ? 16 : 32;
+  static_assert(kChunksPerRow <= 32 && kThreads % kSlots == 0, "whole rows per pass");
+  constexpr int kRowsPerPass = kThreads / kSlots;
+  static_assert(kRows % kRowsPerPass == 0, "whole passes");
+  const int row = static_cast<int>(threadIdx.x / kSlots);  // unsigned division: no sign to carry
+  const int chunk = static_cast<int>(threadIdx.x % kSlots);
+  if (kSlots != kChunksPerRow && chunk >= kChunksPerRow) {
+    return;
+  }
+  const int col = chunk * 8;
+  const bool valid = col < valid_cols;
+  const Element* src = gmem + row * row_stride + (valid ? col : 0);
+  Element* dst = smem + Tile::offset(row, col);
+  FA_UNROLL
+  for (int p = 0; p < kRows / kRowsPerPass; ++p) {
+    cp_async_16(dst + p * kRowsPerPass * Tile::kPitch, src, valid);
+    src += kRowsPerPass * row_stride;
+  }
+}
+
 // Copies n floats (a per-row vector such as lse or delta) into shared memory
 // with 4-byte cp.async; entries >= valid are zero-filled.
 template <int kCount, int kThreads>

@@ -20,10 +20,12 @@
 //   D 32, 64: 64 keys, Q in registers (128 keys spill 64-96 bytes);
 //   D 96: 64 keys, Q re-read from shared memory (in registers it would take
 //   48 of them);
-//   D 128: 32 keys, Q re-read from shared memory (64 keys spill 84-88 bytes on
-//   sm_80 even so; FlashAttention-2's 128 x 64 spills too). 32 keys in two
-//   stages take the shared memory of 64 keys in one, so K/V stay double-buffered
-//   with one barrier per tile.
+//   D 128: 48 keys, Q re-read from shared memory, K/V single-buffered (two stages
+//   of 48 keys would take 87040 bytes, one CTA per SM on sm_80; ForwardTraits::
+//   kKvStages): FlashAttention-2's pipeline, two barriers per tile. 64 keys spill
+//   8-92 bytes even so (FlashAttention-2's 128 x 64 spills too); 32 keys, double-
+//   buffered, pay the O rescale (128 FMUL per thread) per 128 MMAs instead of 192:
+//   1.37x FlashAttention-2's SASS per MMA in the unmasked loop, 48 keys 1.09-1.10x.
 //   D 256 takes the general kernels' tile: O alone would be 2 x 128 floats per thread.
 // - forward, kGeneral and kModifiers kernels (forward_general_tile_config):
 //   8 warps x 16 rows, one CTA per SM. Their loops carry the bias, mask, dropout
@@ -112,7 +114,7 @@ constexpr ForwardTileConfig forward_tile_config(int head_dim) {
     case 32: return {128, 64, 4, 2, true, 2};
     case 64: return {128, 64, 4, 2, true, 2};
     case 96: return {128, 64, 4, 2, false, 2};
-    case 128: return {128, 32, 4, 2, false, 2};
+    case 128: return {128, 48, 4, 2, false, 2};
     case 256: return forward_general_tile_config(head_dim);
     default: return {0, 0, 0, 0, false, 0};
   }
