@@ -56,12 +56,16 @@ class AccumulationTypeForwardProducts {
   void load_query_block(const T* q, int64_t q_ld, int64_t rows, int query_vectors, acc_t scale) {
     rows_ = rows;
     query_columns_ = query_vectors * W;
-    pack_transposed<V>(q_t_, kM, query_columns_, q, q_ld, rows, head_dim_, scale);
-    if (rows <= kFewQueries) {
-      std::fill(q_rows_, q_rows_ + kFewQueries * d_padded_, acc_t(0));
-      for (int64_t m = 0; m < rows; ++m) {
-        for (int64_t d = 0; d < head_dim_; ++d) q_rows_[m * d_padded_ + d] = q_t_[d * kM + m];
-      }
+    if (rows > kFewQueries) {
+      pack_transposed<V>(q_t_, kM, query_columns_, q, q_ld, rows, head_dim_, scale);
+      return;
+    }
+    // A block of few queries reads only its rows (few_query_scores), each zero-padded to whole
+    // vectors: no transposed copy (packing one row's D columns cost as much as its scores).
+    for (int64_t m = 0; m < rows; ++m) {
+      acc_t* row = q_rows_ + m * d_padded_;
+      for (int64_t d = 0; d < head_dim_; ++d) row[d] = scale * static_cast<acc_t>(to_float(q[m * q_ld + d]));
+      std::fill(row + head_dim_, row + d_padded_, acc_t(0));
     }
   }
 
@@ -157,8 +161,8 @@ class AccumulationTypeForwardProducts {
   static constexpr int kDotChains = 8;
 
   int64_t head_dim_ = 0, d_padded_ = 0, rows_ = 0, query_columns_ = 0;
-  acc_t* q_t_ = nullptr;      // (D, kM): scale * q^T of the block, zero-padded columns
-  acc_t* q_rows_ = nullptr;   // (kFewQueries, D_padded): scale * q rows, zero-padded, for blocks of few queries
+  acc_t* q_t_ = nullptr;      // (D, kM): scale * q^T of a block of more than kFewQueries queries, zero-padded columns
+  acc_t* q_rows_ = nullptr;   // (kFewQueries, D_padded): scale * q rows of a block of few queries, zero-padded
   const T* key_rows_[kN] = {};  // the block's key rows as given (read in place by few_query_scores)
   acc_t* k_block_ = nullptr;  // (kN, D) keys in acc_t (16-bit inputs only)
   acc_t* v_block_ = nullptr;  // (kN, D) values in acc_t (16-bit inputs only)
