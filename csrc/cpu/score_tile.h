@@ -62,12 +62,12 @@ class ScoreTile {
   static constexpr acc_t neg_inf() { return -std::numeric_limits<acc_t>::infinity(); }
 
   // Before the first key block of a task's query_vectors * W lanes: nothing seen, output 0.
-  // Only those lanes' output rows are zeroed (one query row of a decoding step would
-  // otherwise clear all kM rows, 16 KiB at D 64, per task).
-  // `lanes` of them hold query rows (the others are padding).
+  // `lanes` of them hold query rows (the others are padding). Only those rows of the output are
+  // zeroed: the products, rescale_output and finish_lane touch no other (one query row of a
+  // decoding step would otherwise clear W rows, or all kM).
   void start(int query_vectors, int64_t lanes) {
     one_lane_ = lanes == 1;
-    std::fill(out_acc, out_acc + query_vectors * W * d_padded, acc_t(0));
+    std::fill(out_acc, out_acc + lanes * d_padded, acc_t(0));
     for (int mv = 0; mv < query_vectors; ++mv) {
       V::broadcast(neg_inf()).store(row_max + mv * W);
       V::zero().store(row_sum + mv * W);
