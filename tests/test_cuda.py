@@ -788,14 +788,15 @@ def test_deterministic(runner: Runner):
 # into partial s of dq_accum's rows, looping over the key blocks s, s + splits, ... of its (batch, kv
 # head); the convert kernel sums a row's partials in order. The emulator's sm_count picks the split count: fewer
 # splits than key blocks (a CTA loops over several) and one split, with GQA and MQA, both causal
-# alignments, a window, D 256 (two warps per 16 keys), packed sequences and a broadcast bias whose
-# gradient the dK/dV kernel reduces in the same splits.
+# alignments, a window, dropout, D 32 to 256 (two warps per 16 keys at 256), packed sequences and a
+# broadcast bias whose gradient the dK/dV kernel reduces in the same splits.
 DETERMINISTIC_SPLIT_CASES = [
     # (case, sm_count, splits); key blocks of 128 keys (64 at D 256)
     (CudaCase(1, 2, 1, 150, 600, 64, causal="bottom_right", deterministic=True), 4, 2),  # 5 key blocks
     (CudaCase(1, 2, 1, 150, 600, 64, causal="bottom_right", deterministic=True), 1, 1),
     (CudaCase(1, 4, 2, 97, 420, 96, dtype=torch.float16, causal=True, deterministic=True), 12, 3),
     (CudaCase(1, 2, 2, 45, 200, 256, window_size=(30, 10), grad_lse=True, deterministic=True), 4, 2),
+    (CudaCase(2, 3, 1, 33, 300, 32, dtype=torch.float16, causal=True, dropout_p=0.2, deterministic=True), 12, 2),
     (CudaCase(2, 2, 1, 70, 600, 64, bias_shape=(1, 2, 1, 600), key_mask=True, deterministic=True), 8, 2),
 ]
 
