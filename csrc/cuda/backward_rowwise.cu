@@ -72,7 +72,9 @@ void attention_backward_preprocess_kernel(const AttentionBackwardParams params, 
   }
 }
 
-template <typename Element>
+// kSplits: dq_accum has workspace.dq_splits partial sums per row (deterministic mode), else one
+// (a loop over one split took 72 registers instead of 32).
+template <typename Element, bool kSplits>
 FA_KERNEL(kRowThreads, 1)
 void attention_backward_convert_dq_kernel(const AttentionBackwardParams params, const BackwardWorkspace workspace) {
   const RowCoordinates c = row_of_thread(params);
@@ -88,7 +90,7 @@ void attention_backward_convert_dq_kernel(const AttentionBackwardParams params, 
     // Split 0, then the others in split order.
     float4 lo = load_global(reinterpret_cast<const float4*>(dq_accum + col));
     float4 hi = load_global(reinterpret_cast<const float4*>(dq_accum + col + 4));
-    for (int64_t split = 1; split < workspace.dq_splits; ++split) {
+    for (int64_t split = 1; kSplits && split < workspace.dq_splits; ++split) {
       const float* part = dq_accum + split * head_dim + col;
       const float4 lo_s = load_global(reinterpret_cast<const float4*>(part));
       const float4 hi_s = load_global(reinterpret_cast<const float4*>(part + 4));
@@ -125,8 +127,10 @@ LaunchStatus run_attention_backward_preprocess(const AttentionBackwardParams& pa
 template <ElementType kElement>
 LaunchStatus run_attention_backward_convert_dq(const AttentionBackwardParams& params,
                                                const BackwardWorkspace& workspace, cudaStream_t stream) {
-  return launch_per_row(attention_backward_convert_dq_kernel<typename ElementOf<kElement>::type>, params, workspace,
-                        stream);
+  using Element = typename ElementOf<kElement>::type;
+  return launch_per_row(workspace.deterministic ? attention_backward_convert_dq_kernel<Element, true>
+                                                : attention_backward_convert_dq_kernel<Element, false>,
+                        params, workspace, stream);
 }
 
 template LaunchStatus run_attention_backward_preprocess<ElementType::kFloat16>(const AttentionBackwardParams&,
