@@ -247,15 +247,18 @@ AttentionBackwardParams make_backward_params(const ForwardInputs& in, const Back
   set_data_and_strides(t.dv, p.dv, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride);
   p.dbias = nullptr;
   if (t.dbias_partials) {
-    const at::Tensor& partials = *t.dbias_partials;
-    p.dbias = partials.data_ptr();
-    p.dbias_num_splits = partials.size(0);
-    p.dbias_batch = partials.size(1);
-    p.dbias_heads = partials.size(2);
-    p.dbias_rows = partials.size(3);
-    p.dbias_cols = partials.size(4);
+    set_dbias_partials(p, *t.dbias_partials);
   }
   return p;
+}
+
+void set_dbias_partials(AttentionBackwardParams& p, const at::Tensor& partials) {
+  p.dbias = partials.data_ptr();
+  p.dbias_num_splits = partials.size(0);
+  p.dbias_batch = partials.size(1);
+  p.dbias_heads = partials.size(2);
+  p.dbias_rows = partials.size(3);
+  p.dbias_cols = partials.size(4);
 }
 
 at::Tensor compute_delta(const at::Tensor& grad_out, const at::Tensor& out_in,

@@ -92,6 +92,9 @@ struct BackwardTensors {
 
 AttentionBackwardParams make_backward_params(const ForwardInputs& in, const BackwardTensors& t);
 
+// Points p's dbias at partial sums (num_splits, Bb, Hb, Sqb, Skb) allocated after p was made.
+void set_dbias_partials(AttentionBackwardParams& p, const at::Tensor& partials);
+
 // delta = rowsum(grad_out * out) - grad_lse in the accumulation dtype, (B, Hq, Sq); grad_out's
 // last dim contiguous (out is brought to grad_out's dtype and a contiguous last dim if it lacks them).
 at::Tensor compute_delta(const at::Tensor& grad_out, const at::Tensor& out,

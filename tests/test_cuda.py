@@ -75,6 +75,7 @@ class Runner:
     launch_count: Callable[[], int] | None = None
     head_dims: tuple[int, ...] = ()  # the kernel head dims compiled (the emulator's)
     kernel_path: Callable | None = None  # the forward op's arguments -> the host's KernelPath (emulator)
+    dkdv_splits: Callable | None = None  # sizes -> the dK/dV kernel's split count (emulator)
 
     def run(self, case: Case, inputs: dict, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
         """The forward and backward ops on `case` (a fast_attn.testing.Run)."""
@@ -148,6 +149,7 @@ def emulated() -> Runner:
         launch_count=module.launch_count,
         head_dims=tuple(module.compiled_head_dims()),
         kernel_path=module.kernel_path,
+        dkdv_splits=module.dkdv_splits,
     )
 
 
@@ -785,6 +787,108 @@ def test_deterministic(runner: Runner):
     _, _, second = runner.run(case, inputs, grad_out, None)
     for name in GRAD_INPUTS:
         assert torch.equal(first[name], second[name]), f"deterministic backward: d{name} differs in two runs"
+
+
+# Deterministic mode's dq splits (backward_schedule.h): the dK/dV kernel's CTA of split s adds dq
+# into partial s of dq_accum's rows, looping over the key blocks s, s + splits, ... of its (batch, kv
+# head); the convert kernel sums a row's partials in order. The emulator's sm_count picks the split count: fewer
+# splits than key blocks (a CTA loops over several) and one split, with GQA and MQA, both causal
+# alignments, a window, dropout, D 32 to 256 (two warps per 16 keys at 256), packed sequences and a
+# broadcast bias whose gradient the dK/dV kernel reduces in the same splits.
+DETERMINISTIC_SPLIT_CASES = [
+    # (case, sm_count, splits); key blocks of 128 keys (64 at D 256)
+    (CudaCase(1, 2, 1, 150, 600, 64, causal="bottom_right", deterministic=True), 4, 2),  # 5 key blocks
+    (CudaCase(1, 2, 1, 150, 600, 64, causal="bottom_right", deterministic=True), 1, 1),
+    (CudaCase(1, 4, 2, 97, 420, 96, dtype=torch.float16, causal=True, deterministic=True), 12, 3),
+    (CudaCase(1, 2, 2, 45, 200, 256, window_size=(30, 10), grad_lse=True, deterministic=True), 4, 2),
+    (CudaCase(2, 3, 1, 33, 300, 32, dtype=torch.float16, causal=True, dropout_p=0.2, deterministic=True), 12, 2),
+    (CudaCase(2, 2, 1, 70, 600, 64, bias_shape=(1, 2, 1, 600), key_mask=True, deterministic=True), 8, 2),
+]
+
+
+def _runner_with_sm_count(emulated: Runner, sm_count: int) -> Runner:
+    return dataclasses.replace(
+        emulated, backward=functools.partial(emulated.backward.func, sm_count=sm_count)
+    )
+
+
+def _emulated_splits(emulated: Runner, case: Case, sm_count: int) -> int:
+    """The dK/dV kernel's split count for `case` as the host picks it (kernel head dim = case's)."""
+    bias = (
+        list(case.bias_shape)
+        if case.bias_shape and case.bias_shape[2:] != (case.seqlen_q, case.seqlen_k)
+        else []
+    )
+    return emulated.dkdv_splits(
+        case.batch, case.heads_q, case.heads_kv, case.seqlen_q, case.seqlen_k, case.head_dim,
+        case.batch * case.heads_q, case.deterministic, bias, sm_count,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "sm_count", "splits"), DETERMINISTIC_SPLIT_CASES, ids=str)
+def test_emulated_deterministic_splits(emulated: Runner, case: Case, sm_count: int, splits: int):
+    """Every gradient against the reference, and the same bits in a second run."""
+    assert _emulated_splits(emulated, case, sm_count) == splits
+    runner = _runner_with_sm_count(emulated, sm_count)
+    inputs = case.make_inputs()
+    check_against_reference(runner.run, case, inputs=inputs, rounded_output="kernel")
+    grad_out = torch.randn(inputs["q"].shape).to(case.dtype)
+    grad_lse = torch.randn(inputs["q"].shape[:3]) if case.grad_lse else None
+    _, _, first = runner.run(case, inputs, grad_out, grad_lse)
+    _, _, second = runner.run(case, inputs, grad_out, grad_lse)
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{case}: d{name} differs in two runs"
+
+
+def test_emulated_deterministic_splits_varlen(emulated: Runner):
+    """Packed sequences with 2 splits: each CTA loops over its sequence's key blocks 0, 2 or 1, 3."""
+    varlen = varlen_case(
+        (70, 33, 150),
+        (400, 129, 300),
+        heads_q=2,
+        heads_kv=1,
+        head_dim=64,
+        causal="bottom_right",
+        deterministic=True,
+    )
+    check_varlen(_runner_with_sm_count(emulated, 4), varlen)
+
+
+def test_emulated_dkdv_splits(emulated: Runner):
+    """The split count (choose_dkdv_splits): 1 without partial sums; enough CTAs for two per SM, at
+    most one split per unit of an owner; deterministic dq_accum within max(B x Hq, SMs) (Sq, D)
+    slices whatever Sk; dbias partial sums within half a full (B, Hq, Sq, Sk) tensor."""
+
+    def count(b, hq, hkv, sq, sk, d, deterministic, bias=(), sm=132, dq_slices=None):
+        return emulated.dkdv_splits(
+            b, hq, hkv, sq, sk, d, b * hq if dq_slices is None else dq_slices, deterministic, list(bias), sm
+        )
+
+    assert count(2, 8, 8, 4096, 4096, 128, False) == 1  # atomics: no partial sums
+    assert count(1, 1, 1, 4096, 4096, 64, True) == 32  # one split per key block: 32 slices <= 132
+    assert count(1, 1, 1, 4096, 600, 64, True) == 5  # no more splits than key blocks
+    assert count(1, 2, 1, 150, 600, 64, True, sm=4) == 2
+    assert count(1, 2, 1, 150, 600, 64, True, sm=1) == 1
+    assert count(4, 64, 64, 1024, 1024, 64, True) == 1  # 256 (Sq, D) slices already fill the SMs
+    assert count(2, 32, 8, 1024, 1024, 64, True) == 2  # 264 CTAs for 16 owners: 17 splits, 132 / 64 slices
+    # Packed sequences: 3 sequences, the dq slices are Hq (the packed q is (1, Hq, Tq, D)).
+    assert count(3, 4, 2, 300, 600, 64, True, dq_slices=4) == 5
+    # Long sequences: dq_accum stays within 4 max(B Hq, SMs) Sq D bytes whatever Sk.
+    for b, hq, hkv, s, d in (
+        (1, 32, 8, 131072, 128),
+        (1, 1, 1, 131072, 64),
+        (2, 16, 16, 65536, 256),
+        (8, 4, 1, 32768, 32),
+    ):
+        n = count(b, hq, hkv, s, s, d, True)
+        assert 1 <= n <= (s + 127) // 128
+        assert 4 * n * b * hq * s * d <= 4 * max(b * hq, 132) * s * d, (b, hq, hkv, s, d, n)
+    assert count(1, 32, 8, 131072, 131072, 128, True) == 4
+    # dbias partial sums (split by key blocks only when deterministic or the bias broadcasts keys).
+    assert count(2, 2, 2, 65, 70, 64, False, bias=(2, 2, 1, 70)) == 1  # 4 owners, 1 unit each
+    assert count(2, 2, 2, 65, 70, 64, False, bias=(1, 1, 1, 1)) == 4  # 4 units of one owner
+    assert count(1, 2, 2, 2048, 2048, 64, True, bias=(1, 2, 1, 2048)) == 16  # 16 key blocks, 66 dq slices
+    assert count(1, 2, 2, 2, 4096, 64, True, bias=(1, 2, 1, 4096)) == 1  # partials <= half of (1, 2, 2, 4096)
 
 
 def test_dropout_matches_reference_mask(runner: Runner):

@@ -39,15 +39,12 @@ namespace fast_attn::cuda {{
 """
 
 BACKWARD_UNIT = """\
-// Instantiation: attention backward (dK/dV, deterministic dQ, dbias kernels), {dtype}, head dim {head_dim}{what}.
+// Instantiation: attention backward (dK/dV and dbias kernels), {dtype}, head dim {head_dim}{what}.
 #include "cuda/backward_dbias_kernel.cuh"
 #include "cuda/backward_dkdv_kernel.cuh"
-#include "cuda/backward_dq_kernel.cuh"
 
 namespace fast_attn::cuda {{
-{dkdv_paths}template LaunchStatus run_attention_backward_dq<ElementType::{element_type}, {head_dim}, {modifiers}>(
-    const AttentionBackwardParams&, cudaStream_t);
-template LaunchStatus run_attention_backward_dbias<ElementType::{element_type}, {head_dim}, {modifiers}>(
+{dkdv_paths}template LaunchStatus run_attention_backward_dbias<ElementType::{element_type}, {head_dim}, {modifiers}>(
     const AttentionBackwardParams&, const DbiasTiles&, cudaStream_t);
 }}  // namespace fast_attn::cuda
 """

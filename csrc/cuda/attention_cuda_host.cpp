@@ -57,16 +57,13 @@ LaunchStatus forward_for(int head_dim, const AttentionForwardParams& params, cud
   });
 }
 
-// dK, dV (and dq) by the dK/dV kernel of the problem's path, or the dQ kernel when deterministic,
-// then dbias by its own kernel when dbias.data is set (a bias of full rows and columns).
+// dK, dV and dq_accum by the dK/dV kernel of the problem's path, then dbias by its own kernel
+// when dbias.data is set (a bias of full rows and columns).
 template <ElementType kElement, int kHeadDim, KernelPath kPath>
 LaunchStatus backward_kernels(const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
-                              const DbiasTiles& dbias, bool deterministic, cudaStream_t stream) {
+                              const DbiasTiles& dbias, cudaStream_t stream) {
   constexpr bool kModifiers = kPath == KernelPath::kModifiers;
   LaunchStatus status = run_attention_backward_dkdv<kElement, kHeadDim, kPath>(params, workspace, stream);
-  if (status.ok && deterministic) {
-    status = run_attention_backward_dq<kElement, kHeadDim, kModifiers>(params, stream);
-  }
   if (status.ok && dbias.data != nullptr) {
     status = run_attention_backward_dbias<kElement, kHeadDim, kModifiers>(params, dbias, stream);
   }
@@ -75,22 +72,28 @@ LaunchStatus backward_kernels(const AttentionBackwardParams& params, const Backw
 
 template <ElementType kElement>
 LaunchStatus backward_for(int head_dim, const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
-                          const DbiasTiles& dbias, bool deterministic, cudaStream_t stream) {
+                          const DbiasTiles& dbias, cudaStream_t stream) {
   return launch_for_head_dim(head_dim, [&](auto dim) {
     constexpr int kHeadDim = decltype(dim)::value;
     return launch_for_path(params, [&](auto path) {
-      return backward_kernels<kElement, kHeadDim, decltype(path)::value>(params, workspace, dbias, deterministic,
-                                                                         stream);
+      return backward_kernels<kElement, kHeadDim, decltype(path)::value>(params, workspace, dbias, stream);
     });
   });
 }
 
-// The dK/dV kernel's dbias schedule without splits, for sizing them.
-DkdvSchedule unsplit_schedule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& bias, int head_dim) {
-  const int64_t block_n = dkdv_tile_config(head_dim).block_n;
-  return DkdvSchedule(q.size(0), k.size(1), (k.size(2) + block_n - 1) / block_n, true, bias.size(0), bias.size(1),
-                      bias.size(3), 1);
+}  // namespace
+
+int64_t dkdv_splits(const DkdvSplitSizes& sizes, int sm_count) {
+  const int64_t block_n = dkdv_tile_config(sizes.head_dim).block_n;
+  const bool dbias = sizes.dbias_batch > 0;
+  const DkdvSchedule single(sizes.batch, sizes.heads_kv, (sizes.seqlen_k + block_n - 1) / block_n, dbias,
+                            sizes.dbias_batch, sizes.dbias_heads, sizes.dbias_cols, 1, sizes.deterministic);
+  const int64_t dbias_numel = dbias ? sizes.dbias_batch * sizes.dbias_heads * sizes.dbias_rows * sizes.dbias_cols : 0;
+  return choose_dkdv_splits(single, sm_count, sizes.deterministic ? sizes.dq_slices : 0, dbias_numel,
+                            sizes.batch * sizes.heads_q * sizes.seqlen_q * sizes.seqlen_k);
 }
+
+namespace {
 
 // `in` with other (aligned) q, k, v.
 ForwardInputs with_qkv(const ForwardInputs& in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -182,14 +185,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(co
   const std::optional<at::Tensor> grad_lse_ready =
       grads.grad_lse ? std::optional<at::Tensor>(grads.grad_lse->contiguous()) : std::nullopt;
   const at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  const at::Tensor dq_accum = deterministic ? at::Tensor()
-                                            : at::empty({q.size(0), q.size(1), q.size(2), q.size(3)},
-                                                        q.options().dtype(at::kFloat));
   // A bias of full rows and columns (T5's) gets its gradient from the dbias
   // kernel, in its own dtype; any other from partial sums of the dK/dV kernel.
   const bool dbias_by_tiles = compute_dbias && bias->size(2) == q.size(2) && bias->size(3) == k.size(2);
+  const bool dbias_by_dkdv = compute_dbias && !dbias_by_tiles;
   at::Tensor dbias_tiles;
-  std::optional<at::Tensor> dbias_partials;
   if (dbias_by_tiles) {
     dbias_tiles = at::empty(bias->sizes(), bias->options().memory_format(at::MemoryFormat::Contiguous));
   } else if (compute_dbias) {
@@ -198,17 +198,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(co
                 "fast_attn CUDA kernels do not implement the gradient of a bias with a broadcast dim together ",
                 "with window_left, softcap or alibi_slopes at head dims above 96 (kernel head dim ", head_dim,
                 "); use backend='cpu' or 'reference', or a bias of full (Sq, Sk) rows and columns");
-    const int64_t full_numel = q.size(0) * q.size(1) * q.size(2) * k.size(2);
-    const int64_t splits =
-        choose_dbias_splits(unsplit_schedule(q, k, *bias, head_dim), device.sm_count, bias->numel(), full_numel);
-    dbias_partials = allocate_dbias_partials(*bias, splits);
   }
 
-  const BackwardTensors tensors{grad_out_ready, out_ready, lse_ready, delta, dq, dk, dv, dbias_partials};
-  const AttentionBackwardParams params = make_backward_params(with_qkv(in, q_ready, k_ready, v_ready), tensors);
+  const std::optional<at::Tensor> no_partials;  // set below, once the params size them
+  const BackwardTensors tensors{grad_out_ready, out_ready, lse_ready, delta, dq, dk, dv, no_partials};
+  AttentionBackwardParams params = make_backward_params(with_qkv(in, q_ready, k_ready, v_ready), tensors);
   if (launches_nothing(params)) return backward_without_scores(q, k, in.v, bias, compute_dbias);
+  // The dK/dV kernel's splits, sized from the params (packed sequences: their number and
+  // longest key length): those of its dbias partial sums, and when deterministic of dq_accum.
+  const DkdvSplitSizes sizes{params.batch,
+                             params.heads_q,
+                             params.heads_kv,
+                             params.seqlen_q,
+                             params.seqlen_k,
+                             head_dim,
+                             q.size(0) * q.size(1),
+                             deterministic,
+                             dbias_by_dkdv ? bias->size(0) : 0,
+                             dbias_by_dkdv ? bias->size(1) : 0,
+                             dbias_by_dkdv ? bias->size(2) : 0,
+                             dbias_by_dkdv ? bias->size(3) : 0};
+  const int64_t splits = dkdv_splits(sizes, device.sm_count);
+  std::optional<at::Tensor> dbias_partials;
+  if (dbias_by_dkdv) {
+    dbias_partials = allocate_dbias_partials(*bias, splits);
+    set_dbias_partials(params, *dbias_partials);
+  }
+  const int64_t dq_splits = deterministic ? splits : 1;
+  const at::Tensor dq_accum =
+      at::empty({q.size(0), q.size(1), q.size(2), dq_splits, q.size(3)}, q.options().dtype(at::kFloat));
   BackwardWorkspace workspace{};
-  workspace.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
+  workspace.dq_accum = dq_accum.data_ptr<float>();
+  workspace.dq_splits = dq_splits;
+  workspace.deterministic = deterministic;
   workspace.grad_lse = grad_lse_ready ? grad_lse_ready->data_ptr<float>() : nullptr;
 
   const bool fp16 = element == ElementType::kFloat16;
@@ -217,16 +239,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(co
                "backward preprocess");
   const DbiasTiles tiles{dbias_by_tiles ? dbias_tiles.data_ptr() : nullptr, bias ? bias->size(0) : 1,
                          bias ? bias->size(1) : 1};
-  check_launch(fp16 ? backward_for<ElementType::kFloat16>(head_dim, params, workspace, tiles, deterministic,
-                                                          device.stream)
-                    : backward_for<ElementType::kBFloat16>(head_dim, params, workspace, tiles, deterministic,
-                                                           device.stream),
+  check_launch(fp16 ? backward_for<ElementType::kFloat16>(head_dim, params, workspace, tiles, device.stream)
+                    : backward_for<ElementType::kBFloat16>(head_dim, params, workspace, tiles, device.stream),
                "backward");
-  if (!deterministic) {
-    check_launch(fp16 ? run_attention_backward_convert_dq<ElementType::kFloat16>(params, workspace, device.stream)
-                      : run_attention_backward_convert_dq<ElementType::kBFloat16>(params, workspace, device.stream),
-                 "backward dq conversion");
-  }
+  check_launch(fp16 ? run_attention_backward_convert_dq<ElementType::kFloat16>(params, workspace, device.stream)
+                    : run_attention_backward_convert_dq<ElementType::kBFloat16>(params, workspace, device.stream),
+               "backward dq conversion");
   if (dbias_by_tiles) {
     return {dq, dk, dv, dbias_tiles};
   }

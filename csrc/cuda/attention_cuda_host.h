@@ -20,7 +20,7 @@ namespace fast_attn::cuda {
 
 struct DeviceContext {
   cudaStream_t stream;
-  int sm_count;  // sizes the dbias split and the decode splits (CTAs to fill the device)
+  int sm_count;  // sizes the dK/dV kernel's splits and the decode splits (CTAs to fill the device)
 };
 
 // attention_forward's schema (csrc/schema.cpp): (out, lse).
@@ -34,6 +34,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(co
 // decode_forward's schema (its arguments: DecodeInputs, decode_launch.h; num_splits 0 is chosen by
 // decode_cuda_host.cpp): (out (B, Sq, Hq, D), lse (B, Hq, Sq)), the new rows written into the caches.
 std::tuple<at::Tensor, at::Tensor> decode_forward(const DecodeInputs& in, const DeviceContext& device);
+
+// The sizes that set the dK/dV kernel's splits (choose_dkdv_splits, backward_schedule.h).
+struct DkdvSplitSizes {
+  int64_t batch, heads_q, heads_kv, seqlen_q, seqlen_k;  // packed sequences: their number, length bounds
+  int head_dim;                                          // the kernel head dim
+  int64_t dq_slices;                                     // the (Sq, D) slices of dq: B x Hq (packed: Hq)
+  bool deterministic;
+  int64_t dbias_batch, dbias_heads, dbias_rows, dbias_cols;  // 0 unless the dK/dV kernel reduces dbias
+};
+
+// The dK/dV kernel's splits: of its dbias partial sums and, when deterministic, of dq_accum.
+int64_t dkdv_splits(const DkdvSplitSizes& sizes, int sm_count);
 
 // Head dims with compiled kernels (FAST_ATTN_CUDA_HEAD_DIMS), ascending.
 std::vector<int> compiled_head_dims();

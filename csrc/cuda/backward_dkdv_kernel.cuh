@@ -14,10 +14,27 @@
 //   dS^T *= 1 - t^2                   softcap's t = tanh(scale q.k / c) (kModifiers)
 //   dV  += (P^T Z) dO,  dK += dS^T Q  (scale applied to dK once at the end)
 //   dS^T -> shared memory
-// then, per step, dq_accum += dS K with float atomics (scaled when converted): each thread's two
-// neighbouring columns in one red.global.add.v2.f32 on sm_90 in the kFast and kCausal kernels
-// (the others keep scalar ones: the vector's register pair made ptxas spill kGeneral at D 128,
-// 24 B on sm_90a).
+// then, per step, dq_accum += dS K (scaled when converted): by default with float atomics, each
+// thread's two neighbouring columns in one red.global.add.v2.f32 on sm_90 in the kFast and kCausal
+// kernels (the others keep scalar ones: the vector's register pair made ptxas spill kGeneral at
+// D 128, 24 B on sm_90a). The (16 x kDqPartDim) dq tiles of the CTA's warps are disjoint, so each
+// dq element a step updates has one thread of the CTA.
+//
+// kDeterministic (the op's deterministic=True; FlashAttention-2's per-split dQ): no atomics. The
+// schedule (backward_schedule.h) makes every key block of a (batch, kv head) a unit of one owner,
+// and the owner's num_splits CTAs take its key blocks n = s, s + num_splits, ... in that order
+// (split s; with dbias the owner's other units too, key block fastest). dq_accum holds num_splits
+// partial sums per dq row, (B, Hq, Sq, num_splits, D); split s's CTA alone writes partial s of
+// the owner's rows (its query heads, all queries), with plain read-modify-writes after the same
+// barrier as the atomics; the convert kernel sums a row's partials in split order. The split
+// count (choose_dkdv_splits) fills the GPU with owners x splits CTAs and bounds dq_accum to
+// 4 x max(B x Hq, num_SMs) x Sq x D bytes, never a partial per key block.
+// Units whose band (causal, windows) reaches no query skip their steps and add nothing; packed
+// sequences loop over their own key blocks only (those past the sequence's Sk are skipped); D 256's
+// two warps per 16 keys write dq through the same disjoint tiles. It replaces the dQ kernel that
+// recomputed S and dP per query block (7 matmuls of the step instead of 5). At D 128 and 256 these
+// kernels spill 4-44 bytes around the step's dq code, none inside the chunk loop
+// (INTENDED_LOCAL_MEMORY in tools/cuda_compile_check.py).
 // dK and dV of a kv head sum over its query heads inside one CTA: no atomics,
 // deterministic. Q, dO, lse and delta of the next step are prefetched with
 // cp.async into the other of two stages while the current step computes.
@@ -235,10 +252,22 @@ struct DbiasStep {
   }
 };
 
+// The kernel's schedule (backward_schedule.h) for key blocks of kBlockN keys: the splits of the
+// dbias partial sums, or when deterministic those of dq_accum (the host makes the two equal).
+template <int kBlockN>
+FAST_ATTN_HOST_DEVICE DkdvSchedule dkdv_schedule(const AttentionBackwardParams& params,
+                                                 const BackwardWorkspace& workspace, bool with_dbias,
+                                                 bool deterministic) {
+  const int64_t splits = deterministic ? workspace.dq_splits : with_dbias ? params.dbias_num_splits : 1;
+  return DkdvSchedule(params.batch, params.heads_kv, ceil_div(params.seqlen_k, kBlockN), with_dbias,
+                      params.dbias_batch, params.dbias_heads, params.dbias_cols, splits, deterministic);
+}
+
 // kPath: the problems it runs (kernel_api.h); kModifiers adds the band's left edge, softcap and
 // ALiBi (score_context.cuh). kVarlen (kGeneral, kModifiers; never with dbias): packed sequences,
 // a unit's batch index being the sequence's; a key block beyond its sequence is skipped.
-template <typename Traits, bool kWithDbias, KernelPath kPath, bool kVarlen>
+// kDeterministic: dq into the CTA's own partial sums of dq_accum (above).
+template <typename Traits, bool kWithDbias, KernelPath kPath, bool kVarlen, bool kDeterministic>
 FA_KERNEL(Traits::kThreads, Traits::kMinBlocksPerSm)
 void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const BackwardWorkspace workspace) {
   constexpr bool kModifiers = kPath == KernelPath::kModifiers;
@@ -274,16 +303,17 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
   const int head_dim = static_cast<int>(params.head_dim);
   const int64_t group_size = params.heads_q / params.heads_kv;
   int num_m_blocks = static_cast<int>(ceil_div(seqlen_q, kBlockM));
-  const bool atomic_dq = workspace.dq_accum != nullptr;
   constexpr bool with_dbias = kWithDbias;
   static_assert(!(kWithDbias && kVarlen), "packed sequences take no bias");
 
-  const DkdvSchedule schedule(params.batch, params.heads_kv, ceil_div(seqlen_k, kBlockN), with_dbias,
-                              params.dbias_batch, params.dbias_heads, params.dbias_cols,
-                              with_dbias ? params.dbias_num_splits : 1);
+  const DkdvSchedule schedule = dkdv_schedule<kBlockN>(params, workspace, kWithDbias, kDeterministic);
   const int owners = static_cast<int>(schedule.owners());  // at most the grid's x extent
   const int owner = static_cast<int>(blockIdx.x) % owners;
   const int split = static_cast<int>(blockIdx.x) / owners;
+  // Always true (dq_accum is never nullptr), but a run-time test in the default mode: without
+  // it ptxas spilled 4-16 bytes on sm_90a (kGeneral with dbias at D 128 and 256, kModifiers at
+  // D 128) and the kFast and kCausal loops grew by an instruction.
+  const bool with_dq = kDeterministic || workspace.dq_accum != nullptr;
 
   Element* smem = reinterpret_cast<Element*>(dynamic_shared_memory());
   Element* k_smem = smem;
@@ -296,14 +326,18 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
   float* delta_smem = float_smem + Traits::kDeltaOffset;
   float* scratch = float_smem + Traits::kScratchOffset;
 
-  // Varlen has no dbias: one unit per CTA (unit 0 of owner blockIdx.x), and no loop at all.
-  for (int64_t unit_index = kVarlen ? 0 : split; unit_index < (kVarlen ? 1 : schedule.units_per_owner());
+  // Varlen has no dbias: by default one unit per CTA (unit 0 of owner blockIdx.x), and no loop at
+  // all; kDeterministic: the key blocks of split `split` of the sequence's (batch, kv head), fewer
+  // than 2^31 (a 32-bit index: a 64-bit one made ptxas spill 16 bytes at D 128 on sm_80).
+  constexpr bool kOneUnit = kVarlen && !kDeterministic;
+  using UnitIndex = std::conditional_t<kVarlen, int, int64_t>;
+  for (UnitIndex unit_index = kOneUnit ? 0 : split; unit_index < (kOneUnit ? 1 : schedule.units_per_owner());
        unit_index += schedule.num_splits) {
     const DkdvUnit unit = schedule.unit(owner, unit_index);
     const Sequence<kVarlen> sequence = sequence_of<Element, kVarlen>(params, unit.batch);
     const int64_t batch = sequence.batch;
     const int n0 = static_cast<int>(unit.key_block) * kBlockN;
-    if constexpr (kVarlen) {  // the CTA's one unit (no dbias): its sequence's lengths
+    if constexpr (kVarlen) {  // the unit's sequence's lengths (the CTA's only sequence)
       seqlen_q = static_cast<int>(sequence.seqlen_q(params));
       seqlen_k = static_cast<int>(sequence.seqlen_k(params));
       num_m_blocks = static_cast<int>(ceil_div(seqlen_q, kBlockM));
@@ -532,7 +566,7 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
             uint32_t a_ds[4];
             accumulators_to_a_operand<Element>(a_p, acc_s, kk);
             accumulators_to_a_operand<Element>(a_ds, acc_dp, kk);
-            if (atomic_dq && owns_keys) {
+            if (with_dq && owns_keys) {
               FA_UNROLL
               for (int i = 0; i < 4; ++i) {
                 const int key_local = key_warp * 16 + group + (i % 2) * 8;
@@ -564,13 +598,13 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
       if constexpr (with_dbias) {
         dbias.publish(params, split, batch, head, scratch + key_warp * kBlockM, key0, owns_keys, lane);
       }
-      if (atomic_dq || with_dbias) {
+      if (with_dq || with_dbias) {
         block_sync();  // dS^T and the dbias scratch of every warp are written
       }
       if constexpr (with_dbias) {
         DbiasStep::finish<Traits::kKeyWarps, kBlockM>(params, split, batch, head, scratch, m0);
       }
-      if (atomic_dq && warp < Traits::kDqWarps) {
+      if (with_dq && warp < Traits::kDqWarps) {
         float acc_dq[Traits::kDqPartTiles][4];
         zero_accumulators(acc_dq);
         FA_UNROLL
@@ -591,12 +625,18 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
         for (int r = 0; r < 2; ++r) {
           const int query = m0 + dq_row_warp * 16 + group + r * 8;
           if (query < seqlen_q) {
-            float* dq_row = workspace.dq_accum + sequence.lse_index(params, seqlen_q, head, query) * head_dim +
-                            col_base;  // column col_base + 8 j + c below
+            const int64_t row = sequence.lse_index(params, seqlen_q, head, query);
+            // The row's partial sum of the CTA's split (kDeterministic; its only one otherwise).
+            const int64_t dq_split = kDeterministic ? row * schedule.num_splits + split : row;
+            float* dq_row = workspace.dq_accum + dq_split * head_dim + col_base;  // column col_base + 8 j + c below
             FA_UNROLL
             for (int j = 0; j < Traits::kDqPartTiles; ++j) {
               if (j * 8 < cols_left) {
-                if constexpr (kSpecialized) {
+                if constexpr (kDeterministic) {
+                  float2* pair_address = reinterpret_cast<float2*>(dq_row + j * 8);
+                  const float2 sum = load_global(pair_address);
+                  store_global(pair_address, make_float2(sum.x + acc_dq[j][2 * r], sum.y + acc_dq[j][2 * r + 1]));
+                } else if constexpr (kSpecialized) {
                   atomic_add_global_pair(dq_row + j * 8, acc_dq[j][2 * r], acc_dq[j][2 * r + 1]);
                 } else {
                   atomic_add_global(dq_row + j * 8, acc_dq[j][2 * r]);
@@ -647,10 +687,17 @@ LaunchStatus run_attention_backward_dkdv(const AttentionBackwardParams& params, 
   using Traits = DkdvTraits<typename ElementOf<kElement>::type, kHeadDim, is_specialized(kPath)>;
   constexpr bool kModifiers = kPath == KernelPath::kModifiers;
   const bool with_dbias = params.dbias != nullptr;
-  const DkdvSchedule schedule(params.batch, params.heads_kv, ceil_div(params.seqlen_k, Traits::kBlockN), with_dbias,
-                              params.dbias_batch, params.dbias_heads, params.dbias_cols,
-                              with_dbias ? params.dbias_num_splits : 1);
-  const dim3 grid(static_cast<unsigned>(schedule.ctas()));
+  const dim3 grid(static_cast<unsigned>(dkdv_schedule<Traits::kBlockN>(params, workspace, with_dbias, workspace.deterministic).ctas()));
+  // The kernel for the dbias and varlen flags, with or without kDeterministic.
+  auto launch = [&](auto dbias, auto varlen) {
+    constexpr bool kDbias = decltype(dbias)::value;
+    constexpr bool kVarlen = decltype(varlen)::value;
+    return workspace.deterministic
+               ? launch_kernel(attention_backward_dkdv_kernel<Traits, kDbias, kPath, kVarlen, true>, grid,
+                               dim3(Traits::kThreads), Traits::kSmemBytes, stream, params, workspace)
+               : launch_kernel(attention_backward_dkdv_kernel<Traits, kDbias, kPath, kVarlen, false>, grid,
+                               dim3(Traits::kThreads), Traits::kSmemBytes, stream, params, workspace);
+  };
   if constexpr (is_specialized(kPath)) {
     if (kernel_path(params) != kPath) {
       return {false, "dK/dV kernel path does not match the problem"};
@@ -660,17 +707,14 @@ LaunchStatus run_attention_backward_dkdv(const AttentionBackwardParams& params, 
       if constexpr (kModifiers && !dkdv_dbias_with_modifiers(kHeadDim)) {
         return {false, "no dK/dV kernel with dbias and score modifiers at this head dim"};
       } else {
-        return launch_kernel(attention_backward_dkdv_kernel<Traits, true, kPath, false>, grid,
-                             dim3(Traits::kThreads), Traits::kSmemBytes, stream, params, workspace);
+        return launch(std::true_type{}, std::false_type{});
       }
     }
     if (is_varlen(params)) {
-      return launch_kernel(attention_backward_dkdv_kernel<Traits, false, kPath, true>, grid,
-                           dim3(Traits::kThreads), Traits::kSmemBytes, stream, params, workspace);
+      return launch(std::false_type{}, std::true_type{});
     }
   }
-  return launch_kernel(attention_backward_dkdv_kernel<Traits, false, kPath, false>, grid, dim3(Traits::kThreads),
-                       Traits::kSmemBytes, stream, params, workspace);
+  return launch(std::false_type{}, std::false_type{});
 }
 
 }  // namespace fast_attn::cuda

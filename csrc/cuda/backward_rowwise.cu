@@ -1,6 +1,6 @@
 // The row-wise kernels around the backward matmul kernels, for every head dim:
 // preprocess (delta = rowsum(dO * O) - grad_lse, zeroing dq_accum) and the
-// conversion of the float32 dq accumulator to the inputs' dtype.
+// conversion of the float32 dq accumulator (the sum of each row's splits) to the inputs' dtype.
 //
 // 16 threads per (batch, head, query) row, 16 rows per 256-thread CTA; each
 // thread moves 16-byte vectors (8 elements), so a row of D = 128 is one
@@ -65,15 +65,16 @@ void attention_backward_preprocess_kernel(const AttentionBackwardParams params, 
     const float grad_lse = workspace.grad_lse == nullptr ? 0.0f : load_global(workspace.grad_lse + c.row);
     store_global(static_cast<float*>(params.delta) + c.row, dot - grad_lse);
   }
-  if (workspace.dq_accum != nullptr) {
-    float* dq_accum = workspace.dq_accum + c.row * head_dim;
-    for (int col = sub * 4; col < head_dim; col += kThreadsPerRow * 4) {
-      store_global(reinterpret_cast<float4*>(dq_accum + col), make_float4(0.0f, 0.0f, 0.0f, 0.0f));
-    }
+  const int row_floats = static_cast<int>(workspace.dq_splits) * head_dim;  // the row's splits
+  float* dq_accum = workspace.dq_accum + c.row * row_floats;
+  for (int col = sub * 4; col < row_floats; col += kThreadsPerRow * 4) {
+    store_global(reinterpret_cast<float4*>(dq_accum + col), make_float4(0.0f, 0.0f, 0.0f, 0.0f));
   }
 }
 
-template <typename Element>
+// kSplits: dq_accum has workspace.dq_splits partial sums per row (deterministic mode), else one
+// (a loop over one split took 72 registers instead of 32).
+template <typename Element, bool kSplits>
 FA_KERNEL(kRowThreads, 1)
 void attention_backward_convert_dq_kernel(const AttentionBackwardParams params, const BackwardWorkspace workspace) {
   const RowCoordinates c = row_of_thread(params);
@@ -82,12 +83,20 @@ void attention_backward_convert_dq_kernel(const AttentionBackwardParams params, 
   }
   const int sub = static_cast<int>(threadIdx.x) % kThreadsPerRow;
   const int head_dim = static_cast<int>(params.head_dim);
-  const float* dq_accum = workspace.dq_accum + c.row * head_dim;
+  const float* dq_accum = workspace.dq_accum + c.row * workspace.dq_splits * head_dim;
   Element* dq = static_cast<Element*>(params.dq) + c.batch * params.dq_batch_stride + c.head * params.dq_head_stride +
                 c.query * params.dq_row_stride;
   for (int col = sub * 8; col < head_dim; col += kThreadsPerRow * 8) {
-    const float4 lo = load_global(reinterpret_cast<const float4*>(dq_accum + col));
-    const float4 hi = load_global(reinterpret_cast<const float4*>(dq_accum + col + 4));
+    // Split 0, then the others in split order.
+    float4 lo = load_global(reinterpret_cast<const float4*>(dq_accum + col));
+    float4 hi = load_global(reinterpret_cast<const float4*>(dq_accum + col + 4));
+    for (int64_t split = 1; kSplits && split < workspace.dq_splits; ++split) {
+      const float* part = dq_accum + split * head_dim + col;
+      const float4 lo_s = load_global(reinterpret_cast<const float4*>(part));
+      const float4 hi_s = load_global(reinterpret_cast<const float4*>(part + 4));
+      lo = make_float4(lo.x + lo_s.x, lo.y + lo_s.y, lo.z + lo_s.z, lo.w + lo_s.w);
+      hi = make_float4(hi.x + hi_s.x, hi.y + hi_s.y, hi.z + hi_s.z, hi.w + hi_s.w);
+    }
     const float s = params.scale;
     uint4 packed;
     packed.x = ElementOps<Element>::pack(lo.x * s, lo.y * s);
@@ -118,8 +127,10 @@ LaunchStatus run_attention_backward_preprocess(const AttentionBackwardParams& pa
 template <ElementType kElement>
 LaunchStatus run_attention_backward_convert_dq(const AttentionBackwardParams& params,
                                                const BackwardWorkspace& workspace, cudaStream_t stream) {
-  return launch_per_row(attention_backward_convert_dq_kernel<typename ElementOf<kElement>::type>, params, workspace,
-                        stream);
+  using Element = typename ElementOf<kElement>::type;
+  return launch_per_row(workspace.deterministic ? attention_backward_convert_dq_kernel<Element, true>
+                                                : attention_backward_convert_dq_kernel<Element, false>,
+                        params, workspace, stream);
 }
 
 template LaunchStatus run_attention_backward_preprocess<ElementType::kFloat16>(const AttentionBackwardParams&,

@@ -26,9 +26,16 @@ inline LaunchStatus launch_ok() { return {true, nullptr}; }
 
 // Buffers of the backward pass that the contract's params struct does not name.
 struct BackwardWorkspace {
-  // (B, Hq, Sq, head_dim) float32 contiguous: dq accumulated with atomics by the
-  // dK/dV kernel (zeroed by the preprocess kernel), nullptr in deterministic mode.
+  // dq accumulated in float32 by the dK/dV kernel, (B, Hq, Sq, dq_splits, head_dim)
+  // ((1, Hq, Tq, dq_splits, head_dim) for packed sequences) contiguous: dq_splits partial
+  // sums per row, zeroed by the preprocess kernel, summed in split order and scaled into dq
+  // by the convert kernel. Default mode: one, float atomics. Deterministic mode: the dK/dV
+  // kernel's splits, split s of every row written by split s's CTA alone with plain
+  // read-modify-writes (backward_schedule.h). Never nullptr (the kernel's test of it
+  // keeps ptxas's register allocation of the default mode, see backward_dkdv_kernel.cuh).
   float* dq_accum;
+  int64_t dq_splits;
+  bool deterministic;
   // (B, Hq, Sq) float32 contiguous gradient of lse, nullptr when absent.
   const float* grad_lse;
 };
@@ -43,7 +50,7 @@ struct DbiasTiles {
   int64_t heads;
 };
 
-// kModifiers (in run_attention_backward_dq and run_attention_backward_dbias): the kernels for
+// kModifiers (in run_attention_backward_dbias): the kernels for
 // problems with the band's left edge, a softcap or ALiBi (has_score_modifiers in
 // attention_params.h); the others run the kernels without that code.
 //
@@ -88,7 +95,7 @@ template <ElementType kElement>
 LaunchStatus run_attention_backward_preprocess(const AttentionBackwardParams& params,
                                                const BackwardWorkspace& workspace, cudaStream_t stream);
 
-// Backward step 2: dk, dv (and dbias partials; and dq_accum unless deterministic).
+// Backward step 2: dk, dv, dq_accum (and dbias partials).
 template <ElementType kElement, int kHeadDim, KernelPath kPath>
 LaunchStatus run_attention_backward_dkdv(const AttentionBackwardParams& params,
                                          const BackwardWorkspace& workspace, cudaStream_t stream);
@@ -99,11 +106,7 @@ template <ElementType kElement, int kHeadDim, bool kModifiers>
 LaunchStatus run_attention_backward_dbias(const AttentionBackwardParams& params, const DbiasTiles& dbias,
                                           cudaStream_t stream);
 
-// Backward step 3 (deterministic mode): dq without atomics, one CTA per query block.
-template <ElementType kElement, int kHeadDim, bool kModifiers>
-LaunchStatus run_attention_backward_dq(const AttentionBackwardParams& params, cudaStream_t stream);
-
-// Backward step 3 (default mode): dq = scale * dq_accum in the inputs' dtype.
+// Backward step 3: dq = scale * (the sum of dq_accum's splits in split order) in the inputs' dtype.
 template <ElementType kElement>
 LaunchStatus run_attention_backward_convert_dq(const AttentionBackwardParams& params,
                                                const BackwardWorkspace& workspace, cudaStream_t stream);

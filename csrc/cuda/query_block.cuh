@@ -1,7 +1,7 @@
-// The set-up that the kernels with one CTA per query block share (the forward,
-// attention_forward_kernel, and the deterministic dQ kernel, attention_backward_dq_kernel):
-// which query block, head and sequence the CTA owns, the key tiles it visits,
-// where its rows start in the tensors, and the loads of its Q-side and K/V tiles.
+// The set-up of the kernel with one CTA per query block (the forward,
+// attention_forward_kernel): which query block, head and sequence the CTA owns,
+// the key tiles it visits, where its rows start in the tensors, and the loads of
+// its Q-side and K/V tiles.
 #pragma once
 
 #include "device_runtime.cuh"

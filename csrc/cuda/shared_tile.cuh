@@ -227,7 +227,7 @@ FA_DEVICE void scores_and_dprobs(float (&acc_s)[kTiles][4], float (&acc_dp)[kTil
   }
 }
 
-// What the traits of the tensor-core kernels (forward, dQ, dK/dV, dbias) share: the
+// What the traits of the tensor-core kernels (forward, dK/dV, dbias) share: the
 // element type, the head dim, the tile config that kConfigOf (tile_configs.h) gives it,
 // with that config's query and key tile rows (kBlockM, kBlockN) and warps, and the
 // fragment counts and shared-memory tiles that follow from them.
@@ -242,7 +242,7 @@ struct MmaKernelTraits {
   static constexpr int kThreads = kWarps * kWarpSize;
   static_assert(kBlockN % 16 == 0, "key tiles are a whole number of k16 steps");
 
-  static constexpr int kDimTiles = kHeadDim / 8;   // n8 tiles of the head dim (of O, dQ)
+  static constexpr int kDimTiles = kHeadDim / 8;   // n8 tiles of the head dim (of O)
   static constexpr int kDimSteps = kHeadDim / 16;  // k16 steps of the head dim (of Q K^T, dO V^T)
   static constexpr int kKeyTiles = kBlockN / 8;    // n8 tiles of a key tile (of S)
   static constexpr int kKeySteps = kBlockN / 16;   // k16 steps of a key tile (of P V, dS K)

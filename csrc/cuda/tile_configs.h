@@ -37,7 +37,6 @@
 //   dV in registers (2 * D / 2 floats per thread at 16 x D per warp); at D = 256
 //   that is 256 registers, so two warps share 16 keys and each keeps half of
 //   the head dim (split_head_dim = 2), both computing the 16 x block_m scores.
-// - dQ (deterministic mode): like the forward, warps own query rows.
 //
 // Tuning: benchmarks/cuda_tile_sweep.py writes csrc/cuda/tile_overrides.h (never
 // committed, see .gitignore) defining forward_tile_override and dkdv_tile_override,
@@ -71,13 +70,6 @@ struct DbiasTileConfig {
   int block_m;  // query rows per CTA = 16 * warps
   int block_n;  // keys per CTA
   int warps;
-};
-
-struct DqTileConfig {
-  int block_m;  // query rows per CTA = 16 * warps
-  int block_n;  // keys per K/V tile
-  int warps;
-  bool q_do_in_registers;  // Q and dO fragments of the warp's rows held in registers
 };
 
 }  // namespace fast_attn::cuda
@@ -153,17 +145,6 @@ constexpr DkdvTileConfig dkdv_specialized_tile_config(int head_dim) {
     case 128: return {128, 64, 32, 8, 1, 1, false};
     case 256: return {64, 32, 16, 8, 2, 1, false};
     default: return {0, 0, 0, 0, 0, 0, false};
-  }
-}
-
-constexpr DqTileConfig dq_tile_config(int head_dim) {
-  switch (head_dim) {
-    case 32: return {128, 64, 8, true};
-    case 64: return {128, 64, 8, true};
-    case 96: return {128, 32, 8, false};
-    case 128: return {128, 32, 8, false};
-    case 256: return {64, 16, 4, false};
-    default: return {0, 0, 0, false};
   }
 }
 

@@ -14,6 +14,7 @@
 #include <initializer_list>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "../attention_cuda_host.h"
 #include "../kernel_api.h"
@@ -113,6 +114,20 @@ std::tuple<at::Tensor, at::Tensor> decode(const fast_attn::DecodeInputs& in, int
   return fast_attn::cuda::decode_forward(in, {nullptr, static_cast<int>(sm_count)});
 }
 
+// dkdv_splits (attention_cuda_host.h) for these sizes; dbias_shape (Bb, Hb, Sqb, Skb) of a bias whose
+// gradient the dK/dV kernel reduces, or empty.
+int64_t dkdv_splits(int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q, int64_t seqlen_k,
+                    int64_t head_dim, int64_t dq_slices, bool deterministic, std::vector<int64_t> dbias_shape,
+                    int64_t sm_count) {
+  TORCH_CHECK(dbias_shape.empty() || dbias_shape.size() == 4, "dbias_shape: (Bb, Hb, Sqb, Skb) or empty");
+  const bool dbias = !dbias_shape.empty();
+  return fast_attn::cuda::dkdv_splits({batch, heads_q, heads_kv, seqlen_q, seqlen_k, static_cast<int>(head_dim),
+                                       dq_slices, deterministic, dbias ? dbias_shape[0] : 0,
+                                       dbias ? dbias_shape[1] : 0, dbias ? dbias_shape[2] : 0,
+                                       dbias ? dbias_shape[3] : 0},
+                                      static_cast<int>(sm_count));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -146,6 +161,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("causal"), py::arg("dropout_p"), py::arg("alibi_slopes"), py::arg("window_left"),
         py::arg("window_right"), py::arg("softcap"), py::arg("cu_seqlens_q") = py::none(),
         py::arg("cu_seqlens_k") = py::none(), py::arg("max_seqlen_q") = -1, py::arg("max_seqlen_k") = -1);
+  m.def("dkdv_splits", &dkdv_splits, "the dK/dV kernel's splits (dbias partial sums, deterministic dq_accum)",
+        py::arg("batch"), py::arg("heads_q"), py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("seqlen_k"),
+        py::arg("head_dim"), py::arg("dq_slices"), py::arg("deterministic"), py::arg("dbias_shape"),
+        py::arg("sm_count"));
   m.def("launch_count", &fast_attn::emu::launch_count, "kernel launches emulated so far");
   m.def("compiled_head_dims", &fast_attn::cuda::compiled_head_dims, "head dims with kernels");
 }
