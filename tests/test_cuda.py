@@ -801,7 +801,11 @@ DETERMINISTIC_SPLIT_CASES = [
     (CudaCase(1, 2, 1, 150, 600, 64, causal="bottom_right", deterministic=True), 1, 1),
     (CudaCase(1, 4, 2, 97, 420, 96, dtype=torch.float16, causal=True, deterministic=True), 12, 3),
     (CudaCase(1, 2, 2, 45, 200, 256, window_size=(30, 10), grad_lse=True, deterministic=True), 4, 2),
-    (CudaCase(2, 3, 1, 33, 300, 32, dtype=torch.float16, causal=True, dropout_p=0.2, deterministic=True), 12, 2),
+    (
+        CudaCase(2, 3, 1, 33, 300, 32, dtype=torch.float16, causal=True, dropout_p=0.2, deterministic=True),
+        12,
+        2,
+    ),
     (CudaCase(2, 2, 1, 70, 600, 64, bias_shape=(1, 2, 1, 600), key_mask=True, deterministic=True), 8, 2),
 ]
 
