@@ -5,6 +5,8 @@
 # Everything lands under $OUT (default ./gpu_out):
 #   gpu_check.log   the whole log (every test by name, the build, the sanitizer)
 #   bench/results.{json,md} and bench/throughput.png   the benchmark
+#   measured_order.py   where the bench found the CUDA kernels faster than Triton ("auto"'s table:
+#                       commit the bench's results.json, then regenerate fast_attn/measured_order.py from it)
 #   bench_models.json, longest_sequence.json   end-to-end models, longest sequences
 #   decode/results.{json,md}   the Triton decode op against SDPA, with its bandwidth
 #   context_parallel.json   the ring and the all-to-all on one NCCL rank against plain attention
@@ -57,7 +59,7 @@ if [[ -n "${TESTS:-}" ]]; then
 else
   TEST_GROUPS=(
     # What no GPU has confirmed yet (README: Awaiting a GPU) comes first.
-    "$PARALLEL tests/test_decode.py tests/test_score_modifiers.py tests/test_triton_modifiers.py tests/test_flash_attn_interface.py tests/test_varlen.py tests/test_triton_varlen.py"
+    "$PARALLEL tests/test_decode.py tests/test_measured_order.py tests/test_score_modifiers.py tests/test_triton_modifiers.py tests/test_flash_attn_interface.py tests/test_varlen.py tests/test_triton_varlen.py"
     "-m gpu tests/test_cuda.py tests/test_distributed.py"
     "$PARALLEL tests/test_contract.py tests/test_robustness.py tests/test_fuzz.py"
     "-m gpu tests/test_nn.py tests/test_models.py tests/test_integrations.py"
@@ -169,6 +171,7 @@ if has_step bench; then
     --head-dim ${BENCH_HEAD_DIMS:-64 128} --mode fwd bwd \
     --backend ${BENCH_IMPLS:-fast_attn sdpa:flash sdpa:efficient sdpa:cudnn} 2>>"$LOG" | tee -a "$LOG"
   echo "exit status ${PIPESTATUS[0]}" | tee -a "$LOG"
+  $PY tools/measured_order.py "$OUT/bench/results.json" --out "$OUT/measured_order.py" 2>&1 | tee -a "$LOG"
 fi
 
 if has_step bench_window; then

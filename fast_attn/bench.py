@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import bench_report
-from .dispatch import BACKENDS
+from .dispatch import BACKENDS, capability_name
 from .masks import bias_from_mask
 from .testing import attention_flops
 
@@ -446,17 +446,18 @@ def main(argv=None) -> int:
     impls = _implementations(device, args.backend, args.window)
     cases = _protocol_cases(args, device)
     card = bench_report.device_name(device)
+    capability = capability_name(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
     print(f"fast_attn.bench on {card}: {len(cases)} cases x {len(impls)} implementations", file=sys.stderr)
     title = f"fast_attn.bench on {card}"
 
     def save_so_far(results: list[Result]) -> None:
         # A sweep stopped by a time limit still leaves what it measured.
         bench_report.write_records(
-            [bench_report.record(r, card, device.type) for r in results], out_dir, title
+            [bench_report.record(r, card, device.type, capability) for r in results], out_dir, title
         )
 
     results = sweep(cases, impls, device, budget_ms, on_result=save_so_far)
-    records = [bench_report.record(r, card, device.type) for r in results]
+    records = [bench_report.record(r, card, device.type, capability) for r in results]
     bench_report.write_all(records, out_dir, title=title)
     return 0
 

@@ -1,9 +1,10 @@
 """Tables, JSON and plots of benchmark records (for fast_attn.bench and for
 pytest-benchmark runs of benchmarks/).
 
-A record is a flat dict: card, device_type, implementation, mode, batch,
-heads, seqlen, head_dim, causal, window (None, or the left window of a causal
-case), dtype, bias, median_ms, flops, peak_memory_mb, error. Throughput and the
+A record is a flat dict: card, capability (a GPU's, "sm_90"; None on a CPU),
+device_type, implementation, mode, batch, heads, seqlen, head_dim, causal,
+window (None, or the left window of a causal case), dtype, bias, median_ms,
+flops, peak_memory_mb, error. Throughput and the
 ratios to every SDPA backend are derived from it.
 """
 
@@ -42,10 +43,11 @@ def write_ratio_table(pytest_config, title: str, medians_by_group: dict[str, dic
             reporter.write_line(f"  {row}")
 
 
-def record(result, card: str, device_type: str) -> dict:
+def record(result, card: str, device_type: str, capability: str | None = None) -> dict:
     case = result.case
     return {
         "card": card,
+        "capability": capability,
         "device_type": device_type,
         "implementation": result.implementation,
         "mode": case.mode,

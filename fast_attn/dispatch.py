@@ -2,10 +2,11 @@
 
 Each backend declares what it supports and answers `not_supported_reasons`.
 "auto" takes the first backend with no reasons, in the order triton, cuda,
-cpu, reference (fastest measured first), or cuda first for a decoding step (auto_order); a backend
-named explicitly that cannot run the input raises with every reason. Decisions use static facts only
-(device, dtype, head dim, features, compute capability, and whether a GPU call is a decoding step:
-few query rows, no gradient), so compiled graphs stay whole.
+cpu, reference (fastest measured first), or cuda first for a decoding step and where a committed GPU
+measurement found the CUDA kernels faster (auto_order); a backend named explicitly that cannot run the
+input raises with every reason. Decisions use static facts only (device, dtype, head dim, features,
+compute capability, causality, and whether a call needs a gradient or is a decoding step: few query
+rows, no gradient), so compiled graphs stay whole.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from . import _extension
 from .causal import CausalMode
 from .dropout import new_dropout_seed
+from .measured_order import CUDA_FASTER
 from .ops import cpp_ops
 from .validation import SUPPORTED_DTYPES, AttentionProblem, DecodeProblem
 
@@ -28,12 +30,14 @@ from .validation import SUPPORTED_DTYPES, AttentionProblem, DecodeProblem
 # it ran 1.09-1.34x SDPA flash forward and 0.999-1.24x backward, while the mma.sync CUDA
 # kernels ran 0.53-0.79x forward and 0.38-0.58x backward; both are held to the same contract tests.
 AUTO_ORDER = ("triton", "cuda", "cpu", "reference")
-# Decoding is bound by the host path, not by FLOPs: on that H100 a Triton launch cost 144 us of host
-# time per call against SDPA's 18 us, while a C++ op's launch costs a few microseconds, so "auto"
-# decodes with the C++ CUDA kernels first (their speed on a GPU is not measured yet): decode_attention's
-# steps, and attention's calls of at most MAX_DECODING_ROWS query rows on a GPU without a gradient
-# (a transformers model's generation steps).
-DECODE_AUTO_ORDER = ("cuda", "triton", "cpu", "reference")
+# The C++ CUDA kernels first, for two kinds of GPU call (auto_order):
+# - decoding steps, bound by the host path, not by FLOPs: on that H100 a Triton launch cost 144 us of
+#   host time per call against SDPA's 18 us, while a C++ op's launch costs a few microseconds
+#   (decode_attention's steps, and attention's calls of at most MAX_DECODING_ROWS query rows without
+#   a gradient: a transformers model's generation steps); their speed on a GPU is not measured yet;
+# - the problems measured_order.CUDA_FASTER lists: where a committed fast_attn.bench run on a GPU found
+#   the CUDA kernels faster than Triton at every sequence length (tools/measured_order.py writes it).
+CUDA_FIRST_ORDER = ("cuda", "triton", "cpu", "reference")
 
 
 # The optional features of the contract a backend may lack, and how a refusal names them.
@@ -415,22 +419,49 @@ def select_backend(problem: AttentionProblem, backend: str = "auto") -> Backend:
 
 
 def auto_order(problem: AttentionProblem | DecodeProblem) -> tuple[str, ...]:
-    """The backends "auto" tries, in order: DECODE_AUTO_ORDER for a decoding step (a DecodeProblem, or
-    an attention call on a GPU with few query rows and no gradient), AUTO_ORDER otherwise."""
-    if isinstance(problem, DecodeProblem) or _is_gpu_decoding_step(problem):
-        return DECODE_AUTO_ORDER
+    """The backends "auto" tries, in order: CUDA_FIRST_ORDER for a decoding step (a DecodeProblem, or
+    an attention call on a GPU with few query rows and no gradient) and for a GPU problem on which the
+    CUDA kernels measured faster (measured_order.CUDA_FASTER), AUTO_ORDER otherwise."""
+    if isinstance(problem, DecodeProblem):
+        return CUDA_FIRST_ORDER
+    if problem.q.is_cuda:
+        if _is_decoding_step(problem):
+            return CUDA_FIRST_ORDER
+        if measured_key(problem, torch.cuda.get_device_capability(problem.device)) in CUDA_FASTER:
+            return CUDA_FIRST_ORDER
     return AUTO_ORDER
 
 
-def _is_gpu_decoding_step(problem: AttentionProblem) -> bool:
-    return problem.q.is_cuda and problem.seqlen_q <= MAX_DECODING_ROWS and not problem.needs_grad
+def _is_decoding_step(problem: AttentionProblem) -> bool:
+    return problem.seqlen_q <= MAX_DECODING_ROWS and not problem.needs_grad
+
+
+_MEASURED_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def capability_name(capability: tuple[int, int]) -> str:
+    """A compute capability as the measurements name it: (9, 0) -> "sm_90"."""
+    return f"sm_{capability[0]}{capability[1]}"
+
+
+def measured_key(problem: AttentionProblem, capability: tuple[int, int]) -> tuple | None:
+    """The problem's key in measured_order.CUDA_FASTER on a GPU of `capability`: (capability name,
+    dtype, head dim, causal, "fwd_bwd" with a gradient else "fwd"); None for a problem the bench
+    does not measure (a bias, key mask or optional feature, a dtype other than bf16 and fp16)."""
+    dtype = _MEASURED_DTYPES.get(problem.dtype)
+    plain = problem.bias is None and problem.key_mask is None and not any(_feature_flags(problem))
+    if dtype is None or not plain:
+        return None
+    mode = "fwd_bwd" if problem.needs_grad else "fwd"
+    return (capability_name(capability), dtype, problem.head_dim, problem.causal != CausalMode.NONE, mode)
 
 
 # "auto"'s choices by the facts that decide them, so that a call repeating an earlier one's facts
 # (every decoding step, every layer) asks no backend again. Without a bias the reasons of every
 # backend read only the device, the dtype, the head dim and the features asked for (the bias's
 # gradient is the one further fact, _cuda_modifier_reasons): a backend's extra_reasons must keep it so.
-# Whether a GPU call is a decoding step picks the order they are asked in (auto_order).
+# A GPU attention call's order (auto_order) also reads whether it is a decoding step, needs a
+# gradient, is causal and has a key mask.
 _AUTO_CHOICES: dict[tuple, Backend] = {}
 
 
@@ -438,8 +469,15 @@ def _auto_choice_key(problem: AttentionProblem | DecodeProblem) -> tuple | None:
     if problem.bias is not None:
         return None
     q = problem.q  # its last dim is the head dim in either problem's layout
-    decoding_step = isinstance(problem, AttentionProblem) and _is_gpu_decoding_step(problem)
-    return (type(problem), q.device, q.dtype, q.shape[-1], _feature_flags(problem), decoding_step)
+    order_facts = None
+    if q.is_cuda and not isinstance(problem, DecodeProblem):
+        order_facts = (
+            problem.seqlen_q <= MAX_DECODING_ROWS,
+            problem.needs_grad,
+            problem.causal != CausalMode.NONE,
+            problem.key_mask is not None,
+        )
+    return (type(problem), q.device, q.dtype, q.shape[-1], _feature_flags(problem), order_facts)
 
 
 def run_problem(problem: AttentionProblem, backend: str = "auto"):

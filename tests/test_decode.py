@@ -396,15 +396,23 @@ def test_cpu_attention_on_few_query_rows_runs_as_a_decoding_step(shape, options,
 @pytest.mark.parametrize("on_gpu", [True, False])
 @pytest.mark.parametrize("seqlen_q", [1, dispatch.MAX_DECODING_ROWS, dispatch.MAX_DECODING_ROWS + 1])
 @pytest.mark.parametrize("needs_grad", [False, True])
-def test_auto_asks_the_cuda_kernels_first_for_a_gpu_decoding_step(on_gpu, seqlen_q, needs_grad):
+def test_auto_asks_the_cuda_kernels_first_for_a_gpu_decoding_step(on_gpu, seqlen_q, needs_grad, monkeypatch):
     # A decoding step is host-bound: "auto" asks the C++ CUDA kernels before Triton for attention
     # calls on a GPU with few query rows and no gradient, as for every decode_attention step.
-    # auto_order reads only these facts of the problem (a stand-in here: no GPU on this machine).
+    # auto_order reads only these facts of the problem (a stand-in here: no GPU on this machine; a
+    # float32 one, which the measured table never lists: tests/test_measured_order.py).
     from types import SimpleNamespace
 
-    problem = SimpleNamespace(q=SimpleNamespace(is_cuda=on_gpu), seqlen_q=seqlen_q, needs_grad=needs_grad)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    problem = SimpleNamespace(
+        q=SimpleNamespace(is_cuda=on_gpu),
+        seqlen_q=seqlen_q,
+        needs_grad=needs_grad,
+        dtype=torch.float32,
+        device=None,
+    )
     decoding = on_gpu and seqlen_q <= dispatch.MAX_DECODING_ROWS and not needs_grad
-    assert dispatch.auto_order(problem) == (dispatch.DECODE_AUTO_ORDER if decoding else dispatch.AUTO_ORDER)
+    assert dispatch.auto_order(problem) == (dispatch.CUDA_FIRST_ORDER if decoding else dispatch.AUTO_ORDER)
 
 
 def test_auto_asks_the_cuda_kernels_first_for_every_decode_attention_step():
@@ -413,7 +421,7 @@ def test_auto_asks_the_cuda_kernels_first_for_every_decode_attention_step():
     problem = fast_attn.validation.build_decode_problem(
         *(inputs[n] for n in DECODE_TENSORS[:4]), **{n: inputs[n] for n in DECODE_TENSORS[4:]}
     )
-    assert dispatch.auto_order(problem) == dispatch.DECODE_AUTO_ORDER
+    assert dispatch.auto_order(problem) == dispatch.CUDA_FIRST_ORDER
 
 
 @pytest.mark.gpu
