@@ -449,8 +449,9 @@ def measured_key(problem: AttentionProblem, capability: tuple[int, int]) -> tupl
     dtype, head dim, causal, "fwd_bwd" with a gradient else "fwd"); None for a problem the bench
     does not measure (a bias, key mask or optional feature, a dtype other than bf16 and fp16)."""
     dtype = _MEASURED_DTYPES.get(problem.dtype)
-    plain = problem.bias is None and problem.key_mask is None and not any(_feature_flags(problem))
-    if dtype is None or not plain:
+    if dtype is None or problem.bias is not None or problem.key_mask is not None:
+        return None
+    if any(_feature_flags(problem)):
         return None
     mode = "fwd_bwd" if problem.needs_grad else "fwd"
     return (capability_name(capability), dtype, problem.head_dim, problem.causal != CausalMode.NONE, mode)
