@@ -399,17 +399,14 @@ def test_cpu_attention_on_few_query_rows_runs_as_a_decoding_step(shape, options,
 def test_auto_asks_the_cuda_kernels_first_for_a_gpu_decoding_step(on_gpu, seqlen_q, needs_grad, monkeypatch):
     # A decoding step is host-bound: "auto" asks the C++ CUDA kernels before Triton for attention
     # calls on a GPU with few query rows and no gradient, as for every decode_attention step.
-    # auto_order reads only these facts of the problem (a stand-in here: no GPU on this machine; a
-    # float32 one, which the measured table never lists: tests/test_measured_order.py).
+    # auto_order reads only these facts of the problem (a stand-in here: no GPU on this machine), and
+    # the measured table, which lists no problem here (tests/test_measured_order.py tests it).
     from types import SimpleNamespace
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(dispatch, "measured_key", lambda problem, capability: None)
     problem = SimpleNamespace(
-        q=SimpleNamespace(is_cuda=on_gpu),
-        seqlen_q=seqlen_q,
-        needs_grad=needs_grad,
-        dtype=torch.float32,
-        device=None,
+        q=SimpleNamespace(is_cuda=on_gpu), seqlen_q=seqlen_q, needs_grad=needs_grad, device=None
     )
     decoding = on_gpu and seqlen_q <= dispatch.MAX_DECODING_ROWS and not needs_grad
     assert dispatch.auto_order(problem) == (dispatch.CUDA_FIRST_ORDER if decoding else dispatch.AUTO_ORDER)
