@@ -406,6 +406,17 @@ PATH_CASES = [
     (CudaCase(1, 2, 2, 77, 300, 96, deterministic=True), "fast"),
     (CudaCase(1, 4, 1, 45, 140, 128, causal=True, deterministic=True), "causal"),
     (CudaCase(1, 2, 1, 70, 140, 32, grad_lse=True), "fast"),
+    # The staged kFast and kCausal dK/dV kernels at D 64 and 128 (dkdv_staged_tile_config: 128 keys,
+    # steps of 128 and 64 queries): several query blocks per query head of a GQA or MQA group, the
+    # masked steps (the diagonal, a partial key block) and the unmasked ones alternating per head, a
+    # last query block past Sq, Sk a multiple of 128 (no masked step), deterministic splits.
+    (CudaCase(1, 4, 2, 300, 260, 64, causal=True), "causal"),
+    (
+        CudaCase(1, 4, 1, 200, 333, 128, dtype=torch.float16, causal="bottom_right", deterministic=True),
+        "causal",
+    ),
+    (CudaCase(1, 2, 2, 260, 384, 64, deterministic=True), "fast"),
+    (CudaCase(2, 3, 1, 190, 256, 128, grad_lse=True), "fast"),
     (CudaCase(1, 2, 2, 200, 150, 64, scale=-0.3), "general"),
     (CudaCase(1, 2, 2, 97, 97, 64, causal=True, key_mask=True), "general"),
     (CudaCase(1, 2, 2, 97, 97, 64, dropout_p=0.2), "general"),
