@@ -86,7 +86,7 @@ INTENDED_LOCAL_MEMORY.update(
         f"backward_dkdv_staged<{dtype}, {head_dim}, {path}{deterministic}>": (
             "the staged dK/dV kernels (FlashAttention-2's backward dataflow) hold dK and dV (64 or 128 "
             "floats per thread) with P^T and dP^T (32 + 32 or 64 + 64) at 255 registers: ptxas spills "
-            "0-44 bytes (D 64: 16-32; D 128: 0-28, deterministic 32-44), no LDL inside the loop over "
+            "0-24 bytes (D 64: 8-24; D 128: 0-16), no LDL inside the loop over "
             "the steps; FlashAttention-2's own backward "
             "spills 4 (D 128) to 64 (D 64) bytes on sm_90a (issue 15 step 5)"
         )

@@ -13,7 +13,11 @@
 //     dV  += P^T dO, dK += dS^T Q     4 x 2 warps (keys x head dim), P^T / dS^T read by ldmatrix,
 //                                     dO / Q by ldmatrix.trans; dK, dV in registers across the loop
 //     dq_accum += dS K                4 x 2 (D 64) or 2 x 4 (D 128) warps (queries x head dim),
-//                                     dS by ldmatrix.trans from dS^T; float atomics (red.v2 on sm_90)
+//                                     dS by ldmatrix.trans from dS^T; float atomics into dq_accum's
+//                                     blocked layout (DqAccumLayout, kernel_api.h): each warp
+//                                     instruction adds 128 contiguous bytes (sm_80, scalar red) or
+//                                     512 (sm_90, red.global.add.v4.f32), 8 instructions per warp
+//                                     per step on sm_90 instead of 16 red.v2, 32 scalar on sm_80
 //   Three barriers per step: Q, lse, delta are double-buffered, dO single-buffered (its next copy
 //   starts after the step's dV). One loop serves the steps a mask reaches (keys past Sk, the
 //   band's right edge) and the others, whose per-key limits leave every score unmasked.
@@ -54,11 +58,13 @@
 // Units whose band (causal, windows) reaches no query skip their steps and add nothing; packed
 // sequences loop over their own key blocks only (those past the sequence's Sk are skipped); D 256's
 // two warps per 16 keys write dq through the same disjoint tiles. The staged kernel's
-// kDeterministic variants write their partial sums the same way. It replaces the dQ kernel that
-// recomputed S and dP per query block (7 matmuls of the step instead of 5). At D 128 and 256 these
-// kernels spill 4-44 bytes around the step's dq code, none inside the chunk loop
-// (INTENDED_LOCAL_MEMORY in tools/cuda_compile_check.py). Q, dO, lse and delta of the next step
-// are prefetched with cp.async into the other of two stages while the current step computes.
+// kDeterministic variants write their partial sums the same way, in the blocked layout: (B, Hq,
+// query blocks, num_splits, block), float4 (sm_90) or float read-modify-writes at the atomics'
+// places. It replaces the dQ kernel that recomputed S and dP per query block (7 matmuls of the
+// step instead of 5). At D 128 and 256 these kernels spill 4-44 bytes around the step's dq
+// code, none inside the chunk loop (INTENDED_LOCAL_MEMORY in tools/cuda_compile_check.py). Q, dO,
+// lse and delta of the next step are prefetched with cp.async into the other of two stages while
+// the current step computes.
 //
 // kPath (kernel_api.h): the kGeneral and kModifiers kernels decide per step at run time
 // which elementwise code it needs; the kFast and kCausal kernels have no bias or dropout
@@ -319,6 +325,35 @@ FA_DEVICE void add_dq_pair(float* address, float first, float second) {
   } else {
     atomic_add_global(address, first);
     atomic_add_global(address + 1, second);
+  }
+}
+
+// The four elements of quad `quad` of a lane of the dQ warp grid (an m16n8 C tile's registers)
+// added to their places in a block of dq_accum's blocked layout (DqAccumLayout, kernel_api.h),
+// `lane_elements` pointing at the lane's first element (lane_offset): kDqAccumVector floats per
+// instruction (device_runtime.cuh), float atomics or, kDeterministic, read-modify-writes of the
+// CTA's own split.
+template <bool kDeterministic>
+FA_DEVICE void add_dq_quad(float* lane_elements, int quad, const float (&values)[4]) {
+  if constexpr (kDqAccumVector == 4) {
+    float* address = lane_elements + DqAccumLayout::instruction_offset<4>(quad, 0);
+    if constexpr (kDeterministic) {
+      float4* elements = reinterpret_cast<float4*>(address);
+      const float4 sum = load_global(elements);
+      store_global(elements, make_float4(sum.x + values[0], sum.y + values[1], sum.z + values[2], sum.w + values[3]));
+    } else {
+      atomic_add_global_quad(address, make_float4(values[0], values[1], values[2], values[3]));
+    }
+  } else {
+    FA_UNROLL
+    for (int e = 0; e < 4; ++e) {
+      float* address = lane_elements + DqAccumLayout::instruction_offset<1>(quad, e);
+      if constexpr (kDeterministic) {
+        store_global(address, load_global(address) + values[e]);
+      } else {
+        atomic_add_global(address, values[e]);
+      }
+    }
   }
 }
 
@@ -760,6 +795,9 @@ struct DkdvStagedTraits {
   static_assert(kDkdvKeys % 16 == 0 && kDkdvCols % 16 == 0, "dK/dV warp tiles of m16 tiles, n8 pairs");
   static_assert(kDqQueries % 16 == 0 && kDqCols % 16 == 0, "dQ warp tiles of m16 tiles, n8 pairs");
   static_assert(kBlockM <= kThreads, "one lse / delta row per thread");
+  // dq_accum's blocked layout (kernel_api.h) for the dQ warp grid; the host's dq_accum_layout.
+  static constexpr DqAccumLayout kDqLayout{kBlockM, kHeadDim, kDqQueryWarps, kWarps / kDqQueryWarps};
+  static_assert(kDqLayout.quads() == kDqMTiles * kDqNTiles, "a quad per C tile of the warp's dQ");
 
   using KvTile = SharedTile<kBlockN, kHeadDim>;
   using QTile = SharedTile<kBlockM, kHeadDim>;
@@ -788,7 +826,7 @@ struct DkdvStagedTraits {
 //       scheduler may overlap P^T's exp2 with dP^T's MMAs; one product's fragments live at a time).
 //   B   dV += P^T dO.
 //   C   (every warp is done with dO) the next step's dO starts.
-//       dK += dS^T Q; dQ = dS K into dq_accum (C layout).
+//       dK += dS^T Q; dQ = dS K into dq_accum (blocked layout).
 template <typename Traits, KernelPath kPath, bool kDeterministic>
 FA_KERNEL(Traits::kThreads, 1)
 void attention_backward_dkdv_staged_kernel(const AttentionBackwardParams params, const BackwardWorkspace workspace) {
@@ -801,6 +839,7 @@ void attention_backward_dkdv_staged_kernel(const AttentionBackwardParams params,
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kThreads = Traits::kThreads;
+  constexpr DqAccumLayout kDqLayout = Traits::kDqLayout;
 
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
@@ -833,6 +872,7 @@ void attention_backward_dkdv_staged_kernel(const AttentionBackwardParams params,
   const int owners = static_cast<int>(schedule.owners());
   const int owner = static_cast<int>(blockIdx.x) % owners;
   const int split = static_cast<int>(blockIdx.x) / owners;
+  const int dq_splits = kDeterministic ? schedule.num_splits : 1;
 
   Element* smem = reinterpret_cast<Element*>(dynamic_shared_memory());
   Element* k_smem = smem;
@@ -1075,22 +1115,18 @@ void attention_backward_dkdv_staged_kernel(const AttentionBackwardParams params,
           mma_pair_each_m_tile<Element>(acc_dq, a, b, dn);
         }
       }
-      const int cols_left = head_dim - (dq_col0 + pair);
+      // Into the step's block of dq_accum (DqAccumLayout: each instruction's addresses contiguous),
+      // the CTA's split of it when kDeterministic; every element, rows past Sq and columns past
+      // head_dim included (never read).
+      float* lane_elements = workspace.dq_accum +
+                             (((batch * params.heads_q + head) * num_m_blocks + m_block) * dq_splits + split) *
+                                 kDqLayout.block_floats() +
+                             kDqLayout.lane_offset<kDqAccumVector>(warp, lane);
       FA_UNROLL
       for (int mt = 0; mt < Traits::kDqMTiles; ++mt) {
         FA_UNROLL
-        for (int r = 0; r < 2; ++r) {
-          const int query = m0 + dq_query0 + mt * 16 + group + r * 8;
-          if (query < seqlen_q) {
-            const int64_t row = (batch * params.heads_q + head) * seqlen_q + query;
-            float* dq_row = dq_accum_row<kDeterministic>(workspace, schedule, row, split, head_dim) + dq_col0 + pair;
-            FA_UNROLL
-            for (int j = 0; j < Traits::kDqNTiles; ++j) {
-              if (j * 8 < cols_left) {
-                add_dq_pair<kDeterministic, true>(dq_row + j * 8, acc_dq[mt][j][2 * r], acc_dq[mt][j][2 * r + 1]);
-              }
-            }
-          }
+        for (int j = 0; j < Traits::kDqNTiles; ++j) {
+          add_dq_quad<kDeterministic>(lane_elements, mt * Traits::kDqNTiles + j, acc_dq[mt][j]);
         }
       }
       if (++m_block == num_m_blocks) {
