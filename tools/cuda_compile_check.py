@@ -112,13 +112,16 @@ SASS_FP32 = ("FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP")
 
 # The kernels' traits, each with its template arguments after the element type and head dim, one
 # tuple per instantiation (ForwardTraits, DkdvTraits: kSpecialized, the kFast / kCausal kernels' tile
-# or not).
+# or not; DkdvStagedTraits: the staged dK/dV kernels', at the head dims TRAITS_AT names).
 TRAITS = {
     "ForwardTraits": (", true", ", false"),
     "DkdvTraits": (", true", ", false"),
+    "DkdvStagedTraits": ("",),
     "DbiasTraits": ("",),
     "DecodeTraits": ("",),
 }
+# Traits that exist at some head dims only: the C++ condition (of head_dim) under which they do.
+TRAITS_AT = {"DkdvStagedTraits": "dkdv_staged({head_dim})"}
 HEAD_DIMS = tuple(BUILD_MATRIX["head_dims"])
 ELEMENTS = tuple(dtype["cuda_type"] for dtype in BUILD_MATRIX["dtypes"])
 
@@ -360,16 +363,22 @@ def traits_launch_shapes(nvcc: str, flags: list[str], workdir: Path) -> dict[str
         '#include "cuda/backward_dbias_kernel.cuh"',
         '#include "cuda/decode_kernel.cuh"',
         "using namespace fast_attn::cuda;",
+        "// Traits T's launch shape, when kExists (a discarded branch instantiates none of T's members).",
+        "template <typename T, bool kExists>",
+        "void print_shape(const char* name) {",
+        "  if constexpr (kExists) {",
+        '    std::printf("%s|%d|%zu\\n", name, T::kThreads, static_cast<size_t>(T::kSmemBytes));',
+        "  }",
+        "}",
         "int main() {",
     ]
     for traits, arguments in TRAITS.items():
         for element in ELEMENTS:
             for head_dim in HEAD_DIMS:
+                exists = TRAITS_AT.get(traits, "true").format(head_dim=head_dim)
                 for rest in arguments:
                     t = f"{traits}<{element}, {head_dim}{rest}>"
-                    lines.append(
-                        f'  std::printf("%s|%d|%zu\\n", "{t}", {t}::kThreads, static_cast<size_t>({t}::kSmemBytes));'
-                    )
+                    lines.append(f'  print_shape<{t}, {exists}>("{t}");')
     lines += ["  return 0;", "}"]
     source.write_text("\n".join(lines) + "\n")
     binary = workdir / "traits_sizes"
@@ -514,7 +523,8 @@ def sass_section(results: list[CompileResult], archs: list[Arch]) -> list[str]:
             "time what they need); two in the fast and causal kernels, the loop of the masked tiles (or "
             "steps) and the unmasked loop, told apart by their size (the unmasked one is the smaller, marked "
             "*unmasked*), except the fast forward kernel's, whose one masked tile "
-            "at most runs outside the loop: its one loop is the unmasked one. FP32 = "
+            "at most runs outside the loop (its one loop is the unmasked one), and the staged dK/dV "
+            "kernel's, whose one loop serves masked and unmasked steps (their mask limits at run time). FP32 = "
             + " + ".join(SASS_FP32)
             + "; RED = RED + REDG (dq's float atomics; REDG.E.ADD.F32x2 and x4 count one each); "
             "instructions / HMMA is the loop's instructions per HMMA; counts per warp."
