@@ -949,7 +949,7 @@ void attention_backward_dkdv_staged_kernel(const AttentionBackwardParams params,
       const int m0 = m_block * kBlockM;
       // Whether a mask reaches the step (keys past Sk, or the band's right edge). One loop serves the
       // masked and the unmasked steps, the latter's limits leaving every score unmasked: a second
-      // loop without mask code (FlashAttention-2's way) made ptxas spill 52-108 bytes, reloaded in
+      // loop without mask code (as the forward has) made ptxas spill 52-108 bytes, reloaded in
       // the loop, where this one spills 0-24 outside it (issue 15 step 5).
       const bool masked = n0 + kBlockN > seqlen_k ||
                           (kPath == KernelPath::kCausal && n0 + kBlockN - 1 > m0 + params.band_last_key);
