@@ -76,6 +76,7 @@ class Runner:
     head_dims: tuple[int, ...] = ()  # the kernel head dims compiled (the emulator's)
     kernel_path: Callable | None = None  # the forward op's arguments -> the host's KernelPath (emulator)
     dkdv_splits: Callable | None = None  # sizes -> the dK/dV kernel's split count (emulator)
+    dq_accum_layout: Callable | None = None  # (head dim, vector) -> blocked dq_accum layout (emulator)
 
     def run(self, case: Case, inputs: dict, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
         """The forward and backward ops on `case` (a fast_attn.testing.Run)."""
@@ -150,6 +151,7 @@ def emulated() -> Runner:
         head_dims=tuple(module.compiled_head_dims()),
         kernel_path=module.kernel_path,
         dkdv_splits=module.dkdv_splits,
+        dq_accum_layout=module.dq_accum_layout,
     )
 
 
@@ -406,6 +408,17 @@ PATH_CASES = [
     (CudaCase(1, 2, 2, 77, 300, 96, deterministic=True), "fast"),
     (CudaCase(1, 4, 1, 45, 140, 128, causal=True, deterministic=True), "causal"),
     (CudaCase(1, 2, 1, 70, 140, 32, grad_lse=True), "fast"),
+    # The staged kFast and kCausal dK/dV kernels at D 64 and 128 (dkdv_staged_tile_config: 128 keys,
+    # steps of 128 and 64 queries): several query blocks per query head of a GQA or MQA group, the
+    # masked steps (the diagonal, a partial key block) and the unmasked ones alternating per head, a
+    # last query block past Sq, Sk a multiple of 128 (no masked step), deterministic splits.
+    (CudaCase(1, 4, 2, 300, 260, 64, causal=True), "causal"),
+    (
+        CudaCase(1, 4, 1, 200, 333, 128, dtype=torch.float16, causal="bottom_right", deterministic=True),
+        "causal",
+    ),
+    (CudaCase(1, 2, 2, 260, 384, 64, deterministic=True), "fast"),
+    (CudaCase(2, 3, 1, 190, 256, 128, grad_lse=True), "fast"),
     (CudaCase(1, 2, 2, 200, 150, 64, scale=-0.3), "general"),
     (CudaCase(1, 2, 2, 97, 97, 64, causal=True, key_mask=True), "general"),
     (CudaCase(1, 2, 2, 97, 97, 64, dropout_p=0.2), "general"),
@@ -856,6 +869,34 @@ def test_emulated_deterministic_splits_varlen(emulated: Runner):
         deterministic=True,
     )
     check_varlen(_runner_with_sm_count(emulated, 4), varlen)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("vector", [1, 4])
+def test_emulated_dq_accum_layout(emulated: Runner, head_dim: int, vector: int):
+    """The staged dK/dV kernels' blocked dq_accum (DqAccumLayout, csrc/cuda/kernel_api.h), for
+    scalar atomics (sm_80) and red.global.add.v4.f32 (sm_90, what the emulator runs): each row and
+    column of a block has its own place; register e of lane l of quad q of dQ warp w (the MMA C
+    layout of the warp's 16 x 8 tile q, the warp grid queries fastest) lands where the convert
+    kernel reads its row and column; and each warp instruction (4 / vector per quad) covers
+    32 x vector contiguous floats, aligned to their size: 128 or 512 bytes, 4 or 16 whole sectors."""
+    offsets, elements, query_warps = emulated.dq_accum_layout(head_dim, vector)
+    block_m = offsets.shape[0]
+    assert torch.equal(offsets.flatten().sort().values, torch.arange(block_m * head_dim))
+    warps, quads = elements.shape[:2]
+    warp_rows, warp_cols = block_m // query_warps, head_dim // (warps // query_warps)
+    w, q, lane, e = torch.meshgrid(*(torch.arange(n) for n in elements.shape), indexing="ij")
+    row = (w % query_warps) * warp_rows + q // (warp_cols // 8) * 16 + lane // 4 + 8 * (e // 2)
+    col = (w // query_warps) * warp_cols + q % (warp_cols // 8) * 8 + 2 * (lane % 4) + e % 2
+    assert torch.equal(offsets[row, col], elements)
+    # (warp, instruction, lane, vector): one instruction's lanes, lane-major.
+    instructions = elements.reshape(warps, quads, 32, 4 // vector, vector).permute(0, 1, 3, 2, 4)
+    instructions = instructions.reshape(warps, quads * (4 // vector), 32, vector)
+    first = instructions[..., :1, :1]
+    assert torch.equal(
+        instructions - first, torch.arange(32 * vector).reshape(32, vector).expand_as(instructions)
+    )
+    assert bool((first % (32 * vector) == 0).all())
 
 
 def test_emulated_dkdv_splits(emulated: Runner):

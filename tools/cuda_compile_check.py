@@ -81,6 +81,22 @@ INTENDED_LOCAL_MEMORY: dict[str, str] = {
     )
 }
 
+INTENDED_LOCAL_MEMORY.update(
+    {
+        f"backward_dkdv_staged<{dtype}, {head_dim}, {path}{deterministic}>": (
+            "the staged dK/dV kernels (FlashAttention-2's backward dataflow) hold dK and dV (64 or 128 "
+            "floats per thread) with P^T and dP^T (32 + 32 or 64 + 64) at 255 registers: ptxas spills "
+            "0-24 bytes (D 64: 8-24; D 128: 0-16), no LDL inside the loop over "
+            "the steps; FlashAttention-2's own backward "
+            "spills 4 (D 128) to 64 (D 64) bytes on sm_90a (issue 15 step 5)"
+        )
+        for dtype in ("bf16", "fp16")
+        for head_dim in (64, 128)
+        for path in ("fast", "causal")
+        for deterministic in ("", ", deterministic")
+    }
+)
+
 # The units whose forward and dK/dV kernels (paths fast, causal, general) get SASS loop counts.
 SASS_UNITS = tuple(
     f"{kind}_hdim{head_dim}_{dtype}"
@@ -88,20 +104,24 @@ SASS_UNITS = tuple(
     for head_dim in (64, 128)
     for dtype in ("fp16", "bf16")
 )
-SASS_KERNELS = ("forward", "backward_dkdv")
+SASS_KERNELS = ("forward", "backward_dkdv", "backward_dkdv_staged")
 # SASS opcodes counted per loop (by their name before the first '.'); FP32 sums the float ALU ones.
-SASS_COUNTED = ("HMMA", "LDSM", "MUFU", "BAR")
+SASS_COUNTED = ("HMMA", "LDSM", "MUFU", "BAR", "STS")
+SASS_RED = ("RED", "REDG")  # float atomics: RED on sm_80, REDG on sm_90
 SASS_FP32 = ("FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP")
 
 # The kernels' traits, each with its template arguments after the element type and head dim, one
 # tuple per instantiation (ForwardTraits, DkdvTraits: kSpecialized, the kFast / kCausal kernels' tile
-# or not).
+# or not; DkdvStagedTraits: the staged dK/dV kernels', at the head dims TRAITS_AT names).
 TRAITS = {
     "ForwardTraits": (", true", ", false"),
     "DkdvTraits": (", true", ", false"),
+    "DkdvStagedTraits": ("",),
     "DbiasTraits": ("",),
     "DecodeTraits": ("",),
 }
+# Traits that exist at some head dims only: the C++ condition (of head_dim) under which they do.
+TRAITS_AT = {"DkdvStagedTraits": "dkdv_staged({head_dim})"}
 HEAD_DIMS = tuple(BUILD_MATRIX["head_dims"])
 ELEMENTS = tuple(dtype["cuda_type"] for dtype in BUILD_MATRIX["dtypes"])
 
@@ -219,6 +239,7 @@ def demangle(names: list[str]) -> dict[str, str]:
 KERNEL_FLAGS = {
     "forward": ("path", "varlen"),
     "backward_dkdv": ("dbias", "path", "varlen", "deterministic"),
+    "backward_dkdv_staged": ("path", "deterministic"),
     "backward_dbias": ("modifiers",),
 }
 DEFAULT_KERNEL_FLAGS = ("modifiers", "varlen")
@@ -342,16 +363,22 @@ def traits_launch_shapes(nvcc: str, flags: list[str], workdir: Path) -> dict[str
         '#include "cuda/backward_dbias_kernel.cuh"',
         '#include "cuda/decode_kernel.cuh"',
         "using namespace fast_attn::cuda;",
+        "// Traits T's launch shape, when kExists (a discarded branch instantiates none of T's members).",
+        "template <typename T, bool kExists>",
+        "void print_shape(const char* name) {",
+        "  if constexpr (kExists) {",
+        '    std::printf("%s|%d|%zu\\n", name, T::kThreads, static_cast<size_t>(T::kSmemBytes));',
+        "  }",
+        "}",
         "int main() {",
     ]
     for traits, arguments in TRAITS.items():
         for element in ELEMENTS:
             for head_dim in HEAD_DIMS:
+                exists = TRAITS_AT.get(traits, "true").format(head_dim=head_dim)
                 for rest in arguments:
                     t = f"{traits}<{element}, {head_dim}{rest}>"
-                    lines.append(
-                        f'  std::printf("%s|%d|%zu\\n", "{t}", {t}::kThreads, static_cast<size_t>({t}::kSmemBytes));'
-                    )
+                    lines.append(f'  print_shape<{t}, {exists}>("{t}");')
     lines += ["  return 0;", "}"]
     source.write_text("\n".join(lines) + "\n")
     binary = workdir / "traits_sizes"
@@ -484,7 +511,10 @@ def sass_section(results: list[CompileResult], archs: list[Arch]) -> list[str]:
         "",
         (
             "The forward's main loop runs once per key tile, the dK/dV kernel's once per chunk of queries "
-            "(kChunkM queries x 16 keys per warp). Each unit of `SASS_UNITS` is disassembled "
+            "(kChunkM queries x 16 keys per warp), the staged dK/dV kernel's (`backward_dkdv_staged`, kFast "
+            "and kCausal at D 64 and 128) once per step: all five products of kBlockM queries x 128 keys, "
+            "so its counts are per warp per whole step (320 HMMA), the prefetch of the next step's tiles "
+            "included. Each unit of `SASS_UNITS` is disassembled "
             "(`cuobjdump -xelf all`, `nvdisasm -c`). A loop is a backward branch: a `BRA` whose target label "
             "lies before it; its body is every instruction from that label to the branch, all basic blocks "
             "between them, so the counts are static (a conditional block inside the body, such as the "
@@ -492,15 +522,16 @@ def sass_section(results: list[CompileResult], archs: list[Arch]) -> list[str]:
             "smaller loop that does, in code order: one in the general kernels (which test per tile at run "
             "time what they need); two in the fast and causal kernels, the loop of the masked tiles (or "
             "steps) and the unmasked loop, told apart by their size (the unmasked one is the smaller, marked "
-            "*unmasked*), except the dK/dV kernel's at D 128, one loop serving both "
-            "(`kTwoLoops`, backward_dkdv_kernel.cuh), and the fast forward kernel's, whose one masked tile "
-            "at most runs outside the loop: its one loop is the unmasked one. FP32 = "
+            "*unmasked*), except the fast forward kernel's, whose one masked tile "
+            "at most runs outside the loop (its one loop is the unmasked one), and the staged dK/dV "
+            "kernel's, whose one loop serves masked and unmasked steps (their mask limits at run time). FP32 = "
             + " + ".join(SASS_FP32)
-            + "; counts per warp."
+            + "; RED = RED + REDG (dq's float atomics; REDG.E.ADD.F32x2 and x4 count one each); "
+            "instructions / HMMA is the loop's instructions per HMMA; counts per warp."
         ),
         "",
     ]
-    columns = ("instructions", *SASS_COUNTED[:3], *SASS_FP32, "FP32", SASS_COUNTED[3])
+    columns = ("instructions", "per HMMA", *SASS_COUNTED[:3], *SASS_FP32, "FP32", *SASS_COUNTED[3:], "RED")
     for arch in archs:
         lines += [
             f"### {arch.name}",
@@ -526,10 +557,12 @@ def sass_section(results: list[CompileResult], archs: list[Arch]) -> list[str]:
                     label = f"{index + 1} of {len(loops)}" + (", *unmasked*" if loop is smallest else "")
                     counts = [
                         len(loop.opcodes),
+                        f"{len(loop.opcodes) / max(loop.count('HMMA'), 1):.2f}",
                         *(loop.count(name) for name in SASS_COUNTED[:3]),
                         *(loop.count(name) for name in SASS_FP32),
                         loop.count(*SASS_FP32),
-                        loop.count(SASS_COUNTED[3]),
+                        *(loop.count(name) for name in SASS_COUNTED[3:]),
+                        loop.count(*SASS_RED),
                     ]
                     rows.append(f"| {kernel.name} | {label} | " + " | ".join(str(c) for c in counts) + " |")
         lines += sorted(rows)

@@ -118,6 +118,17 @@ void check_row_vector(const at::Tensor& t, const at::Tensor& q, const char* name
 
 }  // namespace
 
+// dq_accum's layout for the dK/dV kernel that backward_for launches at kernel head dim head_dim:
+// blocked for the staged kernels (the kFast and kCausal paths at the head dims of dkdv_staged), with
+// their dQ warp grid (DkdvStagedTraits::kDqLayout); else row-major.
+DqAccumLayout dq_accum_layout(const AttentionBackwardParams& params, int head_dim) {
+  if (!is_specialized(kernel_path(params)) || !dkdv_staged(head_dim)) {
+    return {};
+  }
+  const DkdvStagedTileConfig tile = dkdv_staged_tile_config(head_dim);
+  return {tile.block_m, head_dim, tile.dq_query_warps, tile.warps / tile.dq_query_warps};
+}
+
 std::vector<int> compiled_head_dims() {
   std::vector<int> dims(std::begin(kCompiledHeadDims), std::end(kCompiledHeadDims));
   std::sort(dims.begin(), dims.end());
@@ -225,11 +236,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(co
     set_dbias_partials(params, *dbias_partials);
   }
   const int64_t dq_splits = deterministic ? splits : 1;
+  // Blocked for the staged dK/dV kernels and zeroed here; else row-major, zeroed by the preprocess kernel.
+  const DqAccumLayout dq_layout = dq_accum_layout(params, head_dim);
   const at::Tensor dq_accum =
-      at::empty({q.size(0), q.size(1), q.size(2), dq_splits, q.size(3)}, q.options().dtype(at::kFloat));
+      dq_layout.block_m == 0
+          ? at::empty({q.size(0), q.size(1), q.size(2), dq_splits, q.size(3)}, q.options().dtype(at::kFloat))
+          : at::zeros({q.size(0), q.size(1), (q.size(2) + dq_layout.block_m - 1) / dq_layout.block_m, dq_splits,
+                       dq_layout.block_floats()},
+                      q.options().dtype(at::kFloat));
   BackwardWorkspace workspace{};
   workspace.dq_accum = dq_accum.data_ptr<float>();
   workspace.dq_splits = dq_splits;
+  workspace.dq_layout = dq_layout;
   workspace.deterministic = deterministic;
   workspace.grad_lse = grad_lse_ready ? grad_lse_ready->data_ptr<float>() : nullptr;
 

@@ -1,7 +1,33 @@
-// Attention backward, dK/dV kernel (and dq by float atomics, and dbias).
+// Attention backward, the dK/dV kernels (and dq by float atomics, and dbias). Two kernels:
 //
-// A CTA processes the units of its schedule (backward_schedule.h); a unit is
-// one key block (kBlockN keys) of one (batch, kv head). Each warp owns 16 keys
+// - attention_backward_dkdv_staged_kernel: the kFast and kCausal paths at the head dims of
+//   dkdv_staged (D 64 and 128, tile_configs.h), FlashAttention-2's dataflow. A CTA of 8 warps owns
+//   128 keys (K and V stay in shared memory) and walks the query blocks of the GQA group's query
+//   heads in steps of kBlockM queries (128 at D 64, 64 at D 128), each a whole-CTA product on its
+//   own warp grid:
+//     S^T  = K Q^T                    4 x 2 warps (keys x queries), 16 (D 64) or 8 (D 128)
+//                                     independent m16n8 accumulators per warp
+//     P^T  = exp2(S^T scale log2(e) - lse log2(e))  -> shared memory (16-bit)
+//     dP^T = V dO^T                   as S^T
+//     dS^T = P^T (dP^T - delta)       -> shared memory (16-bit)
+//     dV  += P^T dO, dK += dS^T Q     4 x 2 warps (keys x head dim), P^T / dS^T read by ldmatrix,
+//                                     dO / Q by ldmatrix.trans; dK, dV in registers across the loop
+//     dq_accum += dS K                4 x 2 (D 64) or 2 x 4 (D 128) warps (queries x head dim),
+//                                     dS by ldmatrix.trans from dS^T; float atomics into dq_accum's
+//                                     blocked layout (DqAccumLayout, kernel_api.h): each warp
+//                                     instruction adds 128 contiguous bytes (sm_80, scalar red) or
+//                                     512 (sm_90, red.global.add.v4.f32), 8 instructions per warp
+//                                     per step on sm_90 instead of 16 red.v2, 32 scalar on sm_80
+//   Three barriers per step: Q, lse, delta are double-buffered, dO single-buffered (its next copy
+//   starts after the step's dV). One loop serves the steps a mask reaches (keys past Sk, the
+//   band's right edge) and the others, whose per-key limits leave every score unmasked.
+// - attention_backward_dkdv_kernel: every other path and head dim, described below.
+//
+// Both take their units from the schedule (backward_schedule.h); a unit is one key block (kBlockN
+// keys) of one (batch, kv head), and dK, dV of a kv head sum over its query heads inside one CTA:
+// no atomics, deterministic.
+//
+// attention_backward_dkdv_kernel: each warp owns 16 keys
 // of the block and keeps their dK, dV in registers (all head-dim columns, or
 // half of them at D = 256 where two warps share 16 keys) while the CTA loops
 // over the query heads of the GQA group and their query blocks (kBlockM rows
@@ -31,19 +57,20 @@
 // 4 x max(B x Hq, num_SMs) x Sq x D bytes, never a partial per key block.
 // Units whose band (causal, windows) reaches no query skip their steps and add nothing; packed
 // sequences loop over their own key blocks only (those past the sequence's Sk are skipped); D 256's
-// two warps per 16 keys write dq through the same disjoint tiles. It replaces the dQ kernel that
-// recomputed S and dP per query block (7 matmuls of the step instead of 5). At D 128 and 256 these
-// kernels spill 4-44 bytes around the step's dq code, none inside the chunk loop
-// (INTENDED_LOCAL_MEMORY in tools/cuda_compile_check.py).
-// dK and dV of a kv head sum over its query heads inside one CTA: no atomics,
-// deterministic. Q, dO, lse and delta of the next step are prefetched with
-// cp.async into the other of two stages while the current step computes.
+// two warps per 16 keys write dq through the same disjoint tiles. The staged kernel's
+// kDeterministic variants write their partial sums the same way, in the blocked layout: (B, Hq,
+// query blocks, num_splits, block), float4 (sm_90) or float read-modify-writes at the atomics'
+// places. It replaces the dQ kernel that recomputed S and dP per query block (7 matmuls of the
+// step instead of 5). At D 128 and 256 these kernels spill 4-44 bytes around the step's dq
+// code, none inside the chunk loop (INTENDED_LOCAL_MEMORY in tools/cuda_compile_check.py). Q, dO,
+// lse and delta of the next step are prefetched with cp.async into the other of two stages while
+// the current step computes.
 //
 // kPath (kernel_api.h): the kGeneral and kModifiers kernels decide per step at run time
 // which elementwise code it needs; the kFast and kCausal kernels have no bias or dropout
 // code, and mask (one compare per score against a per-key limit) only in the steps that
 // keys past Sk or the band's right edge reach. Those steps run one chunk loop and the others
-// a second one with no mask or lse test (kTwoLoops); at D 128 and 256 one loop serves both,
+// a second one with no mask or lse test (kTwoLoops, D 32 and 96); at D 256 one loop serves both,
 // the limit leaving every score of the unmasked steps unmasked.
 #pragma once
 
@@ -263,6 +290,73 @@ FAST_ATTN_HOST_DEVICE DkdvSchedule dkdv_schedule(const AttentionBackwardParams& 
                       params.dbias_batch, params.dbias_heads, params.dbias_cols, splits, deterministic);
 }
 
+// The first query block (of kBlockM rows; num_m_blocks when none) with a query that sees a key of
+// the block from key n0 on (the band's right edge: query i sees keys up to i + band_last_key).
+template <int kBlockM, bool kVarlen>
+FA_DEVICE int first_query_block(const AttentionBackwardParams& params, const Sequence<kVarlen>& sequence, int n0,
+                                int seqlen_q, int num_m_blocks) {
+  int first_query = 0;
+  if (band_bounds_right(params)) {
+    const int64_t first = n0 - sequence.band_last_key(params);
+    first_query = first > 0 ? (first < seqlen_q ? static_cast<int>(first) : seqlen_q) : 0;
+  }
+  return first_query >= seqlen_q ? num_m_blocks : first_query / kBlockM;
+}
+
+// The partial sum of dq_accum row `row` that the CTA of split `split` writes (kDeterministic;
+// the row's only one otherwise).
+template <bool kDeterministic>
+FA_DEVICE float* dq_accum_row(const BackwardWorkspace& workspace, const DkdvSchedule& schedule, int64_t row,
+                              int split, int head_dim) {
+  return workspace.dq_accum + (kDeterministic ? row * schedule.num_splits + split : row) * head_dim;
+}
+
+// address[0] += first, address[1] += second in dq_accum (address 8-byte aligned): kDeterministic,
+// a plain read-modify-write (the CTA's thread is the only writer of its split's element); else
+// float atomics, kVector: one red.global.add.v2.f32 on sm_90 (atomic_add_global_pair).
+template <bool kDeterministic, bool kVector>
+FA_DEVICE void add_dq_pair(float* address, float first, float second) {
+  if constexpr (kDeterministic) {
+    float2* pair_address = reinterpret_cast<float2*>(address);
+    const float2 sum = load_global(pair_address);
+    store_global(pair_address, make_float2(sum.x + first, sum.y + second));
+  } else if constexpr (kVector) {
+    atomic_add_global_pair(address, first, second);
+  } else {
+    atomic_add_global(address, first);
+    atomic_add_global(address + 1, second);
+  }
+}
+
+// The four elements of quad `quad` of a lane of the dQ warp grid (an m16n8 C tile's registers)
+// added to their places in a block of dq_accum's blocked layout (DqAccumLayout, kernel_api.h),
+// `lane_elements` pointing at the lane's first element (lane_offset): kDqAccumVector floats per
+// instruction (device_runtime.cuh), float atomics or, kDeterministic, read-modify-writes of the
+// CTA's own split.
+template <bool kDeterministic>
+FA_DEVICE void add_dq_quad(float* lane_elements, int quad, const float (&values)[4]) {
+  if constexpr (kDqAccumVector == 4) {
+    float* address = lane_elements + DqAccumLayout::instruction_offset<4>(quad, 0);
+    if constexpr (kDeterministic) {
+      float4* elements = reinterpret_cast<float4*>(address);
+      const float4 sum = load_global(elements);
+      store_global(elements, make_float4(sum.x + values[0], sum.y + values[1], sum.z + values[2], sum.w + values[3]));
+    } else {
+      atomic_add_global_quad(address, make_float4(values[0], values[1], values[2], values[3]));
+    }
+  } else {
+    FA_UNROLL
+    for (int e = 0; e < 4; ++e) {
+      float* address = lane_elements + DqAccumLayout::instruction_offset<1>(quad, e);
+      if constexpr (kDeterministic) {
+        store_global(address, load_global(address) + values[e]);
+      } else {
+        atomic_add_global(address, values[e]);
+      }
+    }
+  }
+}
+
 // kPath: the problems it runs (kernel_api.h); kModifiers adds the band's left edge, softcap and
 // ALiBi (score_context.cuh). kVarlen (kGeneral, kModifiers; never with dbias): packed sequences,
 // a unit's batch index being the sequence's; a key block beyond its sequence is skipped.
@@ -272,8 +366,8 @@ FA_KERNEL(Traits::kThreads, Traits::kMinBlocksPerSm)
 void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const BackwardWorkspace workspace) {
   constexpr bool kModifiers = kPath == KernelPath::kModifiers;
   constexpr bool kSpecialized = is_specialized(kPath);
-  // kFast and kCausal at D <= 96 run the masked and the unmasked steps in two chunk loops; at
-  // D 128 and 256 two loops spill (16 and 44 bytes on sm_80), one loop serves both.
+  // kFast and kCausal (D 32 and 96 here; D 64 and 128 run the staged kernel) run the masked and the
+  // unmasked steps in two chunk loops; at D 256 two loops spill (44 bytes on sm_80), one loop serves both.
   constexpr bool kTwoLoops = kSpecialized && Traits::kHeadDim <= 96;
   static_assert(!(kSpecialized && (kVarlen || kWithDbias)), "kFast and kCausal have no packed sequences or bias");
   static_assert(kSpecialized == Traits::kSpecialized, "the tiles of the kernel's path");
@@ -348,12 +442,7 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
     const int key0 = n0 + key_warp * 16 + group;  // this thread's keys: key0 and key0 + 8
 
     // Query blocks [m_begin, m_end) see some key of this block.
-    int first_query = 0;
-    if (band_bounds_right(params)) {
-      const int64_t first = n0 - sequence.band_last_key(params);
-      first_query = first > 0 ? (first < seqlen_q ? static_cast<int>(first) : seqlen_q) : 0;
-    }
-    const int m_begin = first_query >= seqlen_q ? num_m_blocks : first_query / kBlockM;
+    const int m_begin = first_query_block<kBlockM>(params, sequence, n0, seqlen_q, num_m_blocks);
     int m_end = num_m_blocks;
     if (kModifiers && band_bounds_left(params)) {
       // Rows past the block's last key minus the left edge see none of its keys.
@@ -626,22 +715,12 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
           const int query = m0 + dq_row_warp * 16 + group + r * 8;
           if (query < seqlen_q) {
             const int64_t row = sequence.lse_index(params, seqlen_q, head, query);
-            // The row's partial sum of the CTA's split (kDeterministic; its only one otherwise).
-            const int64_t dq_split = kDeterministic ? row * schedule.num_splits + split : row;
-            float* dq_row = workspace.dq_accum + dq_split * head_dim + col_base;  // column col_base + 8 j + c below
+            // column col_base + 8 j + c below
+            float* dq_row = dq_accum_row<kDeterministic>(workspace, schedule, row, split, head_dim) + col_base;
             FA_UNROLL
             for (int j = 0; j < Traits::kDqPartTiles; ++j) {
               if (j * 8 < cols_left) {
-                if constexpr (kDeterministic) {
-                  float2* pair_address = reinterpret_cast<float2*>(dq_row + j * 8);
-                  const float2 sum = load_global(pair_address);
-                  store_global(pair_address, make_float2(sum.x + acc_dq[j][2 * r], sum.y + acc_dq[j][2 * r + 1]));
-                } else if constexpr (kSpecialized) {
-                  atomic_add_global_pair(dq_row + j * 8, acc_dq[j][2 * r], acc_dq[j][2 * r + 1]);
-                } else {
-                  atomic_add_global(dq_row + j * 8, acc_dq[j][2 * r]);
-                  atomic_add_global(dq_row + j * 8 + 1, acc_dq[j][2 * r + 1]);
-                }
+                add_dq_pair<kDeterministic, kSpecialized>(dq_row + j * 8, acc_dq[j][2 * r], acc_dq[j][2 * r + 1]);
               }
             }
           }
@@ -681,6 +760,410 @@ void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const 
   }
 }
 
+// The kFast and kCausal kernels at the head dims of dkdv_staged (tile_configs.h): FlashAttention-2's
+// dataflow, three products per step on three warp grids, P^T and dS^T through shared memory.
+template <typename Element_, int kHeadDim_>
+struct DkdvStagedTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr DkdvStagedTileConfig kConfig = dkdv_staged_tile_config(kHeadDim);
+  static constexpr int kBlockN = kConfig.block_n;
+  static constexpr int kBlockM = kConfig.block_m;
+  static constexpr int kWarps = kConfig.warps;
+  static constexpr int kThreads = kWarps * kWarpSize;
+  static constexpr int kDimSteps = kHeadDim / 16;  // k16 steps of K Q^T and V dO^T
+
+  // S^T, dP^T: kScoreKeys x kScoreQueries per warp (m16 x n8 tiles).
+  static constexpr int kScoreKeyWarps = kConfig.score_key_warps;
+  static constexpr int kScoreKeys = kBlockN / kScoreKeyWarps;
+  static constexpr int kScoreQueries = kBlockM / (kWarps / kScoreKeyWarps);
+  static constexpr int kScoreMTiles = kScoreKeys / 16;
+  static constexpr int kScoreNTiles = kScoreQueries / 8;
+  // dK, dV: kDkdvKeys x kDkdvCols per warp.
+  static constexpr int kDkdvKeyWarps = kConfig.dkdv_key_warps;
+  static constexpr int kDkdvKeys = kBlockN / kDkdvKeyWarps;
+  static constexpr int kDkdvCols = kHeadDim / (kWarps / kDkdvKeyWarps);
+  static constexpr int kDkdvMTiles = kDkdvKeys / 16;
+  static constexpr int kDkdvNTiles = kDkdvCols / 8;
+  // dQ: kDqQueries x kDqCols per warp.
+  static constexpr int kDqQueryWarps = kConfig.dq_query_warps;
+  static constexpr int kDqQueries = kBlockM / kDqQueryWarps;
+  static constexpr int kDqCols = kHeadDim / (kWarps / kDqQueryWarps);
+  static constexpr int kDqMTiles = kDqQueries / 16;
+  static constexpr int kDqNTiles = kDqCols / 8;
+  static_assert(kScoreKeys % 16 == 0 && kScoreQueries % 16 == 0, "S^T warp tiles of m16 tiles, n8 pairs");
+  static_assert(kDkdvKeys % 16 == 0 && kDkdvCols % 16 == 0, "dK/dV warp tiles of m16 tiles, n8 pairs");
+  static_assert(kDqQueries % 16 == 0 && kDqCols % 16 == 0, "dQ warp tiles of m16 tiles, n8 pairs");
+  static_assert(kBlockM <= kThreads, "one lse / delta row per thread");
+  // dq_accum's blocked layout (kernel_api.h) for the dQ warp grid; the host's dq_accum_layout.
+  static constexpr DqAccumLayout kDqLayout{kBlockM, kHeadDim, kDqQueryWarps, kWarps / kDqQueryWarps};
+  static_assert(kDqLayout.quads() == kDqMTiles * kDqNTiles, "a quad per C tile of the warp's dQ");
+
+  using KvTile = SharedTile<kBlockN, kHeadDim>;
+  using QTile = SharedTile<kBlockM, kHeadDim>;
+  using ScoreTile = SharedTile<kBlockN, kBlockM>;  // P^T, dS^T: rows keys, columns queries
+
+  // Element offsets: K, V, Q stages 0 and 1, dO (one stage), P^T, dS^T; then float offsets:
+  // lse stages 0 and 1, delta stages 0 and 1.
+  static constexpr int kVOffset = KvTile::kElements;
+  static constexpr int kQOffset = 2 * KvTile::kElements;
+  static constexpr int kDoOffset = kQOffset + 2 * QTile::kElements;
+  static constexpr int kPOffset = kDoOffset + QTile::kElements;
+  static constexpr int kDsOffset = kPOffset + ScoreTile::kElements;
+  static constexpr int kElementBytes = (kDsOffset + ScoreTile::kElements) * static_cast<int>(sizeof(Element));
+  static_assert(kElementBytes % 16 == 0, "float region stays 16-byte aligned");
+  static constexpr int kLseOffset = 0;
+  static constexpr int kDeltaOffset = 2 * kBlockM;
+  static constexpr int kFloats = 4 * kBlockM;
+  static constexpr size_t kSmemBytes = kElementBytes + kFloats * sizeof(float);
+};
+
+// Per step (kBlockM queries of one query head against the CTA's kBlockN keys), barriers A, B, C:
+//   A   Q, lse, delta (stage step % 2) and dO have landed; every warp is done with step - 1.
+//       The next step's Q, lse, delta start into the other stage.
+//       S^T = K Q^T; P^T = exp2(S^T log2(e) scale - lse log2(e)) to shared memory (16-bit);
+//       dP^T = V dO^T; dS^T = P^T (dP^T - delta) to shared memory (FlashAttention-2's order: the
+//       scheduler may overlap P^T's exp2 with dP^T's MMAs; one product's fragments live at a time).
+//   B   dV += P^T dO.
+//   C   (every warp is done with dO) the next step's dO starts.
+//       dK += dS^T Q; dQ = dS K into dq_accum (blocked layout).
+template <typename Traits, KernelPath kPath, bool kDeterministic>
+FA_KERNEL(Traits::kThreads, 1)
+void attention_backward_dkdv_staged_kernel(const AttentionBackwardParams params, const BackwardWorkspace workspace) {
+  static_assert(is_specialized(kPath), "the staged kernels have no bias, dropout, modifiers or packed sequences");
+  using Element = typename Traits::Element;
+  using KvTile = typename Traits::KvTile;
+  using QTile = typename Traits::QTile;
+  using ScoreTile = typename Traits::ScoreTile;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kThreads = Traits::kThreads;
+  constexpr DqAccumLayout kDqLayout = Traits::kDqLayout;
+
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int group = lane / 4;
+  const int pair = 2 * (lane % 4);
+  // The warp's tiles, within the key block and the step's queries.
+  const int score_key0 = (warp % Traits::kScoreKeyWarps) * Traits::kScoreKeys;
+  const int score_query0 = (warp / Traits::kScoreKeyWarps) * Traits::kScoreQueries;
+  const int dkdv_key0 = (warp % Traits::kDkdvKeyWarps) * Traits::kDkdvKeys;
+  const int dkdv_col0 = (warp / Traits::kDkdvKeyWarps) * Traits::kDkdvCols;
+  const int dq_query0 = (warp % Traits::kDqQueryWarps) * Traits::kDqQueries;
+  const int dq_col0 = (warp / Traits::kDqQueryWarps) * Traits::kDqCols;
+  // The lane's part of its ldmatrix row addresses (shared_tile.cuh) in each tile it reads, from the
+  // warp's tile on: the step adds only constants to them (and the stage's offset to Q's).
+  const int kv_lane = lane_offset_rows_low<KvTile>(lane) + KvTile::offset(score_key0, 0);  // A: K, V
+  const int qdo_lane = lane_offset_rows_high<QTile>(lane) + QTile::offset(score_query0, 0);  // B: Q, dO
+  const int scores_lane = lane_offset_rows_low<ScoreTile>(lane) + ScoreTile::offset(dkdv_key0, 0);  // A: P^T, dS^T
+  const int operand_lane = lane_offset_rows_low<QTile>(lane) + QTile::offset(0, dkdv_col0);  // B: dO, Q
+  const int ds_transposed_lane = lane_offset_rows_high<ScoreTile>(lane) + ScoreTile::offset(0, dq_query0);  // A: dS
+  const int k_dq_lane = lane_offset_rows_low<KvTile>(lane) + KvTile::offset(0, dq_col0);  // B: K
+
+  const int seqlen_q = static_cast<int>(params.seqlen_q);
+  const int seqlen_k = static_cast<int>(params.seqlen_k);
+  const int head_dim = static_cast<int>(params.head_dim);
+  const int64_t group_size = params.heads_q / params.heads_kv;
+  const int num_m_blocks = static_cast<int>(ceil_div(seqlen_q, kBlockM));
+  const float scale_log2 = params.scale * kLog2e;
+
+  const DkdvSchedule schedule = dkdv_schedule<kBlockN>(params, workspace, false, kDeterministic);
+  const int owners = static_cast<int>(schedule.owners());
+  const int owner = static_cast<int>(blockIdx.x) % owners;
+  const int split = static_cast<int>(blockIdx.x) / owners;
+  const int dq_splits = kDeterministic ? schedule.num_splits : 1;
+
+  Element* smem = reinterpret_cast<Element*>(dynamic_shared_memory());
+  Element* k_smem = smem;
+  Element* v_smem = smem + Traits::kVOffset;
+  Element* q_smem = smem + Traits::kQOffset;
+  Element* do_smem = smem + Traits::kDoOffset;
+  Element* p_smem = smem + Traits::kPOffset;
+  Element* ds_smem = smem + Traits::kDsOffset;
+  float* float_smem = reinterpret_cast<float*>(dynamic_shared_memory() + Traits::kElementBytes);
+  float* lse_smem = float_smem + Traits::kLseOffset;
+  float* delta_smem = float_smem + Traits::kDeltaOffset;
+
+  for (int64_t unit_index = split; unit_index < schedule.units_per_owner(); unit_index += schedule.num_splits) {
+    const DkdvUnit unit = schedule.unit(owner, unit_index);
+    const int64_t batch = unit.batch;
+    const int n0 = static_cast<int>(unit.key_block) * kBlockN;
+    const Sequence<false> sequence = sequence_of<Element, false>(params, unit.batch);
+    const int m_begin = first_query_block<kBlockM>(params, sequence, n0, seqlen_q, num_m_blocks);
+    const int total_steps = static_cast<int>(group_size) * (num_m_blocks - m_begin);
+    const int64_t first_head = unit.kv_head * group_size;
+
+    // Q, lse, delta of (head, query block m0) into `stage`; dO into its one stage.
+    auto q_rows = [&](int64_t head, int m0) {
+      return static_cast<const Element*>(params.q) + batch * params.q_batch_stride + head * params.q_head_stride +
+             m0 * params.q_row_stride;
+    };
+    auto load_q = [&](int64_t head, int m0, int stage) {
+      load_tile_async<kBlockM, kHeadDim, kThreads>(q_smem + stage * QTile::kElements, q_rows(head, m0),
+                                                   params.q_row_stride, seqlen_q - m0, head_dim,
+                                                   static_cast<const Element*>(params.q));
+      const int64_t row_offset = (batch * params.heads_q + head) * seqlen_q + m0;
+      load_vector_async<kBlockM, kThreads>(lse_smem + stage * kBlockM, static_cast<const float*>(params.lse) + row_offset,
+                                           seqlen_q - m0, static_cast<const float*>(params.lse));
+      load_vector_async<kBlockM, kThreads>(delta_smem + stage * kBlockM,
+                                           static_cast<const float*>(params.delta) + row_offset, seqlen_q - m0,
+                                           static_cast<const float*>(params.delta));
+    };
+    auto load_do = [&](int64_t head, int m0) {
+      const Element* grad_out = static_cast<const Element*>(params.grad_out) + batch * params.grad_out_batch_stride +
+                                head * params.grad_out_head_stride + m0 * params.grad_out_row_stride;
+      load_tile_async<kBlockM, kHeadDim, kThreads>(do_smem, grad_out, params.grad_out_row_stride, seqlen_q - m0,
+                                                   head_dim, static_cast<const Element*>(params.grad_out));
+    };
+
+    float acc_dk[Traits::kDkdvMTiles][Traits::kDkdvNTiles][4];
+    float acc_dv[Traits::kDkdvMTiles][Traits::kDkdvNTiles][4];
+    FA_UNROLL
+    for (int mt = 0; mt < Traits::kDkdvMTiles; ++mt) {
+      zero_accumulators(acc_dk[mt]);
+      zero_accumulators(acc_dv[mt]);
+    }
+
+    block_sync();  // the previous unit's readers of every shared buffer are done
+    if (total_steps > 0) {
+      // (The other kernel's K/V copy, written as a function shared by both, made ptxas spill 16
+      // bytes in that kernel's kGeneral variant at D 128 on sm_90a.)
+      const Element* k = static_cast<const Element*>(params.k) + batch * params.k_batch_stride +
+                         unit.kv_head * params.k_head_stride + n0 * params.k_row_stride;
+      const Element* v = static_cast<const Element*>(params.v) + batch * params.v_batch_stride +
+                         unit.kv_head * params.v_head_stride + n0 * params.v_row_stride;
+      load_tile_async<kBlockN, kHeadDim, kThreads>(k_smem, k, params.k_row_stride, seqlen_k - n0, head_dim,
+                                                   static_cast<const Element*>(params.k));
+      load_tile_async<kBlockN, kHeadDim, kThreads>(v_smem, v, params.v_row_stride, seqlen_k - n0, head_dim,
+                                                   static_cast<const Element*>(params.v));
+      load_q(first_head, m_begin * kBlockM, 0);
+      load_do(first_head, m_begin * kBlockM);
+      cp_async_commit();
+    }
+
+    int64_t head = first_head;
+    int m_block = m_begin;
+    for (int step = 0; step < total_steps; ++step) {
+      const int stage = step & 1;
+      const int m0 = m_block * kBlockM;
+      // Whether a mask reaches the step (keys past Sk, or the band's right edge). One loop serves the
+      // masked and the unmasked steps, the latter's limits leaving every score unmasked: a second
+      // loop without mask code (as the forward has) made ptxas spill 52-108 bytes, reloaded in
+      // the loop, where this one spills 0-24 outside it (issue 15 step 5).
+      const bool masked = n0 + kBlockN > seqlen_k ||
+                          (kPath == KernelPath::kCausal && n0 + kBlockN - 1 > m0 + params.band_last_key);
+      const bool last_step = step + 1 == total_steps;
+      const bool next_head = m_block + 1 == num_m_blocks;
+      const int64_t next_head_index = next_head ? head + 1 : head;
+      const int next_m0 = next_head ? m_begin * kBlockM : m0 + kBlockM;
+      cp_async_wait<0>();
+      block_sync();  // A
+      if (!last_step) {
+        load_q(next_head_index, next_m0, stage ^ 1);
+        cp_async_commit();
+      }
+      const Element* q_tile = q_smem + stage * QTile::kElements;
+      const float* lse_tile = lse_smem + stage * kBlockM;
+      const float* delta_tile = delta_smem + stage * kBlockM;
+
+      // S^T = K Q^T, then dP^T = V dO^T (score_product). Element (mt, j, e) of either: key
+      // score_key0 + 16 mt + group + 8 (e / 2), query score_query0 + 8 j + pair + e % 2 (of the block and
+      // the step). Each K or V fragment feeds 2 kScoreNTiles MMAs, each Q or dO fragment 2 kScoreMTiles.
+      auto score_product = [&](float (&acc)[Traits::kScoreMTiles][Traits::kScoreNTiles][4], const Element* kv,
+                               const Element* queries) {
+        FA_UNROLL
+        for (int mt = 0; mt < Traits::kScoreMTiles; ++mt) {
+          zero_accumulators(acc[mt]);
+        }
+        FA_UNROLL
+        for (int kk = 0; kk < Traits::kDimSteps; ++kk) {
+          uint32_t a[Traits::kScoreMTiles][4];
+          FA_UNROLL
+          for (int mt = 0; mt < Traits::kScoreMTiles; ++mt) {
+            load_a_operand_at<KvTile>(a[mt], kv + kv_lane, mt * 16, kk * 16);
+          }
+          FA_UNROLL
+          for (int nn = 0; nn < Traits::kScoreNTiles / 2; ++nn) {
+            uint32_t b[4];
+            load_b_operands_n_major_at<QTile>(b, queries + qdo_lane, nn * 16, kk * 16);
+            mma_pair_each_m_tile<Element>(acc, a, b, nn);
+          }
+        }
+      };
+      // A 16-bit copy of scores (P^T or dS^T) into `tile` (rows keys, columns queries).
+      auto store_scores = [&](const float (&scores)[Traits::kScoreMTiles][Traits::kScoreNTiles][4], Element* tile) {
+        FA_UNROLL
+        for (int mt = 0; mt < Traits::kScoreMTiles; ++mt) {
+          FA_UNROLL
+          for (int j = 0; j < Traits::kScoreNTiles; ++j) {
+            FA_UNROLL
+            for (int r = 0; r < 2; ++r) {
+              const int offset = ScoreTile::offset(score_key0 + mt * 16 + group + r * 8, score_query0 + j * 8 + pair);
+              store_shared(reinterpret_cast<uint32_t*>(tile + offset),
+                           ElementOps<Element>::pack(scores[mt][j][2 * r], scores[mt][j][2 * r + 1]));
+            }
+          }
+        }
+      };
+
+      // P^T = exp2(S^T scale log2(e) - lse log2(e)) in place. A row with lse = -inf saw no key, and
+      // +inf as its base makes all its probabilities 0 (never inf - inf); unmasked steps (no key past
+      // Sk, kCausal: every key of the block seen by the step's first query) have no such row. Key k
+      // of the thread's row (mt, r) is seen by the queries from query_base + first_visible on (none
+      // past Sk; kCausal: those from k - band_last_key); in unmasked steps first_visible stays 0.
+      float acc_s[Traits::kScoreMTiles][Traits::kScoreNTiles][4];
+      score_product(acc_s, k_smem, q_tile);
+      const int query_base = m0 + score_query0 + pair;  // element (mt, j, e): query query_base + 8 j + e % 2
+      int first_visible[Traits::kScoreMTiles][2] = {};
+      if (masked) {
+        FA_UNROLL
+        for (int mt = 0; mt < Traits::kScoreMTiles; ++mt) {
+          FA_UNROLL
+          for (int r = 0; r < 2; ++r) {
+            const int key = n0 + score_key0 + mt * 16 + group + r * 8;
+            const int64_t first_query = kPath == KernelPath::kCausal ? key - params.band_last_key : 0;
+            const int64_t offset = key < seqlen_k ? first_query - query_base : Traits::kScoreQueries;
+            first_visible[mt][r] = offset < 0 ? 0
+                                   : offset > Traits::kScoreQueries ? Traits::kScoreQueries
+                                                                    : static_cast<int>(offset);
+          }
+        }
+      }
+      FA_UNROLL
+      for (int j = 0; j < Traits::kScoreNTiles; ++j) {
+        const float2 lse = load_shared(reinterpret_cast<const float2*>(lse_tile + score_query0 + j * 8 + pair));
+        FA_UNROLL
+        for (int c = 0; c < 2; ++c) {
+          const float row_lse = c == 0 ? lse.x : lse.y;
+          const float base = masked && row_lse == negative_infinity() ? -negative_infinity() : row_lse * kLog2e;
+          FA_UNROLL
+          for (int mt = 0; mt < Traits::kScoreMTiles; ++mt) {
+            FA_UNROLL
+            for (int r = 0; r < 2; ++r) {
+              // q.k c - base, c = scale log2(e), as one FFMA; a masked score's -inf stays -inf.
+              float& score = acc_s[mt][j][2 * r + c];
+              const float dot = 8 * j + c < first_visible[mt][r] ? negative_infinity() : score;
+              score = exp2f(fmaf(dot, scale_log2, -base));
+            }
+          }
+        }
+      }
+      store_scores(acc_s, p_smem);
+
+      // dS^T = P^T (dP^T - delta).
+      float acc_dp[Traits::kScoreMTiles][Traits::kScoreNTiles][4];
+      score_product(acc_dp, v_smem, do_smem);
+      FA_UNROLL
+      for (int j = 0; j < Traits::kScoreNTiles; ++j) {
+        const float2 delta = load_shared(reinterpret_cast<const float2*>(delta_tile + score_query0 + j * 8 + pair));
+        FA_UNROLL
+        for (int mt = 0; mt < Traits::kScoreMTiles; ++mt) {
+          FA_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            acc_dp[mt][j][e] = acc_s[mt][j][e] * (acc_dp[mt][j][e] - (e % 2 == 0 ? delta.x : delta.y));
+          }
+        }
+      }
+      store_scores(acc_dp, ds_smem);
+      block_sync();  // B
+
+      // acc += A B over the step's queries, A = the warp's keys of `scores` (P^T or dS^T), B = the
+      // warp's columns of `operand` (dO or Q).
+      auto add_product = [&](float (&acc)[Traits::kDkdvMTiles][Traits::kDkdvNTiles][4], const Element* scores,
+                             const Element* operand) {
+        FA_UNROLL
+        for (int kk = 0; kk < kBlockM / 16; ++kk) {
+          uint32_t a[Traits::kDkdvMTiles][4];
+          FA_UNROLL
+          for (int mt = 0; mt < Traits::kDkdvMTiles; ++mt) {
+            load_a_operand_at<ScoreTile>(a[mt], scores + scores_lane, mt * 16, kk * 16);
+          }
+          FA_UNROLL
+          for (int dn = 0; dn < Traits::kDkdvNTiles / 2; ++dn) {
+            uint32_t b[4];
+            load_b_operands_k_major_at<QTile>(b, operand + operand_lane, kk * 16, dn * 16);
+            mma_pair_each_m_tile<Element>(acc, a, b, dn);
+          }
+        }
+      };
+      add_product(acc_dv, p_smem, do_smem);
+      if (!last_step) {
+        block_sync();  // C
+        load_do(next_head_index, next_m0);
+        cp_async_commit();
+      }
+      add_product(acc_dk, ds_smem, q_tile);
+
+      // dQ = dS K: element (mt, j, e) query dq_query0 + 16 mt + group + 8 (e / 2), column dq_col0 + 8 j + pair + e % 2.
+      float acc_dq[Traits::kDqMTiles][Traits::kDqNTiles][4];
+      FA_UNROLL
+      for (int mt = 0; mt < Traits::kDqMTiles; ++mt) {
+        zero_accumulators(acc_dq[mt]);
+      }
+      FA_UNROLL
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        uint32_t a[Traits::kDqMTiles][4];
+        FA_UNROLL
+        for (int mt = 0; mt < Traits::kDqMTiles; ++mt) {
+          load_a_operand_transposed_at<ScoreTile>(a[mt], ds_smem + ds_transposed_lane, kk * 16, mt * 16);
+        }
+        FA_UNROLL
+        for (int dn = 0; dn < Traits::kDqNTiles / 2; ++dn) {
+          uint32_t b[4];
+          load_b_operands_k_major_at<KvTile>(b, k_smem + k_dq_lane, kk * 16, dn * 16);
+          mma_pair_each_m_tile<Element>(acc_dq, a, b, dn);
+        }
+      }
+      // Into the step's block of dq_accum (DqAccumLayout: each instruction's addresses contiguous),
+      // the CTA's split of it when kDeterministic; every element, rows past Sq and columns past
+      // head_dim included (never read).
+      float* lane_elements = workspace.dq_accum +
+                             (((batch * params.heads_q + head) * num_m_blocks + m_block) * dq_splits + split) *
+                                 kDqLayout.block_floats() +
+                             kDqLayout.lane_offset<kDqAccumVector>(warp, lane);
+      FA_UNROLL
+      for (int mt = 0; mt < Traits::kDqMTiles; ++mt) {
+        FA_UNROLL
+        for (int j = 0; j < Traits::kDqNTiles; ++j) {
+          add_dq_quad<kDeterministic>(lane_elements, mt * Traits::kDqNTiles + j, acc_dq[mt][j]);
+        }
+      }
+      if (++m_block == num_m_blocks) {
+        m_block = m_begin;
+        ++head;
+      }
+    }
+
+    // dK = scale * sum dS^T Q, dV; stored for keys < Sk and columns < head_dim.
+    Element* dk = static_cast<Element*>(params.dk) + batch * params.dk_batch_stride + unit.kv_head * params.dk_head_stride;
+    Element* dv = static_cast<Element*>(params.dv) + batch * params.dv_batch_stride + unit.kv_head * params.dv_head_stride;
+    const int cols_left = head_dim - (dkdv_col0 + pair);
+    FA_UNROLL
+    for (int mt = 0; mt < Traits::kDkdvMTiles; ++mt) {
+      FA_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        const int key = n0 + dkdv_key0 + mt * 16 + group + r * 8;
+        if (key >= seqlen_k) {
+          continue;
+        }
+        Element* dk_row = dk + key * params.dk_row_stride + dkdv_col0 + pair;  // column dkdv_col0 + pair + 8 j below
+        Element* dv_row = dv + key * params.dv_row_stride + dkdv_col0 + pair;
+        FA_UNROLL
+        for (int j = 0; j < Traits::kDkdvNTiles; ++j) {
+          if (j * 8 < cols_left) {
+            store_global(reinterpret_cast<uint32_t*>(dk_row + j * 8),
+                         ElementOps<Element>::pack(acc_dk[mt][j][2 * r] * params.scale,
+                                                   acc_dk[mt][j][2 * r + 1] * params.scale));
+            store_global(reinterpret_cast<uint32_t*>(dv_row + j * 8),
+                         ElementOps<Element>::pack(acc_dv[mt][j][2 * r], acc_dv[mt][j][2 * r + 1]));
+          }
+        }
+      }
+    }
+  }
+}
+
 template <ElementType kElement, int kHeadDim, KernelPath kPath>
 LaunchStatus run_attention_backward_dkdv(const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
                                          cudaStream_t stream) {
@@ -702,6 +1185,18 @@ LaunchStatus run_attention_backward_dkdv(const AttentionBackwardParams& params, 
     if (kernel_path(params) != kPath) {
       return {false, "dK/dV kernel path does not match the problem"};
     }
+    if constexpr (dkdv_staged(kHeadDim)) {
+      using StagedTraits = DkdvStagedTraits<typename ElementOf<kElement>::type, kHeadDim>;
+      const dim3 staged_grid(static_cast<unsigned>(
+          dkdv_schedule<StagedTraits::kBlockN>(params, workspace, false, workspace.deterministic).ctas()));
+      return workspace.deterministic
+                 ? launch_kernel(attention_backward_dkdv_staged_kernel<StagedTraits, kPath, true>, staged_grid,
+                                 dim3(StagedTraits::kThreads), StagedTraits::kSmemBytes, stream, params, workspace)
+                 : launch_kernel(attention_backward_dkdv_staged_kernel<StagedTraits, kPath, false>, staged_grid,
+                                 dim3(StagedTraits::kThreads), StagedTraits::kSmemBytes, stream, params, workspace);
+    } else {
+      return launch(std::false_type{}, std::false_type{});
+    }
   } else {
     if (with_dbias) {
       if constexpr (kModifiers && !dkdv_dbias_with_modifiers(kHeadDim)) {
@@ -713,8 +1208,8 @@ LaunchStatus run_attention_backward_dkdv(const AttentionBackwardParams& params, 
     if (is_varlen(params)) {
       return launch(std::false_type{}, std::true_type{});
     }
+    return launch(std::false_type{}, std::false_type{});
   }
-  return launch(std::false_type{}, std::false_type{});
 }
 
 }  // namespace fast_attn::cuda

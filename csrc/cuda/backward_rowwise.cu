@@ -65,10 +65,37 @@ void attention_backward_preprocess_kernel(const AttentionBackwardParams params, 
     const float grad_lse = workspace.grad_lse == nullptr ? 0.0f : load_global(workspace.grad_lse + c.row);
     store_global(static_cast<float*>(params.delta) + c.row, dot - grad_lse);
   }
+  if (workspace.dq_layout.block_m != 0) {
+    return;  // blocked: zeroed when allocated
+  }
   const int row_floats = static_cast<int>(workspace.dq_splits) * head_dim;  // the row's splits
   float* dq_accum = workspace.dq_accum + c.row * row_floats;
   for (int col = sub * 4; col < row_floats; col += kThreadsPerRow * 4) {
     store_global(reinterpret_cast<float4*>(dq_accum + col), make_float4(0.0f, 0.0f, 0.0f, 0.0f));
+  }
+}
+
+// Columns col .. col + 7 of split `split` of dq_accum's row c: row-major, two float4; blocked
+// (DqAccumLayout, kernel_api.h), 8 floats from their places in the row's block, whose offsets the
+// layout of kDqAccumVector (device_runtime.cuh) gives: that of the dK/dV kernel of the same arch.
+FA_DEVICE void load_dq_accum8(const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
+                              const RowCoordinates& c, int64_t split, int col, float (&values)[8]) {
+  const DqAccumLayout& layout = workspace.dq_layout;
+  if (layout.block_m == 0) {
+    const float* part = workspace.dq_accum + (c.row * workspace.dq_splits + split) * params.head_dim + col;
+    const float4 lo = load_global(reinterpret_cast<const float4*>(part));
+    const float4 hi = load_global(reinterpret_cast<const float4*>(part + 4));
+    values[0] = lo.x, values[1] = lo.y, values[2] = lo.z, values[3] = lo.w;
+    values[4] = hi.x, values[5] = hi.y, values[6] = hi.z, values[7] = hi.w;
+    return;
+  }
+  const int64_t m_blocks = ceil_div(params.packed_seqlen_q, layout.block_m);
+  const int64_t block = ((c.batch * params.heads_q + c.head) * m_blocks + c.query / layout.block_m) *
+                        workspace.dq_splits + split;
+  const float* part = workspace.dq_accum + block * layout.block_floats();
+  const int r = static_cast<int>(c.query % layout.block_m);
+  for (int i = 0; i < 8; ++i) {
+    values[i] = load_global(part + layout.offset<kDqAccumVector>(r, col + i));
   }
 }
 
@@ -83,27 +110,23 @@ void attention_backward_convert_dq_kernel(const AttentionBackwardParams params, 
   }
   const int sub = static_cast<int>(threadIdx.x) % kThreadsPerRow;
   const int head_dim = static_cast<int>(params.head_dim);
-  const float* dq_accum = workspace.dq_accum + c.row * workspace.dq_splits * head_dim;
   Element* dq = static_cast<Element*>(params.dq) + c.batch * params.dq_batch_stride + c.head * params.dq_head_stride +
                 c.query * params.dq_row_stride;
   for (int col = sub * 8; col < head_dim; col += kThreadsPerRow * 8) {
     // Split 0, then the others in split order.
-    float4 lo = load_global(reinterpret_cast<const float4*>(dq_accum + col));
-    float4 hi = load_global(reinterpret_cast<const float4*>(dq_accum + col + 4));
+    float sum[8];
+    load_dq_accum8(params, workspace, c, 0, col, sum);
     for (int64_t split = 1; kSplits && split < workspace.dq_splits; ++split) {
-      const float* part = dq_accum + split * head_dim + col;
-      const float4 lo_s = load_global(reinterpret_cast<const float4*>(part));
-      const float4 hi_s = load_global(reinterpret_cast<const float4*>(part + 4));
-      lo = make_float4(lo.x + lo_s.x, lo.y + lo_s.y, lo.z + lo_s.z, lo.w + lo_s.w);
-      hi = make_float4(hi.x + hi_s.x, hi.y + hi_s.y, hi.z + hi_s.z, hi.w + hi_s.w);
+      float part[8];
+      load_dq_accum8(params, workspace, c, split, col, part);
+      for (int i = 0; i < 8; ++i) {
+        sum[i] += part[i];
+      }
     }
-    const float s = params.scale;
-    uint4 packed;
-    packed.x = ElementOps<Element>::pack(lo.x * s, lo.y * s);
-    packed.y = ElementOps<Element>::pack(lo.z * s, lo.w * s);
-    packed.z = ElementOps<Element>::pack(hi.x * s, hi.y * s);
-    packed.w = ElementOps<Element>::pack(hi.z * s, hi.w * s);
-    store_global(reinterpret_cast<uint4*>(dq + col), packed);
+    for (int i = 0; i < 8; ++i) {
+      sum[i] *= params.scale;
+    }
+    store_global(reinterpret_cast<uint4*>(dq + col), pack8<Element>(sum));
   }
 }
 

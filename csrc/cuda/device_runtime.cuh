@@ -44,6 +44,17 @@ FAST_ATTN_HOST_DEVICE constexpr int64_t ceil_div(int64_t a, int64_t b) { return 
 
 FA_DEVICE float negative_infinity() { return -__builtin_huge_valf(); }
 
+// Floats per lane of one dq atomic (or, deterministic, read-modify-write) instruction of the
+// kernels that write dq_accum's blocked layout (DqAccumLayout, kernel_api.h): 4 on sm_90
+// (red.global.add.v4.f32, REDG.E.ADD.F32x4), 1 before it (scalar red, a warp's 32 floats
+// contiguous). The emulator runs the sm_90 code. The convert kernel, compiled for the same
+// arch, reads the same layout.
+#if defined(FAST_ATTN_CUDA_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+constexpr int kDqAccumVector = 4;
+#else
+constexpr int kDqAccumVector = 1;
+#endif
+
 // ---------------------------------------------------------------------------
 // 16-bit element types: packing two floats into the 32-bit registers of MMA
 // operands (the lower-index element in the low half, as PTX orders a0, a1).
@@ -180,6 +191,13 @@ FA_DEVICE void atomic_add_global_pair(float* address, float first, float second)
   address[0] += first;
   address[1] += second;
 }
+FA_DEVICE void atomic_add_global_quad(float* address, const float4& values) {
+  emu::check_global_write(address, 4 * sizeof(float), true);  // refuses an address not 16-byte aligned
+  address[0] += values.x;
+  address[1] += values.y;
+  address[2] += values.z;
+  address[3] += values.w;
+}
 template <typename T>
 FA_DEVICE T load_shared(const T* address) {
   emu::note_shared_read(address, sizeof(T));
@@ -292,6 +310,20 @@ FA_DEVICE void atomic_add_global_pair(float* address, float first, float second)
 #else
   atomicAdd(address, first);
   atomicAdd(address + 1, second);
+#endif
+}
+// address[0..3] += values (address 16-byte aligned): one red.global.add.v4.f32 on sm_90
+// (REDG.E.ADD.F32x4; like the v2 form, it flushes denormals to zero), four scalar ones before it.
+FA_DEVICE void atomic_add_global_quad(float* address, const float4& values) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(address), "f"(values.x), "f"(values.y),
+               "f"(values.z), "f"(values.w)
+               : "memory");
+#else
+  atomicAdd(address, values.x);
+  atomicAdd(address + 1, values.y);
+  atomicAdd(address + 2, values.z);
+  atomicAdd(address + 3, values.w);
 #endif
 }
 template <typename T>

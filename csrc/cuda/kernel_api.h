@@ -24,17 +24,70 @@ struct LaunchStatus {
 
 inline LaunchStatus launch_ok() { return {true, nullptr}; }
 
+// dq_accum's blocked layout, which the kFast and kCausal dK/dV kernels at the head dims of
+// dkdv_staged (tile_configs.h, backward_dkdv_kernel.cuh) write and the convert kernel reads: per
+// (batch, head, query block of block_m rows, split) one block of block_m x head_dim floats
+// (head_dim: the kernel's; rows past Sq and columns past the problem's head dim are written and
+// never read), in the order of the kernel's dQ atomics so that each warp instruction covers
+// 32 x kVector contiguous floats (FlashAttention-2's permuted dq_accum): warp w of the dQ warp
+// grid (query_warps x col_warps, queries fastest) holds quads() quads of the MMA C layout, quad
+// q = 16-row tile (q / n8 tiles) x 8-column tile (q % n8 tiles), lane l of it the elements
+// e = 0..3 at row l / 4 + 8 (e / 2), column 2 (l % 4) + e % 2 of the tile. The warp's
+// instructions (quad, then e / kVector) follow one another, each 32 lanes x kVector floats.
+struct DqAccumLayout {
+  int32_t block_m;  // 0: not blocked, dq_accum is row-major (see BackwardWorkspace)
+  int32_t head_dim;
+  int32_t query_warps;
+  int32_t col_warps;
+
+  FAST_ATTN_HOST_DEVICE constexpr int warp_rows() const { return block_m / query_warps; }
+  FAST_ATTN_HOST_DEVICE constexpr int warp_cols() const { return head_dim / col_warps; }
+  FAST_ATTN_HOST_DEVICE constexpr int quads() const { return warp_rows() / 16 * (warp_cols() / 8); }
+  FAST_ATTN_HOST_DEVICE constexpr int64_t block_floats() const { return int64_t{block_m} * head_dim; }
+
+  // The offset in its block of element e of quad `quad` of lane `lane` of warp `warp`, when a
+  // warp instruction adds kVector floats per lane (4: red.global.add.v4.f32; 1: scalar): the
+  // lane's first element, lane_offset, plus instruction_offset, the same for every lane.
+  template <int kVector>
+  FAST_ATTN_HOST_DEVICE constexpr int lane_offset(int warp, int lane) const {
+    return (warp * quads() * (4 / kVector) * 32 + lane) * kVector;
+  }
+  template <int kVector>
+  FAST_ATTN_HOST_DEVICE static constexpr int instruction_offset(int quad, int e) {
+    return (quad * (4 / kVector) + e / kVector) * 32 * kVector + e % kVector;
+  }
+  template <int kVector>
+  FAST_ATTN_HOST_DEVICE constexpr int element_offset(int warp, int quad, int lane, int e) const {
+    return lane_offset<kVector>(warp, lane) + instruction_offset<kVector>(quad, e);
+  }
+
+  // The offset in its block of row r, column c of the block (the inverse: which warp, quad,
+  // lane and element hold it).
+  template <int kVector>
+  FAST_ATTN_HOST_DEVICE constexpr int offset(int r, int c) const {
+    const int warp = r / warp_rows() + query_warps * (c / warp_cols());
+    const int row = r % warp_rows();
+    const int col = c % warp_cols();
+    const int quad = row / 16 * (warp_cols() / 8) + col / 8;
+    const int lane = row % 8 * 4 + col % 8 / 2;
+    const int e = row % 16 / 8 * 2 + col % 2;
+    return element_offset<kVector>(warp, quad, lane, e);
+  }
+};
+
 // Buffers of the backward pass that the contract's params struct does not name.
 struct BackwardWorkspace {
   // dq accumulated in float32 by the dK/dV kernel, (B, Hq, Sq, dq_splits, head_dim)
   // ((1, Hq, Tq, dq_splits, head_dim) for packed sequences) contiguous: dq_splits partial
   // sums per row, zeroed by the preprocess kernel, summed in split order and scaled into dq
-  // by the convert kernel. Default mode: one, float atomics. Deterministic mode: the dK/dV
+  // by the convert kernel. With dq_layout.block_m != 0 blocked instead, (B, Hq, ceil(Sq /
+  // block_m), dq_splits, block_m x kernel head dim) in dq_layout's order, zeroed when allocated. Default mode: one, float atomics. Deterministic mode: the dK/dV
   // kernel's splits, split s of every row written by split s's CTA alone with plain
   // read-modify-writes (backward_schedule.h). Never nullptr (the kernel's test of it
   // keeps ptxas's register allocation of the default mode, see backward_dkdv_kernel.cuh).
   float* dq_accum;
   int64_t dq_splits;
+  DqAccumLayout dq_layout;
   bool deterministic;
   // (B, Hq, Sq) float32 contiguous gradient of lse, nullptr when absent.
   const float* grad_lse;

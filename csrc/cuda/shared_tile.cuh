@@ -152,6 +152,45 @@ FA_DEVICE void load_b_operands_k_major(uint32_t (&b)[4], const Element* tile, in
   ldmatrix_x4_trans(b, tile + Tile::offset(row, col));
 }
 
+// The four loads above from a lane's pointer into the tile (the *_at forms): lane_tile = tile +
+// lane_offset_rows_low<Tile>(lane) for load_a_operand_at and load_b_operands_k_major_at (matrix i
+// at stored rows 8 (i & 1) + lane % 8, stored columns 8 (i >> 1)), tile +
+// lane_offset_rows_high<Tile>(lane) for load_a_operand_transposed_at and load_b_operands_n_major_at
+// (stored rows 8 (i >> 1) + lane % 8, stored columns 8 (i & 1)). A loop that reads many fragments
+// of one tile computes the lane's pointer once and adds a constant per fragment (the staged dK/dV
+// kernel). The loads above keep their own address arithmetic: written as these, they made ptxas
+// spill in the forward (D 96, sm_90a) and dK/dV (D 128, 256) kernels.
+template <typename Tile>
+FA_DEVICE int lane_offset_rows_low(int lane) {
+  const int matrix = lane / 8;
+  return Tile::offset((matrix & 1) * 8 + lane % 8, (matrix >> 1) * 8);
+}
+template <typename Tile>
+FA_DEVICE int lane_offset_rows_high(int lane) {
+  const int matrix = lane / 8;
+  return Tile::offset((matrix >> 1) * 8 + lane % 8, (matrix & 1) * 8);
+}
+
+template <typename Tile, typename Element>
+FA_DEVICE void load_a_operand_at(uint32_t (&a)[4], const Element* lane_tile, int row0, int col0) {
+  ldmatrix_x4(a, lane_tile + Tile::offset(row0, col0));
+}
+
+template <typename Tile, typename Element>
+FA_DEVICE void load_a_operand_transposed_at(uint32_t (&a)[4], const Element* lane_tile, int row0, int col0) {
+  ldmatrix_x4_trans(a, lane_tile + Tile::offset(row0, col0));
+}
+
+template <typename Tile, typename Element>
+FA_DEVICE void load_b_operands_n_major_at(uint32_t (&b)[4], const Element* lane_tile, int n0, int k0) {
+  ldmatrix_x4(b, lane_tile + Tile::offset(n0, k0));
+}
+
+template <typename Tile, typename Element>
+FA_DEVICE void load_b_operands_k_major_at(uint32_t (&b)[4], const Element* lane_tile, int k0, int n0) {
+  ldmatrix_x4_trans(b, lane_tile + Tile::offset(k0, n0));
+}
+
 // The A operand for k step kk of a product whose left factor is held as C
 // accumulators acc[n8 tile][4] (16 rows x 8 columns each): columns 16 kk .. 16 kk + 15
 // are n8 tiles 2 kk and 2 kk + 1, and the C layout of a pair of n8 tiles is the A layout.

@@ -66,6 +66,17 @@ struct DkdvTileConfig {
   bool kv_in_registers;  // K and V fragments of the warp's keys held in registers for the whole loop
 };
 
+// The staged dK/dV kernel (backward_dkdv_kernel.cuh): three products per step, each with its own
+// warp grid over the CTA's tiles, P^T and dS^T passing between them through shared memory.
+struct DkdvStagedTileConfig {
+  int block_n;          // keys per CTA
+  int block_m;          // query rows per step
+  int warps;
+  int score_key_warps;  // S^T, dP^T (keys x queries): warps along the keys, the rest along the queries
+  int dkdv_key_warps;   // dK, dV (keys x head dim): warps along the keys, the rest along the head dim
+  int dq_query_warps;   // dQ (queries x head dim): warps along the queries, the rest along the head dim
+};
+
 struct DbiasTileConfig {
   int block_m;  // query rows per CTA = 16 * warps
   int block_n;  // keys per CTA
@@ -129,24 +140,52 @@ constexpr DkdvTileConfig dkdv_tile_config(int head_dim) {
   }
 }
 
-// The kFast and kCausal kernels, which have no bias, dropout or modifier code: a chunk of 32
-// queries at D <= 128 (spill-free, 255 registers at most), so that each chunk's fixed costs
-// (addresses, loop control, the K and V fragments re-read at D >= 96) are spread over 64
-// (D = 64) or 128 (D = 128) MMAs instead of half that, and S^T, dP^T have 8 independent
-// accumulators each instead of 4. At D = 256 the general path's tiles. The key blocks are the
-// general path's: the host sizes the dbias schedule from dkdv_tile_config, these kernels
-// take no bias.
+// The kFast and kCausal kernels at the head dims without a staged tile (dkdv_staged below: D 32,
+// 96 and 256; at D 64 and 128 the general tile stands in, unused), which have no bias, dropout or
+// modifier code: a chunk of 32 queries at D <= 96 (spill-free, 255 registers at most), so that
+// each chunk's fixed costs (addresses, loop control, the K and V fragments re-read at D 96) are
+// spread over twice the MMAs, and S^T, dP^T have 8 independent accumulators each instead of 4.
+// At D = 256 the general path's tiles. The key blocks are the general path's: the host sizes the
+// schedule's splits from dkdv_tile_config.
 constexpr DkdvTileConfig dkdv_specialized_tile_config(int head_dim) {
   if (dkdv_tile_override(head_dim).warps != 0) return dkdv_tile_override(head_dim);
   switch (head_dim) {
     case 32: return {128, 64, 32, 8, 1, 1, true};
-    case 64: return {128, 64, 32, 8, 1, 1, true};
     case 96: return {128, 64, 32, 8, 1, 1, false};
-    case 128: return {128, 64, 32, 8, 1, 1, false};
-    case 256: return {64, 32, 16, 8, 2, 1, false};
+    case 64:
+    case 128:
+    case 256: return dkdv_tile_config(head_dim);
     default: return {0, 0, 0, 0, 0, 0, false};
   }
 }
+
+// The kFast and kCausal dK/dV kernels at D 64 and 128 (dkdv_staged): FlashAttention-2's
+// backward dataflow. 8 warps, 128 keys per CTA (K and V stay in shared memory for the whole
+// loop over queries), 128 (D 64) or 64 (D 128) queries per step, so that every step does
+// 5 x 512 MMAs (m16n8k16) per CTA, 320 per warp:
+// - S^T = K Q^T and dP^T = V dO^T on a 4 x 2 warp grid (keys x queries): 32 keys x 64 queries
+//   (D 64) or 32 x 32 (D 128) per warp, 16 or 8 independent accumulators (m16n8) for each
+//   product, each K / V fragment read feeding 8 or 4 MMAs and each Q / dO fragment 4. Of
+//   the grids of 8 warps, 4 x 2 reads the fewest fragments (48 (D 64) and 64 (D 128) ldmatrix
+//   per warp per step; 8 x 1 and 2 x 4 read 80 at D 128).
+// - P^T and dS^T (16-bit) to shared memory; dV += P^T dO and dK += dS^T Q on a 4 x 2 grid
+//   (keys x head dim): 32 keys x 32 (D 64) or 64 (D 128) columns per warp, dK and dV held
+//   in registers across the loop (64 or 128 floats per thread).
+// - dQ = dS K on a 4 x 2 (D 64) or 2 x 4 (D 128) grid (queries x head dim): 32 x 32 per warp.
+// Per warp per step: 144 ldmatrix for 320 MMAs at both head dims (FlashAttention-2's count).
+// Shared memory: K, V, P^T, dS^T, Q in two stages, dO in one (its next step's copy starts
+// after the step's dV, a third barrier): 159744 bytes at D 128, 163840 at D 64 (a second dO
+// stage would take 177152 and 182272, over the 166912 an A100 gives a CTA). One CTA per SM.
+// The other head dims keep dkdv_specialized_tile_config (warps == 0 here): D 32 and 96 were
+// not carried over yet, D 256's dK and dV alone would take 256 floats per thread.
+constexpr DkdvStagedTileConfig dkdv_staged_tile_config(int head_dim) {
+  switch (head_dim) {
+    case 64: return {128, 128, 8, 4, 4, 4};
+    case 128: return {128, 64, 8, 4, 4, 2};
+    default: return {0, 0, 0, 0, 0, 0};
+  }
+}
+constexpr bool dkdv_staged(int head_dim) { return dkdv_staged_tile_config(head_dim).warps != 0; }
 
 // Two stages of Q, dO (block_m rows each), K and V (block_n rows each) must fit
 // the 163 KiB an A100 gives a CTA: 139 KiB at D = 128, 135 KiB at D = 256.

@@ -18,6 +18,7 @@
 
 #include "../attention_cuda_host.h"
 #include "../kernel_api.h"
+#include "../tile_configs.h"
 #include "attention_launch.h"
 #include "emulated_device.h"
 #include "op_signatures.h"
@@ -128,6 +129,39 @@ int64_t dkdv_splits(int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t se
                                       static_cast<int>(sm_count));
 }
 
+// dq_accum's blocked layout (DqAccumLayout, kernel_api.h) of the staged dK/dV kernels at kernel head
+// dim head_dim, with `vector` floats per lane and instruction (4 or 1), for the tests: offsets
+// (block_m, head_dim), the place of each row and column in a block (as the convert kernel reads it),
+// elements (warps, quads, 32, 4), the place of each register of each lane of each dQ warp (as the
+// dK/dV kernel writes it), and the dQ warp grid's warps along the queries.
+std::tuple<at::Tensor, at::Tensor, int64_t> dq_accum_layout(int64_t head_dim, int64_t vector) {
+  using fast_attn::cuda::DqAccumLayout;
+  const int dim = static_cast<int>(head_dim);
+  TORCH_CHECK(fast_attn::cuda::dkdv_staged(dim), "no staged dK/dV kernel at head dim ", head_dim);
+  TORCH_CHECK(vector == 1 || vector == 4, "vector: 1 or 4 floats per lane");
+  const fast_attn::cuda::DkdvStagedTileConfig tile = fast_attn::cuda::dkdv_staged_tile_config(dim);
+  const DqAccumLayout layout{tile.block_m, dim, tile.dq_query_warps, tile.warps / tile.dq_query_warps};
+  at::Tensor offsets = at::empty({layout.block_m, dim}, at::kLong);
+  for (int r = 0; r < layout.block_m; ++r) {
+    for (int c = 0; c < dim; ++c) {
+      offsets[r][c] = vector == 4 ? layout.offset<4>(r, c) : layout.offset<1>(r, c);
+    }
+  }
+  const int warps = layout.query_warps * layout.col_warps;
+  at::Tensor elements = at::empty({warps, layout.quads(), 32, 4}, at::kLong);
+  for (int w = 0; w < warps; ++w) {
+    for (int q = 0; q < layout.quads(); ++q) {
+      for (int lane = 0; lane < 32; ++lane) {
+        for (int e = 0; e < 4; ++e) {
+          elements[w][q][lane][e] = vector == 4 ? layout.element_offset<4>(w, q, lane, e)
+                                                : layout.element_offset<1>(w, q, lane, e);
+        }
+      }
+    }
+  }
+  return {offsets, elements, layout.query_warps};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -165,6 +199,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("batch"), py::arg("heads_q"), py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("seqlen_k"),
         py::arg("head_dim"), py::arg("dq_slices"), py::arg("deterministic"), py::arg("dbias_shape"),
         py::arg("sm_count"));
+  m.def("dq_accum_layout", &dq_accum_layout, "the staged dK/dV kernels' blocked dq_accum layout (offsets, elements, query warps)",
+        py::arg("head_dim"), py::arg("vector"));
   m.def("launch_count", &fast_attn::emu::launch_count, "kernel launches emulated so far");
   m.def("compiled_head_dims", &fast_attn::cuda::compiled_head_dims, "head dims with kernels");
 }
