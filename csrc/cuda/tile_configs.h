@@ -42,7 +42,8 @@
 // committed, see .gitignore) defining forward_tile_override and dkdv_tile_override,
 // builds, measures and deletes it. An override with warps == 0 means "none"; a
 // forward override replaces the tile of every forward kernel, the dK/dV override
-// the tiles of every path.
+// the tiles of every path of the chunked dK/dV kernel, which then runs the paths of
+// the staged one too (dkdv_staged_tile_config).
 #pragma once
 
 namespace fast_attn::cuda {
@@ -178,7 +179,10 @@ constexpr DkdvTileConfig dkdv_specialized_tile_config(int head_dim) {
 // stage would take 177152 and 182272, over the 166912 an A100 gives a CTA). One CTA per SM.
 // The other head dims keep dkdv_specialized_tile_config (warps == 0 here): D 32 and 96 were
 // not carried over yet, D 256's dK and dV alone would take 256 floats per thread.
+// A dK/dV override (the tile sweep) turns it off: the chunked kernel then runs every path with the
+// override's tile, so that the sweep times the two dataflows against each other.
 constexpr DkdvStagedTileConfig dkdv_staged_tile_config(int head_dim) {
+  if (dkdv_tile_override(head_dim).warps != 0) return {0, 0, 0, 0, 0, 0};
   switch (head_dim) {
     case 64: return {128, 128, 8, 4, 4, 4};
     case 128: return {128, 64, 8, 4, 4, 2};
