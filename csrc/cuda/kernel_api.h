@@ -80,9 +80,10 @@ struct BackwardWorkspace {
   // dq accumulated in float32 by the dK/dV kernel, (B, Hq, Sq, dq_splits, head_dim)
   // ((1, Hq, Tq, dq_splits, head_dim) for packed sequences) contiguous: dq_splits partial
   // sums per row, zeroed by the preprocess kernel, summed in split order and scaled into dq
-  // by the convert kernel. With dq_layout.block_m != 0 blocked instead, (B, Hq, ceil(Sq /
-  // block_m), dq_splits, block_m x kernel head dim) in dq_layout's order, zeroed when allocated. Default mode: one, float atomics. Deterministic mode: the dK/dV
-  // kernel's splits, split s of every row written by split s's CTA alone with plain
+  // by the convert kernel. With dq_layout.block_m != 0 blocked instead, (B, Hq,
+  // ceil(Sq / block_m), dq_splits, block_m x kernel head dim) in dq_layout's order, zeroed
+  // when allocated. Default mode: one, float atomics. Deterministic mode: the dK/dV kernel's
+  // splits, split s of every row written by split s's CTA alone with plain
   // read-modify-writes (backward_schedule.h). Never nullptr (the kernel's test of it
   // keeps ptxas's register allocation of the default mode, see backward_dkdv_kernel.cuh).
   float* dq_accum;
