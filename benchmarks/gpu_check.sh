@@ -25,13 +25,16 @@
 #   tests       -m gpu tests/test_cuda.py (correctness before speed)                 limit 120 s
 #   bench       CUDA and Triton forward and backward against SDPA flash, bf16,
 #               D 64 and 128, causal and not, S 1024..16384                           limit 100 s
+#   bench_t5    a trainable T5 bias, forward+backward, CUDA and Triton against SDPA's
+#               efficient backend, D 64, S 1024..4096                                 limit 60 s
 #   cuda_sweep  the tile sweep at D 64 and 128 in whatever time is left              the rest
 # Every step's limit is cut to what is left of TOTAL_SECONDS; the sweep's budget ends
 # SWEEP_MARGIN (15) seconds before its limit, and the sweep is skipped when that budget is
 # under SWEEP_MIN_SECONDS (90). Expected (estimates, not timings): build 60-90 s, tests
-# 60-90 s, bench 60-70 s, so 230-300 s for the sweep: one or two rounds of 4 candidate builds
-# (each a whole build for one head dim, the tile-independent C++ units included), so 4 to 8
-# of its 10 candidates, the released tiles and variant 1 of both head dims first.
+# 60-90 s, bench 60-70 s, bench_t5 20-40 s, so 190-280 s for the sweep: one or two rounds of
+# 4 candidate builds (each a whole build for one head dim, the tile-independent C++ units
+# included), so 4 to 8 of its 10 candidates, the released tiles and variant 1 of both head
+# dims first.
 # Overrides (TESTS, BENCH_*, ...) win.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,13 +46,15 @@ START=$(date +%s)
 PARALLEL=""
 if $PY -c "import xdist" 2>/dev/null; then PARALLEL="-n ${TEST_WORKERS:-8}"; fi
 if [[ "${STEPS:-}" == cuda_kernels ]]; then
-  STEPS="build tests bench cuda_sweep"
+  STEPS="build tests bench bench_t5 cuda_sweep"
   export FAST_ATTN_CUDA_HEAD_DIMS=${FAST_ATTN_CUDA_HEAD_DIMS:-64,128}
   TOTAL_SECONDS=${TOTAL_SECONDS:-480}
   BUILD_TIMEOUT=${BUILD_TIMEOUT:-180}
   TESTS=${TESTS:-"$PARALLEL -m gpu tests/test_cuda.py"}
   TEST_TIMEOUT=${TEST_TIMEOUT:-120}
   BENCH_TIMEOUT=${BENCH_TIMEOUT:-100}
+  BENCH_T5_TIMEOUT=${BENCH_T5_TIMEOUT:-60}
+  BENCH_T5_IMPLS=${BENCH_T5_IMPLS:-"fast_attn:cuda fast_attn:triton sdpa:efficient"}
   BENCH_IMPLS=${BENCH_IMPLS:-"fast_attn:cuda fast_attn:triton sdpa:flash"}
   SWEEP_HEAD_DIMS=${SWEEP_HEAD_DIMS:-"64 128"}
 fi
@@ -201,9 +206,10 @@ fi
 
 if has_step bench_t5; then
   step "benchmark: trainable T5 bias"
-  timeout "${BENCH_T5_TIMEOUT:-120}" $PY -m fast_attn.bench --out "$OUT/bench_t5" --bias t5 --causal false \
-    --seqlen 1024 2048 4096 --head-dim 64 --mode fwd_bwd --budget-ms "${BENCH_BUDGET_MS:-200}" \
+  timed bench_t5 "$(limit "${BENCH_T5_TIMEOUT:-120}")" $PY -m fast_attn.bench --out "$OUT/bench_t5" --bias t5 \
+    --causal false --seqlen 1024 2048 4096 --head-dim 64 --mode fwd_bwd --budget-ms "${BENCH_BUDGET_MS:-200}" \
     --backend ${BENCH_T5_IMPLS:-fast_attn sdpa:efficient sdpa:math} 2>>"$LOG" | tee -a "$LOG"
+  echo "exit status ${PIPESTATUS[0]}" | tee -a "$LOG"
 fi
 
 if has_step bench_models; then

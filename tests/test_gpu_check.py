@@ -118,12 +118,13 @@ def test_preset_builds_two_head_dims_then_tests_benchmarks_and_sweeps_in_the_res
     durations = {
         "-m pip install": BUILD_ESTIMATE_S,
         "-m pytest": 90,
+        "--bias t5": 30,  # before the bench's key, which its line holds too
         "-m fast_attn.bench": 70,
         "benchmarks/cuda_tile_sweep.py": 10_000,
     }
     status, calls, build_env, steps_md, end = run_preset(tmp_path, durations)
     assert status == 0
-    build, tests, bench, sweep = (call["command"] for call in calls)
+    build, tests, bench, bench_t5, sweep = (call["command"] for call in calls)
     assert build[1:] == ["-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
     assert build_env == {
         "FAST_ATTN_CUDA_HEAD_DIMS": "64,128",
@@ -141,37 +142,42 @@ def test_preset_builds_two_head_dims_then_tests_benchmarks_and_sweeps_in_the_res
         "--backend fast_attn:cuda fast_attn:triton sdpa:flash",
     ):
         assert wanted in bench_line
+    t5_line = " ".join(bench_t5)
+    for wanted in ("--bias t5", "--mode fwd_bwd", "--backend fast_attn:cuda fast_attn:triton sdpa:efficient"):
+        assert wanted in t5_line
     assert sweep[1] == "benchmarks/cuda_tile_sweep.py"
     assert "--head-dim 64 128" in " ".join(sweep)
     budget = int(sweep[sweep.index("--budget-seconds") + 1])
-    sweep_limit = TOTAL_SECONDS - BUILD_ESTIMATE_S - 90 - 70
-    assert [call["limit"] for call in calls] == [180, 120, 100, sweep_limit]
+    sweep_limit = TOTAL_SECONDS - BUILD_ESTIMATE_S - 90 - 70 - 30
+    assert [call["limit"] for call in calls] == [180, 120, 100, 60, sweep_limit]
     assert budget == sweep_limit - 15
     check_within_total(calls, end)
     assert [row[0] for row in step_rows(steps_md)] == [
         "build",
         f"tests: {' '.join(tests[tests.index('-n') :])}",
         "bench",
+        "bench_t5",
         "cuda_sweep",
     ]
-    assert [row[-1] for row in step_rows(steps_md)] == ["0", "0", "0", "124"]
+    assert [row[-1] for row in step_rows(steps_md)] == ["0", "0", "0", "0", "124"]
 
 
 def test_preset_steps_at_their_limits_stay_within_the_total(tmp_path):
-    """A build just inside its limit, then tests and bench cut off at theirs: the later steps still
-    run, and what is left (81 s) is less than a sweep's round, so the sweep is skipped."""
+    """A build just inside its limit, then tests and both benchmarks cut off at theirs: the later
+    steps still run, and what is left (21 s) is less than a sweep's round, so the sweep is skipped."""
     durations = {"-m pip install": 179, "-m pytest": 10_000, "-m fast_attn.bench": 10_000}
     status, calls, _, steps_md, end = run_preset(tmp_path, durations)
     assert status == 0
-    assert [call["limit"] for call in calls] == [180, 120, 100]
+    assert [call["limit"] for call in calls] == [180, 120, 100, 60]
     rows = step_rows(steps_md)
     assert [row[2:] for row in rows] == [
         ["180", "179", "0"],
         ["120", "120", "124"],
         ["100", "100", "124"],
+        ["60", "60", "124"],
         ["0", "0", "124"],
     ]
-    assert rows[-1][:2] == ["cuda_sweep", str(179 + 120 + 100)]
+    assert rows[-1][:2] == ["cuda_sweep", str(179 + 120 + 100 + 60)]
     check_within_total(calls, end)
 
 
@@ -179,7 +185,7 @@ def test_preset_with_a_slower_start_still_sweeps_in_what_is_left(tmp_path):
     durations = {"-m pip install": 100, "-m pytest": 10_000, "-m fast_attn.bench": 60}
     status, calls, _, steps_md, end = run_preset(tmp_path, durations)
     assert status == 0 and calls[-1]["command"][1] == "benchmarks/cuda_tile_sweep.py"
-    assert calls[-1]["limit"] == TOTAL_SECONDS - 100 - 120 - 60
+    assert calls[-1]["limit"] == TOTAL_SECONDS - 100 - 120 - 60 - 60  # the bench, then the T5 bench
     check_within_total(calls, end)
 
 
