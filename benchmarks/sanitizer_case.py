@@ -1,5 +1,5 @@
 """Small forwards+backwards of every GPU backend, run under compute-sanitizer by
-benchmarks/gpu_check.sh (memcheck, racecheck, initcheck): each CUDA kernel path once."""
+benchmarks/gpu_check.sh (memcheck, racecheck, initcheck): the general, fast and causal kernel paths."""
 
 from __future__ import annotations
 
