@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fast_attn
-from fast_attn import dispatch, measured_order
+from fast_attn import bench, bench_report, dispatch, measured_order
 from fast_attn.validation import build_problem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,28 +25,15 @@ tool = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(tool)
 
 
-def bench_record(implementation, median_ms, *, mode="fwd", seqlen=1024, head_dim=64, causal=False, **fields):
-    """One fast_attn.bench record (bench_report.record's fields) of an H100 run."""
-    return {
-        "card": "NVIDIA H100 80GB HBM3",
-        "capability": "sm_90",
-        "device_type": "cuda",
-        "implementation": implementation,
-        "mode": mode,
-        "batch": 16384 // seqlen,
-        "heads": 2048 // head_dim,
-        "seqlen": seqlen,
-        "head_dim": head_dim,
-        "causal": causal,
-        "window": None,
-        "dtype": "bf16",
-        "bias": "none",
-        "median_ms": median_ms,
-        "flops": 1.0,
-        "peak_memory_mb": 1.0,
-        "error": None if median_ms is not None else "failed",
-        **fields,
-    }
+def bench_record(
+    implementation, median_ms, *, mode="fwd", seqlen=1024, head_dim=64, causal=False, bias="none", window=None,
+    capability="sm_90",
+):  # fmt: skip
+    """One fast_attn.bench record of an H100 run, as bench_report.record writes it."""
+    case = bench.Case(16384 // seqlen, 2048 // head_dim, seqlen, head_dim, causal, "bf16", mode, bias, window)
+    error = None if median_ms is not None else "failed"
+    result = bench.Result(case, implementation, median_ms, 1.0, error)
+    return bench_report.record(result, "NVIDIA H100 80GB HBM3", "cuda", capability)
 
 
 def pair(cuda_ms, triton_ms, **case):
