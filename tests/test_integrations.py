@@ -358,13 +358,22 @@ def test_continuous_batching_generates_like_eager(kind, monkeypatch):
     assert calls and set(calls) == {"bottom_right"}
 
 
-def test_paged_fast_attn_refuses_to_run_outside_continuous_batching():
+def test_paged_fast_attn_outside_continuous_batching():
+    ids = random_ids(1, 4)
     model = build("mistral", "fast_attn")
+    with torch.no_grad():
+        expected = model(ids).logits
     model.set_attn_implementation("paged|fast_attn")
+    if model.config._attn_implementation == "fast_attn":
+        # Later releases drop the "paged|" prefix of a requested implementation (5.23 warns that it is
+        # no longer needed): the model then runs the ordinary "fast_attn" function, with its results.
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, expected)
+        return
     with pytest.raises(
         ValueError, match="'paged\\|fast_attn' runs only under transformers' continuous batching"
     ):
-        model(random_ids(1, 4))
+        model(ids)
 
 
 def test_static_cache_generation_compiled_matches_eager():
