@@ -12,9 +12,16 @@ import fast_attn
 # A bias of full rows and columns (the cuda backend's dbias kernel) and one
 # broadcast over heads and queries (dbias reduced inside the dK/dV kernel): the general kernels.
 BIAS_SHAPES = ((1, 4, 77, 93), (2, 1, 1, 93))
-# No bias or mask: the fast and causal kernels, at D 64 and 128 the staged dK/dV kernel (several query
+# No bias or mask: the fast and causal kernels, at D 32 to 128 the staged dK/dV kernel (several query
 # steps per head, a partial key block, GQA), by default and deterministic (per-split dq partials).
-PLAIN_CASES = ((False, 64, False), ("bottom_right", 64, True), (True, 128, False), (False, 128, True))
+PLAIN_CASES = (
+    (False, 64, False),
+    ("bottom_right", 64, True),
+    (True, 128, False),
+    (False, 128, True),
+    (True, 32, False),
+    ("bottom_right", 96, True),
+)
 
 
 def _qkv(seqlen_q: int, seqlen_k: int, head_dim: int) -> tuple[torch.Tensor, ...]:

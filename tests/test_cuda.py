@@ -211,6 +211,7 @@ def runner(request) -> Runner:
 # The CUDA kernels take 16-bit inputs: a case is bf16 unless it names fp16; a key mask
 # hides every key of batch row 0.
 F32 = torch.float32
+F16 = torch.float16
 CudaCase = functools.partial(Case, dtype=torch.bfloat16, empty_key_rows=(0,))
 
 
@@ -400,25 +401,35 @@ PATH_CASES = [
     (CudaCase(1, 2, 2, 130, 144, 128), "fast"),
     (CudaCase(1, 2, 1, 70, 40, 128, causal="bottom_right"), "causal"),
     (CudaCase(1, 2, 2, 150, 200, 120, causal=True), "causal"),
-    # The kFast and kCausal dK/dV kernels' chunks of 32 queries (dkdv_specialized_tile_config):
-    # query blocks ending inside a chunk (Sq 45, 77, 100, 161), the band's edge crossing chunks
+    # The kFast and kCausal dK/dV kernels (the staged kernel at D 32 to 128): query blocks ending
+    # inside a warp's tile (Sq 45, 77, 100, 161), the band's edge crossing the warps' query tiles
     # at an offset that is no multiple of 16 (81), GQA and MQA, deterministic, D 32, 96 and 128.
     (CudaCase(1, 4, 2, 100, 181, 64, causal="bottom_right"), "causal"),
     (CudaCase(2, 3, 1, 161, 200, 96, dtype=torch.float16, causal=True), "causal"),
     (CudaCase(1, 2, 2, 77, 300, 96, deterministic=True), "fast"),
     (CudaCase(1, 4, 1, 45, 140, 128, causal=True, deterministic=True), "causal"),
     (CudaCase(1, 2, 1, 70, 140, 32, grad_lse=True), "fast"),
-    # The staged kFast and kCausal dK/dV kernels at D 64 and 128 (dkdv_staged_tile_config: 128 keys,
-    # steps of 128 and 64 queries): several query blocks per query head of a GQA or MQA group, the
-    # masked steps (the diagonal, a partial key block) and the unmasked ones alternating per head, a
-    # last query block past Sq, Sk a multiple of 128 (no masked step), deterministic splits.
-    (CudaCase(1, 4, 2, 300, 260, 64, causal=True), "causal"),
-    (
-        CudaCase(1, 4, 1, 200, 333, 128, dtype=torch.float16, causal="bottom_right", deterministic=True),
-        "causal",
+    # The staged kFast and kCausal dK/dV kernels (dkdv_staged_tile_config: 128 keys, steps of 128
+    # queries at D 32 and 64, 64 at D 96 and 128): several query blocks per query head of a GQA or
+    # MQA group, the masked steps (the diagonal, a partial key block) and the unmasked ones
+    # alternating per head, a last query block past Sq, Sk a multiple of 128 (no masked step),
+    # deterministic splits, at each head dim; D 80 in the D 96 kernel (zero-filled columns).
+    *(
+        case
+        for long_steps, short_steps in ((64, 128), (32, 96))  # steps of 128 and of 64 queries
+        for case in (
+            (CudaCase(1, 4, 2, 300, 260, long_steps, causal=True), "causal"),
+            (
+                CudaCase(
+                    1, 4, 1, 200, 333, short_steps, dtype=F16, causal="bottom_right", deterministic=True
+                ),
+                "causal",
+            ),
+            (CudaCase(1, 2, 2, 260, 384, long_steps, deterministic=True), "fast"),
+            (CudaCase(2, 3, 1, 190, 256, short_steps, grad_lse=True), "fast"),
+        )
     ),
-    (CudaCase(1, 2, 2, 260, 384, 64, deterministic=True), "fast"),
-    (CudaCase(2, 3, 1, 190, 256, 128, grad_lse=True), "fast"),
+    (CudaCase(1, 2, 2, 150, 200, 80, causal=True), "causal"),
     (CudaCase(1, 2, 2, 200, 150, 64, scale=-0.3), "general"),
     (CudaCase(1, 2, 2, 97, 97, 64, causal=True, key_mask=True), "general"),
     (CudaCase(1, 2, 2, 97, 97, 64, dropout_p=0.2), "general"),
@@ -871,7 +882,7 @@ def test_emulated_deterministic_splits_varlen(emulated: Runner):
     check_varlen(_runner_with_sm_count(emulated, 4), varlen)
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128])
 @pytest.mark.parametrize("vector", [1, 4])
 def test_emulated_dq_accum_layout(emulated: Runner, head_dim: int, vector: int):
     """The staged dK/dV kernels' blocked dq_accum (DqAccumLayout, csrc/cuda/kernel_api.h), for

@@ -97,11 +97,12 @@ INTENDED_LOCAL_MEMORY.update(
     }
 )
 
-# The units whose forward and dK/dV kernels (paths fast, causal, general) get SASS loop counts.
+# The units whose forward and dK/dV kernels (paths fast, causal, general) get SASS loop counts: the
+# forward at D 64 and 128, the backward at every head dim of the staged dK/dV kernel.
 SASS_UNITS = tuple(
     f"{kind}_hdim{head_dim}_{dtype}"
-    for kind in ("forward", "backward")
-    for head_dim in (64, 128)
+    for kind, head_dims in (("forward", (64, 128)), ("backward", (32, 64, 96, 128)))
+    for head_dim in head_dims
     for dtype in ("fp16", "bf16")
 )
 SASS_KERNELS = ("forward", "backward_dkdv", "backward_dkdv_staged")
@@ -111,11 +112,11 @@ SASS_RED = ("RED", "REDG")  # float atomics: RED on sm_80, REDG on sm_90
 SASS_FP32 = ("FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP")
 
 # The kernels' traits, each with its template arguments after the element type and head dim, one
-# tuple per instantiation (ForwardTraits, DkdvTraits: kSpecialized, the kFast / kCausal kernels' tile
-# or not; DkdvStagedTraits: the staged dK/dV kernels', at the head dims TRAITS_AT names).
+# tuple per instantiation (ForwardTraits: kSpecialized, the kFast / kCausal kernels' tile or not;
+# DkdvStagedTraits: the staged dK/dV kernels', at the head dims TRAITS_AT names).
 TRAITS = {
     "ForwardTraits": (", true", ", false"),
-    "DkdvTraits": (", true", ", false"),
+    "DkdvTraits": ("",),
     "DkdvStagedTraits": ("",),
     "DbiasTraits": ("",),
     "DecodeTraits": ("",),
@@ -512,9 +513,9 @@ def sass_section(results: list[CompileResult], archs: list[Arch]) -> list[str]:
         (
             "The forward's main loop runs once per key tile, the dK/dV kernel's once per chunk of queries "
             "(kChunkM queries x 16 keys per warp), the staged dK/dV kernel's (`backward_dkdv_staged`, kFast "
-            "and kCausal at D 64 and 128) once per step: all five products of kBlockM queries x 128 keys, "
-            "so its counts are per warp per whole step (320 HMMA), the prefetch of the next step's tiles "
-            "included. Each unit of `SASS_UNITS` is disassembled "
+            "and kCausal at D 32 to 128) once per step: all five products of kBlockM queries x 128 keys, "
+            "so its counts are per warp per whole step (320 HMMA at D 64 and 128, 160 at D 32, 240 at D 96), "
+            "the prefetch of the next step's tiles included. Each unit of `SASS_UNITS` is disassembled "
             "(`cuobjdump -xelf all`, `nvdisasm -c`). A loop is a backward branch: a `BRA` whose target label "
             "lies before it; its body is every instruction from that label to the branch, all basic blocks "
             "between them, so the counts are static (a conditional block inside the body, such as the "

@@ -1,18 +1,18 @@
 // Attention backward, the dK/dV kernels (and dq by float atomics, and dbias). Two kernels:
 //
 // - attention_backward_dkdv_staged_kernel: the kFast and kCausal paths at the head dims of
-//   dkdv_staged (D 64 and 128, tile_configs.h), FlashAttention-2's dataflow. A CTA of 8 warps owns
-//   128 keys (K and V stay in shared memory) and walks the query blocks of the GQA group's query
-//   heads in steps of kBlockM queries (128 at D 64, 64 at D 128), each a whole-CTA product on its
-//   own warp grid:
-//     S^T  = K Q^T                    4 x 2 warps (keys x queries), 16 (D 64) or 8 (D 128)
+//   dkdv_staged (D 32, 64, 96 and 128, tile_configs.h), FlashAttention-2's dataflow. A CTA of 8
+//   warps owns 128 keys (K and V stay in shared memory) and walks the query blocks of the GQA
+//   group's query heads in steps of kBlockM queries (128 at D 32 and 64, 64 at D 96 and 128),
+//   each a whole-CTA product on its own warp grid:
+//     S^T  = K Q^T                    4 x 2 warps (keys x queries), 16 (D <= 64) or 8
 //                                     independent m16n8 accumulators per warp
 //     P^T  = exp2(S^T scale log2(e) - lse log2(e))  -> shared memory (16-bit)
 //     dP^T = V dO^T                   as S^T
 //     dS^T = P^T (dP^T - delta)       -> shared memory (16-bit)
 //     dV  += P^T dO, dK += dS^T Q     4 x 2 warps (keys x head dim), P^T / dS^T read by ldmatrix,
 //                                     dO / Q by ldmatrix.trans; dK, dV in registers across the loop
-//     dq_accum += dS K                4 x 2 (D 64) or 2 x 4 (D 128) warps (queries x head dim),
+//     dq_accum += dS K                4 x 2 (D <= 96) or 2 x 4 (D 128) warps (queries x head dim),
 //                                     dS by ldmatrix.trans from dS^T; float atomics into dq_accum's
 //                                     blocked layout (DqAccumLayout, kernel_api.h): each warp
 //                                     instruction adds 128 contiguous bytes (sm_80, scalar red) or
@@ -70,8 +70,10 @@
 // which elementwise code it needs; the kFast and kCausal kernels have no bias or dropout
 // code, and mask (one compare per score against a per-key limit) only in the steps that
 // keys past Sk or the band's right edge reach. Those steps run one chunk loop and the others
-// a second one with no mask or lse test (kTwoLoops, D 32 and 96); at D 256 one loop serves both,
-// the limit leaving every score of the unmasked steps unmasked.
+// a second one with no mask or lse test (kTwoLoops, D <= 96); at D 256 one loop serves both,
+// the limit leaving every score of the unmasked steps unmasked. (At D 32 to 128 the kFast and
+// kCausal problems run the staged kernel below; these kernels run them there only with a tile
+// sweep's dK/dV override.)
 #pragma once
 
 #include <type_traits>
@@ -94,13 +96,11 @@ constexpr int largest_divisor_at_most(int n, int limit) {
   return best;
 }
 
-// kSpecialized: the tiles of the kFast and kCausal kernels (is_specialized in kernel_api.h).
-template <typename Element_, int kHeadDim_, bool kSpecialized_>
+template <typename Element_, int kHeadDim_>
 struct DkdvTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr DkdvTileConfig kConfig =
-      kSpecialized_ ? dkdv_specialized_tile_config(kHeadDim) : dkdv_tile_config(kHeadDim);
+  static constexpr DkdvTileConfig kConfig = dkdv_tile_config(kHeadDim);
   static constexpr int kBlockN = kConfig.block_n;
   static constexpr int kBlockM = kConfig.block_m;
   static constexpr int kChunkM = kConfig.chunk_m;
@@ -109,7 +109,6 @@ struct DkdvTraits {
   static constexpr int kMinBlocksPerSm = kConfig.min_blocks_per_sm;
   static constexpr int kSplit = kConfig.split_head_dim;
   static constexpr bool kKvInRegisters = kConfig.kv_in_registers;
-  static constexpr bool kSpecialized = kSpecialized_;
 
   static constexpr int kKeyWarps = kWarps / kSplit;  // warps along the key block
   static constexpr int kPartDim = kHeadDim / kSplit;  // dK / dV columns per warp
@@ -366,11 +365,11 @@ FA_KERNEL(Traits::kThreads, Traits::kMinBlocksPerSm)
 void attention_backward_dkdv_kernel(const AttentionBackwardParams params, const BackwardWorkspace workspace) {
   constexpr bool kModifiers = kPath == KernelPath::kModifiers;
   constexpr bool kSpecialized = is_specialized(kPath);
-  // kFast and kCausal (D 32 and 96 here; D 64 and 128 run the staged kernel) run the masked and the
-  // unmasked steps in two chunk loops; at D 256 two loops spill (44 bytes on sm_80), one loop serves both.
+  // kFast and kCausal (D 256 here; D 32 to 128 run the staged kernel, this one only with a tile
+  // sweep's override) run the masked and the unmasked steps in two chunk loops at D <= 96; at
+  // D 256 two loops spill (44 bytes on sm_80), one loop serves both.
   constexpr bool kTwoLoops = kSpecialized && Traits::kHeadDim <= 96;
   static_assert(!(kSpecialized && (kVarlen || kWithDbias)), "kFast and kCausal have no packed sequences or bias");
-  static_assert(kSpecialized == Traits::kSpecialized, "the tiles of the kernel's path");
   using Element = typename Traits::Element;
   using KvTile = typename Traits::KvTile;
   using QTile = typename Traits::QTile;
@@ -1167,7 +1166,7 @@ void attention_backward_dkdv_staged_kernel(const AttentionBackwardParams params,
 template <ElementType kElement, int kHeadDim, KernelPath kPath>
 LaunchStatus run_attention_backward_dkdv(const AttentionBackwardParams& params, const BackwardWorkspace& workspace,
                                          cudaStream_t stream) {
-  using Traits = DkdvTraits<typename ElementOf<kElement>::type, kHeadDim, is_specialized(kPath)>;
+  using Traits = DkdvTraits<typename ElementOf<kElement>::type, kHeadDim>;
   constexpr bool kModifiers = kPath == KernelPath::kModifiers;
   const bool with_dbias = params.dbias != nullptr;
   const dim3 grid(static_cast<unsigned>(dkdv_schedule<Traits::kBlockN>(params, workspace, with_dbias, workspace.deterministic).ctas()));

@@ -128,7 +128,8 @@ constexpr ForwardTileConfig forward_tile_config(int head_dim) {
 // D / split / 4 floats per thread) plus S^T and dP^T of one chunk (chunk_m / 4
 // floats each). The kGeneral and kModifiers kernels (kernel_api.h) take these
 // tiles: with masks, bias and dropout compiled in, a chunk of 32 spills at D = 128
-// (255 registers); 16 does not.
+// (255 registers); 16 does not. So do the kFast and kCausal kernels at the head dims
+// without a staged tile (dkdv_staged below: D 256).
 constexpr DkdvTileConfig dkdv_tile_config(int head_dim) {
   if (dkdv_tile_override(head_dim).warps != 0) return dkdv_tile_override(head_dim);
   switch (head_dim) {
@@ -141,26 +142,7 @@ constexpr DkdvTileConfig dkdv_tile_config(int head_dim) {
   }
 }
 
-// The kFast and kCausal kernels at the head dims without a staged tile (dkdv_staged below: D 32,
-// 96 and 256; at D 64 and 128 the general tile stands in, unused), which have no bias, dropout or
-// modifier code: a chunk of 32 queries at D <= 96 (spill-free, 255 registers at most), so that
-// each chunk's fixed costs (addresses, loop control, the K and V fragments re-read at D 96) are
-// spread over twice the MMAs, and S^T, dP^T have 8 independent accumulators each instead of 4.
-// At D = 256 the general path's tiles. The key blocks are the general path's: the host sizes the
-// schedule's splits from dkdv_tile_config.
-constexpr DkdvTileConfig dkdv_specialized_tile_config(int head_dim) {
-  if (dkdv_tile_override(head_dim).warps != 0) return dkdv_tile_override(head_dim);
-  switch (head_dim) {
-    case 32: return {128, 64, 32, 8, 1, 1, true};
-    case 96: return {128, 64, 32, 8, 1, 1, false};
-    case 64:
-    case 128:
-    case 256: return dkdv_tile_config(head_dim);
-    default: return {0, 0, 0, 0, 0, 0, false};
-  }
-}
-
-// The kFast and kCausal dK/dV kernels at D 64 and 128 (dkdv_staged): FlashAttention-2's
+// The kFast and kCausal dK/dV kernels at D 32, 64, 96 and 128 (dkdv_staged): FlashAttention-2's
 // backward dataflow. 8 warps, 128 keys per CTA (K and V stay in shared memory for the whole
 // loop over queries), 128 (D 64) or 64 (D 128) queries per step, so that every step does
 // 5 x 512 MMAs (m16n8k16) per CTA, 320 per warp:
@@ -177,14 +159,20 @@ constexpr DkdvTileConfig dkdv_specialized_tile_config(int head_dim) {
 // Shared memory: K, V, P^T, dS^T, Q in two stages, dO in one (its next step's copy starts
 // after the step's dV, a third barrier): 159744 bytes at D 128, 163840 at D 64 (a second dO
 // stage would take 177152 and 182272, over the 166912 an A100 gives a CTA). One CTA per SM.
-// The other head dims keep dkdv_specialized_tile_config (warps == 0 here): D 32 and 96 were
-// not carried over yet, D 256's dK and dV alone would take 256 floats per thread.
+// D 32 takes D 64's tile; D 96 D 128's steps of 64 queries with dQ on a 4 x 2 grid (16 x 48 per
+// warp: 2 x 4 would give 24 columns, no whole n16 pair). 160 and 240 MMAs per warp per step, no
+// spills; per MMA of a whole unmasked step (sm_80, bf16) 6.8 and 4.0 instructions and 0.60 and
+// 0.50 ldmatrix, where the chunked kernel they replace took 7.7 and 4.5 and 0.65 and 0.63.
+// D 256 keeps the chunked kernel (warps == 0 here): its dK and dV alone would take 256 floats
+// per thread.
 // A dK/dV override (the tile sweep) turns it off: the chunked kernel then runs every path with the
 // override's tile, so that the sweep times the two dataflows against each other.
 constexpr DkdvStagedTileConfig dkdv_staged_tile_config(int head_dim) {
   if (dkdv_tile_override(head_dim).warps != 0) return {0, 0, 0, 0, 0, 0};
   switch (head_dim) {
+    case 32: return {128, 128, 8, 4, 4, 4};
     case 64: return {128, 128, 8, 4, 4, 4};
+    case 96: return {128, 64, 8, 4, 4, 4};
     case 128: return {128, 64, 8, 4, 4, 2};
     default: return {0, 0, 0, 0, 0, 0};
   }
