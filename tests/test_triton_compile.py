@@ -12,6 +12,7 @@ lower to Hopper's wgmma instructions.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -435,14 +436,21 @@ def test_kernel_compiles_for_gpu(compiled_cases, kind, case_name, capability):
     assert entry["instruction_found"], f"the matrix products do not lower to {entry['instruction']}"
 
 
+def _compile_entry(case_id: tuple) -> dict:
+    """compile_case's result for one case id, or the error it raised (reported per case by the test)."""
+    entry = {"id": list(case_id)}
+    try:
+        entry.update(compile_case(*case_id))
+    except Exception as error:
+        entry["error"] = f"{type(error).__name__}: {error}"[-3000:]
+    return entry
+
+
 def _main() -> None:
-    for kind, case_name, capability in CASE_IDS:
-        entry = {"id": [kind, case_name, capability]}
-        try:
-            entry.update(compile_case(kind, case_name, capability))
-        except Exception as error:  # reported per case by the test
-            entry["error"] = f"{type(error).__name__}: {error}"[-3000:]
-        print(json.dumps(entry), flush=True)
+    # One compile runs on one core: the cases compile in a worker per core (each case seeds its own inputs).
+    with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        for entry in pool.map(_compile_entry, CASE_IDS):
+            print(json.dumps(entry), flush=True)
 
 
 if __name__ == "__main__":
