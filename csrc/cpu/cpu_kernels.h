@@ -80,7 +80,7 @@ struct ForwardPlan {
   // Hand out the last query block first (it sees the most keys under a band
   // bounded on the right, e.g. causal), else the first (a band bounded on the left only).
   bool last_query_block_first;
-  // Varlen: the query blocks of every sequence, heaviest first; task t is query head
+  // Varlen: the query blocks of every sequence (plan_sequence_blocks' order); task t is query head
   // t % heads_q of sequence_blocks[t / heads_q] (num_q_blocks and last_query_block_first unused).
   const SequenceBlock* sequence_blocks;
 };
