@@ -56,11 +56,10 @@ class ForwardKernel {
       h = task % params_.heads_q;
       q_block = block.q_block;
     } else {
-      const int64_t batch_heads = p_.batch * p_.heads_q;
-      const int64_t bh = task % batch_heads;
-      // Tasks are handed out heaviest query blocks first (the plan says which
-      // end sees the most keys), so the long tasks start early (balanced finish).
-      const int64_t order = task / batch_heads;
+      // A (batch, head)'s query blocks are handed out together, so its keys and values stay in
+      // cache, and heaviest first (the plan says which end sees the most keys).
+      const int64_t bh = task / plan_.num_q_blocks;
+      const int64_t order = task % plan_.num_q_blocks;
       b = bh / p_.heads_q;
       h = bh % p_.heads_q;
       q_block = plan_.last_query_block_first ? plan_.num_q_blocks - 1 - order : order;
