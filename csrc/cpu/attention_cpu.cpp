@@ -90,28 +90,34 @@ std::vector<Entry> heaviest_first(std::vector<std::pair<int64_t, Entry>> weighte
   return entries;
 }
 
-// Varlen forward: every query block of every sequence, a sequence's blocks together and heaviest first
-// (cost: rows x keys in their band), the sequences by decreasing cost. A sequence's blocks read its
-// keys and values while they are in cache (blocks of all sequences interleaved by cost alone took
-// 1.08-1.12x the time on one thread: more keys and values in flight than the L3 holds), and the list
-// still ends with the lightest blocks of the lightest sequence (a balanced finish).
+// Varlen forward: every query head's query blocks of every sequence. The sequences go by decreasing
+// cost (rows x keys in the band of each block), and within one, head after head, each head's blocks
+// heaviest first: consecutive tasks read the same keys and values while they are in cache (blocks of
+// all sequences and heads interleaved by cost alone took 1.08-1.12x the time on one thread), and
+// the list still ends with the lightest blocks of the lightest sequence (a balanced finish).
 std::vector<SequenceBlock> plan_sequence_blocks(const AttentionForwardParams& p) {
   std::vector<std::pair<int64_t, std::vector<SequenceBlock>>> sequences;
   for (int64_t n = 0; n < p.batch; ++n) {
     const AttentionForwardParams s = sequence_shape(p, n);
-    std::vector<std::pair<int64_t, SequenceBlock>> blocks;
+    std::vector<std::pair<int64_t, SequenceBlock>> blocks;  // head 0's
     int64_t cost = 0;
     for (int64_t q_block = 0; q_block * kBlockM < s.seqlen_q; ++q_block) {
       const int64_t i0 = q_block * kBlockM, rows = std::min(kBlockM, s.seqlen_q - i0);
       const IndexRange keys = band_keys_of_rows(s, i0, rows);
-      blocks.push_back({rows * std::max<int64_t>(0, keys.end - keys.begin), SequenceBlock{n, q_block}});
+      blocks.push_back({rows * std::max<int64_t>(0, keys.end - keys.begin), SequenceBlock{n, 0, q_block}});
       cost += blocks.back().first;
     }
-    sequences.push_back({cost, heaviest_first(std::move(blocks))});
+    const std::vector<SequenceBlock> head_blocks = heaviest_first(std::move(blocks));
+    std::vector<SequenceBlock> tasks;
+    tasks.reserve(head_blocks.size() * p.heads_q);
+    for (int64_t h = 0; h < p.heads_q; ++h) {
+      for (SequenceBlock block : head_blocks) tasks.push_back({block.sequence, h, block.q_block});
+    }
+    sequences.push_back({cost, std::move(tasks)});
   }
   std::vector<SequenceBlock> ordered;
-  for (const std::vector<SequenceBlock>& blocks : heaviest_first(std::move(sequences))) {
-    ordered.insert(ordered.end(), blocks.begin(), blocks.end());
+  for (const std::vector<SequenceBlock>& tasks : heaviest_first(std::move(sequences))) {
+    ordered.insert(ordered.end(), tasks.begin(), tasks.end());
   }
   return ordered;
 }
@@ -163,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const ForwardInputs& in
     if (!sequences_cover_rows(params, /*keys=*/false)) fill_forward_without_scores(out, lse);
     sequence_blocks = plan_sequence_blocks(params);
     plan.sequence_blocks = sequence_blocks.data();
-    plan.num_tasks = static_cast<int64_t>(sequence_blocks.size()) * params.heads_q;
+    plan.num_tasks = static_cast<int64_t>(sequence_blocks.size());
   } else {
     plan.num_q_blocks = ceil_div(q.size(2), kBlockM);
     plan.num_tasks = q.size(0) * q.size(1) * plan.num_q_blocks;

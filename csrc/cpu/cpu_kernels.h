@@ -59,9 +59,10 @@ struct ExactScales {
   double softcap;             // 0 = none
 };
 
-// Varlen: a forward task's query block of one sequence (with one query head).
+// Varlen: a forward task, one query head's query block of one sequence.
 struct SequenceBlock {
   int64_t sequence;
+  int64_t head;
   int64_t q_block;
 };
 
@@ -76,12 +77,12 @@ struct ForwardPlan {
   ElementType dtype;
   ExactScales scales;
   int64_t num_q_blocks;
-  int64_t num_tasks;  // batch * heads_q * num_q_blocks; varlen: heads_q * number of sequence_blocks
+  int64_t num_tasks;  // batch * heads_q * num_q_blocks; varlen: the number of sequence_blocks
   // Hand out the last query block first (it sees the most keys under a band
   // bounded on the right, e.g. causal), else the first (a band bounded on the left only).
   bool last_query_block_first;
-  // Varlen: the query blocks of every sequence (plan_sequence_blocks' order); task t is query head
-  // t % heads_q of sequence_blocks[t / heads_q] (num_q_blocks and last_query_block_first unused).
+  // Varlen: every query head's query blocks of every sequence (plan_sequence_blocks' order); task t
+  // is sequence_blocks[t] (num_q_blocks and last_query_block_first unused).
   const SequenceBlock* sequence_blocks;
 };
 

@@ -50,10 +50,10 @@ class ForwardKernel {
     int64_t b, h, q_block;
     if (is_varlen(params_)) {
       // One query head of a sequence's query block, from the plan's list (by sequence, heaviest first).
-      const SequenceBlock& block = plan_.sequence_blocks[task / params_.heads_q];
+      const SequenceBlock& block = plan_.sequence_blocks[task];
       p_ = sequence_view<T>(params_, block.sequence);
       b = 0;
-      h = task % params_.heads_q;
+      h = block.head;
       q_block = block.q_block;
     } else {
       // A (batch, head)'s query blocks are handed out together, so its keys and values stay in
