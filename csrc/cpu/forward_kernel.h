@@ -49,7 +49,7 @@ class ForwardKernel {
   void run(int64_t task) {
     int64_t b, h, q_block;
     if (is_varlen(params_)) {
-      // One query head of a sequence's query block, from the plan's list (by sequence, heaviest first).
+      // One query head of a sequence's query block, from the plan's list (plan_sequence_blocks).
       const SequenceBlock& block = plan_.sequence_blocks[task];
       p_ = sequence_view<T>(params_, block.sequence);
       b = 0;
