@@ -2,10 +2,10 @@
 """Compile every CUDA kernel translation unit and check ptxas's resource report.
 
 Each csrc/cuda/*.cu and csrc/cuda/instantiations/*.cu is compiled with
-`nvcc -c -Xptxas -v` for the archs of csrc/cuda/build_matrix.json (8.0 as sm_80,
-9.0 as sm_90a) with the flags the builds give nvcc (the matrix's nvcc_flags,
-plus torch's default CUDA extension flags when torch is importable), in
-parallel. The run fails (exit status 1) on:
+`nvcc -c -Xptxas -v`, once for all the archs of csrc/cuda/build_matrix.json (8.0
+as sm_80, 9.0 as sm_90a: one host compile, one device compile per arch) with the
+flags the builds give nvcc (the matrix's nvcc_flags, plus torch's default CUDA
+extension flags when torch is importable), in parallel. The run fails (exit status 1) on:
   - a compile error,
   - spill stores or loads, a stack frame or cumulative stack (local memory),
     unless the kernel is listed in INTENDED_LOCAL_MEMORY with the reason,
@@ -180,15 +180,15 @@ def torch_nvcc_flags() -> list[str]:
     return list(getattr(cpp_extension, "COMMON_NVCC_FLAGS", []))
 
 
-def nvcc_command(nvcc: str, flags: list[str], source: Path, arch: Arch, output: Path) -> list[str]:
+def nvcc_command(nvcc: str, flags: list[str], source: Path, archs: list[Arch], output: Path) -> list[str]:
+    gencodes = [option for arch in archs for option in ("-gencode", arch.gencode)]
     return [
         nvcc,
         "-c",
         "-std=c++17",
         *flags,
         f"-I{ROOT / 'csrc'}",
-        "-gencode",
-        arch.gencode,
+        *gencodes,
         "-Xptxas",
         "-v",
         str(source),
@@ -205,15 +205,18 @@ CUMULATIVE = re.compile(r"(\d+) bytes cumulative stack size")
 SMEM = re.compile(r"(\d+) bytes smem")
 
 
-def parse_ptxas(output: str, arch: str) -> list[KernelReport]:
-    kernels: dict[str, KernelReport] = {}
+def parse_ptxas(output: str) -> dict[str, list[KernelReport]]:
+    """{arch name: its kernels' reports} from one nvcc run's ptxas output (ptxas reports one arch
+    after the other, each entry function under a line naming the arch)."""
+    kernels: dict[tuple[str, str], KernelReport] = {}
     current: KernelReport | None = None
-    pending_properties: str | None = None
+    pending_properties: tuple[str, str] | None = None
     for line in output.splitlines():
         if match := ENTRY.search(line):
-            current = kernels.setdefault(match.group(1), KernelReport(match.group(1), arch))
-        elif match := PROPERTIES.search(line):
-            pending_properties = match.group(1)
+            key = (match.group(2), match.group(1))
+            current = kernels.setdefault(key, KernelReport(match.group(1), match.group(2)))
+        elif (match := PROPERTIES.search(line)) and current is not None:
+            pending_properties = (current.arch, match.group(1))
         elif (match := FRAME.search(line)) and pending_properties in kernels:
             report = kernels[pending_properties]
             report.stack_frame, report.spill_stores, report.spill_loads = map(int, match.groups())
@@ -224,7 +227,10 @@ def parse_ptxas(output: str, arch: str) -> list[KernelReport]:
                 current.cumulative_stack = int(cumulative.group(1))
             if smem := SMEM.search(line):
                 current.static_smem = int(smem.group(1))
-    return list(kernels.values())
+    by_arch: dict[str, list[KernelReport]] = {}
+    for report in kernels.values():
+        by_arch.setdefault(report.arch, []).append(report)
+    return by_arch
 
 
 def demangle(names: list[str]) -> dict[str, str]:
@@ -337,20 +343,21 @@ def sass_loops(listing: str) -> dict[str, list[SassLoop]]:
     return result
 
 
-def disassemble_loops(tools: tuple[str, str], objfile: Path) -> dict[str, list[SassLoop]]:
-    """sass_loops of every cubin in the object file nvcc wrote."""
+def disassemble_loops(tools: tuple[str, str], objfile: Path) -> dict[str, dict[str, list[SassLoop]]]:
+    """{arch name: sass_loops of its cubin} for the cubins in the object file nvcc wrote (cuobjdump
+    names each <unit>.<arch>.cubin)."""
     cuobjdump, nvdisasm = tools
     folder = objfile.with_suffix(".cubins")
     folder.mkdir()
     subprocess.run(
         [cuobjdump, "-xelf", "all", str(objfile.resolve())], cwd=folder, check=True, capture_output=True
     )
-    loops = {}
+    loops: dict[str, dict[str, list[SassLoop]]] = {}
     for cubin in sorted(folder.glob("*.cubin")):
         listing = subprocess.run(
             [nvdisasm, "-c", str(cubin)], check=True, capture_output=True, text=True
         ).stdout
-        loops.update(sass_loops(listing))
+        loops.setdefault(cubin.suffixes[-2].lstrip("."), {}).update(sass_loops(listing))
     return loops
 
 
@@ -394,17 +401,24 @@ def traits_launch_shapes(nvcc: str, flags: list[str], workdir: Path) -> dict[str
 
 
 def compile_one(
-    nvcc: str, flags: list[str], source: Path, arch: Arch, workdir: Path, tools: tuple[str, str] | None
-) -> CompileResult:
-    output = workdir / f"{source.stem}.{arch.name}.o"
+    nvcc: str, flags: list[str], source: Path, archs: list[Arch], workdir: Path, tools: tuple[str, str] | None
+) -> list[CompileResult]:
+    """One nvcc run of `source` for every arch: a CompileResult per arch."""
+    output = workdir / f"{source.stem}.o"
     proc = subprocess.run(
-        nvcc_command(nvcc, flags, source, arch, output), capture_output=True, text=True, check=False
+        nvcc_command(nvcc, flags, source, archs, output), capture_output=True, text=True, check=False
     )
     text = proc.stdout + proc.stderr
-    result = CompileResult(source, arch, proc.returncode, text, parse_ptxas(text, arch.name))
+    kernels = parse_ptxas(text)
+    loops = {}
     if proc.returncode == 0 and tools is not None and source.stem in SASS_UNITS:
-        result.loops = disassemble_loops(tools, output)
-    return result
+        loops = disassemble_loops(tools, output)
+    return [
+        CompileResult(
+            source, arch, proc.returncode, text, kernels.get(arch.name, []), loops.get(arch.name, {})
+        )
+        for arch in archs
+    ]
 
 
 def ctas_per_sm(arch: Arch, registers: int, threads: int, smem: int) -> tuple[int, int]:
@@ -419,10 +433,13 @@ def ctas_per_sm(arch: Arch, registers: int, threads: int, smem: int) -> tuple[in
 
 def check(results: list[CompileResult], shapes: dict[str, tuple[int, int]]) -> list[str]:
     failures = []
+    failed_sources = set()  # one nvcc run compiles a source for every arch: its failure is told once
     for result in results:
         where = f"{result.source.relative_to(ROOT)} ({result.arch.name})"
         if result.returncode != 0:
-            failures.append(f"{where}: nvcc failed:\n{result.output.strip()}")
+            if result.source not in failed_sources:
+                failed_sources.add(result.source)
+                failures.append(f"{result.source.relative_to(ROOT)}: nvcc failed:\n{result.output.strip()}")
             continue
         if not result.kernels:
             failures.append(f"{where}: no kernel in ptxas's report")
@@ -598,9 +615,9 @@ def main() -> int:
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             shapes_future = pool.submit(traits_launch_shapes, nvcc, flags, workdir)
             futures = [
-                pool.submit(compile_one, nvcc, flags, s, a, workdir, tools) for s in sources for a in archs
+                pool.submit(compile_one, nvcc, flags, source, archs, workdir, tools) for source in sources
             ]
-            results = [f.result() for f in futures]
+            results = [result for future in futures for result in future.result()]
             shapes = shapes_future.result()
     names = demangle(sorted({k.mangled for r in results for k in r.kernels}))
     for result in results:
