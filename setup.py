@@ -26,6 +26,7 @@ import re
 import shutil
 import site
 import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,7 +153,17 @@ class BuildExtensionWithInfo(cpp_extension.BuildExtension):
     """Writes fast_attn/_build_info.py beside the extension it describes: into the
     build directory (what a wheel packs), and into the source tree only for an
     in-place build (an editable install), so that building a wheel for another
-    torch never changes what an editable install of this checkout reads."""
+    torch never changes what an editable install of this checkout reads.
+
+    Every build of this checkout (editable install, wheel) compiles into build/temp.*,
+    where ninja recompiles only the sources whose command or headers changed: an
+    editable install would otherwise start from an empty temporary folder each time."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        self.build_temp = str(
+            ROOT / "build" / f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+        )
 
     def run(self) -> None:
         super().run()

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build the wheel against the installed torch, install it into a fresh venv
-# (same torch), and run a smoke test from outside the source tree.
+# (same torch), and run a smoke test from outside the source tree. The build
+# compiles into build/temp.* like every build of this checkout (setup.py): after
+# an editable install with the same torch, ninja only links.
 # WHEEL_REUSE_TORCH=1: no new venv; the wheel is unpacked into a folder on
 # PYTHONPATH in front of the current environment's torch (for machines without
 # a package registry, like the GPU machine).
