@@ -17,6 +17,13 @@ if not torch.cuda.is_available():
 
 HAS_CUDA = torch.cuda.is_available()
 
+# Under pytest-xdist (`-n auto`, the README's test command) each worker process takes its share of
+# the cores for torch's intra-op threads, two at least so that the kernels' multi-threaded paths
+# stay under test (tests that need a thread count set their own).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(2, torch.get_num_threads() // _WORKERS))
+
 from fast_attn import dispatch  # noqa: E402  (after TRITON_INTERPRET: it imports the Triton kernels)
 
 # Every backend but the reference, which is the oracle. This machine must run the CPU kernels, the
