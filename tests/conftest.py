@@ -1,5 +1,5 @@
-"""Shared test configuration: markers, seeds, the Triton interpreter on CPU, and
-the kernel backends under test."""
+"""Shared test configuration: markers, seeds, the Triton interpreter on CPU, torch's
+threads per pytest-xdist worker, and the kernel backends under test."""
 
 from __future__ import annotations
 
