@@ -1,11 +1,10 @@
 // The CPU warp emulator declared in emulated_device.h. Single-threaded: CTAs
-// run one after another, the threads of a CTA as ucontext fibers that switch
-// at barriers and warp collectives.
+// run one after another, the threads of a CTA as fibers (fiber_context.h) that
+// switch at barriers and warp collectives.
 #include "emulated_device.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <ucontext.h>
 
 #include <cstring>
 #include <iterator>
@@ -14,6 +13,8 @@
 #include <string>
 #include <unordered_map>
 #include <vector>
+
+#include "fiber_context.h"
 
 namespace fast_attn::emu {
 namespace {
@@ -45,7 +46,7 @@ struct CopyRequest {
 };
 
 struct Fiber {
-  ucontext_t context;
+  FiberContext context;
   std::unique_ptr<char[]> stack;
   uint3 index;
   int warp;
@@ -116,7 +117,7 @@ struct Runtime {
   uint64_t cta = 0;
   uint32_t epoch = 0;
   int at_barrier = 0;
-  ucontext_t scheduler;
+  FiberContext scheduler;
   Fiber* current = nullptr;
   bool failed = false;
   std::string error;
@@ -150,13 +151,13 @@ void record_failure(const std::string& message) {
   record_failure(message);
   Fiber* fiber = g_runtime.current;
   fiber->state = FiberState::kExited;
-  swapcontext(&fiber->context, &g_runtime.scheduler);
+  switch_context(fiber->context, g_runtime.scheduler);
   __builtin_unreachable();
 }
 
 void yield_to_scheduler() {
   Fiber* fiber = g_runtime.current;
-  swapcontext(&fiber->context, &g_runtime.scheduler);
+  switch_context(fiber->context, g_runtime.scheduler);
 }
 
 std::string hex(const void* p) {
@@ -426,14 +427,15 @@ void complete_copy(const CopyRequest& request) {
   }
 }
 
-void fiber_main() {
+[[noreturn]] void fiber_main() {
   (*g_runtime.body)();
   Fiber* fiber = g_runtime.current;
   if (!fiber->open_group.empty() || !fiber->committed_groups.empty()) {
     fail("thread exits with cp.async copies still in flight");
   }
   fiber->state = FiberState::kExited;
-  // Returning resumes uc_link, the scheduler.
+  switch_context(fiber->context, g_runtime.scheduler);
+  __builtin_unreachable();
 }
 
 std::string deadlock_description() {
@@ -467,11 +469,7 @@ bool run_block() {
     f.state = FiberState::kRunnable;
     f.open_group.clear();
     f.committed_groups.clear();
-    getcontext(&f.context);
-    f.context.uc_stack.ss_sp = f.stack.get();
-    f.context.uc_stack.ss_size = kStackBytes;
-    f.context.uc_link = &rt.scheduler;
-    makecontext(&f.context, fiber_main, 0);
+    start_context(f.context, f.stack.get(), kStackBytes, fiber_main);
   }
   while (true) {
     bool ran = false;
@@ -481,7 +479,7 @@ bool run_block() {
       if (f.state == FiberState::kRunnable) {
         ran = true;
         rt.current = &f;
-        swapcontext(&rt.scheduler, &f.context);
+        switch_context(rt.scheduler, f.context);
         rt.current = nullptr;
         if (rt.failed) {
           return false;
