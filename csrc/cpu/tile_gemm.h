@@ -25,7 +25,9 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <utility>
 
 namespace fast_attn::cpu {
 namespace {
@@ -195,36 +197,28 @@ void gemm_row_chunk(int64_t kdim, const Operand* a, int64_t lda, const Operand* 
   if constexpr (NV > 7) store(c7, 7);
 }
 
+// gemm_row_chunk for NV + 1 = 1 .. kRowVectors vectors, at index NV.
+template <class V, bool kMaskLast, bool kAColumnMajor, class Operand, class Result, int... NV>
+constexpr auto row_chunks(std::integer_sequence<int, NV...>) {
+  using Fn = void (*)(int64_t, const Operand*, int64_t, const Operand*, int64_t, Result*, int, bool);
+  return std::array<Fn, sizeof...(NV)>{&gemm_row_chunk<V, NV + 1, kMaskLast, kAColumnMajor, Operand, Result>...};
+}
+
 // C (1 x cols) (+)= A (1 x kdim) * B (kdim x cols), in chunks of kRowVectors vectors.
 template <class V, bool kAColumnMajor, class Operand, class Result>
 void gemm_row(int64_t cols, int64_t kdim, const Operand* a, int64_t lda, const Operand* b, int64_t ldb, Result* c,
               bool accumulate) {
   constexpr int W = V::kWidth;
   constexpr int64_t kChunk = kRowVectors * W;
-  using Fn = void (*)(int64_t, const Operand*, int64_t, const Operand*, int64_t, Result*, int, bool);
-  // kChunks[mask last][nv - 1], as gemm_tile's kMaskLast
-  constexpr Fn kChunks[2][kRowVectors] = {
-      {&gemm_row_chunk<V, 1, false, kAColumnMajor, Operand, Result>,
-       &gemm_row_chunk<V, 2, false, kAColumnMajor, Operand, Result>,
-       &gemm_row_chunk<V, 3, false, kAColumnMajor, Operand, Result>,
-       &gemm_row_chunk<V, 4, false, kAColumnMajor, Operand, Result>,
-       &gemm_row_chunk<V, 5, false, kAColumnMajor, Operand, Result>,
-       &gemm_row_chunk<V, 6, false, kAColumnMajor, Operand, Result>,
-       &gemm_row_chunk<V, 7, false, kAColumnMajor, Operand, Result>,
-       &gemm_row_chunk<V, 8, false, kAColumnMajor, Operand, Result>},
-      {&gemm_row_chunk<V, 1, true, kAColumnMajor, Operand, Result>,
-       &gemm_row_chunk<V, 2, true, kAColumnMajor, Operand, Result>,
-       &gemm_row_chunk<V, 3, true, kAColumnMajor, Operand, Result>,
-       &gemm_row_chunk<V, 4, true, kAColumnMajor, Operand, Result>,
-       &gemm_row_chunk<V, 5, true, kAColumnMajor, Operand, Result>,
-       &gemm_row_chunk<V, 6, true, kAColumnMajor, Operand, Result>,
-       &gemm_row_chunk<V, 7, true, kAColumnMajor, Operand, Result>,
-       &gemm_row_chunk<V, 8, true, kAColumnMajor, Operand, Result>}};
+  constexpr auto kCounts = std::make_integer_sequence<int, kRowVectors>();
+  constexpr auto kWhole = row_chunks<V, false, kAColumnMajor, Operand, Result>(kCounts);
+  constexpr auto kMasked = row_chunks<V, true, kAColumnMajor, Operand, Result>(kCounts);
   for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {
     const int64_t chunk = std::min(kChunk, cols - c0);
     const int nv = static_cast<int>((chunk + W - 1) / W);
     const int last_lanes = static_cast<int>(chunk - (nv - 1) * W);
-    kChunks[last_lanes < W][nv - 1](kdim, a, lda, b + c0, ldb, c + c0, last_lanes, accumulate);
+    const auto& chunks = last_lanes < W ? kMasked : kWhole;
+    chunks[nv - 1](kdim, a, lda, b + c0, ldb, c + c0, last_lanes, accumulate);
   }
 }
 
