@@ -238,8 +238,8 @@ void gemm(int64_t rows, int64_t cols, int64_t kdim, const Operand* a, int64_t ld
     for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
       const int mr = static_cast<int>(std::min<int64_t>(kTileRows, rows - r0));
       const Operand* a_tile = kAColumnMajor ? a + r0 : a + r0 * lda;
-      GemmTiles<V, kAColumnMajor, Operand, Result>::select(mr, nv, last_lanes)(kdim, a_tile, lda, b + c0, ldb,
-                                                                   c + r0 * ldc + c0, ldc, last_lanes, accumulate);
+      const auto tile = GemmTiles<V, kAColumnMajor, Operand, Result>::select(mr, nv, last_lanes);
+      tile(kdim, a_tile, lda, b + c0, ldb, c + r0 * ldc + c0, ldc, last_lanes, accumulate);
     }
   }
 }
