@@ -23,6 +23,7 @@ import torch
 
 from . import dispatch
 from .causal import parse_causal, visible_band
+from .decode import decode_attention
 from .dropout import new_dropout_seed
 from .functional import attention
 from .ops.autograd import accumulation_dtype
@@ -878,6 +879,20 @@ DECODE_TENSORS = (
     "block_table",
     "cache_batch_idx",
 )
+
+
+def decode_runner(case: DecodeCase, backend: str) -> Callable[[dict], tuple[torch.Tensor, torch.Tensor]]:
+    """check_decode_against_reference's run: fast_attn.decode_attention on `backend`."""
+
+    def run(inputs: dict):
+        positional = [inputs[n] for n in DECODE_TENSORS[:4]]
+        keywords = {n: inputs[n] for n in DECODE_TENSORS[4:]}
+        return decode_attention(
+            *positional, **keywords, **case.options(inputs), num_splits=case.num_splits, return_lse=True,
+            backend=backend,
+        )  # fmt: skip
+
+    return run
 
 
 def decode_op_arguments(case: DecodeCase, inputs: dict) -> tuple:

@@ -14,21 +14,13 @@ from fast_attn import dispatch
 from fast_attn.flash_attn_interface import flash_attn_with_kvcache
 from fast_attn.ops import cpp_ops
 from fast_attn.reference import reference_attention, reference_decode_attention
-from fast_attn.testing import DECODE_TENSORS, DecodeCase, backend_device, check_decode_against_reference
-
-
-def decode_run(case: DecodeCase, backend: str):
-    """check_decode_against_reference's run: fast_attn.decode_attention on `backend`."""
-
-    def run(inputs: dict):
-        positional = [inputs[n] for n in DECODE_TENSORS[:4]]
-        keywords = {n: inputs[n] for n in DECODE_TENSORS[4:]}
-        return fast_attn.decode_attention(
-            *positional, **keywords, **case.options(inputs), num_splits=case.num_splits, return_lse=True,
-            backend=backend,
-        )  # fmt: skip
-
-    return run
+from fast_attn.testing import (
+    DECODE_TENSORS,
+    DecodeCase,
+    backend_device,
+    check_decode_against_reference,
+    decode_runner,
+)
 
 
 @pytest.mark.parametrize("page_size", [None, 8, 5])
@@ -94,9 +86,9 @@ def test_decode_attention_matches_the_reference(decode_backend, case):
     device = backend_device(decode_backend)
     if case.dtype not in dispatch.BACKENDS[decode_backend].dtypes:
         with pytest.raises(fast_attn.BackendNotSupportedError, match="supports dtypes"):
-            decode_run(case, decode_backend)(case.make_inputs(device))
+            decode_runner(case, decode_backend)(case.make_inputs(device))
         return
-    check_decode_against_reference(decode_run(case, decode_backend), case, device)
+    check_decode_against_reference(decode_runner(case, decode_backend), case, device)
 
 
 def test_decoding_step_by_step_equals_causal_attention_over_the_whole_sequence(decode_backend):

@@ -7,7 +7,10 @@ empty and full rows, both causal alignments, dtypes, and the score modifiers
 derandomized set; `--fuzz-examples N` runs N random examples per backend.
 Packed variable-length sequences are drawn the same way (lengths with 0 and 1, GQA, both
 alignments, windows, softcap, ALiBi, sinks, strided views) against the per-sequence reference.
-Every failure found becomes a regular test in test_contract.py, test_varlen.py or a backend suite.
+Decoding steps against a KV cache are drawn too (contiguous, paged with any page size, K and V
+pages interleaved, left padding, shuffled cache rows, new keys written in place, split counts) on
+every backend that decodes. Every failure found becomes a regular test in test_contract.py,
+test_varlen.py, test_decode.py or a backend suite.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ from hypothesis import strategies as st
 import fast_attn
 from fast_attn.testing import (
     Case,
+    DecodeCase,
     VarlenCase,
     attention_options,
     attention_runner,
     backend_device,
     check_against_reference,
+    check_decode_against_reference,
     check_varlen_against_reference,
+    decode_runner,
 )
 from fast_attn.validation import build_problem
 
@@ -178,5 +184,51 @@ def test_fuzz_varlen_against_reference(kernel_backend, pytestconfig):
     @given(varlen_problems(kernel_backend))
     def check(case: VarlenCase):
         check_varlen_against_reference(kernel_backend, case, device)
+
+    check()
+
+
+@st.composite
+def decode_problems(draw, backend: str) -> DecodeCase:
+    spec = fast_attn.dispatch.BACKENDS[backend]
+    interpreted = backend == "triton" and not HAS_CUDA
+    head_dims = [8, 16, 40] if interpreted else [8, 16, 40, 64, 128]
+    if backend == "cuda":
+        head_dims = [d for d in head_dims if spec.supports_head_dim(d)]
+    dtypes = [torch.float32, torch.float16] if interpreted else list(spec.dtypes)
+    count = draw(st.integers(1, 3))
+    lengths = draw(st.lists(st.sampled_from([0, 1, 5, 17, 64, 97, 130]), min_size=count, max_size=count))
+    page_size = draw(st.sampled_from([None, 1, 5, 16, 64]))
+    new_rows = draw(st.sampled_from([0, 1, 2, 3]))
+    heads_kv, group = draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 3, 8]))
+    window = draw(st.sampled_from([None, (0, 0), (3, -1), (-1, 2), (20, 1)]))
+    return DecodeCase(
+        tuple(lengths),
+        new_rows=new_rows,
+        query_rows=draw(st.sampled_from([None, 1, 2, 4])) if new_rows == 0 else None,
+        heads_q=heads_kv * group,
+        heads_kv=heads_kv,
+        head_dim=draw(st.sampled_from(head_dims)),
+        dtype=draw(st.sampled_from(dtypes)),
+        page_size=page_size,
+        interleaved=draw(st.booleans()),
+        leftpad=draw(st.booleans()),
+        batch_idx=page_size is None and draw(st.booleans()),
+        causal=draw(st.booleans()),
+        window_size=window,
+        softcap=draw(st.sampled_from([None, 4.0])),
+        alibi=draw(st.sampled_from([None, "h", "bh"])),
+        sinks=draw(st.booleans()),
+        num_splits=draw(st.sampled_from([0, 1, 2, 3, 7])),
+    )
+
+
+def test_fuzz_decode_against_reference(decode_backend, pytestconfig):
+    device = backend_device(decode_backend)
+
+    @fuzz_settings(pytestconfig, decode_backend)
+    @given(decode_problems(decode_backend))
+    def check(case: DecodeCase):
+        check_decode_against_reference(decode_runner(case, decode_backend), case, device)
 
     check()
