@@ -28,8 +28,11 @@ Differences from flash-attn:
   mode flash-attn 2 adds slope * j instead of -slope * |i + Sk - Sq - j|, which gives the same output
   but an lse larger by slope * (i + Sk - Sq).
 * softmax_lse carries a gradient (flash-attn's does not): using it in a loss differentiates through it.
-* `block_table` (a paged KV cache) is refused by the varlen functions; `flash_attn_with_kvcache` takes it,
-  with any page size (flash-attn needs multiples of 256) and cache_leftpad alongside.
+* `block_table` (a paged KV cache) takes any page size (flash-attn needs multiples of 256). In
+  `flash_attn_with_kvcache` the kernels read the pages in place, cache_leftpad alongside. In
+  `flash_attn_varlen_func` each sequence's keys and values are first copied out of their pages into
+  packed tensors (total_k rows; cu_seqlens_k is read on the host), and gradients flow back into the
+  caches (flash-attn's paged varlen form is forward only).
 * max_seqlen_q / max_seqlen_k may also be 0-d tensors (fast_attn.varlen_attention reads none under
   torch.compile).
 * The third value of return_attn_probs is always None (flash-attn returns a debugging tensor of the
@@ -45,6 +48,7 @@ import torch
 
 from .decode import decode_attention
 from .functional import attention
+from .paged_sequences import gather_paged_sequences
 from .rotary import apply_rotary
 from .varlen import varlen_attention
 
@@ -211,12 +215,12 @@ def flash_attn_varlen_func(
     block_table=None,
 ):
     """q (total_q, Hq, D), k and v (total_k, Hkv, D), sequences laid end to end at the int32 offsets
-    cu_seqlens_q / cu_seqlens_k (N + 1,) -> out (total_q, Hq, D) (see the module docstring)."""
+    cu_seqlens_q / cu_seqlens_k (N + 1,) -> out (total_q, Hq, D) (see the module docstring). With
+    block_table (N, max_pages), k and v are paged caches (num_pages, page_size, Hkv, D) holding each
+    sequence's cu_seqlens_k[n + 1] - cu_seqlens_k[n] keys (fast_attn.paged_sequences)."""
     q = _check_tensor("q", q, 3, "(total_q, Hq, D)")
     if block_table is not None:
-        raise NotImplementedError(
-            "block_table (a paged KV cache) is not implemented by fast_attn's varlen functions"
-        )
+        k, v = gather_paged_sequences(k, v, block_table, cu_seqlens_k)  # (total_k, Hkv, D) each
     _check_flags(q, causal, deterministic, return_attn_probs)
     options = _attention_keywords(causal, window_size, softcap, alibi_slopes, softmax_scale, dropout_p)
     out, lse = varlen_attention(

@@ -160,11 +160,6 @@ def test_varlen_packed_forms_equal_the_unpacked_function_and_their_gradients_com
 @pytest.mark.parametrize(
     "call,error,words",
     [
-        (
-            lambda q, cu: flash_attn_varlen_func(q, q, q, cu, cu, 4, 4, block_table=torch.zeros(1, 1)),
-            NotImplementedError,
-            "block_table",
-        ),
         (lambda q, cu: flash_attn_varlen_func(q[None], q, q, cu, cu, 4, 4), ValueError, "(total_q, Hq, D)"),
         (lambda q, cu: flash_attn_varlen_qkvpacked_func(q, cu, 4), ValueError, "(total, 3, H, D)"),
         (
@@ -182,4 +177,84 @@ def test_varlen_packed_forms_equal_the_unpacked_function_and_their_gradients_com
 def test_varlen_bad_input(call, error, words):
     with pytest.raises(error) as raised:
         call(torch.randn(6, 2, 8), packed_offsets(2, 4))
+    assert words in str(raised.value)
+
+
+def paged(k: torch.Tensor, v: torch.Tensor, lengths: list[int], page_size: int, generator: torch.Generator):
+    """Packed keys and values (total_k, Hkv, D) scattered into paged caches of random pages, every
+    other slot random: (k_cache, v_cache (num_pages, page_size, Hkv, D), int32 block_table (N, max_pages),
+    the (page, slot) of each packed row)."""
+    max_pages = max(-(-n // page_size) for n in lengths) + 1
+    num_pages = len(lengths) * max_pages + 2
+    k_cache = torch.randn(num_pages, page_size, *k.shape[1:], generator=generator, dtype=k.dtype)
+    v_cache = torch.randn(k_cache.shape, generator=generator, dtype=v.dtype)
+    table = torch.randperm(num_pages, generator=generator)[: len(lengths) * max_pages].reshape(
+        len(lengths), -1
+    )
+    places = [
+        (int(table[n, p // page_size]), p % page_size)
+        for n, length in enumerate(lengths)
+        for p in range(length)
+    ]
+    for row, (page, slot) in enumerate(places):
+        k_cache[page, slot], v_cache[page, slot] = k[row], v[row]
+    return k_cache, v_cache, table.to(torch.int32), places
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 16])
+def test_varlen_block_table_reads_each_sequence_from_its_pages_with_gradients_into_the_caches(page_size):
+    # Chunked prefill: each sequence's new queries attend its keys in the paged cache, causal bottom-right.
+    generator = torch.Generator().manual_seed(page_size)
+    lengths_q, lengths_k = [2, 0, 4, 1], [5, 0, 13, 1]
+    q = torch.randn(sum(lengths_q), 4, 8, generator=generator, dtype=torch.float64)
+    k = torch.randn(sum(lengths_k), 2, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(sum(lengths_k), 2, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    k_cache, v_cache, table, places = paged(k.detach(), v.detach(), lengths_k, page_size, generator)
+    k_cache.requires_grad_(True)
+    v_cache.requires_grad_(True)
+    cu_q, cu_k = packed_offsets(*lengths_q), packed_offsets(*lengths_k)
+    options = dict(causal=True, window_size=(3, -1), softcap=2.0, return_attn_probs=True)
+    out, lse, _ = flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 4, 13, block_table=table, **options)
+    packed_out, packed_lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4, 13, **options)
+    torch.testing.assert_close(out, packed_out)
+    torch.testing.assert_close(lse, packed_lse)
+    grad = torch.randn(out.shape, generator=generator, dtype=out.dtype)
+    dk_cache, dv_cache = torch.autograd.grad(out, (k_cache, v_cache), grad)
+    dk, dv = torch.autograd.grad(packed_out, (k, v), grad)
+    assert dk.abs().sum() > 0 and dv.abs().sum() > 0
+    used = torch.zeros(k_cache.shape[:2], dtype=torch.bool)
+    for row, (page, slot) in enumerate(places):
+        torch.testing.assert_close(dk_cache[page, slot], dk[row])
+        torch.testing.assert_close(dv_cache[page, slot], dv[row])
+        used[page, slot] = True
+    assert not dk_cache[~used].any() and not dv_cache[~used].any()
+
+
+@pytest.mark.parametrize(
+    "change,error,words",
+    [
+        (dict(block_table=torch.tensor([[0, 9]], dtype=torch.int32)), ValueError, "pages outside 0..3"),
+        (dict(block_table=torch.tensor([[0]], dtype=torch.int32)), ValueError, "max_pages * page_size = 4"),
+        (dict(block_table=torch.tensor([[0, 1]])), ValueError, "block_table must be an int32"),
+        (dict(k=torch.randn(16, 2, 8)), ValueError, "k must be a 4-D paged cache"),
+        (dict(v=torch.randn(4, 4, 1, 8)), ValueError, "k and v must be paged caches of one shape"),
+        (dict(cu_k=packed_offsets(3, 3)), ValueError, "cu_seqlens_k must have N + 1 = 2 entries"),
+        (dict(cu_k=torch.tensor([1, 6], dtype=torch.int32)), ValueError, "cu_seqlens_k must start at 0"),
+    ],
+)
+def test_varlen_block_table_bad_input(change, error, words):
+    arguments = dict(
+        q=torch.randn(3, 2, 8),
+        k=torch.randn(4, 4, 2, 8),
+        v=torch.randn(4, 4, 2, 8),
+        cu_q=packed_offsets(3),
+        cu_k=packed_offsets(6),
+        block_table=torch.tensor([[2, 1]], dtype=torch.int32),
+    )
+    arguments.update(change)
+    a = arguments
+    with pytest.raises(error) as raised:
+        flash_attn_varlen_func(
+            a["q"], a["k"], a["v"], a["cu_q"], a["cu_k"], 3, 6, block_table=a["block_table"]
+        )
     assert words in str(raised.value)
