@@ -38,9 +38,9 @@ def gather_paged_sequences(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k_cache, v_cache (num_pages, page_size, Hkv, D), int32 block_table (N, max_pages) and
     cu_seqlens_k (N + 1,) -> k, v (total_k, Hkv, D): every sequence's keys and values laid end to end
-    at cu_seqlens_k. A copy (gradients flow back into the caches); it reads cu_seqlens_k and the pages
-    used on the host (one device-to-host copy on a GPU), and raises naming the argument before
-    anything is read out of bounds."""
+    at cu_seqlens_k. A copy (gradients flow back into the caches). It reads cu_seqlens_k, and whether
+    the pages used exist, on the host (two device-to-host copies on a GPU), and raises naming the
+    argument before anything is read out of bounds."""
     k_cache, v_cache = _check_cache("k", k_cache), _check_cache("v", v_cache)
     if v_cache.shape != k_cache.shape or v_cache.device != k_cache.device:
         raise ValueError(
