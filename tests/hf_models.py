@@ -134,6 +134,23 @@ def modernbert_config(**overrides):
     return transformers.ModernBertConfig(**(defaults | overrides))
 
 
+def bigbird_pegasus_config(**overrides):
+    # Its causal LM is the decoder alone; the encoder's block-sparse attention is not built.
+    defaults = {
+        "vocab_size": VOCAB,
+        "d_model": 64,
+        "decoder_layers": 2,
+        "decoder_attention_heads": 4,
+        "decoder_ffn_dim": 128,
+        "max_position_embeddings": 64,
+        "init_std": 0.2,
+        "dropout": 0.0,
+        "attention_dropout": 0.0,
+        "pad_token_id": 0,
+    }
+    return transformers.BigBirdPegasusConfig(**(defaults | overrides))
+
+
 def bloom_config(**overrides):
     defaults = {"vocab_size": VOCAB, "hidden_size": 64, "n_layer": 2, "n_head": 4, "pad_token_id": 0}
     return transformers.BloomConfig(**(defaults | overrides))
@@ -153,6 +170,7 @@ AUTO_CLASSES = {
     "phi3": "AutoModelForCausalLM",
     "modernbert": "AutoModel",
     "bloom": "AutoModelForCausalLM",
+    "bigbird_pegasus": "AutoModelForCausalLM",
 }
 CONFIGS = {
     "gpt2": gpt2_config,
@@ -168,6 +186,7 @@ CONFIGS = {
     "phi3": lambda **o: decoder_config("Phi3Config", **o),
     "modernbert": modernbert_config,
     "bloom": bloom_config,
+    "bigbird_pegasus": bigbird_pegasus_config,
 }
 
 
@@ -247,7 +266,6 @@ def assert_grads_rule(actual: dict, eager_same_dtype: dict, eager_float64: dict,
     assert set(actual) == set(eager_float64), sorted(set(actual) ^ set(eager_float64))
     grad_scale = max(float(g.abs().max()) for g in eager_float64.values())
     for name, exact in eager_float64.items():
-        assert actual[name] is not None, f"{name}: no gradient"
         if float(exact.abs().max()) <= 1e-9 * grad_scale:
             # Identically zero: a key bias adds q.b to all of a query's scores, which softmax cancels. What
             # gets computed is the rounding noise of terms as large as the other gradients, so the floor
@@ -262,11 +280,13 @@ def assert_grads_rule(actual: dict, eager_same_dtype: dict, eager_float64: dict,
 
 
 def forward_backward(model: torch.nn.Module, call, weights: torch.Tensor):
-    """Output of call(model) and the gradient of sum(output * weights) for every parameter, by name."""
+    """Output of call(model) and the gradient of sum(output * weights) for every parameter it reaches,
+    by name (a parameter the call does not use, such as a decoder's cross-attention without an
+    encoder, has none)."""
     model.zero_grad(set_to_none=True)
     out = call(model)
     (out * weights.to(out.dtype)).sum().backward()
-    return out.detach(), {name: p.grad for name, p in model.named_parameters()}
+    return out.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
 
 def assert_output_and_grads_rule(name: str, ours: tuple, same: tuple, exact: tuple, weights, dtype) -> None:

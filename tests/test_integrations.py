@@ -434,6 +434,18 @@ def test_a_model_computing_attention_itself_is_refused():
         model(random_ids(2, 6))
 
 
+@pytest.mark.parametrize("padding", [{}, {1: 2}], ids=["no-padding", "left-padding"])
+@pytest.mark.parametrize("dtype,device", DTYPES_DEVICES)
+def test_an_eager_only_model_gets_its_causality_from_the_mask(dtype, device, padding):
+    # transformers runs BigBirdPegasus only eagerly (no SDPA, no flash path), and its decoder's
+    # self-attention layers say is_causal=False: causality is in its mask alone, which must stay whole.
+    ids = random_ids(2, 9, device)
+    mask = padding_mask(2, 9, padding, left=True, device=device)
+    weights = torch.randn(2, 9, 97, device=device) * mask[..., None]
+    call = lambda m: m(ids, attention_mask=mask).logits  # noqa: E731
+    assert_matches_eager("bigbird_pegasus", call, weights, dtype, device)
+
+
 def test_output_attentions_warns():
     module = torch.nn.Module()
     q = torch.randn(1, 2, 3, 8)

@@ -29,6 +29,9 @@ function a model silently receives no padding mask):
   documents through `fast_attn.varlen_attention`: no (T, T) mask is built. Any
   other pattern (static caches, chunked attention, custom mask functions) is
   built by transformers' own `sdpa_mask` and reaches the kernel as a -inf bias.
+  So is every mask of a model that transformers runs only eagerly (no SDPA, no
+  flash attention): nothing there reads its layers' `is_causal`, which may be
+  wrong (BigBirdPegasus's decoder says False), so its masks carry the pattern whole.
 
 * Packed batches run the documents through `fast_attn.varlen_attention`, from
   `cu_seq_lens_q` / `cu_seq_lens_k` / `max_length_q` / `max_length_k` (as
@@ -393,20 +396,35 @@ def _split_packed_sequences(mask_function, masking_utils) -> tuple:
     return parts[0], parts[1].__closure__[0].cell_contents
 
 
-def _refuse_own_attention_models(config) -> None:
-    """Refuse a model whose attention layers do not call the attention function (they would add our masks)."""
+def _model_class(config) -> type | None:
+    """The transformers model class of a config (None when unknown)."""
     if config is None:
-        return
+        return None
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
     class_name = MODEL_MAPPING_NAMES.get(getattr(config, "model_type", None))
-    model_class = getattr(transformers, class_name, None) if isinstance(class_name, str) else None
+    return getattr(transformers, class_name, None) if isinstance(class_name, str) else None
+
+
+def _refuse_own_attention_models(model_class: type | None) -> None:
+    """Refuse a model whose attention layers do not call the attention function (they would add our masks)."""
     if model_class is not None and not model_class._can_set_attn_implementation():
         raise ValueError(
             f"{model_class.__name__} computes attention in its own code instead of calling transformers' "
             f"AttentionInterface, so attn_implementation='fast_attn' cannot run it; use 'eager' or 'sdpa'"
         )
+
+
+def _runs_eager_only(model_class: type | None) -> bool:
+    """Whether transformers runs this model's attention only eagerly (no SDPA, no flash attention). Then
+    nothing in transformers reads its layers' is_causal, and it may be wrong (BigBirdPegasus's decoder
+    self-attention says False): the mask must carry the whole pattern."""
+    if model_class is None:
+        return False
+    return not (
+        getattr(model_class, "_supports_sdpa", False) or getattr(model_class, "_supports_flash_attn", False)
+    )
 
 
 def build_attention_mask(
@@ -426,9 +444,27 @@ def build_attention_mask(
     """The transformers mask function of "fast_attn" (see the module docstring for what it returns)."""
     from transformers import masking_utils
 
-    _refuse_own_attention_models(kwargs.get("config"))
+    model_class = _model_class(kwargs.get("config"))
+    _refuse_own_attention_models(model_class)
     if mask_function is None:
         mask_function = masking_utils.causal_mask_function
+    if _runs_eager_only(model_class):
+        # The mask eager attention would get, never skipped: the attention function then reads causality
+        # from the mask, not from the layer's is_causal.
+        return masking_utils.sdpa_mask(
+            batch_size=batch_size,
+            q_length=q_length,
+            kv_length=kv_length,
+            q_offset=q_offset,
+            kv_offset=kv_offset,
+            mask_function=mask_function,
+            attention_mask=attention_mask,
+            allow_is_causal_skip=False,
+            allow_is_bidirectional_skip=False,
+            use_vmap=use_vmap,
+            local_size=local_size,
+            **kwargs,
+        )
     pattern_function, sequence_ids = _split_packed_sequences(mask_function, masking_utils)
     plain_offsets = isinstance(q_offset, int) and isinstance(kv_offset, int)
     # The pattern without its sliding window, which the attention function applies from the layer's
