@@ -448,23 +448,11 @@ def build_attention_mask(
     _refuse_own_attention_models(model_class)
     if mask_function is None:
         mask_function = masking_utils.causal_mask_function
-    if _runs_eager_only(model_class):
-        # The mask eager attention would get, never skipped: the attention function then reads causality
-        # from the mask, not from the layer's is_causal.
-        return masking_utils.sdpa_mask(
-            batch_size=batch_size,
-            q_length=q_length,
-            kv_length=kv_length,
-            q_offset=q_offset,
-            kv_offset=kv_offset,
-            mask_function=mask_function,
-            attention_mask=attention_mask,
-            allow_is_causal_skip=False,
-            allow_is_bidirectional_skip=False,
-            use_vmap=use_vmap,
-            local_size=local_size,
-            **kwargs,
-        )
+    eager_only = _runs_eager_only(model_class)
+    if eager_only:
+        # transformers' mask as eager attention gets it, never skipped: the attention function then
+        # reads causality from the mask, not from the layer's is_causal.
+        allow_is_causal_skip = allow_is_bidirectional_skip = False
     pattern_function, sequence_ids = _split_packed_sequences(mask_function, masking_utils)
     plain_offsets = isinstance(q_offset, int) and isinstance(kv_offset, int)
     # The pattern without its sliding window, which the attention function applies from the layer's
@@ -487,7 +475,7 @@ def build_attention_mask(
         # A caller that forbids skipping wants a materialized (Sq, Sk) pattern, e.g. to concatenate it.
         and (allow_is_causal_skip or q_length == 1)
     )
-    plain_pattern = (bidirectional or causal_bottom_right) and not use_vmap
+    plain_pattern = (bidirectional or causal_bottom_right) and not use_vmap and not eager_only
     if sequence_ids is not None and attention_mask is None and plain_pattern:
         return sequence_ids  # (B, T): the attention function runs the documents as packed sequences
     if sequence_ids is not None or not plain_pattern:
