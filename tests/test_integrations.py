@@ -446,6 +446,17 @@ def test_an_eager_only_model_gets_its_causality_from_the_mask(dtype, device, pad
     assert_matches_eager("bigbird_pegasus", call, weights, dtype, device)
 
 
+def test_a_decoder_family_without_a_base_model_computing_attention_itself_is_refused():
+    # TrOCR is a decoder alone (no base model class to look up) that adds its mask to its scores itself.
+    integration.register()
+    config = transformers.TrOCRConfig(
+        vocab_size=97, d_model=32, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="fast_attn")
+    with pytest.raises(ValueError, match="TrOCRPreTrainedModel computes attention in its own code"):
+        model(random_ids(2, 6))
+
+
 def test_output_attentions_warns():
     module = torch.nn.Module()
     q = torch.randn(1, 2, 3, 8)

@@ -56,7 +56,7 @@ and the argument: an argument fast_attn does not implement never changes the
 result silently. An argument whose value is None is not in effect and passes.
 
 Models whose attention layers compute attention themselves instead of calling
-transformers' AttentionInterface (Bloom, MPT, GPT-J, Falcon) would add the
+transformers' AttentionInterface (Bloom, MPT, GPT-J, Falcon, TrOCR) would add the
 masks of this module to their scores as numbers; the mask function refuses
 them with the model class named.
 
@@ -77,6 +77,7 @@ carries its window, and none is added.
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -397,14 +398,28 @@ def _split_packed_sequences(mask_function, masking_utils) -> tuple:
 
 
 def _model_class(config) -> type | None:
-    """The transformers model class of a config (None when unknown)."""
+    """The transformers model class of a config: its base model, or for a family without one (TrOCR,
+    a decoder alone) a model class of its modeling module; None when unknown."""
     if config is None:
         return None
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
     class_name = MODEL_MAPPING_NAMES.get(getattr(config, "model_type", None))
-    return getattr(transformers, class_name, None) if isinstance(class_name, str) else None
+    if isinstance(class_name, str) and hasattr(transformers, class_name):
+        return getattr(transformers, class_name)
+    modeling = sys.modules.get(type(config).__module__.replace(".configuration_", ".modeling_"))
+    classes = vars(modeling).values() if modeling is not None else ()
+    return next(
+        (
+            c
+            for c in classes
+            if isinstance(c, type)
+            and issubclass(c, transformers.PreTrainedModel)
+            and c.__module__ == modeling.__name__
+        ),
+        None,
+    )
 
 
 def _refuse_own_attention_models(model_class: type | None) -> None:
