@@ -23,15 +23,18 @@ function a model silently receives no padding mask):
   it returns the padding itself as a (B, 1, 1 or Sq, Sk) bool view instead of a
   (Sq, Sk) pattern, and the attention function hands it to the kernel as
   `key_mask` and the window as `window_size` (applied in-kernel, nothing built).
+  A window stays in the mask where the model's layers do not hand it to the
+  attention function (PhiMoE), as its modeling code shows.
   Packed sequences (one row holding several documents, detected by transformers
   from `position_ids` that restart) of a causal or bidirectional pattern return
   transformers' own (B, T) sequence ids, and the attention function runs the
   documents through `fast_attn.varlen_attention`: no (T, T) mask is built. Any
   other pattern (static caches, chunked attention, custom mask functions) is
   built by transformers' own `sdpa_mask` and reaches the kernel as a -inf bias.
-  So is every mask of a model that transformers runs only eagerly (no SDPA, no
-  flash attention): nothing there reads its layers' `is_causal`, which may be
-  wrong (BigBirdPegasus's decoder says False), so its masks carry the pattern whole.
+  A model that transformers runs only eagerly (no SDPA, no flash attention) gets
+  eager's own additive masks, never skipped: nothing there reads its layers'
+  `is_causal`, which may be wrong (BigBirdPegasus's decoder says False), and its
+  code may extend the masks itself (DeepSeek-V4).
 
 * Packed batches run the documents through `fast_attn.varlen_attention`, from
   `cu_seq_lens_q` / `cu_seq_lens_k` / `max_length_q` / `max_length_k` (as
@@ -77,6 +80,9 @@ carries its window, and none is added.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
 import sys
 import warnings
 
@@ -431,10 +437,32 @@ def _refuse_own_attention_models(model_class: type | None) -> None:
         )
 
 
+# A call of the attention function whose arguments name sliding_window (nested parentheses one deep).
+_CALL_PASSING_SLIDING_WINDOW = re.compile(
+    r"attention_interface\((?:[^()]|\([^()]*\))*?\bsliding_window\s*=", re.S
+)
+
+
+@functools.cache
+def _layers_pass_sliding_window(model_class: type | None) -> bool:
+    """Whether this model's attention layers hand their sliding window to the attention function, read
+    from its modeling code as transformers reads whether it calls the attention function at all.
+    transformers' flash path takes the window from there, eager and SDPA from the mask; a family whose
+    layers do not pass it (PhiMoE) must keep it in the mask. An unknown model (no config) is taken to."""
+    if model_class is None:
+        return True
+    try:
+        source = inspect.getsource(sys.modules[model_class.__module__])
+    except (KeyError, OSError, TypeError):
+        return False
+    return _CALL_PASSING_SLIDING_WINDOW.search(source) is not None
+
+
 def _runs_eager_only(model_class: type | None) -> bool:
     """Whether transformers runs this model's attention only eagerly (no SDPA, no flash attention). Then
-    nothing in transformers reads its layers' is_causal, and it may be wrong (BigBirdPegasus's decoder
-    self-attention says False): the mask must carry the whole pattern."""
+    its code and its layers may count on eager's masks: its layers' is_causal is never read and may be
+    wrong (BigBirdPegasus's decoder self-attention says False), and its code may extend the additive
+    masks itself (DeepSeek-V4 appends columns for its compressed keys)."""
     if model_class is None:
         return False
     return not (
@@ -465,15 +493,16 @@ def build_attention_mask(
         mask_function = masking_utils.causal_mask_function
     eager_only = _runs_eager_only(model_class)
     if eager_only:
-        # transformers' mask as eager attention gets it, never skipped: the attention function then
-        # reads causality from the mask, not from the layer's is_causal.
-        allow_is_causal_skip = allow_is_bidirectional_skip = False
+        # Eager's own additive mask, never skipped: the attention function adds it as a bias, so the
+        # pattern comes from the mask alone, as in eager.
+        allow_is_bidirectional_skip = False
     pattern_function, sequence_ids = _split_packed_sequences(mask_function, masking_utils)
     plain_offsets = isinstance(q_offset, int) and isinstance(kv_offset, int)
     # The pattern without its sliding window, which the attention function applies from the layer's
-    # sliding_window; None when the mask function is some other pattern.
+    # sliding_window; None when the mask function is some other pattern, or when the layers do not
+    # hand their window to the attention function (the mask then carries it).
     pattern = pattern_function if local_size is None else None
-    if local_size is not None:
+    if local_size is not None and _layers_pass_sliding_window(model_class):
         if _same_mask_function(
             pattern_function, masking_utils.sliding_window_causal_mask_function(local_size)
         ):
@@ -494,7 +523,8 @@ def build_attention_mask(
     if sequence_ids is not None and attention_mask is None and plain_pattern:
         return sequence_ids  # (B, T): the attention function runs the documents as packed sequences
     if sequence_ids is not None or not plain_pattern:
-        return masking_utils.sdpa_mask(
+        transformers_mask = masking_utils.eager_mask if eager_only else masking_utils.sdpa_mask
+        return transformers_mask(
             batch_size=batch_size,
             q_length=q_length,
             kv_length=kv_length,
