@@ -266,9 +266,11 @@ def assert_error_rule(
     the two baselines' errors counts."""
     kernel_error = max_abs_error(actual, exact)
     torch_error = max_abs_error(same_dtype, exact)
+    if not math.isfinite(torch_error):  # a NaN reference or baseline would make any error pass
+        raise AssertionError(f"{name}: the {dtype} baseline's error against float64 is not finite")
     if rounded_output is not None:
         rounding_error = max_abs_error(rounded_output, exact)
-        if not math.isfinite(rounding_error):  # a NaN baseline would make any error pass
+        if not math.isfinite(rounding_error):
             raise AssertionError(f"{name}: the rounded-output baseline is not finite")
         torch_error = max(torch_error, rounding_error)
     scale = max(1.0, float(exact.detach().abs().max())) if exact.numel() else 1.0

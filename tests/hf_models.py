@@ -190,6 +190,35 @@ CONFIGS = {
 }
 
 
+_TORCH_SOFTMAX = torch.nn.functional.softmax
+
+
+def _softmax_keeping_float64(input, dim=None, _stacklevel=3, dtype=None):
+    if dtype is not None and input.dtype == torch.float64:
+        dtype = torch.float64
+    return _TORCH_SOFTMAX(input, dim=dim, _stacklevel=_stacklevel, dtype=dtype)
+
+
+def keep_softmax_in_float64(model: torch.nn.Module) -> None:
+    """Make a float64 model's forward take its softmax in float64 where its code asks for float32.
+
+    transformers' eager attention in most recent families (Llama and those built like it) takes its
+    softmax with dtype=float32. In a float64 model that rounds the -1.8e308 of its masks to -inf, so a
+    row that sees no key (a left-padded position) becomes NaN, which reaches the whole batch element
+    through the next layer's values (0 * NaN); and it rounds every probability to float32. Either leaves
+    the float64 reference without the float64 answer: NaN made every error bound infinite. Patched for
+    the model's own forward only (hooks), as `F.softmax` is looked up at each call."""
+
+    def enter(module, args):
+        torch.nn.functional.softmax = _softmax_keeping_float64
+
+    def leave(module, args, output):
+        torch.nn.functional.softmax = _TORCH_SOFTMAX
+
+    model.register_forward_pre_hook(enter)
+    model.register_forward_hook(leave, always_call=True)
+
+
 def build(
     kind: str,
     implementation: str,
@@ -225,6 +254,8 @@ def build(
             model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
         if sharpen is not None:
             sharpen_attention(model, sharpen)
+    if dtype == torch.float64:
+        keep_softmax_in_float64(model)
     return model.to(device=device, dtype=dtype)
 
 
