@@ -151,6 +151,40 @@ def bigbird_pegasus_config(**overrides):
     return transformers.BigBirdPegasusConfig(**(defaults | overrides))
 
 
+def pegasus_x_config(**overrides):
+    # The encoder's global-local attention is its own code; the decoder's layers call the attention function.
+    defaults = {
+        "vocab_size": VOCAB,
+        "d_model": 64,
+        "encoder_layers": 1,
+        "decoder_layers": 2,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+        "encoder_ffn_dim": 128,
+        "decoder_ffn_dim": 128,
+        "block_size": 4,
+        "num_global_tokens": 2,
+        "max_position_embeddings": 64,
+        "init_std": 0.2,
+        "dropout": 0.0,
+        "attention_dropout": 0.0,
+        "pad_token_id": 0,
+    }
+    return transformers.PegasusXConfig(**(defaults | overrides))
+
+
+def videoprism_text_config(**overrides):
+    defaults = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "initializer_range": 0.2,
+    }
+    return transformers.VideoPrismTextConfig(**(defaults | overrides))
+
+
 def bloom_config(**overrides):
     defaults = {"vocab_size": VOCAB, "hidden_size": 64, "n_layer": 2, "n_head": 4, "pad_token_id": 0}
     return transformers.BloomConfig(**(defaults | overrides))
@@ -171,6 +205,8 @@ AUTO_CLASSES = {
     "modernbert": "AutoModel",
     "bloom": "AutoModelForCausalLM",
     "bigbird_pegasus": "AutoModelForCausalLM",
+    "pegasus_x": "AutoModelForSeq2SeqLM",
+    "videoprism_text": "VideoPrismTextModel",  # no auto class builds it from its config
 }
 CONFIGS = {
     "gpt2": gpt2_config,
@@ -187,6 +223,8 @@ CONFIGS = {
     "modernbert": modernbert_config,
     "bloom": bloom_config,
     "bigbird_pegasus": bigbird_pegasus_config,
+    "pegasus_x": pegasus_x_config,
+    "videoprism_text": videoprism_text_config,
 }
 
 
@@ -249,7 +287,8 @@ def build(
         extra["experts_implementation"] = "eager"  # the grouped-matmul experts refuse float64
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(torch.initial_seed() if seed is None else seed)
-        model = auto.from_config(CONFIGS[kind](**overrides), attn_implementation=implementation, **extra)
+        from_config = auto.from_config if hasattr(auto, "from_config") else auto._from_config  # a model class
+        model = from_config(CONFIGS[kind](**overrides), attn_implementation=implementation, **extra)
         if untie_lm_head:
             model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
         if sharpen is not None:

@@ -435,16 +435,31 @@ def test_a_model_computing_attention_itself_is_refused():
         model(random_ids(2, 6))
 
 
+# Models whose layers say is_causal=False while they attend through causal masks, and how to call them.
+# transformers runs BigBirdPegasus only eagerly (no SDPA, no flash path); it runs PegasusX's decoder and
+# VideoPrism's text model on flash attention, which reads their wrong is_causal, but not on SDPA.
+MODELS_CAUSAL_BY_MASK_ALONE = {
+    "bigbird_pegasus": lambda ids, mask: lambda m: m(ids, attention_mask=mask).logits,
+    "pegasus_x": lambda ids, mask: (
+        lambda m: m(ids.flip(1), decoder_input_ids=ids, decoder_attention_mask=mask).logits
+    ),
+    "videoprism_text": lambda ids, mask: lambda m: m(ids, attention_mask=mask).last_hidden_state,
+}
+
+
 @pytest.mark.parametrize("padding", [{}, {1: 2}], ids=["no-padding", "left-padding"])
+@pytest.mark.parametrize("kind", sorted(MODELS_CAUSAL_BY_MASK_ALONE))
 @pytest.mark.parametrize("dtype,device", DTYPES_DEVICES)
-def test_an_eager_only_model_gets_its_causality_from_the_mask(dtype, device, padding):
-    # transformers runs BigBirdPegasus only eagerly (no SDPA, no flash path), and its decoder's
-    # self-attention layers say is_causal=False: causality is in its mask alone, which must stay whole.
+def test_a_model_whose_layers_are_not_declared_causal_gets_its_causality_from_the_mask(
+    dtype, device, kind, padding
+):
     ids = random_ids(2, 9, device)
     mask = padding_mask(2, 9, padding, left=True, device=device)
-    weights = torch.randn(2, 9, 97, device=device) * mask[..., None]
-    call = lambda m: m(ids, attention_mask=mask).logits  # noqa: E731
-    assert_matches_eager("bigbird_pegasus", call, weights, dtype, device)
+    call = MODELS_CAUSAL_BY_MASK_ALONE[kind](ids, mask)
+    rows, width = call(build(kind, "eager", device=device)).shape[1:]  # VideoPrism appends a class token
+    real = torch.nn.functional.pad(mask, (0, rows - 9), value=1)  # padded rows see no key: not compared
+    weights = torch.randn(2, rows, width, device=device) * real[..., None]
+    assert_matches_eager(kind, call, weights, dtype, device)
 
 
 def test_a_decoder_family_without_a_base_model_computing_attention_itself_is_refused():

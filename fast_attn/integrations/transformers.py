@@ -31,10 +31,12 @@ function a model silently receives no padding mask):
   documents through `fast_attn.varlen_attention`: no (T, T) mask is built. Any
   other pattern (static caches, chunked attention, custom mask functions) is
   built by transformers' own `sdpa_mask` and reaches the kernel as a -inf bias.
-  A model that transformers runs only eagerly (no SDPA, no flash attention) gets
-  eager's own additive masks, never skipped: nothing there reads its layers'
-  `is_causal`, which may be wrong (BigBirdPegasus's decoder says False), and its
-  code may extend the masks itself (DeepSeek-V4).
+  A model whose layers' `is_causal` transformers never checks against eager (no
+  SDPA path, and layers its code does not all declare causal) gets eager's own
+  additive masks, never skipped, so causality comes from the masks alone as in
+  eager: BigBirdPegasus's and PegasusX's decoders and VideoPrism's text model
+  say is_causal=False under causal masks, and DeepSeek-V4 (eager only) extends
+  the masks itself.
 
 * Packed batches run the documents through `fast_attn.varlen_attention`, from
   `cu_seq_lens_q` / `cu_seq_lens_k` / `max_length_q` / `max_length_k` (as
@@ -458,16 +460,28 @@ def _layers_pass_sliding_window(model_class: type | None) -> bool:
     return _CALL_PASSING_SLIDING_WINDOW.search(source) is not None
 
 
-def _runs_eager_only(model_class: type | None) -> bool:
-    """Whether transformers runs this model's attention only eagerly (no SDPA, no flash attention). Then
-    its code and its layers may count on eager's masks: its layers' is_causal is never read and may be
-    wrong (BigBirdPegasus's decoder self-attention says False), and its code may extend the additive
-    masks itself (DeepSeek-V4 appends columns for its compressed keys)."""
-    if model_class is None:
+# An attention layer's causality as its modeling code declares it: `is_causal = True`, `= False`, or `= is_causal`.
+_DECLARED_CAUSALITY = re.compile(r"\bis_causal\s*=\s*(\w+)")
+
+
+@functools.cache
+def _masks_alone_give_causality(model_class: type | None) -> bool:
+    """Whether this model needs eager's own masks, never skipped, because its layers' is_causal may
+    contradict them. transformers reads is_causal only on its SDPA and flash paths, and checks it
+    against eager on the CPU only where the model runs on SDPA. So it is trusted there, and in a model
+    without SDPA whose modeling code declares every layer causal (gpt-oss); not in one that declares a
+    layer otherwise: PegasusX's decoder and VideoPrism's text model attend through causal masks with
+    layers that say is_causal=False. A model with neither SDPA nor flash attention runs only eagerly:
+    its code may also extend the masks itself (DeepSeek-V4 appends columns for its compressed keys)."""
+    if model_class is None or getattr(model_class, "_supports_sdpa", False):
         return False
-    return not (
-        getattr(model_class, "_supports_sdpa", False) or getattr(model_class, "_supports_flash_attn", False)
-    )
+    if not getattr(model_class, "_supports_flash_attn", False):
+        return True
+    try:
+        source = inspect.getsource(sys.modules[model_class.__module__])
+    except (KeyError, OSError, TypeError):
+        return True
+    return any(value != "True" for value in _DECLARED_CAUSALITY.findall(source))
 
 
 def build_attention_mask(
@@ -491,8 +505,8 @@ def build_attention_mask(
     _refuse_own_attention_models(model_class)
     if mask_function is None:
         mask_function = masking_utils.causal_mask_function
-    eager_only = _runs_eager_only(model_class)
-    if eager_only:
+    eager_masks = _masks_alone_give_causality(model_class)
+    if eager_masks:
         # Eager's own additive mask, never skipped: the attention function adds it as a bias, so the
         # pattern comes from the mask alone, as in eager.
         allow_is_bidirectional_skip = False
@@ -519,11 +533,11 @@ def build_attention_mask(
         # A caller that forbids skipping wants a materialized (Sq, Sk) pattern, e.g. to concatenate it.
         and (allow_is_causal_skip or q_length == 1)
     )
-    plain_pattern = (bidirectional or causal_bottom_right) and not use_vmap and not eager_only
+    plain_pattern = (bidirectional or causal_bottom_right) and not use_vmap and not eager_masks
     if sequence_ids is not None and attention_mask is None and plain_pattern:
         return sequence_ids  # (B, T): the attention function runs the documents as packed sequences
     if sequence_ids is not None or not plain_pattern:
-        transformers_mask = masking_utils.eager_mask if eager_only else masking_utils.sdpa_mask
+        transformers_mask = masking_utils.eager_mask if eager_masks else masking_utils.sdpa_mask
         return transformers_mask(
             batch_size=batch_size,
             q_length=q_length,
