@@ -9,6 +9,7 @@ transformers' own eager run in the same dtype, plus a floor.
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -344,6 +345,7 @@ def assert_grads_rule(actual: dict, eager_same_dtype: dict, eager_float64: dict,
             bound = MODEL_ERROR_FACTOR * max(
                 max_abs_error(eager_same_dtype[name], exact), ERROR_FLOOR[dtype] * grad_scale
             )
+            assert math.isfinite(bound), f"grad {name} (exactly 0): eager's {dtype} gradient is not finite"
             assert ours_error <= bound, f"grad {name} (exactly 0): error {ours_error:.3e} > {bound:.3e}"
         else:
             assert_model_error(f"grad {name}", actual[name], eager_same_dtype[name], exact, dtype)

@@ -460,8 +460,9 @@ def _layers_pass_sliding_window(model_class: type | None) -> bool:
     return _CALL_PASSING_SLIDING_WINDOW.search(source) is not None
 
 
-# An attention layer's causality as its modeling code declares it: `is_causal = True`, `= False`, or `= is_causal`.
-_DECLARED_CAUSALITY = re.compile(r"\bis_causal\s*=\s*(\w+)")
+# What a modeling file sets is_causal to, assignment or keyword: `True`, `False`, `is_causal` (a parameter),
+# `not getattr(config, "use_bidirectional_attention", False)`, ...
+_DECLARED_CAUSALITY = re.compile(r"\bis_causal\s*=(?!=)\s*([^\n]*)")
 
 
 @functools.cache
@@ -469,10 +470,11 @@ def _masks_alone_give_causality(model_class: type | None) -> bool:
     """Whether this model needs eager's own masks, never skipped, because its layers' is_causal may
     contradict them. transformers reads is_causal only on its SDPA and flash paths, and checks it
     against eager on the CPU only where the model runs on SDPA. So it is trusted there, and in a model
-    without SDPA whose modeling code declares every layer causal (gpt-oss); not in one that declares a
-    layer otherwise: PegasusX's decoder and VideoPrism's text model attend through causal masks with
-    layers that say is_causal=False. A model with neither SDPA nor flash attention runs only eagerly:
-    its code may also extend the masks itself (DeepSeek-V4 appends columns for its compressed keys)."""
+    without SDPA whose modeling code sets it only to True or from the config (gpt-oss; Gemma 2 since
+    transformers 5.2x); not in one that sets it otherwise: PegasusX's decoder and VideoPrism's text
+    model attend through causal masks with layers that say is_causal=False (a parameter left at its
+    default, a constant). A model with neither SDPA nor flash attention runs only eagerly: its code may
+    also extend the masks itself (DeepSeek-V4 appends columns for its compressed keys)."""
     if model_class is None or getattr(model_class, "_supports_sdpa", False):
         return False
     if not getattr(model_class, "_supports_flash_attn", False):
@@ -481,7 +483,8 @@ def _masks_alone_give_causality(model_class: type | None) -> bool:
         source = inspect.getsource(sys.modules[model_class.__module__])
     except (KeyError, OSError, TypeError):
         return True
-    return any(value != "True" for value in _DECLARED_CAUSALITY.findall(source))
+    values = (value.rstrip(",) ") for value in _DECLARED_CAUSALITY.findall(source))
+    return not all(value == "True" or "config" in value for value in values)
 
 
 def build_attention_mask(
