@@ -1,22 +1,27 @@
-"""Every causal LM family of the installed transformers, tiny and random, with attn_implementation="fast_attn":
-the logits of eager attention, or fast_attn's ValueError naming the model or layer class and what it
-refuses. Never a different answer in silence.
+"""Every causal LM, sequence-to-sequence LM and masked LM family of the installed transformers, tiny and
+random, with attn_implementation="fast_attn": the logits of eager attention, or fast_attn's ValueError
+naming the model or layer class and what it refuses. Never a different answer in silence.
 
-Slow (--run-slow; under a minute here for the ~180 families of transformers 5.18). It found
-BigBirdPegasus, DeepSeek-V4, PhiMoE and TrOCR wrong; those four run on every run. A family that cannot
-be built this small from its default config, or whose eager forward fails in float32 on CPU, is skipped
-with the reason: it says nothing about fast_attn.
+Slow (--run-slow; about two minutes here for the ~260 families of transformers 5.18). It found
+BigBirdPegasus, DeepSeek-V4, PhiMoE, TrOCR and PegasusX wrong; those run on every run. A family that
+cannot be built this small from its default config, or whose eager forward fails in float32 on CPU, is
+skipped with the reason: it says nothing about fast_attn.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+)
 
 import fast_attn.integrations.transformers as integration
 
@@ -30,15 +35,21 @@ TINY = {
     "num_layers": 2,
     "n_layer": 2,
     "decoder_layers": 2,
+    "encoder_layers": 2,
+    "num_decoder_layers": 2,
     "num_attention_heads": 4,
     "num_heads": 4,
     "n_head": 4,
     "decoder_attention_heads": 4,
+    "encoder_attention_heads": 4,
     "num_key_value_heads": 2,
     "head_dim": 16,
+    "d_kv": 16,
     "intermediate_size": 96,
     "ffn_dim": 96,
     "decoder_ffn_dim": 96,
+    "encoder_ffn_dim": 96,
+    "d_ff": 96,
     "moe_intermediate_size": 32,
     "num_experts": 4,
     "num_local_experts": 4,
@@ -57,7 +68,7 @@ TINY = {
     "attention_dropout": 0.0,
     "pad_token_id": 0,
 }
-BATCH, LENGTH, LEFT_PADDING = 2, 12, 3
+BATCH, LENGTH, PADDING, DECODER_LENGTH = 2, 12, 3, 7
 MAX_PARAMETERS = 20_000_000  # a family with sizes TINY does not name stays large: not built
 
 
@@ -76,61 +87,86 @@ def tiny_config(model_type: str):
     return config
 
 
+# The auto class of each task, and the families it builds.
+TASKS = {
+    "causal": (transformers.AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+    "seq2seq": (transformers.AutoModelForSeq2SeqLM, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
+    "masked": (transformers.AutoModelForMaskedLM, MODEL_FOR_MASKED_LM_MAPPING_NAMES),
+}
 # What the sweep found silently wrong, fixed since: checked on every run.
-FOUND_WRONG = ["bigbird_pegasus", "deepseek_v4", "phimoe", "trocr"]
+FOUND_WRONG = [
+    ("causal", "bigbird_pegasus"),
+    ("causal", "deepseek_v4"),
+    ("causal", "phimoe"),
+    ("causal", "trocr"),
+    ("seq2seq", "pegasus_x"),
+]
 
 
-@pytest.mark.parametrize("model_type", FOUND_WRONG)
-def test_the_families_the_sweep_found_wrong(model_type):
-    check_family(model_type)
+@pytest.mark.parametrize("task,model_type", FOUND_WRONG)
+def test_the_families_the_sweep_found_wrong(task, model_type):
+    check_family(task, model_type)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
-def test_fast_attn_gives_eager_logits_or_refuses_naming_the_model(model_type):
-    check_family(model_type)
+@pytest.mark.parametrize(
+    "task,model_type", [(task, name) for task, (_, names) in TASKS.items() for name in sorted(names)]
+)
+def test_fast_attn_gives_eager_logits_or_refuses_naming_the_model(task, model_type):
+    check_family(task, model_type)
 
 
-def check_family(model_type: str) -> None:
+def task_inputs(task: str) -> tuple[dict, torch.Tensor]:
+    """The model's inputs, and where its logits are compared (B, S): a causal LM's prompts are padded on
+    the left, an encoder's on the right, and a sequence-to-sequence model's decoder reads all its tokens."""
+    ids = torch.randint(3, 120, (BATCH, LENGTH), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
+    if task == "causal":
+        mask[1, :PADDING] = 0
+    else:
+        mask[1, LENGTH - PADDING :] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if task != "seq2seq":
+        return inputs, mask.bool()  # padded positions see no key: eager's rows there are not defined alike
+    decoder_ids = torch.randint(3, 120, (BATCH, DECODER_LENGTH), generator=torch.Generator().manual_seed(1))
+    return inputs | {"decoder_input_ids": decoder_ids}, torch.ones(BATCH, DECODER_LENGTH, dtype=torch.bool)
+
+
+def check_family(task: str, model_type: str) -> None:
     """A tiny random model of the family with fast_attn against eager: the same logits where a token is
     real, or a ValueError naming the model; skipped when the family cannot be built here."""
     integration.register()
-    ids = torch.randint(3, 120, (BATCH, LENGTH), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
-    mask[1, :LEFT_PADDING] = 0
+    auto = TASKS[task][0]
+    inputs, compared = task_inputs(task)
     try:
         config = tiny_config(model_type)
         with torch.device("meta"):
-            shapes = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config))
+            shapes = auto.from_config(copy.deepcopy(config))
         parameters = sum(p.numel() for p in shapes.parameters())
         if parameters > MAX_PARAMETERS:
             raise ValueError(f"{parameters} parameters: its config has sizes TINY does not name")
         torch.manual_seed(0)
-        eager = transformers.AutoModelForCausalLM.from_config(
-            copy.deepcopy(config), attn_implementation="eager"
-        )
+        eager = auto.from_config(copy.deepcopy(config), attn_implementation="eager")
         with torch.no_grad():
-            expected = eager.eval()(input_ids=ids, attention_mask=mask).logits
+            expected = eager.eval()(**inputs).logits
     except Exception as error:  # a family this sweep cannot build: not fast_attn's
         pytest.skip(f"no tiny eager {model_type} here: {type(error).__name__}: {str(error)[:160]}")
     try:
-        ours = transformers.AutoModelForCausalLM.from_config(
-            copy.deepcopy(config), attn_implementation="fast_attn"
-        )
+        ours = auto.from_config(copy.deepcopy(config), attn_implementation="fast_attn")
     except KeyError as error:  # a family that keys its own attention classes by implementation name
         pytest.skip(f"{model_type} cannot be built with a registered implementation: KeyError {error}")
     ours.load_state_dict(eager.state_dict())
     try:
         with torch.no_grad():
-            logits = ours.eval()(input_ids=ids, attention_mask=mask).logits
+            logits = ours.eval()(**inputs).logits
     except ValueError as error:
         assert "fast_attn" in str(error), (
             f"{model_type}: a ValueError that is not fast_attn's refusal: {error}"
         )
         return
-    real = mask.bool()  # padded positions see no key: eager's rows there are not defined alike
-    scale = float(expected[real].abs().max())
-    error = float((logits - expected)[real].abs().max())
+    scale = float(expected[compared].abs().max())
+    error = float((logits - expected)[compared].abs().max())
+    assert math.isfinite(scale), f"{model_type}: eager's logits are not finite where they are compared"
     assert error <= 2e-4 * max(1.0, scale), (
         f"{model_type}: logits differ from eager's by {error:.3e} (scale {scale:.2e})"
     )
