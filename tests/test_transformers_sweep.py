@@ -1,8 +1,9 @@
 """Every causal LM, sequence-to-sequence LM and masked LM family of the installed transformers, tiny and
-random, with attn_implementation="fast_attn": the logits of eager attention, or fast_attn's ValueError
-naming the model or layer class and what it refuses. Never a different answer in silence.
+random, with attn_implementation="fast_attn": the logits of eager attention (of one forward, and of each
+greedy generation step for causal LMs), or fast_attn's ValueError naming the model or layer class and
+what it refuses. Never a different answer in silence.
 
-Slow (--run-slow; about two minutes here for the ~260 families of transformers 5.18). It found
+Slow (--run-slow; about three minutes here for the ~260 families of transformers 5.18). It found
 BigBirdPegasus, DeepSeek-V4, PhiMoE, TrOCR and PegasusX wrong; those run on every run. A family that
 cannot be built this small from its default config, or whose eager forward fails in float32 on CPU, is
 skipped with the reason: it says nothing about fast_attn.
@@ -68,7 +69,7 @@ TINY = {
     "attention_dropout": 0.0,
     "pad_token_id": 0,
 }
-BATCH, LENGTH, PADDING, DECODER_LENGTH = 2, 12, 3, 7
+BATCH, LENGTH, PADDING, DECODER_LENGTH, NEW_TOKENS = 2, 12, 3, 7, 5
 MAX_PARAMETERS = 20_000_000  # a family with sizes TINY does not name stays large: not built
 
 
@@ -116,6 +117,12 @@ def test_fast_attn_gives_eager_logits_or_refuses_naming_the_model(task, model_ty
     check_family(task, model_type)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
+def test_fast_attn_generates_like_eager_or_refuses_naming_the_model(model_type):
+    check_family("causal", model_type, greedy_steps)
+
+
 def task_inputs(task: str) -> tuple[dict, torch.Tensor]:
     """The model's inputs, and where its logits are compared (B, S): a causal LM's prompts are padded on
     the left, an encoder's on the right, and a sequence-to-sequence model's decoder reads all its tokens."""
@@ -132,12 +139,29 @@ def task_inputs(task: str) -> tuple[dict, torch.Tensor]:
     return inputs | {"decoder_input_ids": decoder_ids}, torch.ones(BATCH, DECODER_LENGTH, dtype=torch.bool)
 
 
-def check_family(task: str, model_type: str) -> None:
-    """A tiny random model of the family with fast_attn against eager: the same logits where a token is
-    real, or a ValueError naming the model; skipped when the family cannot be built here."""
+def one_forward(task: str, model) -> list[tuple[torch.Tensor, None]]:
+    """The logits of one forward where a token is real: [(logits (N, V), None)]."""
+    inputs, compared = task_inputs(task)
+    return [(model(**inputs).logits[compared], None)]
+
+
+def greedy_steps(task: str, model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Greedy generation of NEW_TOKENS from the left-padded prompts, through the KV cache: each step's
+    (logits (B, V), chosen tokens (B,))."""
+    inputs, _ = task_inputs(task)
+    out = model.generate(
+        **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+        return_dict_in_generate=True, pad_token_id=0, eos_token_id=None,
+    )  # fmt: skip
+    return list(zip(out.logits, out.sequences[:, LENGTH:].T))
+
+
+def check_family(task: str, model_type: str, run=one_forward) -> None:
+    """A tiny random model of the family with fast_attn against eager: run's logits alike, or a ValueError
+    naming the model; skipped when the family cannot be built and run eagerly here. Steps are compared up
+    to the first whose chosen tokens differ (a near tie; the steps after it read other tokens)."""
     integration.register()
     auto = TASKS[task][0]
-    inputs, compared = task_inputs(task)
     try:
         config = tiny_config(model_type)
         with torch.device("meta"):
@@ -148,7 +172,7 @@ def check_family(task: str, model_type: str) -> None:
         torch.manual_seed(0)
         eager = auto.from_config(copy.deepcopy(config), attn_implementation="eager")
         with torch.no_grad():
-            expected = eager.eval()(**inputs).logits
+            expected = run(task, eager.eval())
     except Exception as error:  # a family this sweep cannot build: not fast_attn's
         pytest.skip(f"no tiny eager {model_type} here: {type(error).__name__}: {str(error)[:160]}")
     try:
@@ -158,15 +182,19 @@ def check_family(task: str, model_type: str) -> None:
     ours.load_state_dict(eager.state_dict())
     try:
         with torch.no_grad():
-            logits = ours.eval()(**inputs).logits
+            actual = run(task, ours.eval())
     except ValueError as error:
         assert "fast_attn" in str(error), (
             f"{model_type}: a ValueError that is not fast_attn's refusal: {error}"
         )
         return
-    scale = float(expected[compared].abs().max())
-    error = float((logits - expected)[compared].abs().max())
-    assert math.isfinite(scale), f"{model_type}: eager's logits are not finite where they are compared"
-    assert error <= 2e-4 * max(1.0, scale), (
-        f"{model_type}: logits differ from eager's by {error:.3e} (scale {scale:.2e})"
-    )
+    assert len(actual) == len(expected)
+    for step, ((logits, tokens), (eager_logits, eager_tokens)) in enumerate(zip(actual, expected)):
+        scale = float(eager_logits.abs().max())
+        error = float((logits - eager_logits).abs().max())
+        assert math.isfinite(scale), f"{model_type}: eager's logits are not finite where they are compared"
+        assert error <= 2e-4 * max(1.0, scale), (
+            f"{model_type}: step {step}'s logits differ from eager's by {error:.3e} (scale {scale:.2e})"
+        )
+        if tokens is not None and not torch.equal(tokens, eager_tokens):
+            break
