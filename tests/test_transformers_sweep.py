@@ -1,11 +1,11 @@
 """Every causal LM, sequence-to-sequence LM and masked LM family of the installed transformers, tiny and
-random, with attn_implementation="fast_attn": the logits of eager attention (of one forward, and of each
-greedy generation step for causal LMs), or fast_attn's ValueError naming the model or layer class and
-what it refuses. Never a different answer in silence.
+random, with attn_implementation="fast_attn": eager attention's logits and parameter gradients of a
+training step, and for causal LMs each greedy generation step's logits, or fast_attn's ValueError naming
+the model or layer class and what it refuses. Never a different answer in silence.
 
-Slow (--run-slow; about three minutes here for the ~260 families of transformers 5.18). It found
-BigBirdPegasus, DeepSeek-V4, PhiMoE, TrOCR and PegasusX wrong; those run on every run. A family that
-cannot be built this small from its default config, or whose eager forward fails in float32 on CPU, is
+Slow (--run-slow; about five minutes here on two workers for the ~260 families of transformers 5.18).
+It found BigBirdPegasus, DeepSeek-V4, PhiMoE, TrOCR and PegasusX wrong; those run on every run. A family
+that cannot be built this small from its default config, or whose eager run fails in float32 on CPU, is
 skipped with the reason: it says nothing about fast_attn.
 """
 
@@ -71,6 +71,7 @@ TINY = {
 }
 BATCH, LENGTH, PADDING, DECODER_LENGTH, NEW_TOKENS = 2, 12, 3, 7, 5
 MAX_PARAMETERS = 20_000_000  # a family with sizes TINY does not name stays large: not built
+RANDOM_IN_TRAINING = ("dropout", "pdrop", "layerdrop", "drop_path", "jitter")  # config names of random parts
 
 
 def tiny_config(model_type: str):
@@ -80,6 +81,9 @@ def tiny_config(model_type: str):
         read_only = isinstance(attribute, property) and attribute.fset is None  # derived from others
         if hasattr(config, name) and not read_only:
             setattr(config, name, value)
+    for name, value in list(vars(config).items()):  # training runs alike: no dropout, no router jitter
+        if isinstance(value, float) and any(word in name for word in RANDOM_IN_TRAINING):
+            setattr(config, name, 0.0)
     layer_types = getattr(type(config), "layer_types", None)
     settable = not (isinstance(layer_types, property) and layer_types.fset is None)
     if settable and getattr(config, "layer_types", None) is not None:  # one layer of each kind the family has
@@ -113,7 +117,7 @@ def test_the_families_the_sweep_found_wrong(task, model_type):
 @pytest.mark.parametrize(
     "task,model_type", [(task, name) for task, (_, names) in TASKS.items() for name in sorted(names)]
 )
-def test_fast_attn_gives_eager_logits_or_refuses_naming_the_model(task, model_type):
+def test_fast_attn_gives_eager_logits_and_gradients_or_refuses_naming_the_model(task, model_type):
     check_family(task, model_type)
 
 
@@ -139,27 +143,35 @@ def task_inputs(task: str) -> tuple[dict, torch.Tensor]:
     return inputs | {"decoder_input_ids": decoder_ids}, torch.ones(BATCH, DECODER_LENGTH, dtype=torch.bool)
 
 
-def one_forward(task: str, model) -> list[tuple[torch.Tensor, None]]:
-    """The logits of one forward where a token is real: [(logits (N, V), None)]."""
+def training_step(task: str, model) -> list[tuple[str, torch.Tensor, None]]:
+    """One training-mode forward and backward of sum(logits * weights) over the real tokens: the logits
+    (N, V) and every parameter's gradient, flattened end to end in name order."""
     inputs, compared = task_inputs(task)
-    return [(model(**inputs).logits[compared], None)]
+    logits = model.train()(**inputs).logits[compared]
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
+    (logits * weights).sum().backward()
+    named = sorted((name, p.grad) for name, p in model.named_parameters() if p.grad is not None)
+    gradients = torch.cat([grad.flatten() for _, grad in named])
+    return [("logits", logits.detach(), None), ("parameter gradients", gradients, None)]
 
 
-def greedy_steps(task: str, model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def greedy_steps(task: str, model) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """Greedy generation of NEW_TOKENS from the left-padded prompts, through the KV cache: each step's
-    (logits (B, V), chosen tokens (B,))."""
+    logits (B, V) and chosen tokens (B,)."""
     inputs, _ = task_inputs(task)
-    out = model.generate(
-        **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
-        return_dict_in_generate=True, pad_token_id=0, eos_token_id=None,
-    )  # fmt: skip
-    return list(zip(out.logits, out.sequences[:, LENGTH:].T))
+    with torch.no_grad():
+        out = model.eval().generate(
+            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+            return_dict_in_generate=True, pad_token_id=0, eos_token_id=None,
+        )  # fmt: skip
+    steps = zip(out.logits, out.sequences[:, LENGTH:].T)
+    return [(f"step {step}'s logits", logits, tokens) for step, (logits, tokens) in enumerate(steps)]
 
 
-def check_family(task: str, model_type: str, run=one_forward) -> None:
-    """A tiny random model of the family with fast_attn against eager: run's logits alike, or a ValueError
-    naming the model; skipped when the family cannot be built and run eagerly here. Steps are compared up
-    to the first whose chosen tokens differ (a near tie; the steps after it read other tokens)."""
+def check_family(task: str, model_type: str, run=training_step) -> None:
+    """A tiny random model of the family with fast_attn against eager: run's results alike, or a ValueError
+    naming the model; skipped when the family cannot be built and run eagerly here. Generation steps are
+    compared up to the first whose chosen tokens differ (a near tie; the steps after it read other tokens)."""
     integration.register()
     auto = TASKS[task][0]
     try:
@@ -171,8 +183,7 @@ def check_family(task: str, model_type: str, run=one_forward) -> None:
             raise ValueError(f"{parameters} parameters: its config has sizes TINY does not name")
         torch.manual_seed(0)
         eager = auto.from_config(copy.deepcopy(config), attn_implementation="eager")
-        with torch.no_grad():
-            expected = run(task, eager.eval())
+        expected = run(task, eager)
     except Exception as error:  # a family this sweep cannot build: not fast_attn's
         pytest.skip(f"no tiny eager {model_type} here: {type(error).__name__}: {str(error)[:160]}")
     try:
@@ -181,20 +192,19 @@ def check_family(task: str, model_type: str, run=one_forward) -> None:
         pytest.skip(f"{model_type} cannot be built with a registered implementation: KeyError {error}")
     ours.load_state_dict(eager.state_dict())
     try:
-        with torch.no_grad():
-            actual = run(task, ours.eval())
+        actual = run(task, ours)
     except ValueError as error:
         assert "fast_attn" in str(error), (
             f"{model_type}: a ValueError that is not fast_attn's refusal: {error}"
         )
         return
     assert len(actual) == len(expected)
-    for step, ((logits, tokens), (eager_logits, eager_tokens)) in enumerate(zip(actual, expected)):
-        scale = float(eager_logits.abs().max())
-        error = float((logits - eager_logits).abs().max())
-        assert math.isfinite(scale), f"{model_type}: eager's logits are not finite where they are compared"
+    for (name, value, tokens), (_, eager_value, eager_tokens) in zip(actual, expected):
+        scale = float(eager_value.abs().max())
+        error = float((value - eager_value).abs().max())
+        assert math.isfinite(scale), f"{model_type}: eager's {name} are not finite"
         assert error <= 2e-4 * max(1.0, scale), (
-            f"{model_type}: step {step}'s logits differ from eager's by {error:.3e} (scale {scale:.2e})"
+            f"{model_type}: {name} differ from eager's by {error:.3e} (scale {scale:.2e})"
         )
         if tokens is not None and not torch.equal(tokens, eager_tokens):
             break
