@@ -131,12 +131,13 @@ def test_gpt2_padding_reaches_kernel_as_key_mask_with_causal(attention_calls):
     model = build("gpt2", "fast_attn")
     mask = padding_mask(2, 8, {0: 3}, left=True)
     model(random_ids(2, 8), attention_mask=mask)
+    assert attention_calls
     for call in attention_calls:
         assert call["bias"] is None and call["causal"] == "bottom_right"
         assert torch.equal(call["key_mask"], mask.bool())
     attention_calls.clear()
     model(random_ids(2, 8))  # no padding: no mask at all, the kernel's causal mask only
-    assert all(
+    assert attention_calls and all(
         c["key_mask"] is None and c["bias"] is None and c["causal"] == "top_left" for c in attention_calls
     )
 
@@ -146,6 +147,7 @@ def test_t5_position_bias_is_a_bias_and_padding_a_key_mask(attention_calls):
     mask = padding_mask(2, 9, {1: 4}, left=False)
     model(input_ids=random_ids(2, 9), attention_mask=mask, decoder_input_ids=random_ids(2, 5))
     encoder_calls, decoder_calls = attention_calls[:2], attention_calls[2:]
+    assert len(encoder_calls) == 2 and len(decoder_calls) == 4  # 2 layers each; decoder: self, cross
     for call in encoder_calls:
         assert tuple(call["bias"].shape) == (1, 4, 9, 9) and call["bias"].requires_grad
         assert torch.equal(call["key_mask"], mask.bool()) and call["scale"] == 1.0
@@ -228,10 +230,10 @@ def test_dropout_reaches_the_kernel_in_training_only(attention_calls):
     model = build("bert", "fast_attn", attention_probs_dropout_prob=0.25)
     ids = random_ids(2, 8)
     model.train()(ids)
-    assert all(c["dropout_p"] == 0.25 for c in attention_calls)
+    assert attention_calls and all(c["dropout_p"] == 0.25 for c in attention_calls)
     attention_calls.clear()
     model.eval()(ids)
-    assert all(c["dropout_p"] == 0.0 for c in attention_calls)
+    assert attention_calls and all(c["dropout_p"] == 0.0 for c in attention_calls)
 
 
 class NamedAttention(torch.nn.Module):
