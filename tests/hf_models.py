@@ -23,11 +23,12 @@ transformers.logging.set_verbosity_error()
 
 MODEL_ERROR_FACTOR = 3.0
 
-# (dtype, device) of the model checks: float32 on the CPU (CI), bf16 and fp16 on a GPU (marker `gpu`).
-# float32 stays on the CPU even where a GPU exists: GPU kernels may compute float32 dots in TF32,
+# (dtype, device) of the model checks: float32 and bf16 on the CPU (CI), bf16 and fp16 on a GPU (marker
+# `gpu`). float32 stays on the CPU even where a GPU exists: GPU kernels may compute float32 dots in TF32,
 # which the float32 error rule (against float32 eager) is not meant for.
 DTYPES_DEVICES = [
     pytest.param(torch.float32, "cpu", id="float32-cpu"),
+    pytest.param(torch.bfloat16, "cpu", id="bfloat16-cpu"),
     pytest.param(torch.bfloat16, "cuda", marks=pytest.mark.gpu, id="bfloat16-cuda"),
     pytest.param(torch.float16, "cuda", marks=pytest.mark.gpu, id="float16-cuda"),
 ]
