@@ -37,7 +37,8 @@ def attention(
         mask forces right = 0.
     softcap: each scaled score becomes softcap * tanh(score / softcap), before bias and ALiBi.
     alibi_slopes: float32 (Hq,) or (B, Hq): adds -slope * |i + Sk - Sq - j| to the scores.
-    sinks: (Hq,) one logit per head that joins every row's softmax denominator (differentiable).
+    sinks: (Hq,) one logit per head, or (B, Hq, Sq) one per query row, that joins the row's softmax
+        denominator (differentiable).
     scale: default 1 / sqrt(D). dropout_p: dropout on the attention probabilities.
     Returns out (B, Hq, Sq, D) in q's dtype, and with return_lse=True also
     lse (B, Hq, Sq), the float32 (float64 for float64 inputs) log-sum-exp of the scores (sink included).

@@ -69,8 +69,8 @@ def reference_attention(
 
     The score of query i and key j is scale * q_i.k_j, capped to softcap * tanh(score / softcap),
     plus bias, plus ALiBi's -slope * |i + Sk - Sq - j| (alibi_slopes (Hq,) or (B, Hq)); masked
-    scores (key_mask, the causal mask, the window) are -inf. sinks (Hq,) join each row's softmax
-    denominator as one more logit and nothing else; lse includes them.
+    scores (key_mask, the causal mask, the window) are -inf. sinks (Hq,) or (B, Hq, Sq) join each row's
+    softmax denominator as one more logit and nothing else; lse includes them.
     Dropout keeps what dropout_keep_mask(dropout_seed, ...) keeps, or what `dropout_keep`
     (bool (B, Hq, Sq, Sk)) says when given. The math runs in `compute_dtype` (default: float64 for float64 inputs, else
     float32); out has q's dtype, lse has the compute dtype. Rows with no
@@ -113,7 +113,8 @@ def reference_attention(
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, Hq, Sq, 1)
     lse = torch.where(row_has_key, lse, float("-inf"))
     if sinks is not None:
-        sink = sinks.to(compute_dtype)[None, :, None, None].expand(lse.shape)
+        sink = sinks.to(compute_dtype)
+        sink = (sink[..., None] if sink.dim() == 3 else sink[None, :, None, None]).expand(lse.shape)
         lse = torch.logaddexp(lse, sink)  # a row without keys: the sink alone
     probs = torch.exp(scores - torch.where(row_has_key, lse, 0.0)) * row_has_key
     lse = lse.squeeze(-1)

@@ -308,7 +308,7 @@ class Case:
     window_size: tuple[int, int] | None = None
     softcap: float | None = None
     alibi: str | None = None  # "h": slopes (Hq,); "bh": slopes (B, Hq)
-    sinks: bool = False  # a random logit per head, N(0, 2^2), in dtype
+    sinks: bool | str = False  # True: a random logit per head, N(0, 2^2), in dtype; "row": one per query row
     dropout_p: float = 0.0
     dropout_seed: int | None = None  # None: drawn from torch's generator
     # "bhsd"; "bshd": (B, H, S, D) views of (B, S, H, D) memory; "packed": q, k, v views of one
@@ -335,7 +335,7 @@ class Case:
             "window": f"w{self.window_size[0]}_{self.window_size[1]}" if self.window_size else "",
             "softcap": f"cap{self.softcap}" if self.softcap else "",
             "alibi": f"alibi{self.alibi}" if self.alibi else "",
-            "sinks": "sinks" if self.sinks else "",
+            "sinks": {False: "", True: "sinks", "row": "rowsinks"}[self.sinks],
             "drop": f"p{self.dropout_p}" if self.dropout_p else "",
             "layout": self.layout if self.layout != "bhsd" else "",
             "grads": "grads-" + "".join(self.grads) if self.grads != DIFFERENTIABLE_INPUTS else "",
@@ -400,7 +400,10 @@ class Case:
         if self.alibi is not None:
             shape = {"h": (self.heads_q,), "bh": (self.batch, self.heads_q)}[self.alibi]
             alibi_slopes = torch.rand(shape).to(device)
-        sinks = (torch.randn(self.heads_q) * 2).to(device, self.dtype) if self.sinks else None
+        sinks = None
+        if self.sinks:
+            shape = (self.batch, self.heads_q, self.seqlen_q) if self.sinks == "row" else (self.heads_q,)
+            sinks = (torch.randn(shape) * 2).to(device, self.dtype)
         inputs = {
             "q": q,
             "k": k,

@@ -57,7 +57,7 @@ class AttentionProblem(_OfQuery):
     window: tuple[int, int] | None  # (left, right), -1 = unbounded on that side; None: no window
     softcap: float | None  # > 0
     alibi_slopes: torch.Tensor | None  # float32 (B or 1, Hq), contiguous
-    sinks: torch.Tensor | None  # (Hq,), float
+    sinks: torch.Tensor | None  # (Hq,) or, for a dense problem, (B, Hq, Sq); float
     scale: float
     dropout_p: float
     # Packed sequences (fast_attn.varlen_attention): the ops' last arguments
@@ -234,14 +234,19 @@ def _normalize_alibi_slopes(
     return (slopes if slopes.dim() == 2 else slopes[None]).contiguous()
 
 
-def _normalize_sinks(sinks: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def _normalize_sinks(sinks: torch.Tensor, q: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """sinks (Hq,): one logit per head; with per_row also (B, Hq, Sq): one per query row (Inkling 2)."""
     if not sinks.is_floating_point():
         raise TypeError(f"sinks must be a floating-point tensor, got {sinks.dtype}")
     if sinks.device != q.device:
         raise ValueError(f"sinks must be on q's device {q.device}, got {sinks.device}")
-    if _shape(sinks) != (q.shape[1],):
-        raise ValueError(f"sinks must have shape (Hq,) = ({q.shape[1]},), got {_shape(sinks)}")
-    return sinks
+    batch, heads_q, seqlen_q = q.shape[:3]
+    if _shape(sinks) == (heads_q,) or (per_row and _shape(sinks) == (batch, heads_q, seqlen_q)):
+        return sinks
+    shapes = f"(Hq,) = ({heads_q},)"
+    if per_row:
+        shapes += f" or (B, Hq, Sq) = ({batch}, {heads_q}, {seqlen_q})"
+    raise ValueError(f"sinks must have shape {shapes}, got {_shape(sinks)}")
 
 
 def validate_backend_name(backend: object) -> str:
@@ -271,8 +276,10 @@ def build_problem(
     sinks: object = None,
     scale: object = None,
     dropout_p: object = 0.0,
+    per_row_sinks: bool = True,
 ) -> AttentionProblem:
-    """Validate every argument of fast_attn.attention; raise naming the bad one."""
+    """Validate every argument of fast_attn.attention; raise naming the bad one. per_row_sinks=False
+    takes sinks of one logit per head only (packed sequences, context parallelism)."""
     q = _check_tensor("q", q)
     k = _check_tensor("k", k)
     v = _check_tensor("v", v)
@@ -283,7 +290,7 @@ def build_problem(
     if key_mask is not None:
         mask = _normalize_key_mask(_check_tensor("key_mask", key_mask), q, k.shape[2])
     window, softcap, slopes, sinks, scale = _score_modifiers(
-        q, window_size, softcap, alibi_slopes, sinks, scale
+        q, window_size, softcap, alibi_slopes, sinks, scale, per_row_sinks
     )
     # Positional, in the order of AttentionProblem's fields: twelve keywords cost ~0.6 us more a call.
     return AttentionProblem(
@@ -303,9 +310,16 @@ def build_problem(
 
 
 def _score_modifiers(
-    q: torch.Tensor, window_size=None, softcap=None, alibi_slopes=None, sinks=None, scale=None
+    q: torch.Tensor,
+    window_size=None,
+    softcap=None,
+    alibi_slopes=None,
+    sinks=None,
+    scale=None,
+    per_row_sinks=False,
 ) -> tuple:
-    """The problems' (window, softcap, alibi_slopes, sinks, scale), for q (B, Hq, Sq, D)."""
+    """The problems' (window, softcap, alibi_slopes, sinks, scale), for q (B, Hq, Sq, D); sinks of one
+    logit per query row only with per_row_sinks (dense problems: packed and decoding ones take (Hq,))."""
     if window_size is None and softcap is None and alibi_slopes is None and sinks is None:
         return None, None, None, None, _normalize_scale(scale, q.shape[3])
     slopes = None
@@ -315,7 +329,7 @@ def _score_modifiers(
         _normalize_window(window_size),
         _normalize_softcap(softcap),
         slopes,
-        None if sinks is None else _normalize_sinks(_check_tensor("sinks", sinks), q),
+        None if sinks is None else _normalize_sinks(_check_tensor("sinks", sinks), q, per_row_sinks),
         _normalize_scale(scale, q.shape[3]),
     )
 
@@ -413,7 +427,11 @@ def build_varlen_problem(
     bound_q = _normalize_max_seqlen("max_seqlen_q", max_seqlen_q, longest_q)
     bound_k = _normalize_max_seqlen("max_seqlen_k", max_seqlen_k, longest_k)
     problem = build_problem(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], **options
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        **options,
+        per_row_sinks=False,
     )
     slopes = None
     if alibi_slopes is not None:

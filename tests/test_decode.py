@@ -259,6 +259,7 @@ def test_bad_decode_input_raises_before_anything_is_written(name, corrupt, messa
         (dict(softcap=0.0), r"softcap must be a finite number > 0"),
         (dict(alibi_slopes=torch.ones(3)), r"alibi_slopes must have shape \(Hq,\) = \(4,\)"),
         (dict(sinks=torch.ones(2)), r"sinks must have shape \(Hq,\) = \(4,\)"),
+        (dict(sinks=torch.ones(2, 4, 1)), r"sinks must have shape \(Hq,\) = \(4,\), got \(2, 4, 1\)"),
         (dict(backend="fastest"), r"backend must be one of"),
         (dict(q=torch.randn(2, 1, 4, 16, requires_grad=True)), r"decode_attention is forward only"),
     ],

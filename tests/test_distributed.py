@@ -229,6 +229,13 @@ def _ring_refuses_reference(group) -> None:
     )  # fmt: skip
 
 
+def _per_row_sinks(group) -> None:
+    q, k, v = _qkv()
+    sinks = torch.zeros(1, 4, 8, dtype=torch.float64)  # one logit per query row: fast_attn.attention only
+    _expect_error(ValueError, "sinks must have shape (Hq,)", context_parallel_attention, q, k, v, group=group,
+                  sinks=sinks)  # fmt: skip
+
+
 def _bad_names(group) -> None:
     _expect_error(ValueError, "mode must be", context_parallel_attention, *_qkv(), group=group, mode="x")
     _expect_error(ValueError, "layout must be", context_parallel_attention, *_qkv(), group=group, layout="x")
@@ -242,6 +249,7 @@ BAD_INPUT_CASES = {
     "kv-heads-not-divisible-all-to-all": _kv_heads_not_divisible,
     "unequal-shapes": _unequal_shapes,
     "ring-refuses-reference": _ring_refuses_reference,
+    "per-row-sinks": _per_row_sinks,
     "bad-names": _bad_names,
 }
 GROUP_OF_ONE = [Setting(mode, "zigzag", causal=True, seqlen=8, sinks=True) for mode in ("ring", "all_to_all")]

@@ -475,6 +475,22 @@ def test_a_decoder_family_without_a_base_model_computing_attention_itself_is_ref
         model(random_ids(2, 6))
 
 
+def test_per_row_sinks_are_the_sinks_of_their_rows():
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    sinks = torch.randn(2, 4, 5, 1)
+    out, _ = integration.attention_forward(module, q, k, v, None, sinks=sinks)
+    expected, _ = reference_attention(q, k, v, causal=True, sinks=sinks[..., 0])
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=2e-6, rtol=2e-5)
+    with pytest.raises(
+        ValueError, match=r"Module: fast_attn takes sinks of one logit per query row.*\(2, 4, 5\)"
+    ):
+        integration.attention_forward(module, q, k, v, None, sinks=sinks[..., 0])
+    with pytest.raises(ValueError, match="and not with s_aux"):
+        integration.attention_forward(module, q, k, v, None, sinks=sinks, s_aux=torch.zeros(4))
+
+
 def test_output_attentions_warns():
     module = torch.nn.Module()
     q = torch.randn(1, 2, 3, 8)

@@ -140,6 +140,17 @@ def test_reference_alibi_of_b_and_h_slopes():
             torch.testing.assert_close(out[b, h], expected)
 
 
+def test_reference_per_row_sinks_follow_their_definition():
+    # One more logit per query row in the softmax, with no value: Inkling 2's eager attention.
+    q, k, v = random_qkv(2, 3, 3, 5, 7, 8, dtype=torch.float64)
+    sinks = torch.randn(2, 3, 5, dtype=torch.float64) * 2
+    out, lse = reference_attention(q, k, v, sinks=sinks)
+    logits = torch.cat([q @ k.transpose(-1, -2) / math.sqrt(8), sinks[..., None]], dim=-1)
+    expected = torch.softmax(logits, dim=-1)[..., :-1] @ v
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(lse, torch.logsumexp(logits, dim=-1))
+
+
 MODIFIERS = {
     "window": {"window_size": (5, 3)},
     "softcap": {"softcap": 1.5},
@@ -180,6 +191,17 @@ def test_each_modifier_on_each_backend_or_refused_by_name(kernel_backend, featur
         with pytest.raises(dispatch.BackendNotSupportedError, match=dispatch.FEATURES[feature]):
             attention_runner(kernel_backend)(case, inputs, torch.randn_like(inputs["q"]), None)
         return
+    check(kernel_backend, case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_per_row_sinks_on_each_backend(kernel_backend, dtype):
+    if "sinks" not in dispatch.BACKENDS[kernel_backend].features:
+        pytest.skip(f"{kernel_backend} does not declare sinks")
+    if dtype not in dispatch.BACKENDS[kernel_backend].dtypes:
+        pytest.skip(f"{kernel_backend} does not declare {dtype}")
+    case = Case(2, 4, 2, 19, 23, 16, dtype, causal="bottom_right", key_mask=True, empty_key_rows=(1,),
+                window_size=(6, 2), sinks="row", grad_lse=True)  # fmt: skip
     check(kernel_backend, case)
 
 
@@ -235,7 +257,13 @@ def test_auto_runs_what_the_kernels_lack_on_the_reference():
             r"alibi_slopes must have shape \(Hq,\) = \(4,\).*\(3,\)",
         ),
         ({"alibi_slopes": torch.rand(1, 4, 1)}, ValueError, r"alibi_slopes must have shape.*\(1, 4, 1\)"),
-        ({"sinks": torch.rand(2)}, ValueError, r"sinks must have shape \(Hq,\) = \(4,\), got \(2,\)"),
+        (
+            {"sinks": torch.rand(2)},
+            ValueError,
+            r"sinks must have shape \(Hq,\) = \(4,\) or \(B, Hq, Sq\) = \(2, 4, 5\), got \(2,\)",
+        ),
+        ({"sinks": torch.rand(2, 4, 6)}, ValueError, r"sinks must have shape .*, got \(2, 4, 6\)"),
+        ({"sinks": torch.rand(2, 4, 5, 1)}, ValueError, r"sinks must have shape .*, got \(2, 4, 5, 1\)"),
         ({"sinks": torch.ones(4, dtype=torch.long)}, TypeError, "sinks must be a floating-point tensor"),
         ({"sinks": [0.0] * 4}, TypeError, "sinks must be a torch.Tensor, got list"),
     ],

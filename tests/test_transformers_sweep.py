@@ -113,6 +113,26 @@ def test_the_families_the_sweep_found_wrong(task, model_type):
     check_family(task, model_type)
 
 
+@pytest.mark.skipif(
+    "inkling2_text" not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    reason=f"transformers {transformers.__version__} has no Inkling 2 (5.25 has; CI runs it there)",
+)
+def test_per_row_sinks_of_inkling2_reach_the_kernel(monkeypatch):
+    """Inkling 2 hands its attention one sink logit per query row, (B, Hq, Sq, 1); it reaches
+    fast_attn.attention as sinks (B, Hq, Sq), and the logits and gradients are eager's."""
+    row_sinks = []
+    real_attention = integration.attention
+
+    def spy(q, k, v, **kwargs):
+        sinks = kwargs.get("sinks")
+        row_sinks.append(sinks is not None and tuple(sinks.shape) == tuple(q.shape[:3]))
+        return real_attention(q, k, v, **kwargs)
+
+    monkeypatch.setattr(integration, "attention", spy)
+    check_family("causal", "inkling2_text")
+    assert any(row_sinks), "no attention call of Inkling 2 took per-row sinks"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "task,model_type", [(task, name) for task, (_, names) in TASKS.items() for name in sorted(names)]

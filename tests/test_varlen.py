@@ -232,6 +232,12 @@ def test_bad_input_is_refused_naming_the_argument(argument, changes, error, word
     assert argument in str(raised.value) and words in str(raised.value)
 
 
+def test_sinks_are_one_logit_per_head():
+    # One logit per query row is fast_attn.attention's alone; a packed batch takes (Hq,).
+    with pytest.raises(ValueError, match=r"sinks must have shape \(Hq,\) = \(4,\), got \(1, 4, 8\)"):
+        fast_attn.varlen_attention(*good_inputs(), sinks=torch.zeros(1, 4, 8), backend="cpu")
+
+
 def test_alibi_slopes_shape_is_checked_against_the_number_of_sequences():
     with pytest.raises(ValueError, match=r"\(N, Hq\) = \(3, 4\)"):
         fast_attn.varlen_attention(*good_inputs(), alibi_slopes=torch.rand(2, 4), backend="cpu")

@@ -147,8 +147,8 @@ def context_parallel_attention(
     not the reference, which has no backward op). mode="all_to_all" (Ulysses): heads split over the
     ranks, attention on the whole sequence per head; needs Hq % world == 0, and Hkv % world == 0 or
     world % Hkv == 0 (each key/value head then goes to the ranks that read it).
-    causal (any alignment: the sequence is one self-attention, Sq = Sk), window_size, softcap, sinks and
-    scale mean what they mean in fast_attn.attention.
+    causal (any alignment: the sequence is one self-attention, Sq = Sk), window_size, softcap, sinks (one
+    logit per head, (Hq,)) and scale mean what they mean in fast_attn.attention.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -163,7 +163,7 @@ def context_parallel_attention(
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         _agree_on_shapes({"q": q, "k": k, "v": v}, group, world)
     problem = build_problem(q, k, v, causal=causal, window_size=window_size, softcap=softcap, sinks=sinks,
-                            scale=scale)  # fmt: skip
+                            scale=scale, per_row_sinks=False)  # fmt: skip
     if problem.seqlen_q != problem.seqlen_k:
         raise ValueError(
             f"q and k/v must be shards of one sequence (self-attention), got S_local {problem.seqlen_q} for q "

@@ -14,8 +14,8 @@ function a model silently receives no padding mask):
   flows back to the relative-position embedding), causality from `is_causal`
   or `module.is_causal` when no mask is given, `sliding_window` (Mistral, Qwen2,
   Gemma 2/3, Starcoder2, Phi-3, gpt-oss, ModernBERT) as `window_size`, Gemma 2's
-  `softcap`, and gpt-oss's `s_aux` as `sinks` (their gradient reaches the
-  parameter).
+  `softcap`, gpt-oss's `s_aux` as `sinks` (their gradient reaches the
+  parameter), and Inkling 2's `sinks` (one logit per query row) as `sinks`.
 
 * `build_attention_mask`, called once per forward to build the mask. Where the mask
   is plain key padding (bidirectional attention, or causal attention aligned
@@ -119,6 +119,23 @@ RESULT_NEUTRAL_KWARGS = frozenset(
 def _causal_flag(module: torch.nn.Module, is_causal: bool | None) -> bool:
     # The same precedence as transformers' SDPA integration: the call's is_causal, then the module's.
     return bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", True))
+
+
+def _sinks_argument(
+    module: torch.nn.Module, query: torch.Tensor, s_aux: torch.Tensor | None, sinks: torch.Tensor | None
+) -> torch.Tensor | None:
+    """fast_attn's sinks from gpt-oss's s_aux (Hq,) or Inkling 2's sinks (B, Hq, Sq, 1), one logit per
+    query row: (B, Hq, Sq)."""
+    if sinks is None:
+        return s_aux
+    batch, heads, seqlen = query.shape[:3]
+    if s_aux is not None or tuple(sinks.shape) != (batch, heads, seqlen, 1):
+        raise ValueError(
+            f"{type(module).__name__}: fast_attn takes sinks of one logit per query row, shape (B, Hq, Sq, 1) = "
+            f"({batch}, {heads}, {seqlen}, 1), and not with s_aux; got sinks {_describe(sinks)} and s_aux "
+            f"{_describe(s_aux)}"
+        )
+    return sinks[..., 0]
 
 
 def _is_key_padding(mask: torch.Tensor) -> bool:
@@ -275,6 +292,7 @@ def attention_forward(
     sliding_window: int | None = None,
     softcap: float | None = None,
     s_aux: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
     cu_seq_lens_k: torch.Tensor | None = None,
     max_length_q: int | None = None,
@@ -296,9 +314,11 @@ def attention_forward(
             f"fast_attn needs the value head dim to equal the query head dim in "
             f"{type(module).__name__}, got query {tuple(query.shape)} and value {tuple(value.shape)}"
         )
+    row_sinks = sinks
+    s_aux = _sinks_argument(module, query, s_aux, sinks)
     if context_parallel is not None:
         refused = {"attention_mask": attention_mask, "position_bias": position_bias,
-                   "cu_seq_lens_q": cu_seq_lens_q, "cu_seq_lens_k": cu_seq_lens_k}  # fmt: skip
+                   "cu_seq_lens_q": cu_seq_lens_q, "cu_seq_lens_k": cu_seq_lens_k, "sinks": row_sinks}  # fmt: skip
         args = (dropout, scaling, _causal_flag(module, is_causal), sliding_window, softcap, s_aux)
         return _context_parallel_attention(module, query, key, value, context_parallel, refused, *args), None
     packed = None
@@ -316,6 +336,11 @@ def attention_forward(
     elif attention_mask is None and position_bias is None:
         packed = _offsets_of_restarting_positions(kwargs.get("position_ids"), query, key)
     if packed is not None:
+        if row_sinks is not None:
+            raise ValueError(
+                f"{type(module).__name__}: fast_attn's packed sequences take sinks of one logit per head "
+                f"(s_aux), not one per query row (got sinks {_describe(row_sinks)})"
+            )
         causal_module = _causal_flag(module, is_causal)
         args = (dropout, scaling, sliding_window, softcap, s_aux)
         return _packed_attention(module, query, key, value, packed, causal_module, *args), None
