@@ -32,11 +32,11 @@ function a model silently receives no padding mask):
   other pattern (static caches, chunked attention, custom mask functions) is
   built by transformers' own `sdpa_mask` and reaches the kernel as a -inf bias.
   A model whose layers' `is_causal` transformers never checks against eager (no
-  SDPA path, and layers its code does not all declare causal) gets eager's own
-  additive masks, never skipped, so causality comes from the masks alone as in
-  eager: BigBirdPegasus's and PegasusX's decoders and VideoPrism's text model
-  say is_causal=False under causal masks, and DeepSeek-V4 (eager only) extends
-  the masks itself.
+  SDPA path, and code that sets it otherwise than to True or from the config)
+  gets eager's own additive masks, never skipped, so causality comes from the
+  masks alone as in eager: BigBirdPegasus's and PegasusX's decoders and
+  VideoPrism's text model say is_causal=False under causal masks, and
+  DeepSeek-V4 (eager only) extends the masks itself.
 
 * Packed batches run the documents through `fast_attn.varlen_attention`, from
   `cu_seq_lens_q` / `cu_seq_lens_k` / `max_length_q` / `max_length_k` (as
@@ -314,12 +314,11 @@ def attention_forward(
             f"fast_attn needs the value head dim to equal the query head dim in "
             f"{type(module).__name__}, got query {tuple(query.shape)} and value {tuple(value.shape)}"
         )
-    row_sinks = sinks
-    s_aux = _sinks_argument(module, query, s_aux, sinks)
+    kernel_sinks = _sinks_argument(module, query, s_aux, sinks)  # (Hq,) or (B, Hq, Sq)
     if context_parallel is not None:
         refused = {"attention_mask": attention_mask, "position_bias": position_bias,
-                   "cu_seq_lens_q": cu_seq_lens_q, "cu_seq_lens_k": cu_seq_lens_k, "sinks": row_sinks}  # fmt: skip
-        args = (dropout, scaling, _causal_flag(module, is_causal), sliding_window, softcap, s_aux)
+                   "cu_seq_lens_q": cu_seq_lens_q, "cu_seq_lens_k": cu_seq_lens_k, "sinks": sinks}  # fmt: skip
+        args = (dropout, scaling, _causal_flag(module, is_causal), sliding_window, softcap, kernel_sinks)
         return _context_parallel_attention(module, query, key, value, context_parallel, refused, *args), None
     packed = None
     if cu_seq_lens_q is not None or cu_seq_lens_k is not None:
@@ -336,13 +335,13 @@ def attention_forward(
     elif attention_mask is None and position_bias is None:
         packed = _offsets_of_restarting_positions(kwargs.get("position_ids"), query, key)
     if packed is not None:
-        if row_sinks is not None:
+        if sinks is not None:
             raise ValueError(
                 f"{type(module).__name__}: fast_attn's packed sequences take sinks of one logit per head "
-                f"(s_aux), not one per query row (got sinks {_describe(row_sinks)})"
+                f"(s_aux), not one per query row (got sinks {_describe(sinks)})"
             )
         causal_module = _causal_flag(module, is_causal)
-        args = (dropout, scaling, sliding_window, softcap, s_aux)
+        args = (dropout, scaling, sliding_window, softcap, kernel_sinks)
         return _packed_attention(module, query, key, value, packed, causal_module, *args), None
     seqlen_q, seqlen_k = query.shape[2], key.shape[2]
     if attention_mask is not None and attention_mask.shape[-1] < seqlen_k:
@@ -364,7 +363,7 @@ def attention_forward(
         causal=causal,
         window_size=window,
         softcap=softcap,
-        sinks=s_aux,
+        sinks=kernel_sinks,
         scale=scaling,
         dropout_p=dropout,
     )  # (B, Hq, Sq, D)
