@@ -463,6 +463,15 @@ def _refuse_own_attention_models(model_class: type | None) -> None:
         )
 
 
+@functools.cache
+def _modeling_source(model_class: type) -> str | None:
+    """The source of the module that defines model_class (its modeling file); None where unreadable."""
+    try:
+        return inspect.getsource(sys.modules[model_class.__module__])
+    except (KeyError, OSError, TypeError):
+        return None
+
+
 # A call of the attention function whose arguments name sliding_window (nested parentheses one deep).
 _CALL_PASSING_SLIDING_WINDOW = re.compile(
     r"attention_interface\((?:[^()]|\([^()]*\))*?\bsliding_window\s*=", re.S
@@ -477,11 +486,8 @@ def _layers_pass_sliding_window(model_class: type | None) -> bool:
     layers do not pass it (PhiMoE) must keep it in the mask. An unknown model (no config) is taken to."""
     if model_class is None:
         return True
-    try:
-        source = inspect.getsource(sys.modules[model_class.__module__])
-    except (KeyError, OSError, TypeError):
-        return False
-    return _CALL_PASSING_SLIDING_WINDOW.search(source) is not None
+    source = _modeling_source(model_class)
+    return source is not None and _CALL_PASSING_SLIDING_WINDOW.search(source) is not None
 
 
 # What a modeling file sets is_causal to, assignment or keyword: `True`, `False`, `is_causal` (a parameter),
@@ -503,9 +509,8 @@ def _masks_alone_give_causality(model_class: type | None) -> bool:
         return False
     if not getattr(model_class, "_supports_flash_attn", False):
         return True
-    try:
-        source = inspect.getsource(sys.modules[model_class.__module__])
-    except (KeyError, OSError, TypeError):
+    source = _modeling_source(model_class)
+    if source is None:
         return True
     values = (value.rstrip(",) ") for value in _DECLARED_CAUSALITY.findall(source))
     return not all(value == "True" or "config" in value for value in values)
